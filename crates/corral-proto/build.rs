@@ -1,0 +1,20 @@
+//! Generates the gRPC code from ../../proto with a vendored protoc, so no system
+//! protoc is needed. Every `bytes` field becomes `bytes::Bytes` (no copies).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
+    unsafe { std::env::set_var("PROTOC", protoc) };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = [
+        root.join("corral/v1/replica.proto"),
+        root.join("corral/v1/engine.proto"),
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    tonic_prost_build::configure()
+        .bytes(".")
+        .compile_protos(&files, &[root])?;
+    Ok(())
+}
