@@ -1,0 +1,348 @@
+//! One layer of a replica: a sparse data file (`<name>.img`) and its checksum file
+//! (`<name>.crc`, one little-endian CRC32C per 4 KiB block).
+//!
+//! Owns the raw positional I/O on the file pair, hole punching, `fdatasync`, and the CRC
+//! encoding rule (stored 0 = never written / deallocated). It knows nothing about locking,
+//! the write-intent bitmap or other layers: the store orders calls to it.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
+
+use crate::error::{Result, StoreError, io_err};
+
+/// Checksum granularity in bytes.
+pub const BLOCK: u64 = 4096;
+const BLOCK_USIZE: usize = BLOCK as usize;
+/// Bytes per stored checksum.
+const CRC_LEN: u64 = 4;
+
+/// The stored checksum of a block that was never written or was deallocated.
+pub const CRC_UNWRITTEN: u32 = 0;
+
+static ZERO_BLOCK_CRC: LazyLock<u32> = LazyLock::new(|| crc32c::crc32c(&[0u8; BLOCK_USIZE]));
+
+/// CRC32C of a 4 KiB block of zero bytes: what [`crate::ReplicaStore::block_checksums`]
+/// reports for a block that was never written.
+pub fn zero_block_crc() -> u32 {
+    *ZERO_BLOCK_CRC
+}
+
+/// CRC32C of one block.
+pub(crate) fn block_crc(block: &[u8]) -> u32 {
+    crc32c::crc32c(block)
+}
+
+/// Checks a block against its stored checksum (see the encoding rule in the module docs of
+/// [`crate`]). Returns the computed crc on mismatch.
+pub(crate) fn verify_block(block: &[u8], stored: u32) -> std::result::Result<(), u32> {
+    let computed = block_crc(block);
+    let ok = if stored == CRC_UNWRITTEN {
+        computed == CRC_UNWRITTEN || computed == zero_block_crc()
+    } else {
+        stored == computed
+    };
+    if ok { Ok(()) } else { Err(computed) }
+}
+
+/// The checksum recovery writes for a block found on disk after an unclean stop: an all-zero
+/// block keeps `crc32c(zeros)` if it had it (it was written with zeroes) and is otherwise
+/// recorded as unwritten; any other block gets its computed crc.
+pub(crate) fn recovered_crc(block: &[u8], stored: u32) -> u32 {
+    let computed = block_crc(block);
+    if computed == zero_block_crc() && block.iter().all(|&b| b == 0) {
+        if stored == computed {
+            stored
+        } else {
+            CRC_UNWRITTEN
+        }
+    } else {
+        computed
+    }
+}
+
+/// Names of a layer's two files inside the replica directory.
+pub(crate) fn file_names(layer: &str) -> (String, String) {
+    (format!("{layer}.img"), format!("{layer}.crc"))
+}
+
+/// A data file and its checksum file.
+#[derive(Debug)]
+pub(crate) struct Layer {
+    data: File,
+    crc: File,
+    data_path: PathBuf,
+    crc_path: PathBuf,
+    data_name: String,
+}
+
+impl Layer {
+    /// Creates (or truncates) the file pair for a new layer of `size` bytes, sparse, and
+    /// makes both files durable.
+    pub(crate) fn create(dir: &Path, name: &str, size: u64) -> Result<Self> {
+        let blocks = size / BLOCK;
+        let (data_name, crc_name) = file_names(name);
+        let data_path = dir.join(&data_name);
+        let crc_path = dir.join(&crc_name);
+        let data = create_sized(&data_path, size)?;
+        let crc_len = blocks
+            .checked_mul(CRC_LEN)
+            .ok_or_else(|| StoreError::Invalid(format!("size {size} is too large")))?;
+        let crc = create_sized(&crc_path, crc_len)?;
+        Ok(Layer {
+            data,
+            crc,
+            data_path,
+            crc_path,
+            data_name,
+        })
+    }
+
+    /// Opens an existing file pair and checks both sizes against the volume size.
+    pub(crate) fn open(dir: &Path, name: &str, size: u64, writable: bool) -> Result<Self> {
+        let blocks = size / BLOCK;
+        let (data_name, crc_name) = file_names(name);
+        let data_path = dir.join(&data_name);
+        let crc_path = dir.join(&crc_name);
+        let data = open_file(&data_path, writable)?;
+        let crc = open_file(&crc_path, writable)?;
+        check_len(&data, &data_path, size)?;
+        check_len(&crc, &crc_path, blocks.saturating_mul(CRC_LEN))?;
+        Ok(Layer {
+            data,
+            crc,
+            data_path,
+            crc_path,
+            data_name,
+        })
+    }
+
+    /// Reads `buf.len()` bytes of data at byte `offset`.
+    pub(crate) fn read_data(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.data.read_exact_at(buf, offset).map_err(|e| {
+            io_err(
+                format!(
+                    "reading {} bytes of {} at offset {offset}",
+                    buf.len(),
+                    self.data_path.display()
+                ),
+                e,
+            )
+        })
+    }
+
+    /// Writes `buf` at byte `offset` of the data file.
+    pub(crate) fn write_data(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.data.write_all_at(buf, offset).map_err(|e| {
+            io_err(
+                format!(
+                    "writing {} bytes to {} at offset {offset}",
+                    buf.len(),
+                    self.data_path.display()
+                ),
+                e,
+            )
+        })
+    }
+
+    /// Reads the stored checksums of `count` blocks starting at block `first`.
+    pub(crate) fn read_crcs(&self, first: u64, count: usize) -> Result<Vec<u32>> {
+        let mut raw = vec![0u8; count.saturating_mul(CRC_LEN as usize)];
+        let pos = first.saturating_mul(CRC_LEN);
+        self.crc.read_exact_at(&mut raw, pos).map_err(|e| {
+            io_err(
+                format!(
+                    "reading checksums of blocks {first}..{} from {}",
+                    first.saturating_add(count as u64),
+                    self.crc_path.display()
+                ),
+                e,
+            )
+        })?;
+        Ok(raw
+            .chunks_exact(CRC_LEN as usize)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    /// Stores the checksums of `crcs.len()` blocks starting at block `first`.
+    pub(crate) fn write_crcs(&self, first: u64, crcs: &[u32]) -> Result<()> {
+        let raw: Vec<u8> = crcs.iter().flat_map(|c| c.to_le_bytes()).collect();
+        let pos = first.saturating_mul(CRC_LEN);
+        self.crc.write_all_at(&raw, pos).map_err(|e| {
+            io_err(
+                format!(
+                    "writing checksums of blocks {first}..{} to {}",
+                    first.saturating_add(crcs.len() as u64),
+                    self.crc_path.display()
+                ),
+                e,
+            )
+        })
+    }
+
+    /// Marks `count` blocks starting at block `first` as unwritten (stored crc 0).
+    pub(crate) fn clear_crcs(&self, first: u64, count: u64) -> Result<()> {
+        const PIECE: u64 = 64 * 1024; // checksums per write: 256 KiB of zeroes
+        let zeros = vec![CRC_UNWRITTEN; PIECE.min(count) as usize];
+        let mut done = 0;
+        while done < count {
+            let n = PIECE.min(count - done);
+            self.write_crcs(first + done, &zeros[..n as usize])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Deallocates `len` bytes of data at `offset` (both block-aligned): punches a hole, or
+    /// writes zeroes where the filesystem cannot punch holes.
+    pub(crate) fn punch(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        match punch_hole(&self.data, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+                ) =>
+            {
+                self.write_zeroes_fallback(offset, len)
+            }
+            Err(e) => Err(io_err(
+                format!(
+                    "punching a hole of {len} bytes in {} at offset {offset}",
+                    self.data_path.display()
+                ),
+                e,
+            )),
+        }
+    }
+
+    fn write_zeroes_fallback(&self, offset: u64, len: u64) -> Result<()> {
+        const PIECE: u64 = 1 << 20;
+        let zeros = vec![0u8; PIECE.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = PIECE.min(len - done);
+            self.write_data(offset + done, &zeros[..n as usize])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// `fdatasync` of both files: every write that completed before the call is durable
+    /// when it returns.
+    pub(crate) fn sync(&self) -> Result<()> {
+        self.data
+            .sync_data()
+            .map_err(|e| io_err(format!("fdatasync {}", self.data_path.display()), e))?;
+        self.crc
+            .sync_data()
+            .map_err(|e| io_err(format!("fdatasync {}", self.crc_path.display()), e))
+    }
+
+    /// The data file's name, for messages.
+    pub(crate) fn data_name(&self) -> &str {
+        &self.data_name
+    }
+}
+
+fn create_sized(path: &Path, len: u64) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| io_err(format!("creating {}", path.display()), e))?;
+    f.set_len(len)
+        .map_err(|e| io_err(format!("sizing {} to {len} bytes", path.display()), e))?;
+    f.sync_all()
+        .map_err(|e| io_err(format!("fsync {}", path.display()), e))?;
+    Ok(f)
+}
+
+fn open_file(path: &Path, writable: bool) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map_err(|e| io_err(format!("opening {}", path.display()), e))
+}
+
+fn check_len(f: &File, path: &Path, expected: u64) -> Result<()> {
+    let len = f
+        .metadata()
+        .map_err(|e| io_err(format!("stat {}", path.display()), e))?
+        .len();
+    if len != expected {
+        return Err(StoreError::Metadata(format!(
+            "{} is {len} bytes, expected {expected} for this volume",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
+    let off = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+    let l = libc::off_t::try_from(len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length too large"))?;
+    loop {
+        // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by `f`,
+        // which outlives the call.
+        let rc = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                l,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_block_crc_is_not_the_unwritten_marker() {
+        assert_ne!(zero_block_crc(), CRC_UNWRITTEN);
+    }
+
+    #[test]
+    fn verify_rules() {
+        let zeros = [0u8; BLOCK_USIZE];
+        assert!(verify_block(&zeros, CRC_UNWRITTEN).is_ok());
+        assert!(verify_block(&zeros, zero_block_crc()).is_ok());
+        let mut data = [0u8; BLOCK_USIZE];
+        data[7] = 1;
+        assert!(verify_block(&data, CRC_UNWRITTEN).is_err());
+        assert!(verify_block(&data, block_crc(&data)).is_ok());
+        assert_eq!(verify_block(&data, 1), Err(block_crc(&data)));
+    }
+
+    #[test]
+    fn recovered_crc_rules() {
+        let zeros = [0u8; BLOCK_USIZE];
+        assert_eq!(recovered_crc(&zeros, 1234), CRC_UNWRITTEN);
+        assert_eq!(recovered_crc(&zeros, zero_block_crc()), zero_block_crc());
+        let mut data = [0u8; BLOCK_USIZE];
+        data[0] = 9;
+        assert_eq!(recovered_crc(&data, 0), block_crc(&data));
+    }
+}

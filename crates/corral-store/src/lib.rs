@@ -1,0 +1,82 @@
+//! corral-store: a replica's on-disk store.
+//!
+//! One directory per replica, holding:
+//!
+//! - `meta.redb`: a redb database with the volume's identity and geometry, the fencing
+//!   epoch, the membership record, the layer chain, the clean-shutdown flag and the
+//!   write-intent (dirty-region) bitmap (module `meta`);
+//! - `head.img`: the writable head layer, a sparse file of the volume's size;
+//! - `head.crc`: one little-endian CRC32C per 4 KiB block of `head.img`, where the stored
+//!   value 0 means "never written or deallocated: the block reads as zeroes" (module `layer`).
+//!
+//! The API is synchronous and thread-safe: every method takes `&self`, the store is
+//! `Send + Sync`, and the replica daemon calls it from tokio's blocking pool. Writes go to
+//! the page cache with `pwrite` and become durable on [`ReplicaStore::flush`] (or with
+//! [`ReplicaStore::write_fua`]); the dirty bitmap (module `bitmap`) bounds the work after an
+//! unclean stop. See `docs/on-disk-format.md` for the format and the recovery rules.
+
+mod bitmap;
+mod error;
+mod layer;
+mod meta;
+mod store;
+
+#[cfg(test)]
+mod tests;
+
+use serde::{Deserialize, Serialize};
+
+pub use error::StoreError;
+pub use layer::{BLOCK, zero_block_crc};
+pub use store::{
+    CreateParams, MAX_CHECKSUM_RANGE, MAX_CHUNK_SIZE, MAX_IO_LEN, MIN_CHUNK_SIZE, MIN_REGION_SIZE,
+    ReplicaStore,
+};
+
+/// A replica's mode in the volume's replica set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberMode {
+    /// Up to date: serves reads and acknowledges writes.
+    Rw,
+    /// Being rebuilt: receives writes, serves no reads.
+    Wo,
+    /// Failed: receives nothing until rebuilt.
+    Err,
+}
+
+/// One replica in a membership record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub address: String,
+    pub instance_id: String,
+    pub mode: MemberMode,
+}
+
+/// The volume's replica set as last recorded by an engine, with its generation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    pub generation: u64,
+    pub members: Vec<Member>,
+}
+
+/// One layer of the chain; the head (last) is the writable one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerInfo {
+    pub name: String,
+    pub read_only: bool,
+}
+
+/// What [`ReplicaStore::meta`] reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeMeta {
+    pub volume: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub chunk_size: u32,
+    pub instance_id: String,
+    pub epoch: u64,
+    pub membership: Membership,
+    pub layers: Vec<LayerInfo>,
+    /// Whether the previous stop was clean (as found at open; true for a new store).
+    pub clean_shutdown: bool,
+}

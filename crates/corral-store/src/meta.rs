@@ -1,0 +1,305 @@
+//! The replica's metadata database, `meta.redb`.
+//!
+//! Owns the redb file: table `meta` maps string keys to JSON values (volume identity and
+//! geometry, epoch, membership, layer chain, clean flag); table `dirty` holds the indices of
+//! the write-intent regions that are marked dirty (`u64 -> ()`). Every commit is durable
+//! (redb's default, `Durability::Immediate`). The store above decides *when* to commit.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Result, StoreError, io_err, redb_err};
+use crate::{LayerInfo, Membership};
+
+/// File name of the metadata database inside the replica directory.
+pub(crate) const META_FILE: &str = "meta.redb";
+/// Name used while `create` builds the database, renamed to [`META_FILE`] when complete.
+pub(crate) const META_TMP_FILE: &str = "meta.redb.tmp";
+
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const DIRTY: TableDefinition<u64, ()> = TableDefinition::new("dirty");
+
+/// Version of the on-disk format this code writes and reads.
+pub(crate) const FORMAT_VERSION: u64 = 1;
+
+/// redb keeps a page cache per database; a replica's metadata is tiny, and a daemon hosts
+/// many replicas, so keep it small.
+const CACHE_BYTES: usize = 4 << 20;
+
+mod key {
+    pub const FORMAT: &str = "format";
+    pub const VOLUME: &str = "volume";
+    pub const SIZE: &str = "size";
+    pub const BLOCK_SIZE: &str = "block_size";
+    pub const CHUNK_SIZE: &str = "chunk_size";
+    pub const REGION_SIZE: &str = "region_size";
+    pub const INSTANCE_ID: &str = "instance_id";
+    pub const EPOCH: &str = "epoch";
+    pub const MEMBERSHIP: &str = "membership";
+    pub const LAYERS: &str = "layers";
+    pub const CLEAN: &str = "clean";
+}
+
+/// Everything recorded in the `meta` table.
+#[derive(Clone, Debug)]
+pub(crate) struct Record {
+    pub volume: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub chunk_size: u32,
+    pub region_size: u64,
+    pub instance_id: String,
+    pub epoch: u64,
+    pub membership: Membership,
+    pub layers: Vec<LayerInfo>,
+    pub clean: bool,
+}
+
+/// An open `meta.redb`.
+pub(crate) struct MetaDb {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for MetaDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetaDb").field("path", &self.path).finish()
+    }
+}
+
+fn json<T: Serialize + ?Sized>(key: &str, v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Metadata(format!("encoding key `{key}`: {e}")))
+}
+
+impl MetaDb {
+    /// Writes a complete new database for `rec` in `dir`: built under a temporary name,
+    /// committed, closed, then renamed into place and the directory synced, so a crash
+    /// during `create` never leaves a half-initialised `meta.redb` behind.
+    pub(crate) fn create(dir: &Path, rec: &Record) -> Result<Self> {
+        let tmp = dir.join(META_TMP_FILE);
+        let path = dir.join(META_FILE);
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("removing stale {}", tmp.display()), e)),
+        }
+        {
+            let db = builder()
+                .create(&tmp)
+                .map_err(|e| redb_err(format!("creating {}", tmp.display()), e))?;
+            let this = MetaDb {
+                db,
+                path: tmp.clone(),
+            };
+            let mut kv = vec![(key::FORMAT, json(key::FORMAT, &FORMAT_VERSION)?)];
+            kv.extend(Self::record_kv(rec)?);
+            this.put(&kv)?;
+            // Make sure the dirty table exists so that readers never see it missing.
+            this.update_dirty(&[], &[], false)?;
+            this.db
+                .close()
+                .map_err(|e| redb_err(format!("closing {}", tmp.display()), e))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(|e| {
+            io_err(
+                format!("renaming {} to {}", tmp.display(), path.display()),
+                e,
+            )
+        })?;
+        sync_dir(dir)?;
+        Self::open_file(&path)
+    }
+
+    fn record_kv(rec: &Record) -> Result<Vec<(&'static str, String)>> {
+        Ok(vec![
+            (key::VOLUME, json(key::VOLUME, &rec.volume)?),
+            (key::SIZE, json(key::SIZE, &rec.size)?),
+            (key::BLOCK_SIZE, json(key::BLOCK_SIZE, &rec.block_size)?),
+            (key::CHUNK_SIZE, json(key::CHUNK_SIZE, &rec.chunk_size)?),
+            (key::REGION_SIZE, json(key::REGION_SIZE, &rec.region_size)?),
+            (key::INSTANCE_ID, json(key::INSTANCE_ID, &rec.instance_id)?),
+            (key::EPOCH, json(key::EPOCH, &rec.epoch)?),
+            (key::MEMBERSHIP, json(key::MEMBERSHIP, &rec.membership)?),
+            (key::LAYERS, json(key::LAYERS, &rec.layers)?),
+            (key::CLEAN, json(key::CLEAN, &rec.clean)?),
+        ])
+    }
+
+    fn open_file(path: &Path) -> Result<Self> {
+        let db = builder()
+            .open(path)
+            .map_err(|e| redb_err(format!("opening {}", path.display()), e))?;
+        Ok(MetaDb {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens `dir/meta.redb` and reads the record and the dirty region indices.
+    pub(crate) fn open(dir: &Path) -> Result<(Self, Record, Vec<u64>)> {
+        let this = Self::open_file(&dir.join(META_FILE))?;
+        let (rec, dirty) = this.load()?;
+        Ok((this, rec, dirty))
+    }
+
+    fn ctx(&self, what: &str) -> String {
+        format!("{}: {what}", self.path.display())
+    }
+
+    fn load(&self) -> Result<(Record, Vec<u64>)> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| redb_err(self.ctx("beginning a read transaction"), e))?;
+        let meta = txn
+            .open_table(META)
+            .map_err(|e| redb_err(self.ctx("opening table `meta`"), e))?;
+        let get = |k: &str| -> Result<String> {
+            let v = meta
+                .get(k)
+                .map_err(|e| redb_err(self.ctx(&format!("reading key `{k}`")), e))?
+                .ok_or_else(|| StoreError::Metadata(self.ctx(&format!("key `{k}` is missing"))))?;
+            Ok(v.value().to_string())
+        };
+        let format: u64 = self.decode(key::FORMAT, &get(key::FORMAT)?)?;
+        if format != FORMAT_VERSION {
+            return Err(StoreError::Metadata(self.ctx(&format!(
+                "unsupported format version {format} (this build reads version {FORMAT_VERSION})"
+            ))));
+        }
+        let rec = Record {
+            volume: self.decode(key::VOLUME, &get(key::VOLUME)?)?,
+            size: self.decode(key::SIZE, &get(key::SIZE)?)?,
+            block_size: self.decode(key::BLOCK_SIZE, &get(key::BLOCK_SIZE)?)?,
+            chunk_size: self.decode(key::CHUNK_SIZE, &get(key::CHUNK_SIZE)?)?,
+            region_size: self.decode(key::REGION_SIZE, &get(key::REGION_SIZE)?)?,
+            instance_id: self.decode(key::INSTANCE_ID, &get(key::INSTANCE_ID)?)?,
+            epoch: self.decode(key::EPOCH, &get(key::EPOCH)?)?,
+            membership: self.decode(key::MEMBERSHIP, &get(key::MEMBERSHIP)?)?,
+            layers: self.decode(key::LAYERS, &get(key::LAYERS)?)?,
+            clean: self.decode(key::CLEAN, &get(key::CLEAN)?)?,
+        };
+        let dirty_table = txn
+            .open_table(DIRTY)
+            .map_err(|e| redb_err(self.ctx("opening table `dirty`"), e))?;
+        let mut dirty = Vec::new();
+        for entry in dirty_table
+            .range::<u64>(..)
+            .map_err(|e| redb_err(self.ctx("listing dirty regions"), e))?
+        {
+            let (k, _) = entry.map_err(|e| redb_err(self.ctx("listing dirty regions"), e))?;
+            dirty.push(k.value());
+        }
+        Ok((rec, dirty))
+    }
+
+    fn decode<T: DeserializeOwned>(&self, key: &str, raw: &str) -> Result<T> {
+        serde_json::from_str(raw).map_err(|e| {
+            StoreError::Metadata(self.ctx(&format!("decoding key `{key}` ({raw:?}): {e}")))
+        })
+    }
+
+    /// Durably stores key/value pairs in one transaction.
+    pub(crate) fn put(&self, kv: &[(&str, String)]) -> Result<()> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| redb_err(self.ctx("beginning a write transaction"), e))?;
+        {
+            let mut t = txn
+                .open_table(META)
+                .map_err(|e| redb_err(self.ctx("opening table `meta`"), e))?;
+            for (k, v) in kv {
+                t.insert(*k, v.as_str())
+                    .map_err(|e| redb_err(self.ctx(&format!("writing key `{k}`")), e))?;
+            }
+        }
+        txn.commit()
+            .map_err(|e| redb_err(self.ctx("committing metadata"), e))
+    }
+
+    /// Durably stores one typed value.
+    pub(crate) fn put_value<T: Serialize + ?Sized>(&self, k: &str, v: &T) -> Result<()> {
+        self.put(&[(k, json(k, v)?)])
+    }
+
+    pub(crate) fn set_epoch(&self, epoch: u64) -> Result<()> {
+        self.put_value(key::EPOCH, &epoch)
+    }
+
+    pub(crate) fn set_membership(&self, m: &Membership) -> Result<()> {
+        self.put_value(key::MEMBERSHIP, m)
+    }
+
+    pub(crate) fn set_clean(&self, clean: bool) -> Result<()> {
+        self.put_value(key::CLEAN, &clean)
+    }
+
+    /// In one durable transaction: marks `set` dirty, clears `clear`, and if `clear_all`
+    /// empties the table first.
+    pub(crate) fn update_dirty(&self, set: &[u64], clear: &[u64], clear_all: bool) -> Result<()> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| redb_err(self.ctx("beginning a write transaction"), e))?;
+        {
+            let mut t = txn
+                .open_table(DIRTY)
+                .map_err(|e| redb_err(self.ctx("opening table `dirty`"), e))?;
+            if clear_all {
+                t.retain(|_, _| false)
+                    .map_err(|e| redb_err(self.ctx("clearing dirty regions"), e))?;
+            }
+            for r in clear {
+                t.remove(*r)
+                    .map_err(|e| redb_err(self.ctx(&format!("clearing dirty region {r}")), e))?;
+            }
+            for r in set {
+                t.insert(*r, ())
+                    .map_err(|e| redb_err(self.ctx(&format!("marking region {r} dirty")), e))?;
+            }
+        }
+        txn.commit()
+            .map_err(|e| redb_err(self.ctx("committing dirty regions"), e))
+    }
+
+    /// Durably marks the store cleanly shut down and empties the dirty table.
+    pub(crate) fn close_clean(self) -> Result<()> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| redb_err(self.ctx("beginning a write transaction"), e))?;
+        {
+            let mut d = txn
+                .open_table(DIRTY)
+                .map_err(|e| redb_err(self.ctx("opening table `dirty`"), e))?;
+            d.retain(|_, _| false)
+                .map_err(|e| redb_err(self.ctx("clearing dirty regions"), e))?;
+            let mut m = txn
+                .open_table(META)
+                .map_err(|e| redb_err(self.ctx("opening table `meta`"), e))?;
+            m.insert(key::CLEAN, "true")
+                .map_err(|e| redb_err(self.ctx("writing key `clean`"), e))?;
+        }
+        txn.commit()
+            .map_err(|e| redb_err(self.ctx("committing clean shutdown"), e))?;
+        let ctx = self.ctx("closing");
+        self.db.close().map_err(|e| redb_err(ctx, e))
+    }
+}
+
+fn builder() -> redb::Builder {
+    let mut b = Database::builder();
+    b.set_cache_size(CACHE_BYTES);
+    b
+}
+
+/// fsync of a directory, so that file creations and renames in it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(format!("fsync directory {}", dir.display()), e))
+}

@@ -1,0 +1,35 @@
+//! Tests of the store: unit tests of the public API ([`unit`]), a concurrency stress test
+//! ([`concurrency`]) and the model-based property test ([`model`]).
+
+mod concurrency;
+mod model;
+mod unit;
+
+use std::path::Path;
+
+use crate::{CreateParams, ReplicaStore};
+
+pub(crate) fn params(size: u64, chunk_size: u32) -> CreateParams {
+    CreateParams {
+        volume: "vol-test".into(),
+        size,
+        block_size: 512,
+        chunk_size,
+        instance_id: "inst-1".into(),
+    }
+}
+
+/// A store with a small region size, to exercise several write-intent regions.
+pub(crate) fn small_store(dir: &Path, size: u64, chunk: u32, region: u64) -> ReplicaStore {
+    ReplicaStore::create_with_region_size(dir, params(size, chunk), region).unwrap()
+}
+
+/// Deterministic test pattern; `seed == 0` gives zeroes.
+pub(crate) fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    if seed == 0 {
+        return vec![0; len];
+    }
+    (0..len)
+        .map(|i| seed.wrapping_add((i as u8).wrapping_mul(31)) ^ ((i >> 8) as u8))
+        .collect()
+}

@@ -1,0 +1,555 @@
+//! Unit tests of the public API.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use super::{params, pattern, small_store};
+use crate::{
+    BLOCK, LayerInfo, Member, MemberMode, Membership, ReplicaStore, StoreError, zero_block_crc,
+};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * 1024;
+
+#[test]
+fn store_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<ReplicaStore>();
+}
+
+#[test]
+fn create_open_close_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("r1");
+    assert!(!ReplicaStore::exists(&dir));
+    let s = ReplicaStore::create(&dir, params(4 * MIB, 64 * 1024)).unwrap();
+    assert!(ReplicaStore::exists(&dir));
+    for f in ["meta.redb", "head.img", "head.crc"] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    assert!(!dir.join("meta.redb.tmp").exists());
+    let m = s.meta();
+    assert_eq!(m.volume, "vol-test");
+    assert_eq!(m.size, 4 * MIB);
+    assert_eq!(m.block_size, 512);
+    assert_eq!(m.chunk_size, 64 * 1024);
+    assert_eq!(m.instance_id, "inst-1");
+    assert_eq!(m.epoch, 0);
+    assert_eq!(m.membership, Membership::default());
+    assert_eq!(
+        m.layers,
+        vec![LayerInfo {
+            name: "head".into(),
+            read_only: false
+        }]
+    );
+    assert!(m.clean_shutdown);
+    assert_eq!(s.region_size(), MIB);
+
+    let data = pattern(7, 100_000);
+    s.write(12_345, &data).unwrap();
+    s.set_epoch(3).unwrap();
+    let ms = Membership {
+        generation: 2,
+        members: vec![
+            Member {
+                address: "10.0.0.1:9502".into(),
+                instance_id: "inst-1".into(),
+                mode: MemberMode::Rw,
+            },
+            Member {
+                address: "10.0.0.2:9502".into(),
+                instance_id: "inst-2".into(),
+                mode: MemberMode::Wo,
+            },
+        ],
+    };
+    s.set_membership(ms.clone()).unwrap();
+    s.close().unwrap();
+
+    let s = ReplicaStore::open(&dir).unwrap();
+    let m = s.meta();
+    assert!(m.clean_shutdown);
+    assert_eq!(m.epoch, 3);
+    assert_eq!(m.membership, ms);
+    assert!(s.dirty_regions().is_empty());
+    assert!(s.recovered_regions().is_empty());
+    assert_eq!(&s.read(12_345, data.len() as u64).unwrap()[..], &data[..]);
+    assert_eq!(&s.read(0, 12_345).unwrap()[..], &vec![0u8; 12_345][..]);
+    // Dropped without close: the next open reports an unclean stop.
+    s.crash();
+    let s = ReplicaStore::open(&dir).unwrap();
+    assert!(!s.meta().clean_shutdown);
+    assert_eq!(s.meta().epoch, 3);
+    s.close().unwrap();
+}
+
+#[test]
+fn create_refuses_existing_store_and_open_refuses_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("r");
+    let s = ReplicaStore::create(&dir, params(MIB, 4096)).unwrap();
+    match ReplicaStore::create(&dir, params(MIB, 4096)) {
+        Err(StoreError::AlreadyExists(p)) => assert_eq!(p, dir),
+        other => panic!("expected AlreadyExists, got {other:?}"),
+    }
+    s.close().unwrap();
+    let missing = tmp.path().join("nothing");
+    match ReplicaStore::open(&missing) {
+        Err(StoreError::NotFound(p)) => assert_eq!(p, missing),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    // An empty directory holds no store either.
+    std::fs::create_dir(&missing).unwrap();
+    assert!(matches!(
+        ReplicaStore::open(&missing),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[test]
+fn second_open_of_an_open_store_fails_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = ReplicaStore::create(tmp.path(), params(MIB, 4096)).unwrap();
+    let err = ReplicaStore::open(tmp.path()).unwrap_err();
+    assert!(matches!(err, StoreError::Metadata(_)), "{err:?}");
+    s.close().unwrap();
+}
+
+#[test]
+fn create_validates_geometry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = [
+        (0, 512, 4096),
+        (MIB + 512, 512, 4096), // not a multiple of 4096
+        (MIB, 1024, 4096),      // block size
+        (MIB, 512, 3000),       // not a power of two
+        (MIB, 512, 2048),       // chunk too small
+        (MIB, 512, 128 << 20),  // chunk too large
+    ];
+    for (i, (size, bs, chunk)) in bad.into_iter().enumerate() {
+        let mut p = params(size, chunk);
+        p.block_size = bs;
+        let dir = tmp.path().join(format!("d{i}"));
+        match ReplicaStore::create(&dir, p) {
+            Err(StoreError::Invalid(msg)) => assert!(!msg.contains('\n')),
+            other => panic!("case {i}: expected Invalid, got {other:?}"),
+        }
+        assert!(!ReplicaStore::exists(&dir));
+    }
+    let mut p = params(MIB, 4096);
+    p.volume.clear();
+    assert!(matches!(
+        ReplicaStore::create(&tmp.path().join("e"), p),
+        Err(StoreError::Invalid(_))
+    ));
+    // 4 KiB blocks and the largest chunk are fine.
+    let mut p = params(MIB, 64 << 20);
+    p.block_size = 4096;
+    let s = ReplicaStore::create(&tmp.path().join("ok"), p).unwrap();
+    assert_eq!(s.region_size(), 64 << 20);
+    s.close().unwrap();
+}
+
+#[test]
+fn partial_block_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 256 * KIB;
+    let s = ReplicaStore::create(tmp.path(), params(size, 16 * 1024)).unwrap();
+    let mut model = vec![0u8; size as usize];
+    let writes: &[(u64, usize, u8)] = &[
+        (4095, 1, 1),           // last byte of block 0
+        (4094, 3, 2),           // spans blocks 0 and 1
+        (10, 20, 3),            // inside block 0
+        (8192 + 100, 4096, 4),  // two partial blocks
+        (3 * 4096, 4096, 5),    // exactly one block
+        (5000, 3 * 4096, 6),    // partial, whole, whole, partial
+        (size - 1, 1, 7),       // last byte of the volume
+        (size - 4097, 4097, 8), // to the end
+        (0, 1, 0),              // a zero byte
+    ];
+    for &(off, len, seed) in writes {
+        let data = pattern(seed, len);
+        s.write(off, &data).unwrap();
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+        assert_eq!(
+            &s.read(0, size).unwrap()[..],
+            &model[..],
+            "after write at {off}"
+        );
+    }
+    for (off, len) in [(0, 1), (4095, 2), (4097, 10_000), (size - 3, 3)] {
+        assert_eq!(
+            &s.read(off, len).unwrap()[..],
+            &model[off as usize..(off + len) as usize]
+        );
+    }
+    s.write_fua(777, &pattern(9, 9000)).unwrap();
+    model[777..9777].copy_from_slice(&pattern(9, 9000));
+    s.close().unwrap();
+    let s = ReplicaStore::open(tmp.path()).unwrap();
+    assert_eq!(&s.read(0, size).unwrap()[..], &model[..]);
+    s.close().unwrap();
+}
+
+#[test]
+fn out_of_range_is_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 64 * KIB;
+    let s = ReplicaStore::create(tmp.path(), params(size, 4096)).unwrap();
+    let oor = |r: Result<(), StoreError>| match r {
+        Err(StoreError::OutOfRange { size: sz, .. }) => assert_eq!(sz, size),
+        other => panic!("expected OutOfRange, got {other:?}"),
+    };
+    oor(s.read(size - 1, 2).map(|_| ()));
+    oor(s.read(size + 1, 0).map(|_| ()));
+    oor(s.read(u64::MAX, 2).map(|_| ()));
+    oor(s.write(size, &[1]));
+    oor(s.write(u64::MAX - 1, &[1, 2, 3]));
+    oor(s.write_fua(size - 1, &[1, 2]));
+    oor(s.unmap(size - 4096, 4097));
+    oor(s.unmap(u64::MAX, u64::MAX));
+    oor(s.write_zeroes(1, size));
+    oor(s.block_checksums(0, size + 4096).map(|_| ()));
+    // Empty ranges at the end are fine.
+    assert!(s.read(size, 0).unwrap().is_empty());
+    s.write(size, &[]).unwrap();
+    s.unmap(size, 0).unwrap();
+    assert!(s.block_checksums(size, 0).unwrap().is_empty());
+    assert!(matches!(
+        s.block_checksums(1, 4096),
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        s.block_checksums(0, 100),
+        Err(StoreError::Invalid(_))
+    ));
+    s.close().unwrap();
+}
+
+#[test]
+fn stale_epoch_and_generation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = ReplicaStore::create(tmp.path(), params(MIB, 4096)).unwrap();
+    s.set_epoch(5).unwrap();
+    s.set_epoch(5).unwrap();
+    match s.set_epoch(4) {
+        Err(StoreError::StaleEpoch { current, given }) => assert_eq!((current, given), (5, 4)),
+        other => panic!("expected StaleEpoch, got {other:?}"),
+    }
+    let m = |generation| Membership {
+        generation,
+        members: vec![Member {
+            address: format!("a:{generation}"),
+            instance_id: "i".into(),
+            mode: MemberMode::Rw,
+        }],
+    };
+    s.set_membership(m(7)).unwrap();
+    s.set_membership(m(7)).unwrap();
+    match s.set_membership(m(6)) {
+        Err(StoreError::StaleGeneration { current, given }) => {
+            assert_eq!((current, given), (7, 6))
+        }
+        other => panic!("expected StaleGeneration, got {other:?}"),
+    }
+    assert_eq!(s.meta().membership, m(7));
+    // Durable without a clean close.
+    s.crash();
+    let s = ReplicaStore::open(tmp.path()).unwrap();
+    assert_eq!(s.meta().epoch, 5);
+    assert_eq!(s.meta().membership, m(7));
+    assert!(matches!(s.set_epoch(1), Err(StoreError::StaleEpoch { .. })));
+    s.set_epoch(6).unwrap();
+    s.close().unwrap();
+}
+
+fn corrupt_byte(path: &std::path::Path, offset: u64) {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn checksum_mismatch_is_detected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    let s = ReplicaStore::create(tmp.path(), params(size, 64 * 1024)).unwrap();
+    s.write(10 * BLOCK, &pattern(3, 3 * BLOCK as usize))
+        .unwrap();
+    s.close().unwrap();
+    corrupt_byte(&tmp.path().join("head.img"), 11 * BLOCK + 100);
+    // A never-written block that gains data is corrupt too.
+    corrupt_byte(&tmp.path().join("head.img"), 3 * MIB + 5);
+
+    let s = ReplicaStore::open(tmp.path()).unwrap();
+    assert!(s.dirty_regions().is_empty());
+    let err = s.read(10 * BLOCK, 3 * BLOCK).unwrap_err();
+    match &err {
+        StoreError::ChecksumMismatch {
+            offset,
+            stored,
+            computed,
+        } => {
+            assert_eq!(*offset, 11 * BLOCK);
+            assert_ne!(stored, computed);
+        }
+        other => panic!("expected ChecksumMismatch, got {other:?}"),
+    }
+    assert!(err.is_checksum_mismatch());
+    let msg = err.to_string();
+    assert!(msg.contains("45056") && !msg.contains('\n'), "{msg}");
+    // One byte of the bad block is enough to fail; neighbours are fine.
+    assert!(s.read(11 * BLOCK + 4000, 1).is_err());
+    assert!(s.read(10 * BLOCK, BLOCK).is_ok());
+    assert!(s.read(12 * BLOCK, BLOCK).is_ok());
+    match s.read(3 * MIB, 10) {
+        Err(StoreError::ChecksumMismatch { offset, stored, .. }) => {
+            assert_eq!((offset, stored), (3 * MIB, 0))
+        }
+        other => panic!("expected ChecksumMismatch, got {other:?}"),
+    }
+    // A partial write into the bad block does not launder the corruption.
+    assert!(matches!(
+        s.write(11 * BLOCK + 1, &[1, 2]),
+        Err(StoreError::ChecksumMismatch { .. })
+    ));
+    // Overwriting the whole block (as a repair from another replica does) heals it.
+    s.write(11 * BLOCK, &pattern(4, BLOCK as usize)).unwrap();
+    assert_eq!(
+        &s.read(11 * BLOCK, BLOCK).unwrap()[..],
+        &pattern(4, BLOCK as usize)[..]
+    );
+    s.unmap(3 * MIB, BLOCK).unwrap();
+    assert_eq!(&s.read(3 * MIB, 10).unwrap()[..], &[0u8; 10][..]);
+    s.close().unwrap();
+}
+
+#[test]
+fn unmap_reads_zero_and_deallocates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    let s = ReplicaStore::create(tmp.path(), params(size, 64 * 1024)).unwrap();
+    let mut model = pattern(9, (2 * MIB) as usize);
+    s.write(0, &model).unwrap();
+    s.flush().unwrap();
+    let allocated = || {
+        std::fs::metadata(tmp.path().join("head.img"))
+            .unwrap()
+            .blocks()
+            * 512
+    };
+    assert!(allocated() >= 2 * MIB);
+    // Unaligned at both ends.
+    s.unmap(1000, MIB + 5000).unwrap();
+    model[1000..(MIB + 6000) as usize].fill(0);
+    assert_eq!(&s.read(0, 2 * MIB).unwrap()[..], &model[..]);
+    s.flush().unwrap();
+    assert!(
+        allocated() <= MIB + 64 * 1024,
+        "holes not punched: {} bytes allocated",
+        allocated()
+    );
+    // Within one block, and write_zeroes.
+    s.unmap(MIB + 10_000, 10).unwrap();
+    model[(MIB + 10_000) as usize..(MIB + 10_010) as usize].fill(0);
+    s.write_zeroes(MIB + 3 * BLOCK, 2 * BLOCK + 1).unwrap();
+    model[(MIB + 3 * BLOCK) as usize..(MIB + 5 * BLOCK + 1) as usize].fill(0);
+    assert_eq!(&s.read(0, 2 * MIB).unwrap()[..], &model[..]);
+    s.close().unwrap();
+    let s = ReplicaStore::open(tmp.path()).unwrap();
+    assert_eq!(&s.read(0, 2 * MIB).unwrap()[..], &model[..]);
+    s.close().unwrap();
+}
+
+#[test]
+fn block_checksums_compare_contents_not_history() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = MIB;
+    let a = ReplicaStore::create(&tmp.path().join("a"), params(size, 4096)).unwrap();
+    let b = ReplicaStore::create(&tmp.path().join("b"), params(size, 4096)).unwrap();
+    let c = ReplicaStore::create(&tmp.path().join("c"), params(size, 4096)).unwrap();
+    // Same final contents, reached three different ways.
+    let data = pattern(5, 200_000);
+    a.write(4096, &data).unwrap();
+    a.write(500_000, &pattern(6, 70_000)).unwrap();
+    a.unmap(500_000, 70_000).unwrap();
+    for (i, piece) in data.chunks(777).enumerate() {
+        b.write(4096 + (i * 777) as u64, piece).unwrap();
+    }
+    c.write(0, &vec![0u8; size as usize]).unwrap();
+    c.write(4096, &data).unwrap();
+    let ca = a.block_checksums(0, size).unwrap();
+    let cb = b.block_checksums(0, size).unwrap();
+    let cc = c.block_checksums(0, size).unwrap();
+    assert_eq!(ca.len(), 256);
+    assert_eq!(ca, cb);
+    assert_eq!(ca, cc);
+    assert_eq!(ca[0], zero_block_crc());
+    assert_eq!(ca[255], zero_block_crc());
+    assert_eq!(ca[1], crc32c::crc32c(&data[..4096]));
+    // A differing block shows up at its index.
+    b.write(10 * 4096 + 7, &[0xff]).unwrap();
+    let cb = b.block_checksums(0, size).unwrap();
+    let diff: Vec<usize> = (0..256).filter(|&i| ca[i] != cb[i]).collect();
+    assert_eq!(diff, vec![10]);
+    assert_eq!(
+        b.block_checksums(10 * 4096, 2 * 4096).unwrap(),
+        cb[10..12].to_vec()
+    );
+    for s in [a, b, c] {
+        s.close().unwrap();
+    }
+}
+
+#[test]
+fn dirty_regions_are_set_before_writes_and_cleared_lazily() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = 16 * KIB;
+    let s = small_store(tmp.path(), 256 * KIB, 4096, r);
+    assert_eq!(s.region_size(), r);
+    assert!(s.dirty_regions().is_empty());
+    s.write(100, &[1; 10]).unwrap();
+    s.write(2 * r - 1, &[1; 2]).unwrap(); // regions 1 and 2
+    assert_eq!(s.dirty_regions(), vec![0, r, 2 * r]);
+    // Written since the previous flush: still dirty after this one.
+    s.flush().unwrap();
+    assert_eq!(s.dirty_regions(), vec![0, r, 2 * r]);
+    // A hot region stays dirty; idle ones are cleared.
+    s.write(r, &[2; 10]).unwrap();
+    s.flush().unwrap();
+    assert_eq!(s.dirty_regions(), vec![r]);
+    s.flush().unwrap();
+    assert!(s.dirty_regions().is_empty());
+    // Unmap marks regions too, and the marks are durable.
+    s.unmap(5 * r + 10, 3 * r).unwrap();
+    assert_eq!(s.dirty_regions(), vec![5 * r, 6 * r, 7 * r, 8 * r]);
+    s.crash();
+    let s = ReplicaStore::open(tmp.path()).unwrap();
+    assert!(!s.meta().clean_shutdown);
+    assert_eq!(s.recovered_regions(), vec![5 * r, 6 * r, 7 * r, 8 * r]);
+    assert_eq!(s.dirty_regions(), s.recovered_regions());
+    // Recovered regions clear after two flushes that find them untouched.
+    s.write(6 * r, &[3; 1]).unwrap();
+    s.flush().unwrap();
+    assert_eq!(s.dirty_regions().len(), 4);
+    s.flush().unwrap();
+    assert!(s.dirty_regions().is_empty());
+    assert_eq!(s.recovered_regions().len(), 4);
+    s.write(0, &[1]).unwrap();
+    s.close().unwrap();
+    let s = ReplicaStore::open(tmp.path()).unwrap();
+    assert!(s.meta().clean_shutdown);
+    assert!(s.dirty_regions().is_empty());
+    assert!(s.recovered_regions().is_empty());
+    s.close().unwrap();
+}
+
+#[test]
+fn torn_writes_are_recovered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = 16 * KIB;
+    let s = small_store(tmp.path(), 256 * KIB, 4096, r);
+    let old = pattern(1, 40_000);
+    s.write(1000, &old).unwrap();
+    s.flush().unwrap();
+    s.flush().unwrap();
+    s.flush().unwrap();
+    assert!(s.dirty_regions().is_empty());
+    // Data landed, checksum did not.
+    let new = pattern(2, 10_000);
+    s.torn_write_data_only(3000, &new).unwrap();
+    assert!(s.read(0, 64 * KIB).is_err());
+    s.crash();
+    let s = ReplicaStore::open(tmp.path()).unwrap();
+    let mut model = vec![0u8; 64 * KIB as usize];
+    model[1000..41_000].copy_from_slice(&old);
+    model[3000..13_000].copy_from_slice(&new);
+    assert_eq!(&s.read(0, 64 * KIB).unwrap()[..], &model[..]);
+    // Checksum landed, data did not: the old data stays.
+    s.torn_write_crc_only(20_000, &pattern(3, 5000)).unwrap();
+    s.crash();
+    let s = ReplicaStore::open(tmp.path()).unwrap();
+    assert_eq!(&s.read(0, 64 * KIB).unwrap()[..], &model[..]);
+    // A torn write to a never-written block whose data never landed.
+    s.torn_write_crc_only(200 * KIB, &pattern(4, 4096)).unwrap();
+    s.crash();
+    let s = ReplicaStore::open(tmp.path()).unwrap();
+    assert_eq!(&s.read(200 * KIB, 4096).unwrap()[..], &[0u8; 4096][..]);
+    assert_eq!(
+        s.block_checksums(200 * KIB, 4096).unwrap(),
+        vec![zero_block_crc()]
+    );
+    s.close().unwrap();
+}
+
+#[test]
+fn errors_are_one_line_with_context() {
+    let tmp = tempfile::tempdir().unwrap();
+    let errs = [
+        crate::error::io_err(
+            "writing head.img at offset 4096",
+            std::io::Error::from_raw_os_error(libc::EIO),
+        ),
+        crate::error::io_err(
+            "writing head.img at offset 4096",
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        ),
+        StoreError::ChecksumMismatch {
+            offset: 8192,
+            stored: 1,
+            computed: 2,
+        },
+        StoreError::OutOfRange {
+            offset: 1,
+            len: 2,
+            size: 3,
+        },
+        StoreError::StaleEpoch {
+            current: 2,
+            given: 1,
+        },
+        StoreError::AlreadyExists(tmp.path().to_path_buf()),
+        ReplicaStore::open(&tmp.path().join("x")).unwrap_err(),
+    ];
+    for e in &errs {
+        let s = e.to_string();
+        assert!(!s.contains('\n') && !s.is_empty(), "{s:?}");
+    }
+    assert!(!errs[0].is_no_space());
+    assert!(errs[1].is_no_space());
+    assert!(matches!(errs[1], StoreError::NoSpace { .. }));
+    assert!(errs[1].to_string().contains("head.img at offset 4096"));
+    assert!(
+        StoreError::Io {
+            context: "x".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC)
+        }
+        .is_no_space()
+    );
+}
+
+#[test]
+fn unwritten_volume_reads_zeroes_and_large_reads_are_capped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 128 * MIB;
+    let s = ReplicaStore::create(tmp.path(), params(size, 1 << 20)).unwrap();
+    assert_eq!(&s.read(size - 10, 10).unwrap()[..], &[0u8; 10][..]);
+    let big = s.read(0, crate::MAX_IO_LEN).unwrap();
+    assert!(big.iter().all(|&b| b == 0));
+    assert!(matches!(
+        s.read(0, crate::MAX_IO_LEN + 1),
+        Err(StoreError::Invalid(_))
+    ));
+    let sums = s.block_checksums(0, size).unwrap();
+    assert_eq!(sums.len(), (size / BLOCK) as usize);
+    assert!(sums.iter().all(|&c| c == zero_block_crc()));
+    s.close().unwrap();
+}
