@@ -1,0 +1,737 @@
+//! The tokio server: sockets around the sans-IO [`crate::handshake`] and
+//! [`crate::transmission`] layers.
+//!
+//! Per connection: TCP_NODELAY, the handshake (bounded by a timeout), then a
+//! reader loop that decodes requests from a `BytesMut` and spawns one task
+//! per request, bounded by a per-connection semaphore (count) and a byte
+//! budget (payload bytes in flight). Each task sends its reply, with its
+//! permits, to a single writer task, which writes every reply whole (header
+//! then payload) and coalesces small replies into one `write`. A permit is
+//! released only once its reply is written, so memory per connection stays
+//! bounded even when the client reads slowly.
+//!
+//! Connections are bounded by a server-wide semaphore. A client that breaks
+//! the protocol or disconnects loses only its own connection.
+//!
+//! Shutdown: when the broadcast fires (or its senders are dropped) the server
+//! stops accepting, connections stop reading new requests, in-flight requests
+//! finish and their replies are written (for at most
+//! [`ServerConfig::shutdown_grace`]), then sockets close; [`serve`] returns
+//! once every connection is gone.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use corral_block::BlockDevice;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, info, warn};
+
+use crate::error::NbdError;
+use crate::export::Exports;
+use crate::handshake::{Handshake, HandshakeConfig, HandshakeStatus, Negotiated};
+use crate::proto::Errno;
+use crate::transmission::{Command, Decoded, Reply, ReplyEncoder, Request, RequestDecoder};
+
+/// Server limits and timeouts.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// Requests in flight per connection (device I/O or reply not yet written).
+    pub max_in_flight: usize,
+    /// Payload bytes (read and write data) in flight per connection; raised to
+    /// at least the 32 MiB payload cap.
+    pub max_in_flight_bytes: usize,
+    /// Time a client has to complete the handshake.
+    pub handshake_timeout: Duration,
+    /// At shutdown, how long in-flight replies may take to be written to a
+    /// client before its socket is closed anyway.
+    pub shutdown_grace: Duration,
+    /// Offer structured replies (`NBD_OPT_STRUCTURED_REPLY`).
+    pub structured_replies: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: 256,
+            max_in_flight: 128,
+            max_in_flight_bytes: 64 << 20,
+            handshake_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+            structured_replies: true,
+        }
+    }
+}
+
+/// An NBD server over a set of exports.
+pub struct NbdServer<D> {
+    exports: Arc<Exports<D>>,
+    config: ServerConfig,
+}
+
+/// Serve `exports` on `listener` with the default [`ServerConfig`] until
+/// `shutdown` fires (or all its senders are dropped); returns once every
+/// connection has finished its in-flight requests and closed.
+pub async fn serve<D: BlockDevice>(
+    listener: TcpListener,
+    exports: Arc<Exports<D>>,
+    shutdown: broadcast::Receiver<()>,
+) -> Result<(), NbdError> {
+    NbdServer::new(exports).run(listener, shutdown).await
+}
+
+impl<D: BlockDevice> NbdServer<D> {
+    /// A server with the default configuration.
+    pub fn new(exports: Arc<Exports<D>>) -> Self {
+        NbdServer {
+            exports,
+            config: ServerConfig::default(),
+        }
+    }
+
+    /// Replace the configuration.
+    pub fn with_config(mut self, config: ServerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Accept and serve connections until `shutdown` fires; see [`serve`].
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        mut shutdown: broadcast::Receiver<()>,
+    ) -> Result<(), NbdError> {
+        self.exports.validate()?;
+        let local = listener.local_addr().ok();
+        info!(?local, exports = self.exports.len(), "NBD server listening");
+        let shared = Arc::new(Shared {
+            exports: self.exports,
+            config: self.config,
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let limit = Arc::new(Semaphore::new(shared.config.max_connections.max(1)));
+        let mut conns = JoinSet::new();
+
+        loop {
+            while let Some(done) = conns.try_join_next() {
+                report_join(done);
+            }
+            let permit = tokio::select! {
+                p = limit.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = shutdown.recv() => break,
+            };
+            let (stream, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Usually EMFILE or a connection reset before accept.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.recv() => break,
+            };
+            if let Err(e) = stream.set_nodelay(true) {
+                debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+            }
+            let shared = Arc::clone(&shared);
+            let stop = stop_rx.clone();
+            conns.spawn(
+                async move {
+                    let _permit = permit;
+                    debug!("connection accepted");
+                    match handle_connection(stream, shared, stop).await {
+                        Ok(()) => debug!("connection closed"),
+                        Err(NbdError::Protocol(e)) => warn!(error = %e, "dropping client"),
+                        Err(e) => debug!(error = %e, "connection ended"),
+                    }
+                }
+                .instrument(tracing::info_span!("nbd", %peer)),
+            );
+        }
+
+        drop(listener);
+        info!(
+            connections = conns.len(),
+            "NBD server shutting down; draining connections"
+        );
+        let _ = stop_tx.send(true);
+        while let Some(done) = conns.join_next().await {
+            report_join(done);
+        }
+        info!("NBD server stopped");
+        Ok(())
+    }
+}
+
+fn report_join(r: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = r {
+        warn!(error = %e, "connection task failed");
+    }
+}
+
+struct Shared<D> {
+    exports: Arc<Exports<D>>,
+    config: ServerConfig,
+}
+
+/// Resolves once the server is stopping (or gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+const READ_CHUNK: usize = 256 << 10;
+const MIN_SPARE: usize = 16 << 10;
+
+fn ensure_spare(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < MIN_SPARE {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
+/// Serve one client over any byte stream.
+async fn handle_connection<D, S>(
+    stream: S,
+    shared: Arc<Shared<D>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), NbdError>
+where
+    D: BlockDevice,
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut hs = Handshake::new(
+        shared.exports.infos(),
+        HandshakeConfig {
+            structured_replies: shared.config.structured_replies,
+            ..HandshakeConfig::default()
+        },
+    );
+    let timeout = shared.config.handshake_timeout;
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(timeout, negotiate(&mut hs, &mut rd, &mut wr, &mut buf)) => {
+            r.unwrap_or(Err(NbdError::HandshakeTimeout))
+        }
+        _ = stopped(&mut stop) => return Ok(()),
+    };
+    let negotiated = match outcome {
+        Ok(Some(n)) => n,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            // A final error reply (e.g. NBD_REP_ERR_TOO_BIG) may be pending.
+            if hs.has_output() {
+                let out = hs.take_output();
+                let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
+            }
+            return Err(e);
+        }
+    };
+    let Some(export) = shared.exports.get(negotiated.export) else {
+        return Ok(());
+    };
+    debug!(
+        export = export.name(),
+        size = negotiated.size,
+        structured = negotiated.structured_replies,
+        "transmission"
+    );
+    let device = Arc::clone(export.device());
+    transmission(device, negotiated, rd, wr, buf, &shared.config, stop).await
+}
+
+/// Drive the handshake; `Ok(None)` when the client aborted or left cleanly.
+async fn negotiate<R, W>(
+    hs: &mut Handshake,
+    rd: &mut R,
+    wr: &mut W,
+    buf: &mut BytesMut,
+) -> Result<Option<Negotiated>, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let status = hs.receive(buf)?;
+        if hs.has_output() {
+            let out = hs.take_output();
+            wr.write_all(&out).await?;
+            wr.flush().await?;
+        }
+        match status {
+            HandshakeStatus::NeedMore => {
+                ensure_spare(buf);
+                if rd.read_buf(buf).await? == 0 {
+                    return if buf.is_empty() {
+                        Ok(None)
+                    } else {
+                        Err(NbdError::UnexpectedEof)
+                    };
+                }
+            }
+            HandshakeStatus::Transmission(n) => return Ok(Some(n)),
+            HandshakeStatus::Aborted => return Ok(None),
+        }
+    }
+}
+
+/// A reply on its way to the writer, with the permits it holds.
+struct Outgoing {
+    reply: Reply,
+    _slot: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// Why the reader stopped.
+#[derive(Debug)]
+enum End {
+    Disconnect,
+    Eof,
+    Shutdown,
+    Refused,
+}
+
+struct Limits {
+    slots: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    max_in_flight: u32,
+}
+
+async fn transmission<D, R, W>(
+    device: Arc<D>,
+    negotiated: Negotiated,
+    mut rd: R,
+    wr: W,
+    mut buf: BytesMut,
+    config: &ServerConfig,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), NbdError>
+where
+    D: BlockDevice,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let decoder = RequestDecoder::new(negotiated.size, negotiated.structured_replies);
+    let encoder = ReplyEncoder::new(negotiated.structured_replies);
+    let max_in_flight = config.max_in_flight.clamp(1, 1 << 16);
+    let byte_budget = config
+        .max_in_flight_bytes
+        .max(decoder.max_payload() as usize)
+        .min(Semaphore::MAX_PERMITS);
+    let limits = Limits {
+        slots: Arc::new(Semaphore::new(max_in_flight)),
+        bytes: Arc::new(Semaphore::new(byte_budget)),
+        max_in_flight: max_in_flight as u32,
+    };
+    let (tx, rx) = mpsc::channel::<Outgoing>(max_in_flight);
+    let mut writer = tokio::spawn(write_replies(wr, rx, encoder));
+
+    let ended = read_requests(
+        &device, &decoder, &mut rd, &mut buf, &limits, &tx, &mut stop,
+    )
+    .await;
+    drop(tx);
+
+    // The writer ends once every request task has sent its reply and the
+    // replies are written. At shutdown, give it a bounded grace period.
+    let written = tokio::select! {
+        r = &mut writer => r,
+        _ = stopped(&mut stop) => {
+            match tokio::time::timeout(config.shutdown_grace, &mut writer).await {
+                Ok(r) => r,
+                Err(_) => {
+                    warn!("client is not reading its replies; closing");
+                    writer.abort();
+                    (&mut writer).await
+                }
+            }
+        }
+    };
+    // Whatever happened to the writer, wait for the device I/O still running.
+    let _ = limits.slots.acquire_many(limits.max_in_flight).await;
+
+    match &ended {
+        Ok(end) => debug!(?end, "transmission over"),
+        Err(e) => debug!(error = %e, "transmission aborted"),
+    }
+    match written {
+        Ok(Err(e)) => debug!(error = %e, "writing replies failed"),
+        Err(e) if e.is_panic() => warn!(error = %e, "reply writer panicked"),
+        _ => {}
+    }
+    ended.map(|_| ())
+}
+
+async fn acquire(
+    sem: &Arc<Semaphore>,
+    n: usize,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<OwnedSemaphorePermit> {
+    // n never exceeds the semaphore's size (the budget is at least the cap).
+    let n = u32::try_from(n).ok()?;
+    tokio::select! {
+        p = Arc::clone(sem).acquire_many_owned(n) => p.ok(),
+        _ = stopped(stop) => None,
+    }
+}
+
+async fn read_requests<D, R>(
+    device: &Arc<D>,
+    decoder: &RequestDecoder,
+    rd: &mut R,
+    buf: &mut BytesMut,
+    limits: &Limits,
+    tx: &mpsc::Sender<Outgoing>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<End, NbdError>
+where
+    D: BlockDevice,
+    R: AsyncRead + Unpin,
+{
+    loop {
+        while let Some(item) = decoder.decode(buf)? {
+            match item {
+                Decoded::Disconnect => return Ok(End::Disconnect),
+                Decoded::Reject {
+                    cookie,
+                    errno,
+                    read,
+                    close,
+                    reason,
+                } => {
+                    debug!(cookie, ?errno, reason, "request refused");
+                    let Some(slot) = acquire(&limits.slots, 1, stop).await else {
+                        return Ok(End::Shutdown);
+                    };
+                    let reply = Reply::Error {
+                        cookie,
+                        errno,
+                        read,
+                        message: reason.to_string(),
+                    };
+                    let msg = Outgoing {
+                        reply,
+                        _slot: slot,
+                        _bytes: None,
+                    };
+                    if tx.send(msg).await.is_err() {
+                        return Ok(End::Eof);
+                    }
+                    if close {
+                        return Ok(End::Refused);
+                    }
+                }
+                Decoded::Request(req) => {
+                    let Some(slot) = acquire(&limits.slots, 1, stop).await else {
+                        return Ok(End::Shutdown);
+                    };
+                    let payload = match &req.command {
+                        Command::Read { len, .. } => *len as usize,
+                        Command::Write { data, .. } => data.len(),
+                        _ => 0,
+                    };
+                    let bytes = if payload > 0 {
+                        let Some(p) = acquire(&limits.bytes, payload, stop).await else {
+                            return Ok(End::Shutdown);
+                        };
+                        Some(p)
+                    } else {
+                        None
+                    };
+                    let device = Arc::clone(device);
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let reply = execute(&*device, req).await;
+                        let msg = Outgoing {
+                            reply,
+                            _slot: slot,
+                            _bytes: bytes,
+                        };
+                        // The writer is gone only when the client is gone.
+                        let _ = tx.send(msg).await;
+                    });
+                }
+            }
+        }
+        ensure_spare(buf);
+        tokio::select! {
+            r = rd.read_buf(buf) => {
+                if r? == 0 {
+                    return if buf.is_empty() {
+                        Ok(End::Eof)
+                    } else {
+                        Err(NbdError::UnexpectedEof)
+                    };
+                }
+            }
+            _ = stopped(stop) => return Ok(End::Shutdown),
+        }
+    }
+}
+
+fn failure(cookie: u64, read: bool, e: &corral_block::BlockError) -> Reply {
+    let errno = Errno::from_block_error(e);
+    if errno == Errno::Einval {
+        debug!(cookie, error = %e, "device refused request");
+    } else {
+        warn!(cookie, error = %e, "device I/O failed");
+    }
+    Reply::Error {
+        cookie,
+        errno,
+        read,
+        message: e.to_string(),
+    }
+}
+
+/// Run one request against the device.
+async fn execute<D: BlockDevice>(device: &D, req: Request) -> Reply {
+    let cookie = req.cookie;
+    let result = match req.command {
+        Command::Read { offset, len } => {
+            return match device.read(offset, len).await {
+                Ok(data) if data.len() == len as usize => Reply::Data {
+                    cookie,
+                    offset,
+                    data,
+                },
+                Ok(data) => {
+                    // Sending it would desynchronise the stream.
+                    warn!(
+                        cookie,
+                        want = len,
+                        got = data.len(),
+                        "device returned a short read"
+                    );
+                    Reply::Error {
+                        cookie,
+                        errno: Errno::Eio,
+                        read: true,
+                        message: "short read from the device".into(),
+                    }
+                }
+                Err(e) => failure(cookie, true, &e),
+            };
+        }
+        Command::Write { offset, data, fua } => device.write(offset, data, fua).await,
+        Command::Flush => device.flush().await,
+        Command::Trim { offset, len, fua } => match device.unmap(offset, u64::from(len)).await {
+            Ok(()) if fua => device.flush().await,
+            r => r,
+        },
+        Command::WriteZeroes { offset, len, fua } => {
+            device.write_zeroes(offset, u64::from(len), fua).await
+        }
+    };
+    match result {
+        Ok(()) => Reply::Done { cookie },
+        Err(e) => failure(cookie, false, &e),
+    }
+}
+
+/// Replies at most this large are copied into the batch buffer; larger read
+/// payloads are written straight from their `Bytes`.
+const COPY_MAX: usize = 64 << 10;
+/// Write the batch buffer once it holds this much.
+const BATCH_MAX: usize = 1 << 20;
+
+/// The single writer of a connection: one reply at a time, whole.
+async fn write_replies<W>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Outgoing>,
+    encoder: ReplyEncoder,
+) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut out = BytesMut::with_capacity(COPY_MAX * 2);
+    let mut held: Vec<Outgoing> = Vec::new();
+    let mut failed: Option<io::Error> = None;
+    while let Some(first) = rx.recv().await {
+        if failed.is_some() {
+            // Keep draining so request tasks finish and release their permits.
+            continue;
+        }
+        let mut next = Some(first);
+        let res: io::Result<()> = async {
+            while let Some(msg) = next.take() {
+                if let Some(payload) = encoder.encode(&msg.reply, &mut out) {
+                    if payload.len() <= COPY_MAX {
+                        out.extend_from_slice(&payload);
+                    } else {
+                        wr.write_all(&out).await?;
+                        out.clear();
+                        wr.write_all(&payload).await?;
+                    }
+                }
+                held.push(msg);
+                if out.len() >= BATCH_MAX {
+                    wr.write_all(&out).await?;
+                    out.clear();
+                    held.clear();
+                }
+                next = rx.try_recv().ok();
+            }
+            if !out.is_empty() {
+                wr.write_all(&out).await?;
+                out.clear();
+            }
+            wr.flush().await
+        }
+        .await;
+        held.clear();
+        if let Err(e) = res {
+            out.clear();
+            failed = Some(e);
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => {
+            let _ = wr.shutdown().await;
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{IHAVEOPT, REQUEST_MAGIC, cmd, opt};
+    use corral_block::FileDevice;
+
+    async fn client_go(c: &mut tokio::io::DuplexStream, name: &str) {
+        let mut greeting = [0u8; 18];
+        c.read_exact(&mut greeting).await.unwrap();
+        let mut m = Vec::new();
+        m.extend_from_slice(&3u32.to_be_bytes());
+        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        m.extend_from_slice(&opt::GO.to_be_bytes());
+        m.extend_from_slice(&((name.len() + 6) as u32).to_be_bytes());
+        m.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        m.extend_from_slice(name.as_bytes());
+        m.extend_from_slice(&0u16.to_be_bytes());
+        c.write_all(&m).await.unwrap();
+        // Read option replies until ACK (type 1).
+        loop {
+            let mut h = [0u8; 20];
+            c.read_exact(&mut h).await.unwrap();
+            let typ = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+            let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]) as usize;
+            let mut d = vec![0u8; len];
+            c.read_exact(&mut d).await.unwrap();
+            assert!(typ < 0x8000_0000, "error reply {typ:#x}");
+            if typ == 1 {
+                break;
+            }
+        }
+    }
+
+    fn request(command: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        v.extend_from_slice(&0u16.to_be_bytes());
+        v.extend_from_slice(&command.to_be_bytes());
+        v.extend_from_slice(&cookie.to_be_bytes());
+        v.extend_from_slice(&offset.to_be_bytes());
+        v.extend_from_slice(&len.to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    async fn simple_reply(c: &mut tokio::io::DuplexStream) -> (u32, u64) {
+        let mut h = [0u8; 16];
+        c.read_exact(&mut h).await.unwrap();
+        assert_eq!(&h[..4], &[0x67, 0x44, 0x66, 0x98]);
+        let err = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+        let mut ck = [0u8; 8];
+        ck.copy_from_slice(&h[8..]);
+        (err, u64::from_be_bytes(ck))
+    }
+
+    #[tokio::test]
+    async fn in_memory_session_with_pipelined_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = FileDevice::open(&dir.path().join("d"), Some(1 << 20), 512).unwrap();
+        let shared = Arc::new(Shared {
+            exports: Arc::new(Exports::single("mem", Arc::new(dev))),
+            config: ServerConfig::default(),
+        });
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let task = tokio::spawn(handle_connection(server, shared, stop_rx));
+        client_go(&mut client, "mem").await;
+
+        // Pipeline: 8 writes, then a flush, without waiting.
+        let mut burst = Vec::new();
+        for i in 0..8u64 {
+            burst.extend(request(cmd::WRITE, i, i * 4096, 4096, &[i as u8 + 1; 4096]));
+        }
+        client.write_all(&burst).await.unwrap();
+        let mut seen: Vec<u64> = Vec::new();
+        for _ in 0..8 {
+            let (err, cookie) = simple_reply(&mut client).await;
+            assert_eq!(err, 0);
+            seen.push(cookie);
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..8).collect::<Vec<_>>());
+        client
+            .write_all(&request(cmd::FLUSH, 100, 0, 0, &[]))
+            .await
+            .unwrap();
+        assert_eq!(simple_reply(&mut client).await, (0, 100));
+
+        client
+            .write_all(&request(cmd::READ, 200, 3 * 4096, 4096, &[]))
+            .await
+            .unwrap();
+        assert_eq!(simple_reply(&mut client).await, (0, 200));
+        let mut data = vec![0u8; 4096];
+        client.read_exact(&mut data).await.unwrap();
+        assert!(data.iter().all(|&b| b == 4));
+
+        // Out of range read: EINVAL and no payload.
+        client
+            .write_all(&request(cmd::READ, 300, 1 << 20, 1, &[]))
+            .await
+            .unwrap();
+        assert_eq!(simple_reply(&mut client).await, (22, 300));
+
+        client
+            .write_all(&request(cmd::DISC, 0, 0, 0, &[]))
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn garbage_after_the_handshake_is_a_protocol_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = FileDevice::open(&dir.path().join("d"), Some(1 << 20), 512).unwrap();
+        let shared = Arc::new(Shared {
+            exports: Arc::new(Exports::single("mem", Arc::new(dev))),
+            config: ServerConfig::default(),
+        });
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let task = tokio::spawn(handle_connection(server, shared, stop_rx));
+        client_go(&mut client, "").await;
+        client.write_all(&[0xffu8; 64]).await.unwrap();
+        let r = task.await.unwrap();
+        assert!(matches!(r, Err(NbdError::Protocol(_))), "{r:?}");
+    }
+}
