@@ -1,0 +1,228 @@
+//! The `ReplicaControl` gRPC service: lifecycle and metadata of replicas.
+
+use std::sync::Arc;
+
+use corral_proto::v1::{
+    self as pb, CreateReplicaRequest, DeleteReplicaRequest, DeleteReplicaResponse,
+    GetReplicaRequest, ListReplicasRequest, ListReplicasResponse, OpenReplicaRequest, ReplicaInfo,
+    SetMembershipRequest, replica_control_server::ReplicaControl,
+};
+use corral_store::{CreateParams, Member, MemberMode, Membership};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::error::ReplicaError;
+use crate::registry::{HostedReplica, ReplicaRegistry};
+
+/// Default chunk size when a create request leaves it 0.
+pub const DEFAULT_CHUNK_SIZE: u32 = 256 << 10;
+
+/// Implements `corral.v1.ReplicaControl`.
+pub struct ControlService {
+    registry: Arc<ReplicaRegistry>,
+}
+
+impl ControlService {
+    pub fn new(registry: Arc<ReplicaRegistry>) -> Self {
+        ControlService { registry }
+    }
+}
+
+/// Store membership → protobuf.
+pub fn membership_to_pb(m: &Membership) -> pb::Membership {
+    pb::Membership {
+        generation: m.generation,
+        members: m
+            .members
+            .iter()
+            .map(|m| pb::Member {
+                address: m.address.clone(),
+                instance_id: m.instance_id.clone(),
+                mode: mode_to_pb(&m.mode) as i32,
+            })
+            .collect(),
+    }
+}
+
+/// Protobuf membership → store, rejecting unknown modes.
+pub fn membership_from_pb(m: &pb::Membership) -> Result<Membership, Status> {
+    let members = m
+        .members
+        .iter()
+        .map(|m| {
+            let mode = match pb::ReplicaMode::try_from(m.mode) {
+                Ok(pb::ReplicaMode::Rw) => MemberMode::Rw,
+                Ok(pb::ReplicaMode::Wo) => MemberMode::Wo,
+                Ok(pb::ReplicaMode::Err) => MemberMode::Err,
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "member {}: unknown mode {}",
+                        m.address, m.mode
+                    )));
+                }
+            };
+            Ok(Member {
+                address: m.address.clone(),
+                instance_id: m.instance_id.clone(),
+                mode,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Membership {
+        generation: m.generation,
+        members,
+    })
+}
+
+fn mode_to_pb(mode: &MemberMode) -> pb::ReplicaMode {
+    match mode {
+        MemberMode::Rw => pb::ReplicaMode::Rw,
+        MemberMode::Wo => pb::ReplicaMode::Wo,
+        MemberMode::Err => pb::ReplicaMode::Err,
+    }
+}
+
+/// Describe a hosted replica.
+pub fn replica_info(hosted: &HostedReplica) -> ReplicaInfo {
+    let meta = hosted.store.meta();
+    let open_epoch = hosted.current_open_epoch();
+    ReplicaInfo {
+        volume: meta.volume,
+        size: meta.size,
+        block_size: meta.block_size,
+        chunk_size: meta.chunk_size,
+        instance_id: meta.instance_id,
+        epoch: meta.epoch,
+        membership: Some(membership_to_pb(&meta.membership)),
+        clean_shutdown: meta.clean_shutdown,
+        dirty_regions: hosted.store.dirty_regions(),
+        region_size: hosted.store.region_size(),
+        open: open_epoch != 0 && open_epoch == meta.epoch,
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ReplicaError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("task failed: {e}")))?
+        .map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl ReplicaControl for ControlService {
+    async fn create_replica(
+        &self,
+        request: Request<CreateReplicaRequest>,
+    ) -> Result<Response<ReplicaInfo>, Status> {
+        let req = request.into_inner();
+        let registry = Arc::clone(&self.registry);
+        let info = blocking(move || {
+            let hosted = registry.create(CreateParams {
+                volume: req.volume,
+                size: req.size,
+                block_size: if req.block_size == 0 {
+                    512
+                } else {
+                    req.block_size
+                },
+                chunk_size: if req.chunk_size == 0 {
+                    DEFAULT_CHUNK_SIZE
+                } else {
+                    req.chunk_size
+                },
+                instance_id: uuid::Uuid::new_v4().to_string(),
+            })?;
+            Ok(replica_info(&hosted))
+        })
+        .await?;
+        Ok(Response::new(info))
+    }
+
+    async fn open_replica(
+        &self,
+        request: Request<OpenReplicaRequest>,
+    ) -> Result<Response<ReplicaInfo>, Status> {
+        let req = request.into_inner();
+        if req.epoch == 0 {
+            return Err(Status::invalid_argument("epoch must be at least 1"));
+        }
+        let hosted = self.registry.get(&req.volume)?;
+        let info = blocking(move || {
+            hosted.open_at(req.epoch)?;
+            info!(volume = %hosted.volume, epoch = req.epoch, "opened by an engine");
+            Ok(replica_info(&hosted))
+        })
+        .await?;
+        Ok(Response::new(info))
+    }
+
+    async fn get_replica(
+        &self,
+        request: Request<GetReplicaRequest>,
+    ) -> Result<Response<ReplicaInfo>, Status> {
+        let hosted = self.registry.get(&request.into_inner().volume)?;
+        Ok(Response::new(replica_info(&hosted)))
+    }
+
+    async fn list_replicas(
+        &self,
+        _request: Request<ListReplicasRequest>,
+    ) -> Result<Response<ListReplicasResponse>, Status> {
+        let replicas = self
+            .registry
+            .all()
+            .iter()
+            .map(|h| replica_info(h))
+            .collect();
+        Ok(Response::new(ListReplicasResponse { replicas }))
+    }
+
+    async fn delete_replica(
+        &self,
+        request: Request<DeleteReplicaRequest>,
+    ) -> Result<Response<DeleteReplicaResponse>, Status> {
+        let volume = request.into_inner().volume;
+        let registry = Arc::clone(&self.registry);
+        blocking(move || registry.delete(&volume)).await?;
+        Ok(Response::new(DeleteReplicaResponse {}))
+    }
+
+    async fn set_membership(
+        &self,
+        request: Request<SetMembershipRequest>,
+    ) -> Result<Response<ReplicaInfo>, Status> {
+        let req = request.into_inner();
+        let membership = membership_from_pb(
+            req.membership
+                .as_ref()
+                .ok_or_else(|| Status::invalid_argument("membership missing"))?,
+        )?;
+        let hosted = self.registry.get(&req.volume)?;
+        let info = blocking(move || {
+            // Hold the epoch gate so a newer engine's open cannot interleave.
+            let open = hosted.open_epoch.read().unwrap_or_else(|p| p.into_inner());
+            if *open != req.epoch {
+                return Err(ReplicaError::Store {
+                    volume: hosted.volume.clone(),
+                    source: corral_store::StoreError::StaleEpoch {
+                        current: *open,
+                        given: req.epoch,
+                    },
+                });
+            }
+            hosted
+                .store
+                .set_membership(membership)
+                .map_err(|source| ReplicaError::Store {
+                    volume: hosted.volume.clone(),
+                    source,
+                })?;
+            drop(open);
+            Ok(replica_info(&hosted))
+        })
+        .await?;
+        Ok(Response::new(info))
+    }
+}

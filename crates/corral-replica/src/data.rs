@@ -1,0 +1,247 @@
+//! The `ReplicaData` gRPC service: one bidirectional stream of request
+//! batches per engine connection.
+//!
+//! A stream's batches are executed one after another and the requests inside
+//! a batch in order, on tokio's blocking pool: the engine sends every request
+//! for one chunk on the same stream, so per-chunk order holds end to end.
+//! Every request must carry the epoch the replica is open at (fencing) and
+//! writes carry a CRC32C of their payload, checked before anything is stored.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use corral_proto::v1::{
+    DataError, DataErrorCode, DataReply, DataReplyBatch, DataRequest, DataRequestBatch, Done,
+    ReadResult, data_reply, data_request, replica_data_server::ReplicaData,
+};
+use corral_store::StoreError;
+use futures::Stream;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, warn};
+
+use crate::registry::{HostedReplica, ReplicaRegistry};
+
+/// Implements `corral.v1.ReplicaData`.
+pub struct DataService {
+    registry: Arc<ReplicaRegistry>,
+    stop: watch::Receiver<bool>,
+}
+
+impl DataService {
+    /// `stop` turning true ends every open stream (daemon shutdown), so that
+    /// the server's graceful shutdown does not wait for engines to hang up.
+    pub fn new(registry: Arc<ReplicaRegistry>, stop: watch::Receiver<bool>) -> Self {
+        DataService { registry, stop }
+    }
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<DataReplyBatch, Status>> + Send>>;
+
+/// Batches in flight per stream between the executor and the sender.
+const REPLY_QUEUE: usize = 16;
+
+#[tonic::async_trait]
+impl ReplicaData for DataService {
+    type StreamStream = ReplyStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<DataRequestBatch>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let volume = request
+            .metadata()
+            .get(corral_proto::VOLUME_METADATA_KEY)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "data stream needs the `{}` metadata key",
+                    corral_proto::VOLUME_METADATA_KEY
+                ))
+            })?
+            .to_string();
+        let hosted = self.registry.get(&volume)?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<DataReplyBatch, Status>>(REPLY_QUEUE);
+        let mut stop = self.stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = stop.wait_for(|s| *s) => {
+                        debug!(volume = %hosted.volume, "daemon stopping: ending data stream");
+                        break;
+                    }
+                };
+                let batch = match message {
+                    Ok(Some(batch)) => batch,
+                    Ok(None) => break,
+                    Err(status) => {
+                        debug!(volume = %hosted.volume, %status, "data stream ended");
+                        break;
+                    }
+                };
+                let replica = Arc::clone(&hosted);
+                let replies =
+                    tokio::task::spawn_blocking(move || execute_batch(&replica, batch)).await;
+                let replies = match replies {
+                    Ok(r) => r,
+                    Err(e) => {
+                        warn!(volume = %hosted.volume, error = %e, "batch execution failed");
+                        let _ = tx
+                            .send(Err(Status::internal(format!(
+                                "batch execution failed: {e}"
+                            ))))
+                            .await;
+                        break;
+                    }
+                };
+                if tx.send(Ok(replies)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn error_reply(id: u64, code: DataErrorCode, message: String, offset: u64) -> DataReply {
+    DataReply {
+        id,
+        result: Some(data_reply::Result::Error(DataError {
+            code: code as i32,
+            message,
+            offset,
+        })),
+    }
+}
+
+fn store_error_reply(id: u64, e: StoreError) -> DataReply {
+    let (code, offset) = match &e {
+        StoreError::ChecksumMismatch { offset, .. } => (DataErrorCode::Checksum, *offset),
+        StoreError::OutOfRange { .. } => (DataErrorCode::OutOfRange, 0),
+        StoreError::NoSpace { .. } => (DataErrorCode::NoSpace, 0),
+        StoreError::Invalid(_) => (DataErrorCode::Invalid, 0),
+        StoreError::StaleEpoch { .. } => (DataErrorCode::StaleEpoch, 0),
+        _ => (DataErrorCode::Io, 0),
+    };
+    if code != DataErrorCode::OutOfRange {
+        warn!(error = %e, "store request failed");
+    }
+    error_reply(id, code, e.to_string(), offset)
+}
+
+/// Execute one batch in order. Holds the replica's epoch gate for the whole
+/// batch so that an engine opening the replica at a newer epoch waits for it.
+fn execute_batch(replica: &HostedReplica, batch: DataRequestBatch) -> DataReplyBatch {
+    let open = replica.open_epoch.read().unwrap_or_else(|p| p.into_inner());
+    let replies = batch
+        .requests
+        .into_iter()
+        .map(|req| {
+            if *open == 0 || req.epoch != *open {
+                let code = if req.epoch < *open {
+                    DataErrorCode::StaleEpoch
+                } else {
+                    DataErrorCode::NotOpen
+                };
+                return error_reply(
+                    req.id,
+                    code,
+                    format!(
+                        "volume {} is open at epoch {}, request carries epoch {}",
+                        replica.volume, *open, req.epoch
+                    ),
+                    0,
+                );
+            }
+            execute(replica, req)
+        })
+        .collect();
+    DataReplyBatch { replies }
+}
+
+fn done(id: u64) -> DataReply {
+    DataReply {
+        id,
+        result: Some(data_reply::Result::Done(Done {})),
+    }
+}
+
+fn execute(replica: &HostedReplica, req: DataRequest) -> DataReply {
+    let id = req.id;
+    let store = &replica.store;
+    let Some(op) = req.op else {
+        return error_reply(
+            id,
+            DataErrorCode::Invalid,
+            "request without an op".into(),
+            0,
+        );
+    };
+    let outcome = match op {
+        data_request::Op::Read(r) => match store.read(r.offset, u64::from(r.length)) {
+            Ok(data) => {
+                let crc = crc32c::crc32c(&data);
+                return DataReply {
+                    id,
+                    result: Some(data_reply::Result::Read(ReadResult { data, crc32c: crc })),
+                };
+            }
+            Err(e) => Err(e),
+        },
+        data_request::Op::Write(w) => {
+            let computed = crc32c::crc32c(&w.data);
+            if computed != w.crc32c {
+                return error_reply(
+                    id,
+                    DataErrorCode::BadPayload,
+                    format!(
+                        "write at {} of {} bytes: payload CRC32C {:#010x} does not match the sender's {:#010x}",
+                        w.offset,
+                        w.data.len(),
+                        computed,
+                        w.crc32c
+                    ),
+                    w.offset,
+                );
+            }
+            write(store, w.offset, &w.data, w.fua)
+        }
+        data_request::Op::Flush(_) => store.flush(),
+        data_request::Op::Unmap(u) => store.unmap(u.offset, u.length),
+        data_request::Op::WriteZeroes(z) => store
+            .write_zeroes(z.offset, z.length)
+            .and_then(|()| if z.fua { store.flush() } else { Ok(()) }),
+        data_request::Op::Checksums(c) => match store.block_checksums(c.offset, c.length) {
+            Ok(crcs) => {
+                return DataReply {
+                    id,
+                    result: Some(data_reply::Result::Checksums(corral_proto::v1::Checksums {
+                        crc32c: crcs,
+                    })),
+                };
+            }
+            Err(e) => Err(e),
+        },
+    };
+    match outcome {
+        Ok(()) => done(id),
+        Err(e) => store_error_reply(id, e),
+    }
+}
+
+fn write(
+    store: &corral_store::ReplicaStore,
+    offset: u64,
+    data: &Bytes,
+    fua: bool,
+) -> Result<(), StoreError> {
+    if fua {
+        store.write_fua(offset, data)
+    } else {
+        store.write(offset, data)
+    }
+}

@@ -1,0 +1,106 @@
+//! Building and running the replica daemon's gRPC server. This is the one
+//! place where the daemon's listener is made (TLS would be added here).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use corral_proto::v1::replica_control_server::ReplicaControlServer;
+use corral_proto::v1::replica_data_server::ReplicaDataServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::control::ControlService;
+use crate::data::DataService;
+use crate::error::ReplicaError;
+use crate::registry::ReplicaRegistry;
+
+/// How a replica daemon runs.
+#[derive(Clone, Debug)]
+pub struct ReplicaServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+/// Flow-control windows sized for 1 MiB writes in flight (see DESIGN.md).
+pub const STREAM_WINDOW: u32 = 16 << 20;
+pub const CONNECTION_WINDOW: u32 = 64 << 20;
+pub const MAX_FRAME: u32 = (1 << 20) - 1;
+
+/// Run a replica daemon until `shutdown` resolves, then close every replica cleanly.
+pub async fn serve(
+    config: ReplicaServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ReplicaError> {
+    let listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ReplicaError::Listen {
+                addr: config.listen.to_string(),
+                source,
+            })?;
+    serve_listener(listener, config.data_dir, shutdown).await
+}
+
+/// Like [`serve`], on a listener the caller bound (tests bind port 0).
+pub async fn serve_listener(
+    listener: TcpListener,
+    data_dir: PathBuf,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ReplicaError> {
+    let dir = data_dir.clone();
+    let registry = Arc::new(
+        tokio::task::spawn_blocking(move || ReplicaRegistry::open(&dir))
+            .await
+            .map_err(|e| ReplicaError::Task(e.to_string()))??,
+    );
+    let local = listener
+        .local_addr()
+        .map_err(|source| ReplicaError::Listen {
+            addr: "?".into(),
+            source,
+        })?;
+    info!(listen = %local, data_dir = %data_dir.display(), "replica daemon serving");
+    // Sockets handed to tonic do not get its TCP_NODELAY default: set it here.
+    let incoming = TcpListenerStream::new(listener);
+    let incoming = futures::StreamExt::map(incoming, |s| {
+        s.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    });
+    let max = corral_proto::MAX_MESSAGE_BYTES;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut server_stop = stop_rx.clone();
+    let server_stop = async move {
+        let _ = server_stop.wait_for(|s| *s).await;
+    };
+    let result = tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(ReplicaControlServer::new(ControlService::new(Arc::clone(
+            &registry,
+        ))))
+        .add_service(
+            ReplicaDataServer::new(DataService::new(Arc::clone(&registry), stop_rx))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(incoming, server_stop)
+        .await;
+    let closing = Arc::clone(&registry);
+    tokio::task::spawn_blocking(move || closing.close_all())
+        .await
+        .map_err(|e| ReplicaError::Task(e.to_string()))?;
+    info!("replica daemon stopped");
+    result.map_err(ReplicaError::from)
+}
