@@ -1,0 +1,368 @@
+//! One replica daemon as the engine sees it.
+//!
+//! A [`ReplicaClient`] holds a control channel and a few data streams, each
+//! over its own TCP connection. Requests are sharded onto streams by chunk
+//! (so per-chunk order holds: the replica executes a stream in order),
+//! batched (up to `MAX_BATCH_REQUESTS` or `MAX_BATCH_BYTES` per message) and
+//! pipelined (matched by id), with a bounded number in flight per stream.
+//!
+//! All channels are built in [`endpoint`], the one place where TLS would go.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use corral_proto::v1::{
+    DataErrorCode, DataReply, DataRequest, DataRequestBatch, data_reply, data_request,
+    replica_control_client::ReplicaControlClient, replica_data_client::ReplicaDataClient,
+};
+use corral_proto::{MAX_BATCH_BYTES, MAX_BATCH_REQUESTS, MAX_MESSAGE_BYTES};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tracing::debug;
+
+use crate::error::ReplicaIoError;
+
+/// What a successful data request returns.
+#[derive(Debug)]
+pub enum DataOutcome {
+    Done,
+    Read(bytes::Bytes),
+    Checksums(Vec<u32>),
+}
+
+struct Pending {
+    request: DataRequest,
+    reply: oneshot::Sender<Result<DataOutcome, ReplicaIoError>>,
+    size: usize,
+}
+
+struct DataStream {
+    queue: mpsc::UnboundedSender<Pending>,
+    inflight: Arc<Semaphore>,
+    task: JoinHandle<()>,
+}
+
+/// Connection settings shared by all clients of one engine.
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    pub timeout: Duration,
+    pub streams: usize,
+    pub inflight_per_stream: usize,
+}
+
+/// A connected replica daemon, for one volume.
+pub struct ReplicaClient {
+    addr: String,
+    volume: String,
+    control: ReplicaControlClient<Channel>,
+    streams: Vec<DataStream>,
+    timeout: Duration,
+    broken: Arc<AtomicBool>,
+}
+
+/// Build the channel endpoint for a replica daemon (TLS would be added here).
+pub fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint, ReplicaIoError> {
+    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| ReplicaIoError::Rejected(format!("bad replica address {addr:?}: {e}")))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(16 << 20)
+        .initial_connection_window_size(64 << 20)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(timeout)
+        .keep_alive_while_idle(true))
+}
+
+/// Connect a control client only (no data streams).
+pub async fn connect_control(
+    addr: &str,
+    timeout: Duration,
+) -> Result<ReplicaControlClient<Channel>, ReplicaIoError> {
+    let channel = endpoint(addr, timeout)?
+        .connect()
+        .await
+        .map_err(|e| ReplicaIoError::Unreachable(format!("{addr}: {e}")))?;
+    Ok(ReplicaControlClient::new(channel))
+}
+
+impl ReplicaClient {
+    /// Connect the control channel and `settings.streams` data streams for `volume`.
+    pub async fn connect(
+        addr: &str,
+        volume: &str,
+        settings: &ClientSettings,
+    ) -> Result<Self, ReplicaIoError> {
+        let control = connect_control(addr, settings.timeout).await?;
+        let broken = Arc::new(AtomicBool::new(false));
+        let mut streams = Vec::with_capacity(settings.streams);
+        for _ in 0..settings.streams.max(1) {
+            let channel = endpoint(addr, settings.timeout)?
+                .connect()
+                .await
+                .map_err(|e| ReplicaIoError::Unreachable(format!("{addr}: {e}")))?;
+            let data = ReplicaDataClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            streams.push(open_stream(
+                data,
+                addr,
+                volume,
+                settings.inflight_per_stream,
+                Arc::clone(&broken),
+            ));
+        }
+        Ok(ReplicaClient {
+            addr: addr.to_string(),
+            volume: volume.to_string(),
+            control,
+            streams,
+            timeout: settings.timeout,
+            broken,
+        })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn volume(&self) -> &str {
+        &self.volume
+    }
+
+    /// A control client on this replica's channel.
+    pub fn control(&self) -> ReplicaControlClient<Channel> {
+        self.control.clone()
+    }
+
+    /// True once any data stream has broken: the replica must be reconnected.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+
+    /// Send one data request on the stream that owns `chunk` and wait for its
+    /// reply, at most the replica timeout (queueing included).
+    pub async fn call(
+        &self,
+        chunk: u64,
+        epoch: u64,
+        op: data_request::Op,
+    ) -> Result<DataOutcome, ReplicaIoError> {
+        if self.is_broken() {
+            return Err(ReplicaIoError::Unreachable(format!(
+                "{}: data stream broken",
+                self.addr
+            )));
+        }
+        let stream = &self.streams[(chunk % self.streams.len() as u64) as usize];
+        let size = match &op {
+            data_request::Op::Write(w) => w.data.len(),
+            _ => 0,
+        } + 64;
+        let work = async {
+            let permit = Arc::clone(&stream.inflight)
+                .acquire_owned()
+                .await
+                .map_err(|_| {
+                    ReplicaIoError::Unreachable(format!("{}: client closed", self.addr))
+                })?;
+            let (tx, rx) = oneshot::channel();
+            stream
+                .queue
+                .send(Pending {
+                    request: DataRequest {
+                        id: 0,
+                        epoch,
+                        op: Some(op),
+                    },
+                    reply: tx,
+                    size,
+                })
+                .map_err(|_| {
+                    ReplicaIoError::Unreachable(format!("{}: data stream closed", self.addr))
+                })?;
+            let result = rx.await.map_err(|_| {
+                ReplicaIoError::Unreachable(format!("{}: data stream closed", self.addr))
+            })?;
+            drop(permit);
+            result
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(ReplicaIoError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Stop every data stream now; requests in flight fail.
+    pub fn shutdown(&self) {
+        self.broken.store(true, Ordering::Relaxed);
+        for s in &self.streams {
+            s.task.abort();
+        }
+    }
+}
+
+impl Drop for ReplicaClient {
+    fn drop(&mut self) {
+        for s in &self.streams {
+            s.task.abort();
+        }
+    }
+}
+
+fn open_stream(
+    client: ReplicaDataClient<Channel>,
+    addr: &str,
+    volume: &str,
+    inflight: usize,
+    broken: Arc<AtomicBool>,
+) -> DataStream {
+    let (queue, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(run_stream(
+        client,
+        addr.to_string(),
+        volume.to_string(),
+        rx,
+        broken,
+    ));
+    DataStream {
+        queue,
+        inflight: Arc::new(Semaphore::new(inflight.max(1))),
+        task,
+    }
+}
+
+type ReplyMap = HashMap<u64, oneshot::Sender<Result<DataOutcome, ReplicaIoError>>>;
+
+/// Drive one data stream: batch queued requests out, match replies in.
+async fn run_stream(
+    mut client: ReplicaDataClient<Channel>,
+    addr: String,
+    volume: String,
+    mut queue: mpsc::UnboundedReceiver<Pending>,
+    broken: Arc<AtomicBool>,
+) {
+    let (out, out_rx) = mpsc::unbounded_channel::<DataRequestBatch>();
+    let mut request = tonic::Request::new(UnboundedReceiverStream::new(out_rx));
+    match volume.parse() {
+        Ok(v) => {
+            request
+                .metadata_mut()
+                .insert(corral_proto::VOLUME_METADATA_KEY, v);
+        }
+        Err(_) => {
+            broken.store(true, Ordering::Relaxed);
+            fail_all(
+                &mut queue,
+                &mut HashMap::new(),
+                "volume name is not valid metadata",
+            );
+            return;
+        }
+    }
+    let mut inbound = match client.stream(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            debug!(%addr, %status, "cannot open data stream");
+            broken.store(true, Ordering::Relaxed);
+            fail_all(&mut queue, &mut HashMap::new(), &status.to_string());
+            return;
+        }
+    };
+    let mut waiting: ReplyMap = HashMap::new();
+    let mut next_id: u64 = 1;
+    let reason = loop {
+        tokio::select! {
+            pending = queue.recv() => {
+                let Some(first) = pending else { break "client dropped".to_string() };
+                let mut batch = Vec::with_capacity(MAX_BATCH_REQUESTS);
+                let mut bytes = 0;
+                let mut add = |p: Pending, batch: &mut Vec<DataRequest>, bytes: &mut usize| {
+                    let mut request = p.request;
+                    request.id = next_id;
+                    next_id += 1;
+                    *bytes += p.size;
+                    waiting.insert(request.id, p.reply);
+                    batch.push(request);
+                };
+                add(first, &mut batch, &mut bytes);
+                while batch.len() < MAX_BATCH_REQUESTS && bytes < MAX_BATCH_BYTES {
+                    match queue.try_recv() {
+                        Ok(p) => add(p, &mut batch, &mut bytes),
+                        Err(_) => break,
+                    }
+                }
+                if out.send(DataRequestBatch { requests: batch }).is_err() {
+                    break "request stream closed".to_string();
+                }
+            }
+            reply = inbound.message() => match reply {
+                Ok(Some(replies)) => {
+                    for reply in replies.replies {
+                        if let Some(tx) = waiting.remove(&reply.id) {
+                            let _ = tx.send(outcome(&addr, reply));
+                        }
+                    }
+                }
+                Ok(None) => break "replica closed the data stream".to_string(),
+                Err(status) => break format!("data stream failed: {status}"),
+            }
+        }
+    };
+    debug!(%addr, %reason, "data stream ended");
+    broken.store(true, Ordering::Relaxed);
+    fail_all(&mut queue, &mut waiting, &reason);
+}
+
+fn fail_all(queue: &mut mpsc::UnboundedReceiver<Pending>, waiting: &mut ReplyMap, reason: &str) {
+    for (_, tx) in waiting.drain() {
+        let _ = tx.send(Err(ReplicaIoError::Unreachable(reason.to_string())));
+    }
+    queue.close();
+    while let Ok(p) = queue.try_recv() {
+        let _ = p
+            .reply
+            .send(Err(ReplicaIoError::Unreachable(reason.to_string())));
+    }
+}
+
+fn outcome(addr: &str, reply: DataReply) -> Result<DataOutcome, ReplicaIoError> {
+    match reply.result {
+        Some(data_reply::Result::Done(_)) => Ok(DataOutcome::Done),
+        Some(data_reply::Result::Read(r)) => {
+            let computed = crc32c::crc32c(&r.data);
+            if computed != r.crc32c {
+                return Err(ReplicaIoError::Unreachable(format!(
+                    "{addr}: read payload CRC32C {computed:#010x} does not match {:#010x} (corrupted in transit)",
+                    r.crc32c
+                )));
+            }
+            Ok(DataOutcome::Read(r.data))
+        }
+        Some(data_reply::Result::Checksums(c)) => Ok(DataOutcome::Checksums(c.crc32c)),
+        Some(data_reply::Result::Error(e)) => {
+            let message = format!("{addr}: {}", e.message);
+            Err(match DataErrorCode::try_from(e.code) {
+                Ok(DataErrorCode::StaleEpoch) => ReplicaIoError::Fenced(message),
+                Ok(DataErrorCode::Checksum) => ReplicaIoError::Checksum {
+                    offset: e.offset,
+                    message,
+                },
+                Ok(DataErrorCode::OutOfRange) | Ok(DataErrorCode::Invalid) => {
+                    ReplicaIoError::Rejected(message)
+                }
+                Ok(DataErrorCode::NoSpace) => ReplicaIoError::NoSpace(message),
+                _ => ReplicaIoError::Io(message),
+            })
+        }
+        None => Err(ReplicaIoError::Io(format!("{addr}: empty reply"))),
+    }
+}

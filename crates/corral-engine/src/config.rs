@@ -1,0 +1,90 @@
+//! The engine's configuration, as given on `corral engine`'s command line.
+
+use std::time::Duration;
+
+/// How far the RW set may shrink (see DESIGN.md, "Write policy").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WritePolicy {
+    /// The RW set never drops below a majority of the volume's replicas.
+    Quorum,
+    /// Keep writing down to the last RW replica (Longhorn's behaviour).
+    Available,
+}
+
+impl WritePolicy {
+    /// The default for a volume with `replicas` replicas.
+    pub fn default_for(replicas: usize) -> Self {
+        if replicas >= 3 {
+            WritePolicy::Quorum
+        } else {
+            WritePolicy::Available
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            WritePolicy::Quorum => "quorum",
+            WritePolicy::Available => "available",
+        }
+    }
+
+    /// Fewest RW replicas with which writes may still be acknowledged.
+    pub fn min_rw(&self, replicas: usize) -> usize {
+        match self {
+            WritePolicy::Quorum => replicas / 2 + 1,
+            WritePolicy::Available => 1,
+        }
+    }
+}
+
+impl std::str::FromStr for WritePolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "quorum" => Ok(WritePolicy::Quorum),
+            "available" => Ok(WritePolicy::Available),
+            other => Err(format!(
+                "unknown write policy {other:?}: use quorum or available"
+            )),
+        }
+    }
+}
+
+/// Everything an engine needs to open and serve one volume.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub volume: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub chunk_size: u32,
+    /// Replica daemon addresses (`host:port`).
+    pub replicas: Vec<String>,
+    /// A request not answered within this moves the replica to ERR.
+    pub replica_timeout: Duration,
+    /// How long a failed replica may return and be caught up incrementally.
+    pub stale_replica_timeout: Duration,
+    pub write_policy: WritePolicy,
+    /// Data streams (separate connections) per replica.
+    pub streams_per_replica: usize,
+    /// Requests in flight per data stream.
+    pub inflight_per_stream: usize,
+}
+
+impl EngineConfig {
+    /// A configuration with the defaults of the command line.
+    pub fn new(volume: impl Into<String>, size: u64, replicas: Vec<String>) -> Self {
+        let n = replicas.len();
+        EngineConfig {
+            volume: volume.into(),
+            size,
+            block_size: 512,
+            chunk_size: 256 << 10,
+            replicas,
+            replica_timeout: Duration::from_secs(8),
+            stale_replica_timeout: Duration::from_secs(30 * 60),
+            write_policy: WritePolicy::default_for(n),
+            streams_per_replica: 2,
+            inflight_per_stream: 128,
+        }
+    }
+}

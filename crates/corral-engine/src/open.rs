@@ -1,0 +1,478 @@
+//! Opening a volume: find its replicas, elect the up-to-date ones, fence
+//! older engines with a new epoch, resync what was in flight, record the
+//! new membership — and only then serve.
+//!
+//! The election follows DESIGN.md: the replicas that carry the highest
+//! membership generation and are listed RW in that record (matched by
+//! instance id, which changes when a replica is wiped and recreated) are up
+//! to date; every other replica missed something and is left in ERR for a
+//! rebuild. Before serving, the engine must reach enough of the newest
+//! record's RW members:
+//! - `available`: all of them (one of them may hold the only copy of the
+//!   last acknowledged writes);
+//! - `quorum`: a majority of the volume's replicas.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use corral_proto::v1::{
+    self as pb, CreateReplicaRequest, GetReplicaRequest, OpenReplicaRequest, ReplicaInfo,
+    SetMembershipRequest, data_request::Op, replica_control_client::ReplicaControlClient,
+};
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::chunk::ChunkMap;
+use crate::client::{ClientSettings, DataOutcome, ReplicaClient, connect_control};
+use crate::config::{EngineConfig, WritePolicy};
+use crate::error::EngineError;
+use crate::replica_set::{Mode, ReplicaSet, ReplicaSlot};
+use crate::volume::Volume;
+
+enum Probe {
+    Found(ReplicaInfo, ReplicaControlClient<Channel>),
+    Missing(ReplicaControlClient<Channel>),
+    Unreachable(String),
+}
+
+/// Check the configuration before touching any replica.
+pub fn validate(cfg: &EngineConfig) -> Result<ChunkMap, EngineError> {
+    if cfg.replicas.is_empty() {
+        return Err(EngineError::Config("give at least one --replica".into()));
+    }
+    let unique: BTreeSet<_> = cfg.replicas.iter().collect();
+    if unique.len() != cfg.replicas.len() {
+        return Err(EngineError::Config(
+            "a --replica address is given twice".into(),
+        ));
+    }
+    if cfg.size == 0 || !cfg.size.is_multiple_of(4096) {
+        return Err(EngineError::Config(format!(
+            "volume size {} must be a non-zero multiple of 4096 bytes",
+            cfg.size
+        )));
+    }
+    if cfg.block_size != 512 && cfg.block_size != 4096 {
+        return Err(EngineError::Config(format!(
+            "block size {} must be 512 or 4096",
+            cfg.block_size
+        )));
+    }
+    ChunkMap::new(cfg.chunk_size).ok_or_else(|| {
+        EngineError::Config(format!(
+            "chunk size {} must be a power of two of at least 4096",
+            cfg.chunk_size
+        ))
+    })
+}
+
+fn open_err(cfg: &EngineConfig, reason: impl Into<String>) -> EngineError {
+    EngineError::Open {
+        volume: cfg.volume.clone(),
+        reason: reason.into(),
+    }
+}
+
+async fn probe(cfg: &EngineConfig, addr: &str) -> Probe {
+    let mut control = match connect_control(addr, cfg.replica_timeout).await {
+        Ok(c) => c,
+        Err(e) => return Probe::Unreachable(e.to_string()),
+    };
+    let request = GetReplicaRequest {
+        volume: cfg.volume.clone(),
+    };
+    match tokio::time::timeout(cfg.replica_timeout, control.get_replica(request)).await {
+        Ok(Ok(info)) => Probe::Found(info.into_inner(), control),
+        Ok(Err(status)) if status.code() == tonic::Code::NotFound => Probe::Missing(control),
+        Ok(Err(status)) => Probe::Unreachable(status.message().to_string()),
+        Err(_) => Probe::Unreachable(format!("timed out after {:?}", cfg.replica_timeout)),
+    }
+}
+
+fn mode_in(record: &pb::Membership, instance_id: &str) -> Option<pb::ReplicaMode> {
+    record
+        .members
+        .iter()
+        .find(|m| m.instance_id == instance_id)
+        .and_then(|m| pb::ReplicaMode::try_from(m.mode).ok())
+}
+
+/// Open the volume once; errors of kind `Open` may succeed on a retry.
+pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError> {
+    let chunks = validate(cfg)?;
+    let probes = futures::future::join_all(cfg.replicas.iter().map(|a| probe(cfg, a))).await;
+    let mut infos: Vec<Option<ReplicaInfo>> = vec![None; cfg.replicas.len()];
+    let mut controls: Vec<Option<ReplicaControlClient<Channel>>> = vec![None; cfg.replicas.len()];
+    let mut problems: Vec<String> = vec![String::new(); cfg.replicas.len()];
+    for (i, p) in probes.into_iter().enumerate() {
+        match p {
+            Probe::Found(info, control) => {
+                infos[i] = Some(info);
+                controls[i] = Some(control);
+            }
+            Probe::Missing(control) => controls[i] = Some(control),
+            Probe::Unreachable(why) => problems[i] = why,
+        }
+    }
+    let reachable = controls.iter().filter(|c| c.is_some()).count();
+    if reachable == 0 {
+        let detail: Vec<_> = cfg
+            .replicas
+            .iter()
+            .zip(&problems)
+            .map(|(a, p)| format!("{a}: {p}"))
+            .collect();
+        return Err(open_err(
+            cfg,
+            format!("no replica daemon reachable ({})", detail.join("; ")),
+        ));
+    }
+    let total = cfg.replicas.len();
+    let mut up_to_date = vec![false; total];
+    let max_generation;
+    if infos.iter().all(Option::is_none) {
+        // A new volume: create a replica on every reachable daemon.
+        if reachable < cfg.write_policy.min_rw(total) {
+            return Err(open_err(
+                cfg,
+                format!(
+                    "only {reachable} of {total} replica daemons reachable; write policy {} needs {}",
+                    cfg.write_policy.as_str(),
+                    cfg.write_policy.min_rw(total)
+                ),
+            ));
+        }
+        for i in 0..total {
+            let Some(control) = controls[i].as_mut() else {
+                continue;
+            };
+            let request = CreateReplicaRequest {
+                volume: cfg.volume.clone(),
+                size: cfg.size,
+                block_size: cfg.block_size,
+                chunk_size: cfg.chunk_size,
+            };
+            let info = tokio::time::timeout(cfg.replica_timeout, control.create_replica(request))
+                .await
+                .map_err(|_| open_err(cfg, format!("{}: create timed out", cfg.replicas[i])))?
+                .map_err(|s| {
+                    open_err(
+                        cfg,
+                        format!("{}: create failed: {}", cfg.replicas[i], s.message()),
+                    )
+                })?
+                .into_inner();
+            info!(volume = %cfg.volume, replica = %cfg.replicas[i], "created replica");
+            infos[i] = Some(info);
+            up_to_date[i] = true;
+        }
+        max_generation = 0;
+    } else {
+        let newest = infos
+            .iter()
+            .flatten()
+            .max_by_key(|i| i.membership.as_ref().map_or(0, |m| m.generation))
+            .cloned()
+            .ok_or_else(|| open_err(cfg, "no replica info"))?;
+        if newest.size != cfg.size {
+            return Err(EngineError::Config(format!(
+                "volume {} exists with size {} bytes; --size {} differs (sizes change with `corral volume expand`)",
+                cfg.volume, newest.size, cfg.size
+            )));
+        }
+        if newest.block_size != cfg.block_size {
+            return Err(EngineError::Config(format!(
+                "volume {} exists with block size {}; --block-size {} differs",
+                cfg.volume, newest.block_size, cfg.block_size
+            )));
+        }
+        let record = newest.membership.clone().unwrap_or_default();
+        max_generation = record.generation;
+        for (i, info) in infos.iter().enumerate() {
+            let Some(info) = info else { continue };
+            let generation = info.membership.as_ref().map_or(0, |m| m.generation);
+            up_to_date[i] = generation == max_generation
+                && (max_generation == 0
+                    || mode_in(&record, &info.instance_id) == Some(pb::ReplicaMode::Rw));
+        }
+        // Which RW members of the newest record did we reach?
+        let record_rw: Vec<&pb::Member> = record
+            .members
+            .iter()
+            .filter(|m| m.mode == pb::ReplicaMode::Rw as i32)
+            .collect();
+        let reached: Vec<bool> = record_rw
+            .iter()
+            .map(|m| {
+                infos.iter().zip(&up_to_date).any(|(info, ok)| {
+                    *ok && info
+                        .as_ref()
+                        .is_some_and(|i| i.instance_id == m.instance_id)
+                })
+            })
+            .collect();
+        let count = up_to_date.iter().filter(|u| **u).count();
+        match cfg.write_policy {
+            WritePolicy::Available => {
+                let missing: Vec<_> = record_rw
+                    .iter()
+                    .zip(&reached)
+                    .filter(|(_, r)| !**r)
+                    .map(|(m, _)| m.address.clone())
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(open_err(
+                        cfg,
+                        format!(
+                            "write policy available: waiting for {} (RW in membership generation {}), which may hold the only copy of the last writes",
+                            missing.join(", "),
+                            max_generation
+                        ),
+                    ));
+                }
+            }
+            WritePolicy::Quorum => {
+                let members = record.members.len().max(total);
+                let need = members / 2 + 1;
+                if count < need {
+                    return Err(open_err(
+                        cfg,
+                        format!(
+                            "write policy quorum: {count} up-to-date replica(s) reached, need {need} of {members}"
+                        ),
+                    ));
+                }
+            }
+        }
+        if count == 0 {
+            return Err(open_err(cfg, "no up-to-date replica reachable"));
+        }
+    }
+
+    // Fence: a new epoch on every replica we can reach.
+    let epoch = infos.iter().flatten().map(|i| i.epoch).max().unwrap_or(0) + 1;
+    for i in 0..total {
+        let (Some(control), Some(_)) = (controls[i].as_mut(), infos[i].as_ref()) else {
+            continue;
+        };
+        let request = OpenReplicaRequest {
+            volume: cfg.volume.clone(),
+            epoch,
+        };
+        match tokio::time::timeout(cfg.replica_timeout, control.open_replica(request)).await {
+            Ok(Ok(info)) => infos[i] = Some(info.into_inner()),
+            Ok(Err(status)) => {
+                if up_to_date[i] {
+                    return Err(open_err(
+                        cfg,
+                        format!(
+                            "{}: open at epoch {epoch} failed: {}",
+                            cfg.replicas[i],
+                            status.message()
+                        ),
+                    ));
+                }
+                warn!(replica = %cfg.replicas[i], %status, "cannot fence a stale replica");
+            }
+            Err(_) => {
+                if up_to_date[i] {
+                    return Err(open_err(
+                        cfg,
+                        format!("{}: open timed out", cfg.replicas[i]),
+                    ));
+                }
+            }
+        }
+    }
+
+    // Data connections to the up-to-date replicas.
+    let settings = ClientSettings {
+        timeout: cfg.replica_timeout,
+        streams: cfg.streams_per_replica,
+        inflight_per_stream: cfg.inflight_per_stream,
+    };
+    let mut clients: Vec<Option<Arc<ReplicaClient>>> = vec![None; total];
+    for i in 0..total {
+        if !up_to_date[i] {
+            continue;
+        }
+        let client = ReplicaClient::connect(&cfg.replicas[i], &cfg.volume, &settings)
+            .await
+            .map_err(|e| open_err(cfg, format!("{}: {e}", cfg.replicas[i])))?;
+        clients[i] = Some(Arc::new(client));
+    }
+
+    resync_dirty_regions(cfg, epoch, &infos, &clients, chunks).await?;
+
+    let generation = max_generation + 1;
+    let slots: Vec<ReplicaSlot> = (0..total)
+        .map(|i| {
+            let rw = up_to_date[i];
+            ReplicaSlot {
+                address: cfg.replicas[i].clone(),
+                instance_id: infos[i]
+                    .as_ref()
+                    .map(|i| i.instance_id.clone())
+                    .unwrap_or_default(),
+                mode: if rw { Mode::Rw } else { Mode::Err },
+                client: clients[i].clone(),
+                last_error: if rw {
+                    String::new()
+                } else if !problems[i].is_empty() {
+                    format!("unreachable at open: {}", problems[i])
+                } else if infos[i].is_none() {
+                    "no replica of this volume on the daemon: needs a full rebuild".into()
+                } else {
+                    "missed writes (older membership generation): needs a rebuild".into()
+                },
+            }
+        })
+        .collect();
+    let set = Arc::new(ReplicaSet::new(
+        cfg.volume.clone(),
+        epoch,
+        generation,
+        cfg.write_policy,
+        cfg.replica_timeout,
+        slots,
+    ));
+    let record = set.membership();
+    for i in 0..total {
+        if !up_to_date[i] {
+            continue;
+        }
+        let Some(client) = clients[i].as_ref() else {
+            continue;
+        };
+        let request = SetMembershipRequest {
+            volume: cfg.volume.clone(),
+            epoch,
+            membership: Some(record.clone()),
+        };
+        tokio::time::timeout(
+            cfg.replica_timeout,
+            client.control().set_membership(request),
+        )
+        .await
+        .map_err(|_| {
+            open_err(
+                cfg,
+                format!("{}: recording membership timed out", cfg.replicas[i]),
+            )
+        })?
+        .map_err(|s| {
+            open_err(
+                cfg,
+                format!("{}: recording membership: {}", cfg.replicas[i], s.message()),
+            )
+        })?;
+    }
+    info!(
+        volume = %cfg.volume, epoch, generation,
+        rw = set.rw_count(), total, policy = cfg.write_policy.as_str(),
+        "volume open"
+    );
+    Ok(Arc::new(Volume::new(
+        cfg.volume.clone(),
+        cfg.size,
+        cfg.block_size,
+        chunks,
+        set,
+    )))
+}
+
+/// After an unclean stop, the up-to-date replicas may differ where writes
+/// were in flight: those lie in regions some replica marked dirty. Compare
+/// the stored block checksums there and copy differing blocks from the first
+/// up-to-date replica to the others. Either version is acceptable: a write
+/// that reached only some replicas was never acknowledged.
+async fn resync_dirty_regions(
+    cfg: &EngineConfig,
+    epoch: u64,
+    infos: &[Option<ReplicaInfo>],
+    clients: &[Option<Arc<ReplicaClient>>],
+    chunks: ChunkMap,
+) -> Result<(), EngineError> {
+    let live: Vec<(usize, &Arc<ReplicaClient>)> = clients
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
+        .collect();
+    if live.len() < 2 {
+        return Ok(());
+    }
+    let mut regions = BTreeSet::new();
+    for (i, _) in &live {
+        if let Some(info) = &infos[*i] {
+            let size = info.region_size.max(4096);
+            for start in &info.dirty_regions {
+                regions.insert((*start, size));
+            }
+        }
+    }
+    if regions.is_empty() {
+        return Ok(());
+    }
+    let fail = |what: String| open_err(cfg, format!("resync: {what}"));
+    let (source_idx, source) = live[0];
+    let mut copied = 0u64;
+    for (start, size) in regions {
+        let end = (start + size).min(cfg.size);
+        for seg in chunks.split(start, end.saturating_sub(start)) {
+            let op = Op::Checksums(pb::ChecksumsOp {
+                offset: seg.offset,
+                length: seg.len,
+            });
+            let mut sums = Vec::new();
+            for (_, client) in &live {
+                match client.call(seg.chunk, epoch, op.clone()).await {
+                    Ok(DataOutcome::Checksums(c)) => sums.push(c),
+                    Ok(_) => return Err(fail(format!("{}: bad checksum reply", client.addr()))),
+                    Err(e) => return Err(fail(format!("{}: {e}", client.addr()))),
+                }
+            }
+            let blocks = sums[0].len();
+            for b in 0..blocks {
+                let differs = sums.iter().any(|s| s.get(b) != sums[0].get(b));
+                if !differs {
+                    continue;
+                }
+                let offset = seg.offset + b as u64 * 4096;
+                let read = Op::Read(pb::ReadOp {
+                    offset,
+                    length: 4096,
+                });
+                let data = match source.call(seg.chunk, epoch, read).await {
+                    Ok(DataOutcome::Read(d)) => d,
+                    Ok(_) => return Err(fail("bad read reply".into())),
+                    Err(e) => return Err(fail(format!("{}: {e}", source.addr()))),
+                };
+                let crc = crc32c::crc32c(&data);
+                for (k, (i, client)) in live.iter().enumerate() {
+                    if *i == source_idx || sums[k].get(b) == sums[0].get(b) {
+                        continue;
+                    }
+                    let write = Op::Write(pb::WriteOp {
+                        offset,
+                        data: data.clone(),
+                        crc32c: crc,
+                        fua: false,
+                    });
+                    client
+                        .call(seg.chunk, epoch, write)
+                        .await
+                        .map_err(|e| fail(format!("{}: {e}", client.addr())))?;
+                }
+                copied += 4096;
+            }
+        }
+    }
+    for (_, client) in &live {
+        client
+            .call(0, epoch, Op::Flush(pb::FlushOp {}))
+            .await
+            .map_err(|e| fail(format!("{}: flush: {e}", client.addr())))?;
+    }
+    info!(volume = %cfg.volume, bytes = copied, "resynced dirty regions among up-to-date replicas");
+    Ok(())
+}
