@@ -1,0 +1,245 @@
+//! `corral dev`: a whole corral on loopback — replica daemons and one
+//! engine as child processes of this one, their data and logs under one
+//! directory. Ctrl-C stops all of it; a second run reopens the same data.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use corral_proto::v1::{VolumeInfoRequest, engine_control_client::EngineControlClient};
+use tokio::process::{Child, Command};
+
+use crate::shutdown::Shutdown;
+use crate::units::parse_size;
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Number of replica daemons (and replicas of the volume).
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
+    /// Volume size.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub size: u64,
+    /// Directory for replica data and logs.
+    #[arg(long, default_value = ".corral-dev")]
+    pub dir: PathBuf,
+    /// Volume name (the NBD export name).
+    #[arg(long, default_value = "dev")]
+    pub volume: String,
+    /// NBD address of the volume.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    pub nbd: SocketAddr,
+    /// Engine control address.
+    #[arg(long, default_value = "127.0.0.1:9500")]
+    pub listen: SocketAddr,
+    /// First replica daemon port; the others follow it.
+    #[arg(long, default_value_t = 9501)]
+    pub replica_port: u16,
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    exited: bool,
+}
+
+fn spawn(exe: &Path, name: &str, args: &[String], logs: &Path) -> anyhow::Result<Proc> {
+    let log = logs.join(format!("{name}.log"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("log file {}", log.display()))?;
+    let child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("start {name}"))?;
+    Ok(Proc {
+        name: name.to_string(),
+        child,
+        log,
+        exited: false,
+    })
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Stop one child: SIGTERM, then SIGKILL after `grace`.
+async fn stop(proc: &mut Proc, grace: Duration) {
+    if proc.exited {
+        return;
+    }
+    if let Some(pid) = proc.child.id() {
+        // SAFETY: kill() with a pid we spawned and still own; no memory involved.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
+    }
+    if tokio::time::timeout(grace, proc.child.wait())
+        .await
+        .is_err()
+    {
+        eprintln!(
+            "corral dev: {} did not stop in {grace:?}; killing it",
+            proc.name
+        );
+        let _ = proc.child.kill().await;
+    }
+}
+
+/// The engine exiting ends `dev`; a replica daemon exiting (someone killed
+/// it to see what happens) is reported once and the volume carries on.
+async fn check_alive(procs: &mut [Proc]) -> anyhow::Result<()> {
+    for p in procs.iter_mut() {
+        if p.exited {
+            continue;
+        }
+        if let Some(status) = p.child.try_wait()? {
+            p.exited = true;
+            let msg = format!(
+                "{} exited ({status}); last lines of {}:\n{}",
+                p.name,
+                p.log.display(),
+                tail(&p.log, 15)
+            );
+            if p.name == "engine" {
+                bail!(msg);
+            }
+            eprintln!(
+                "corral dev: {msg}\ncorral dev: the volume keeps serving from the other replicas"
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn wait_ready(listen: SocketAddr, procs: &mut [Proc]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        check_alive(procs).await?;
+        let attempt = async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{listen}"))?
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(2))
+                .connect()
+                .await?;
+            EngineControlClient::new(channel)
+                .get_volume_info(VolumeInfoRequest {})
+                .await?;
+            anyhow::Ok(())
+        };
+        if attempt.await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the engine did not come up within 90 s; see the logs");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    if args.replicas == 0 || args.replicas > 9 {
+        bail!("--replicas must be between 1 and 9");
+    }
+    let shutdown = Shutdown::install()?;
+    let exe = std::env::current_exe().context("locating the corral binary")?;
+    let logs = args.dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
+
+    let mut replicas = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..args.replicas {
+        let port = args
+            .replica_port
+            .checked_add(i as u16)
+            .context("replica port out of range")?;
+        let addr = format!("127.0.0.1:{port}");
+        let data = args.dir.join(format!("replica-{i}"));
+        let argv = vec![
+            "replica".to_string(),
+            "--listen".into(),
+            addr.clone(),
+            "--data-dir".into(),
+            data.display().to_string(),
+        ];
+        replicas.push(spawn(&exe, &format!("replica-{i}"), &argv, &logs)?);
+        addrs.push(addr);
+    }
+    let mut argv = vec![
+        "engine".to_string(),
+        "--volume".into(),
+        args.volume.clone(),
+        "--size".into(),
+        args.size.to_string(),
+        "--listen".into(),
+        args.listen.to_string(),
+        "--nbd".into(),
+        args.nbd.to_string(),
+    ];
+    for a in &addrs {
+        argv.push("--replica".into());
+        argv.push(a.clone());
+    }
+    let engine = spawn(&exe, "engine", &argv, &logs)?;
+    let mut procs = vec![engine];
+    procs.append(&mut replicas);
+
+    let mut stop_rx = shutdown.subscribe();
+    let ready = tokio::select! {
+        r = wait_ready(args.listen, &mut procs) => r,
+        _ = stop_rx.recv() => Err(anyhow::anyhow!("interrupted")),
+    };
+    let outcome = match ready {
+        Ok(()) => {
+            let uri = format!("nbd://{}/{}", args.nbd, args.volume);
+            println!(
+                "corral dev: volume {:?} ({} bytes, {} replicas) is up.\n\
+                 \x20 NBD:     {uri}\n\
+                 \x20 control: corral volume --engine {} info   (or: replica ls)\n\
+                 \x20 data:    {}\n\
+                 \x20 logs:    {}\n\
+                 Try:\n\
+                 \x20 nbdinfo {uri}\n\
+                 \x20 fio --name=try --ioengine=nbd --uri={uri} --rw=randwrite --bs=4k --size=64m --iodepth=32 --verify=crc32c\n\
+                 Ctrl-C stops everything; running this again reopens the same volume.",
+                args.volume,
+                args.size,
+                args.replicas,
+                args.listen,
+                args.dir.display(),
+                logs.display(),
+            );
+            // Serve until Ctrl-C, or until a process dies on its own.
+            loop {
+                tokio::select! {
+                    _ = stop_rx.recv() => break Ok(()),
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                        if let Err(e) = check_alive(&mut procs).await {
+                            break Err(e);
+                        }
+                    }
+                }
+            }
+        }
+        Err(e) => Err(e),
+    };
+    eprintln!("corral dev: stopping");
+    // The engine first (it flushes the volume), then the replica daemons.
+    for p in procs.iter_mut() {
+        stop(p, Duration::from_secs(15)).await;
+    }
+    outcome
+}

@@ -1,0 +1,169 @@
+//! `corral engine`: open a volume over its replicas and serve it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use corral_block::BlockDevice;
+use corral_engine::{EngineConfig, EngineError, WritePolicy, open::open_volume};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::shutdown::Shutdown;
+use crate::units::{parse_duration, parse_size};
+
+#[derive(Args, Debug)]
+pub struct EngineArgs {
+    /// Volume name (also the NBD export name).
+    #[arg(long)]
+    pub volume: String,
+    /// Volume size, e.g. 1GiB.
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// A replica daemon's address; give one per replica.
+    #[arg(long = "replica", required = true)]
+    pub replicas: Vec<String>,
+    /// Address of the engine's control gRPC service.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Serve the volume over NBD on this address.
+    #[arg(long)]
+    pub nbd: Option<SocketAddr>,
+    /// A replica that does not answer within this goes to ERR.
+    #[arg(long, default_value = "8s", value_parser = parse_duration)]
+    pub replica_timeout: Duration,
+    /// A failed replica returning within this is caught up incrementally.
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    pub stale_replica_timeout: Duration,
+    /// quorum or available (default: quorum for 3+ replicas, available for 1-2).
+    #[arg(long)]
+    pub write_policy: Option<WritePolicy>,
+    /// Logical block size (512 or 4096).
+    #[arg(long, default_value_t = 512)]
+    pub block_size: u32,
+    /// Chunk size: the unit of ordering and rebuild (power of two, >= 4KiB).
+    #[arg(long, default_value = "256KiB", value_parser = parse_size)]
+    pub chunk_size: u64,
+    /// Data streams (TCP connections) per replica.
+    #[arg(long, default_value_t = 2)]
+    pub streams_per_replica: usize,
+    /// Give up opening the volume after this long (replicas unreachable, waiting for a member).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub open_timeout: Duration,
+}
+
+impl EngineArgs {
+    fn config(&self) -> anyhow::Result<EngineConfig> {
+        let mut cfg = EngineConfig::new(self.volume.clone(), self.size, self.replicas.clone());
+        cfg.replica_timeout = self.replica_timeout;
+        cfg.stale_replica_timeout = self.stale_replica_timeout;
+        if let Some(p) = self.write_policy {
+            cfg.write_policy = p;
+        }
+        cfg.block_size = self.block_size;
+        cfg.chunk_size = u32::try_from(self.chunk_size)
+            .map_err(|_| anyhow::anyhow!("--chunk-size {} is too large", self.chunk_size))?;
+        if self.streams_per_replica == 0 || self.streams_per_replica > 16 {
+            bail!("--streams-per-replica must be between 1 and 16");
+        }
+        cfg.streams_per_replica = self.streams_per_replica;
+        if self.replica_timeout.is_zero() {
+            bail!("--replica-timeout must be more than 0");
+        }
+        corral_engine::open::validate(&cfg)?;
+        Ok(cfg)
+    }
+}
+
+pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
+    let cfg = args.config()?;
+    let shutdown = Shutdown::install()?;
+    // Bind every listener first: a busy port is an immediate, clear error.
+    let control = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("control listener on {}", args.listen))?;
+    let nbd = match args.nbd {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("NBD listener on {addr}"))?,
+        ),
+        None => None,
+    };
+
+    let volume = {
+        let mut stop = shutdown.subscribe();
+        tokio::select! {
+            v = open_with_retry(&cfg, args.open_timeout) => v?,
+            _ = stop.recv() => return Ok(()),
+        }
+    };
+
+    let mut frontends = Vec::new();
+    let mut tasks = Vec::new();
+    if let Some(listener) = nbd {
+        let addr = listener.local_addr()?;
+        frontends.push(format!("nbd://{addr}/{}", cfg.volume));
+        let exports = Arc::new(corral_nbd::Exports::single(
+            cfg.volume.clone(),
+            Arc::clone(&volume),
+        ));
+        let stop = shutdown.subscribe();
+        tasks.push(tokio::spawn(async move {
+            corral_nbd::serve(listener, exports, stop)
+                .await
+                .map_err(anyhow::Error::from)
+        }));
+    }
+    let frontends = frontends.join(" ");
+    info!(volume = %cfg.volume, size = volume.size(), control = %args.listen, frontends = %frontends, "engine serving");
+    let control_task = tokio::spawn(corral_engine::control::serve_control(
+        control,
+        Arc::clone(&volume),
+        frontends,
+        shutdown.signalled(),
+    ));
+    for t in tasks {
+        if let Err(e) = t.await? {
+            warn!(error = %e, "frontend stopped with an error");
+        }
+    }
+    control_task.await??;
+    // Make everything acknowledged durable before leaving.
+    if let Err(e) = volume.flush().await {
+        warn!(error = %e, "final flush failed");
+    }
+    volume.replica_set().shutdown();
+    info!("engine stopped");
+    Ok(())
+}
+
+async fn open_with_retry(
+    cfg: &EngineConfig,
+    limit: Duration,
+) -> anyhow::Result<Arc<corral_engine::Volume>> {
+    let start = Instant::now();
+    let mut last_reason = String::new();
+    loop {
+        match open_volume(cfg).await {
+            Ok(v) => return Ok(v),
+            Err(EngineError::Open { reason, .. }) => {
+                if reason != last_reason {
+                    warn!(volume = %cfg.volume, %reason, "cannot open the volume yet; retrying");
+                    last_reason = reason.clone();
+                }
+                if start.elapsed() >= limit {
+                    bail!(
+                        "cannot open volume {} within {:?}: {reason}",
+                        cfg.volume,
+                        limit
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(other) => return Err(other.into()),
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! `corral`: the command-line binary. Each subcommand wires library crates
+//! together and does nothing else:
+//! - `replica`: a replica daemon (corral-replica);
+//! - `engine`: one volume's engine with its frontends (corral-engine, corral-nbd);
+//! - `volume`: talk to a running engine's control service;
+//! - `serve-file`: the frontends over a plain file, no replication;
+//! - `dev`: three replica daemons and an engine on loopback, for trying it out.
+
+mod cmd_dev;
+mod cmd_engine;
+mod cmd_serve_file;
+mod cmd_volume;
+mod shutdown;
+mod units;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "corral", version, about = "A replicated block-storage engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a replica daemon hosting many replicas under one data dir.
+    Replica {
+        /// Address to serve gRPC on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Directory holding one subdirectory per replica.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Run the engine of one volume.
+    Engine(cmd_engine::EngineArgs),
+    /// Inspect a running engine's volume.
+    Volume(cmd_volume::VolumeArgs),
+    /// Serve a local file over the frontends, without replication.
+    ServeFile {
+        /// The file to serve (created when missing).
+        #[arg(long)]
+        file: PathBuf,
+        /// Size to create or grow the file to (e.g. 1GiB).
+        #[arg(long, value_parser = units::parse_size)]
+        size: Option<u64>,
+        /// NBD listen address.
+        #[arg(long)]
+        nbd: Option<SocketAddr>,
+        /// Export name (default: the file name without extension).
+        #[arg(long)]
+        name: Option<String>,
+        /// Logical block size advertised to initiators (512 or 4096).
+        #[arg(long, default_value_t = 512)]
+        block_size: u32,
+    },
+    /// Start three replica daemons and an engine on loopback.
+    Dev(cmd_dev::DevArgs),
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,h2=warn,tower=warn,hyper=warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Parse the command line; a bad one gets a one-line error and exit code 2.
+fn parse_cli() -> Cli {
+    use clap::error::ErrorKind;
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => match e.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+            _ => {
+                let text = e.to_string();
+                let summary: Vec<&str> = text
+                    .lines()
+                    .map(str::trim)
+                    .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+                    .filter(|l| !l.is_empty())
+                    .collect();
+                let line = summary.join(" ");
+                eprintln!(
+                    "corral: {} (see corral --help)",
+                    line.strip_prefix("error: ").unwrap_or(&line)
+                );
+                std::process::exit(2);
+            }
+        },
+    }
+}
+
+fn main() {
+    let cli = parse_cli();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("corral: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    if let Err(e) = result {
+        eprintln!("corral: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Replica { listen, data_dir } => {
+            let shutdown = shutdown::Shutdown::install()?;
+            corral_replica::serve(
+                corral_replica::ReplicaServerConfig { listen, data_dir },
+                shutdown.signalled(),
+            )
+            .await?;
+            Ok(())
+        }
+        Command::Engine(args) => cmd_engine::run(args).await,
+        Command::Volume(args) => cmd_volume::run(args).await,
+        Command::ServeFile {
+            file,
+            size,
+            nbd,
+            name,
+            block_size,
+        } => cmd_serve_file::run(file, size, nbd, name, block_size).await,
+        Command::Dev(args) => cmd_dev::run(args).await,
+    }
+}
