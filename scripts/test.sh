@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs the system packages it
+# needs, checks formatting and lints, builds, and runs every test — unit,
+# property, and end-to-end (real processes on loopback driven by fio,
+# nbdinfo, nbdcopy, nbdfuse and a real ext4 filesystem).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-test-deps.sh
+
+echo "== format"
+cargo fmt --all -- --check
+echo "== lint"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== build"
+cargo build --workspace --bins
+echo "== unit and property tests"
+cargo test --workspace --exclude corral-tests
+echo "== end-to-end tests (one at a time: each starts a cluster of processes)"
+cargo test -p corral-tests -- --test-threads=1

@@ -1,0 +1,524 @@
+//! The cluster fixture for corral's end-to-end tests.
+//!
+//! A [`Cluster`] starts real `corral` processes — replica daemons and
+//! engines — on 127.0.0.1 with ports picked free, under one temporary
+//! directory, and can kill (-9), pause (SIGSTOP) and resume (SIGCONT) any of
+//! them. Every wait is bounded. Each process's log is kept in the cluster
+//! directory and printed when a test fails (the fixture's `Drop`), so a
+//! failing scenario explains itself.
+//!
+//! The tests drive volumes through real tools (fio, nbdinfo, nbdcopy,
+//! nbdfuse); [`tools`] has small wrappers that fail loudly when a tool is
+//! missing instead of skipping.
+
+pub mod nbd_raw;
+pub mod tools;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// The `corral` binary under test: `$CORRAL_BIN`, or the workspace's debug build.
+pub fn corral_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("CORRAL_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    target.join("debug").join("corral")
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the race is tiny).
+pub fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr")
+}
+
+/// Wait until something accepts TCP connections on `addr`.
+pub fn wait_for_port(addr: SocketAddr, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing listens on {addr} after {limit:?}")
+}
+
+/// One running (or stopped) corral process.
+pub struct Process {
+    pub name: String,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Process {
+    fn spawn(name: &str, args: Vec<String>, log: PathBuf) -> Result<Self> {
+        let mut p = Process {
+            name: name.to_string(),
+            args,
+            log,
+            child: None,
+        };
+        p.start()?;
+        Ok(p)
+    }
+
+    /// (Re)start the process with its original arguments.
+    pub fn start(&mut self) -> Result<()> {
+        let bin = corral_bin();
+        if !bin.exists() {
+            bail!(
+                "{} is missing: build it first (cargo build -p corral), or set CORRAL_BIN",
+                bin.display()
+            );
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&bin)
+            .args(&self.args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {} {:?}", bin.display(), self.args))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    fn signal(&self, sig: i32) -> Result<()> {
+        let pid = self
+            .pid()
+            .with_context(|| format!("{} is not running", self.name))?;
+        // SAFETY: sending a signal to a child we spawned.
+        if unsafe { libc::kill(pid, sig) } != 0 {
+            bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait (bounded) for a clean exit; returns the exit status.
+    pub fn terminate(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        let Some(mut c) = self.child.take() else {
+            bail!("{} is not running", self.name);
+        };
+        // SAFETY: signal to our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = c.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("{} did not exit within {limit:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGSTOP: the process hangs, its sockets stay open.
+    pub fn pause(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    /// Has it exited on its own? (Reaps it if so.)
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            // SAFETY: resume first in case it was paused, then kill our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A replica daemon of the cluster.
+pub struct Replica {
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub process: Process,
+}
+
+/// An engine of the cluster.
+pub struct Engine {
+    pub volume: String,
+    pub control: SocketAddr,
+    pub nbd: SocketAddr,
+    pub process: Process,
+}
+
+impl Engine {
+    pub fn nbd_uri(&self) -> String {
+        format!("nbd://{}/{}", self.nbd, self.volume)
+    }
+}
+
+/// How to start an engine.
+#[derive(Clone, Debug)]
+pub struct EngineSpec {
+    pub volume: String,
+    pub size: String,
+    /// Indexes into the cluster's replicas.
+    pub replicas: Vec<usize>,
+    pub extra: Vec<String>,
+}
+
+impl EngineSpec {
+    pub fn new(volume: &str, size: &str, replicas: &[usize]) -> Self {
+        EngineSpec {
+            volume: volume.to_string(),
+            size: size.to_string(),
+            replicas: replicas.to_vec(),
+            extra: vec!["--replica-timeout".into(), "3s".into()],
+        }
+    }
+
+    pub fn arg(mut self, flag: &str, value: &str) -> Self {
+        self.extra.push(flag.to_string());
+        self.extra.push(value.to_string());
+        self
+    }
+}
+
+/// Real corral processes on loopback, under one temporary directory.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub replicas: Vec<Replica>,
+    pub engines: Vec<Engine>,
+}
+
+impl Cluster {
+    pub fn new() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("corral-test-").tempdir()?;
+        Ok(Cluster {
+            dir,
+            replicas: Vec::new(),
+            engines: Vec::new(),
+        })
+    }
+
+    /// A cluster with `n` replica daemons already up.
+    pub fn with_replicas(n: usize) -> Result<Self> {
+        let mut c = Cluster::new()?;
+        for _ in 0..n {
+            c.start_replica()?;
+        }
+        Ok(c)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Start a new replica daemon; returns its index.
+    pub fn start_replica(&mut self) -> Result<usize> {
+        let i = self.replicas.len();
+        let addr = free_addr();
+        let data_dir = self.path().join(format!("replica-{i}"));
+        let args = vec![
+            "replica".into(),
+            "--listen".into(),
+            addr.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ];
+        let log = self.path().join(format!("replica-{i}.log"));
+        let process = Process::spawn(&format!("replica-{i}"), args, log)?;
+        wait_for_port(addr, Duration::from_secs(20))?;
+        self.replicas.push(Replica {
+            addr,
+            data_dir,
+            process,
+        });
+        Ok(i)
+    }
+
+    /// Restart a stopped replica daemon on the same address and data dir.
+    pub fn restart_replica(&mut self, i: usize) -> Result<()> {
+        let r = &mut self.replicas[i];
+        r.process.start()?;
+        wait_for_port(r.addr, Duration::from_secs(20))
+    }
+
+    /// Start an engine; returns its index once its control service answers.
+    pub fn start_engine(&mut self, spec: &EngineSpec) -> Result<usize> {
+        let i = self.spawn_engine(spec)?;
+        self.wait_engine_ready(i, Duration::from_secs(60))?;
+        Ok(i)
+    }
+
+    /// Start an engine process without waiting for it to serve.
+    pub fn spawn_engine(&mut self, spec: &EngineSpec) -> Result<usize> {
+        let i = self.engines.len();
+        let control = free_addr();
+        let nbd = free_addr();
+        let mut args: Vec<String> = vec![
+            "engine".into(),
+            "--volume".into(),
+            spec.volume.clone(),
+            "--size".into(),
+            spec.size.clone(),
+            "--listen".into(),
+            control.to_string(),
+            "--nbd".into(),
+            nbd.to_string(),
+        ];
+        for r in &spec.replicas {
+            args.push("--replica".into());
+            args.push(self.replicas[*r].addr.to_string());
+        }
+        args.extend(spec.extra.iter().cloned());
+        let log = self.path().join(format!("engine-{i}.log"));
+        let process = Process::spawn(&format!("engine-{i}"), args, log)?;
+        self.engines.push(Engine {
+            volume: spec.volume.clone(),
+            control,
+            nbd,
+            process,
+        });
+        Ok(i)
+    }
+
+    /// Wait until engine `i` answers `volume info`.
+    pub fn wait_engine_ready(&mut self, i: usize, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.engines[i].process.exited() {
+                bail!(
+                    "engine-{i} exited ({status}) before serving:\n{}",
+                    self.engines[i].process.log_text()
+                );
+            }
+            if self.volume_info(i).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("engine-{i} not ready after {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Restart engine `i` with the same arguments (same ports).
+    pub fn restart_engine(&mut self, i: usize) -> Result<()> {
+        self.engines[i].process.start()?;
+        self.wait_engine_ready(i, Duration::from_secs(60))
+    }
+
+    /// Run `corral` with arguments, bounded in time.
+    pub fn corral(&self, args: &[&str]) -> Result<Output> {
+        run_bounded(
+            Command::new(corral_bin()).args(args),
+            Duration::from_secs(60),
+        )
+    }
+
+    /// `corral volume --engine E --json info`.
+    pub fn volume_info(&self, engine: usize) -> Result<Value> {
+        let control = self.engines[engine].control.to_string();
+        let out = self.corral(&["volume", "--engine", &control, "--json", "info"])?;
+        if !out.status.success() {
+            bail!("volume info: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// `corral volume --engine E --json replica ls`.
+    pub fn replica_ls(&self, engine: usize) -> Result<Vec<Value>> {
+        let control = self.engines[engine].control.to_string();
+        let out = self.corral(&["volume", "--engine", &control, "--json", "replica", "ls"])?;
+        if !out.status.success() {
+            bail!("replica ls: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        match serde_json::from_slice(&out.stdout)? {
+            Value::Array(items) => Ok(items),
+            other => bail!("replica ls: expected an array, got {other}"),
+        }
+    }
+
+    /// Mode ("RW", "WO", "ERR") of the replica at `addr` as engine `engine` reports it.
+    pub fn replica_mode(&self, engine: usize, replica: usize) -> Result<String> {
+        let addr = self.replicas[replica].addr.to_string();
+        for r in self.replica_ls(engine)? {
+            if r["address"] == addr.as_str() {
+                return Ok(r["mode"].as_str().unwrap_or_default().to_string());
+            }
+        }
+        bail!("replica {addr} not listed by engine-{engine}")
+    }
+
+    /// Poll `check` every 100 ms until it returns true, at most `limit`.
+    pub fn wait_until(
+        &self,
+        limit: Duration,
+        what: &str,
+        mut check: impl FnMut(&Self) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if check(self) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("timed out after {limit:?} waiting for {what}")
+    }
+
+    /// The head data file of `volume` on replica `i` (for comparing replicas
+    /// byte for byte once they are stopped).
+    pub fn head_file(&self, replica: usize, volume: &str) -> PathBuf {
+        self.replicas[replica]
+            .data_dir
+            .join(volume)
+            .join("head.img")
+    }
+
+    /// Stop everything cleanly: engines first, then replica daemons.
+    pub fn stop_all(&mut self) -> Result<()> {
+        for e in &mut self.engines {
+            if e.process.pid().is_some() {
+                let status = e.process.terminate(Duration::from_secs(20))?;
+                if !status.success() {
+                    bail!("{} exited with {status} on SIGTERM", e.process.name);
+                }
+            }
+        }
+        for r in &mut self.replicas {
+            if r.process.pid().is_some() {
+                let status = r.process.terminate(Duration::from_secs(20))?;
+                if !status.success() {
+                    bail!("{} exited with {status} on SIGTERM", r.process.name);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in self
+                .engines
+                .iter()
+                .map(|e| &e.process)
+                .chain(self.replicas.iter().map(|r| &r.process))
+            {
+                let text = p.log_text();
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("----- last lines of {} ({}) -----", p.name, p.log.display());
+                for l in &lines[lines.len().saturating_sub(40)..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+/// Run a command with a time limit; kill it when over.
+pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {cmd:?}"))?;
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            bail!(
+                "{cmd:?} did not finish within {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Compare two files byte for byte; returns the first differing offset.
+pub fn first_difference(a: &Path, b: &Path) -> Result<Option<u64>> {
+    use std::io::Read;
+    let mut fa = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(a)?);
+    let mut fb = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(b)?);
+    let mut ba = vec![0u8; 1 << 16];
+    let mut bb = vec![0u8; 1 << 16];
+    let mut offset = 0u64;
+    loop {
+        let na = read_full(&mut fa, &mut ba)?;
+        let nb = read_full(&mut fb, &mut bb)?;
+        let n = na.min(nb);
+        if let Some(i) = (0..n).find(|&i| ba[i] != bb[i]) {
+            return Ok(Some(offset + i as u64));
+        }
+        if na != nb {
+            return Ok(Some(offset + n as u64));
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        offset += n as u64;
+    }
+
+    fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut n = 0;
+        while n < buf.len() {
+            match r.read(&mut buf[n..])? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        Ok(n)
+    }
+}

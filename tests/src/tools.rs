@@ -1,0 +1,65 @@
+//! Wrappers around the real tools the tests drive volumes with (fio,
+//! nbdinfo, nbdcopy, nbdfuse, mkfs/fsck). A missing tool is an error, never
+//! a skip: the README's test command installs them.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+
+use crate::run_bounded;
+
+/// Locate a tool on PATH (or in the sbin directories), or fail with how to get it.
+pub fn require(tool: &str) -> Result<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    for dir in path.split(':').chain(["/usr/sbin", "/sbin", "/usr/bin"]) {
+        let p = PathBuf::from(dir).join(tool);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("{tool} is not installed; run scripts/test.sh, which installs the test tools")
+}
+
+/// Run a tool, bounded in time; error (with its output) unless it exits 0.
+pub fn run_ok(tool: &str, args: &[&str], limit: Duration) -> Result<Output> {
+    let out = run_bounded(Command::new(require(tool)?).args(args), limit)?;
+    if !out.status.success() {
+        bail!(
+            "{tool} {args:?} failed with {}:\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+/// fio over NBD against `uri` with a job given as `--key=value` arguments.
+/// Fails unless fio exits 0 and reports no errors.
+pub fn fio_nbd(uri: &str, name: &str, job: &[&str], limit: Duration) -> Result<String> {
+    let mut args = vec![
+        format!("--name={name}"),
+        "--ioengine=nbd".into(),
+        format!("--uri={uri}"),
+    ];
+    args.extend(job.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_ok("fio", &refs, limit)?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !text.contains("err= 0") {
+        bail!("fio reported errors:\n{text}");
+    }
+    Ok(text)
+}
+
+/// A file of `len` pseudo-random bytes (seeded, so a failure reproduces).
+pub fn random_file(path: &std::path::Path, len: usize, seed: u64) -> Result<Vec<u8>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut data = vec![0u8; len];
+    rng.fill(&mut data[..]);
+    std::fs::write(path, &data)?;
+    Ok(data)
+}
