@@ -121,3 +121,32 @@ fn killing_a_replica_mid_write_loses_nothing() {
         None
     );
 }
+
+#[test]
+fn a_hung_replica_goes_to_err_after_the_timeout_without_a_client_error() {
+    let mut cluster = Cluster::with_replicas(3).unwrap();
+    let e = cluster
+        .start_engine(&EngineSpec::new("vol", "32MiB", &[0, 1, 2]))
+        .unwrap();
+    let uri = cluster.engines[e].nbd_uri();
+    // The replica stops answering but keeps its connections open.
+    cluster.replicas[2].process.pause().unwrap();
+    fio_nbd(
+        &uri,
+        "past-a-hang",
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=8m",
+            "--iodepth=8",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+        ],
+        Duration::from_secs(120),
+    )
+    .expect("writes stall for at most the replica timeout, then go on");
+    assert_eq!(cluster.replica_mode(e, 2).unwrap(), "ERR");
+    assert_eq!(cluster.replica_mode(e, 0).unwrap(), "RW");
+    cluster.replicas[2].process.resume().unwrap();
+    cluster.stop_all().unwrap();
+}
