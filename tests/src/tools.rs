@@ -43,6 +43,8 @@ pub fn fio_nbd(uri: &str, name: &str, job: &[&str], limit: Duration) -> Result<S
         format!("--name={name}"),
         "--ioengine=nbd".into(),
         format!("--uri={uri}"),
+        // No verify-state files in the working directory.
+        "--verify_state_save=0".into(),
     ];
     args.extend(job.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
