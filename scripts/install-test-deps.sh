@@ -3,7 +3,7 @@
 # Idempotent: only missing packages are fetched.
 set -euo pipefail
 
-PACKAGES=(fio libnbd-bin nbdkit fuse3 e2fsprogs util-linux mount)
+PACKAGES=(fio libnbd-bin nbdkit fuse3 e2fsprogs util-linux mount libiscsi-bin tgt)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -191,6 +191,8 @@ pub struct Engine {
     pub volume: String,
     pub control: SocketAddr,
     pub nbd: SocketAddr,
+    /// The engine's iSCSI portal (target `iqn.2026-11.io.corral:<volume>`, LUN 0).
+    pub iscsi: SocketAddr,
     pub process: Process,
 }
 
@@ -198,6 +200,16 @@ impl Engine {
     pub fn nbd_uri(&self) -> String {
         format!("nbd://{}/{}", self.nbd, self.volume)
     }
+
+    /// The libiscsi URL of the volume's LUN 0.
+    pub fn iscsi_url(&self) -> String {
+        iscsi_url(self.iscsi, &self.volume)
+    }
+}
+
+/// The libiscsi URL of LUN 0 of the corral target for `volume` at `portal`.
+pub fn iscsi_url(portal: SocketAddr, volume: &str) -> String {
+    format!("iscsi://{portal}/iqn.2026-11.io.corral:{volume}/0")
 }
 
 /// How to start an engine.
@@ -299,6 +311,7 @@ impl Cluster {
         let i = self.engines.len();
         let control = free_addr();
         let nbd = free_addr();
+        let iscsi = free_addr();
         let mut args: Vec<String> = vec![
             "engine".into(),
             "--volume".into(),
@@ -309,6 +322,8 @@ impl Cluster {
             control.to_string(),
             "--nbd".into(),
             nbd.to_string(),
+            "--iscsi".into(),
+            iscsi.to_string(),
         ];
         for r in &spec.replicas {
             args.push("--replica".into());
@@ -321,6 +336,7 @@ impl Cluster {
             volume: spec.volume.clone(),
             control,
             nbd,
+            iscsi,
             process,
         });
         Ok(i)
@@ -336,7 +352,11 @@ impl Cluster {
                     self.engines[i].process.log_text()
                 );
             }
-            if self.volume_info(i).is_ok() {
+            // The control service answers while the engine still waits to
+            // open the volume ("opening"); ready means serving.
+            if let Ok(info) = self.volume_info(i)
+                && info["state"] != "opening"
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {

@@ -144,5 +144,10 @@ fn ext4_on_a_three_replica_volume() {
         assert_eq!(text, format!("note {d}"));
     }
     drop(m);
-    assert_eq!(cluster.volume_info(e).unwrap()["replicas_rw"], 3);
+    let info = cluster.volume_info(e).unwrap();
+    assert_eq!(info["replicas_rw"], 3, "{info}");
+    assert_eq!(
+        info["generation"], 1,
+        "no replica failed along the way: {info}"
+    );
 }

@@ -118,3 +118,72 @@ mod tests {
         }
     }
 }
+
+/// A set of chunk indices as a bitmap: which chunks a failed replica missed.
+/// One bit per chunk (a 1 TiB volume in 256 KiB chunks: 512 KiB).
+#[derive(Clone, Debug)]
+pub struct ChunkBitmap {
+    words: Vec<u64>,
+    chunks: u64,
+    count: u64,
+}
+
+impl ChunkBitmap {
+    pub fn new(chunks: u64) -> Self {
+        ChunkBitmap {
+            words: vec![0; chunks.div_ceil(64) as usize],
+            chunks,
+            count: 0,
+        }
+    }
+
+    /// Mark chunk `c` (ignored when out of range).
+    pub fn insert(&mut self, c: u64) {
+        if c >= self.chunks {
+            return;
+        }
+        let (w, b) = ((c / 64) as usize, c % 64);
+        if self.words[w] & (1 << b) == 0 {
+            self.words[w] |= 1 << b;
+            self.count += 1;
+        }
+    }
+
+    pub fn contains(&self, c: u64) -> bool {
+        c < self.chunks && self.words[(c / 64) as usize] & (1 << (c % 64)) != 0
+    }
+
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The marked chunks in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(w, word)| {
+            let word = *word;
+            (0..64u64)
+                .filter(move |b| word & (1 << b) != 0)
+                .map(move |b| w as u64 * 64 + b)
+        })
+    }
+}
+
+#[cfg(test)]
+mod bitmap_tests {
+    use super::ChunkBitmap;
+
+    #[test]
+    fn marks_counts_and_lists_in_order() {
+        let mut m = ChunkBitmap::new(130);
+        for c in [129, 3, 64, 3, 200] {
+            m.insert(c);
+        }
+        assert_eq!(m.len(), 3);
+        assert!(m.contains(64) && !m.contains(65) && !m.contains(200));
+        assert_eq!(m.iter().collect::<Vec<_>>(), vec![3, 64, 129]);
+    }
+}

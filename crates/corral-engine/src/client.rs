@@ -34,6 +34,26 @@ pub enum DataOutcome {
     Checksums(Vec<u32>),
 }
 
+/// In-flight room on a client's streams, held until the replies are in.
+pub struct Reservation {
+    _permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// A queued request's reply.
+pub struct PendingReply {
+    rx: oneshot::Receiver<Result<DataOutcome, ReplicaIoError>>,
+    addr: String,
+}
+
+impl PendingReply {
+    /// Wait for the reply (no timeout: the caller bounds it).
+    pub async fn wait(self) -> Result<DataOutcome, ReplicaIoError> {
+        self.rx.await.map_err(|_| {
+            ReplicaIoError::Unreachable(format!("{}: data stream closed", self.addr))
+        })?
+    }
+}
+
 struct Pending {
     request: DataRequest,
     reply: oneshot::Sender<Result<DataOutcome, ReplicaIoError>>,
@@ -43,6 +63,7 @@ struct Pending {
 struct DataStream {
     queue: mpsc::UnboundedSender<Pending>,
     inflight: Arc<Semaphore>,
+    capacity: u32,
     task: JoinHandle<()>,
 }
 
@@ -148,6 +169,87 @@ impl ReplicaClient {
         self.broken.load(Ordering::Relaxed)
     }
 
+    fn stream_of(&self, chunk: u64) -> usize {
+        (chunk % self.streams.len() as u64) as usize
+    }
+
+    fn check_usable(&self) -> Result<(), ReplicaIoError> {
+        if self.is_broken() {
+            return Err(ReplicaIoError::Unreachable(format!(
+                "{}: data stream broken",
+                self.addr
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reserve in-flight room for one request per entry of `chunks`, taking
+    /// the streams' permits in ascending stream order (so that concurrent
+    /// reservations can never wait on each other in a cycle).
+    pub async fn reserve(&self, chunks: &[u64]) -> Result<Reservation, ReplicaIoError> {
+        self.check_usable()?;
+        let mut counts = vec![0u32; self.streams.len()];
+        for c in chunks {
+            counts[self.stream_of(*c)] += 1;
+        }
+        let mut permits = Vec::new();
+        for (i, n) in counts.into_iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            if n > self.streams[i].capacity {
+                return Err(ReplicaIoError::Rejected(format!(
+                    "{} requests on one stream exceed its in-flight limit of {}",
+                    n, self.streams[i].capacity
+                )));
+            }
+            let permit = Arc::clone(&self.streams[i].inflight)
+                .acquire_many_owned(n)
+                .await
+                .map_err(|_| {
+                    ReplicaIoError::Unreachable(format!("{}: client closed", self.addr))
+                })?;
+            permits.push(permit);
+        }
+        Ok(Reservation { _permits: permits })
+    }
+
+    /// Queue one request on the stream that owns `chunk`, without waiting.
+    /// The caller holds a [`Reservation`] covering it. Requests queued on a
+    /// stream are sent, and executed by the replica, in queueing order.
+    pub fn send(
+        &self,
+        chunk: u64,
+        epoch: u64,
+        op: data_request::Op,
+    ) -> Result<PendingReply, ReplicaIoError> {
+        self.check_usable()?;
+        let stream = &self.streams[self.stream_of(chunk)];
+        let size = match &op {
+            data_request::Op::Write(w) => w.data.len(),
+            _ => 0,
+        } + 64;
+        let (tx, rx) = oneshot::channel();
+        stream
+            .queue
+            .send(Pending {
+                request: DataRequest {
+                    id: 0,
+                    epoch,
+                    op: Some(op),
+                },
+                reply: tx,
+                size,
+            })
+            .map_err(|_| {
+                ReplicaIoError::Unreachable(format!("{}: data stream closed", self.addr))
+            })?;
+        Ok(PendingReply {
+            rx,
+            addr: self.addr.clone(),
+        })
+    }
+
     /// Send one data request on the stream that owns `chunk` and wait for its
     /// reply, at most the replica timeout (queueing included).
     pub async fn call(
@@ -156,49 +258,19 @@ impl ReplicaClient {
         epoch: u64,
         op: data_request::Op,
     ) -> Result<DataOutcome, ReplicaIoError> {
-        if self.is_broken() {
-            return Err(ReplicaIoError::Unreachable(format!(
-                "{}: data stream broken",
-                self.addr
-            )));
-        }
-        let stream = &self.streams[(chunk % self.streams.len() as u64) as usize];
-        let size = match &op {
-            data_request::Op::Write(w) => w.data.len(),
-            _ => 0,
-        } + 64;
         let work = async {
-            let permit = Arc::clone(&stream.inflight)
-                .acquire_owned()
-                .await
-                .map_err(|_| {
-                    ReplicaIoError::Unreachable(format!("{}: client closed", self.addr))
-                })?;
-            let (tx, rx) = oneshot::channel();
-            stream
-                .queue
-                .send(Pending {
-                    request: DataRequest {
-                        id: 0,
-                        epoch,
-                        op: Some(op),
-                    },
-                    reply: tx,
-                    size,
-                })
-                .map_err(|_| {
-                    ReplicaIoError::Unreachable(format!("{}: data stream closed", self.addr))
-                })?;
-            let result = rx.await.map_err(|_| {
-                ReplicaIoError::Unreachable(format!("{}: data stream closed", self.addr))
-            })?;
-            drop(permit);
-            result
+            let _reservation = self.reserve(&[chunk]).await?;
+            self.send(chunk, epoch, op)?.wait().await
         };
         match tokio::time::timeout(self.timeout, work).await {
             Ok(result) => result,
             Err(_) => Err(ReplicaIoError::Timeout(self.timeout)),
         }
+    }
+
+    /// The replica timeout this client applies.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Stop every data stream now; requests in flight fail.
@@ -236,6 +308,7 @@ fn open_stream(
     DataStream {
         queue,
         inflight: Arc::new(Semaphore::new(inflight.max(1))),
+        capacity: inflight.max(1) as u32,
         task,
     }
 }

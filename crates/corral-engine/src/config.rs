@@ -68,6 +68,12 @@ pub struct EngineConfig {
     pub streams_per_replica: usize,
     /// Requests in flight per data stream.
     pub inflight_per_stream: usize,
+    /// How often the supervisor pings replicas and retries failed ones.
+    pub retry_interval: Duration,
+    /// Chunks a rebuild copies at once.
+    pub rebuild_concurrency: usize,
+    /// Bytes per second a rebuild may copy (None: unlimited).
+    pub rebuild_bandwidth: Option<u64>,
 }
 
 impl EngineConfig {
@@ -85,6 +91,28 @@ impl EngineConfig {
             write_policy: WritePolicy::default_for(n),
             streams_per_replica: 2,
             inflight_per_stream: 128,
+            retry_interval: Duration::from_secs(5),
+            rebuild_concurrency: 8,
+            rebuild_bandwidth: None,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The supervisor's settings derived from this configuration.
+    pub fn supervisor(&self) -> crate::supervisor::SupervisorConfig {
+        crate::supervisor::SupervisorConfig {
+            retry_interval: self.retry_interval,
+            stale_replica_timeout: self.stale_replica_timeout,
+            client: crate::client::ClientSettings {
+                timeout: self.replica_timeout,
+                streams: self.streams_per_replica,
+                inflight_per_stream: self.inflight_per_stream,
+            },
+            rebuild: crate::rebuild::RebuildSettings {
+                concurrency: self.rebuild_concurrency,
+                bandwidth: self.rebuild_bandwidth,
+            },
         }
     }
 }

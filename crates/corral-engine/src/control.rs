@@ -1,44 +1,107 @@
 //! The engine's control gRPC service (`corral volume --engine ADDR ...`).
 //! This is also the one place where the engine's control listener is built.
+//!
+//! The service runs from the moment the engine starts, before the volume is
+//! open: while the engine waits (for replicas, or for an operator's
+//! `salvage`), `info` says what it waits for.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use corral_block::BlockDevice;
 use corral_proto::v1::{
-    ListEngineReplicasRequest, ListEngineReplicasResponse, ReplicaStatus, VolumeInfo,
-    VolumeInfoRequest,
+    AddReplicaRequest, ChunkDifference, ListEngineReplicasRequest, ListEngineReplicasResponse,
+    RebuildStatusRequest, RebuildStatusResponse, RemoveReplicaRequest, ReplicaChangeResponse,
+    ReplicaStatus, SalvageRequest, VerifyRequest, VerifyResponse, VolumeInfo, VolumeInfoRequest,
     engine_control_server::{EngineControl, EngineControlServer},
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
+use tracing::warn;
 
+use crate::config::EngineConfig;
 use crate::error::EngineError;
 use crate::volume::Volume;
 
+/// What the control service knows about its engine, before and after open.
+pub struct EngineState {
+    config: EngineConfig,
+    volume: OnceLock<Arc<Volume>>,
+    waiting_for: Mutex<String>,
+    salvage: Mutex<Option<String>>,
+    frontends: Mutex<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl EngineState {
+    pub fn new(config: EngineConfig) -> Arc<Self> {
+        Arc::new(EngineState {
+            config,
+            volume: OnceLock::new(),
+            waiting_for: Mutex::new("starting".into()),
+            salvage: Mutex::new(None),
+            frontends: Mutex::new(String::new()),
+        })
+    }
+
+    /// The open volume, once there is one.
+    pub fn volume(&self) -> Option<&Arc<Volume>> {
+        self.volume.get()
+    }
+
+    pub fn set_volume(&self, volume: Arc<Volume>) {
+        let _ = self.volume.set(volume);
+    }
+
+    pub fn set_waiting_for(&self, reason: &str) {
+        *lock(&self.waiting_for) = reason.to_string();
+    }
+
+    pub fn set_frontends(&self, frontends: String) {
+        *lock(&self.frontends) = frontends;
+    }
+
+    /// The replica an operator asked to trust, if any.
+    pub fn salvage_target(&self) -> Option<String> {
+        lock(&self.salvage).clone()
+    }
+
+    fn open_volume(&self) -> Result<&Arc<Volume>, Status> {
+        self.volume.get().ok_or_else(|| {
+            Status::unavailable(format!(
+                "volume {} is not open yet: {}",
+                self.config.volume,
+                lock(&self.waiting_for)
+            ))
+        })
+    }
+}
+
 /// Implements `corral.v1.EngineControl` for one volume.
 pub struct ControlService {
-    volume: Arc<Volume>,
-    frontends: String,
+    state: Arc<EngineState>,
 }
 
 impl ControlService {
-    pub fn new(volume: Arc<Volume>, frontends: String) -> Self {
-        ControlService { volume, frontends }
+    pub fn new(state: Arc<EngineState>) -> Self {
+        ControlService { state }
     }
+}
 
-    /// The volume's state in one word.
-    fn state(&self) -> &'static str {
-        let set = self.volume.replica_set();
-        if set.is_fenced() {
-            "fenced"
-        } else if set.check_writable().is_err() {
-            "unavailable"
-        } else if set.rw_count() < set.total() {
-            "degraded"
-        } else {
-            "serving"
-        }
+/// The volume's state in one word.
+fn state_word(volume: &Volume) -> &'static str {
+    let set = volume.replica_set();
+    if set.is_fenced() {
+        "fenced"
+    } else if set.check_writable().is_err() {
+        "unavailable"
+    } else if set.rw_count() < set.total() {
+        "degraded"
+    } else {
+        "serving"
     }
 }
 
@@ -56,28 +119,56 @@ pub fn writability(rw: usize, total: usize, min_rw: usize, policy: &str) -> Stri
     )
 }
 
+fn rebuilds(volume: &Volume) -> Vec<corral_proto::v1::RebuildStatus> {
+    volume
+        .replica_set()
+        .status()
+        .iter()
+        .filter_map(|s| s.rebuild.as_ref().map(|r| r.to_pb()))
+        .collect()
+}
+
 #[tonic::async_trait]
 impl EngineControl for ControlService {
     async fn get_volume_info(
         &self,
         _request: Request<VolumeInfoRequest>,
     ) -> Result<Response<VolumeInfo>, Status> {
-        let set = self.volume.replica_set();
+        let cfg = &self.state.config;
+        let Some(volume) = self.state.volume() else {
+            return Ok(Response::new(VolumeInfo {
+                name: cfg.volume.clone(),
+                size: cfg.size,
+                block_size: cfg.block_size,
+                chunk_size: cfg.chunk_size,
+                write_policy: cfg.write_policy.as_str().to_string(),
+                state: "opening".into(),
+                replicas_total: cfg.replicas.len() as u32,
+                open_reason: lock(&self.state.waiting_for).clone(),
+                stale_replica_timeout_ms: cfg.stale_replica_timeout.as_millis() as u64,
+                ..Default::default()
+            }));
+        };
+        let set = volume.replica_set();
         let rw = set.rw_count();
         let total = set.total();
         Ok(Response::new(VolumeInfo {
-            name: self.volume.name().to_string(),
-            size: self.volume.size(),
-            block_size: self.volume.block_size(),
-            chunk_size: self.volume.chunk_map().chunk_size() as u32,
+            name: volume.name().to_string(),
+            size: volume.size(),
+            block_size: volume.block_size(),
+            chunk_size: volume.chunk_map().chunk_size() as u32,
             epoch: set.epoch(),
             generation: set.generation(),
             write_policy: set.policy().as_str().to_string(),
-            state: self.state().to_string(),
+            state: state_word(volume).to_string(),
             replicas_total: total as u32,
             replicas_rw: rw as u32,
-            frontends: self.frontends.clone(),
+            frontends: lock(&self.state.frontends).clone(),
             writability: writability(rw, total, set.min_rw(), set.policy().as_str()),
+            repaired_blocks: volume.repaired_blocks(),
+            rebuilds: rebuilds(volume),
+            open_reason: String::new(),
+            stale_replica_timeout_ms: cfg.stale_replica_timeout.as_millis() as u64,
         }))
     }
 
@@ -85,8 +176,8 @@ impl EngineControl for ControlService {
         &self,
         _request: Request<ListEngineReplicasRequest>,
     ) -> Result<Response<ListEngineReplicasResponse>, Status> {
-        let replicas = self
-            .volume
+        let volume = self.state.open_volume()?;
+        let replicas = volume
             .replica_set()
             .status()
             .into_iter()
@@ -99,20 +190,122 @@ impl EngineControl for ControlService {
             .collect();
         Ok(Response::new(ListEngineReplicasResponse { replicas }))
     }
+
+    async fn add_replica(
+        &self,
+        request: Request<AddReplicaRequest>,
+    ) -> Result<Response<ReplicaChangeResponse>, Status> {
+        let volume = self.state.open_volume()?;
+        let address = request.into_inner().address;
+        if address.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "give the replica daemon's address",
+            ));
+        }
+        crate::client::endpoint(&address, volume.replica_set().timeout())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let set = volume.replica_set();
+        let existing = set.status().into_iter().find(|s| s.address == address);
+        let message = match existing {
+            Some(s) if s.mode != crate::replica_set::Mode::Err => {
+                format!("{address} is already a member ({})", s.mode.as_str())
+            }
+            Some(_) => format!("{address} is a member in ERR: retrying it now"),
+            None => {
+                set.add_member(&address)
+                    .await
+                    .map_err(Status::failed_precondition)?;
+                format!("{address} added: it joins in WO mode and is rebuilt")
+            }
+        };
+        volume.wake.notify_one();
+        Ok(Response::new(ReplicaChangeResponse { message }))
+    }
+
+    async fn remove_replica(
+        &self,
+        request: Request<RemoveReplicaRequest>,
+    ) -> Result<Response<ReplicaChangeResponse>, Status> {
+        let volume = self.state.open_volume()?;
+        let address = request.into_inner().address;
+        volume
+            .replica_set()
+            .remove_member(&address)
+            .await
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(ReplicaChangeResponse {
+            message: format!("{address} removed from volume {}", volume.name()),
+        }))
+    }
+
+    async fn get_rebuild_status(
+        &self,
+        _request: Request<RebuildStatusRequest>,
+    ) -> Result<Response<RebuildStatusResponse>, Status> {
+        let volume = self.state.open_volume()?;
+        Ok(Response::new(RebuildStatusResponse {
+            rebuilds: rebuilds(volume),
+        }))
+    }
+
+    async fn verify(
+        &self,
+        _request: Request<VerifyRequest>,
+    ) -> Result<Response<VerifyResponse>, Status> {
+        let volume = self.state.open_volume()?;
+        let report = volume
+            .verify()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(VerifyResponse {
+            replicas_compared: report.replicas.len() as u32,
+            chunks_compared: report.chunks_compared,
+            differences: report
+                .differences
+                .into_iter()
+                .map(|(offset, length, replicas)| ChunkDifference {
+                    offset,
+                    length,
+                    replicas,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn salvage(
+        &self,
+        request: Request<SalvageRequest>,
+    ) -> Result<Response<ReplicaChangeResponse>, Status> {
+        let replica = request.into_inner().replica;
+        if self.state.volume().is_some() {
+            return Err(Status::failed_precondition(
+                "the volume is open and serving; salvage is for an engine waiting to open",
+            ));
+        }
+        if !self.state.config.replicas.contains(&replica) {
+            return Err(Status::invalid_argument(format!(
+                "{replica} is not one of the engine's --replica addresses"
+            )));
+        }
+        warn!(%replica, "operator asked to salvage from this replica");
+        *lock(&self.state.salvage) = Some(replica.clone());
+        Ok(Response::new(ReplicaChangeResponse {
+            message: format!(
+                "trusting {replica}: the engine opens the volume from it; the other replicas will be rebuilt"
+            ),
+        }))
+    }
 }
 
 /// Serve the control service on `listener` until `shutdown` resolves.
 pub async fn serve_control(
     listener: TcpListener,
-    volume: Arc<Volume>,
-    frontends: String,
+    state: Arc<EngineState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), EngineError> {
     let incoming = TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
-        .add_service(EngineControlServer::new(ControlService::new(
-            volume, frontends,
-        )))
+        .add_service(EngineControlServer::new(ControlService::new(state)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())

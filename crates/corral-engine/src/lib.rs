@@ -8,7 +8,10 @@
 //!   a few pipelined, batched data streams, sharded by chunk;
 //! - [`replica_set`]: modes (RW/WO/ERR), membership generations, failures;
 //! - [`open`]: starting over existing replicas — election and fencing;
-//! - [`volume`]: the data path (fan-out writes, failover reads, flush);
+//! - [`volume`]: the data path (fan-out writes, failover and repair on
+//!   read, flush, verify); [`locks`]: per-chunk ordering with copiers;
+//! - [`rebuild`]: the copier that brings a WO replica up to date;
+//! - [`supervisor`]: pings, stale-replica expiry, bringing replicas back;
 //! - [`control`]: the engine's control gRPC service.
 
 pub mod chunk;
@@ -16,8 +19,11 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod locks;
 pub mod open;
+pub mod rebuild;
 pub mod replica_set;
+pub mod supervisor;
 pub mod volume;
 
 pub use config::{EngineConfig, WritePolicy};

@@ -97,13 +97,104 @@ fn mode_in(record: &pb::Membership, instance_id: &str) -> Option<pb::ReplicaMode
         .and_then(|m| pb::ReplicaMode::try_from(m.mode).ok())
 }
 
+/// Records order by (epoch of the engine that wrote them, generation).
+fn record_key(info: &ReplicaInfo) -> (u64, u64) {
+    info.membership
+        .as_ref()
+        .map_or((0, 0), |m| (m.epoch, m.generation))
+}
+
+/// May a new engine serve, given what it reached? (DESIGN.md, "Write policy")
+fn check_policy(
+    cfg: &EngineConfig,
+    record: &pb::Membership,
+    infos: &[Option<ReplicaInfo>],
+    up_to_date: &[bool],
+    total: usize,
+    generation: u64,
+) -> Result<(), EngineError> {
+    let count = up_to_date.iter().filter(|u| **u).count();
+    match cfg.write_policy {
+        WritePolicy::Available => {
+            // Every RW member of the newest record: one of them may hold the
+            // only copy of the last acknowledged writes.
+            let missing: Vec<String> = record
+                .members
+                .iter()
+                .filter(|m| m.mode == pb::ReplicaMode::Rw as i32)
+                .filter(|m| {
+                    !infos.iter().zip(up_to_date).any(|(info, ok)| {
+                        *ok && info
+                            .as_ref()
+                            .is_some_and(|i| i.instance_id == m.instance_id)
+                    })
+                })
+                .map(|m| m.address.clone())
+                .collect();
+            if !missing.is_empty() {
+                return Err(open_err(
+                    cfg,
+                    format!(
+                        "write policy available: waiting for {} (RW in membership generation {generation}), which may hold the only copy of the last writes; `corral volume salvage --force REPLICA` trusts another",
+                        missing.join(", ")
+                    ),
+                ));
+            }
+        }
+        WritePolicy::Quorum => {
+            // Fencing a majority of the volume's replicas guarantees that we
+            // reached a member of the newest RW set (which never drops below a
+            // majority while writes are acknowledged).
+            let members = record.members.len().max(total);
+            let need = members / 2 + 1;
+            let fenced = infos.iter().filter(|i| i.is_some()).count();
+            if fenced < need {
+                return Err(open_err(
+                    cfg,
+                    format!(
+                        "write policy quorum: reached {fenced} of {members} replicas, need a majority ({need})"
+                    ),
+                ));
+            }
+        }
+    }
+    if count == 0 {
+        return Err(open_err(cfg, "no up-to-date replica reachable"));
+    }
+    Ok(())
+}
+
 /// Open the volume once; errors of kind `Open` may succeed on a retry.
-pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError> {
+pub async fn open_volume(
+    cfg: &EngineConfig,
+    trust: Option<&str>,
+) -> Result<Arc<Volume>, EngineError> {
     let chunks = validate(cfg)?;
-    let probes = futures::future::join_all(cfg.replicas.iter().map(|a| probe(cfg, a))).await;
-    let mut infos: Vec<Option<ReplicaInfo>> = vec![None; cfg.replicas.len()];
-    let mut controls: Vec<Option<ReplicaControlClient<Channel>>> = vec![None; cfg.replicas.len()];
-    let mut problems: Vec<String> = vec![String::new(); cfg.replicas.len()];
+    // The replicas on the command line, plus members of the newest record
+    // found on them that the command line does not name (added at run time).
+    let mut addrs: Vec<String> = cfg.replicas.clone();
+    let mut probes = futures::future::join_all(addrs.iter().map(|a| probe(cfg, a))).await;
+    let newest_members: Vec<String> = probes
+        .iter()
+        .filter_map(|p| match p {
+            Probe::Found(info, _) => info.membership.as_ref(),
+            _ => None,
+        })
+        .max_by_key(|m| (m.epoch, m.generation))
+        .map(|m| m.members.iter().map(|m| m.address.clone()).collect())
+        .unwrap_or_default();
+    let extra: Vec<String> = newest_members
+        .into_iter()
+        .filter(|a| !addrs.contains(a))
+        .collect();
+    if !extra.is_empty() {
+        info!(volume = %cfg.volume, members = ?extra, "the membership record names replicas the command line does not: including them");
+        probes.extend(futures::future::join_all(extra.iter().map(|a| probe(cfg, a))).await);
+        addrs.extend(extra);
+    }
+    let mut infos: Vec<Option<ReplicaInfo>> = vec![None; addrs.len()];
+    let mut controls: Vec<Option<ReplicaControlClient<Channel>>> = vec![None; addrs.len()];
+    let mut problems: Vec<String> = vec![String::new(); addrs.len()];
     for (i, p) in probes.into_iter().enumerate() {
         match p {
             Probe::Found(info, control) => {
@@ -116,8 +207,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
     }
     let reachable = controls.iter().filter(|c| c.is_some()).count();
     if reachable == 0 {
-        let detail: Vec<_> = cfg
-            .replicas
+        let detail: Vec<_> = addrs
             .iter()
             .zip(&problems)
             .map(|(a, p)| format!("{a}: {p}"))
@@ -127,7 +217,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
             format!("no replica daemon reachable ({})", detail.join("; ")),
         ));
     }
-    let total = cfg.replicas.len();
+    let total = addrs.len();
     let mut up_to_date = vec![false; total];
     let max_generation;
     if infos.iter().all(Option::is_none) {
@@ -154,15 +244,12 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
             };
             let info = tokio::time::timeout(cfg.replica_timeout, control.create_replica(request))
                 .await
-                .map_err(|_| open_err(cfg, format!("{}: create timed out", cfg.replicas[i])))?
+                .map_err(|_| open_err(cfg, format!("{}: create timed out", addrs[i])))?
                 .map_err(|s| {
-                    open_err(
-                        cfg,
-                        format!("{}: create failed: {}", cfg.replicas[i], s.message()),
-                    )
+                    open_err(cfg, format!("{}: create failed: {}", addrs[i], s.message()))
                 })?
                 .into_inner();
-            info!(volume = %cfg.volume, replica = %cfg.replicas[i], "created replica");
+            info!(volume = %cfg.volume, replica = %addrs[i], "created replica");
             infos[i] = Some(info);
             up_to_date[i] = true;
         }
@@ -171,7 +258,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
         let newest = infos
             .iter()
             .flatten()
-            .max_by_key(|i| i.membership.as_ref().map_or(0, |m| m.generation))
+            .max_by_key(|i| record_key(i))
             .cloned()
             .ok_or_else(|| open_err(cfg, "no replica info"))?;
         if newest.size != cfg.size {
@@ -187,65 +274,34 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
             )));
         }
         let record = newest.membership.clone().unwrap_or_default();
+        let newest_key = record_key(&newest);
         max_generation = record.generation;
-        for (i, info) in infos.iter().enumerate() {
-            let Some(info) = info else { continue };
-            let generation = info.membership.as_ref().map_or(0, |m| m.generation);
-            up_to_date[i] = generation == max_generation
-                && (max_generation == 0
-                    || mode_in(&record, &info.instance_id) == Some(pb::ReplicaMode::Rw));
-        }
-        // Which RW members of the newest record did we reach?
-        let record_rw: Vec<&pb::Member> = record
-            .members
-            .iter()
-            .filter(|m| m.mode == pb::ReplicaMode::Rw as i32)
-            .collect();
-        let reached: Vec<bool> = record_rw
-            .iter()
-            .map(|m| {
-                infos.iter().zip(&up_to_date).any(|(info, ok)| {
-                    *ok && info
-                        .as_ref()
-                        .is_some_and(|i| i.instance_id == m.instance_id)
-                })
-            })
-            .collect();
-        let count = up_to_date.iter().filter(|u| **u).count();
-        match cfg.write_policy {
-            WritePolicy::Available => {
-                let missing: Vec<_> = record_rw
-                    .iter()
-                    .zip(&reached)
-                    .filter(|(_, r)| !**r)
-                    .map(|(m, _)| m.address.clone())
-                    .collect();
-                if !missing.is_empty() {
-                    return Err(open_err(
-                        cfg,
-                        format!(
-                            "write policy available: waiting for {} (RW in membership generation {}), which may hold the only copy of the last writes",
-                            missing.join(", "),
-                            max_generation
-                        ),
-                    ));
-                }
+        if let Some(trusted) = trust {
+            // The operator names the replica to trust (`corral volume salvage --force`).
+            let Some(i) = addrs.iter().position(|a| a == trusted) else {
+                return Err(EngineError::Config(format!(
+                    "salvage: {trusted} is not one of the volume's replicas"
+                )));
+            };
+            if infos[i].is_none() {
+                return Err(open_err(
+                    cfg,
+                    format!(
+                        "salvage: {trusted} is not reachable or holds no replica of the volume"
+                    ),
+                ));
             }
-            WritePolicy::Quorum => {
-                let members = record.members.len().max(total);
-                let need = members / 2 + 1;
-                if count < need {
-                    return Err(open_err(
-                        cfg,
-                        format!(
-                            "write policy quorum: {count} up-to-date replica(s) reached, need {need} of {members}"
-                        ),
-                    ));
-                }
+            warn!(volume = %cfg.volume, replica = %trusted,
+                "salvage: trusting this replica's data; every other replica will be rebuilt from it");
+            up_to_date[i] = true;
+        } else {
+            for (i, info) in infos.iter().enumerate() {
+                let Some(info) = info else { continue };
+                up_to_date[i] = record_key(info) == newest_key
+                    && (max_generation == 0
+                        || mode_in(&record, &info.instance_id) == Some(pb::ReplicaMode::Rw));
             }
-        }
-        if count == 0 {
-            return Err(open_err(cfg, "no up-to-date replica reachable"));
+            check_policy(cfg, &record, &infos, &up_to_date, total, max_generation)?;
         }
     }
 
@@ -267,19 +323,16 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
                         cfg,
                         format!(
                             "{}: open at epoch {epoch} failed: {}",
-                            cfg.replicas[i],
+                            addrs[i],
                             status.message()
                         ),
                     ));
                 }
-                warn!(replica = %cfg.replicas[i], %status, "cannot fence a stale replica");
+                warn!(replica = %addrs[i], %status, "cannot fence a stale replica");
             }
             Err(_) => {
                 if up_to_date[i] {
-                    return Err(open_err(
-                        cfg,
-                        format!("{}: open timed out", cfg.replicas[i]),
-                    ));
+                    return Err(open_err(cfg, format!("{}: open timed out", addrs[i])));
                 }
             }
         }
@@ -296,9 +349,9 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
         if !up_to_date[i] {
             continue;
         }
-        let client = ReplicaClient::connect(&cfg.replicas[i], &cfg.volume, &settings)
+        let client = ReplicaClient::connect(&addrs[i], &cfg.volume, &settings)
             .await
-            .map_err(|e| open_err(cfg, format!("{}: {e}", cfg.replicas[i])))?;
+            .map_err(|e| open_err(cfg, format!("{}: {e}", addrs[i])))?;
         clients[i] = Some(Arc::new(client));
     }
 
@@ -308,34 +361,33 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
     let slots: Vec<ReplicaSlot> = (0..total)
         .map(|i| {
             let rw = up_to_date[i];
-            ReplicaSlot {
-                address: cfg.replicas[i].clone(),
-                instance_id: infos[i]
-                    .as_ref()
-                    .map(|i| i.instance_id.clone())
-                    .unwrap_or_default(),
-                mode: if rw { Mode::Rw } else { Mode::Err },
-                client: clients[i].clone(),
-                last_error: if rw {
-                    String::new()
-                } else if !problems[i].is_empty() {
+            let instance = infos[i]
+                .as_ref()
+                .map(|i| i.instance_id.clone())
+                .unwrap_or_default();
+            let mut slot = ReplicaSlot::new(
+                addrs[i].clone(),
+                instance,
+                if rw { Mode::Rw } else { Mode::Err },
+            );
+            slot.client = clients[i].clone();
+            if !rw {
+                slot.failed_at = Some(std::time::Instant::now());
+                slot.resume_cursor = infos[i].as_ref().and_then(|i| i.rebuild_cursor);
+                slot.last_error = if !problems[i].is_empty() {
                     format!("unreachable at open: {}", problems[i])
                 } else if infos[i].is_none() {
                     "no replica of this volume on the daemon: needs a full rebuild".into()
+                } else if slot.resume_cursor.is_some() {
+                    "its rebuild was interrupted: resuming".into()
                 } else {
                     "missed writes (older membership generation): needs a rebuild".into()
-                },
+                };
             }
+            slot
         })
         .collect();
-    let set = Arc::new(ReplicaSet::new(
-        cfg.volume.clone(),
-        epoch,
-        generation,
-        cfg.write_policy,
-        cfg.replica_timeout,
-        slots,
-    ));
+    let set = Arc::new(ReplicaSet::new(cfg, epoch, generation, slots));
     let record = set.membership();
     for i in 0..total {
         if !up_to_date[i] {
@@ -354,16 +406,11 @@ pub async fn open_volume(cfg: &EngineConfig) -> Result<Arc<Volume>, EngineError>
             client.control().set_membership(request),
         )
         .await
-        .map_err(|_| {
-            open_err(
-                cfg,
-                format!("{}: recording membership timed out", cfg.replicas[i]),
-            )
-        })?
+        .map_err(|_| open_err(cfg, format!("{}: recording membership timed out", addrs[i])))?
         .map_err(|s| {
             open_err(
                 cfg,
-                format!("{}: recording membership: {}", cfg.replicas[i], s.message()),
+                format!("{}: recording membership: {}", addrs[i], s.message()),
             )
         })?;
     }

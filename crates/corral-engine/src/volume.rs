@@ -2,24 +2,34 @@
 //! as a [`BlockDevice`].
 //!
 //! - writes are split at chunk boundaries and sent to every RW and WO
-//!   replica at once; success once every replica still RW has acknowledged
-//!   every piece (the failing ones are moved to ERR, and that is recorded,
-//!   before the acknowledgement);
+//!   replica at once, holding each chunk's lock shared; success once every
+//!   replica still RW has acknowledged every piece (the failing ones are
+//!   moved to ERR, and that is recorded, before the acknowledgement); chunks
+//!   written while some replica is in ERR are remembered for its catch-up;
 //! - reads go to one RW replica per piece, round robin, failing over to the
-//!   next on error;
-//! - flush (and FUA) reach stable storage on every RW replica.
+//!   next on error; a block that fails its checksum on one replica is read
+//!   from another and rewritten on the bad one (repair on read);
+//! - flush (and FUA) reach stable storage on every RW replica;
+//! - [`Volume::verify`] compares the RW replicas chunk by chunk by checksum.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use corral_block::{BlockDevice, BlockError, BlockResult, check_range};
 use corral_proto::v1::{self as pb, data_request::Op};
 use futures::future::join_all;
+use tracing::{info, warn};
 
 use crate::chunk::{ChunkMap, Segment};
 use crate::client::{DataOutcome, ReplicaClient};
 use crate::error::ReplicaIoError;
-use crate::replica_set::ReplicaSet;
+use crate::locks::ChunkLocks;
+use crate::replica_set::{ReplicaSet, SlotId};
+
+/// Most chunk pieces one write round queues per replica (well under the
+/// streams' in-flight limits).
+const SEGMENTS_PER_ROUND: usize = 32;
 
 /// A replicated volume.
 pub struct Volume {
@@ -28,6 +38,19 @@ pub struct Volume {
     block_size: u32,
     chunks: ChunkMap,
     set: Arc<ReplicaSet>,
+    locks: ChunkLocks,
+    repaired: AtomicU64,
+    /// Wakes the supervisor (a replica was added, or failed).
+    pub wake: tokio::sync::Notify,
+}
+
+/// What `verify` found.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyReport {
+    pub replicas: Vec<String>,
+    pub chunks_compared: u64,
+    /// (offset, length, replicas that differ from the first one)
+    pub differences: Vec<(u64, u64, Vec<String>)>,
 }
 
 impl Volume {
@@ -44,6 +67,9 @@ impl Volume {
             block_size,
             chunks,
             set,
+            locks: ChunkLocks::default(),
+            repaired: AtomicU64::new(0),
+            wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -59,47 +85,122 @@ impl Volume {
         &self.set
     }
 
+    pub fn chunk_locks(&self) -> &ChunkLocks {
+        &self.locks
+    }
+
+    /// Blocks rewritten by repair on read.
+    pub fn repaired_blocks(&self) -> u64 {
+        self.repaired.load(Ordering::Relaxed)
+    }
+
+    /// Byte range of a chunk, clipped to the volume: (offset, length).
+    pub fn chunk_range(&self, chunk: u64) -> (u64, u64) {
+        let size = self.chunks.chunk_size();
+        let offset = chunk.saturating_mul(size).min(self.size);
+        (offset, size.min(self.size - offset))
+    }
+
+    /// Number of chunks.
+    pub fn chunk_count(&self) -> u64 {
+        self.size.div_ceil(self.chunks.chunk_size())
+    }
+
+    async fn handle_failure(&self, id: SlotId, err: &ReplicaIoError, chunks: &[u64]) {
+        let before = self.set.rw_count();
+        let _ = self.set.handle_failure(id, err, chunks).await;
+        if self.set.rw_count() != before {
+            self.wake.notify_one();
+        }
+    }
+
     /// Send one mutating request per segment to every write target; ack when
-    /// every target still RW has acknowledged all of them.
+    /// every target still RW has acknowledged all of them. A request of many
+    /// chunks (a large discard) goes in rounds of [`SEGMENTS_PER_ROUND`].
     async fn fan_out<F>(&self, offset: u64, len: u64, make_op: F) -> BlockResult<()>
     where
         F: Fn(&Segment) -> Op,
     {
+        let segments: Vec<Segment> = self.chunks.split(offset, len).collect();
+        for round in segments.chunks(SEGMENTS_PER_ROUND) {
+            let ops = round.iter().map(|s| (*s, make_op(s))).collect();
+            self.fan_out_round(ops).await?;
+        }
+        Ok(())
+    }
+
+    async fn fan_out_round(&self, segments: Vec<(Segment, Op)>) -> BlockResult<()> {
         self.set.check_writable()?;
-        let segments: Vec<(Segment, Op)> = self
-            .chunks
-            .split(offset, len)
-            .map(|s| {
-                let op = make_op(&s);
-                (s, op)
-            })
-            .collect();
+        let chunk_ids: Vec<u64> = segments.iter().map(|(s, _)| s.chunk).collect();
+        let _gate = self.set.write_gate().await;
+        let _locks = self.locks.shared(chunk_ids.iter().copied()).await;
         let targets = self.set.write_targets();
         let epoch = self.set.epoch();
-        let per_target = targets.iter().map(|(idx, client, _mode)| {
-            let segments = &segments;
+        // Room on every target's streams first (this may wait)...
+        let reservations = join_all(targets.iter().map(|(_, client, _)| {
+            let chunk_ids = &chunk_ids;
             async move {
-                let calls = segments
-                    .iter()
-                    .map(|(seg, op)| client.call(seg.chunk, epoch, op.clone()));
-                let results = join_all(calls).await;
-                (*idx, results.into_iter().find_map(Result::err))
+                match tokio::time::timeout(client.timeout(), client.reserve(chunk_ids)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ReplicaIoError::Timeout(client.timeout())),
+                }
             }
-        });
-        let results = join_all(per_target).await;
+        }))
+        .await;
+        // ...then queue every piece on every target in one go, in the same
+        // order on every replica for any chunk two writes share...
+        let mut queued = Vec::with_capacity(targets.len());
+        {
+            let _order = self.locks.sequence(&chunk_ids);
+            for ((id, client, _), reservation) in targets.iter().zip(reservations) {
+                let pending = reservation.and_then(|r| {
+                    let replies = segments
+                        .iter()
+                        .map(|(seg, op)| client.send(seg.chunk, epoch, op.clone()))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok((r, replies))
+                });
+                queued.push((*id, client, pending));
+            }
+        }
+        // ...and wait for the replies, at most the replica timeout.
+        let results = join_all(queued.into_iter().map(|(id, client, pending)| async move {
+            let outcome = match pending {
+                Err(e) => Some(e),
+                Ok((reservation, replies)) => {
+                    let all = join_all(replies.into_iter().map(|r| r.wait()));
+                    let first_err = match tokio::time::timeout(client.timeout(), all).await {
+                        Ok(results) => results.into_iter().find_map(Result::err),
+                        Err(_) => Some(ReplicaIoError::Timeout(client.timeout())),
+                    };
+                    drop(reservation);
+                    first_err
+                }
+            };
+            (id, outcome)
+        }))
+        .await;
         let mut rejected = None;
-        for (idx, err) in results {
+        let mut refused = None;
+        for (id, err) in results {
             if let Some(err) = err {
                 if let ReplicaIoError::Rejected(_) = err {
                     rejected = Some(err);
                     continue;
                 }
                 // Record every failure first; the policy check comes after.
-                let _ = self.set.handle_failure(idx, &err).await;
+                if let Err(e) = self.set.handle_failure(id, &err, &chunk_ids).await {
+                    refused = Some(e);
+                }
+                self.wake.notify_one();
             }
         }
+        self.set.mark_missed(&chunk_ids);
         if let Some(err) = rejected {
             return Err(err.into());
+        }
+        if let Some(e) = refused {
+            return Err(e);
         }
         // Every target that failed is now ERR and recorded; what is left RW
         // acknowledged everything. Check the policy once more.
@@ -109,34 +210,48 @@ impl Volume {
     async fn read_segment(&self, seg: Segment) -> BlockResult<Bytes> {
         let epoch = self.set.epoch();
         let mut last: Option<ReplicaIoError> = None;
-        for (idx, client) in self.set.read_targets() {
+        let mut corrupt: Vec<(SlotId, Arc<ReplicaClient>, u64)> = Vec::new();
+        for (id, client) in self.set.read_targets() {
             let op = Op::Read(pb::ReadOp {
                 offset: seg.offset,
                 length: seg.len as u32,
             });
             match client.call(seg.chunk, epoch, op).await {
-                Ok(DataOutcome::Read(data)) if data.len() as u64 == seg.len => return Ok(data),
+                Ok(DataOutcome::Read(data)) if data.len() as u64 == seg.len => {
+                    for (bad_id, bad, block) in corrupt {
+                        self.repair(seg.chunk, bad_id, &bad, &client, block).await;
+                    }
+                    return Ok(data);
+                }
                 Ok(_) => {
                     let err = ReplicaIoError::Io(format!(
                         "{}: read reply of the wrong shape",
                         client.addr()
                     ));
-                    let _ = self.set.handle_failure(idx, &err).await;
+                    self.handle_failure(id, &err, &[]).await;
                     last = Some(err);
                 }
                 Err(ReplicaIoError::Rejected(m)) => return Err(BlockError::Invalid(m)),
+                Err(ReplicaIoError::Checksum { offset, message }) => {
+                    warn!(volume = %self.name, replica = %client.addr(), offset, "checksum mismatch: reading another copy");
+                    corrupt.push((id, Arc::clone(&client), offset));
+                    last = Some(ReplicaIoError::Checksum { offset, message });
+                }
                 Err(err) => {
                     if matches!(err, ReplicaIoError::Fenced(_)) {
                         self.set.mark_fenced(&err.to_string());
                         return Err(err.into());
                     }
-                    // A checksum mismatch leaves the replica RW: try the next copy.
-                    let _ = self.set.handle_failure(idx, &err).await;
+                    self.handle_failure(id, &err, &[]).await;
                     last = Some(err);
                 }
             }
         }
         Err(match last {
+            Some(ReplicaIoError::Checksum { message, .. }) => BlockError::Integrity(format!(
+                "volume {}: every RW replica failed the checksum at {}: {message}",
+                self.name, seg.offset
+            )),
             Some(err) => BlockError::Unavailable(format!(
                 "volume {}: no replica could serve a read at {}: last error: {err}",
                 self.name, seg.offset
@@ -145,18 +260,86 @@ impl Volume {
         })
     }
 
+    /// Rewrite the 4 KiB blocks of `chunk` that fail their checksum on `bad`
+    /// (starting at `block`) with the good replica's copy, under the chunk's
+    /// exclusive lock so that no write can land in between.
+    async fn repair(
+        &self,
+        chunk: u64,
+        bad_id: SlotId,
+        bad: &ReplicaClient,
+        good: &ReplicaClient,
+        block: u64,
+    ) {
+        let epoch = self.set.epoch();
+        let _lock = self.locks.exclusive(chunk).await;
+        let (start, len) = self.chunk_range(chunk);
+        let mut next = Some(block - block % 4096);
+        let mut rounds = 0;
+        while let Some(at) = next.take() {
+            rounds += 1;
+            if rounds > len / 4096 + 1 || at < start || at >= start + len {
+                break;
+            }
+            let data = match good
+                .call(
+                    chunk,
+                    epoch,
+                    Op::Read(pb::ReadOp {
+                        offset: at,
+                        length: 4096,
+                    }),
+                )
+                .await
+            {
+                Ok(DataOutcome::Read(d)) => d,
+                _ => return,
+            };
+            let crc = crc32c::crc32c(&data);
+            let write = Op::Write(pb::WriteOp {
+                offset: at,
+                data,
+                crc32c: crc,
+                fua: true,
+            });
+            if let Err(e) = bad.call(chunk, epoch, write).await {
+                self.handle_failure(bad_id, &e, &[chunk]).await;
+                return;
+            }
+            self.repaired.fetch_add(1, Ordering::Relaxed);
+            info!(volume = %self.name, replica = %bad.addr(), offset = at, "repaired a block that failed its checksum");
+            // Look for further bad blocks in the same chunk.
+            let check = Op::Read(pb::ReadOp {
+                offset: start,
+                length: len as u32,
+            });
+            if let Err(ReplicaIoError::Checksum { offset, .. }) =
+                bad.call(chunk, epoch, check).await
+            {
+                next = Some(offset - offset % 4096);
+            }
+        }
+    }
+
     /// Flush every write target; the RW ones must all succeed (or be ERR).
     async fn flush_all(&self) -> BlockResult<()> {
         self.set.check_writable()?;
         let epoch = self.set.epoch();
         let targets = self.set.write_targets();
-        let calls = targets.iter().map(|(idx, client, _)| async move {
-            (*idx, client.call(0, epoch, Op::Flush(pb::FlushOp {})).await)
+        let calls = targets.iter().map(|(id, client, _)| async move {
+            (*id, client.call(0, epoch, Op::Flush(pb::FlushOp {})).await)
         });
-        for (idx, result) in join_all(calls).await {
+        let mut refused = None;
+        for (id, result) in join_all(calls).await {
             if let Err(err) = result {
-                let _ = self.set.handle_failure(idx, &err).await;
+                if let Err(e) = self.set.handle_failure(id, &err, &[]).await {
+                    refused = Some(e);
+                }
+                self.wake.notify_one();
             }
+        }
+        if let Some(e) = refused {
+            return Err(e);
         }
         self.set.check_writable()
     }
@@ -168,6 +351,57 @@ impl Volume {
             .into_iter()
             .map(|(_, c)| c)
             .collect()
+    }
+
+    /// Compare the RW replicas chunk by chunk by their stored block checksums,
+    /// holding each chunk's lock so no write is half applied while comparing.
+    pub async fn verify(&self) -> Result<VerifyReport, BlockError> {
+        self.set.check_readable()?;
+        let epoch = self.set.epoch();
+        let mut targets = self.set.read_targets();
+        targets.sort_by_key(|(id, _)| *id);
+        let mut report = VerifyReport {
+            replicas: targets.iter().map(|(_, c)| c.addr().to_string()).collect(),
+            ..Default::default()
+        };
+        for chunk in 0..self.chunk_count() {
+            let (offset, len) = self.chunk_range(chunk);
+            let _lock = self.locks.exclusive(chunk).await;
+            let op = Op::Checksums(pb::ChecksumsOp {
+                offset,
+                length: len,
+            });
+            let sums = join_all(
+                targets
+                    .iter()
+                    .map(|(_, c)| c.call(chunk, epoch, op.clone())),
+            )
+            .await;
+            let mut first: Option<Vec<u32>> = None;
+            let mut differ = Vec::new();
+            for ((_, client), result) in targets.iter().zip(sums) {
+                let sums = match result {
+                    Ok(DataOutcome::Checksums(s)) => s,
+                    Ok(_) => {
+                        return Err(BlockError::Io(format!(
+                            "{}: checksum reply of the wrong shape",
+                            client.addr()
+                        )));
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                match &first {
+                    None => first = Some(sums),
+                    Some(f) if *f != sums => differ.push(client.addr().to_string()),
+                    Some(_) => {}
+                }
+            }
+            report.chunks_compared += 1;
+            if !differ.is_empty() {
+                report.differences.push((offset, len, differ));
+            }
+        }
+        Ok(report)
     }
 }
 

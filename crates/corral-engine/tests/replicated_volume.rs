@@ -130,7 +130,7 @@ async fn read_from_each(volume: &Volume, len: u64) -> Vec<Vec<u8>> {
 async fn unaligned_writes_reach_every_replica_and_read_back() {
     let reps = replicas(3).await;
     let size = 1 << 20;
-    let volume = open_volume(&config(&reps, size)).await.unwrap();
+    let volume = open_volume(&config(&reps, size), None).await.unwrap();
     let mut model = vec![0u8; size as usize];
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for round in 0..60u32 {
@@ -171,7 +171,7 @@ async fn unaligned_writes_reach_every_replica_and_read_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_replica_goes_to_err_and_the_change_is_recorded_first() {
     let mut reps = replicas(3).await;
-    let volume = open_volume(&config(&reps, 1 << 20)).await.unwrap();
+    let volume = open_volume(&config(&reps, 1 << 20), None).await.unwrap();
     assert_eq!(volume.replica_set().generation(), 1);
     volume
         .write(0, Bytes::from(vec![1u8; 4096]), false)
@@ -204,7 +204,7 @@ async fn quorum_refuses_writes_without_a_majority_but_still_reads() {
     let mut reps = replicas(3).await;
     let cfg = config(&reps, 1 << 20);
     assert_eq!(cfg.write_policy, WritePolicy::Quorum);
-    let volume = open_volume(&cfg).await.unwrap();
+    let volume = open_volume(&cfg, None).await.unwrap();
     volume
         .write(0, Bytes::from(vec![9u8; 4096]), false)
         .await
@@ -227,7 +227,7 @@ async fn available_policy_writes_down_to_the_last_replica_and_waits_for_it_at_op
     let mut reps = replicas(2).await;
     let cfg = config(&reps, 1 << 20);
     assert_eq!(cfg.write_policy, WritePolicy::Available);
-    let volume = open_volume(&cfg).await.unwrap();
+    let volume = open_volume(&cfg, None).await.unwrap();
     reps[1].stop().await;
     volume
         .write(0, Bytes::from(vec![5u8; 4096]), true)
@@ -238,7 +238,7 @@ async fn available_policy_writes_down_to_the_last_replica_and_waits_for_it_at_op
     drop(volume);
 
     // Replica 0 alone holds the last write: a new engine may open with it...
-    let again = open_volume(&cfg).await.unwrap();
+    let again = open_volume(&cfg, None).await.unwrap();
     assert_eq!(again.read(0, 4096).await.unwrap()[..], [5u8; 4096][..]);
     again.replica_set().shutdown();
     drop(again);
@@ -247,7 +247,7 @@ async fn available_policy_writes_down_to_the_last_replica_and_waits_for_it_at_op
     // answer) a new engine must refuse to serve.
     reps[0].stop().await;
     reps[1].restart().await;
-    match open_volume(&cfg).await {
+    match open_volume(&cfg, None).await {
         Err(EngineError::Open { reason, .. }) => {
             assert!(
                 reason.contains("waiting for") && reason.contains(&reps[0].addr),
@@ -263,13 +263,13 @@ async fn available_policy_writes_down_to_the_last_replica_and_waits_for_it_at_op
 async fn a_second_engine_fences_the_first() {
     let reps = replicas(3).await;
     let cfg = config(&reps, 1 << 20);
-    let first = open_volume(&cfg).await.unwrap();
+    let first = open_volume(&cfg, None).await.unwrap();
     first
         .write(0, Bytes::from(vec![1u8; 4096]), false)
         .await
         .unwrap();
 
-    let second = open_volume(&cfg).await.unwrap();
+    let second = open_volume(&cfg, None).await.unwrap();
     assert!(second.replica_set().epoch() > first.replica_set().epoch());
 
     let err = first
@@ -288,4 +288,57 @@ async fn a_second_engine_fences_the_first() {
     // The fenced engine did not take any replica out of the set on its way down.
     assert_eq!(second.replica_set().rw_count(), 3);
     let _ = Arc::clone(second.replica_set());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_concurrent_writes_land_in_the_same_order_on_every_replica() {
+    let reps = replicas(3).await;
+    let volume = open_volume(&config(&reps, 1 << 20), None).await.unwrap();
+    // Eight writers hammer the same 64 KiB with overlapping, unaligned writes.
+    let writers: Vec<_> = (0..8u64)
+        .map(|w| {
+            let volume = Arc::clone(&volume);
+            tokio::spawn(async move {
+                for round in 0..150u64 {
+                    let offset = (w * 4_001 + round * 1_237) % 50_000;
+                    let byte = (w * 16 + round % 16) as u8;
+                    volume
+                        .write(offset, Bytes::from(vec![byte; 7_000]), false)
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let copies = read_from_each(&volume, 1 << 20).await;
+    assert_eq!(copies.len(), 3);
+    assert!(
+        copies[0] == copies[1] && copies[1] == copies[2],
+        "replicas diverged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discarding_the_whole_volume_is_one_request_that_succeeds() {
+    let reps = replicas(3).await;
+    let size = 64 << 20; // 1024 chunks of 64 KiB
+    let volume = open_volume(&config(&reps, size), None).await.unwrap();
+    volume
+        .write(0, Bytes::from(vec![4u8; 1 << 20]), false)
+        .await
+        .unwrap();
+    volume.unmap(0, size).await.unwrap();
+    volume.write_zeroes(0, size, true).await.unwrap();
+    assert!(
+        volume
+            .read(0, 1 << 20)
+            .await
+            .unwrap()
+            .iter()
+            .all(|b| *b == 0)
+    );
+    assert_eq!(volume.replica_set().rw_count(), 3);
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use corral_proto::v1::{
     self as pb, CreateReplicaRequest, DeleteReplicaRequest, DeleteReplicaResponse,
     GetReplicaRequest, ListReplicasRequest, ListReplicasResponse, OpenReplicaRequest, ReplicaInfo,
-    SetMembershipRequest, replica_control_server::ReplicaControl,
+    SetMembershipRequest, SetRebuildCursorRequest, replica_control_server::ReplicaControl,
 };
 use corral_store::{CreateParams, Member, MemberMode, Membership};
 use tonic::{Request, Response, Status};
@@ -32,6 +32,7 @@ impl ControlService {
 pub fn membership_to_pb(m: &Membership) -> pb::Membership {
     pb::Membership {
         generation: m.generation,
+        epoch: m.epoch,
         members: m
             .members
             .iter()
@@ -70,6 +71,7 @@ pub fn membership_from_pb(m: &pb::Membership) -> Result<Membership, Status> {
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Membership {
         generation: m.generation,
+        epoch: m.epoch,
         members,
     })
 }
@@ -98,6 +100,7 @@ pub fn replica_info(hosted: &HostedReplica) -> ReplicaInfo {
         dirty_regions: hosted.store.dirty_regions(),
         region_size: hosted.store.region_size(),
         open: open_epoch != 0 && open_epoch == meta.epoch,
+        rebuild_cursor: meta.rebuild_cursor,
     }
 }
 
@@ -201,28 +204,49 @@ impl ReplicaControl for ControlService {
         )?;
         let hosted = self.registry.get(&req.volume)?;
         let info = blocking(move || {
-            // Hold the epoch gate so a newer engine's open cannot interleave.
-            let open = hosted.open_epoch.read().unwrap_or_else(|p| p.into_inner());
-            if *open != req.epoch {
-                return Err(ReplicaError::Store {
-                    volume: hosted.volume.clone(),
-                    source: corral_store::StoreError::StaleEpoch {
-                        current: *open,
-                        given: req.epoch,
-                    },
-                });
-            }
-            hosted
-                .store
-                .set_membership(membership)
-                .map_err(|source| ReplicaError::Store {
-                    volume: hosted.volume.clone(),
-                    source,
-                })?;
-            drop(open);
-            Ok(replica_info(&hosted))
+            with_epoch(&hosted, req.epoch, |h| h.store.set_membership(membership))
         })
         .await?;
         Ok(Response::new(info))
     }
+
+    async fn set_rebuild_cursor(
+        &self,
+        request: Request<SetRebuildCursorRequest>,
+    ) -> Result<Response<ReplicaInfo>, Status> {
+        let req = request.into_inner();
+        let hosted = self.registry.get(&req.volume)?;
+        let info = blocking(move || {
+            with_epoch(&hosted, req.epoch, |h| {
+                h.store.set_rebuild_cursor(req.cursor)
+            })
+        })
+        .await?;
+        Ok(Response::new(info))
+    }
+}
+
+/// Run a metadata update on behalf of the engine open at `epoch`, holding the
+/// epoch gate so that a newer engine's open cannot interleave.
+fn with_epoch(
+    hosted: &HostedReplica,
+    epoch: u64,
+    update: impl FnOnce(&HostedReplica) -> Result<(), corral_store::StoreError>,
+) -> Result<ReplicaInfo, ReplicaError> {
+    let open = hosted.open_epoch.read().unwrap_or_else(|p| p.into_inner());
+    if *open != epoch {
+        return Err(ReplicaError::Store {
+            volume: hosted.volume.clone(),
+            source: corral_store::StoreError::StaleEpoch {
+                current: *open,
+                given: epoch,
+            },
+        });
+    }
+    update(hosted).map_err(|source| ReplicaError::Store {
+        volume: hosted.volume.clone(),
+        source,
+    })?;
+    drop(open);
+    Ok(replica_info(hosted))
 }

@@ -56,6 +56,10 @@ pub struct Member {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Membership {
     pub generation: u64,
+    /// Epoch of the engine that wrote this record. Records are ordered by
+    /// (epoch, generation): a newer engine's records supersede an older one's.
+    #[serde(default)]
+    pub epoch: u64,
     pub members: Vec<Member>,
 }
 
@@ -77,6 +81,9 @@ pub struct VolumeMeta {
     pub epoch: u64,
     pub membership: Membership,
     pub layers: Vec<LayerInfo>,
+    /// How far a rebuild into this replica has come (bytes from the start of the
+    /// volume that are known good), while one is under way.
+    pub rebuild_cursor: Option<u64>,
     /// Whether the previous stop was clean (as found at open; true for a new store).
     pub clean_shutdown: bool,
 }

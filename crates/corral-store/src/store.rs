@@ -78,6 +78,7 @@ pub struct ReplicaStore {
 struct Mutable {
     epoch: u64,
     membership: Membership,
+    rebuild_cursor: Option<u64>,
 }
 
 /// Which halves of a write actually reach the disk: `Both` in production; tests simulate a
@@ -231,6 +232,7 @@ impl ReplicaStore {
         if !recovered.is_empty() {
             head.sync()?;
         }
+        let rebuild_cursor = db.rebuild_cursor()?;
         // From here until `close`, a stop is unclean.
         db.set_clean(false)?;
         let chunk_shift = rec.chunk_size.trailing_zeros();
@@ -249,6 +251,7 @@ impl ReplicaStore {
             mutable: Mutex::new(Mutable {
                 epoch: rec.epoch,
                 membership: rec.membership,
+                rebuild_cursor,
             }),
             head,
             stripes,
@@ -279,6 +282,7 @@ impl ReplicaStore {
             epoch: m.epoch,
             membership: m.membership.clone(),
             layers: self.layers.clone(),
+            rebuild_cursor: m.rebuild_cursor,
             clean_shutdown: self.clean_shutdown,
         }
     }
@@ -304,7 +308,7 @@ impl ReplicaStore {
     /// [`StoreError::StaleGeneration`]; equal or higher: stored.
     pub fn set_membership(&self, new: Membership) -> Result<()> {
         let mut m = lock(&self.mutable);
-        if new.generation < m.membership.generation {
+        if (new.epoch, new.generation) < (m.membership.epoch, m.membership.generation) {
             return Err(StoreError::StaleGeneration {
                 current: m.membership.generation,
                 given: new.generation,
@@ -313,6 +317,17 @@ impl ReplicaStore {
         if new != m.membership {
             self.db.set_membership(&new)?;
             m.membership = new;
+        }
+        Ok(())
+    }
+
+    /// Durably records how far a rebuild into this replica has come (`None`: no
+    /// rebuild under way).
+    pub fn set_rebuild_cursor(&self, cursor: Option<u64>) -> Result<()> {
+        let mut m = lock(&self.mutable);
+        if cursor != m.rebuild_cursor {
+            self.db.set_rebuild_cursor(cursor)?;
+            m.rebuild_cursor = cursor;
         }
         Ok(())
     }

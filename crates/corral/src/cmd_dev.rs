@@ -135,9 +135,13 @@ async fn wait_ready(listen: SocketAddr, procs: &mut [Proc]) -> anyhow::Result<()
                 .timeout(Duration::from_secs(2))
                 .connect()
                 .await?;
-            EngineControlClient::new(channel)
+            let info = EngineControlClient::new(channel)
                 .get_volume_info(VolumeInfoRequest {})
-                .await?;
+                .await?
+                .into_inner();
+            if info.state == "opening" {
+                bail!("still opening: {}", info.open_reason);
+            }
             anyhow::Ok(())
         };
         if attempt.await.is_ok() {

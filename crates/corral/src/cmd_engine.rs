@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use corral_block::BlockDevice;
+use corral_engine::control::EngineState;
 use corral_engine::{EngineConfig, EngineError, WritePolicy, open::open_volume};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -31,6 +32,9 @@ pub struct EngineArgs {
     /// Serve the volume over NBD on this address.
     #[arg(long)]
     pub nbd: Option<SocketAddr>,
+    /// Serve the volume over iSCSI on this address (iqn.2026-11.io.corral:<volume>, LUN 0).
+    #[arg(long)]
+    pub iscsi: Option<SocketAddr>,
     /// A replica that does not answer within this goes to ERR.
     #[arg(long, default_value = "8s", value_parser = parse_duration)]
     pub replica_timeout: Duration,
@@ -52,6 +56,15 @@ pub struct EngineArgs {
     /// Give up opening the volume after this long (replicas unreachable, waiting for a member).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub open_timeout: Duration,
+    /// How often failed replicas are retried and healthy ones pinged.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub replica_retry_interval: Duration,
+    /// Chunks a rebuild copies at once.
+    #[arg(long, default_value_t = 8)]
+    pub rebuild_concurrency: usize,
+    /// Most bytes per second a rebuild copies (e.g. 100MiB; default unlimited).
+    #[arg(long, value_parser = parse_size)]
+    pub rebuild_bandwidth: Option<u64>,
 }
 
 impl EngineArgs {
@@ -72,6 +85,15 @@ impl EngineArgs {
         if self.replica_timeout.is_zero() {
             bail!("--replica-timeout must be more than 0");
         }
+        if self.replica_retry_interval.is_zero() {
+            bail!("--replica-retry-interval must be more than 0");
+        }
+        if self.rebuild_concurrency == 0 || self.rebuild_concurrency > 256 {
+            bail!("--rebuild-concurrency must be between 1 and 256");
+        }
+        cfg.retry_interval = self.replica_retry_interval;
+        cfg.rebuild_concurrency = self.rebuild_concurrency;
+        cfg.rebuild_bandwidth = self.rebuild_bandwidth;
         corral_engine::open::validate(&cfg)?;
         Ok(cfg)
     }
@@ -92,14 +114,37 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let iscsi = match args.iscsi {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("iSCSI listener on {addr}"))?,
+        ),
+        None => None,
+    };
+
+    // The control service answers from now on: while the volume cannot be
+    // opened yet, `corral volume info` says why, and `salvage` can help.
+    let state = EngineState::new(cfg.clone());
+    let control_task = tokio::spawn(corral_engine::control::serve_control(
+        control,
+        Arc::clone(&state),
+        shutdown.signalled(),
+    ));
 
     let volume = {
         let mut stop = shutdown.subscribe();
         tokio::select! {
-            v = open_with_retry(&cfg, args.open_timeout) => v?,
+            v = open_with_retry(&cfg, &state, args.open_timeout) => v?,
             _ = stop.recv() => return Ok(()),
         }
     };
+    state.set_volume(Arc::clone(&volume));
+    let supervisor = tokio::spawn(corral_engine::supervisor::run(
+        Arc::clone(&volume),
+        cfg.supervisor(),
+        shutdown.subscribe(),
+    ));
 
     let mut frontends = Vec::new();
     let mut tasks = Vec::new();
@@ -117,20 +162,30 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
                 .map_err(anyhow::Error::from)
         }));
     }
+    if let Some(listener) = iscsi {
+        let addr = listener.local_addr()?;
+        let target = Arc::new(corral_iscsi::IscsiTarget::for_volume(
+            &cfg.volume,
+            Arc::clone(&volume),
+        ));
+        frontends.push(format!("iscsi://{addr}/{}/0", target.name()));
+        let stop = shutdown.subscribe();
+        tasks.push(tokio::spawn(async move {
+            corral_iscsi::serve(listener, target, stop)
+                .await
+                .map_err(anyhow::Error::from)
+        }));
+    }
     let frontends = frontends.join(" ");
     info!(volume = %cfg.volume, size = volume.size(), control = %args.listen, frontends = %frontends, "engine serving");
-    let control_task = tokio::spawn(corral_engine::control::serve_control(
-        control,
-        Arc::clone(&volume),
-        frontends,
-        shutdown.signalled(),
-    ));
+    state.set_frontends(frontends);
     for t in tasks {
         if let Err(e) = t.await? {
             warn!(error = %e, "frontend stopped with an error");
         }
     }
     control_task.await??;
+    let _ = supervisor.await;
     // Make everything acknowledged durable before leaving.
     if let Err(e) = volume.flush().await {
         warn!(error = %e, "final flush failed");
@@ -142,16 +197,19 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
 
 async fn open_with_retry(
     cfg: &EngineConfig,
+    state: &EngineState,
     limit: Duration,
 ) -> anyhow::Result<Arc<corral_engine::Volume>> {
     let start = Instant::now();
     let mut last_reason = String::new();
     loop {
-        match open_volume(cfg).await {
+        let trust = state.salvage_target();
+        match open_volume(cfg, trust.as_deref()).await {
             Ok(v) => return Ok(v),
             Err(EngineError::Open { reason, .. }) => {
                 if reason != last_reason {
                     warn!(volume = %cfg.volume, %reason, "cannot open the volume yet; retrying");
+                    state.set_waiting_for(&reason);
                     last_reason = reason.clone();
                 }
                 if start.elapsed() >= limit {

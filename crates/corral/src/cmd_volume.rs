@@ -1,11 +1,13 @@
 //! `corral volume --engine ADDR ...`: inspect a running engine's volume.
 
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use corral_proto::v1::{
-    ListEngineReplicasRequest, ReplicaMode, VolumeInfoRequest,
+    AddReplicaRequest, ListEngineReplicasRequest, RebuildStatus, RebuildStatusRequest,
+    RemoveReplicaRequest, ReplicaMode, SalvageRequest, VerifyRequest, VolumeInfoRequest,
     engine_control_client::EngineControlClient,
 };
 use serde_json::json;
@@ -24,12 +26,28 @@ pub struct VolumeArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCommand {
-    /// Name, size, epoch, membership generation, state and write policy.
+    /// Name, size, epoch, membership generation, state, write policy, rebuilds.
     Info,
     /// The volume's replicas.
     Replica {
         #[command(subcommand)]
         command: ReplicaCommand,
+    },
+    /// Progress of rebuilds (a live progress bar on a terminal; --watch to follow).
+    RebuildStatus {
+        /// Keep printing until no rebuild is running.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Compare all RW replicas chunk by chunk (by checksum); exit 1 on any difference.
+    Verify,
+    /// While the engine waits to open the volume: trust this replica's data.
+    Salvage {
+        /// Required: salvage can lose writes that only the other replicas hold.
+        #[arg(long)]
+        force: bool,
+        /// The replica daemon address to trust.
+        replica: String,
     },
 }
 
@@ -37,6 +55,10 @@ pub enum VolumeCommand {
 pub enum ReplicaCommand {
     /// Each replica's address and mode (RW, WO, ERR).
     Ls,
+    /// Add a replica (it joins in WO mode and is rebuilt), or retry one in ERR now.
+    Add { address: String },
+    /// Remove a replica from the volume.
+    Rm { address: String },
 }
 
 fn mode_name(mode: i32) -> &'static str {
@@ -76,6 +98,9 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                     "write_policy": v.write_policy, "state": v.state,
                     "replicas_total": v.replicas_total, "replicas_rw": v.replicas_rw,
                     "frontends": v.frontends, "writability": v.writability,
+                    "repaired_blocks": v.repaired_blocks, "open_reason": v.open_reason,
+                    "stale_replica_timeout_ms": v.stale_replica_timeout_ms,
+                    "rebuilds": v.rebuilds.iter().map(rebuild_json).collect::<Vec<_>>(),
                 });
                 println!("{out}");
             } else {
@@ -90,7 +115,122 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                 println!("write policy: {}", v.write_policy);
                 println!("writability:  {}", v.writability);
                 println!("frontends:    {}", v.frontends);
+                println!("repaired:     {} block(s)", v.repaired_blocks);
+                if !v.open_reason.is_empty() {
+                    println!("waiting for:  {}", v.open_reason);
+                }
+                for r in &v.rebuilds {
+                    println!("rebuild:      {}", rebuild_line(r));
+                }
             }
+        }
+        VolumeCommand::Replica {
+            command: ReplicaCommand::Add { address },
+        } => {
+            let r = client
+                .add_replica(AddReplicaRequest { address })
+                .await
+                .context("replica add")?
+                .into_inner();
+            println!("{}", r.message);
+        }
+        VolumeCommand::Replica {
+            command: ReplicaCommand::Rm { address },
+        } => {
+            let r = client
+                .remove_replica(RemoveReplicaRequest { address })
+                .await
+                .context("replica rm")?
+                .into_inner();
+            println!("{}", r.message);
+        }
+        VolumeCommand::RebuildStatus { watch } => {
+            let tty = std::io::stdout().is_terminal() && !args.json;
+            let live = watch || tty;
+            let mut drawn = 0;
+            loop {
+                let list = client
+                    .get_rebuild_status(RebuildStatusRequest {})
+                    .await
+                    .context("rebuild status")?
+                    .into_inner()
+                    .rebuilds;
+                let running = list.iter().any(|r| r.state == "running");
+                if args.json {
+                    let items: Vec<_> = list.iter().map(rebuild_json).collect();
+                    println!("{}", serde_json::Value::Array(items));
+                } else if list.is_empty() {
+                    println!("no rebuild since the engine started");
+                } else if tty {
+                    // Redraw in place: one line per rebuild.
+                    if drawn > 0 {
+                        print!("\x1b[{drawn}A\x1b[J");
+                    }
+                    for r in &list {
+                        println!("{}", progress_bar(r));
+                    }
+                    drawn = list.len();
+                } else {
+                    for r in &list {
+                        println!("{}", rebuild_line(r));
+                    }
+                }
+                if !live || !running {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        VolumeCommand::Verify => {
+            let r = client
+                .verify(VerifyRequest {})
+                .await
+                .context("verify")?
+                .into_inner();
+            if args.json {
+                let diffs: Vec<_> = r
+                    .differences
+                    .iter()
+                    .map(
+                        |d| json!({"offset": d.offset, "length": d.length, "replicas": d.replicas}),
+                    )
+                    .collect();
+                println!(
+                    "{}",
+                    json!({"replicas_compared": r.replicas_compared, "chunks_compared": r.chunks_compared, "differences": diffs})
+                );
+            } else {
+                println!(
+                    "compared {} chunk(s) across {} RW replica(s): {} difference(s)",
+                    r.chunks_compared,
+                    r.replicas_compared,
+                    r.differences.len()
+                );
+                for d in r.differences.iter().take(50) {
+                    println!(
+                        "  [{}, +{}) differs on {}",
+                        d.offset,
+                        d.length,
+                        d.replicas.join(", ")
+                    );
+                }
+            }
+            if !r.differences.is_empty() {
+                anyhow::bail!("replicas differ in {} chunk(s)", r.differences.len());
+            }
+        }
+        VolumeCommand::Salvage { force, replica } => {
+            if !force {
+                anyhow::bail!(
+                    "salvage trusts {replica} and rebuilds every other replica from it, losing writes only they hold; add --force"
+                );
+            }
+            let r = client
+                .salvage(SalvageRequest { replica })
+                .await
+                .context("salvage")?
+                .into_inner();
+            println!("{}", r.message);
         }
         VolumeCommand::Replica {
             command: ReplicaCommand::Ls,
@@ -130,4 +270,59 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn rebuild_json(r: &RebuildStatus) -> serde_json::Value {
+    json!({
+        "address": r.address, "kind": r.kind, "state": r.state,
+        "total_bytes": r.total_bytes, "done_bytes": r.done_bytes,
+        "copied_bytes": r.copied_bytes, "skipped_bytes": r.skipped_bytes,
+        "elapsed_ms": r.elapsed_ms, "eta_ms": r.eta_ms, "error": r.error,
+    })
+}
+
+fn rebuild_line(r: &RebuildStatus) -> String {
+    let pct = if r.total_bytes == 0 {
+        100.0
+    } else {
+        r.done_bytes as f64 * 100.0 / r.total_bytes as f64
+    };
+    let mut line = format!(
+        "{} {} {}: {:.1}% of {:.1} MiB walked, {:.1} MiB copied, {:.1} MiB identical, {:.1}s",
+        r.address,
+        r.kind,
+        r.state,
+        pct,
+        mib(r.total_bytes),
+        mib(r.copied_bytes),
+        mib(r.skipped_bytes),
+        r.elapsed_ms as f64 / 1000.0
+    );
+    if r.state == "running" && r.eta_ms > 0 {
+        line.push_str(&format!(", ETA {:.0}s", r.eta_ms as f64 / 1000.0));
+    }
+    if !r.error.is_empty() {
+        line.push_str(&format!(" ({})", r.error));
+    }
+    line
+}
+
+fn progress_bar(r: &RebuildStatus) -> String {
+    const WIDTH: usize = 30;
+    let frac = if r.total_bytes == 0 {
+        1.0
+    } else {
+        r.done_bytes as f64 / r.total_bytes as f64
+    };
+    let filled = ((frac * WIDTH as f64) as usize).min(WIDTH);
+    format!(
+        "[{}{}] {}",
+        "#".repeat(filled),
+        "-".repeat(WIDTH - filled),
+        rebuild_line(r)
+    )
 }

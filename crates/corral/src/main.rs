@@ -52,6 +52,9 @@ enum Command {
         /// NBD listen address.
         #[arg(long)]
         nbd: Option<SocketAddr>,
+        /// iSCSI listen address (target iqn.2026-11.io.corral:<name>, LUN 0).
+        #[arg(long)]
+        iscsi: Option<SocketAddr>,
         /// Export name (default: the file name without extension).
         #[arg(long)]
         name: Option<String>,
@@ -139,9 +142,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             file,
             size,
             nbd,
+            iscsi,
             name,
             block_size,
-        } => cmd_serve_file::run(file, size, nbd, name, block_size).await,
+        } => cmd_serve_file::run(file, size, nbd, iscsi, name, block_size).await,
         Command::Dev(args) => cmd_dev::run(args).await,
     }
 }

@@ -51,6 +51,7 @@ fn create_open_close_round_trip() {
     s.set_epoch(3).unwrap();
     let ms = Membership {
         generation: 2,
+        epoch: 3,
         members: vec![
             Member {
                 address: "10.0.0.1:9502".into(),
@@ -239,6 +240,7 @@ fn stale_epoch_and_generation() {
     }
     let m = |generation| Membership {
         generation,
+        epoch: 1,
         members: vec![Member {
             address: format!("a:{generation}"),
             instance_id: "i".into(),
@@ -261,6 +263,11 @@ fn stale_epoch_and_generation() {
     assert_eq!(s.meta().membership, m(7));
     assert!(matches!(s.set_epoch(1), Err(StoreError::StaleEpoch { .. })));
     s.set_epoch(6).unwrap();
+    // A newer engine's record supersedes, whatever its generation.
+    let mut newer = m(2);
+    newer.epoch = 6;
+    s.set_membership(newer.clone()).unwrap();
+    assert_eq!(s.meta().membership, newer);
     s.close().unwrap();
 }
 
@@ -552,4 +559,22 @@ fn unwritten_volume_reads_zeroes_and_large_reads_are_capped() {
     assert_eq!(sums.len(), (size / BLOCK) as usize);
     assert!(sums.iter().all(|&c| c == zero_block_crc()));
     s.close().unwrap();
+}
+
+#[test]
+fn rebuild_cursor_persists_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r");
+    let store = ReplicaStore::create(&path, params(1 << 20, 65536)).unwrap();
+    assert_eq!(store.meta().rebuild_cursor, None);
+    store.set_rebuild_cursor(Some(65536)).unwrap();
+    store.crash();
+    let store = ReplicaStore::open(&path).unwrap();
+    assert_eq!(store.meta().rebuild_cursor, Some(65536));
+    store.set_rebuild_cursor(None).unwrap();
+    store.close().unwrap();
+    assert_eq!(
+        ReplicaStore::open(&path).unwrap().meta().rebuild_cursor,
+        None
+    );
 }
