@@ -93,7 +93,9 @@ import json, sys, os
 work = sys.argv[1]
 jobs = ["randread-4k-qd32", "randread-4k-qd1", "randwrite-4k-qd32", "randwrite-4k-qd1", "seqwrite-1m-qd8"]
 def stats(label, job):
-    d = json.load(open(os.path.join(work, f"{label}-{job}.json")))["jobs"][0]
+    text = open(os.path.join(work, f"{label}-{job}.json")).read()
+    # fio may print notes (e.g. from libiscsi) before the JSON document.
+    d = json.loads(text[text.index("{"):])["jobs"][0]
     side = d["read"] if d["read"]["io_bytes"] > 0 else d["write"]
     p99 = side["clat_ns"]["percentile"].get("99.000000", 0) / 1000.0
     return side["iops"], side["bw_bytes"] / 1048576.0, p99

@@ -11,7 +11,9 @@
 //! nbdfuse); [`tools`] has small wrappers that fail loudly when a tool is
 //! missing instead of skipping.
 
+pub mod checker;
 pub mod nbd_raw;
+pub mod proxy;
 pub mod tools;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -21,6 +23,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
+
+use crate::proxy::{Mode, Proxy};
 
 /// The `corral` binary under test: `$CORRAL_BIN`, or the workspace's debug build.
 pub fn corral_bin() -> PathBuf {
@@ -194,6 +198,8 @@ pub struct Engine {
     /// The engine's iSCSI portal (target `iqn.2026-11.io.corral:<volume>`, LUN 0).
     pub iscsi: SocketAddr,
     pub process: Process,
+    /// The replica addresses on its command line (proxies' when proxied).
+    pub replica_addrs: Vec<String>,
 }
 
 impl Engine {
@@ -220,6 +226,9 @@ pub struct EngineSpec {
     /// Indexes into the cluster's replicas.
     pub replicas: Vec<usize>,
     pub extra: Vec<String>,
+    /// Reach the replicas through the cluster's fault-injecting proxies
+    /// (one per replica daemon, shared by every proxied engine).
+    pub proxied: bool,
 }
 
 impl EngineSpec {
@@ -229,12 +238,32 @@ impl EngineSpec {
             size: size.to_string(),
             replicas: replicas.to_vec(),
             extra: vec!["--replica-timeout".into(), "3s".into()],
+            proxied: false,
         }
     }
 
     pub fn arg(mut self, flag: &str, value: &str) -> Self {
         self.extra.push(flag.to_string());
         self.extra.push(value.to_string());
+        self
+    }
+
+    /// Set `flag` to `value`, replacing an earlier value of the same flag
+    /// (the engine refuses a flag given twice).
+    pub fn set(mut self, flag: &str, value: &str) -> Self {
+        if let Some(i) = self.extra.iter().position(|a| a == flag)
+            && i + 1 < self.extra.len()
+        {
+            self.extra[i + 1] = value.to_string();
+            return self;
+        }
+        self.arg(flag, value)
+    }
+
+    /// Connect to every replica through the cluster's proxy for it (see
+    /// [`Cluster::proxy`] and [`Cluster::link`]).
+    pub fn via_proxies(mut self) -> Self {
+        self.proxied = true;
         self
     }
 }
@@ -244,6 +273,11 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub replicas: Vec<Replica>,
     pub engines: Vec<Engine>,
+    /// The proxy in front of each replica daemon, made when a proxied
+    /// engine first needs it.
+    pub proxies: Vec<Option<Proxy>>,
+    /// tmpfs file systems mounted for replica data dirs (unmounted on drop).
+    mounts: Vec<PathBuf>,
 }
 
 impl Cluster {
@@ -253,6 +287,8 @@ impl Cluster {
             dir,
             replicas: Vec::new(),
             engines: Vec::new(),
+            proxies: Vec::new(),
+            mounts: Vec::new(),
         })
     }
 
@@ -271,6 +307,11 @@ impl Cluster {
 
     /// Start a new replica daemon; returns its index.
     pub fn start_replica(&mut self) -> Result<usize> {
+        self.start_replica_with(&[])
+    }
+
+    /// Start a new replica daemon with extra arguments (e.g. `--metrics ADDR`).
+    pub fn start_replica_with(&mut self, extra: &[&str]) -> Result<usize> {
         let i = self.replicas.len();
         let addr = free_addr();
         let data_dir = self.path().join(format!("replica-{i}"));
@@ -281,6 +322,8 @@ impl Cluster {
             "--data-dir".into(),
             data_dir.display().to_string(),
         ];
+        let mut args = args;
+        args.extend(extra.iter().map(|s| s.to_string()));
         let log = self.path().join(format!("replica-{i}.log"));
         let process = Process::spawn(&format!("replica-{i}"), args, log)?;
         wait_for_port(addr, Duration::from_secs(20))?;
@@ -325,9 +368,16 @@ impl Cluster {
             "--iscsi".into(),
             iscsi.to_string(),
         ];
+        let mut replica_addrs = Vec::new();
         for r in &spec.replicas {
+            let addr = if spec.proxied {
+                self.ensure_proxy(*r)?.to_string()
+            } else {
+                self.replicas[*r].addr.to_string()
+            };
             args.push("--replica".into());
-            args.push(self.replicas[*r].addr.to_string());
+            args.push(addr.clone());
+            replica_addrs.push(addr);
         }
         args.extend(spec.extra.iter().cloned());
         let log = self.path().join(format!("engine-{i}.log"));
@@ -338,6 +388,7 @@ impl Cluster {
             nbd,
             iscsi,
             process,
+            replica_addrs,
         });
         Ok(i)
     }
@@ -405,7 +456,7 @@ impl Cluster {
 
     /// Mode ("RW", "WO", "ERR") of the replica at `addr` as engine `engine` reports it.
     pub fn replica_mode(&self, engine: usize, replica: usize) -> Result<String> {
-        let addr = self.replicas[replica].addr.to_string();
+        let addr = self.replica_address(engine, replica);
         for r in self.replica_ls(engine)? {
             if r["address"] == addr.as_str() {
                 return Ok(r["mode"].as_str().unwrap_or_default().to_string());
@@ -440,6 +491,163 @@ impl Cluster {
             .join("head.img")
     }
 
+    /// The proxy in front of replica daemon `replica`, made on first use.
+    fn ensure_proxy(&mut self, replica: usize) -> Result<SocketAddr> {
+        if self.proxies.len() <= replica {
+            self.proxies.resize_with(replica + 1, || None);
+        }
+        if self.proxies[replica].is_none() {
+            self.proxies[replica] = Some(Proxy::start(self.replicas[replica].addr)?);
+        }
+        Ok(self.proxies[replica].as_ref().map(Proxy::addr).unwrap())
+    }
+
+    /// The proxy in front of replica daemon `replica` (panics if no proxied
+    /// engine uses it). Its mode applies to every engine's connections;
+    /// [`Cluster::link`] sets one engine's.
+    pub fn proxy(&self, replica: usize) -> &Proxy {
+        self.proxies
+            .get(replica)
+            .and_then(Option::as_ref)
+            .unwrap_or_else(|| {
+                panic!("no proxy for replica-{replica}: use EngineSpec::via_proxies")
+            })
+    }
+
+    /// Set how the network between engine `engine` (its current process)
+    /// and replica `replica` behaves, leaving other engines' links alone.
+    pub fn link(&self, engine: usize, replica: usize, mode: Mode) -> Result<()> {
+        let pid = self.engines[engine]
+            .process
+            .pid()
+            .with_context(|| format!("engine-{engine} is not running"))?;
+        self.proxy(replica).set_mode_for(pid, mode);
+        Ok(())
+    }
+
+    /// Heal every proxy: everything passes again.
+    pub fn heal(&self) {
+        for p in self.proxies.iter().flatten() {
+            p.heal();
+        }
+    }
+
+    /// The address engine `engine` knows replica `replica` by (its proxy's
+    /// when the engine is proxied).
+    pub fn replica_address(&self, engine: usize, replica: usize) -> String {
+        let direct = self.replicas[replica].addr.to_string();
+        let proxied = self
+            .proxies
+            .get(replica)
+            .and_then(Option::as_ref)
+            .map(|p| p.addr().to_string());
+        let named = &self.engines[engine].replica_addrs;
+        match proxied {
+            Some(p) if named.contains(&p) => p,
+            _ => direct,
+        }
+    }
+
+    /// The newest rebuild into replica `replica` that `volume info` of
+    /// engine `engine` lists, if any.
+    pub fn rebuild_of(&self, engine: usize, replica: usize) -> Result<Option<Value>> {
+        let addr = self.replica_address(engine, replica);
+        let info = self.volume_info(engine)?;
+        Ok(info["rebuilds"]
+            .as_array()
+            .and_then(|list| list.iter().rev().find(|r| r["address"] == addr.as_str()))
+            .cloned())
+    }
+
+    /// `corral volume --engine E --json verify`: Ok(report) when the RW
+    /// replicas are identical, an error with the differences otherwise.
+    pub fn verify(&self, engine: usize) -> Result<Value> {
+        let control = self.engines[engine].control.to_string();
+        let out = self.corral(&["volume", "--engine", &control, "--json", "verify"])?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "volume verify failed ({}): {stdout} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_str(&stdout)?)
+    }
+
+    /// Wait until engine `engine` reports `state` ("serving", "degraded",
+    /// "unavailable", "fenced", "opening"); returns its last `volume info`.
+    pub fn wait_state(&self, engine: usize, state: &str, limit: Duration) -> Result<Value> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let info = self.volume_info(engine);
+            if let Ok(i) = &info
+                && i["state"] == state
+            {
+                return info;
+            }
+            if Instant::now() > deadline {
+                bail!("engine-{engine} not {state} after {limit:?}: last info {info:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Wait until engine `engine` reports replica `replica` in `mode`.
+    pub fn wait_mode(
+        &self,
+        engine: usize,
+        replica: usize,
+        mode: &str,
+        limit: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let now = self.replica_mode(engine, replica);
+            if now.as_deref().ok() == Some(mode) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "replica-{replica} not {mode} on engine-{engine} after {limit:?}: {now:?}; {:?}",
+                    self.replica_ls(engine)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Start a replica daemon whose data dir is a tmpfs of `size` (`mount -o
+    /// size=`, e.g. "8m"): a small disk that fills up. Needs root; the file
+    /// system is unmounted when the cluster is dropped.
+    pub fn start_replica_on_tmpfs(&mut self, size: &str) -> Result<usize> {
+        let i = self.replicas.len();
+        let data_dir = self.path().join(format!("replica-{i}"));
+        std::fs::create_dir_all(&data_dir)?;
+        let out = run_bounded(
+            Command::new("mount").args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                &data_dir.display().to_string(),
+            ]),
+            Duration::from_secs(10),
+        )?;
+        if !out.status.success() {
+            bail!(
+                "mount -t tmpfs on {} failed (the test needs root): {}",
+                data_dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.mounts.push(data_dir);
+        let j = self.start_replica()?;
+        debug_assert_eq!(i, j);
+        Ok(j)
+    }
+
     /// Stop everything cleanly: engines first, then replica daemons.
     pub fn stop_all(&mut self) -> Result<()> {
         for e in &mut self.engines {
@@ -464,7 +672,33 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        self.print_logs_if_failing();
+        if !self.mounts.is_empty() {
+            // Nothing may hold files on a tmpfs we unmount.
+            for e in &mut self.engines {
+                let _ = e.process.kill9();
+            }
+            for r in &mut self.replicas {
+                let _ = r.process.kill9();
+            }
+            for m in self.mounts.drain(..) {
+                if let Ok(path) = std::ffi::CString::new(m.display().to_string()) {
+                    // SAFETY: a valid C string; MNT_DETACH so a busy mount still goes.
+                    unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+                }
+            }
+        }
+    }
+}
+
+impl Cluster {
+    fn print_logs_if_failing(&self) {
         if std::thread::panicking() {
+            // CORRAL_TEST_LOG_LINES=N prints more of each log.
+            let keep = std::env::var("CORRAL_TEST_LOG_LINES")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(40usize);
             for p in self
                 .engines
                 .iter()
@@ -474,7 +708,7 @@ impl Drop for Cluster {
                 let text = p.log_text();
                 let lines: Vec<&str> = text.lines().collect();
                 eprintln!("----- last lines of {} ({}) -----", p.name, p.log.display());
-                for l in &lines[lines.len().saturating_sub(40)..] {
+                for l in &lines[lines.len().saturating_sub(keep)..] {
                     eprintln!("{l}");
                 }
             }

@@ -12,7 +12,7 @@
 //!   read, flush, verify); [`locks`]: per-chunk ordering with copiers;
 //! - [`rebuild`]: the copier that brings a WO replica up to date;
 //! - [`supervisor`]: pings, stale-replica expiry, bringing replicas back;
-//! - [`control`]: the engine's control gRPC service.
+//! - [`control`]: the engine's control gRPC service; [`metrics`]: Prometheus.
 
 pub mod chunk;
 pub mod client;
@@ -20,6 +20,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod locks;
+pub mod metrics;
 pub mod open;
 pub mod rebuild;
 pub mod replica_set;

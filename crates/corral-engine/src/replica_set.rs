@@ -152,6 +152,8 @@ pub struct ReplicaSet {
     next_id: AtomicU64,
     /// Slots in ERR that track missed chunks (skip the bookkeeping when 0).
     tracking: AtomicUsize,
+    /// Replicas moved to ERR since the engine started.
+    failures: AtomicU64,
 }
 
 fn rw_of(state: &SetState) -> usize {
@@ -186,6 +188,7 @@ impl ReplicaSet {
             next_read: AtomicUsize::new(0),
             next_id: AtomicU64::new(next),
             tracking: AtomicUsize::new(0),
+            failures: AtomicU64::new(0),
         }
     }
 
@@ -229,6 +232,11 @@ impl ReplicaSet {
 
     pub fn chunk_count(&self) -> u64 {
         self.chunks
+    }
+
+    /// Replicas moved to ERR since the engine started.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
     }
 
     pub fn is_fenced(&self) -> bool {
@@ -434,6 +442,7 @@ impl ReplicaSet {
                     slot.mode = Mode::Err;
                     slot.last_error = err.to_string();
                     slot.failed_at = Some(Instant::now());
+                    self.failures.fetch_add(1, Ordering::Relaxed);
                     // A replica that fails mid-rebuild has a gap we do not
                     // track: it will be compared chunk by chunk.
                     slot.missed = if previous == Mode::Rw {
@@ -518,6 +527,7 @@ impl ReplicaSet {
                         "cannot record membership: moving replica to ERR");
                     slot.mode = Mode::Err;
                     slot.last_error = format!("recording membership: {why}");
+                    self.failures.fetch_add(1, Ordering::Relaxed);
                     slot.failed_at = Some(Instant::now());
                     slot.missed = Some(ChunkBitmap::new(self.chunks));
                     if let Some(client) = slot.client.take() {

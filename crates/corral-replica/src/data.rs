@@ -9,6 +9,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use corral_proto::v1::{
@@ -22,19 +23,29 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
+use crate::metrics::ReplicaMetrics;
 use crate::registry::{HostedReplica, ReplicaRegistry};
 
 /// Implements `corral.v1.ReplicaData`.
 pub struct DataService {
     registry: Arc<ReplicaRegistry>,
     stop: watch::Receiver<bool>,
+    metrics: ReplicaMetrics,
 }
 
 impl DataService {
     /// `stop` turning true ends every open stream (daemon shutdown), so that
     /// the server's graceful shutdown does not wait for engines to hang up.
-    pub fn new(registry: Arc<ReplicaRegistry>, stop: watch::Receiver<bool>) -> Self {
-        DataService { registry, stop }
+    pub fn new(
+        registry: Arc<ReplicaRegistry>,
+        stop: watch::Receiver<bool>,
+        metrics: ReplicaMetrics,
+    ) -> Self {
+        DataService {
+            registry,
+            stop,
+            metrics,
+        }
     }
 }
 
@@ -66,6 +77,7 @@ impl ReplicaData for DataService {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<DataReplyBatch, Status>>(REPLY_QUEUE);
         let mut stop = self.stop.clone();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             loop {
                 let message = tokio::select! {
@@ -84,8 +96,9 @@ impl ReplicaData for DataService {
                     }
                 };
                 let replica = Arc::clone(&hosted);
+                let m = metrics.clone();
                 let replies =
-                    tokio::task::spawn_blocking(move || execute_batch(&replica, batch)).await;
+                    tokio::task::spawn_blocking(move || execute_batch(&replica, batch, &m)).await;
                 let replies = match replies {
                     Ok(r) => r,
                     Err(e) => {
@@ -135,7 +148,11 @@ fn store_error_reply(id: u64, e: StoreError) -> DataReply {
 
 /// Execute one batch in order. Holds the replica's epoch gate for the whole
 /// batch so that an engine opening the replica at a newer epoch waits for it.
-fn execute_batch(replica: &HostedReplica, batch: DataRequestBatch) -> DataReplyBatch {
+fn execute_batch(
+    replica: &HostedReplica,
+    batch: DataRequestBatch,
+    metrics: &ReplicaMetrics,
+) -> DataReplyBatch {
     let open = replica.open_epoch.read().unwrap_or_else(|p| p.into_inner());
     let replies = batch
         .requests
@@ -157,10 +174,45 @@ fn execute_batch(replica: &HostedReplica, batch: DataRequestBatch) -> DataReplyB
                     0,
                 );
             }
-            execute(replica, req)
+            let started = Instant::now();
+            let (op, bytes) = describe(&req);
+            let reply = execute(replica, req);
+            let result = match &reply.result {
+                Some(data_reply::Result::Error(e)) => error_name(e.code),
+                _ => "ok",
+            };
+            metrics.record(op, result, bytes, started);
+            reply
         })
         .collect();
     DataReplyBatch { replies }
+}
+
+/// The operation's name and payload size, for metrics.
+fn describe(req: &DataRequest) -> (&'static str, u64) {
+    match &req.op {
+        Some(data_request::Op::Read(r)) => ("read", u64::from(r.length)),
+        Some(data_request::Op::Write(w)) => ("write", w.data.len() as u64),
+        Some(data_request::Op::Flush(_)) => ("flush", 0),
+        Some(data_request::Op::Unmap(u)) => ("unmap", u.length),
+        Some(data_request::Op::WriteZeroes(z)) => ("write_zeroes", z.length),
+        Some(data_request::Op::Checksums(_)) => ("checksums", 0),
+        None => ("none", 0),
+    }
+}
+
+fn error_name(code: i32) -> &'static str {
+    match DataErrorCode::try_from(code) {
+        Ok(DataErrorCode::StaleEpoch) => "stale_epoch",
+        Ok(DataErrorCode::BadPayload) => "bad_payload",
+        Ok(DataErrorCode::OutOfRange) => "out_of_range",
+        Ok(DataErrorCode::Checksum) => "checksum",
+        Ok(DataErrorCode::NoSpace) => "no_space",
+        Ok(DataErrorCode::Io) => "io",
+        Ok(DataErrorCode::Invalid) => "invalid",
+        Ok(DataErrorCode::NotOpen) => "not_open",
+        _ => "unknown",
+    }
 }
 
 fn done(id: u64) -> DataReply {

@@ -13,9 +13,10 @@
 pub mod control;
 pub mod data;
 pub mod error;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 
 pub use error::ReplicaError;
 pub use registry::ReplicaRegistry;
-pub use server::{ReplicaServerConfig, serve, serve_listener};
+pub use server::{ReplicaServerConfig, serve, serve_listener, serve_with_metrics};

@@ -16,6 +16,7 @@ use tracing::info;
 use crate::control::ControlService;
 use crate::data::DataService;
 use crate::error::ReplicaError;
+use crate::metrics::ReplicaMetrics;
 use crate::registry::ReplicaRegistry;
 
 /// How a replica daemon runs.
@@ -51,6 +52,16 @@ pub async fn serve_listener(
     data_dir: PathBuf,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ReplicaError> {
+    serve_with_metrics(listener, data_dir, None, shutdown).await
+}
+
+/// Like [`serve_listener`], also serving Prometheus metrics on `metrics`.
+pub async fn serve_with_metrics(
+    listener: TcpListener,
+    data_dir: PathBuf,
+    metrics: Option<TcpListener>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ReplicaError> {
     let dir = data_dir.clone();
     let registry = Arc::new(
         tokio::task::spawn_blocking(move || ReplicaRegistry::open(&dir))
@@ -77,6 +88,23 @@ pub async fn serve_listener(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let mut registry_metrics = corral_metrics::Registry::default();
+    let replica_metrics = ReplicaMetrics::register(&mut registry_metrics);
+    if let Some(listener) = metrics {
+        let refreshed = replica_metrics.clone();
+        let hosted = Arc::clone(&registry);
+        let exporter =
+            corral_metrics::Exporter::new(registry_metrics, move || refreshed.refresh(&hosted));
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let done = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = corral_metrics::serve(listener, exporter, done).await {
+                tracing::warn!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
     let mut server_stop = stop_rx.clone();
     let server_stop = async move {
         let _ = server_stop.wait_for(|s| *s).await;
@@ -91,9 +119,13 @@ pub async fn serve_listener(
             &registry,
         ))))
         .add_service(
-            ReplicaDataServer::new(DataService::new(Arc::clone(&registry), stop_rx))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
+            ReplicaDataServer::new(DataService::new(
+                Arc::clone(&registry),
+                stop_rx,
+                replica_metrics,
+            ))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
         )
         .serve_with_incoming_shutdown(incoming, server_stop)
         .await;

@@ -59,6 +59,9 @@ pub struct EngineArgs {
     /// How often failed replicas are retried and healthy ones pinged.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub replica_retry_interval: Duration,
+    /// Serve Prometheus metrics on http://ADDR/metrics.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
     /// Chunks a rebuild copies at once.
     #[arg(long, default_value_t = 8)]
     pub rebuild_concurrency: usize,
@@ -132,6 +135,26 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
         shutdown.signalled(),
     ));
 
+    let mut registry = corral_metrics::Registry::default();
+    let engine_metrics = corral_engine::metrics::EngineMetrics::register(&mut registry);
+    if let Some(addr) = args.metrics {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics listener on {addr}"))?;
+        let refreshed = engine_metrics.clone();
+        let seen = Arc::clone(&state);
+        let exporter = corral_metrics::Exporter::new(registry, move || {
+            if let Some(v) = seen.volume() {
+                refreshed.refresh(v);
+            }
+        });
+        tokio::spawn(corral_metrics::serve(
+            listener,
+            exporter,
+            shutdown.signalled(),
+        ));
+    }
+
     let volume = {
         let mut stop = shutdown.subscribe();
         tokio::select! {
@@ -148,12 +171,17 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
 
     let mut frontends = Vec::new();
     let mut tasks = Vec::new();
+    // The frontends serve the volume through a wrapper that counts and times every I/O.
+    let metered = Arc::new(corral_engine::metrics::Metered::new(
+        Arc::clone(&volume),
+        engine_metrics.clone(),
+    ));
     if let Some(listener) = nbd {
         let addr = listener.local_addr()?;
         frontends.push(format!("nbd://{addr}/{}", cfg.volume));
         let exports = Arc::new(corral_nbd::Exports::single(
             cfg.volume.clone(),
-            Arc::clone(&volume),
+            Arc::clone(&metered),
         ));
         let stop = shutdown.subscribe();
         tasks.push(tokio::spawn(async move {
@@ -166,7 +194,7 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         let target = Arc::new(corral_iscsi::IscsiTarget::for_volume(
             &cfg.volume,
-            Arc::clone(&volume),
+            Arc::clone(&metered),
         ));
         frontends.push(format!("iscsi://{addr}/{}/0", target.name()));
         let stop = shutdown.subscribe();

@@ -36,6 +36,9 @@ enum Command {
         /// Directory holding one subdirectory per replica.
         #[arg(long)]
         data_dir: PathBuf,
+        /// Serve Prometheus metrics on http://ADDR/metrics.
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
     },
     /// Run the engine of one volume.
     Engine(cmd_engine::EngineArgs),
@@ -127,13 +130,25 @@ fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Replica { listen, data_dir } => {
+        Command::Replica {
+            listen,
+            data_dir,
+            metrics,
+        } => {
             let shutdown = shutdown::Shutdown::install()?;
-            corral_replica::serve(
-                corral_replica::ReplicaServerConfig { listen, data_dir },
-                shutdown.signalled(),
-            )
-            .await?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("listen on {listen}: {e}"))?;
+            let metrics = match metrics {
+                Some(addr) => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("metrics listener on {addr}: {e}"))?,
+                ),
+                None => None,
+            };
+            corral_replica::serve_with_metrics(listener, data_dir, metrics, shutdown.signalled())
+                .await?;
             Ok(())
         }
         Command::Engine(args) => cmd_engine::run(args).await,
