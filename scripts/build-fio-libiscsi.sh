@@ -19,16 +19,21 @@ if [ "$(id -u)" -ne 0 ]; then
     SUDO="sudo"
 fi
 
-# A deb-src entry for the configured Debian suites, when none exists.
+# A deb-src entry mirroring the machine's own Debian sources, when none exists.
 if ! grep -rqsE '^(deb-src|Types:.*deb-src)' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    echo "adding a deb-src entry" >&2
-    $SUDO tee /etc/apt/sources.list.d/corral-deb-src.sources >/dev/null <<'EOF'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
+    echo "adding deb-src entries mirroring the configured deb sources" >&2
+    entries="$(mktemp)"
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -e "$f" ] || continue
+        sed 's/^Types:[[:space:]]*deb$/Types: deb-src/' "$f"
+        echo
+    done >"$entries"
+    $SUDO install -m 0644 "$entries" /etc/apt/sources.list.d/corral-deb-src.sources
+    if [ -f /etc/apt/sources.list ]; then
+        sed -n 's/^deb[[:space:]]/deb-src /p' /etc/apt/sources.list >"$entries"
+        $SUDO install -m 0644 "$entries" /etc/apt/sources.list.d/corral-deb-src.list
+    fi
+    rm -f "$entries"
     $SUDO apt-get update -qq >&2
 fi
 
