@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks (not tests): builds release binaries and runs corral-bench.
-#   scripts/bench.sh rebuild [--size 4GiB --written 3g ...]
+#   scripts/bench.sh fio [--runtime 15 --size-mib 1024 | --quick]   # the fio matrix with baselines
+#   scripts/bench.sh rebuild [--size 4GiB --written 3g ...]        # rebuild throughput
+#   scripts/bench.sh memory                                         # idle RSS with a 1 TiB volume
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh

@@ -3,10 +3,13 @@
 //! it through `scripts/bench.sh`, which builds the release binaries and
 //! points `CORRAL_BIN` at them.
 //!
+//! - `fio`: the fio matrix (systems × jobs) with baselines in the same run;
 //! - `rebuild`: full-rebuild throughput of a volume against the disk's own
 //!   sequential write speed (fio, same run), and the time of a partial
 //!   rebuild after a short outage.
 
+mod matrix;
+mod memory;
 mod rebuild;
 
 use clap::{Parser, Subcommand};
@@ -22,10 +25,16 @@ struct Cli {
 enum Command {
     /// Rebuild throughput and partial-rebuild time.
     Rebuild(rebuild::RebuildArgs),
+    /// fio against every system and baseline; markdown tables.
+    Fio(matrix::MatrixArgs),
+    /// Idle RSS of an engine and a replica daemon serving a large sparse volume.
+    Memory(memory::MemoryArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Rebuild(args) => rebuild::run(&args),
+        Command::Fio(args) => matrix::run(&args),
+        Command::Memory(args) => memory::run(&args),
     }
 }

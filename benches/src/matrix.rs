@@ -1,0 +1,558 @@
+//! The fio matrix: every system under test and every baseline on loopback,
+//! the same jobs, one run, one markdown table per job.
+//!
+//! Systems: fio straight on a file (the disk), nbdkit's file plugin (NBD
+//! baseline), tgt with a file backing store (iSCSI baseline, Longhorn v1's
+//! frontend), `corral serve-file` over NBD and iSCSI, and corral volumes
+//! with 1 and 3 replicas over NBD and iSCSI. Jobs: 4 KiB random read and
+//! write at QD32 and QD1, 1 MiB sequential write and read at QD8. For each:
+//! IOPS, MiB/s, p50/p99/p99.9 completion latency, and the CPU seconds the
+//! serving processes spent per GiB moved.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use corral_tests::tools::require;
+use corral_tests::{Cluster, EngineSpec, free_addr, run_bounded, wait_for_port};
+use serde_json::Value;
+
+#[derive(Args, Debug)]
+pub struct MatrixArgs {
+    /// Run every job for one second on a small file: keeps the harness working (the test suite uses it).
+    #[arg(long)]
+    quick: bool,
+    /// Seconds per job.
+    #[arg(long, default_value_t = 15)]
+    runtime: u64,
+    /// Size of the file / volume each system serves, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Only systems whose name contains this.
+    #[arg(long)]
+    only: Option<String>,
+}
+
+struct Job {
+    name: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    qd: u32,
+}
+
+const JOBS: &[Job] = &[
+    Job {
+        name: "randread-4k-qd32",
+        rw: "randread",
+        bs: "4k",
+        qd: 32,
+    },
+    Job {
+        name: "randread-4k-qd1",
+        rw: "randread",
+        bs: "4k",
+        qd: 1,
+    },
+    Job {
+        name: "randwrite-4k-qd32",
+        rw: "randwrite",
+        bs: "4k",
+        qd: 32,
+    },
+    Job {
+        name: "randwrite-4k-qd1",
+        rw: "randwrite",
+        bs: "4k",
+        qd: 1,
+    },
+    Job {
+        name: "seqwrite-1m-qd8",
+        rw: "write",
+        bs: "1m",
+        qd: 8,
+    },
+    Job {
+        name: "seqread-1m-qd8",
+        rw: "read",
+        bs: "1m",
+        qd: 8,
+    },
+];
+
+/// How fio reaches a system.
+#[derive(Clone)]
+enum Target {
+    File(PathBuf),
+    Nbd(String),
+    Iscsi(String),
+}
+
+/// One measured job.
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    iops: f64,
+    mib_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    cpu_s_per_gib: Option<f64>,
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command (which may contain spaces) start after ") ".
+    let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks / if hz > 0 { hz as f64 } else { 100.0 }
+}
+
+struct Runner {
+    fio: PathBuf,
+    fio_iscsi: Option<PathBuf>,
+    runtime: u64,
+    size_mib: u64,
+    quick: bool,
+}
+
+impl Runner {
+    fn fio_args(&self, target: &Target, job: &Job) -> (PathBuf, Vec<String>) {
+        let mut args = vec![
+            format!("--name={}", job.name),
+            format!("--rw={}", job.rw),
+            format!("--bs={}", job.bs),
+            format!("--iodepth={}", job.qd),
+            format!("--size={}m", self.size_mib),
+            format!("--runtime={}", self.runtime),
+            "--time_based".into(),
+            format!("--ramp_time={}", if self.quick { 0 } else { 2 }),
+            "--randrepeat=0".into(),
+            "--output-format=json".into(),
+        ];
+        let bin = match target {
+            Target::File(p) => {
+                args.push("--ioengine=io_uring".into());
+                args.push(format!("--filename={}", p.display()));
+                self.fio.clone()
+            }
+            Target::Nbd(uri) => {
+                args.push("--ioengine=nbd".into());
+                args.push(format!("--uri={uri}"));
+                self.fio.clone()
+            }
+            Target::Iscsi(url) => {
+                args.push("--ioengine=libiscsi".into());
+                args.push(format!("--filename={url}"));
+                self.fio_iscsi.clone().unwrap_or_else(|| self.fio.clone())
+            }
+        };
+        (bin, args)
+    }
+
+    /// Write the whole target once so that reads hit real data.
+    fn prefill(&self, target: &Target) -> Result<()> {
+        let job = Job {
+            name: "prefill",
+            rw: "write",
+            bs: "1m",
+            qd: 8,
+        };
+        let (bin, mut args) = self.fio_args(target, &job);
+        args.retain(|a| {
+            a != "--time_based" && !a.starts_with("--runtime") && !a.starts_with("--ramp_time")
+        });
+        let out = run_bounded(Command::new(bin).args(&args), Duration::from_secs(1800))?;
+        if !out.status.success() {
+            bail!("prefill failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    fn run(&self, target: &Target, job: &Job, pids: &[u32]) -> Result<Sample> {
+        let (bin, args) = self.fio_args(target, job);
+        let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+        let out = run_bounded(
+            Command::new(&bin).args(&args),
+            Duration::from_secs(self.runtime + 120),
+        )?;
+        let cpu_after: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "fio {} failed: {}",
+                job.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // fio (libiscsi) may print notes before the JSON document.
+        let start = text.find('{').context("no JSON from fio")?;
+        let v: Value = serde_json::from_str(&text[start..]).context("fio JSON")?;
+        let j = &v["jobs"][0];
+        if j["error"].as_i64().unwrap_or(0) != 0 {
+            bail!("fio {} reported error {}", job.name, j["error"]);
+        }
+        let side = if j["read"]["io_bytes"].as_f64().unwrap_or(0.0) > 0.0 {
+            &j["read"]
+        } else {
+            &j["write"]
+        };
+        let pct = |k: &str| side["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
+        let bytes = side["io_bytes"].as_f64().unwrap_or(0.0);
+        let gib = bytes / (1u64 << 30) as f64;
+        Ok(Sample {
+            iops: side["iops"].as_f64().unwrap_or(0.0),
+            mib_s: side["bw_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            p50_us: pct("50.000000"),
+            p99_us: pct("99.000000"),
+            p999_us: pct("99.900000"),
+            cpu_s_per_gib: (!pids.is_empty() && gib > 0.0).then(|| (cpu_after - cpu_before) / gib),
+        })
+    }
+}
+
+/// A process we started, stopped on drop.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn preallocated(dir: &Path, name: &str, size_mib: u64) -> Result<PathBuf> {
+    let path = dir.join(name);
+    let f = std::fs::File::create(&path)?;
+    f.set_len(size_mib << 20)?;
+    Ok(path)
+}
+
+/// tgt on a control socket of its own, torn down on drop (SIGTERM alone does not stop tgtd).
+struct Tgt {
+    daemon: Option<Daemon>,
+    ctl: String,
+}
+
+impl Drop for Tgt {
+    fn drop(&mut self) {
+        let quiet = |args: &[&str]| {
+            let _ = Command::new("tgtadm")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        };
+        quiet(&[
+            "-C", &self.ctl, "--lld", "iscsi", "--mode", "target", "--op", "delete", "--force",
+            "--tid", "1",
+        ]);
+        quiet(&["-C", &self.ctl, "--mode", "system", "--op", "delete"]);
+        std::thread::sleep(Duration::from_millis(300));
+        self.daemon.take();
+    }
+}
+
+fn start_tgt(file: &Path) -> Result<(Tgt, Target, u32)> {
+    require("tgtd")?;
+    let portal = free_addr();
+    let ctl = (100 + std::process::id() % 100).to_string();
+    let child = Command::new("tgtd")
+        .args(["-f", "--iscsi", &format!("portal={portal}"), "-C", &ctl])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start tgtd")?;
+    let pid = child.id();
+    let tgt = Tgt {
+        daemon: Some(Daemon(child)),
+        ctl: ctl.clone(),
+    };
+    wait_for_port(portal, Duration::from_secs(10))?;
+    let adm = |args: &[&str]| -> Result<()> {
+        let st = Command::new("tgtadm")
+            .args(["-C", &ctl, "--lld", "iscsi"])
+            .args(args)
+            .status()?;
+        if !st.success() {
+            bail!("tgtadm {args:?} failed");
+        }
+        Ok(())
+    };
+    adm(&[
+        "--mode",
+        "target",
+        "--op",
+        "new",
+        "--tid",
+        "1",
+        "--targetname",
+        "iqn.2026-11.io.tgt:bench",
+    ])?;
+    adm(&[
+        "--mode",
+        "logicalunit",
+        "--op",
+        "new",
+        "--tid",
+        "1",
+        "--lun",
+        "1",
+        "--backing-store",
+        &file.display().to_string(),
+        "--bstype",
+        "rdwr",
+    ])?;
+    adm(&[
+        "--mode",
+        "target",
+        "--op",
+        "bind",
+        "--tid",
+        "1",
+        "--initiator-address",
+        "ALL",
+    ])?;
+    let url = format!(
+        "iscsi\\://127.0.0.1\\:{}/iqn.2026-11.io.tgt\\:bench/1",
+        portal.port()
+    );
+    Ok((tgt, Target::Iscsi(url), pid))
+}
+
+fn iscsi_url(addr: std::net::SocketAddr, iqn: &str) -> String {
+    format!(
+        "iscsi\\://127.0.0.1\\:{}/{}/0",
+        addr.port(),
+        iqn.replace(':', "\\:")
+    )
+}
+
+type Results = Vec<(String, Vec<Sample>)>;
+
+fn measure(
+    runner: &Runner,
+    name: &str,
+    target: &Target,
+    pids: &[u32],
+    results: &mut Results,
+) -> Result<()> {
+    eprintln!("== {name}");
+    runner.prefill(target)?;
+    let mut samples = Vec::new();
+    for job in JOBS {
+        let s = runner.run(target, job, pids)?;
+        eprintln!(
+            "   {:<18} {:>9.0} IOPS {:>8.1} MiB/s p99 {:>8.0} µs",
+            job.name, s.iops, s.mib_s, s.p99_us
+        );
+        samples.push(s);
+    }
+    results.push((name.to_string(), samples));
+    Ok(())
+}
+
+pub fn run(args: &MatrixArgs) -> Result<()> {
+    let (runtime, size_mib) = if args.quick {
+        (1, 64)
+    } else {
+        (args.runtime, args.size_mib)
+    };
+    let fio = require("fio")?;
+    let fio_iscsi = {
+        let out = Command::new("scripts/build-fio-libiscsi.sh")
+            .stderr(Stdio::inherit())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                Some(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+            }
+            _ => bail!(
+                "scripts/build-fio-libiscsi.sh failed: the iSCSI rows need fio with libiscsi (run from the repository root)"
+            ),
+        }
+    };
+    let runner = Runner {
+        fio,
+        fio_iscsi,
+        runtime,
+        size_mib,
+        quick: args.quick,
+    };
+    let wanted = |name: &str| args.only.as_deref().is_none_or(|o| name.contains(o));
+    let corral = corral_tests::corral_bin();
+    let mut results: Results = Vec::new();
+    let mut cluster = Cluster::new()?;
+    let dir = cluster.path().to_path_buf();
+
+    if wanted("disk") {
+        let file = preallocated(&dir, "disk.img", size_mib)?;
+        measure(
+            &runner,
+            "disk (fio on a file)",
+            &Target::File(file.clone()),
+            &[],
+            &mut results,
+        )?;
+        std::fs::remove_file(file)?;
+    }
+    if wanted("nbdkit") {
+        let file = preallocated(&dir, "nbdkit.img", size_mib)?;
+        let port = free_addr();
+        let child = Command::new(require("nbdkit")?)
+            .args([
+                "-f",
+                "-i",
+                "127.0.0.1",
+                "-p",
+                &port.port().to_string(),
+                "file",
+                &file.display().to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let pid = child.id();
+        let _d = Daemon(child);
+        wait_for_port(port, Duration::from_secs(10))?;
+        measure(
+            &runner,
+            "nbdkit file (NBD)",
+            &Target::Nbd(format!("nbd://{port}")),
+            &[pid],
+            &mut results,
+        )?;
+    }
+    for (label, nbd) in [
+        ("corral serve-file (NBD)", true),
+        ("corral serve-file (iSCSI)", false),
+    ] {
+        if !wanted(label) {
+            continue;
+        }
+        let file = preallocated(&dir, "serve.img", size_mib)?;
+        let addr = free_addr();
+        let flag = if nbd { "--nbd" } else { "--iscsi" };
+        let child = Command::new(&corral)
+            .args([
+                "serve-file",
+                "--file",
+                &file.display().to_string(),
+                "--name",
+                "bench",
+                flag,
+                &addr.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let pid = child.id();
+        let _d = Daemon(child);
+        wait_for_port(addr, Duration::from_secs(10))?;
+        let target = if nbd {
+            Target::Nbd(format!("nbd://{addr}/bench"))
+        } else {
+            Target::Iscsi(iscsi_url(addr, "iqn.2026-11.io.corral:bench"))
+        };
+        measure(&runner, label, &target, &[pid], &mut results)?;
+    }
+    if wanted("tgt") {
+        let file = preallocated(&dir, "tgt.img", size_mib)?;
+        let (_tgt, target, pid) = start_tgt(&file)?;
+        measure(&runner, "tgt (iSCSI)", &target, &[pid], &mut results)?;
+    }
+    for replicas in [1usize, 3] {
+        let nbd_label = format!("corral volume, {replicas} replica(s) (NBD)");
+        let iscsi_label = format!("corral volume, {replicas} replica(s) (iSCSI)");
+        if !wanted(&nbd_label) && !wanted(&iscsi_label) {
+            continue;
+        }
+        let first = cluster.replicas.len();
+        for _ in 0..replicas {
+            cluster.start_replica()?;
+        }
+        let idx: Vec<usize> = (first..first + replicas).collect();
+        let volume = format!("bench{replicas}");
+        let e = cluster.start_engine(&EngineSpec::new(&volume, &format!("{size_mib}MiB"), &idx))?;
+        let mut pids: Vec<u32> = idx
+            .iter()
+            .filter_map(|i| cluster.replicas[*i].process.pid())
+            .map(|p| p as u32)
+            .collect();
+        if let Some(p) = cluster.engines[e].process.pid() {
+            pids.push(p as u32);
+        }
+        if wanted(&nbd_label) {
+            let t = Target::Nbd(cluster.engines[e].nbd_uri());
+            measure(&runner, &nbd_label, &t, &pids, &mut results)?;
+        }
+        if wanted(&iscsi_label) {
+            let t = Target::Iscsi(iscsi_url(
+                cluster.engines[e].iscsi,
+                &format!("iqn.2026-11.io.corral:{volume}"),
+            ));
+            measure(&runner, &iscsi_label, &t, &pids, &mut results)?;
+        }
+    }
+    cluster.stop_all()?;
+    print_tables(&results, runtime, size_mib);
+    Ok(())
+}
+
+fn find<'a>(results: &'a Results, name: &str) -> Option<&'a Vec<Sample>> {
+    results.iter().find(|(n, _)| n == name).map(|(_, s)| s)
+}
+
+/// The row each system is compared with.
+fn baseline(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "corral serve-file (NBD)" => "nbdkit file (NBD)",
+        "corral serve-file (iSCSI)" => "tgt (iSCSI)",
+        n if n.starts_with("corral volume") && n.ends_with("(NBD)") => "corral serve-file (NBD)",
+        n if n.starts_with("corral volume") && n.ends_with("(iSCSI)") => {
+            "corral serve-file (iSCSI)"
+        }
+        "nbdkit file (NBD)" | "tgt (iSCSI)" => "disk (fio on a file)",
+        _ => return None,
+    })
+}
+
+fn print_tables(results: &Results, runtime: u64, size_mib: u64) {
+    println!(
+        "Each job: {runtime} s on a {size_mib} MiB file or volume, after a full sequential prefill.\n"
+    );
+    for (j, job) in JOBS.iter().enumerate() {
+        println!("### {}\n", job.name);
+        println!("| system | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | CPU s/GiB | vs | ratio |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---|---:|");
+        for (name, samples) in results {
+            let s = &samples[j];
+            let cpu = s
+                .cpu_s_per_gib
+                .map_or("–".to_string(), |c| format!("{c:.2}"));
+            let (vs, ratio) = match baseline(name).and_then(|b| find(results, b).map(|bs| (b, bs)))
+            {
+                Some((b, bs)) if bs[j].iops > 0.0 => {
+                    (b.to_string(), format!("{:.2}×", s.iops / bs[j].iops))
+                }
+                _ => ("".to_string(), "".to_string()),
+            };
+            println!(
+                "| {name} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {cpu} | {vs} | {ratio} |",
+                s.iops, s.mib_s, s.p50_us, s.p99_us, s.p999_us
+            );
+        }
+        println!();
+    }
+}
