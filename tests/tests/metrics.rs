@@ -11,7 +11,11 @@ use corral_tests::{Cluster, EngineSpec, free_addr, wait_for_port};
 fn scrape(addr: SocketAddr) -> String {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
@@ -32,7 +36,9 @@ fn engine_and_replica_metrics_count_io_and_show_replica_state() {
     let mut cluster = Cluster::with_replicas(2).unwrap();
     // A third replica daemon with its own metrics endpoint.
     let replica_metrics = free_addr();
-    let r = cluster.start_replica_with(&["--metrics", &replica_metrics.to_string()]).unwrap();
+    let r = cluster
+        .start_replica_with(&["--metrics", &replica_metrics.to_string()])
+        .unwrap();
     let engine_metrics = free_addr();
     let e = cluster
         .start_engine(
@@ -45,17 +51,38 @@ fn engine_and_replica_metrics_count_io_and_show_replica_state() {
     fio_nbd(
         &uri,
         "metrics",
-        &["--rw=randwrite", "--bs=4k", "--size=4m", "--iodepth=4", "--verify=crc32c"],
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=4m",
+            "--iodepth=4",
+            "--verify=crc32c",
+        ],
         Duration::from_secs(120),
     )
     .unwrap();
 
     let text = scrape(engine_metrics);
     // fio wrote 4 MiB (1024 writes) and read it back to verify.
-    assert_eq!(value(&text, "corral_engine_io_ops_total{op=\"write\",result=\"ok\"}"), 1024.0);
-    assert_eq!(value(&text, "corral_engine_io_bytes_total{op=\"write\"}"), 4194304.0);
+    assert_eq!(
+        value(
+            &text,
+            "corral_engine_io_ops_total{op=\"write\",result=\"ok\"}"
+        ),
+        1024.0
+    );
+    assert_eq!(
+        value(&text, "corral_engine_io_bytes_total{op=\"write\"}"),
+        4194304.0
+    );
     assert!(value(&text, "corral_engine_io_bytes_total{op=\"read\"}") >= 4194304.0);
-    assert_eq!(value(&text, "corral_engine_io_latency_seconds_count{op=\"write\"}"), 1024.0);
+    assert_eq!(
+        value(
+            &text,
+            "corral_engine_io_latency_seconds_count{op=\"write\"}"
+        ),
+        1024.0
+    );
     assert_eq!(value(&text, "corral_engine_replicas_rw"), 3.0);
     assert_eq!(value(&text, "corral_engine_fenced"), 0.0);
     let rw = format!(
@@ -65,7 +92,16 @@ fn engine_and_replica_metrics_count_io_and_show_replica_state() {
     assert_eq!(value(&text, &rw), 1.0);
 
     let text = scrape(replica_metrics);
-    assert_eq!(value(&text, "corral_replica_requests_total{op=\"write\",result=\"ok\"}"), 1024.0);
-    assert_eq!(value(&text, "corral_replica_bytes_total{op=\"write\"}"), 4194304.0);
+    assert_eq!(
+        value(
+            &text,
+            "corral_replica_requests_total{op=\"write\",result=\"ok\"}"
+        ),
+        1024.0
+    );
+    assert_eq!(
+        value(&text, "corral_replica_bytes_total{op=\"write\"}"),
+        4194304.0
+    );
     assert_eq!(value(&text, "corral_replica_hosted"), 1.0);
 }
