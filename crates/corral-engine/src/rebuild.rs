@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use corral_proto::v1::{self as pb, SetRebuildCursorRequest, data_request::Op};
+use futures::StreamExt;
 use tracing::{info, warn};
 
 use crate::client::{DataOutcome, ReplicaClient};
@@ -269,50 +270,53 @@ pub async fn run(
     }
     let mut last_cursor = Instant::now();
     let result: Result<(), String> = async {
-        for window in chunks.chunks(settings.concurrency.max(1)) {
+        // Up to `concurrency` chunks in flight; results come back in order,
+        // so when a chunk is reported every chunk before it is done too.
+        let copies = futures::stream::iter(chunks.iter().copied())
+            .map(|chunk| {
+                let volume = &volume;
+                let target = &target;
+                let progress = &progress;
+                let bandwidth = settings.bandwidth.filter(|b| *b > 0);
+                async move {
+                    if let Some(bw) = bandwidth {
+                        let copied = progress.copied_bytes.load(Ordering::Relaxed);
+                        let due = Duration::from_secs_f64(copied as f64 / bw as f64);
+                        let spent = started.elapsed();
+                        if due > spent {
+                            tokio::time::sleep(due - spent).await;
+                        }
+                    }
+                    let _lock = volume.chunk_locks().exclusive(chunk).await;
+                    (chunk, sync_chunk(volume, target, id, chunk).await)
+                }
+            })
+            .buffered(settings.concurrency.max(1));
+        futures::pin_mut!(copies);
+        while let Some((chunk, outcome)) = copies.next().await {
             if set.is_fenced() {
                 return Err("engine fenced".to_string());
             }
-            let copies = window.iter().map(|chunk| {
-                let volume = &volume;
-                let target = &target;
-                async move {
-                    let _lock = volume.chunk_locks().exclusive(*chunk).await;
-                    sync_chunk(volume, target, id, *chunk).await
+            match outcome {
+                Ok((copied, skipped)) => {
+                    progress.copied_bytes.fetch_add(copied, Ordering::Relaxed);
+                    progress.skipped_bytes.fetch_add(skipped, Ordering::Relaxed);
+                    progress
+                        .done_bytes
+                        .fetch_add(volume.chunk_range(chunk).1, Ordering::Relaxed);
                 }
-            });
-            for (chunk, outcome) in window.iter().zip(futures::future::join_all(copies).await) {
-                match outcome {
-                    Ok((copied, skipped)) => {
-                        progress.copied_bytes.fetch_add(copied, Ordering::Relaxed);
-                        progress.skipped_bytes.fetch_add(skipped, Ordering::Relaxed);
-                        progress
-                            .done_bytes
-                            .fetch_add(volume.chunk_range(*chunk).1, Ordering::Relaxed);
-                    }
-                    Err(CopyError::Target(e)) => {
-                        let _ = set.handle_failure(id, &e, &[]).await;
-                        return Err(format!("target failed: {e}"));
-                    }
-                    Err(CopyError::NoSource(why)) => {
-                        return Err(format!("no source replica: {why}"));
-                    }
+                Err(CopyError::Target(e)) => {
+                    let _ = set.handle_failure(id, &e, &[]).await;
+                    return Err(format!("target failed: {e}"));
+                }
+                Err(CopyError::NoSource(why)) => {
+                    return Err(format!("no source replica: {why}"));
                 }
             }
             if record_cursor && last_cursor.elapsed() > Duration::from_secs(1) {
-                if let Some(last) = window.last() {
-                    let (off, len) = volume.chunk_range(*last);
-                    set_cursor(&volume, &target, Some(off + len)).await;
-                }
+                let (off, len) = volume.chunk_range(chunk);
+                set_cursor(&volume, &target, Some(off + len)).await;
                 last_cursor = Instant::now();
-            }
-            if let Some(bw) = settings.bandwidth.filter(|b| *b > 0) {
-                let copied = progress.copied_bytes.load(Ordering::Relaxed);
-                let due = Duration::from_secs_f64(copied as f64 / bw as f64);
-                let spent = started.elapsed();
-                if due > spent {
-                    tokio::time::sleep(due - spent).await;
-                }
             }
         }
         target
