@@ -525,6 +525,34 @@ impl Cluster {
         Ok(())
     }
 
+    /// A network partition: `engines` and `replicas` on one side, every
+    /// other replica — and every other engine, including engines started
+    /// later — on the other. Needs the replicas' proxies (proxied engines).
+    pub fn partition(&self, engines: &[usize], replicas: &[usize]) -> Result<()> {
+        let pids = engines
+            .iter()
+            .map(|e| {
+                self.engines[*e]
+                    .process
+                    .pid()
+                    .with_context(|| format!("engine-{e} is not running"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (r, proxy) in self.proxies.iter().enumerate() {
+            let Some(proxy) = proxy else { continue };
+            let (ours, others) = if replicas.contains(&r) {
+                (Mode::Pass, Mode::BlackHole)
+            } else {
+                (Mode::BlackHole, Mode::Pass)
+            };
+            for pid in &pids {
+                proxy.set_mode_for(*pid, ours);
+            }
+            proxy.set_mode(others);
+        }
+        Ok(())
+    }
+
     /// Heal every proxy: everything passes again.
     pub fn heal(&self) {
         for p in self.proxies.iter().flatten() {
@@ -673,6 +701,11 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.print_logs_if_failing();
+        // CORRAL_TEST_KEEP=1 keeps a failing test's directory (logs, data).
+        if std::thread::panicking() && std::env::var_os("CORRAL_TEST_KEEP").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("kept {}", self.path().display());
+        }
         if !self.mounts.is_empty() {
             // Nothing may hold files on a tmpfs we unmount.
             for e in &mut self.engines {

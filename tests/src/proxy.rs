@@ -518,15 +518,20 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while proxy.connections() < 1 && Instant::now() < deadline {
-            std::thread::sleep(POLL);
-        }
+        let wait_for = |n: usize| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while proxy.connections() != n && Instant::now() < deadline {
+                std::thread::sleep(POLL);
+            }
+            assert_eq!(proxy.connections(), n);
+        };
+        wait_for(1);
         let mut ours = connect(&proxy);
-        assert_eq!(proxy.connections(), 2);
+        assert_eq!(roundtrip(&mut ours, b"hi").unwrap(), b"hi");
+        wait_for(2);
         // Resetting the child's connections leaves ours alone.
         proxy.set_mode_for(pid, Mode::Reset);
-        assert_eq!(proxy.connections(), 1);
+        wait_for(1);
         assert_eq!(roundtrip(&mut ours, b"still").unwrap(), b"still");
         let _ = child.kill();
         let _ = child.wait();

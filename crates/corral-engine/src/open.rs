@@ -164,6 +164,65 @@ fn check_policy(
     Ok(())
 }
 
+/// Decide which reachable replicas are up to date, and whether the write
+/// policy lets this engine serve: (up to date per replica, newest generation).
+fn elect(
+    cfg: &EngineConfig,
+    addrs: &[String],
+    infos: &[Option<ReplicaInfo>],
+    trust: Option<&str>,
+) -> Result<(Vec<bool>, u64), EngineError> {
+    let total = addrs.len();
+    let mut up_to_date = vec![false; total];
+    let newest = infos
+        .iter()
+        .flatten()
+        .max_by_key(|i| record_key(i))
+        .cloned()
+        .ok_or_else(|| open_err(cfg, "no replica info"))?;
+    if newest.size != cfg.size {
+        return Err(EngineError::Config(format!(
+            "volume {} exists with size {} bytes; --size {} differs (sizes change with `corral volume expand`)",
+            cfg.volume, newest.size, cfg.size
+        )));
+    }
+    if newest.block_size != cfg.block_size {
+        return Err(EngineError::Config(format!(
+            "volume {} exists with block size {}; --block-size {} differs",
+            cfg.volume, newest.block_size, cfg.block_size
+        )));
+    }
+    let record = newest.membership.clone().unwrap_or_default();
+    let newest_key = record_key(&newest);
+    let max_generation = record.generation;
+    if let Some(trusted) = trust {
+        // The operator names the replica to trust (`corral volume salvage --force`).
+        let Some(i) = addrs.iter().position(|a| a == trusted) else {
+            return Err(EngineError::Config(format!(
+                "salvage: {trusted} is not one of the volume's replicas"
+            )));
+        };
+        if infos[i].is_none() {
+            return Err(open_err(
+                cfg,
+                format!("salvage: {trusted} is not reachable or holds no replica of the volume"),
+            ));
+        }
+        warn!(volume = %cfg.volume, replica = %trusted,
+            "salvage: trusting this replica's data; every other replica will be rebuilt from it");
+        up_to_date[i] = true;
+    } else {
+        for (i, info) in infos.iter().enumerate() {
+            let Some(info) = info else { continue };
+            up_to_date[i] = record_key(info) == newest_key
+                && (max_generation == 0
+                    || mode_in(&record, &info.instance_id) == Some(pb::ReplicaMode::Rw));
+        }
+        check_policy(cfg, &record, infos, &up_to_date, total, max_generation)?;
+    }
+    Ok((up_to_date, max_generation))
+}
+
 /// Open the volume once; errors of kind `Open` may succeed on a retry.
 pub async fn open_volume(
     cfg: &EngineConfig,
@@ -219,7 +278,8 @@ pub async fn open_volume(
     }
     let total = addrs.len();
     let mut up_to_date = vec![false; total];
-    let max_generation;
+    let mut max_generation;
+    let mut created = true;
     if infos.iter().all(Option::is_none) {
         // A new volume: create a replica on every reachable daemon.
         if reachable < cfg.write_policy.min_rw(total) {
@@ -255,54 +315,10 @@ pub async fn open_volume(
         }
         max_generation = 0;
     } else {
-        let newest = infos
-            .iter()
-            .flatten()
-            .max_by_key(|i| record_key(i))
-            .cloned()
-            .ok_or_else(|| open_err(cfg, "no replica info"))?;
-        if newest.size != cfg.size {
-            return Err(EngineError::Config(format!(
-                "volume {} exists with size {} bytes; --size {} differs (sizes change with `corral volume expand`)",
-                cfg.volume, newest.size, cfg.size
-            )));
-        }
-        if newest.block_size != cfg.block_size {
-            return Err(EngineError::Config(format!(
-                "volume {} exists with block size {}; --block-size {} differs",
-                cfg.volume, newest.block_size, cfg.block_size
-            )));
-        }
-        let record = newest.membership.clone().unwrap_or_default();
-        let newest_key = record_key(&newest);
-        max_generation = record.generation;
-        if let Some(trusted) = trust {
-            // The operator names the replica to trust (`corral volume salvage --force`).
-            let Some(i) = addrs.iter().position(|a| a == trusted) else {
-                return Err(EngineError::Config(format!(
-                    "salvage: {trusted} is not one of the volume's replicas"
-                )));
-            };
-            if infos[i].is_none() {
-                return Err(open_err(
-                    cfg,
-                    format!(
-                        "salvage: {trusted} is not reachable or holds no replica of the volume"
-                    ),
-                ));
-            }
-            warn!(volume = %cfg.volume, replica = %trusted,
-                "salvage: trusting this replica's data; every other replica will be rebuilt from it");
-            up_to_date[i] = true;
-        } else {
-            for (i, info) in infos.iter().enumerate() {
-                let Some(info) = info else { continue };
-                up_to_date[i] = record_key(info) == newest_key
-                    && (max_generation == 0
-                        || mode_in(&record, &info.instance_id) == Some(pb::ReplicaMode::Rw));
-            }
-            check_policy(cfg, &record, &infos, &up_to_date, total, max_generation)?;
-        }
+        // A first election from what the probes saw, so that an engine that
+        // could not serve anyway does not fence the running one.
+        (up_to_date, max_generation) = elect(cfg, &addrs, &infos, trust)?;
+        created = false;
     }
 
     // Fence: a new epoch on every replica we can reach.
@@ -318,24 +334,29 @@ pub async fn open_volume(
         match tokio::time::timeout(cfg.replica_timeout, control.open_replica(request)).await {
             Ok(Ok(info)) => infos[i] = Some(info.into_inner()),
             Ok(Err(status)) => {
-                if up_to_date[i] {
-                    return Err(open_err(
-                        cfg,
-                        format!(
-                            "{}: open at epoch {epoch} failed: {}",
-                            addrs[i],
-                            status.message()
-                        ),
-                    ));
-                }
-                warn!(replica = %addrs[i], %status, "cannot fence a stale replica");
+                warn!(replica = %addrs[i], %status, "cannot fence replica at epoch {epoch}");
+                problems[i] = format!("open at epoch {epoch} failed: {}", status.message());
+                infos[i] = None;
             }
             Err(_) => {
-                if up_to_date[i] {
-                    return Err(open_err(cfg, format!("{}: open timed out", addrs[i])));
-                }
+                warn!(replica = %addrs[i], "fencing timed out");
+                problems[i] = format!("open at epoch {epoch} timed out");
+                infos[i] = None;
             }
         }
+    }
+    if !created {
+        // Elect again from the records returned by fencing: an older engine
+        // can no longer change those, while the probes' may be stale by now
+        // (it could have dropped a replica and acknowledged writes without it
+        // in between).
+        (up_to_date, max_generation) = elect(cfg, &addrs, &infos, trust)?;
+    } else if up_to_date
+        .iter()
+        .zip(&infos)
+        .any(|(u, i)| *u && i.is_none())
+    {
+        return Err(open_err(cfg, "a replica just created could not be opened"));
     }
 
     // Data connections to the up-to-date replicas.

@@ -314,6 +314,12 @@ pub async fn run(
                 }
             }
             if record_cursor && last_cursor.elapsed() > Duration::from_secs(1) {
+                // The cursor claims everything before it is copied: make that
+                // durable on the target first.
+                target
+                    .call(chunk, set.epoch(), Op::Flush(pb::FlushOp {}))
+                    .await
+                    .map_err(|e| format!("flushing the target: {e}"))?;
                 let (off, len) = volume.chunk_range(chunk);
                 set_cursor(&volume, &target, Some(off + len)).await;
                 last_cursor = Instant::now();
@@ -336,6 +342,10 @@ pub async fn run(
             secs = started.elapsed().as_secs_f64(), "rebuild complete: replica is RW"),
         Err(e) => {
             warn!(volume = %volume.name(), replica = %target.addr(), error = %e, "rebuild failed");
+            // A target still in WO leaves the write set (no-op if already ERR).
+            let _ = set
+                .handle_failure(id, &ReplicaIoError::Io(format!("rebuild failed: {e}")), &[])
+                .await;
             set.release(id, &format!("rebuild failed: {e}"));
         }
     }

@@ -83,6 +83,9 @@ pub struct ReplicaSlot {
     pub rebuild: Option<Arc<RebuildProgress>>,
     /// A supervisor task is bringing it back (connect, rebuild).
     pub busy: bool,
+    /// Failed attempts to bring it back in a row, and when the next may start.
+    pub attempts: u32,
+    pub retry_at: Option<Instant>,
 }
 
 impl ReplicaSlot {
@@ -100,6 +103,8 @@ impl ReplicaSlot {
             resume_cursor: None,
             rebuild: None,
             busy: false,
+            attempts: 0,
+            retry_at: None,
         }
     }
 }
@@ -542,10 +547,12 @@ impl ReplicaSet {
 
     /// ERR members that nobody is bringing back yet: (id, address).
     pub fn returnable(&self) -> Vec<(SlotId, String)> {
+        let now = Instant::now();
         self.read_state()
             .slots
             .iter()
             .filter(|s| s.mode == Mode::Err && !s.busy)
+            .filter(|s| s.retry_at.is_none_or(|t| t <= now))
             .map(|s| (s.id, s.address.clone()))
             .collect()
     }
@@ -562,11 +569,21 @@ impl ReplicaSet {
         }
     }
 
-    /// Release a claim after a failed return attempt.
+    /// Release a claim after a failed return attempt. Attempts back off
+    /// exponentially (from `base`, at most a minute), so that a replica
+    /// that keeps failing — a full disk — does not churn the membership.
     pub fn release(&self, id: SlotId, why: &str) {
+        self.release_with_backoff(id, why, Duration::from_millis(500));
+    }
+
+    pub fn release_with_backoff(&self, id: SlotId, why: &str, base: Duration) {
         let mut state = self.write_state();
         if let Some(s) = state.slots.iter_mut().find(|s| s.id == id) {
             s.busy = false;
+            s.attempts = s.attempts.saturating_add(1);
+            let factor = 1u32 << s.attempts.min(7);
+            let wait = (base * factor).min(Duration::from_secs(60));
+            s.retry_at = Some(Instant::now() + wait);
             if !why.is_empty() {
                 s.last_error = why.to_string();
             }
@@ -668,6 +685,8 @@ impl ReplicaSet {
             }
             slot.mode = Mode::Rw;
             slot.busy = false;
+            slot.attempts = 0;
+            slot.retry_at = None;
             state.generation += 1;
         }
         self.record_membership().await;

@@ -66,7 +66,9 @@ pub async fn run(
             tokio::spawn(async move {
                 if let Err(why) = bring_back(&volume, id, &address, &config).await {
                     debug!(replica = %address, %why, "replica not back yet");
-                    volume.replica_set().release(id, &why);
+                    volume
+                        .replica_set()
+                        .release_with_backoff(id, &why, config.retry_interval / 2);
                 }
             });
         }

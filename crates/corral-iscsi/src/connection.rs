@@ -424,6 +424,13 @@ impl FullFeature {
             out.push(Action::Send(reject(&pdu, reject_reason::INVALID_PDU_FIELD)));
             return;
         }
+        if imm == edtl {
+            // All the data came as immediate data: no copy, no collection.
+            let mut cmd = cmd;
+            cmd.data = pdu.data;
+            out.push(Action::Execute(cmd));
+            return;
+        }
         let unsolicited_open = !self.params.initial_r2t && flags & 0x80 == 0;
         let mut buf = BytesMut::with_capacity(edtl as usize);
         buf.extend_from_slice(&pdu.data);

@@ -1,13 +1,16 @@
 //! The tokio server: sockets around the sans-IO [`crate::login`] and
 //! [`crate::connection`] layers, and the target/session registry.
 //!
-//! Per connection: TCP_NODELAY, the login (bounded by a timeout), then a
-//! reader loop that decodes PDUs from a `BytesMut` (check-then-parse) and
-//! feeds them to [`FullFeature`]; each SCSI command runs in its own task,
-//! bounded by a per-connection semaphore that also closes the CmdSN window.
-//! One writer task per connection stamps StatSN/ExpCmdSN/MaxCmdSN in wire
-//! order, coalesces small PDUs into one `write`, and sends large Data-In
-//! payloads straight from their `Bytes`.
+//! Per connection: TCP_NODELAY, the login (bounded by a timeout), then one
+//! task runs the full feature phase: it reads and decodes PDUs from a
+//! `BytesMut` (check-then-parse) and feeds them to [`FullFeature`]; SCSI
+//! commands run as futures polled by that same task (a `FuturesUnordered`,
+//! no task spawned per command, at most a command window of them); their
+//! responses are stamped with StatSN/ExpCmdSN/MaxCmdSN in wire order and
+//! queued, and the queue goes out with one non-blocking `writev` per loop
+//! turn (small PDUs copied together, large Data-In payloads sent from their
+//! `Bytes`). Reading pauses while the window is full or too many response
+//! bytes wait for the initiator.
 //!
 //! An idle connection is pinged with NOP-In; an initiator that does not
 //! answer in time is dropped. A new login with the ISID of a live session
@@ -19,17 +22,23 @@
 //! their responses are written (for at most
 //! [`ServerConfig::shutdown_grace`]), then sockets close.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 use corral_block::BlockDevice;
+use futures::FutureExt;
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::ReadHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, broadcast, mpsc, watch};
+use tokio::sync::{Semaphore, broadcast, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, warn};
 
@@ -42,7 +51,7 @@ use crate::login::{
 };
 use crate::pdu::{Digests, Pdu, PduCodec, PduError, RESERVED_TAG, op};
 use crate::reservation::Nexus;
-use crate::scsi::{LunIdentity, ScsiLun, missing_lun};
+use crate::scsi::{LunIdentity, ScsiLun, ScsiResult, missing_lun};
 
 /// Errors of the iSCSI server.
 #[derive(Debug, thiserror::Error)]
@@ -448,58 +457,58 @@ async fn register_session<D>(
     rx
 }
 
-/// A message for the writer.
-enum Outgoing {
-    /// PDUs to write; `finishes` counts SCSI commands they complete.
-    Pdus { pdus: Vec<Pdu>, finishes: u32 },
-    /// Write nothing more; close after what is queued.
-    Close,
+/// What a SCSI command's future yields.
+struct Completed {
+    id: u64,
+    cmd: ScsiCommand,
+    result: ScsiResult,
 }
 
-/// Control of one running SCSI command.
-struct TaskCtl {
-    aborted: AtomicBool,
-    done: watch::Receiver<bool>,
+/// A SCSI command running inside its connection's task.
+type CmdFuture<'a> = Pin<Box<dyn Future<Output = Completed> + Send + 'a>>;
+
+/// A command accepted and not yet answered.
+struct Running {
+    itt: u32,
+    /// Aborted by task management: its response is not sent.
+    aborted: bool,
 }
 
-type TaskTable = Arc<Mutex<HashMap<u32, Arc<TaskCtl>>>>;
-
-fn lock_tasks(t: &TaskTable) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<TaskCtl>>> {
-    match t.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
+/// A task management function waiting for the commands it aborted.
+struct PendingTmf {
+    itt: u32,
+    function: u8,
+    response: u8,
+    /// Reset the LUN's state for this nexus once the commands are gone.
+    reset: bool,
+    waiting: Vec<u64>,
 }
 
-/// Counters shared by the reader and the writer of a connection.
-struct Window {
-    exp_cmd_sn: AtomicU32,
-    /// SCSI commands accepted and not yet answered.
-    active: AtomicU32,
-    size: u32,
+/// How (and by when) a connection is ending.
+struct Ending {
+    result: Result<(), IscsiError>,
+    /// The Logout Response, sent once in-flight commands are answered.
+    logout: Option<Pdu>,
+    deadline: Instant,
 }
 
-impl Window {
-    fn room(&self) -> u32 {
-        self.size
-            .saturating_sub(self.active.load(Ordering::Acquire))
-    }
-}
-
-/// Serve one initiator over any byte stream.
-async fn handle_connection<D, S>(
-    stream: S,
+/// Serve one initiator.
+///
+/// After the login, everything runs in this one task: PDUs are read and
+/// decoded, SCSI commands run as futures in a `FuturesUnordered` polled by
+/// the same loop (only the device's own I/O leaves the task), and responses
+/// are stamped and queued in wire order, then written with one `writev` per
+/// loop turn, so the responses of commands that complete together share a
+/// system call.
+async fn handle_connection<D: BlockDevice>(
+    mut stream: TcpStream,
     local: SocketAddr,
     shared: Arc<Shared<D>>,
     mut stop: watch::Receiver<bool>,
-) -> Result<(), IscsiError>
-where
-    D: BlockDevice,
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (mut rd, mut wr) = tokio::io::split(stream);
+) -> Result<(), IscsiError> {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let timeout = shared.config.login_timeout;
+    let (mut rd, mut wr) = stream.split();
     let logged = tokio::select! {
         r = tokio::time::timeout(timeout, login(&mut rd, &mut wr, &mut buf, &shared)) => {
             r.unwrap_or(Err(IscsiError::LoginTimeout))?
@@ -540,56 +549,44 @@ where
     if let Some(t) = &target {
         t.lun.nexus_added(&nexus);
     }
-    let window = Arc::new(Window {
-        exp_cmd_sn: AtomicU32::new(outcome.exp_cmd_sn),
-        active: AtomicU32::new(0),
-        size: shared.config.limits.command_window.max(1),
-    });
+    let window = shared.config.limits.command_window.max(1);
     let ff = FullFeature::new(
         params,
         outcome.session_type,
         outcome.exp_cmd_sn,
-        window.size,
+        window,
         send_targets,
         target.as_ref().map(|t| t.name.clone()),
     );
-    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
-    let mut writer = tokio::spawn(write_pdus(
-        wr,
-        rx,
-        codec.clone(),
-        StatusSequencer::new(outcome.next_stat_sn),
-        Arc::clone(&window),
-    ));
-    let tasks: TaskTable = Arc::new(Mutex::new(HashMap::new()));
-    let mut conn = Conn {
-        ff,
-        codec,
-        target: target.clone(),
-        nexus: nexus.clone(),
-        tx: tx.clone(),
-        tasks: Arc::clone(&tasks),
-        window: Arc::clone(&window),
-        slots: Arc::new(Semaphore::new(window.size as usize)),
-        config: shared.config.clone(),
+    let ended = {
+        let mut conn = Conn {
+            ff,
+            codec,
+            target: target.as_deref(),
+            nexus: &nexus,
+            config: &shared.config,
+            window,
+            seq: StatusSequencer::new(outcome.next_stat_sn),
+            out: OutQueue::default(),
+            running: HashMap::new(),
+            next_id: 0,
+            tmfs: Vec::new(),
+            backlog: VecDeque::new(),
+            ending: None,
+            ping: None,
+        };
+        let mut inflight = FuturesUnordered::new();
+        conn.run(
+            &mut rd,
+            wr.as_ref(),
+            &mut buf,
+            &mut inflight,
+            &mut stop,
+            logged.kill,
+        )
+        .await
     };
-    let ended = conn
-        .read_loop(&mut rd, &mut buf, &mut stop, logged.kill)
-        .await;
-    // Let running commands finish (bounded), then close the writer.
-    let grace = shared.config.shutdown_grace;
-    let _ = tokio::time::timeout(grace, conn.wait_all()).await;
-    let _ = tx.send(Outgoing::Close);
-    drop(conn);
-    drop(tx);
-    match tokio::time::timeout(grace, &mut writer).await {
-        Ok(Ok(Err(e))) => debug!(error = %e, "writing PDUs failed"),
-        Ok(_) => {}
-        Err(_) => {
-            warn!("initiator is not reading its responses; closing");
-            writer.abort();
-        }
-    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
     if let Some(t) = &target {
         t.lun.nexus_removed(&nexus);
         let mut sessions = shared.sessions();
@@ -601,24 +598,38 @@ where
     ended
 }
 
-/// The reader side of a connection in the full feature phase.
-struct Conn<D> {
+/// A connection in the full feature phase.
+struct Conn<'a, D> {
     ff: FullFeature,
     codec: PduCodec,
-    target: Option<Arc<IscsiTarget<D>>>,
-    nexus: Nexus,
-    tx: mpsc::UnboundedSender<Outgoing>,
-    tasks: TaskTable,
-    window: Arc<Window>,
-    slots: Arc<Semaphore>,
-    config: ServerConfig,
+    target: Option<&'a IscsiTarget<D>>,
+    nexus: &'a Nexus,
+    config: &'a ServerConfig,
+    /// Commands accepted at once (the CmdSN window).
+    window: u32,
+    seq: StatusSequencer,
+    out: OutQueue,
+    running: HashMap<u64, Running>,
+    next_id: u64,
+    tmfs: Vec<PendingTmf>,
+    /// Actions not yet carried out because the command window is full;
+    /// no further PDU is decoded until they are.
+    backlog: VecDeque<Action>,
+    ending: Option<Ending>,
+    /// Our outstanding NOP-In ping: its TTT and when it was sent.
+    ping: Option<(u32, Instant)>,
 }
 
-impl<D: BlockDevice> Conn<D> {
-    async fn read_loop<R: AsyncRead + Unpin>(
+/// Stop reading while this many response bytes wait for the initiator.
+const OUT_HIGH_WATER: usize = 16 << 20;
+
+impl<'a, D: BlockDevice> Conn<'a, D> {
+    async fn run(
         &mut self,
-        rd: &mut R,
+        rd: &mut ReadHalf<'_>,
+        stream: &TcpStream,
         buf: &mut BytesMut,
+        inflight: &mut FuturesUnordered<CmdFuture<'a>>,
         stop: &mut watch::Receiver<bool>,
         kill: Option<watch::Receiver<bool>>,
     ) -> Result<(), IscsiError> {
@@ -630,101 +641,73 @@ impl<D: BlockDevice> Conn<D> {
             }
         };
         let mut last_rx = Instant::now();
-        let mut ping: Option<(u32, Instant)> = None;
         let mut ping_ttt: u32 = 0x4000_0000;
         loop {
-            loop {
-                let pdu = match self.codec.decode(buf) {
-                    Ok(Some(p)) => p,
-                    Ok(None) => break,
-                    Err(PduError::DataDigest { bhs }) => {
-                        // The header is good: reject and go on (ERL 0 may
-                        // not recover the command, the initiator will).
-                        let p = Pdu {
-                            bhs: *bhs,
-                            ahs: bytes::Bytes::new(),
-                            data: bytes::Bytes::new(),
-                        };
-                        self.send(vec![reject(&p, reject_reason::DATA_DIGEST_ERROR)], 0);
-                        continue;
-                    }
-                    Err(e) => {
-                        if let PduError::DataSegmentTooLong { .. } = e
-                            && buf.len() >= 48
-                        {
-                            let mut bhs = [0u8; 48];
-                            bhs.copy_from_slice(&buf[..48]);
-                            let p = Pdu {
-                                bhs,
-                                ahs: bytes::Bytes::new(),
-                                data: bytes::Bytes::new(),
-                            };
-                            self.send(vec![reject(&p, reject_reason::PROTOCOL_ERROR)], 0);
-                        }
-                        return Err(e.into());
-                    }
-                };
-                last_rx = Instant::now();
-                let actions = self.ff.receive(pdu);
-                self.window
-                    .exp_cmd_sn
-                    .store(self.ff.exp_cmd_sn(), Ordering::Release);
-                for a in actions {
-                    match a {
-                        Action::Send(p) => self.send(vec![p], 0),
-                        Action::Execute(cmd) => {
-                            let permit = tokio::select! {
-                                p = Arc::clone(&self.slots).acquire_owned() => p.ok(),
-                                _ = stopped(stop) => None,
-                            };
-                            let Some(permit) = permit else {
-                                return Ok(());
-                            };
-                            self.execute(cmd, permit);
-                        }
-                        Action::TaskManagement(req) => self.task_management(req),
-                        Action::Logout(resp) => {
-                            let _ =
-                                tokio::time::timeout(self.config.shutdown_grace, self.wait_all())
-                                    .await;
-                            self.send(vec![resp], 0);
-                            return Ok(());
-                        }
-                        Action::FailWrite(itt) => {
-                            let pdus = self.ff.fail_write(itt);
-                            self.send(pdus, 0);
-                        }
-                        Action::PingAnswered(ttt) => {
-                            if ping.is_some_and(|(t, _)| t == ttt) {
-                                ping = None;
-                            }
-                        }
-                        Action::Close(p) => {
-                            if let Some(p) = p {
-                                self.send(vec![p], 0);
-                            }
-                            return Err(IscsiError::ProtocolViolation);
-                        }
-                    }
-                }
+            // 1. Handle what the initiator sent.
+            if self.ending.is_none() {
+                self.process(buf, inflight);
             }
-            ensure_spare(buf);
-            let wake = match ping {
-                Some((_, sent)) => sent + self.config.nop_timeout,
-                None => last_rx + self.config.nop_interval,
+            // 2. Collect finished commands; this also starts new ones.
+            while let Some(Some(done)) = inflight.next().now_or_never() {
+                self.complete(done);
+            }
+            if self.ending.is_none()
+                && !self.backlog.is_empty()
+                && self.running.len() < self.window as usize
+            {
+                continue;
+            }
+            if let Some(end) = &mut self.ending
+                && inflight.is_empty()
+                && let Some(resp) = end.logout.take()
+            {
+                self.push(resp);
+            }
+            // 3. Write what is queued, as far as the socket takes it.
+            self.out.write_to(stream)?;
+            if self.ending.is_some() && inflight.is_empty() && self.out.is_empty() {
+                return self.finish();
+            }
+            // 4. Wait for something to do.
+            let wake = match (&self.ending, self.ping) {
+                (Some(end), _) => end.deadline,
+                (None, Some((_, sent))) => sent + self.config.nop_timeout,
+                (None, None) => last_rx + self.config.nop_interval,
             };
+            let accepting = self.accepting();
+            if accepting {
+                ensure_spare(buf);
+            }
+            let writing = !self.out.is_empty();
+            let open = self.ending.is_none();
             tokio::select! {
-                r = rd.read_buf(buf) => {
-                    if r? == 0 {
-                        return if buf.is_empty() {
+                biased;
+                Some(done) = inflight.next(), if !inflight.is_empty() => self.complete(done),
+                r = stream.writable(), if writing => r?,
+                // A read that does not fill the buffer clears the socket's
+                // readiness, so an idle socket costs no extra system call.
+                r = rd.read_buf(buf), if accepting => match r {
+                    Ok(0) => {
+                        let r = if buf.is_empty() {
                             Ok(())
                         } else {
                             Err(IscsiError::UnexpectedEof)
                         };
+                        self.end(r);
                     }
-                }
+                    Ok(_) => last_rx = Instant::now(),
+                    Err(e) => self.end(Err(e.into())),
+                },
                 _ = tokio::time::sleep_until(wake.into()) => {
-                    if ping.is_some() {
+                    if self.ending.is_some() {
+                        if inflight.is_empty() {
+                            warn!("initiator is not reading its responses; closing");
+                        } else {
+                            warn!(commands = inflight.len(), "commands did not finish in time; closing");
+                        }
+                        return self.finish();
+                    }
+                    if self.ping.is_some() {
                         return Err(IscsiError::PingTimeout);
                     }
                     if Instant::now() >= last_rx + self.config.nop_interval {
@@ -735,217 +718,352 @@ impl<D: BlockDevice> Conn<D> {
                         let mut p = Pdu::new(op::NOP_IN);
                         p.set_itt(RESERVED_TAG);
                         p.set_u32(20, ping_ttt);
-                        self.send(vec![p], 0);
-                        ping = Some((ping_ttt, Instant::now()));
+                        self.push(p);
+                        self.ping = Some((ping_ttt, Instant::now()));
                     }
                 }
-                _ = stopped(stop) => return Ok(()),
-                _ = kill.wait_for(|k| *k) => {
+                _ = stopped(stop), if open => self.end(Ok(())),
+                _ = kill.wait_for(|k| *k), if open => {
                     info!("session reinstated elsewhere; closing this connection");
-                    return Ok(());
+                    self.end(Ok(()));
                 }
             }
         }
     }
 
-    fn send(&self, pdus: Vec<Pdu>, finishes: u32) {
-        let _ = self.tx.send(Outgoing::Pdus { pdus, finishes });
+    /// Whether we take new PDUs from the initiator now.
+    fn accepting(&self) -> bool {
+        self.ending.is_none() && self.backlog.is_empty() && self.out.len() < OUT_HIGH_WATER
     }
 
-    fn execute(&self, cmd: ScsiCommand, permit: tokio::sync::OwnedSemaphorePermit) {
-        let (done_tx, done_rx) = watch::channel(false);
-        let ctl = Arc::new(TaskCtl {
-            aborted: AtomicBool::new(false),
-            done: done_rx,
-        });
-        lock_tasks(&self.tasks).insert(cmd.itt, Arc::clone(&ctl));
-        self.window.active.fetch_add(1, Ordering::AcqRel);
-        let target = self.target.clone();
-        let nexus = self.nexus.clone();
-        let tx = self.tx.clone();
-        let tasks = Arc::clone(&self.tasks);
-        let params = *self.ff.params();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let result = match (&target, decode_lun(cmd.lun_raw)) {
-                (Some(t), Some(0)) => t.lun.execute(&nexus, &cmd.cdb, cmd.data.clone()).await,
-                _ => missing_lun(&cmd.cdb),
-            };
-            let pdus = if ctl.aborted.load(Ordering::Acquire) {
-                Vec::new()
-            } else {
-                scsi_response_pdus(&cmd, &result, &params)
-            };
-            let _ = tx.send(Outgoing::Pdus { pdus, finishes: 1 });
-            {
-                let mut t = lock_tasks(&tasks);
-                if t.get(&cmd.itt).is_some_and(|c| Arc::ptr_eq(c, &ctl)) {
-                    t.remove(&cmd.itt);
+    /// Stop reading; finish in-flight commands (for at most the shutdown
+    /// grace), write their responses and close with `result`.
+    fn end(&mut self, result: Result<(), IscsiError>) {
+        self.end_with(result, None);
+    }
+
+    fn end_with(&mut self, result: Result<(), IscsiError>, logout: Option<Pdu>) {
+        if self.ending.is_none() {
+            self.ending = Some(Ending {
+                result,
+                logout,
+                deadline: Instant::now() + self.config.shutdown_grace,
+            });
+        }
+    }
+
+    fn finish(&mut self) -> Result<(), IscsiError> {
+        match self.ending.take() {
+            Some(end) => end.result,
+            None => Ok(()),
+        }
+    }
+
+    /// Decode buffered PDUs and carry out their actions while we accept.
+    fn process(&mut self, buf: &mut BytesMut, inflight: &mut FuturesUnordered<CmdFuture<'a>>) {
+        loop {
+            while let Some(a) = self.backlog.pop_front() {
+                if let Err(a) = self.act(a, inflight) {
+                    self.backlog.push_front(a);
+                    return;
+                }
+                if self.ending.is_some() {
+                    self.backlog.clear();
+                    return;
                 }
             }
-            let _ = done_tx.send(true);
-        });
+            if !self.accepting() {
+                return;
+            }
+            let pdu = match self.codec.decode(buf) {
+                Ok(Some(p)) => p,
+                Ok(None) => return,
+                Err(PduError::DataDigest { bhs }) => {
+                    // The header is good: reject and go on (ERL 0 may not
+                    // recover the command, the initiator will).
+                    let p = Pdu {
+                        bhs: *bhs,
+                        ahs: Bytes::new(),
+                        data: Bytes::new(),
+                    };
+                    self.push(reject(&p, reject_reason::DATA_DIGEST_ERROR));
+                    continue;
+                }
+                Err(e) => {
+                    if let PduError::DataSegmentTooLong { .. } = e
+                        && buf.len() >= 48
+                    {
+                        let mut bhs = [0u8; 48];
+                        bhs.copy_from_slice(&buf[..48]);
+                        let p = Pdu {
+                            bhs,
+                            ahs: Bytes::new(),
+                            data: Bytes::new(),
+                        };
+                        self.push(reject(&p, reject_reason::PROTOCOL_ERROR));
+                    }
+                    self.end(Err(e.into()));
+                    return;
+                }
+            };
+            self.backlog.extend(self.ff.receive(pdu));
+        }
     }
 
-    /// Wait until every running command has finished.
-    async fn wait_all(&self) {
-        let ctls: Vec<Arc<TaskCtl>> = lock_tasks(&self.tasks).values().cloned().collect();
-        for c in ctls {
-            let mut rx = c.done.clone();
-            let _ = rx.wait_for(|d| *d).await;
+    /// Carry out one action; gives it back when the command window is full.
+    fn act(
+        &mut self,
+        a: Action,
+        inflight: &mut FuturesUnordered<CmdFuture<'a>>,
+    ) -> Result<(), Action> {
+        match a {
+            Action::Send(p) => self.push(p),
+            Action::Execute(cmd) => {
+                if self.running.len() >= self.window as usize {
+                    return Err(Action::Execute(cmd));
+                }
+                self.start(cmd, inflight);
+            }
+            Action::TaskManagement(req) => self.task_management(req),
+            Action::Logout(resp) => self.end_with(Ok(()), Some(resp)),
+            Action::FailWrite(itt) => {
+                for p in self.ff.fail_write(itt) {
+                    self.push(p);
+                }
+            }
+            Action::PingAnswered(ttt) => {
+                if self.ping.is_some_and(|(t, _)| t == ttt) {
+                    self.ping = None;
+                }
+            }
+            Action::Close(p) => {
+                if let Some(p) = p {
+                    self.push(p);
+                }
+                self.end(Err(IscsiError::ProtocolViolation));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stamp StatSN/ExpCmdSN/MaxCmdSN (wire order) and queue `p`.
+    fn push(&mut self, mut p: Pdu) {
+        let room = self.window.saturating_sub(self.running.len() as u32);
+        self.seq.stamp(&mut p, self.ff.exp_cmd_sn(), room);
+        self.out.push(&self.codec, &p);
+    }
+
+    fn start(&mut self, mut cmd: ScsiCommand, inflight: &mut FuturesUnordered<CmdFuture<'a>>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.running.insert(
+            id,
+            Running {
+                itt: cmd.itt,
+                aborted: false,
+            },
+        );
+        let target = self.target;
+        let nexus = self.nexus;
+        inflight.push(Box::pin(async move {
+            let data = std::mem::take(&mut cmd.data);
+            let result = match (target, decode_lun(cmd.lun_raw)) {
+                (Some(t), Some(0)) => t.lun.execute(nexus, &cmd.cdb, data).await,
+                _ => missing_lun(&cmd.cdb),
+            };
+            Completed { id, cmd, result }
+        }));
+    }
+
+    fn complete(&mut self, done: Completed) {
+        let aborted = self.running.remove(&done.id).is_some_and(|r| r.aborted);
+        if !aborted {
+            for p in scsi_response_pdus(&done.cmd, &done.result, self.ff.params()) {
+                self.push(p);
+            }
+        }
+        if self.tmfs.is_empty() {
+            return;
+        }
+        for t in &mut self.tmfs {
+            t.waiting.retain(|&id| id != done.id);
+        }
+        let mut i = 0;
+        while i < self.tmfs.len() {
+            if self.tmfs[i].waiting.is_empty() {
+                let t = self.tmfs.remove(i);
+                self.finish_tmf(t);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Mark the running commands `ids` aborted.
+    fn abort(&mut self, ids: &[u64]) {
+        for id in ids {
+            if let Some(r) = self.running.get_mut(id) {
+                r.aborted = true;
+            }
         }
     }
 
     fn task_management(&mut self, req: TmfRequest) {
-        let tasks = Arc::clone(&self.tasks);
-        let tx = self.tx.clone();
-        let target = self.target.clone();
-        let nexus = self.nexus.clone();
+        let lun_ok = decode_lun(req.lun_raw) == Some(0) && self.target.is_some();
         let exp = self.ff.exp_cmd_sn();
-        let lun_ok = decode_lun(req.lun_raw) == Some(0) && target.is_some();
-        tokio::spawn(async move {
-            let abort = |ctls: Vec<Arc<TaskCtl>>| async move {
-                for c in &ctls {
-                    c.aborted.store(true, Ordering::Release);
+        let all: Vec<u64> = self.running.keys().copied().collect();
+        let mut waiting = Vec::new();
+        let mut reset = false;
+        let response = match req.function {
+            tmf::ABORT_TASK => {
+                let ids: Vec<u64> = self
+                    .running
+                    .iter()
+                    .filter(|(_, r)| r.itt == req.referenced_itt)
+                    .map(|(&id, _)| id)
+                    .collect();
+                if !ids.is_empty() {
+                    waiting = ids;
+                    tmf_response::FUNCTION_COMPLETE
+                } else if sn_lt(req.ref_cmd_sn, exp) && !sn_lt(req.ref_cmd_sn, req.cmd_sn) {
+                    tmf_response::FUNCTION_COMPLETE
+                } else {
+                    tmf_response::TASK_DOES_NOT_EXIST
                 }
-                for c in ctls {
-                    let mut rx = c.done.clone();
-                    let _ = rx.wait_for(|d| *d).await;
-                }
-            };
-            let response = match req.function {
-                tmf::ABORT_TASK => {
-                    let ctl = lock_tasks(&tasks).get(&req.referenced_itt).cloned();
-                    match ctl {
-                        Some(c) => {
-                            abort(vec![c]).await;
-                            tmf_response::FUNCTION_COMPLETE
-                        }
-                        None if sn_lt(req.ref_cmd_sn, exp)
-                            && !sn_lt(req.ref_cmd_sn, req.cmd_sn) =>
-                        {
-                            tmf_response::FUNCTION_COMPLETE
-                        }
-                        None => tmf_response::TASK_DOES_NOT_EXIST,
-                    }
-                }
-                tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET => {
-                    if lun_ok {
-                        let all: Vec<Arc<TaskCtl>> = lock_tasks(&tasks).values().cloned().collect();
-                        abort(all).await;
-                        tmf_response::FUNCTION_COMPLETE
-                    } else {
-                        tmf_response::LUN_DOES_NOT_EXIST
-                    }
-                }
-                tmf::LOGICAL_UNIT_RESET | tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
-                    if req.function == tmf::LOGICAL_UNIT_RESET && !lun_ok {
-                        tmf_response::LUN_DOES_NOT_EXIST
-                    } else {
-                        let all: Vec<Arc<TaskCtl>> = lock_tasks(&tasks).values().cloned().collect();
-                        abort(all).await;
-                        if let Some(t) = &target {
-                            t.lun.reset(Some(&nexus));
-                        }
-                        tmf_response::FUNCTION_COMPLETE
-                    }
-                }
-                _ => tmf_response::NOT_SUPPORTED,
-            };
-            let mut r = Pdu::new(op::TASK_MGMT_RESPONSE);
-            r.bhs[2] = response;
-            r.set_itt(req.itt);
-            let _ = tx.send(Outgoing::Pdus {
-                pdus: vec![r],
-                finishes: 0,
-            });
-            if req.function == tmf::TARGET_COLD_RESET {
-                let _ = tx.send(Outgoing::Close);
             }
-        });
+            tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET => {
+                if lun_ok {
+                    waiting = all;
+                    tmf_response::FUNCTION_COMPLETE
+                } else {
+                    tmf_response::LUN_DOES_NOT_EXIST
+                }
+            }
+            tmf::LOGICAL_UNIT_RESET | tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
+                if req.function == tmf::LOGICAL_UNIT_RESET && !lun_ok {
+                    tmf_response::LUN_DOES_NOT_EXIST
+                } else {
+                    waiting = all;
+                    reset = true;
+                    tmf_response::FUNCTION_COMPLETE
+                }
+            }
+            _ => tmf_response::NOT_SUPPORTED,
+        };
+        self.abort(&waiting);
+        let t = PendingTmf {
+            itt: req.itt,
+            function: req.function,
+            response,
+            reset,
+            waiting,
+        };
+        if t.waiting.is_empty() {
+            self.finish_tmf(t);
+        } else {
+            self.tmfs.push(t);
+        }
+    }
+
+    fn finish_tmf(&mut self, t: PendingTmf) {
+        if t.reset
+            && let Some(target) = self.target
+        {
+            target.lun.reset(Some(self.nexus));
+        }
+        let mut r = Pdu::new(op::TASK_MGMT_RESPONSE);
+        r.bhs[2] = t.response;
+        r.set_itt(t.itt);
+        self.push(r);
+        if t.function == tmf::TARGET_COLD_RESET {
+            self.end(Ok(()));
+        }
     }
 }
 
-/// PDUs whose payload is at most this large are copied into the batch buffer.
-const COPY_MAX: usize = 64 << 10;
-/// Write the batch buffer once it holds this much.
-const BATCH_MAX: usize = 1 << 20;
+/// PDUs whose payload is at most this large are copied into the batch
+/// buffer; larger payloads are sent from their own `Bytes`.
+const COPY_MAX: usize = 16 << 10;
+/// Capacity the batch buffer is (re)filled to.
+const OUT_CHUNK: usize = 256 << 10;
+/// Buffers handed to one `writev`.
+const MAX_IOVECS: usize = 64;
 
-/// The single writer of a connection.
-async fn write_pdus<W>(
-    mut wr: W,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    codec: PduCodec,
-    mut seq: StatusSequencer,
-    window: Arc<Window>,
-) -> std::io::Result<()>
-where
-    W: AsyncWrite + Unpin,
-{
-    let mut out = BytesMut::with_capacity(COPY_MAX * 2);
-    let mut failed: Option<std::io::Error> = None;
-    let mut closing = false;
-    while let Some(first) = rx.recv().await {
-        if failed.is_some() || closing {
-            if let Outgoing::Pdus { finishes, .. } = first {
-                window.active.fetch_sub(finishes, Ordering::AcqRel);
-            }
-            continue;
+/// Encoded PDUs waiting for the socket, in wire order.
+#[derive(Default)]
+struct OutQueue {
+    /// Headers and small payloads being gathered.
+    cur: BytesMut,
+    /// Sealed buffers and large payloads, in order.
+    chunks: VecDeque<Bytes>,
+    /// Bytes in `chunks`.
+    queued: usize,
+}
+
+impl OutQueue {
+    fn is_empty(&self) -> bool {
+        self.cur.is_empty() && self.chunks.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.queued + self.cur.len()
+    }
+
+    fn push(&mut self, codec: &PduCodec, p: &Pdu) {
+        if self.cur.capacity() - self.cur.len() < 1024 + p.data.len().min(COPY_MAX) {
+            // Reclaims the old buffer when every sealed part of it was written.
+            self.cur.reserve(OUT_CHUNK);
         }
-        let mut next = Some(first);
-        let res: std::io::Result<()> = async {
-            while let Some(msg) = next.take() {
-                match msg {
-                    Outgoing::Close => {
-                        closing = true;
-                        break;
-                    }
-                    Outgoing::Pdus { mut pdus, finishes } => {
-                        if finishes > 0 {
-                            window.active.fetch_sub(finishes, Ordering::AcqRel);
-                        }
-                        for p in pdus.iter_mut() {
-                            let exp = window.exp_cmd_sn.load(Ordering::Acquire);
-                            seq.stamp(p, exp, window.room());
-                            codec.encode_header(p, &mut out);
-                            if p.data.len() <= COPY_MAX {
-                                out.extend_from_slice(&p.data);
-                            } else {
-                                wr.write_all(&out).await?;
-                                out.clear();
-                                wr.write_all(&p.data).await?;
-                            }
-                            codec.encode_data_trailer(&p.data, &mut out);
-                            if out.len() >= BATCH_MAX {
-                                wr.write_all(&out).await?;
-                                out.clear();
-                            }
-                        }
-                    }
-                }
-                next = rx.try_recv().ok();
-            }
-            if !out.is_empty() {
-                wr.write_all(&out).await?;
-                out.clear();
-            }
-            wr.flush().await
+        codec.encode_header(p, &mut self.cur);
+        if p.data.len() <= COPY_MAX {
+            self.cur.extend_from_slice(&p.data);
+        } else {
+            self.seal();
+            self.queued += p.data.len();
+            self.chunks.push_back(p.data.clone());
         }
-        .await;
-        if let Err(e) = res {
-            out.clear();
-            failed = Some(e);
-        }
-        if closing {
-            let _ = wr.shutdown().await;
-            // Keep draining so counters stay right; nothing more is written.
+        codec.encode_data_trailer(&p.data, &mut self.cur);
+    }
+
+    fn seal(&mut self) {
+        if !self.cur.is_empty() {
+            let b = self.cur.split().freeze();
+            self.queued += b.len();
+            self.chunks.push_back(b);
         }
     }
-    match failed {
-        Some(e) => Err(e),
-        None => {
-            let _ = wr.shutdown().await;
-            Ok(())
+
+    /// Write as much as the socket takes without blocking.
+    fn write_to(&mut self, stream: &TcpStream) -> std::io::Result<()> {
+        self.seal();
+        while !self.chunks.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut n = 0;
+            for (s, c) in slices.iter_mut().zip(self.chunks.iter()) {
+                *s = IoSlice::new(c);
+                n += 1;
+            }
+            let written = match stream.try_write_vectored(&slices[..n]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(w) => w,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            self.queued -= written;
+            let mut left = written;
+            while left > 0 {
+                let Some(front) = self.chunks.front_mut() else {
+                    break;
+                };
+                if front.len() <= left {
+                    left -= front.len();
+                    self.chunks.pop_front();
+                } else {
+                    front.advance(left);
+                    left = 0;
+                }
+            }
         }
+        Ok(())
     }
 }

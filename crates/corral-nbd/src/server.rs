@@ -484,7 +484,7 @@ fn failure(cookie: u64, read: bool, e: &corral_block::BlockError) -> Reply {
     if errno == Errno::Einval {
         debug!(cookie, error = %e, "device refused request");
     } else {
-        warn!(cookie, error = %e, "device I/O failed");
+        debug!(cookie, error = %e, "device I/O failed");
     }
     Reply::Error {
         cookie,
