@@ -2,6 +2,8 @@
 # iSCSI benchmark: corral serve-file vs tgt (Longhorn v1's frontend) over the
 # same preallocated file, in one run, driven by fio's libiscsi engine.
 # Jobs: 4 KiB random read and write at QD32 and QD1, 1 MiB sequential write.
+# Both targets serve at once and each job runs against corral then tgt, so
+# the two sides of a row ran seconds apart (the machine may be shared).
 # Prints a markdown table (IOPS, MiB/s, p99 completion latency) for
 # docs/benchmarks.md. Needs root for tgtd; builds corral in release mode and
 # fio with libiscsi (scripts/build-fio-libiscsi.sh).
@@ -59,26 +61,19 @@ JOBS=(
     "seqwrite-1m-qd8 write 1m 8"
 )
 
-run_jobs() { # $1 = label, $2 = fio filename
-    local label="$1" filename="$2"
-    for job in "${JOBS[@]}"; do
-        read -r name rw bs qd <<<"$job"
-        "$FIO" --name="$name" --ioengine=libiscsi --filename="$filename" \
-            --rw="$rw" --bs="$bs" --iodepth="$qd" --size="${SIZE_MIB}m" \
-            --runtime="$RUNTIME" --time_based --ramp_time=2 --randrepeat=0 \
-            --output-format=json >"$WORK/$label-$name.json"
-    done
+run_job() { # $1 = label, $2 = fio filename, $3 = job
+    local label="$1" filename="$2" name rw bs qd
+    read -r name rw bs qd <<<"$3"
+    "$FIO" --name="$name" --ioengine=libiscsi --filename="$filename" \
+        --rw="$rw" --bs="$bs" --iodepth="$qd" --size="${SIZE_MIB}m" \
+        --runtime="$RUNTIME" --time_based --ramp_time=2 --randrepeat=0 \
+        --output-format=json >"$WORK/$label-$name.json"
 }
 
-echo "== corral serve-file" >&2
 "$CORRAL" serve-file --file "$FILE" --iscsi "127.0.0.1:$CORRAL_PORT" --name bench \
     >"$WORK/corral.log" 2>&1 &
 CORRAL_PID=$!
 wait_port "$CORRAL_PORT"
-run_jobs corral "iscsi\\://127.0.0.1\\:$CORRAL_PORT/iqn.2026-11.io.corral\\:bench/0"
-kill "$CORRAL_PID"; wait "$CORRAL_PID" || true; CORRAL_PID=""
-
-echo "== tgt" >&2
 tgtd -f --iscsi "portal=127.0.0.1:$TGT_PORT" -C "$TGT_CTL" >"$WORK/tgtd.log" 2>&1 &
 TGT_PID=$!
 wait_port "$TGT_PORT"
@@ -86,7 +81,11 @@ tgtadm -C "$TGT_CTL" --lld iscsi --mode target --op new --tid 1 --targetname iqn
 tgtadm -C "$TGT_CTL" --lld iscsi --mode logicalunit --op new --tid 1 --lun 1 \
     --backing-store "$FILE" --bstype rdwr
 tgtadm -C "$TGT_CTL" --lld iscsi --mode target --op bind --tid 1 --initiator-address ALL
-run_jobs tgt "iscsi\\://127.0.0.1\\:$TGT_PORT/iqn.2026-11.io.tgt\\:bench/1"
+for job in "${JOBS[@]}"; do
+    echo "== ${job%% *}" >&2
+    run_job corral "iscsi\\://127.0.0.1\\:$CORRAL_PORT/iqn.2026-11.io.corral\\:bench/0" "$job"
+    run_job tgt "iscsi\\://127.0.0.1\\:$TGT_PORT/iqn.2026-11.io.tgt\\:bench/1" "$job"
+done
 
 python3 - "$WORK" <<'EOF'
 import json, sys, os

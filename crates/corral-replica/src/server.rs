@@ -31,6 +31,9 @@ pub const STREAM_WINDOW: u32 = 16 << 20;
 pub const CONNECTION_WINDOW: u32 = 64 << 20;
 pub const MAX_FRAME: u32 = (1 << 20) - 1;
 
+/// How often a replica with dirty write-intent regions is flushed in the background.
+pub const BACKGROUND_FLUSH: Duration = Duration::from_secs(3);
+
 /// Run a replica daemon until `shutdown` resolves, then close every replica cleanly.
 pub async fn serve(
     config: ReplicaServerConfig,
@@ -102,6 +105,35 @@ pub async fn serve_with_metrics(
             };
             if let Err(e) = corral_metrics::serve(listener, exporter, done).await {
                 tracing::warn!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
+    // Background flusher: the write-intent bitmap is cleared lazily at
+    // flushes, so a replica whose engine never flushes (or has gone quiet)
+    // would keep every region it ever wrote marked dirty, and a returning
+    // replica's catch-up would walk all of them. Flushing dirty stores every
+    // few seconds bounds both that and the unflushed data.
+    {
+        let registry = Arc::clone(&registry);
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(BACKGROUND_FLUSH);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                for hosted in registry.all() {
+                    if hosted.store.dirty_regions().is_empty() {
+                        continue;
+                    }
+                    let flushing = Arc::clone(&hosted);
+                    let result = tokio::task::spawn_blocking(move || flushing.store.flush()).await;
+                    if let Ok(Err(e)) = result {
+                        tracing::warn!(volume = %hosted.volume, error = %e, "background flush failed");
+                    }
+                }
             }
         });
     }
