@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use corral_proto::v1::{VolumeInfoRequest, engine_control_client::EngineControlClient};
+use corral_proto::v1::{
+    ListReplicasRequest, VolumeInfoRequest, engine_control_client::EngineControlClient,
+    replica_control_client::ReplicaControlClient,
+};
 use tokio::process::{Child, Command};
 
 use crate::shutdown::Shutdown;
@@ -125,6 +128,44 @@ async fn check_alive(procs: &mut [Proc]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits until every replica daemon answers a control call. The engine is
+/// started only then: an engine that opened a new volume before one daemon
+/// was listening would count that replica as failed and rebuild it later.
+async fn wait_replicas(addrs: &[String], procs: &mut [Proc]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for addr in addrs {
+        loop {
+            check_alive(procs).await?;
+            if let Some(p) = procs.iter().find(|p| p.exited) {
+                bail!(
+                    "{} exited before it was ready; see {}",
+                    p.name,
+                    p.log.display()
+                );
+            }
+            let attempt = async {
+                let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                    .connect_timeout(Duration::from_secs(1))
+                    .timeout(Duration::from_secs(2))
+                    .connect()
+                    .await?;
+                ReplicaControlClient::new(channel)
+                    .list_replicas(ListReplicasRequest {})
+                    .await?;
+                anyhow::Ok(())
+            };
+            if attempt.await.is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the replica daemon at {addr} did not come up within 60 s; see the logs");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
 async fn wait_ready(listen: SocketAddr, procs: &mut [Proc]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -182,6 +223,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         replicas.push(spawn(&exe, &format!("replica-{i}"), &argv, &logs)?);
         addrs.push(addr);
     }
+    let mut stop_rx = shutdown.subscribe();
+    let replicas_up = tokio::select! {
+        r = wait_replicas(&addrs, &mut replicas) => r,
+        _ = stop_rx.recv() => Err(anyhow::anyhow!("interrupted")),
+    };
+    if let Err(e) = replicas_up {
+        for p in replicas.iter_mut() {
+            stop(p, Duration::from_secs(15)).await;
+        }
+        return Err(e);
+    }
     let mut argv = vec![
         "engine".to_string(),
         "--volume".into(),
@@ -201,7 +253,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut procs = vec![engine];
     procs.append(&mut replicas);
 
-    let mut stop_rx = shutdown.subscribe();
     let ready = tokio::select! {
         r = wait_ready(args.listen, &mut procs) => r,
         _ = stop_rx.recv() => Err(anyhow::anyhow!("interrupted")),
