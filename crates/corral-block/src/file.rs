@@ -1,8 +1,11 @@
 //! [`FileDevice`]: a `BlockDevice` over one local file, no replication.
 //!
 //! Used by `corral serve-file` and as the reference device in tests and
-//! benchmarks. I/O runs on tokio's blocking pool with positional reads and
-//! writes, so concurrent requests proceed in parallel.
+//! benchmarks. Positional reads the page cache can serve, and small writes
+//! while they stay fast, run inline on the calling task (see
+//! [`crate::inline_io`]); everything else — cache misses, large writes,
+//! flushes, hole punching — runs on tokio's blocking pool, so concurrent
+//! requests proceed in parallel.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -12,6 +15,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::inline_io::{InlineGate, pread_nowait};
 use crate::{BlockDevice, BlockError, BlockResult, check_range};
 
 /// A block device backed by a regular file (or a block device node).
@@ -20,6 +24,8 @@ pub struct FileDevice {
     path: PathBuf,
     size: u64,
     block_size: u32,
+    /// Whether writes may run inline now.
+    inline_writes: InlineGate,
 }
 
 impl FileDevice {
@@ -68,6 +74,7 @@ impl FileDevice {
             path: path.to_path_buf(),
             size,
             block_size,
+            inline_writes: InlineGate::default(),
         })
     }
 
@@ -143,8 +150,11 @@ impl BlockDevice for FileDevice {
 
     async fn read(&self, offset: u64, len: u32) -> BlockResult<Bytes> {
         check_range(offset, u64::from(len), self.size)?;
+        let mut buf = BytesMut::zeroed(len as usize);
+        if pread_nowait(&self.file, &mut buf, offset).map_err(io_error)? {
+            return Ok(buf.freeze());
+        }
         self.blocking(move |f| {
-            let mut buf = BytesMut::zeroed(len as usize);
             f.read_exact_at(&mut buf, offset)?;
             Ok(buf.freeze())
         })
@@ -153,6 +163,12 @@ impl BlockDevice for FileDevice {
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()> {
         check_range(offset, data.len() as u64, self.size)?;
+        if !fua && self.inline_writes.allows(data.len()) {
+            return self
+                .inline_writes
+                .run(|| self.file.write_all_at(&data, offset))
+                .map_err(io_error);
+        }
         self.blocking(move |f| {
             f.write_all_at(&data, offset)?;
             if fua {

@@ -12,6 +12,7 @@ use std::future::Future;
 use bytes::Bytes;
 
 pub mod file;
+pub mod inline_io;
 
 pub use file::FileDevice;
 

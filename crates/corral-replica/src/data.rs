@@ -2,13 +2,18 @@
 //! batches per engine connection.
 //!
 //! A stream's batches are executed one after another and the requests inside
-//! a batch in order, on tokio's blocking pool: the engine sends every request
-//! for one chunk on the same stream, so per-chunk order holds end to end.
+//! a batch in order: the engine sends every request for one chunk on the same
+//! stream, so per-chunk order holds end to end. A batch of reads and writes
+//! that is only page-cache work (writes into regions already marked dirty,
+//! no FUA, small) runs inline on the stream's task while that stays fast
+//! (see `corral_block::inline_io`); flushes, FUA writes, unmaps, writes that
+//! must commit a write-intent mark, and large batches run on tokio's blocking
+//! pool.
 //! Every request must carry the epoch the replica is open at (fencing) and
 //! writes carry a CRC32C of their payload, checked before anything is stored.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, TryLockError};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -95,10 +100,15 @@ impl ReplicaData for DataService {
                         break;
                     }
                 };
-                let replica = Arc::clone(&hosted);
-                let m = metrics.clone();
-                let replies =
-                    tokio::task::spawn_blocking(move || execute_batch(&replica, batch, &m)).await;
+                let replies = match execute_inline(&hosted, batch, &metrics) {
+                    Ok(replies) => Ok(replies),
+                    Err(batch) => {
+                        let replica = Arc::clone(&hosted);
+                        let m = metrics.clone();
+                        tokio::task::spawn_blocking(move || execute_batch(&replica, batch, &m))
+                            .await
+                    }
+                };
                 let replies = match replies {
                     Ok(r) => r,
                     Err(e) => {
@@ -146,6 +156,40 @@ fn store_error_reply(id: u64, e: StoreError) -> DataReply {
     error_reply(id, code, e.to_string(), offset)
 }
 
+/// Execute `batch` on the calling thread if it is page-cache work only and
+/// nothing it needs is busy; otherwise hand it back for the blocking pool.
+fn execute_inline(
+    replica: &HostedReplica,
+    batch: DataRequestBatch,
+    metrics: &ReplicaMetrics,
+) -> Result<DataReplyBatch, DataRequestBatch> {
+    let mut bytes = 0usize;
+    let light = batch.requests.iter().all(|req| match &req.op {
+        Some(data_request::Op::Read(r)) => {
+            bytes += r.length as usize;
+            true
+        }
+        Some(data_request::Op::Write(w)) => {
+            bytes += w.data.len();
+            !w.fua && replica.store.write_is_light(w.offset, w.data.len() as u64)
+        }
+        _ => false,
+    });
+    if !light || !replica.inline_io.allows(bytes) {
+        return Err(batch);
+    }
+    // An open at a newer epoch holds the gate while it commits: do not wait
+    // for that on a runtime thread.
+    let open = match replica.open_epoch.try_read() {
+        Ok(open) => open,
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(TryLockError::WouldBlock) => return Err(batch),
+    };
+    Ok(replica
+        .inline_io
+        .run(|| execute_at(replica, *open, batch, metrics)))
+}
+
 /// Execute one batch in order. Holds the replica's epoch gate for the whole
 /// batch so that an engine opening the replica at a newer epoch waits for it.
 fn execute_batch(
@@ -154,12 +198,23 @@ fn execute_batch(
     metrics: &ReplicaMetrics,
 ) -> DataReplyBatch {
     let open = replica.open_epoch.read().unwrap_or_else(|p| p.into_inner());
+    execute_at(replica, *open, batch, metrics)
+}
+
+/// Execute one batch in order against a replica open at `open` (the caller
+/// holds the epoch gate).
+fn execute_at(
+    replica: &HostedReplica,
+    open: u64,
+    batch: DataRequestBatch,
+    metrics: &ReplicaMetrics,
+) -> DataReplyBatch {
     let replies = batch
         .requests
         .into_iter()
         .map(|req| {
-            if *open == 0 || req.epoch != *open {
-                let code = if req.epoch < *open {
+            if open == 0 || req.epoch != open {
+                let code = if req.epoch < open {
                     DataErrorCode::StaleEpoch
                 } else {
                     DataErrorCode::NotOpen
@@ -169,7 +224,7 @@ fn execute_batch(
                     code,
                     format!(
                         "volume {} is open at epoch {}, request carries epoch {}",
-                        replica.volume, *open, req.epoch
+                        replica.volume, open, req.epoch
                     ),
                     0,
                 );

@@ -1,6 +1,7 @@
 //! The replicas hosted by one daemon: one [`ReplicaStore`] per volume, each
 //! in `<data-dir>/<volume>/`, plus the epoch gate that fences old engines.
 
+use corral_block::inline_io::InlineGate;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,6 +20,8 @@ pub struct HostedReplica {
     /// Data requests hold the read side while they execute, so an `open` at a
     /// newer epoch waits for them and no request of the old engine lands after it.
     pub open_epoch: RwLock<u64>,
+    /// Whether data batches may run inline on the stream's task now.
+    pub inline_io: InlineGate,
 }
 
 /// All replicas of this daemon.
@@ -174,6 +177,7 @@ impl HostedReplica {
             volume,
             store,
             open_epoch: RwLock::new(0),
+            inline_io: InlineGate::default(),
         }
     }
 

@@ -78,6 +78,13 @@ impl WriteIntent {
         (offset >> self.region_shift)..=((end - 1) >> self.region_shift)
     }
 
+    /// True when every region touched by the non-empty range `offset..end`
+    /// is already durably marked dirty, so a write there commits no metadata.
+    pub(crate) fn covers(&self, offset: u64, end: u64) -> bool {
+        let st = lock(&self.state);
+        self.regions(offset, end).all(|r| st.dirty.contains_key(&r))
+    }
+
     /// Called at the start of a write to `offset..end` (non-empty): enters the flush gate
     /// and makes sure every touched region is durably marked dirty.
     pub(crate) fn begin_write(

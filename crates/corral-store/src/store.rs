@@ -443,6 +443,17 @@ impl ReplicaStore {
         self.write_impl(offset, data, Halves::Both)
     }
 
+    /// True when a (non-FUA) write of `len` bytes at `offset` needs no
+    /// metadata commit now: the range is valid and every write-intent region
+    /// it touches is already marked dirty. Such a write is page-cache work
+    /// only, which lets a caller run it without a thread hand-off.
+    pub fn write_is_light(&self, offset: u64, len: u64) -> bool {
+        match self.check_range(offset, len) {
+            Ok(end) => len == 0 || self.intent.covers(offset, end),
+            Err(_) => true,
+        }
+    }
+
     /// Writes `data` at `offset` and makes it durable before returning (FUA).
     pub fn write_fua(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.write_impl(offset, data, Halves::Both)?;

@@ -578,3 +578,21 @@ fn rebuild_cursor_persists_across_reopen() {
         None
     );
 }
+
+#[test]
+fn a_write_is_light_once_its_regions_are_marked_dirty() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = ReplicaStore::create(&tmp.path().join("r"), params(4 * MIB, 64 * 1024)).unwrap();
+    // Region size is 1 MiB: nothing is marked yet.
+    assert!(!s.write_is_light(0, 4096));
+    s.write(0, &pattern(1, 4096)).unwrap();
+    assert!(s.write_is_light(8192, 4096));
+    // A range that crosses into the unmarked second region is not light.
+    assert!(!s.write_is_light(MIB - 4096, 8192));
+    // Out of range: the write fails fast, no commit either way.
+    assert!(s.write_is_light(4 * MIB, 4096));
+    // A flush with no write since the last one clears idle regions again.
+    s.flush().unwrap();
+    s.flush().unwrap();
+    assert!(!s.write_is_light(0, 4096));
+}
