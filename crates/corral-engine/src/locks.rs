@@ -6,8 +6,9 @@
 //! over a newer write (Longhorn #4354), and a comparison never sees a write
 //! half applied. The table is striped: chunks share a lock when their index
 //! is equal modulo the stripe count, which costs a little false sharing and
-//! no memory per chunk. Exclusive holders take one stripe at a time, so
-//! there is no lock-order cycle.
+//! no memory per chunk. Whoever takes several stripes (a write spanning
+//! chunks shared, the rebuild copier a group of chunks exclusively) takes
+//! them in ascending stripe order, so there is no lock-order cycle.
 //!
 //! Shared holders do not exclude each other, so a second, short-lived
 //! sequencing lock orders how concurrent writes to one chunk are queued on
@@ -67,5 +68,50 @@ impl ChunkLocks {
     /// The exclusive lock of one chunk.
     pub async fn exclusive(&self, chunk: u64) -> RwLockWriteGuard<'_, ()> {
         self.stripes[self.stripe(chunk)].write().await
+    }
+
+    /// Exclusive locks on several chunks, taken in ascending stripe order
+    /// (the order [`ChunkLocks::shared`] uses), each stripe once.
+    pub async fn exclusive_many(&self, chunks: &[u64]) -> Vec<RwLockWriteGuard<'_, ()>> {
+        let mut guards = Vec::with_capacity(chunks.len());
+        for s in self.stripes_of(chunks) {
+            guards.push(self.stripes[s].write().await);
+        }
+        guards
+    }
+
+    /// The stripes of `chunks`, ascending and deduplicated.
+    fn stripes_of(&self, chunks: &[u64]) -> Vec<usize> {
+        let mut stripes: Vec<usize> = chunks.iter().map(|c| self.stripe(*c)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        stripes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_chunks_lock_in_ascending_stripe_order() {
+        let locks = ChunkLocks::default();
+        let last = STRIPES as u64 - 1;
+        // A group that wraps around the table, and a chunk sharing a stripe.
+        assert_eq!(
+            locks.stripes_of(&[last, last + 1, last + 2, 1 + STRIPES as u64 * 2]),
+            vec![0, 1, last as usize]
+        );
+    }
+
+    #[tokio::test]
+    async fn exclusive_many_excludes_writers_of_each_chunk() {
+        let locks = ChunkLocks::default();
+        let held = locks.exclusive_many(&[5, 6]).await;
+        assert_eq!(held.len(), 2);
+        assert!(locks.stripes[6].try_read().is_err());
+        assert!(locks.stripes[7].try_read().is_ok());
+        drop(held);
+        assert!(locks.stripes[6].try_read().is_ok());
     }
 }

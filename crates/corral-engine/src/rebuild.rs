@@ -1,23 +1,48 @@
 //! Rebuild: bringing a replica in WO mode up to date by copying chunks from
 //! a healthy (RW) replica, while it already takes every new write.
 //!
-//! For each chunk the copier holds the chunk's lock exclusively (writes to
-//! it wait), asks the source and the target for their stored per-block
-//! CRC32Cs, and copies only the runs of blocks that differ — so chunks that
-//! are already identical cost two small requests and no data. Several
-//! chunks are copied at once; an optional bandwidth limit paces the copier.
-//! A full rebuild records how far it has come on the target (the rebuild
-//! cursor) so that it resumes there after an engine or replica restart.
-//! When every chunk is done the target is flushed and turns RW (a recorded
-//! membership change).
+//! This module owns the copier ([`run`]): the walk over the chunks to catch
+//! up, its pacing (`--rebuild-bandwidth`), its progress counters
+//! ([`RebuildProgress`]) and the rebuild cursor. Deciding *which* chunks to
+//! walk and whether the target is new is the supervisor's job.
+//!
+//! The copier takes the chunks a few at a time (a group of up to
+//! [`GROUP_CHUNKS`], consecutive in a full rebuild) and holds their locks
+//! exclusively — in ascending stripe order, as writers do — for the whole
+//! copy, so a client write to them happens entirely before or entirely
+//! after it and a copy never carries old data over a newer write. Every
+//! request concerns one chunk and goes on that chunk's data stream, so it is
+//! ordered with the writes to that chunk; the requests of a group are queued
+//! back to back and awaited together, which packs them into few messages.
+//! Per group:
+//!
+//! - **target known empty** (a replica created for this rebuild): one
+//!   checksum request per chunk to the source, then the runs of blocks the
+//!   source holds data in are read from it and written to the target. Blocks
+//!   the source reports unwritten (or all zeroes) are not sent: they read as
+//!   zeroes on a new replica too. The target is not asked anything: blocks
+//!   written since it joined in WO mode hold the same data on both, and
+//!   copying them again is harmless under the lock.
+//! - **otherwise**: the source's and the target's stored per-block CRC32Cs
+//!   are fetched together and only the runs that differ are copied, so
+//!   chunks that are already identical cost two small requests and no data.
+//!
+//! The group's reads all complete before anything is written, so when a
+//! source fails the next RW replica takes over with the target untouched.
+//! Several groups are in flight (`--rebuild-concurrency` chunks in all). A
+//! full rebuild records how far it has come on the target (the rebuild
+//! cursor, after flushing the target) so that it resumes there after an
+//! engine or replica restart. When every chunk is done the target is flushed
+//! and turns RW (a recorded membership change).
 
-use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use corral_proto::v1::{self as pb, SetRebuildCursorRequest, data_request::Op};
 use futures::StreamExt;
+use futures::future::join_all;
 use tracing::{info, warn};
 
 use crate::client::{DataOutcome, ReplicaClient};
@@ -25,10 +50,21 @@ use crate::error::ReplicaIoError;
 use crate::replica_set::SlotId;
 use crate::volume::Volume;
 
+/// Most chunks copied under one set of locks, their requests queued together.
+pub const GROUP_CHUNKS: usize = 4;
+
+/// The replicas' checksum granularity: one stored CRC32C per 4 KiB block.
+const BLOCK: u64 = 4096;
+
+/// What a checksum reply reports for a block that reads as zeroes, written
+/// or not: the CRC32C of 4096 zero bytes (corral-store stores 0 for a block
+/// never written and reports it as this, `corral_store::zero_block_crc`).
+static ZERO_BLOCK_CRC: LazyLock<u32> = LazyLock::new(|| crc32c::crc32c(&[0u8; BLOCK as usize]));
+
 /// How the copier runs.
 #[derive(Clone, Debug)]
 pub struct RebuildSettings {
-    /// Chunks copied at once.
+    /// Chunks copied at once, in groups of up to [`GROUP_CHUNKS`].
     pub concurrency: usize,
     /// Bytes per second actually copied, at most (None: unlimited).
     pub bandwidth: Option<u64>,
@@ -118,25 +154,58 @@ impl RebuildProgress {
     }
 }
 
+/// What one rebuild walks, and what is known about its target.
+#[derive(Clone, Debug)]
+pub struct RebuildJob {
+    /// The chunks to walk, ascending.
+    pub chunks: Vec<u64>,
+    /// Record the rebuild cursor on the target as the walk advances (full
+    /// and resumed rebuilds), so that it resumes there after a restart.
+    pub record_cursor: bool,
+    /// The target was created empty for this rebuild: every block of it not
+    /// written since it joined the write set is unwritten. Its checksums are
+    /// then not fetched, and only blocks holding data on the source are sent.
+    pub target_empty: bool,
+}
+
+/// Why a group could not be copied.
+#[derive(Debug, thiserror::Error)]
 enum CopyError {
     /// The target failed: the rebuild stops.
+    #[error("target failed: {0}")]
     Target(ReplicaIoError),
     /// No RW replica could serve as the source.
+    #[error("no source replica: {0}")]
     NoSource(String),
 }
 
-/// Runs of consecutive differing blocks: (first block, count).
-fn differing_runs(a: &[u32], b: &[u32]) -> Vec<(usize, usize)> {
+/// One chunk of a group: its index and byte range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ChunkRange {
+    chunk: u64,
+    offset: u64,
+    len: u64,
+}
+
+/// Consecutive blocks to copy, inside one chunk (byte offset and length).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Run {
+    chunk: u64,
+    offset: u64,
+    len: u64,
+}
+
+/// Runs of consecutive indices in `0..n` for which `copy` holds: (first, count).
+fn runs_where(n: usize, copy: impl Fn(usize) -> bool) -> Vec<(usize, usize)> {
     let mut runs = Vec::new();
     let mut i = 0;
-    let n = a.len().max(b.len());
     while i < n {
-        if a.get(i) == b.get(i) {
+        if !copy(i) {
             i += 1;
             continue;
         }
         let start = i;
-        while i < n && a.get(i) != b.get(i) {
+        while i < n && copy(i) {
             i += 1;
         }
         runs.push((start, i - start));
@@ -144,94 +213,183 @@ fn differing_runs(a: &[u32], b: &[u32]) -> Vec<(usize, usize)> {
     runs
 }
 
-async fn checksums(
+/// Runs of consecutive blocks whose checksums differ.
+fn differing_runs(a: &[u32], b: &[u32]) -> Vec<(usize, usize)> {
+    runs_where(a.len().max(b.len()), |i| a.get(i) != b.get(i))
+}
+
+/// Runs of consecutive blocks that hold data (do not read as zeroes).
+fn written_runs(sums: &[u32]) -> Vec<(usize, usize)> {
+    runs_where(sums.len(), |i| sums[i] != *ZERO_BLOCK_CRC)
+}
+
+/// The runs of `group` to copy, given the source's checksums per chunk and,
+/// unless the target is known empty, the target's.
+fn runs_to_copy(
+    group: &[ChunkRange],
+    source: &[Vec<u32>],
+    target: Option<&[Vec<u32>]>,
+) -> Vec<Run> {
+    let blocks: Vec<Vec<(usize, usize)>> = match target {
+        None => source.iter().map(|s| written_runs(s)).collect(),
+        Some(target) => source
+            .iter()
+            .zip(target)
+            .map(|(s, t)| differing_runs(s, t))
+            .collect(),
+    };
+    group
+        .iter()
+        .zip(blocks)
+        .flat_map(|(range, blocks)| {
+            blocks.into_iter().map(move |(first, count)| Run {
+                chunk: range.chunk,
+                offset: range.offset + first as u64 * BLOCK,
+                len: count as u64 * BLOCK,
+            })
+        })
+        .collect()
+}
+
+fn wrong_shape(client: &ReplicaClient, what: &str) -> ReplicaIoError {
+    ReplicaIoError::Io(format!(
+        "{}: {what} reply of the wrong shape",
+        client.addr()
+    ))
+}
+
+/// The stored block checksums of every chunk of `group` on `client`: one
+/// request per chunk, on that chunk's stream, all queued back to back.
+async fn group_checksums(
     client: &ReplicaClient,
-    chunk: u64,
     epoch: u64,
-    offset: u64,
-    len: u64,
-) -> Result<Vec<u32>, ReplicaIoError> {
-    let op = Op::Checksums(pb::ChecksumsOp {
-        offset,
-        length: len,
+    group: &[ChunkRange],
+) -> Result<Vec<Vec<u32>>, ReplicaIoError> {
+    let calls = group.iter().map(|c| {
+        let op = Op::Checksums(pb::ChecksumsOp {
+            offset: c.offset,
+            length: c.len,
+        });
+        client.call(c.chunk, epoch, op)
     });
-    match client.call(chunk, epoch, op).await? {
-        DataOutcome::Checksums(c) => Ok(c),
-        _ => Err(ReplicaIoError::Io(format!(
-            "{}: checksum reply of the wrong shape",
-            client.addr()
-        ))),
+    let replies = join_all(calls).await;
+    group
+        .iter()
+        .zip(replies)
+        .map(|(c, reply)| match reply? {
+            DataOutcome::Checksums(sums) if sums.len() as u64 == c.len / BLOCK => Ok(sums),
+            _ => Err(wrong_shape(client, "checksum")),
+        })
+        .collect()
+}
+
+/// Read every run from `source`, each on its chunk's stream, all queued back
+/// to back.
+async fn read_runs(
+    source: &ReplicaClient,
+    epoch: u64,
+    runs: &[Run],
+) -> Result<Vec<Bytes>, ReplicaIoError> {
+    let calls = runs.iter().map(|r| {
+        let op = Op::Read(pb::ReadOp {
+            offset: r.offset,
+            // A run lies inside one chunk, and chunk sizes are u32.
+            length: r.len as u32,
+        });
+        source.call(r.chunk, epoch, op)
+    });
+    let replies = join_all(calls).await;
+    runs.iter()
+        .zip(replies)
+        .map(|(r, reply)| match reply? {
+            DataOutcome::Read(data) if data.len() as u64 == r.len => Ok(data),
+            _ => Err(wrong_shape(source, "read")),
+        })
+        .collect()
+}
+
+/// Write `data[i]` at `runs[i]` on `target`, each on its chunk's stream, all
+/// queued back to back; waits for every reply.
+async fn write_runs(
+    target: &ReplicaClient,
+    epoch: u64,
+    runs: &[Run],
+    data: Vec<Bytes>,
+) -> Result<(), ReplicaIoError> {
+    let calls = runs.iter().zip(data).map(|(r, data)| {
+        let crc32c = crc32c::crc32c(&data);
+        let op = Op::Write(pb::WriteOp {
+            offset: r.offset,
+            data,
+            crc32c,
+            fua: false,
+        });
+        target.call(r.chunk, epoch, op)
+    });
+    match join_all(calls).await.into_iter().find_map(Result::err) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
-/// Make `target`'s copy of `chunk` equal to an RW replica's. The caller
-/// holds the chunk's exclusive lock. Returns (bytes copied, bytes skipped).
-async fn sync_chunk(
+/// Make `target`'s copy of every chunk of `group` equal to an RW replica's.
+/// The caller holds the chunks' exclusive locks. Returns (bytes copied,
+/// bytes skipped).
+async fn copy_group(
     volume: &Volume,
     target: &ReplicaClient,
     target_id: SlotId,
-    chunk: u64,
+    group: &[u64],
+    target_empty: bool,
 ) -> Result<(u64, u64), CopyError> {
     let set = volume.replica_set();
     let epoch = set.epoch();
-    let (offset, len) = volume.chunk_range(chunk);
+    let ranges: Vec<ChunkRange> = group
+        .iter()
+        .map(|&chunk| {
+            let (offset, len) = volume.chunk_range(chunk);
+            ChunkRange { chunk, offset, len }
+        })
+        .collect();
+    let total: u64 = ranges.iter().map(|r| r.len).sum();
+    // Fetched along with the first source's: nothing changes them while we
+    // hold the locks, and nothing is written before a source has served
+    // every read, so they stay valid if that source fails.
+    let mut target_sums: Option<Vec<Vec<u32>>> = None;
     let mut last = String::from("no RW replica");
     for (source_id, source) in set.read_targets() {
         if source_id == target_id {
             continue;
         }
-        let src = match checksums(&source, chunk, epoch, offset, len).await {
-            Ok(s) => s,
+        let source_sums = if target_empty || target_sums.is_some() {
+            group_checksums(&source, epoch, &ranges).await
+        } else {
+            let (s, t) = futures::join!(
+                group_checksums(&source, epoch, &ranges),
+                group_checksums(target, epoch, &ranges)
+            );
+            target_sums = Some(t.map_err(CopyError::Target)?);
+            s
+        };
+        let fetched = async {
+            let runs = runs_to_copy(&ranges, &source_sums?, target_sums.as_deref());
+            let data = read_runs(&source, epoch, &runs).await?;
+            Ok::<_, ReplicaIoError>((runs, data))
+        }
+        .await;
+        let (runs, data) = match fetched {
+            Ok(fetched) => fetched,
             Err(e) => {
                 last = e.to_string();
                 let _ = set.handle_failure(source_id, &e, &[]).await;
                 continue;
             }
         };
-        let dst = checksums(target, chunk, epoch, offset, len)
+        write_runs(target, epoch, &runs, data)
             .await
             .map_err(CopyError::Target)?;
-        let runs = differing_runs(&src, &dst);
-        let mut copied = 0;
-        let mut source_failed = false;
-        for (first, count) in runs {
-            let at = offset + first as u64 * 4096;
-            let n = (count as u64 * 4096).min(offset + len - at);
-            let read = Op::Read(pb::ReadOp {
-                offset: at,
-                length: n as u32,
-            });
-            let data = match source.call(chunk, epoch, read).await {
-                Ok(DataOutcome::Read(d)) => d,
-                Ok(_) => {
-                    last = "read reply of the wrong shape".into();
-                    source_failed = true;
-                    break;
-                }
-                Err(e) => {
-                    last = e.to_string();
-                    let _ = set.handle_failure(source_id, &e, &[]).await;
-                    source_failed = true;
-                    break;
-                }
-            };
-            let crc = crc32c::crc32c(&data);
-            let write = Op::Write(pb::WriteOp {
-                offset: at,
-                data,
-                crc32c: crc,
-                fua: false,
-            });
-            target
-                .call(chunk, epoch, write)
-                .await
-                .map_err(CopyError::Target)?;
-            copied += n;
-        }
-        if source_failed {
-            continue;
-        }
-        return Ok((copied, len - copied));
+        let copied: u64 = runs.iter().map(|r| r.len).sum();
+        return Ok((copied, total - copied));
     }
     Err(CopyError::NoSource(last))
 }
@@ -249,31 +407,39 @@ async fn set_cursor(volume: &Volume, target: &ReplicaClient, cursor: Option<u64>
     }
 }
 
-/// Copy `chunks` (ascending) into the WO member `id`, then turn it RW.
+/// Copy `job.chunks` into the WO member `id`, then turn it RW.
 pub async fn run(
     volume: Arc<Volume>,
     id: SlotId,
     target: Arc<ReplicaClient>,
-    chunks: Vec<u64>,
-    record_cursor: bool,
+    job: RebuildJob,
     progress: Arc<RebuildProgress>,
     settings: RebuildSettings,
 ) -> Result<(), String> {
+    let RebuildJob {
+        chunks,
+        record_cursor,
+        target_empty,
+    } = job;
     let set = Arc::clone(volume.replica_set());
     let total: u64 = chunks.iter().map(|c| volume.chunk_range(*c).1).sum();
     progress.total_bytes.store(total, Ordering::Relaxed);
     info!(volume = %volume.name(), replica = %target.addr(), kind = progress.kind,
-        chunks = chunks.len(), bytes = total, "rebuild started");
+        chunks = chunks.len(), bytes = total, target_empty, "rebuild started");
     let started = Instant::now();
     if record_cursor && let Some(first) = chunks.first() {
         set_cursor(&volume, &target, Some(volume.chunk_range(*first).0)).await;
     }
     let mut last_cursor = Instant::now();
+    // `concurrency` chunks at once: groups of up to GROUP_CHUNKS.
+    let group_size = settings.concurrency.clamp(1, GROUP_CHUNKS);
+    let groups_in_flight = (settings.concurrency / group_size).max(1);
     let result: Result<(), String> = async {
-        // Up to `concurrency` chunks in flight; results come back in order,
-        // so when a chunk is reported every chunk before it is done too.
-        let copies = futures::stream::iter(chunks.iter().copied())
-            .map(|chunk| {
+        // Up to `groups_in_flight` groups at once; results come back in
+        // order, so when a group is reported every group before it is done
+        // too (what the cursor relies on).
+        let copies = futures::stream::iter(chunks.chunks(group_size).map(<[u64]>::to_vec))
+            .map(|group| {
                 let volume = &volume;
                 let target = &target;
                 let progress = &progress;
@@ -287,33 +453,35 @@ pub async fn run(
                             tokio::time::sleep(due - spent).await;
                         }
                     }
-                    let _lock = volume.chunk_locks().exclusive(chunk).await;
-                    (chunk, sync_chunk(volume, target, id, chunk).await)
+                    let _locks = volume.chunk_locks().exclusive_many(&group).await;
+                    let outcome = copy_group(volume, target, id, &group, target_empty).await;
+                    (group, outcome)
                 }
             })
-            .buffered(settings.concurrency.max(1));
+            .buffered(groups_in_flight);
         futures::pin_mut!(copies);
-        while let Some((chunk, outcome)) = copies.next().await {
+        while let Some((group, outcome)) = copies.next().await {
             if set.is_fenced() {
                 return Err("engine fenced".to_string());
             }
             match outcome {
                 Ok((copied, skipped)) => {
+                    let walked: u64 = group.iter().map(|c| volume.chunk_range(*c).1).sum();
                     progress.copied_bytes.fetch_add(copied, Ordering::Relaxed);
                     progress.skipped_bytes.fetch_add(skipped, Ordering::Relaxed);
-                    progress
-                        .done_bytes
-                        .fetch_add(volume.chunk_range(chunk).1, Ordering::Relaxed);
+                    progress.done_bytes.fetch_add(walked, Ordering::Relaxed);
                 }
-                Err(CopyError::Target(e)) => {
-                    let _ = set.handle_failure(id, &e, &[]).await;
-                    return Err(format!("target failed: {e}"));
-                }
-                Err(CopyError::NoSource(why)) => {
-                    return Err(format!("no source replica: {why}"));
+                Err(e) => {
+                    if let CopyError::Target(cause) = &e {
+                        let _ = set.handle_failure(id, cause, &[]).await;
+                    }
+                    return Err(e.to_string());
                 }
             }
-            if record_cursor && last_cursor.elapsed() > Duration::from_secs(1) {
+            if record_cursor
+                && last_cursor.elapsed() > Duration::from_secs(1)
+                && let Some(&chunk) = group.last()
+            {
                 // The cursor claims everything before it is copied: make that
                 // durable on the target first.
                 target
@@ -355,7 +523,7 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::differing_runs;
+    use super::*;
 
     #[test]
     fn runs_of_differences() {
@@ -365,5 +533,48 @@ mod tests {
             vec![(0, 1), (2, 2)]
         );
         assert_eq!(differing_runs(&[1, 2], &[]), vec![(0, 2)]);
+    }
+
+    #[test]
+    fn zero_blocks_are_not_written_runs() {
+        let z = *ZERO_BLOCK_CRC;
+        assert_eq!(z, 0x98f9_4189, "the CRC32C of 4096 zero bytes");
+        assert_eq!(written_runs(&[z, z]), vec![]);
+        assert_eq!(written_runs(&[1, z, 2, 3, z]), vec![(0, 1), (2, 2)]);
+        assert_eq!(written_runs(&[1, 2]), vec![(0, 2)]);
+    }
+
+    #[test]
+    fn runs_to_copy_per_chunk() {
+        let z = *ZERO_BLOCK_CRC;
+        let group = [
+            ChunkRange {
+                chunk: 3,
+                offset: 3 * 16384,
+                len: 16384,
+            },
+            ChunkRange {
+                chunk: 4,
+                offset: 4 * 16384,
+                len: 16384,
+            },
+        ];
+        let source = vec![vec![z, 7, 7, z], vec![5, 5, 5, 5]];
+        let run = |chunk: u64, block: u64, count: u64| Run {
+            chunk,
+            offset: chunk * 16384 + block * BLOCK,
+            len: count * BLOCK,
+        };
+        // Empty target: whatever holds data on the source.
+        assert_eq!(
+            runs_to_copy(&group, &source, None),
+            vec![run(3, 1, 2), run(4, 0, 4)]
+        );
+        // Otherwise: whatever differs, zero blocks included.
+        let target = vec![vec![1, 7, 7, z], vec![5, 5, z, 5]];
+        assert_eq!(
+            runs_to_copy(&group, &source, Some(&target)),
+            vec![run(3, 0, 1), run(4, 2, 1)]
+        );
     }
 }

@@ -11,7 +11,9 @@
 //!   its daemon lost it, fence it at our epoch, join it to the write set in
 //!   WO mode and start a rebuild — partial (only the chunks it missed, plus
 //!   the regions its own write-intent bitmap marks) when it is the same
-//!   replica instance and within the timeout, full otherwise.
+//!   replica instance and within the timeout, full otherwise. A full rebuild
+//!   into a replica it has just created is told the target is empty, so the
+//!   copier skips comparing against it and sends only the written blocks.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -234,13 +236,19 @@ async fn bring_back(
     chunks.dedup();
     info!(volume = %volume.name(), replica = %address, kind, chunks = chunks.len(),
         "replica is back: rebuilding it in WO mode");
-    let record_cursor = kind != "partial";
+    let job = rebuild::RebuildJob {
+        chunks,
+        record_cursor: kind != "partial",
+        // Only a replica created just now is known to be empty: one that
+        // merely has a new instance id, or is past the stale timeout, may
+        // hold anything and is compared block by block.
+        target_empty: created,
+    };
     rebuild::run(
         Arc::clone(volume),
         id,
         client,
-        chunks,
-        record_cursor,
+        job,
         progress,
         config.rebuild.clone(),
     )

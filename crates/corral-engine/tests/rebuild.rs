@@ -216,7 +216,11 @@ async fn past_the_stale_timeout_or_wiped_a_replica_is_rebuilt_in_full() {
     wait_all_rw(&volume, Duration::from_secs(30)).await;
     let r = last_rebuild(&volume, &reps[0].addr);
     assert_eq!(r.kind, "full", "{r:?}");
-    assert!(r.copied_bytes >= 4 << 20, "the data was copied: {r:?}");
+    // A new replica is empty: the 4 MiB written are sent, the 4 MiB never
+    // written are not.
+    assert_eq!(r.copied_bytes, 4 << 20, "the data was copied: {r:?}");
+    assert_eq!(r.skipped_bytes, 4 << 20, "{r:?}");
+    assert_eq!(r.done_bytes, 8 << 20, "{r:?}");
     assert_identical(&volume).await;
 }
 
@@ -263,6 +267,75 @@ async fn writes_during_a_rebuild_are_never_overwritten_by_the_copier() {
         rounds += w.await.unwrap();
     }
     assert!(rounds > 100, "writes overlapped the rebuild ({rounds})");
+    assert_identical(&volume).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_replica_gets_the_written_blocks_while_writes_and_discards_go_on() {
+    let mut reps = vec![
+        TestReplica::start().await,
+        TestReplica::start().await,
+        TestReplica::start().await,
+    ];
+    let mut cfg = config(&reps);
+    cfg.stale_replica_timeout = Duration::from_millis(1);
+    // Groups of four chunks, two groups in flight, slowed down so that the
+    // writes below overlap the copier.
+    cfg.rebuild_concurrency = 8;
+    cfg.rebuild_bandwidth = Some(1 << 20);
+    let (volume, _stop) = start(&cfg).await;
+    reps[2].wipe().await;
+    // Every other 4 KiB block of the first half holds data; the rest of the
+    // volume was never written (the copier skips it on a new replica).
+    for block in (0..(4u64 << 20) / 4096).step_by(2) {
+        let _ = volume
+            .write(block * 4096, Bytes::from(vec![1u8; 4096]), false)
+            .await;
+    }
+    // While it rebuilds: unaligned writes all over the volume, some of them
+    // zeroes, and unaligned discards.
+    let writers: Vec<_> = (0..8u64)
+        .map(|w| {
+            let volume = Arc::clone(&volume);
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let mut round = 0u64;
+                while volume.replica_set().rw_count() < 3 {
+                    assert!(Instant::now() < deadline, "rebuild did not finish");
+                    let offset = (w * 1_000_003 + round * 77_777) % ((8 << 20) - 10_000);
+                    match (w + round) % 4 {
+                        0 => volume.unmap(offset, 9_000).await.unwrap(),
+                        1 => volume
+                            .write(offset, Bytes::from(vec![0u8; 9_000]), false)
+                            .await
+                            .unwrap(),
+                        _ => {
+                            let byte = ((w * 31 + round) % 250) as u8 + 2;
+                            volume
+                                .write(offset, Bytes::from(vec![byte; 9_000]), false)
+                                .await
+                                .unwrap()
+                        }
+                    }
+                    round += 1;
+                }
+                round
+            })
+        })
+        .collect();
+    let mut rounds = 0;
+    for w in writers {
+        rounds += w.await.unwrap();
+    }
+    assert!(rounds > 100, "writes overlapped the rebuild ({rounds})");
+    let r = last_rebuild(&volume, &reps[2].addr);
+    assert_eq!(r.kind, "full", "{r:?}");
+    assert_eq!(r.done_bytes, 8 << 20, "{r:?}");
+    assert_eq!(r.copied_bytes + r.skipped_bytes, 8 << 20, "{r:?}");
+    assert!(
+        r.skipped_bytes >= 2 << 20,
+        "unwritten blocks were sent: {r:?}"
+    );
     assert_identical(&volume).await;
 }
 
