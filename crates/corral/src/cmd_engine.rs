@@ -12,6 +12,7 @@ use corral_engine::{EngineConfig, EngineError, WritePolicy, open::open_volume};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
+use crate::frontends::FrontendListeners;
 use crate::shutdown::Shutdown;
 use crate::units::{parse_duration, parse_size};
 
@@ -109,22 +110,7 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
     let control = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("control listener on {}", args.listen))?;
-    let nbd = match args.nbd {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("NBD listener on {addr}"))?,
-        ),
-        None => None,
-    };
-    let iscsi = match args.iscsi {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("iSCSI listener on {addr}"))?,
-        ),
-        None => None,
-    };
+    let listeners = FrontendListeners::bind(args.nbd, args.iscsi).await?;
 
     // The control service answers from now on: while the volume cannot be
     // opened yet, `corral volume info` says why, and `salvage` can help.
@@ -169,48 +155,17 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
         shutdown.subscribe(),
     ));
 
-    let mut frontends = Vec::new();
-    let mut tasks = Vec::new();
     // The frontends serve the volume through a wrapper that counts and times every I/O.
     let metered = Arc::new(corral_engine::metrics::Metered::new(
         Arc::clone(&volume),
         engine_metrics.clone(),
     ));
-    if let Some(listener) = nbd {
-        let addr = listener.local_addr()?;
-        frontends.push(format!("nbd://{addr}/{}", cfg.volume));
-        let exports = Arc::new(corral_nbd::Exports::single(
-            cfg.volume.clone(),
-            Arc::clone(&metered),
-        ));
-        let stop = shutdown.subscribe();
-        tasks.push(tokio::spawn(async move {
-            corral_nbd::serve(listener, exports, stop)
-                .await
-                .map_err(anyhow::Error::from)
-        }));
-    }
-    if let Some(listener) = iscsi {
-        let addr = listener.local_addr()?;
-        let target = Arc::new(corral_iscsi::IscsiTarget::for_volume(
-            &cfg.volume,
-            Arc::clone(&metered),
-        ));
-        frontends.push(format!("iscsi://{addr}/{}/0", target.name()));
-        let stop = shutdown.subscribe();
-        tasks.push(tokio::spawn(async move {
-            corral_iscsi::serve(listener, target, stop)
-                .await
-                .map_err(anyhow::Error::from)
-        }));
-    }
-    let frontends = frontends.join(" ");
+    let serving = listeners.serve(&cfg.volume, metered, &shutdown)?;
+    let frontends = serving.uris.join(" ");
     info!(volume = %cfg.volume, size = volume.size(), control = %args.listen, frontends = %frontends, "engine serving");
     state.set_frontends(frontends);
-    for t in tasks {
-        if let Err(e) = t.await? {
-            warn!(error = %e, "frontend stopped with an error");
-        }
+    for e in serving.wait().await? {
+        warn!(error = %e, "frontend stopped with an error");
     }
     control_task.await??;
     let _ = supervisor.await;

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use corral_block::{BlockDevice, FileDevice};
-use tokio::net::TcpListener;
 use tracing::info;
 
+use crate::frontends::FrontendListeners;
 use crate::shutdown::Shutdown;
 
 pub async fn run(
@@ -32,51 +32,13 @@ pub async fn run(
     };
     let device = Arc::new(FileDevice::open(&file, size, block_size)?);
     let shutdown = Shutdown::install()?;
-    // Bind every listener first: a busy port is an immediate, clear error.
-    let nbd = match nbd {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("NBD listener on {addr}"))?,
-        ),
-        None => None,
-    };
-    let iscsi = match iscsi {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("iSCSI listener on {addr}"))?,
-        ),
-        None => None,
-    };
-    let mut tasks = Vec::new();
-    if let Some(listener) = nbd {
-        let addr = listener.local_addr()?;
-        info!(file = %file.display(), size = device.size(), "serving nbd://{addr}/{name}");
-        let exports = Arc::new(corral_nbd::Exports::single(
-            name.clone(),
-            Arc::clone(&device),
-        ));
-        let stop = shutdown.subscribe();
-        tasks.push(tokio::spawn(async move {
-            corral_nbd::serve(listener, exports, stop)
-                .await
-                .map_err(anyhow::Error::from)
-        }));
+    let listeners = FrontendListeners::bind(nbd, iscsi).await?;
+    let serving = listeners.serve(&name, Arc::clone(&device), &shutdown)?;
+    for uri in &serving.uris {
+        info!(file = %file.display(), size = device.size(), "serving {uri}");
     }
-    if let Some(listener) = iscsi {
-        let addr = listener.local_addr()?;
-        let target = Arc::new(corral_iscsi::IscsiTarget::for_volume(&name, device));
-        info!(file = %file.display(), "serving iscsi://{addr}/{}/0", target.name());
-        let stop = shutdown.subscribe();
-        tasks.push(tokio::spawn(async move {
-            corral_iscsi::serve(listener, target, stop)
-                .await
-                .map_err(anyhow::Error::from)
-        }));
-    }
-    for t in tasks {
-        t.await??;
+    if let Some(e) = serving.wait().await?.into_iter().next() {
+        return Err(e);
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ mod cmd_dev;
 mod cmd_engine;
 mod cmd_serve_file;
 mod cmd_volume;
+mod frontends;
 mod shutdown;
 mod units;
 
