@@ -608,11 +608,14 @@ impl<D: BlockDevice> ScsiLun<D> {
         }
     }
 
-    /// Register a nexus (a new session logged in).
+    /// Register a nexus (a new session logged in). Its first command other
+    /// than INQUIRY, REPORT LUNS or REQUEST SENSE gets the power-on unit
+    /// attention (SPC-5 6.4): to this nexus the LUN has just appeared.
     pub fn nexus_added(&self, nexus: &Nexus) {
         let mut st = self.lock();
         if !st.known.contains(nexus) {
             st.known.push(nexus.clone());
+            queue_ua(&mut st, nexus, Sense::POWER_ON_RESET);
         }
     }
 
@@ -1763,6 +1766,30 @@ mod tests {
             initiator: "iqn.test".into(),
             isid: [0; 6],
         }
+    }
+
+    #[tokio::test]
+    async fn a_new_nexus_gets_the_power_on_unit_attention_once() {
+        let (_d, lun) = lun();
+        let n = nexus();
+        lun.nexus_added(&n);
+        let mut inquiry = [0u8; 6];
+        inquiry[0] = opcode::INQUIRY;
+        inquiry[4] = 36;
+        // INQUIRY is answered without consuming the attention.
+        let r = lun.execute(&n, &inquiry, Bytes::new()).await;
+        assert_eq!(r.status, status::GOOD);
+        let tur = [opcode::TEST_UNIT_READY, 0, 0, 0, 0, 0];
+        let r = lun.execute(&n, &tur, Bytes::new()).await;
+        assert_eq!(r.status, status::CHECK_CONDITION);
+        let s = r.sense.unwrap();
+        assert_eq!((s[2] & 0x0f, s[12], s[13]), (6, 0x29, 0x00));
+        let r = lun.execute(&n, &tur, Bytes::new()).await;
+        assert_eq!(r.status, status::GOOD);
+        // The same nexus registering again (a second connection) is not new.
+        lun.nexus_added(&n);
+        let r = lun.execute(&n, &tur, Bytes::new()).await;
+        assert_eq!(r.status, status::GOOD);
     }
 
     #[tokio::test]
