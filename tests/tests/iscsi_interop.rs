@@ -265,3 +265,81 @@ fn misbehaving_initiators_lose_only_their_own_connection() {
     let status = server.terminate(Duration::from_secs(30)).unwrap();
     assert!(status.success(), "serve-file exited with {status}");
 }
+
+/// Serve a 16 MiB file behind the CHAP settings in `conf`.
+fn chap_server(name: &str, conf: &str) -> (tempfile::TempDir, ServeFile) {
+    let creds = tempfile::tempdir().unwrap();
+    let chap = creds.path().join("chap.conf");
+    std::fs::write(&chap, conf).unwrap();
+    let server =
+        ServeFile::start(name, "16MiB", &["--iscsi-chap", chap.to_str().unwrap()]).unwrap();
+    (creds, server)
+}
+
+fn iscsi_inq(url: &str) -> std::process::Output {
+    run_bounded(
+        std::process::Command::new("iscsi-inq").arg(url),
+        Duration::from_secs(30),
+    )
+    .unwrap()
+}
+
+#[test]
+fn one_way_chap_keeps_out_initiators_without_the_secret() {
+    let (_creds, server) = chap_server("guarded", "user = alice\nsecret = alices-secret-1\n");
+    let url = |creds: &str| {
+        format!(
+            "iscsi://{creds}{}/iqn.2026-11.io.corral:guarded/0",
+            server.portal
+        )
+    };
+    let ok = iscsi_inq(&url("alice%alices-secret-1@"));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(text(&ok).contains("DIRECT_ACCESS"));
+    for bad in [
+        url(""),
+        url("alice%not-the-secret@"),
+        url("mallory%alices-secret-1@"),
+    ] {
+        let out = iscsi_inq(&bad);
+        assert!(!out.status.success(), "{bad} logged in:\n{}", text(&out));
+    }
+    // The target kept serving throughout.
+    let ok = iscsi_inq(&url("alice%alices-secret-1@"));
+    assert!(ok.status.success(), "{}", server.log_text());
+}
+
+#[test]
+fn mutual_chap_makes_the_target_prove_itself_too() {
+    let (_creds, server) = chap_server(
+        "mutual",
+        "# corral serve-file --iscsi-chap\nuser = alice\nsecret = alices-secret-1\n\
+         mutual_user = corral\nmutual_secret = targets-secret-2\n",
+    );
+    let url = |args: &str| {
+        format!(
+            "iscsi://alice%alices-secret-1@{}/iqn.2026-11.io.corral:mutual/0{args}",
+            server.portal
+        )
+    };
+    let ok = iscsi_inq(&url("?target_user=corral&target_password=targets-secret-2"));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(text(&ok).contains("DIRECT_ACCESS"));
+    // The initiator expects another target secret: it refuses the target's
+    // answer. And with mutual CHAP configured, one-way logins are refused.
+    for bad in [
+        url("?target_user=corral&target_password=some-other-secret"),
+        url(""),
+    ] {
+        let out = iscsi_inq(&bad);
+        assert!(!out.status.success(), "{bad} logged in:\n{}", text(&out));
+    }
+}

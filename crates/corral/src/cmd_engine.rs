@@ -1,6 +1,7 @@
 //! `corral engine`: open a volume over its replicas and serve it.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use corral_engine::{EngineConfig, EngineError, WritePolicy, open::open_volume};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::frontends::FrontendListeners;
+use crate::frontends::{FrontendListeners, read_chap_file};
 use crate::shutdown::Shutdown;
 use crate::units::{parse_duration, parse_size};
 
@@ -36,6 +37,11 @@ pub struct EngineArgs {
     /// Serve the volume over iSCSI on this address (iqn.2026-11.io.corral:<volume>, LUN 0).
     #[arg(long)]
     pub iscsi: Option<SocketAddr>,
+    /// Require iSCSI CHAP, with the credentials in this file (`user = ...`,
+    /// `secret = ...`; with `mutual_user` and `mutual_secret` too, initiators
+    /// must also have the target prove itself: mutual CHAP).
+    #[arg(long, value_name = "FILE", requires = "iscsi")]
+    pub iscsi_chap: Option<PathBuf>,
     /// A replica that does not answer within this goes to ERR.
     #[arg(long, default_value = "8s", value_parser = parse_duration)]
     pub replica_timeout: Duration,
@@ -110,6 +116,7 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
     let control = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("control listener on {}", args.listen))?;
+    let chap = args.iscsi_chap.as_deref().map(read_chap_file).transpose()?;
     let listeners = FrontendListeners::bind(args.nbd, args.iscsi).await?;
 
     // The control service answers from now on: while the volume cannot be
@@ -160,7 +167,7 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
         Arc::clone(&volume),
         engine_metrics.clone(),
     ));
-    let serving = listeners.serve(&cfg.volume, metered, &shutdown)?;
+    let serving = listeners.serve(&cfg.volume, metered, chap, &shutdown)?;
     let frontends = serving.uris.join(" ");
     info!(volume = %cfg.volume, size = volume.size(), control = %args.listen, frontends = %frontends, "engine serving");
     state.set_frontends(frontends);

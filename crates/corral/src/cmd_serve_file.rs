@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use corral_block::{BlockDevice, FileDevice};
 use tracing::info;
 
-use crate::frontends::FrontendListeners;
+use crate::frontends::{FrontendListeners, read_chap_file};
 use crate::shutdown::Shutdown;
 
 pub async fn run(
@@ -16,6 +16,7 @@ pub async fn run(
     size: Option<u64>,
     nbd: Option<SocketAddr>,
     iscsi: Option<SocketAddr>,
+    iscsi_chap: Option<PathBuf>,
     name: Option<String>,
     block_size: u32,
 ) -> anyhow::Result<()> {
@@ -32,8 +33,9 @@ pub async fn run(
     };
     let device = Arc::new(FileDevice::open(&file, size, block_size)?);
     let shutdown = Shutdown::install()?;
+    let chap = iscsi_chap.as_deref().map(read_chap_file).transpose()?;
     let listeners = FrontendListeners::bind(nbd, iscsi).await?;
-    let serving = listeners.serve(&name, Arc::clone(&device), &shutdown)?;
+    let serving = listeners.serve(&name, Arc::clone(&device), chap, &shutdown)?;
     for uri in &serving.uris {
         info!(file = %file.display(), size = device.size(), "serving {uri}");
     }

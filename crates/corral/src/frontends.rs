@@ -5,8 +5,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context;
+use std::path::Path;
+
+use anyhow::{Context, bail};
 use corral_block::BlockDevice;
+use corral_iscsi::ChapConfig;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -44,11 +47,13 @@ impl FrontendListeners {
     }
 
     /// Serve `device` as export `name` (NBD) and target
-    /// `iqn.2026-11.io.corral:<name>` LUN 0 (iSCSI) until `shutdown`.
+    /// `iqn.2026-11.io.corral:<name>` LUN 0 (iSCSI, behind CHAP when `chap`
+    /// is given) until `shutdown`.
     pub fn serve<D: BlockDevice>(
         self,
         name: &str,
         device: Arc<D>,
+        chap: Option<ChapConfig>,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Frontends> {
         let mut uris = Vec::new();
@@ -69,7 +74,11 @@ impl FrontendListeners {
         }
         if let Some(listener) = self.iscsi {
             let addr = listener.local_addr()?;
-            let target = Arc::new(corral_iscsi::IscsiTarget::for_volume(name, device));
+            let mut target = corral_iscsi::IscsiTarget::for_volume(name, device);
+            if let Some(chap) = chap {
+                target = target.with_chap(chap);
+            }
+            let target = Arc::new(target);
             uris.push(format!("iscsi://{addr}/{}/0", target.name()));
             let stop = shutdown.subscribe();
             tasks.push(tokio::spawn(async move {
@@ -92,5 +101,88 @@ impl Frontends {
             }
         }
         Ok(errors)
+    }
+}
+
+/// Read the iSCSI CHAP settings from `path`: `key = value` lines, `#`
+/// comments. `user` and `secret` are what initiators must log in with;
+/// `mutual_user` and `mutual_secret`, given together, are what the target
+/// answers with when the initiator asks it to authenticate itself too. A
+/// file (not flags) keeps the secrets out of the process list.
+pub fn read_chap_file(path: &Path) -> anyhow::Result<ChapConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the CHAP file {}", path.display()))?;
+    parse_chap(&text).with_context(|| format!("in the CHAP file {}", path.display()))
+}
+
+fn parse_chap(text: &str) -> anyhow::Result<ChapConfig> {
+    let (mut user, mut secret, mut mutual_user, mut mutual_secret) = (None, None, None, None);
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            bail!("line {}: expected `key = value`", n + 1);
+        };
+        let value = value.trim().to_string();
+        if value.is_empty() {
+            bail!("line {}: empty value", n + 1);
+        }
+        let slot = match key.trim() {
+            "user" => &mut user,
+            "secret" => &mut secret,
+            "mutual_user" => &mut mutual_user,
+            "mutual_secret" => &mut mutual_secret,
+            other => bail!(
+                "line {}: unknown key {other:?} (user, secret, mutual_user, mutual_secret)",
+                n + 1
+            ),
+        };
+        if slot.replace(value).is_some() {
+            bail!("line {}: {} given twice", n + 1, key.trim());
+        }
+    }
+    let (Some(user), Some(secret)) = (user, secret) else {
+        bail!("`user` and `secret` are required");
+    };
+    let mutual = match (mutual_user, mutual_secret) {
+        (Some(u), Some(s)) => Some((u, s)),
+        (None, None) => None,
+        _ => bail!("`mutual_user` and `mutual_secret` go together"),
+    };
+    Ok(ChapConfig {
+        user,
+        secret,
+        mutual,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_chap;
+
+    #[test]
+    fn chap_files_parse_or_say_what_is_wrong() {
+        let c = parse_chap("# one-way\nuser = alice\nsecret = s3cret-s3cret\n").unwrap();
+        assert_eq!(
+            (c.user.as_str(), c.secret.as_str()),
+            ("alice", "s3cret-s3cret")
+        );
+        assert!(c.mutual.is_none());
+        let c =
+            parse_chap("user=a\nsecret=b\nmutual_user=tgt\nmutual_secret=other-secret\n").unwrap();
+        assert_eq!(c.mutual, Some(("tgt".into(), "other-secret".into())));
+        for bad in [
+            "",
+            "user = a\n",
+            "user = a\nsecret = b\nmutual_user = t\n",
+            "user = a\nsecret = b\ncolour = blue\n",
+            "user = a\nuser = b\nsecret = c\n",
+            "user a\nsecret = b\n",
+            "user = \nsecret = b\n",
+        ] {
+            assert!(parse_chap(bad).is_err(), "{bad:?} should be refused");
+        }
     }
 }

@@ -59,6 +59,11 @@ enum Command {
         /// iSCSI listen address (target iqn.2026-11.io.corral:<name>, LUN 0).
         #[arg(long)]
         iscsi: Option<SocketAddr>,
+        /// Require iSCSI CHAP, with the credentials in this file (`user = ...`,
+        /// `secret = ...`; with `mutual_user` and `mutual_secret` too, initiators
+        /// must also have the target prove itself: mutual CHAP).
+        #[arg(long, value_name = "FILE", requires = "iscsi")]
+        iscsi_chap: Option<PathBuf>,
         /// Export name (default: the file name without extension).
         #[arg(long)]
         name: Option<String>,
@@ -159,9 +164,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             size,
             nbd,
             iscsi,
+            iscsi_chap,
             name,
             block_size,
-        } => cmd_serve_file::run(file, size, nbd, iscsi, name, block_size).await,
+        } => cmd_serve_file::run(file, size, nbd, iscsi, iscsi_chap, name, block_size).await,
         Command::Dev(args) => cmd_dev::run(args).await,
     }
 }
