@@ -209,6 +209,9 @@ fn execute_at(
     batch: DataRequestBatch,
     metrics: &ReplicaMetrics,
 ) -> DataReplyBatch {
+    replica
+        .batches
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let replies = batch
         .requests
         .into_iter()

@@ -4,6 +4,7 @@
 use corral_block::inline_io::InlineGate;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 
 use corral_store::{CreateParams, ReplicaStore, StoreError};
@@ -22,6 +23,9 @@ pub struct HostedReplica {
     pub open_epoch: RwLock<u64>,
     /// Whether data batches may run inline on the stream's task now.
     pub inline_io: InlineGate,
+    /// Data batches executed so far; the background flusher reads it to
+    /// tell a busy replica from an idle one.
+    pub batches: AtomicU64,
 }
 
 /// All replicas of this daemon.
@@ -178,6 +182,7 @@ impl HostedReplica {
             store,
             open_epoch: RwLock::new(0),
             inline_io: InlineGate::default(),
+            batches: AtomicU64::new(0),
         }
     }
 

@@ -31,8 +31,11 @@ pub const STREAM_WINDOW: u32 = 16 << 20;
 pub const CONNECTION_WINDOW: u32 = 64 << 20;
 pub const MAX_FRAME: u32 = (1 << 20) - 1;
 
-/// How often a replica with dirty write-intent regions is flushed in the background.
+/// A replica with dirty write-intent regions is flushed in the background
+/// once it has had no data requests for this long...
 pub const BACKGROUND_FLUSH: Duration = Duration::from_secs(3);
+/// ...or, while it stays busy, once this long after its last background flush.
+pub const BUSY_BACKGROUND_FLUSH: Duration = Duration::from_secs(30);
 
 /// Run a replica daemon until `shutdown` resolves, then close every replica cleanly.
 pub async fn serve(
@@ -111,23 +114,39 @@ pub async fn serve_with_metrics(
     // Background flusher: the write-intent bitmap is cleared lazily at
     // flushes, so a replica whose engine never flushes (or has gone quiet)
     // would keep every region it ever wrote marked dirty, and a returning
-    // replica's catch-up would walk all of them. Flushing dirty stores every
-    // few seconds bounds both that and the unflushed data.
+    // replica's catch-up would walk all of them. A replica is flushed once it
+    // has gone quiet for a few seconds; while it stays busy, only every
+    // `BUSY_BACKGROUND_FLUSH` — an fdatasync of a busy replica's dirty pages
+    // every few seconds would tie its writes to the disk's speed.
     {
         let registry = Arc::clone(&registry);
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(BACKGROUND_FLUSH);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Per volume: the batch count seen at the last tick, and when it
+            // was last flushed here.
+            let mut seen: std::collections::HashMap<String, (u64, tokio::time::Instant)> =
+                std::collections::HashMap::new();
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
-                for hosted in registry.all() {
-                    if hosted.store.dirty_regions().is_empty() {
+                let hosted_now = registry.all();
+                seen.retain(|v, _| hosted_now.iter().any(|h| &h.volume == v));
+                for hosted in hosted_now {
+                    let batches = hosted.batches.load(std::sync::atomic::Ordering::Relaxed);
+                    let now = tokio::time::Instant::now();
+                    let (last_batches, last_flush) =
+                        seen.entry(hosted.volume.clone()).or_insert((batches, now));
+                    let idle = *last_batches == batches;
+                    *last_batches = batches;
+                    let overdue = now.duration_since(*last_flush) >= BUSY_BACKGROUND_FLUSH;
+                    if hosted.store.dirty_regions().is_empty() || !(idle || overdue) {
                         continue;
                     }
+                    *last_flush = now;
                     let flushing = Arc::clone(&hosted);
                     let result = tokio::task::spawn_blocking(move || flushing.store.flush()).await;
                     if let Ok(Err(e)) = result {
