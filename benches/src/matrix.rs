@@ -98,6 +98,9 @@ struct Sample {
     p99_us: f64,
     p999_us: f64,
     cpu_s_per_gib: Option<f64>,
+    /// The same, per serving process (for a volume: each replica daemon,
+    /// then the engine).
+    cpu_per_process: Vec<f64>,
 }
 
 /// CPU seconds (user + system) a process has used.
@@ -182,12 +185,16 @@ impl Runner {
 
     fn run(&self, target: &Target, job: &Job, pids: &[u32]) -> Result<Sample> {
         let (bin, args) = self.fio_args(target, job);
-        let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+        let cpu_before: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
         let out = run_bounded(
             Command::new(&bin).args(&args),
             Duration::from_secs(self.runtime + 120),
         )?;
-        let cpu_after: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+        let cpu_used: Vec<f64> = pids
+            .iter()
+            .zip(&cpu_before)
+            .map(|(p, before)| cpu_seconds(*p) - before)
+            .collect();
         let text = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             bail!(
@@ -217,7 +224,13 @@ impl Runner {
             p50_us: pct("50.000000"),
             p99_us: pct("99.000000"),
             p999_us: pct("99.900000"),
-            cpu_s_per_gib: (!pids.is_empty() && gib > 0.0).then(|| (cpu_after - cpu_before) / gib),
+            cpu_s_per_gib: (!pids.is_empty() && gib > 0.0)
+                .then(|| cpu_used.iter().sum::<f64>() / gib),
+            cpu_per_process: if gib > 0.0 {
+                cpu_used.iter().map(|c| c / gib).collect()
+            } else {
+                Vec::new()
+            },
         })
     }
 }
@@ -534,8 +547,10 @@ fn print_tables(results: &Results, runtime: u64, size_mib: u64) {
     );
     for (j, job) in JOBS.iter().enumerate() {
         println!("### {}\n", job.name);
-        println!("| system | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | CPU s/GiB | vs | ratio |");
-        println!("|---|---:|---:|---:|---:|---:|---:|---|---:|");
+        println!(
+            "| system | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | CPU s/GiB | of which replicas + engine | vs | ratio |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---|---|---:|");
         for (name, samples) in results {
             let s = &samples[j];
             let cpu = s
@@ -548,8 +563,16 @@ fn print_tables(results: &Results, runtime: u64, size_mib: u64) {
                 }
                 _ => ("".to_string(), "".to_string()),
             };
+            // Volumes list each replica daemon, then the engine.
+            let split = match s.cpu_per_process.split_last() {
+                Some((engine, replicas)) if !replicas.is_empty() => {
+                    let r: Vec<String> = replicas.iter().map(|c| format!("{c:.1}")).collect();
+                    format!("{} + {engine:.1}", r.join(" / "))
+                }
+                _ => String::new(),
+            };
             println!(
-                "| {name} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {cpu} | {vs} | {ratio} |",
+                "| {name} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {cpu} | {split} | {vs} | {ratio} |",
                 s.iops, s.mib_s, s.p50_us, s.p99_us, s.p999_us
             );
         }
