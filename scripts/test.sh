@@ -2,11 +2,15 @@
 # The whole test suite, from a fresh machine: installs the system packages it
 # needs, checks formatting and lints, builds, and runs every test — unit,
 # property, and end-to-end (real processes on loopback driven by fio,
-# nbdinfo, nbdcopy, nbdfuse and a real ext4 filesystem).
+# nbdinfo, nbdcopy, nbdfuse, libiscsi's tools and a real ext4 filesystem
+# over NBD and over iSCSI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-test-deps.sh
+echo "== iSCSI test tools (built once, cached under target/)"
+scripts/build-fio-libiscsi.sh >/dev/null
+scripts/build-nbdkit-iscsi.sh >/dev/null
 
 echo "== format"
 cargo fmt --all -- --check

@@ -293,6 +293,10 @@ impl<D: BlockDevice> IscsiServer<D> {
             );
         }
         drop(listener);
+        // Reap connections that already ended, so the count is of live ones.
+        while let Some(done) = conns.try_join_next() {
+            report_join(done);
+        }
         info!(
             connections = conns.len(),
             "iSCSI target shutting down; draining connections"

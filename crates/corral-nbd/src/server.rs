@@ -161,6 +161,10 @@ impl<D: BlockDevice> NbdServer<D> {
         }
 
         drop(listener);
+        // Reap connections that already ended, so the count is of live ones.
+        while let Some(done) = conns.try_join_next() {
+            report_join(done);
+        }
         info!(
             connections = conns.len(),
             "NBD server shutting down; draining connections"
