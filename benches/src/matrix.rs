@@ -365,6 +365,11 @@ fn measure(
     runner.prefill(target)?;
     let mut samples = Vec::new();
     for job in JOBS {
+        // Start every job with no dirty page cache left by the one before
+        // (or by another system's run): writeback of earlier data would
+        // otherwise throttle whichever job happens to come next.
+        // SAFETY: sync() takes no arguments and cannot fail.
+        unsafe { libc::sync() };
         let s = runner.run(target, job, pids)?;
         eprintln!(
             "   {:<18} {:>9.0} IOPS {:>8.1} MiB/s p99 {:>8.0} µs",
@@ -543,7 +548,7 @@ fn baseline(name: &str) -> Option<&'static str> {
 
 fn print_tables(results: &Results, runtime: u64, size_mib: u64) {
     println!(
-        "Each job: {runtime} s on a {size_mib} MiB file or volume, after a full sequential prefill.\n"
+        "Each job: {runtime} s on a {size_mib} MiB file or volume, after a full sequential prefill and a sync().\n"
     );
     for (j, job) in JOBS.iter().enumerate() {
         println!("### {}\n", job.name);
