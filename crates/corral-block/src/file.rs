@@ -26,6 +26,11 @@ pub struct FileDevice {
     block_size: u32,
     /// Whether writes may run inline now.
     inline_writes: InlineGate,
+    /// Inline writes take turns: a buffered write holds the file's inode
+    /// lock, so two runtime threads writing at once would only make one of
+    /// them sleep in the kernel (which closes the gate). Waiting here costs
+    /// no thread.
+    write_turn: tokio::sync::Mutex<()>,
 }
 
 impl FileDevice {
@@ -75,6 +80,7 @@ impl FileDevice {
             size,
             block_size,
             inline_writes: InlineGate::default(),
+            write_turn: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -164,6 +170,7 @@ impl BlockDevice for FileDevice {
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()> {
         check_range(offset, data.len() as u64, self.size)?;
         if !fua && self.inline_writes.allows(data.len()) {
+            let _turn = self.write_turn.lock().await;
             return self
                 .inline_writes
                 .run(|| self.file.write_all_at(&data, offset))
