@@ -31,10 +31,10 @@ pub const STREAM_WINDOW: u32 = 16 << 20;
 pub const CONNECTION_WINDOW: u32 = 64 << 20;
 pub const MAX_FRAME: u32 = (1 << 20) - 1;
 
-/// A replica with dirty write-intent regions is flushed in the background
-/// once it has had no data requests for this long...
+/// A replica with dirty write-intent regions is synced to disk in the
+/// background once it has had no data requests for this long...
 pub const BACKGROUND_FLUSH: Duration = Duration::from_secs(3);
-/// ...or, while it stays busy, once this long after its last background flush.
+/// ...or, while it stays busy, once this long after its last background sync.
 pub const BUSY_BACKGROUND_FLUSH: Duration = Duration::from_secs(30);
 
 /// Run a replica daemon until `shutdown` resolves, then close every replica cleanly.
@@ -111,22 +111,25 @@ pub async fn serve_with_metrics(
             }
         });
     }
-    // Background flusher: the write-intent bitmap is cleared lazily at
-    // flushes, so a replica whose engine never flushes (or has gone quiet)
-    // would keep every region it ever wrote marked dirty, and a returning
-    // replica's catch-up would walk all of them. A replica is flushed once it
-    // has gone quiet for a few seconds; while it stays busy, only every
-    // `BUSY_BACKGROUND_FLUSH` — an fdatasync of a busy replica's dirty pages
-    // every few seconds would tie its writes to the disk's speed.
+    // Background sync: makes a replica's writes durable once it has gone
+    // quiet for a few seconds, and every `BUSY_BACKGROUND_FLUSH` while it
+    // stays busy (an fdatasync every few seconds would tie a busy writer to
+    // the disk's speed). It does not clear write-intent bits: only the
+    // engine's flushes may (see `ReplicaStore::sync`).
     {
         let registry = Arc::clone(&registry);
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(BACKGROUND_FLUSH);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // Per volume: the batch count seen at the last tick, and when it
-            // was last flushed here.
-            let mut seen: std::collections::HashMap<String, (u64, tokio::time::Instant)> =
+            // Per volume: the batch count at the last tick, at the last
+            // sync, and when that sync was.
+            struct Seen {
+                at_tick: u64,
+                at_sync: u64,
+                synced: tokio::time::Instant,
+            }
+            let mut seen: std::collections::HashMap<String, Seen> =
                 std::collections::HashMap::new();
             loop {
                 tokio::select! {
@@ -138,19 +141,23 @@ pub async fn serve_with_metrics(
                 for hosted in hosted_now {
                     let batches = hosted.batches.load(std::sync::atomic::Ordering::Relaxed);
                     let now = tokio::time::Instant::now();
-                    let (last_batches, last_flush) =
-                        seen.entry(hosted.volume.clone()).or_insert((batches, now));
-                    let idle = *last_batches == batches;
-                    *last_batches = batches;
-                    let overdue = now.duration_since(*last_flush) >= BUSY_BACKGROUND_FLUSH;
-                    if hosted.store.dirty_regions().is_empty() || !(idle || overdue) {
+                    let s = seen.entry(hosted.volume.clone()).or_insert(Seen {
+                        at_tick: batches,
+                        at_sync: 0,
+                        synced: now,
+                    });
+                    let idle = s.at_tick == batches;
+                    s.at_tick = batches;
+                    let overdue = now.duration_since(s.synced) >= BUSY_BACKGROUND_FLUSH;
+                    if s.at_sync == batches || !(idle || overdue) {
                         continue;
                     }
-                    *last_flush = now;
-                    let flushing = Arc::clone(&hosted);
-                    let result = tokio::task::spawn_blocking(move || flushing.store.flush()).await;
+                    s.at_sync = batches;
+                    s.synced = now;
+                    let syncing = Arc::clone(&hosted);
+                    let result = tokio::task::spawn_blocking(move || syncing.store.sync()).await;
                     if let Ok(Err(e)) = result {
-                        tracing::warn!(volume = %hosted.volume, error = %e, "background flush failed");
+                        tracing::warn!(volume = %hosted.volume, error = %e, "background sync failed");
                     }
                 }
             }

@@ -574,6 +574,16 @@ impl ReplicaStore {
         self.unmap(offset, len)
     }
 
+    /// Makes every write that completed before this call durable, without touching the
+    /// write-intent bitmap. For the replica daemon's own background flushes: a dirty bit
+    /// also tells a newly elected engine which regions may differ between replicas (a write
+    /// in flight when the old engine went away may have reached only some of them), and only
+    /// the engine's flushes, which follow its acknowledged writes on every replica, may
+    /// clear it.
+    pub fn sync(&self) -> Result<()> {
+        self.head.sync()
+    }
+
     /// Makes every write that completed before this call durable, then clears the dirty bits
     /// of regions not written since the previous flush.
     pub fn flush(&self) -> Result<()> {

@@ -596,3 +596,19 @@ fn a_write_is_light_once_its_regions_are_marked_dirty() {
     s.flush().unwrap();
     assert!(!s.write_is_light(0, 4096));
 }
+
+#[test]
+fn a_background_sync_keeps_the_write_intent_bits() {
+    // Dirty bits also tell a newly elected engine where replicas may differ;
+    // only the engine's flushes clear them, however many syncs happen.
+    let tmp = tempfile::tempdir().unwrap();
+    let s = ReplicaStore::create(&tmp.path().join("r"), params(4 * MIB, 64 * 1024)).unwrap();
+    s.write(0, &pattern(3, 4096)).unwrap();
+    for _ in 0..3 {
+        s.sync().unwrap();
+    }
+    assert_eq!(s.dirty_regions(), vec![0]);
+    s.flush().unwrap();
+    s.flush().unwrap();
+    assert!(s.dirty_regions().is_empty());
+}
