@@ -41,6 +41,42 @@ pub struct SupervisorConfig {
     pub rebuild: RebuildSettings,
 }
 
+/// Flushes the volume once it has gone quiet: twice, `period` apart, after
+/// its last write has finished. Replicas clear a write-intent region at the
+/// second flush that finds it unwritten, and only the engine's flushes may
+/// clear one: with no write in flight, every RW replica holds every write
+/// the engine issued (a replica that failed one is already ERR). This keeps
+/// the bitmaps — and so a returning replica's catch-up — small on a volume
+/// that has gone idle, without flushing a busy one.
+pub async fn flush_when_idle(
+    volume: Arc<Volume>,
+    period: Duration,
+    mut shutdown: broadcast::Receiver<()>,
+) {
+    let mut last = volume.write_activity().0;
+    // Flushes since the last write; two clear its regions.
+    let mut flushed = 2u8;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shutdown.recv() => return,
+        }
+        let (begun, in_flight) = volume.write_activity();
+        if begun != last || in_flight > 0 {
+            last = begun;
+            flushed = 0;
+            continue;
+        }
+        if flushed >= 2 || volume.replica_set().is_fenced() {
+            continue;
+        }
+        match volume.flush_replicas().await {
+            Ok(()) => flushed += 1,
+            Err(e) => debug!(volume = %volume.name(), error = %e, "idle flush failed"),
+        }
+    }
+}
+
 /// Run until `shutdown`.
 pub async fn run(
     volume: Arc<Volume>,

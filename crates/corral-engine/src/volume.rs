@@ -40,6 +40,10 @@ pub struct Volume {
     set: Arc<ReplicaSet>,
     locks: ChunkLocks,
     repaired: AtomicU64,
+    /// Writes (and unmaps, zero writes) begun so far, and those not yet
+    /// finished: how [`crate::supervisor::flush_when_idle`] tells quiet.
+    writes_begun: AtomicU64,
+    writes_in_flight: AtomicU64,
     /// Wakes the supervisor (a replica was added, or failed).
     pub wake: tokio::sync::Notify,
 }
@@ -53,7 +57,29 @@ pub struct VerifyReport {
     pub differences: Vec<(u64, u64, Vec<String>)>,
 }
 
+/// Counts a write as finished when dropped (also when its future is dropped).
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Volume {
+    /// Flush every RW replica (what a frontend's FLUSH does).
+    pub async fn flush_replicas(&self) -> BlockResult<()> {
+        self.flush_all().await
+    }
+
+    /// (writes begun so far, writes in flight now).
+    pub fn write_activity(&self) -> (u64, u64) {
+        (
+            self.writes_begun.load(Ordering::Relaxed),
+            self.writes_in_flight.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn new(
         name: String,
         size: u64,
@@ -69,6 +95,8 @@ impl Volume {
             set,
             locks: ChunkLocks::default(),
             repaired: AtomicU64::new(0),
+            writes_begun: AtomicU64::new(0),
+            writes_in_flight: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
         }
     }
@@ -121,6 +149,9 @@ impl Volume {
     where
         F: Fn(&Segment) -> Op,
     {
+        self.writes_begun.fetch_add(1, Ordering::Relaxed);
+        self.writes_in_flight.fetch_add(1, Ordering::Relaxed);
+        let _done = InFlight(&self.writes_in_flight);
         let segments: Vec<Segment> = self.chunks.split(offset, len).collect();
         for round in segments.chunks(SEGMENTS_PER_ROUND) {
             let ops = round.iter().map(|s| (*s, make_op(s))).collect();

@@ -109,6 +109,9 @@ impl EngineArgs {
     }
 }
 
+/// How long a volume must stay without writes before each idle flush.
+const IDLE_FLUSH_PERIOD: Duration = Duration::from_secs(3);
+
 pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
     let cfg = args.config()?;
     let shutdown = Shutdown::install()?;
@@ -159,6 +162,13 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
     let supervisor = tokio::spawn(corral_engine::supervisor::run(
         Arc::clone(&volume),
         cfg.supervisor(),
+        shutdown.subscribe(),
+    ));
+    // Two flushes after the volume goes quiet let the replicas clear their
+    // write-intent bitmaps (see `flush_when_idle`).
+    tokio::spawn(corral_engine::supervisor::flush_when_idle(
+        Arc::clone(&volume),
+        IDLE_FLUSH_PERIOD,
         shutdown.subscribe(),
     ));
 
