@@ -33,9 +33,9 @@ pub const MAX_FRAME: u32 = (1 << 20) - 1;
 
 /// A replica with dirty write-intent regions is synced to disk in the
 /// background once it has had no data requests for this long...
-pub const BACKGROUND_FLUSH: Duration = Duration::from_secs(3);
+pub const IDLE_SYNC_AFTER: Duration = Duration::from_secs(3);
 /// ...or, while it stays busy, once this long after its last background sync.
-pub const BUSY_BACKGROUND_FLUSH: Duration = Duration::from_secs(30);
+pub const BUSY_SYNC_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Run a replica daemon until `shutdown` resolves, then close every replica cleanly.
 pub async fn serve(
@@ -112,7 +112,7 @@ pub async fn serve_with_metrics(
         });
     }
     // Background sync: makes a replica's writes durable once it has gone
-    // quiet for a few seconds, and every `BUSY_BACKGROUND_FLUSH` while it
+    // quiet for a few seconds, and every `BUSY_SYNC_INTERVAL` while it
     // stays busy (an fdatasync every few seconds would tie a busy writer to
     // the disk's speed). It does not clear write-intent bits: only the
     // engine's flushes may (see `ReplicaStore::sync`).
@@ -120,7 +120,7 @@ pub async fn serve_with_metrics(
         let registry = Arc::clone(&registry);
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(BACKGROUND_FLUSH);
+            let mut tick = tokio::time::interval(IDLE_SYNC_AFTER);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // Per volume: the batch count at the last tick, at the last
             // sync, and when that sync was.
@@ -148,7 +148,7 @@ pub async fn serve_with_metrics(
                     });
                     let idle = s.at_tick == batches;
                     s.at_tick = batches;
-                    let overdue = now.duration_since(s.synced) >= BUSY_BACKGROUND_FLUSH;
+                    let overdue = now.duration_since(s.synced) >= BUSY_SYNC_INTERVAL;
                     if s.at_sync == batches || !(idle || overdue) {
                         continue;
                     }
