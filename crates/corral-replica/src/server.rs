@@ -31,7 +31,7 @@ pub const STREAM_WINDOW: u32 = 16 << 20;
 pub const CONNECTION_WINDOW: u32 = 64 << 20;
 pub const MAX_FRAME: u32 = (1 << 20) - 1;
 
-/// A replica with dirty write-intent regions is synced to disk in the
+/// A replica that has executed data requests since its last sync is synced in the
 /// background once it has had no data requests for this long...
 pub const IDLE_SYNC_AFTER: Duration = Duration::from_secs(3);
 /// ...or, while it stays busy, once this long after its last background sync.
