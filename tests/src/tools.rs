@@ -1,10 +1,11 @@
 //! Wrappers around the real tools the tests drive volumes with (fio,
-//! nbdinfo, nbdcopy, nbdfuse, mkfs/fsck). A missing tool is an error, never
-//! a skip: the README's test command installs them.
+//! nbdinfo, nbdcopy, nbdfuse, mkfs/fsck), and the waiting on those that run
+//! as daemons (nbdfuse, nbdkit). A missing tool is an error, never a skip:
+//! the README's test command installs them.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output};
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
@@ -34,6 +35,43 @@ pub fn run_ok(tool: &str, args: &[&str], limit: Duration) -> Result<Output> {
         );
     }
     Ok(out)
+}
+
+/// Wait (bounded) for `pidfile` to appear — a daemon such as nbdkit or
+/// nbdfuse writes it once it serves — failing early when `child`, the
+/// process that writes it, exits first.
+pub fn wait_for_pidfile(
+    what: &str,
+    pidfile: &Path,
+    child: &mut Child,
+    limit: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while !pidfile.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("{what} exited ({status}) before serving");
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not come up within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Wait (bounded) for a child to exit; kill it when over. Returns its exit
+/// status, or None when it had to be killed.
+pub fn reap(mut child: Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
 }
 
 /// fio over NBD against `uri` with a job given as `--key=value` arguments.
