@@ -9,9 +9,11 @@
 //!
 //! The tests drive volumes through real tools (fio, nbdinfo, nbdcopy,
 //! nbdfuse); [`tools`] has small wrappers that fail loudly when a tool is
-//! missing instead of skipping.
+//! missing instead of skipping, and [`ext4`] puts a real ext4 filesystem on
+//! a volume's NBD export.
 
 pub mod checker;
+pub mod ext4;
 pub mod nbd_raw;
 pub mod proxy;
 pub mod tools;
