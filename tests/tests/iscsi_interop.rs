@@ -200,9 +200,33 @@ impl RawInitiator {
     }
 }
 
-fn inquiry_works(url: &str) {
-    let inq = text(&run_ok("iscsi-inq", &[url], Duration::from_secs(30)).unwrap());
-    assert!(inq.contains("DIRECT_ACCESS"), "{inq}");
+/// What an initiator's login should come to.
+enum Login {
+    /// It logs in, and INQUIRY sees the direct-access LUN.
+    Accepted,
+    /// The login fails (the target refuses the initiator, or the initiator
+    /// the target).
+    Refused,
+}
+
+/// Run `iscsi-inq` against `url` (credentials in it, libiscsi style) and
+/// assert that its login comes to `expected`.
+fn iscsi_inq(url: &str, expected: Login) {
+    let out = run_bounded(
+        std::process::Command::new("iscsi-inq").arg(url),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let stdout = text(&out);
+    match expected {
+        Login::Accepted => assert!(
+            out.status.success() && stdout.contains("DIRECT_ACCESS"),
+            "{url}: iscsi-inq {}:\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Login::Refused => assert!(!out.status.success(), "{url} logged in:\n{stdout}"),
+    }
 }
 
 #[test]
@@ -260,7 +284,7 @@ fn misbehaving_initiators_lose_only_their_own_connection() {
             break;
         }
     }
-    inquiry_works(&url);
+    iscsi_inq(&url, Login::Accepted);
     assert!(server.exited().is_none(), "serve-file died");
     let status = server.terminate(Duration::from_secs(30)).unwrap();
     assert!(status.success(), "serve-file exited with {status}");
@@ -276,14 +300,6 @@ fn chap_server(name: &str, conf: &str) -> (tempfile::TempDir, ServeFile) {
     (creds, server)
 }
 
-fn iscsi_inq(url: &str) -> std::process::Output {
-    run_bounded(
-        std::process::Command::new("iscsi-inq").arg(url),
-        Duration::from_secs(30),
-    )
-    .unwrap()
-}
-
 #[test]
 fn one_way_chap_keeps_out_initiators_without_the_secret() {
     let (_creds, server) = chap_server("guarded", "user = alice\nsecret = alices-secret-1\n");
@@ -293,24 +309,16 @@ fn one_way_chap_keeps_out_initiators_without_the_secret() {
             server.portal
         )
     };
-    let ok = iscsi_inq(&url("alice%alices-secret-1@"));
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
-    assert!(text(&ok).contains("DIRECT_ACCESS"));
+    iscsi_inq(&url("alice%alices-secret-1@"), Login::Accepted);
     for bad in [
         url(""),
         url("alice%not-the-secret@"),
         url("mallory%alices-secret-1@"),
     ] {
-        let out = iscsi_inq(&bad);
-        assert!(!out.status.success(), "{bad} logged in:\n{}", text(&out));
+        iscsi_inq(&bad, Login::Refused);
     }
     // The target kept serving throughout.
-    let ok = iscsi_inq(&url("alice%alices-secret-1@"));
-    assert!(ok.status.success(), "{}", server.log_text());
+    iscsi_inq(&url("alice%alices-secret-1@"), Login::Accepted);
 }
 
 #[test]
@@ -326,20 +334,16 @@ fn mutual_chap_makes_the_target_prove_itself_too() {
             server.portal
         )
     };
-    let ok = iscsi_inq(&url("?target_user=corral&target_password=targets-secret-2"));
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
+    iscsi_inq(
+        &url("?target_user=corral&target_password=targets-secret-2"),
+        Login::Accepted,
     );
-    assert!(text(&ok).contains("DIRECT_ACCESS"));
     // The initiator expects another target secret: it refuses the target's
     // answer. And with mutual CHAP configured, one-way logins are refused.
     for bad in [
         url("?target_user=corral&target_password=some-other-secret"),
         url(""),
     ] {
-        let out = iscsi_inq(&bad);
-        assert!(!out.status.success(), "{bad} logged in:\n{}", text(&out));
+        iscsi_inq(&bad, Login::Refused);
     }
 }
