@@ -8,34 +8,15 @@ cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 OUT="${CARGO_TARGET_DIR:-$ROOT/target}/fio-libiscsi"
 BIN="$OUT/fio"
+# shellcheck source=scripts/lib/debian-source.sh
+. "$ROOT/scripts/lib/debian-source.sh"
 
 if [ -x "$BIN" ] && "$BIN" --enghelp 2>/dev/null | grep -qw libiscsi; then
     echo "$BIN"
     exit 0
 fi
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-    SUDO="sudo"
-fi
-
-# A deb-src entry mirroring the machine's own Debian sources, when none exists.
-if ! grep -rqsE '^(deb-src|Types:.*deb-src)' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    echo "adding deb-src entries mirroring the configured deb sources" >&2
-    entries="$(mktemp)"
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [ -e "$f" ] || continue
-        sed 's/^Types:[[:space:]]*deb$/Types: deb-src/' "$f"
-        echo
-    done >"$entries"
-    $SUDO install -m 0644 "$entries" /etc/apt/sources.list.d/corral-deb-src.sources
-    if [ -f /etc/apt/sources.list ]; then
-        sed -n 's/^deb[[:space:]]/deb-src /p' /etc/apt/sources.list >"$entries"
-        $SUDO install -m 0644 "$entries" /etc/apt/sources.list.d/corral-deb-src.list
-    fi
-    rm -f "$entries"
-    $SUDO apt-get update -qq >&2
-fi
+debian_deb_src
 
 need=()
 for p in dpkg-dev build-essential libiscsi-dev pkg-config zlib1g-dev libaio-dev; do
@@ -50,8 +31,7 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 (
     cd "$WORK"
-    apt-get source -qq --download-only fio >&2 2>&1 || apt-get source --download-only fio >&2
-    dpkg-source -x --no-check fio_*.dsc src >/dev/null 2>&1
+    debian_source fio src
     cd src
     ./configure --enable-libiscsi --disable-native >&2
     make -j"$(nproc)" fio >&2

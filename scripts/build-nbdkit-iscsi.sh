@@ -21,15 +21,13 @@ ROOT="$(pwd)"
 OUT="${CARGO_TARGET_DIR:-$ROOT/target}/nbdkit-iscsi"
 SO="$OUT/nbdkit-iscsi-plugin.so"
 STAMP="$OUT/built-for"
+# shellcheck source=scripts/lib/debian-source.sh
+. "$ROOT/scripts/lib/debian-source.sh"
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-    SUDO="sudo"
-fi
-
-# What the cached plugin must have been built for: this nbdkit, this script.
+# What the cached plugin must have been built for: this nbdkit, this script
+# and what it builds from (the sourced lib, our own plugin).
 want_stamp() {
-    echo "$(nbdkit --version 2>/dev/null) $(cat "$ROOT/scripts/build-nbdkit-iscsi.sh" "$ROOT/tests/nbdkit-iscsi/iscsi-bridge.c" | sha256sum | cut -d' ' -f1)"
+    echo "$(nbdkit --version 2>/dev/null) $(cat "$ROOT/scripts/build-nbdkit-iscsi.sh" "$ROOT/scripts/lib/debian-source.sh" "$ROOT/tests/nbdkit-iscsi/iscsi-bridge.c" | sha256sum | cut -d' ' -f1)"
 }
 
 loadable() {
@@ -67,23 +65,7 @@ if [ ${#need[@]} -gt 0 ]; then
     apt_install "${need[@]}"
 fi
 
-# A deb-src entry mirroring the machine's own Debian sources, when none exists.
-if ! grep -rqsE '^(deb-src|Types:.*deb-src)' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    echo "adding deb-src entries mirroring the configured deb sources" >&2
-    entries="$(mktemp)"
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [ -e "$f" ] || continue
-        sed 's/^Types:[[:space:]]*deb$/Types: deb-src/' "$f"
-        echo
-    done >"$entries"
-    $SUDO install -m 0644 "$entries" /etc/apt/sources.list.d/corral-deb-src.sources
-    if [ -f /etc/apt/sources.list ]; then
-        sed -n 's/^deb[[:space:]]/deb-src /p' /etc/apt/sources.list >"$entries"
-        $SUDO install -m 0644 "$entries" /etc/apt/sources.list.d/corral-deb-src.list
-    fi
-    rm -f "$entries"
-    $SUDO apt-get update -qq >&2 || true
-fi
+debian_deb_src || true
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
@@ -93,9 +75,7 @@ VERSION="$(dpkg-query -W -f='${source:Version}' nbdkit)"
 debian_plugin() {
     (
         cd "$WORK"
-        apt-get source -qq --download-only "nbdkit=$VERSION" >&2 2>&1 ||
-            apt-get source --download-only "nbdkit=$VERSION" >&2 || return 1
-        dpkg-source -x --no-check nbdkit_*.dsc src >/dev/null 2>&1 || return 1
+        debian_source "nbdkit=$VERSION" src || return 1
         cd src
         ./configure --with-iscsi --disable-perl --disable-python --disable-ocaml \
             --disable-rust --disable-ruby --disable-tcl --disable-lua --disable-golang \
