@@ -13,6 +13,7 @@ use bytes::Bytes;
 
 pub mod file;
 pub mod inline_io;
+pub mod send_queue;
 
 pub use file::FileDevice;
 

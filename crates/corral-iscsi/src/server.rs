@@ -24,15 +24,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use corral_block::BlockDevice;
+use corral_block::send_queue::SendQueue;
 use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -571,12 +571,13 @@ async fn handle_connection<D: BlockDevice>(
             config: &shared.config,
             window,
             seq: StatusSequencer::new(outcome.next_stat_sn),
-            out: OutQueue::default(),
+            out: SendQueue::new(),
             running: HashMap::new(),
             next_id: 0,
             tmfs: Vec::new(),
             backlog: VecDeque::new(),
             ending: None,
+            broken: false,
             ping: None,
         };
         let mut inflight = FuturesUnordered::new();
@@ -612,7 +613,7 @@ struct Conn<'a, D> {
     /// Commands accepted at once (the CmdSN window).
     window: u32,
     seq: StatusSequencer,
-    out: OutQueue,
+    out: SendQueue,
     running: HashMap<u64, Running>,
     next_id: u64,
     tmfs: Vec<PendingTmf>,
@@ -620,6 +621,8 @@ struct Conn<'a, D> {
     /// no further PDU is decoded until they are.
     backlog: VecDeque<Action>,
     ending: Option<Ending>,
+    /// The socket failed: responses are dropped, commands still finish.
+    broken: bool,
     /// Our outstanding NOP-In ping: its TTT and when it was sent.
     ping: Option<(u32, Instant)>,
 }
@@ -668,7 +671,11 @@ impl<'a, D: BlockDevice> Conn<'a, D> {
                 self.push(resp);
             }
             // 3. Write what is queued, as far as the socket takes it.
-            self.out.write_to(stream)?;
+            if !self.broken
+                && let Err(e) = self.out.write_to(stream)
+            {
+                self.break_socket(e);
+            }
             if self.ending.is_some() && inflight.is_empty() && self.out.is_empty() {
                 return self.finish();
             }
@@ -682,12 +689,16 @@ impl<'a, D: BlockDevice> Conn<'a, D> {
             if accepting {
                 ensure_spare(buf);
             }
-            let writing = !self.out.is_empty();
+            let writing = !self.broken && !self.out.is_empty();
             let open = self.ending.is_none();
             tokio::select! {
                 biased;
                 Some(done) = inflight.next(), if !inflight.is_empty() => self.complete(done),
-                r = stream.writable(), if writing => r?,
+                r = stream.writable(), if writing => {
+                    if let Err(e) = r {
+                        self.break_socket(e);
+                    }
+                }
                 // A read that does not fill the buffer clears the socket's
                 // readiness, so an idle socket costs no extra system call.
                 r = rd.read_buf(buf), if accepting => match r {
@@ -733,6 +744,16 @@ impl<'a, D: BlockDevice> Conn<'a, D> {
                 }
             }
         }
+    }
+
+    /// The socket failed: drop queued and future responses, stop reading,
+    /// and let the commands in flight finish (a replicated write is never
+    /// abandoned half-way by its frontend) before the connection closes.
+    fn break_socket(&mut self, e: std::io::Error) {
+        debug!(error = %e, "writing responses failed");
+        self.broken = true;
+        self.out.clear();
+        self.end(Err(e.into()));
     }
 
     /// Whether we take new PDUs from the initiator now.
@@ -854,7 +875,13 @@ impl<'a, D: BlockDevice> Conn<'a, D> {
     fn push(&mut self, mut p: Pdu) {
         let room = self.window.saturating_sub(self.running.len() as u32);
         self.seq.stamp(&mut p, self.ff.exp_cmd_sn(), room);
-        self.out.push(&self.codec, &p);
+        if self.broken {
+            return;
+        }
+        let buf = self.out.buf(p.data.len());
+        self.codec.encode_header(&p, buf);
+        self.out.payload(&p.data);
+        self.codec.encode_data_trailer(&p.data, self.out.buf(0));
     }
 
     fn start(&mut self, mut cmd: ScsiCommand, inflight: &mut FuturesUnordered<CmdFuture<'a>>) {
@@ -982,92 +1009,5 @@ impl<'a, D: BlockDevice> Conn<'a, D> {
         if t.function == tmf::TARGET_COLD_RESET {
             self.end(Ok(()));
         }
-    }
-}
-
-/// PDUs whose payload is at most this large are copied into the batch
-/// buffer; larger payloads are sent from their own `Bytes`.
-const COPY_MAX: usize = 16 << 10;
-/// Capacity the batch buffer is (re)filled to.
-const OUT_CHUNK: usize = 256 << 10;
-/// Buffers handed to one `writev`.
-const MAX_IOVECS: usize = 64;
-
-/// Encoded PDUs waiting for the socket, in wire order.
-#[derive(Default)]
-struct OutQueue {
-    /// Headers and small payloads being gathered.
-    cur: BytesMut,
-    /// Sealed buffers and large payloads, in order.
-    chunks: VecDeque<Bytes>,
-    /// Bytes in `chunks`.
-    queued: usize,
-}
-
-impl OutQueue {
-    fn is_empty(&self) -> bool {
-        self.cur.is_empty() && self.chunks.is_empty()
-    }
-
-    fn len(&self) -> usize {
-        self.queued + self.cur.len()
-    }
-
-    fn push(&mut self, codec: &PduCodec, p: &Pdu) {
-        if self.cur.capacity() - self.cur.len() < 1024 + p.data.len().min(COPY_MAX) {
-            // Reclaims the old buffer when every sealed part of it was written.
-            self.cur.reserve(OUT_CHUNK);
-        }
-        codec.encode_header(p, &mut self.cur);
-        if p.data.len() <= COPY_MAX {
-            self.cur.extend_from_slice(&p.data);
-        } else {
-            self.seal();
-            self.queued += p.data.len();
-            self.chunks.push_back(p.data.clone());
-        }
-        codec.encode_data_trailer(&p.data, &mut self.cur);
-    }
-
-    fn seal(&mut self) {
-        if !self.cur.is_empty() {
-            let b = self.cur.split().freeze();
-            self.queued += b.len();
-            self.chunks.push_back(b);
-        }
-    }
-
-    /// Write as much as the socket takes without blocking.
-    fn write_to(&mut self, stream: &TcpStream) -> std::io::Result<()> {
-        self.seal();
-        while !self.chunks.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut n = 0;
-            for (s, c) in slices.iter_mut().zip(self.chunks.iter()) {
-                *s = IoSlice::new(c);
-                n += 1;
-            }
-            let written = match stream.try_write_vectored(&slices[..n]) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(w) => w,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            self.queued -= written;
-            let mut left = written;
-            while left > 0 {
-                let Some(front) = self.chunks.front_mut() else {
-                    break;
-                };
-                if front.len() <= left {
-                    left -= front.len();
-                    self.chunks.pop_front();
-                } else {
-                    front.advance(left);
-                    left = 0;
-                }
-            }
-        }
-        Ok(())
     }
 }

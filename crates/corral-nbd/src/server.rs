@@ -1,14 +1,17 @@
 //! The tokio server: sockets around the sans-IO [`crate::handshake`] and
 //! [`crate::transmission`] layers.
 //!
-//! Per connection: TCP_NODELAY, the handshake (bounded by a timeout), then a
-//! reader loop that decodes requests from a `BytesMut` and spawns one task
-//! per request, bounded by a per-connection semaphore (count) and a byte
-//! budget (payload bytes in flight). Each task sends its reply, with its
-//! permits, to a single writer task, which writes every reply whole (header
-//! then payload) and coalesces small replies into one `write`. A permit is
-//! released only once its reply is written, so memory per connection stays
-//! bounded even when the client reads slowly.
+//! Per connection: TCP_NODELAY, the handshake (bounded by a timeout), then
+//! one task runs the transmission phase: it decodes requests from a
+//! `BytesMut` (check-then-parse), runs them as futures polled by that same
+//! task (a `FuturesUnordered`, no task spawned per request), queues each
+//! reply whole (header then payload) as it completes, and writes the queue
+//! with one non-blocking `writev` per loop turn, so the replies of requests
+//! that finish together share a system call. The same shape as the iSCSI
+//! target's connection (decision 25). Reading pauses while the request
+//! count or the byte budget (payload bytes of running reads plus replies not
+//! yet written) is used up, so memory per connection stays bounded even when
+//! the client reads slowly.
 //!
 //! Connections are bounded by a server-wide semaphore. A client that breaks
 //! the protocol or disconnects loses only its own connection.
@@ -19,15 +22,18 @@
 //! [`ServerConfig::shutdown_grace`]), then sockets close; [`serve`] returns
 //! once every connection is gone.
 
-use std::io;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use corral_block::BlockDevice;
+use corral_block::send_queue::SendQueue;
+use futures::FutureExt;
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, watch};
+use tokio::net::tcp::ReadHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, broadcast, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, warn};
 
@@ -203,17 +209,13 @@ fn ensure_spare(buf: &mut BytesMut) {
     }
 }
 
-/// Serve one client over any byte stream.
-async fn handle_connection<D, S>(
-    stream: S,
+/// Serve one client: the handshake, then the transmission phase.
+async fn handle_connection<D: BlockDevice>(
+    mut stream: TcpStream,
     shared: Arc<Shared<D>>,
     mut stop: watch::Receiver<bool>,
-) -> Result<(), NbdError>
-where
-    D: BlockDevice,
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (mut rd, mut wr) = tokio::io::split(stream);
+) -> Result<(), NbdError> {
+    let (mut rd, mut wr) = stream.split();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut hs = Handshake::new(
         shared.exports.infos(),
@@ -251,7 +253,18 @@ where
         "transmission"
     );
     let device = Arc::clone(export.device());
-    transmission(device, negotiated, rd, wr, buf, &shared.config, stop).await
+    let result = transmission(
+        &*device,
+        negotiated,
+        &mut rd,
+        wr.as_ref(),
+        buf,
+        &shared.config,
+        stop,
+    )
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+    result
 }
 
 /// Drive the handshake; `Ok(None)` when the client aborted or left cleanly.
@@ -289,14 +302,7 @@ where
     }
 }
 
-/// A reply on its way to the writer, with the permits it holds.
-struct Outgoing {
-    reply: Reply,
-    _slot: OwnedSemaphorePermit,
-    _bytes: Option<OwnedSemaphorePermit>,
-}
-
-/// Why the reader stopped.
+/// Why a connection's transmission phase ended.
 #[derive(Debug)]
 enum End {
     Disconnect,
@@ -305,181 +311,197 @@ enum End {
     Refused,
 }
 
-struct Limits {
-    slots: Arc<Semaphore>,
-    bytes: Arc<Semaphore>,
-    max_in_flight: u32,
+/// A connection that is no longer reading: finish what is in flight, write
+/// the replies (for at most the shutdown grace), then close with `result`.
+struct Ending {
+    result: Result<End, NbdError>,
+    deadline: Instant,
 }
 
-async fn transmission<D, R, W>(
-    device: Arc<D>,
+/// Stop reading while this many reply bytes wait for the client.
+const OUT_HIGH_WATER: usize = 16 << 20;
+
+/// The transmission phase of one connection, all in this one task: decode
+/// requests from `buf`, run them as futures in a `FuturesUnordered` (only the
+/// device's own I/O leaves the task), queue each reply as it completes, and
+/// write the queue with one non-blocking `writev` per loop turn.
+///
+/// Bounds: at most `max_in_flight` requests run at once, and no new request
+/// is taken while the payload bytes of running reads plus queued replies
+/// exceed the byte budget (one request is always allowed, so a maximal read
+/// cannot stall). Requests already running are always driven to completion,
+/// even when the client is gone, so a replicated write is never abandoned
+/// half-way by its frontend.
+async fn transmission<D: BlockDevice>(
+    device: &D,
     negotiated: Negotiated,
-    mut rd: R,
-    wr: W,
+    rd: &mut ReadHalf<'_>,
+    stream: &TcpStream,
     mut buf: BytesMut,
     config: &ServerConfig,
     mut stop: watch::Receiver<bool>,
-) -> Result<(), NbdError>
-where
-    D: BlockDevice,
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
+) -> Result<(), NbdError> {
     let decoder = RequestDecoder::new(negotiated.size, negotiated.structured_replies);
     let encoder = ReplyEncoder::new(negotiated.structured_replies);
     let max_in_flight = config.max_in_flight.clamp(1, 1 << 16);
     let byte_budget = config
         .max_in_flight_bytes
-        .max(decoder.max_payload() as usize)
-        .min(Semaphore::MAX_PERMITS);
-    let limits = Limits {
-        slots: Arc::new(Semaphore::new(max_in_flight)),
-        bytes: Arc::new(Semaphore::new(byte_budget)),
-        max_in_flight: max_in_flight as u32,
-    };
-    let (tx, rx) = mpsc::channel::<Outgoing>(max_in_flight);
-    let mut writer = tokio::spawn(write_replies(wr, rx, encoder));
-
-    let ended = read_requests(
-        &device, &decoder, &mut rd, &mut buf, &limits, &tx, &mut stop,
-    )
-    .await;
-    drop(tx);
-
-    // The writer ends once every request task has sent its reply and the
-    // replies are written. At shutdown, give it a bounded grace period.
-    let written = tokio::select! {
-        r = &mut writer => r,
-        _ = stopped(&mut stop) => {
-            match tokio::time::timeout(config.shutdown_grace, &mut writer).await {
-                Ok(r) => r,
-                Err(_) => {
-                    warn!("client is not reading its replies; closing");
-                    writer.abort();
-                    (&mut writer).await
-                }
-            }
+        .max(decoder.max_payload() as usize);
+    let mut out = SendQueue::new();
+    let mut inflight = FuturesUnordered::new();
+    // Payload bytes of the reads now running.
+    let mut read_bytes: usize = 0;
+    let mut ending: Option<Ending> = None;
+    // The socket failed: replies are dropped, requests still finish.
+    let mut broken = false;
+    let end = |ending: &mut Option<Ending>, result: Result<End, NbdError>| {
+        if ending.is_none() {
+            *ending = Some(Ending {
+                result,
+                deadline: Instant::now() + config.shutdown_grace,
+            });
         }
     };
-    // Whatever happened to the writer, wait for the device I/O still running.
-    let _ = limits.slots.acquire_many(limits.max_in_flight).await;
-
-    match &ended {
-        Ok(end) => debug!(?end, "transmission over"),
-        Err(e) => debug!(error = %e, "transmission aborted"),
-    }
-    match written {
-        Ok(Err(e)) => debug!(error = %e, "writing replies failed"),
-        Err(e) if e.is_panic() => warn!(error = %e, "reply writer panicked"),
-        _ => {}
-    }
-    ended.map(|_| ())
-}
-
-async fn acquire(
-    sem: &Arc<Semaphore>,
-    n: usize,
-    stop: &mut watch::Receiver<bool>,
-) -> Option<OwnedSemaphorePermit> {
-    // n never exceeds the semaphore's size (the budget is at least the cap).
-    let n = u32::try_from(n).ok()?;
-    tokio::select! {
-        p = Arc::clone(sem).acquire_many_owned(n) => p.ok(),
-        _ = stopped(stop) => None,
-    }
-}
-
-async fn read_requests<D, R>(
-    device: &Arc<D>,
-    decoder: &RequestDecoder,
-    rd: &mut R,
-    buf: &mut BytesMut,
-    limits: &Limits,
-    tx: &mpsc::Sender<Outgoing>,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<End, NbdError>
-where
-    D: BlockDevice,
-    R: AsyncRead + Unpin,
-{
     loop {
-        while let Some(item) = decoder.decode(buf)? {
-            match item {
-                Decoded::Disconnect => return Ok(End::Disconnect),
-                Decoded::Reject {
+        // 1. Take the requests the client sent, as far as the bounds allow.
+        while ending.is_none()
+            && inflight.len() < max_in_flight
+            && (inflight.is_empty() || read_bytes + out.len() < byte_budget)
+        {
+            match decoder.decode(&mut buf) {
+                Ok(None) => break,
+                Ok(Some(Decoded::Disconnect)) => end(&mut ending, Ok(End::Disconnect)),
+                Ok(Some(Decoded::Reject {
                     cookie,
                     errno,
                     read,
                     close,
                     reason,
-                } => {
+                })) => {
                     debug!(cookie, ?errno, reason, "request refused");
-                    let Some(slot) = acquire(&limits.slots, 1, stop).await else {
-                        return Ok(End::Shutdown);
-                    };
                     let reply = Reply::Error {
                         cookie,
                         errno,
                         read,
                         message: reason.to_string(),
                     };
-                    let msg = Outgoing {
-                        reply,
-                        _slot: slot,
-                        _bytes: None,
-                    };
-                    if tx.send(msg).await.is_err() {
-                        return Ok(End::Eof);
-                    }
+                    queue(&encoder, &reply, &mut out, broken);
                     if close {
-                        return Ok(End::Refused);
+                        end(&mut ending, Ok(End::Refused));
                     }
                 }
-                Decoded::Request(req) => {
-                    let Some(slot) = acquire(&limits.slots, 1, stop).await else {
-                        return Ok(End::Shutdown);
-                    };
-                    let payload = match &req.command {
-                        Command::Read { len, .. } => *len as usize,
-                        Command::Write { data, .. } => data.len(),
-                        _ => 0,
-                    };
-                    let bytes = if payload > 0 {
-                        let Some(p) = acquire(&limits.bytes, payload, stop).await else {
-                            return Ok(End::Shutdown);
-                        };
-                        Some(p)
-                    } else {
-                        None
-                    };
-                    let device = Arc::clone(device);
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let reply = execute(&*device, req).await;
-                        let msg = Outgoing {
-                            reply,
-                            _slot: slot,
-                            _bytes: bytes,
-                        };
-                        // The writer is gone only when the client is gone.
-                        let _ = tx.send(msg).await;
-                    });
+                Ok(Some(Decoded::Request(req))) => {
+                    let len = read_len(&req);
+                    read_bytes += len;
+                    inflight.push(execute(device, req).map(move |reply| (reply, len)));
                 }
+                Err(e) => end(&mut ending, Err(e.into())),
             }
         }
-        ensure_spare(buf);
+        // 2. Queue the replies of requests that have finished.
+        while let Some(Some((reply, len))) = inflight.next().now_or_never() {
+            read_bytes -= len;
+            queue(&encoder, &reply, &mut out, broken);
+        }
+        // 3. Write what is queued, as far as the socket takes it.
+        if !broken && let Err(e) = out.write_to(stream) {
+            debug!(error = %e, "writing replies failed");
+            broken = true;
+            out.clear();
+            end(&mut ending, Err(e.into()));
+        }
+        if inflight.is_empty()
+            && (out.is_empty() || broken)
+            && let Some(e) = ending.take()
+        {
+            return finish(e.result);
+        }
+        // 4. Wait for something to do.
+        let accepting = ending.is_none()
+            && out.len() < OUT_HIGH_WATER
+            && inflight.len() < max_in_flight
+            && (inflight.is_empty() || read_bytes + out.len() < byte_budget);
+        if accepting {
+            ensure_spare(&mut buf);
+        }
+        let writing = !broken && !out.is_empty();
+        let open = ending.is_none();
+        let deadline = ending.as_ref().map(|e| e.deadline);
         tokio::select! {
-            r = rd.read_buf(buf) => {
-                if r? == 0 {
-                    return if buf.is_empty() {
+            biased;
+            Some((reply, len)) = inflight.next(), if !inflight.is_empty() => {
+                read_bytes -= len;
+                queue(&encoder, &reply, &mut out, broken);
+            }
+            r = stream.writable(), if writing => {
+                if let Err(e) = r {
+                    broken = true;
+                    out.clear();
+                    end(&mut ending, Err(e.into()));
+                }
+            }
+            // A read that does not fill the buffer clears the socket's
+            // readiness, so an idle socket costs no extra system call.
+            r = rd.read_buf(&mut buf), if accepting => match r {
+                Ok(0) => {
+                    let r = if buf.is_empty() {
                         Ok(End::Eof)
                     } else {
                         Err(NbdError::UnexpectedEof)
                     };
+                    end(&mut ending, r);
                 }
+                Ok(_) => {}
+                Err(e) => end(&mut ending, Err(e.into())),
+            },
+            _ = sleep_until_deadline(deadline), if !open => {
+                if inflight.is_empty() {
+                    warn!("client is not reading its replies; closing");
+                } else {
+                    warn!(requests = inflight.len(), "requests did not finish in time; closing");
+                }
+                return finish(ending.take().map_or(Ok(End::Shutdown), |e| e.result));
             }
-            _ = stopped(stop) => return Ok(End::Shutdown),
+            _ = stopped(&mut stop), if open => end(&mut ending, Ok(End::Shutdown)),
         }
+    }
+}
+
+/// Log how the transmission phase ended and turn it into the result.
+fn finish(result: Result<End, NbdError>) -> Result<(), NbdError> {
+    match &result {
+        Ok(end) => debug!(?end, "transmission over"),
+        Err(e) => debug!(error = %e, "transmission aborted"),
+    }
+    result.map(|_| ())
+}
+
+async fn sleep_until_deadline(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Payload bytes a request's reply will carry.
+fn read_len(req: &Request) -> usize {
+    match &req.command {
+        Command::Read { len, .. } => *len as usize,
+        _ => 0,
+    }
+}
+
+/// Encode `reply` onto the send queue (or drop it: the socket is gone).
+fn queue(encoder: &ReplyEncoder, reply: &Reply, out: &mut SendQueue, broken: bool) {
+    if broken {
+        return;
+    }
+    let payload_len = match reply {
+        Reply::Data { data, .. } => data.len(),
+        _ => 0,
+    };
+    if let Some(payload) = encoder.encode(reply, out.buf(payload_len)) {
+        out.payload(&payload);
     }
 }
 
@@ -543,78 +565,21 @@ async fn execute<D: BlockDevice>(device: &D, req: Request) -> Reply {
     }
 }
 
-/// Replies at most this large are copied into the batch buffer; larger read
-/// payloads are written straight from their `Bytes`.
-const COPY_MAX: usize = 64 << 10;
-/// Write the batch buffer once it holds this much.
-const BATCH_MAX: usize = 1 << 20;
-
-/// The single writer of a connection: one reply at a time, whole.
-async fn write_replies<W>(
-    mut wr: W,
-    mut rx: mpsc::Receiver<Outgoing>,
-    encoder: ReplyEncoder,
-) -> io::Result<()>
-where
-    W: AsyncWrite + Unpin,
-{
-    let mut out = BytesMut::with_capacity(COPY_MAX * 2);
-    let mut held: Vec<Outgoing> = Vec::new();
-    let mut failed: Option<io::Error> = None;
-    while let Some(first) = rx.recv().await {
-        if failed.is_some() {
-            // Keep draining so request tasks finish and release their permits.
-            continue;
-        }
-        let mut next = Some(first);
-        let res: io::Result<()> = async {
-            while let Some(msg) = next.take() {
-                if let Some(payload) = encoder.encode(&msg.reply, &mut out) {
-                    if payload.len() <= COPY_MAX {
-                        out.extend_from_slice(&payload);
-                    } else {
-                        wr.write_all(&out).await?;
-                        out.clear();
-                        wr.write_all(&payload).await?;
-                    }
-                }
-                held.push(msg);
-                if out.len() >= BATCH_MAX {
-                    wr.write_all(&out).await?;
-                    out.clear();
-                    held.clear();
-                }
-                next = rx.try_recv().ok();
-            }
-            if !out.is_empty() {
-                wr.write_all(&out).await?;
-                out.clear();
-            }
-            wr.flush().await
-        }
-        .await;
-        held.clear();
-        if let Err(e) = res {
-            out.clear();
-            failed = Some(e);
-        }
-    }
-    match failed {
-        Some(e) => Err(e),
-        None => {
-            let _ = wr.shutdown().await;
-            Ok(())
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::proto::{IHAVEOPT, REQUEST_MAGIC, cmd, opt};
     use corral_block::FileDevice;
 
-    async fn client_go(c: &mut tokio::io::DuplexStream, name: &str) {
+    /// A connected client and server socket on loopback.
+    async fn loopback_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
+    async fn client_go(c: &mut TcpStream, name: &str) {
         let mut greeting = [0u8; 18];
         c.read_exact(&mut greeting).await.unwrap();
         let mut m = Vec::new();
@@ -653,7 +618,7 @@ mod tests {
         v
     }
 
-    async fn simple_reply(c: &mut tokio::io::DuplexStream) -> (u32, u64) {
+    async fn simple_reply(c: &mut TcpStream) -> (u32, u64) {
         let mut h = [0u8; 16];
         c.read_exact(&mut h).await.unwrap();
         assert_eq!(&h[..4], &[0x67, 0x44, 0x66, 0x98]);
@@ -672,7 +637,7 @@ mod tests {
             config: ServerConfig::default(),
         });
         let (_stop_tx, stop_rx) = watch::channel(false);
-        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let (mut client, server) = loopback_pair().await;
         let task = tokio::spawn(handle_connection(server, shared, stop_rx));
         client_go(&mut client, "mem").await;
 
@@ -731,7 +696,7 @@ mod tests {
             config: ServerConfig::default(),
         });
         let (_stop_tx, stop_rx) = watch::channel(false);
-        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let (mut client, server) = loopback_pair().await;
         let task = tokio::spawn(handle_connection(server, shared, stop_rx));
         client_go(&mut client, "").await;
         client.write_all(&[0xffu8; 64]).await.unwrap();
