@@ -30,9 +30,10 @@ pub struct MatrixArgs {
     /// Size of the file / volume each system serves, in MiB.
     #[arg(long, default_value_t = 1024)]
     size_mib: u64,
-    /// Only systems whose name contains this.
-    #[arg(long)]
-    only: Option<String>,
+    /// Only systems whose name contains one of these (comma-separated),
+    /// e.g. `--only nbdkit,serve-file`.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 struct Job {
@@ -408,7 +409,8 @@ pub fn run(args: &MatrixArgs) -> Result<()> {
         size_mib,
         quick: args.quick,
     };
-    let wanted = |name: &str| args.only.as_deref().is_none_or(|o| name.contains(o));
+    let wanted =
+        |name: &str| args.only.is_empty() || args.only.iter().any(|o| name.contains(o.as_str()));
     let corral = corral_tests::corral_bin();
     let mut results: Results = Vec::new();
     let mut cluster = Cluster::new()?;
@@ -497,8 +499,10 @@ pub fn run(args: &MatrixArgs) -> Result<()> {
             continue;
         }
         let first = cluster.replicas.len();
+        // Three "nodes" share this machine: one I/O thread per daemon, as
+        // `corral dev` runs them.
         for _ in 0..replicas {
-            cluster.start_replica()?;
+            cluster.start_replica_with(&["--io-threads", "1"])?;
         }
         let idx: Vec<usize> = (first..first + replicas).collect();
         let volume = format!("bench{replicas}");

@@ -68,6 +68,7 @@ fn bad_command_lines_get_one_line_errors() {
         "invalid duration",
     );
     check(engine("1GiB", &["--chunk-size", "3000"]), "power of two");
+    check(engine("1GiB", &["--io-threads", "0"]), "not in 1..=1024");
     check(engine("1GiB", &["--replica", "127.0.0.1:1"]), "given twice");
     rejects(
         &cluster,

@@ -213,12 +213,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .context("replica port out of range")?;
         let addr = format!("127.0.0.1:{port}");
         let data = args.dir.join(format!("replica-{i}"));
+        // The daemons stand for nodes but share this machine: one I/O
+        // thread each, like the engine, so they do not crowd each other.
         let argv = vec![
             "replica".to_string(),
             "--listen".into(),
             addr.clone(),
             "--data-dir".into(),
             data.display().to_string(),
+            "--io-threads".into(),
+            "1".into(),
         ];
         replicas.push(spawn(&exe, &format!("replica-{i}"), &argv, &logs)?);
         addrs.push(addr);

@@ -25,6 +25,23 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Threads that run this process's network and protocol work (the async
+    /// runtime's workers; blocking disk I/O has its own pool). Default: 1 for
+    /// `engine` and `serve-file`, whose connections each run on one task
+    /// anyway and which a node runs one per volume; one per core for the
+    /// others. See docs/decisions.md, decision 26.
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    io_threads: Option<u16>,
+}
+
+impl Command {
+    /// Runtime worker threads when `--io-threads` is not given.
+    fn default_io_threads(&self) -> usize {
+        match self {
+            Command::Engine(_) | Command::ServeFile { .. } => 1,
+            _ => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -116,7 +133,11 @@ fn parse_cli() -> Cli {
 fn main() {
     let cli = parse_cli();
     init_logging();
+    let threads = cli
+        .io_threads
+        .map_or_else(|| cli.command.default_io_threads(), usize::from);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
     {
