@@ -192,3 +192,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(args) => cmd_dev::run(args).await,
     }
 }
+
+/// mimalloc as the allocator: the data path allocates a few small buffers
+/// and futures per I/O on one thread and frees them on another, where glibc's
+/// malloc spent several per cent of the engine's time (measured in
+/// docs/benchmarks.md, decision 26).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
