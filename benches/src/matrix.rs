@@ -506,7 +506,12 @@ pub fn run(args: &MatrixArgs) -> Result<()> {
         }
         let idx: Vec<usize> = (first..first + replicas).collect();
         let volume = format!("bench{replicas}");
-        let e = cluster.start_engine(&EngineSpec::new(&volume, &format!("{size_mib}MiB"), &idx))?;
+        // The engine's own default replica timeout, not the test fixture's
+        // short one: a replica whose writeback stalls for 3 s on this shared
+        // disk is slow, and the product would not fail it.
+        let spec = EngineSpec::new(&volume, &format!("{size_mib}MiB"), &idx)
+            .set("--replica-timeout", "8s");
+        let e = cluster.start_engine(&spec)?;
         let mut pids: Vec<u32> = idx
             .iter()
             .filter_map(|i| cluster.replicas[*i].process.pid())
@@ -517,14 +522,16 @@ pub fn run(args: &MatrixArgs) -> Result<()> {
         }
         if wanted(&nbd_label) {
             let t = Target::Nbd(cluster.engines[e].nbd_uri());
-            measure(&runner, &nbd_label, &t, &pids, &mut results)?;
+            measure(&runner, &nbd_label, &t, &pids, &mut results)
+                .inspect_err(|_| cluster.print_log_tails(60))?;
         }
         if wanted(&iscsi_label) {
             let t = Target::Iscsi(iscsi_url(
                 cluster.engines[e].iscsi,
                 &format!("iqn.2026-11.io.corral:{volume}"),
             ));
-            measure(&runner, &iscsi_label, &t, &pids, &mut results)?;
+            measure(&runner, &iscsi_label, &t, &pids, &mut results)
+                .inspect_err(|_| cluster.print_log_tails(60))?;
         }
     }
     cluster.stop_all()?;

@@ -89,7 +89,9 @@ pub fn run(args: &RebuildArgs) -> Result<()> {
     std::fs::remove_file(&disk_file)?;
 
     // 2. Fill the volume.
+    // The engine's default replica timeout (the fixture's is 3 s).
     let spec = EngineSpec::new("bench", &args.size, &[0, 1, 2])
+        .set("--replica-timeout", "8s")
         .arg("--replica-retry-interval", "500ms")
         .arg("--stale-replica-timeout", "30m");
     let e = cluster.start_engine(&spec)?;

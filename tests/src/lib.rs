@@ -734,18 +734,23 @@ impl Cluster {
                 .ok()
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(40usize);
-            for p in self
-                .engines
-                .iter()
-                .map(|e| &e.process)
-                .chain(self.replicas.iter().map(|r| &r.process))
-            {
-                let text = p.log_text();
-                let lines: Vec<&str> = text.lines().collect();
-                eprintln!("----- last lines of {} ({}) -----", p.name, p.log.display());
-                for l in &lines[lines.len().saturating_sub(keep)..] {
-                    eprintln!("{l}");
-                }
+            self.print_log_tails(keep);
+        }
+    }
+
+    /// Print the last `keep` lines of every process's log to stderr.
+    pub fn print_log_tails(&self, keep: usize) {
+        for p in self
+            .engines
+            .iter()
+            .map(|e| &e.process)
+            .chain(self.replicas.iter().map(|r| &r.process))
+        {
+            let text = p.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("----- last lines of {} ({}) -----", p.name, p.log.display());
+            for l in &lines[lines.len().saturating_sub(keep)..] {
+                eprintln!("{l}");
             }
         }
     }
