@@ -334,31 +334,7 @@ impl Checker {
                 }
             };
             let model = lock(&self.model);
-            for (i, block_data) in data.chunks_exact(BLOCK as usize).enumerate() {
-                let block = offset / BLOCK + i as u64;
-                let st = &model.blocks[block as usize];
-                report.blocks += 1;
-                if st.acked != 0 {
-                    report.acked_blocks += 1;
-                }
-                match parse(block, block_data) {
-                    Ok(tag) if tag == st.acked => {}
-                    Ok(tag) if st.pending.contains(&tag) => report.unknown_outcome_blocks += 1,
-                    Ok(tag) => problems.push(format!(
-                        "block {block} (offset {}): holds {}, but write #{} was acknowledged (later writes of unknown outcome: {:?})",
-                        block * BLOCK,
-                        if tag == 0 { "zeroes".to_string() } else { format!("write #{tag}") },
-                        st.acked,
-                        st.pending
-                    )),
-                    Err(why) => problems.push(format!(
-                        "block {block} (offset {}): {why}; expected write #{} (or one of {:?})",
-                        block * BLOCK,
-                        st.acked,
-                        st.pending
-                    )),
-                }
-            }
+            self.check_blocks(&model, offset, &data, &mut report, &mut problems);
             offset += len;
         }
         if !problems.is_empty() {
@@ -370,6 +346,89 @@ impl Checker {
             );
         }
         Ok(report)
+    }
+
+    /// Send one NBD flush through `addr`/`export` and wait for it.
+    pub fn flush(&self, addr: SocketAddr, export: &str) -> Result<()> {
+        let mut nbd = RawNbd::connect(addr, export).context("checker: connect to flush")?;
+        match nbd.flush()? {
+            Ok(()) => Ok(()),
+            Err(errno) => bail!("flush failed: errno {errno}"),
+        }
+    }
+
+    /// Check every block of a replica's data file read directly from its
+    /// disk (`head.img`, with the daemon stopped): the same rules as
+    /// [`Checker::verify`], without any engine choosing which copy to read.
+    pub fn verify_image(&self, path: &std::path::Path) -> Result<VerifyReport> {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path)
+            .with_context(|| format!("checker: open {}", path.display()))?;
+        let len = file.metadata()?.len();
+        if len != self.size {
+            bail!(
+                "{}: {len} bytes, checked size {}",
+                path.display(),
+                self.size
+            );
+        }
+        let mut report = VerifyReport::default();
+        let mut problems = Vec::new();
+        let mut data = vec![0u8; 1 << 20];
+        let mut offset = 0;
+        while offset < self.size {
+            let n = (1u64 << 20).min(self.size - offset) as usize;
+            file.read_exact(&mut data[..n])?;
+            let model = lock(&self.model);
+            self.check_blocks(&model, offset, &data[..n], &mut report, &mut problems);
+            offset += n as u64;
+        }
+        if !problems.is_empty() {
+            let n = problems.len();
+            problems.truncate(20);
+            bail!(
+                "{}: {n} block(s) lost acknowledged writes:\n{}",
+                path.display(),
+                problems.join("\n")
+            );
+        }
+        Ok(report)
+    }
+
+    /// Check the blocks of `data`, read at `offset`, against the model.
+    fn check_blocks(
+        &self,
+        model: &Model,
+        offset: u64,
+        data: &[u8],
+        report: &mut VerifyReport,
+        problems: &mut Vec<String>,
+    ) {
+        for (i, block_data) in data.chunks_exact(BLOCK as usize).enumerate() {
+            let block = offset / BLOCK + i as u64;
+            let st = &model.blocks[block as usize];
+            report.blocks += 1;
+            if st.acked != 0 {
+                report.acked_blocks += 1;
+            }
+            match parse(block, block_data) {
+                Ok(tag) if tag == st.acked => {}
+                Ok(tag) if st.pending.contains(&tag) => report.unknown_outcome_blocks += 1,
+                Ok(tag) => problems.push(format!(
+                    "block {block} (offset {}): holds {}, but write #{} was acknowledged (later writes of unknown outcome: {:?})",
+                    block * BLOCK,
+                    if tag == 0 { "zeroes".to_string() } else { format!("write #{tag}") },
+                    st.acked,
+                    st.pending
+                )),
+                Err(why) => problems.push(format!(
+                    "block {block} (offset {}): {why}; expected write #{} (or one of {:?})",
+                    block * BLOCK,
+                    st.acked,
+                    st.pending
+                )),
+            }
+        }
     }
 
     fn tag(&self) -> u64 {
