@@ -509,10 +509,10 @@ fn an_engine_killed_during_a_rebuild_resumes_it_after_restart() {
     cluster.engines[e].process.kill9().unwrap();
     cluster.restart_engine(e).unwrap();
 
-    // The rebuild resumes from the cursor it recorded on the replica
-    // instead of starting over: what was copied before is not copied again
-    // (give or take the chunks in flight at the kill, at most one window of
-    // eight).
+    // The new engine knows nothing of what the old one copied: it resumes
+    // by comparing every chunk, so what was copied before is compared, not
+    // copied again (give or take the chunks in flight at the kill, at most
+    // one window of eight).
     cluster.wait_mode(e, 2, "RW", secs(30)).unwrap();
     let resumed = finished_rebuild(&cluster, e, 2);
     assert_eq!(resumed["kind"], "resumed", "{resumed}");

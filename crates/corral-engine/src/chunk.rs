@@ -119,7 +119,7 @@ mod tests {
     }
 }
 
-/// A set of chunk indices as a bitmap: which chunks a failed replica missed.
+/// A set of chunk indices as a bitmap: which chunks a member may differ in.
 /// One bit per chunk (a 1 TiB volume in 256 KiB chunks: 512 KiB).
 #[derive(Clone, Debug)]
 pub struct ChunkBitmap {
@@ -146,6 +146,18 @@ impl ChunkBitmap {
         if self.words[w] & (1 << b) == 0 {
             self.words[w] |= 1 << b;
             self.count += 1;
+        }
+    }
+
+    /// Unmark chunk `c`.
+    pub fn remove(&mut self, c: u64) {
+        if c >= self.chunks {
+            return;
+        }
+        let (w, b) = ((c / 64) as usize, c % 64);
+        if self.words[w] & (1 << b) != 0 {
+            self.words[w] &= !(1 << b);
+            self.count -= 1;
         }
     }
 
@@ -185,5 +197,10 @@ mod bitmap_tests {
         assert_eq!(m.len(), 3);
         assert!(m.contains(64) && !m.contains(65) && !m.contains(200));
         assert_eq!(m.iter().collect::<Vec<_>>(), vec![3, 64, 129]);
+        m.remove(64);
+        m.remove(64);
+        m.remove(500);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m.iter().collect::<Vec<_>>(), vec![3, 129]);
     }
 }

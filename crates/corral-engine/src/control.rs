@@ -212,9 +212,7 @@ impl EngineControl for ControlService {
             }
             Some(_) => format!("{address} is a member in ERR: retrying it now"),
             None => {
-                set.add_member(&address)
-                    .await
-                    .map_err(Status::failed_precondition)?;
+                set.add_member(&address).await;
                 format!("{address} added: it joins in WO mode and is rebuilt")
             }
         };
@@ -232,7 +230,7 @@ impl EngineControl for ControlService {
             .replica_set()
             .remove_member(&address)
             .await
-            .map_err(Status::failed_precondition)?;
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         Ok(Response::new(ReplicaChangeResponse {
             message: format!("{address} removed from volume {}", volume.name()),
         }))

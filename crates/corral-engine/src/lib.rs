@@ -6,7 +6,9 @@
 //! - [`chunk`]: cutting the address space into chunks, the unit of ordering;
 //! - [`client`]: one replica daemon seen from the engine — control calls and
 //!   a few pipelined, batched data streams, sharded by chunk;
-//! - [`replica_set`]: modes (RW/WO/ERR), membership generations, failures;
+//! - [`members`]: the pure state machine of the members — modes (RW/WO/ERR),
+//!   membership generations, what each may have missed, catch-up plans;
+//! - [`replica_set`]: its async shell — connections, recording memberships;
 //! - [`open`]: starting over existing replicas — election and fencing;
 //! - [`volume`]: the data path (fan-out writes, failover and repair on
 //!   read, flush, verify); [`locks`]: per-chunk ordering with copiers;
@@ -20,6 +22,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod locks;
+pub mod members;
 pub mod metrics;
 pub mod open;
 pub mod rebuild;

@@ -26,7 +26,8 @@ use crate::chunk::ChunkMap;
 use crate::client::{ClientSettings, DataOutcome, ReplicaClient, connect_control};
 use crate::config::{EngineConfig, WritePolicy};
 use crate::error::EngineError;
-use crate::replica_set::{Mode, ReplicaSet, ReplicaSlot};
+use crate::members::{Members, OpenedMember, OpenedState};
+use crate::replica_set::ReplicaSet;
 use crate::volume::Volume;
 
 enum Probe {
@@ -144,15 +145,24 @@ fn check_policy(
         WritePolicy::Quorum => {
             // Fencing a majority of the volume's replicas guarantees that we
             // reached a member of the newest RW set (which never drops below a
-            // majority while writes are acknowledged).
+            // majority while writes are acknowledged) — if each of them still
+            // holds its record. A replica without one (its disk was replaced
+            // and it was created again for a rebuild) proves nothing: it
+            // does not count.
             let members = record.members.len().max(total);
             let need = members / 2 + 1;
-            let fenced = infos.iter().filter(|i| i.is_some()).count();
+            let fenced = infos
+                .iter()
+                .flatten()
+                .filter(|i| {
+                    generation == 0 || i.membership.as_ref().is_some_and(|m| m.generation > 0)
+                })
+                .count();
             if fenced < need {
                 return Err(open_err(
                     cfg,
                     format!(
-                        "write policy quorum: reached {fenced} of {members} replicas, need a majority ({need})"
+                        "write policy quorum: reached {fenced} of {members} replicas holding a membership record, need a majority ({need})"
                     ),
                 ));
             }
@@ -166,7 +176,7 @@ fn check_policy(
 
 /// Decide which reachable replicas are up to date, and whether the write
 /// policy lets this engine serve: (up to date per replica, newest generation).
-fn elect(
+pub(crate) fn elect(
     cfg: &EngineConfig,
     addrs: &[String],
     infos: &[Option<ReplicaInfo>],
@@ -195,6 +205,25 @@ fn elect(
     let record = newest.membership.clone().unwrap_or_default();
     let newest_key = record_key(&newest);
     let max_generation = record.generation;
+    if newest_key == (0, 0) && trust.is_none() && infos.iter().any(Option::is_none) {
+        // No replica reached holds a membership record: a volume whose
+        // first engine stopped before recording one — or a replica created
+        // for a rebuild, whose siblings hold the records. Only all of them
+        // together tell which.
+        let missing: Vec<&str> = addrs
+            .iter()
+            .zip(infos)
+            .filter(|(_, i)| i.is_none())
+            .map(|(a, _)| a.as_str())
+            .collect();
+        return Err(open_err(
+            cfg,
+            format!(
+                "no replica reached holds a membership record; waiting for {} (a replica created for a rebuild holds none either)",
+                missing.join(", ")
+            ),
+        ));
+    }
     if let Some(trusted) = trust {
         // The operator names the replica to trust (`corral volume salvage --force`).
         let Some(i) = addrs.iter().position(|a| a == trusted) else {
@@ -378,37 +407,25 @@ pub async fn open_volume(
 
     resync_dirty_regions(cfg, epoch, &infos, &clients, chunks).await?;
 
-    let generation = max_generation + 1;
-    let slots: Vec<ReplicaSlot> = (0..total)
-        .map(|i| {
-            let rw = up_to_date[i];
-            let instance = infos[i]
-                .as_ref()
-                .map(|i| i.instance_id.clone())
-                .unwrap_or_default();
-            let mut slot = ReplicaSlot::new(
-                addrs[i].clone(),
-                instance,
-                if rw { Mode::Rw } else { Mode::Err },
-            );
-            slot.client = clients[i].clone();
-            if !rw {
-                slot.failed_at = Some(std::time::Instant::now());
-                slot.resume_cursor = infos[i].as_ref().and_then(|i| i.rebuild_cursor);
-                slot.last_error = if !problems[i].is_empty() {
-                    format!("unreachable at open: {}", problems[i])
-                } else if infos[i].is_none() {
-                    "no replica of this volume on the daemon: needs a full rebuild".into()
-                } else if slot.resume_cursor.is_some() {
-                    "its rebuild was interrupted: resuming".into()
-                } else {
-                    "missed writes (older membership generation): needs a rebuild".into()
-                };
-            }
-            slot
-        })
+    let members = members_after_open(
+        cfg,
+        chunks,
+        &addrs,
+        &infos,
+        &problems,
+        &up_to_date,
+        trust,
+        max_generation + 1,
+        std::time::Instant::now(),
+    );
+    let generation = members.generation();
+    let member_clients: Vec<_> = members
+        .all()
+        .iter()
+        .zip(&clients)
+        .filter_map(|(m, c)| c.clone().map(|c| (m.id, c)))
         .collect();
-    let set = Arc::new(ReplicaSet::new(cfg, epoch, generation, slots));
+    let set = Arc::new(ReplicaSet::new(cfg, epoch, members, member_clients));
     let record = set.membership();
     for i in 0..total {
         if !up_to_date[i] {
@@ -447,6 +464,81 @@ pub async fn open_volume(
         chunks,
         set,
     )))
+}
+
+/// The members as an engine that has just fenced and elected finds them:
+/// up-to-date replicas RW, the others ERR, each with what it may differ in
+/// (see [`Members::after_open`]). `generation` is the record about to be
+/// written. Pure: the engine's open and the model test both use it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn members_after_open(
+    cfg: &EngineConfig,
+    chunks: ChunkMap,
+    addrs: &[String],
+    infos: &[Option<ReplicaInfo>],
+    problems: &[String],
+    up_to_date: &[bool],
+    trust: Option<&str>,
+    generation: u64,
+    now: std::time::Instant,
+) -> Members {
+    let total = addrs.len();
+    let chunk_count = cfg.size.div_ceil(chunks.chunk_size());
+    let newest_record = infos
+        .iter()
+        .flatten()
+        .max_by_key(|i| record_key(i))
+        .and_then(|i| i.membership.clone())
+        .unwrap_or_default();
+    let opened: Vec<OpenedMember> = (0..total)
+        .map(|i| {
+            // Known from its daemon, or from the record when unreachable.
+            let instance_id = infos[i].as_ref().map_or_else(
+                || {
+                    newest_record
+                        .members
+                        .iter()
+                        .find(|m| m.address == addrs[i])
+                        .map(|m| m.instance_id.clone())
+                        .unwrap_or_default()
+                },
+                |info| info.instance_id.clone(),
+            );
+            let state = if up_to_date[i] {
+                OpenedState::UpToDate
+            } else if trust.is_none()
+                && !instance_id.is_empty()
+                && mode_in(&newest_record, &instance_id) == Some(pb::ReplicaMode::Wo)
+            {
+                OpenedState::Rebuilding {
+                    reason: if problems[i].is_empty() {
+                        "its rebuild was interrupted: resuming it, comparing every chunk".into()
+                    } else {
+                        format!(
+                            "its rebuild was interrupted; unreachable at open: {}",
+                            problems[i]
+                        )
+                    },
+                }
+            } else {
+                OpenedState::Behind {
+                    reason: if !problems[i].is_empty() {
+                        format!("unreachable at open: {}", problems[i])
+                    } else if infos[i].is_none() {
+                        "no replica of this volume on the daemon: needs a full rebuild".into()
+                    } else {
+                        "missed writes (older membership generation): needs a rebuild".into()
+                    },
+                }
+            };
+            OpenedMember {
+                address: addrs[i].clone(),
+                instance_id,
+                state,
+            }
+        })
+        .collect();
+    Members::after_open(cfg.write_policy, chunk_count, generation, opened, now)
 }
 
 /// After an unclean stop, the up-to-date replicas may differ where writes

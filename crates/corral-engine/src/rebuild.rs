@@ -29,24 +29,28 @@
 //!
 //! The group's reads all complete before anything is written, so when a
 //! source fails the next RW replica takes over with the target untouched.
-//! Several groups are in flight (`--rebuild-concurrency` chunks in all). A
-//! full rebuild records how far it has come on the target (the rebuild
-//! cursor, after flushing the target) so that it resumes there after an
-//! engine or replica restart. When every chunk is done the target is flushed
-//! and turns RW (a recorded membership change).
+//! Several groups are in flight (`--rebuild-concurrency` chunks in all).
+//! Each group copied is reported to the replica set, which keeps the chunks
+//! still to copy: if the target fails, that is what it may differ in, and
+//! its next rebuild resumes there. (An engine that restarts mid-rebuild
+//! compares every chunk instead: chunks already copied cost a checksum
+//! comparison, not a copy.) When every chunk is done the target is flushed
+//! and turns RW (a recorded membership change), which the replica set
+//! refuses while any chunk of the plan is left.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use corral_proto::v1::{self as pb, SetRebuildCursorRequest, data_request::Op};
+use corral_proto::v1::{self as pb, data_request::Op};
 use futures::StreamExt;
 use futures::future::join_all;
 use tracing::{info, warn};
 
 use crate::client::{DataOutcome, ReplicaClient};
 use crate::error::ReplicaIoError;
+use crate::members::CatchUpPlan;
 use crate::replica_set::SlotId;
 use crate::volume::Volume;
 
@@ -152,20 +156,6 @@ impl RebuildProgress {
             error,
         }
     }
-}
-
-/// What one rebuild walks, and what is known about its target.
-#[derive(Clone, Debug)]
-pub struct RebuildJob {
-    /// The chunks to walk, ascending.
-    pub chunks: Vec<u64>,
-    /// Record the rebuild cursor on the target as the walk advances (full
-    /// and resumed rebuilds), so that it resumes there after a restart.
-    pub record_cursor: bool,
-    /// The target was created empty for this rebuild: every block of it not
-    /// written since it joined the write set is unwritten. Its checksums are
-    /// then not fetched, and only blocks holding data on the source are sent.
-    pub target_empty: bool,
 }
 
 /// Why a group could not be copied.
@@ -394,55 +384,38 @@ async fn copy_group(
     Err(CopyError::NoSource(last))
 }
 
-async fn set_cursor(volume: &Volume, target: &ReplicaClient, cursor: Option<u64>) {
-    let mut control = target.control();
-    let request = SetRebuildCursorRequest {
-        volume: volume.name().to_string(),
-        epoch: volume.replica_set().epoch(),
-        cursor,
-    };
-    let timeout = volume.replica_set().timeout();
-    if let Err(e) = tokio::time::timeout(timeout, control.set_rebuild_cursor(request)).await {
-        warn!(replica = %target.addr(), error = %e, "cannot record the rebuild cursor");
-    }
-}
-
-/// Copy `job.chunks` into the WO member `id`, then turn it RW.
+/// Walk `plan.chunks` into the WO member `plan.ticket.member`, then turn it RW.
 pub async fn run(
     volume: Arc<Volume>,
-    id: SlotId,
     target: Arc<ReplicaClient>,
-    job: RebuildJob,
+    plan: CatchUpPlan,
     progress: Arc<RebuildProgress>,
     settings: RebuildSettings,
 ) -> Result<(), String> {
-    let RebuildJob {
+    let CatchUpPlan {
         chunks,
-        record_cursor,
         target_empty,
-    } = job;
+        ticket,
+        ..
+    } = plan;
+    let id = ticket.member;
     let set = Arc::clone(volume.replica_set());
     let total: u64 = chunks.iter().map(|c| volume.chunk_range(*c).1).sum();
     progress.total_bytes.store(total, Ordering::Relaxed);
     info!(volume = %volume.name(), replica = %target.addr(), kind = progress.kind,
         chunks = chunks.len(), bytes = total, target_empty, "rebuild started");
     let started = Instant::now();
-    if record_cursor && let Some(first) = chunks.first() {
-        set_cursor(&volume, &target, Some(volume.chunk_range(*first).0)).await;
-    }
-    let mut last_cursor = Instant::now();
     // `concurrency` chunks at once: groups of up to GROUP_CHUNKS.
     let group_size = settings.concurrency.clamp(1, GROUP_CHUNKS);
     let groups_in_flight = (settings.concurrency / group_size).max(1);
     let result: Result<(), String> = async {
-        // Up to `groups_in_flight` groups at once; results come back in
-        // order, so when a group is reported every group before it is done
-        // too (what the cursor relies on).
+        // Up to `groups_in_flight` groups at once, reported in order.
         let copies = futures::stream::iter(chunks.chunks(group_size).map(<[u64]>::to_vec))
             .map(|group| {
                 let volume = &volume;
                 let target = &target;
                 let progress = &progress;
+                let set = &set;
                 let bandwidth = settings.bandwidth.filter(|b| *b > 0);
                 async move {
                     if let Some(bw) = bandwidth {
@@ -455,6 +428,11 @@ pub async fn run(
                     }
                     let _locks = volume.chunk_locks().exclusive_many(&group).await;
                     let outcome = copy_group(volume, target, id, &group, target_empty).await;
+                    if outcome.is_ok() {
+                        // Under the locks: from here on writes to these
+                        // chunks reach the target as well.
+                        set.copied(ticket, &group);
+                    }
                     (group, outcome)
                 }
             })
@@ -478,29 +456,12 @@ pub async fn run(
                     return Err(e.to_string());
                 }
             }
-            if record_cursor
-                && last_cursor.elapsed() > Duration::from_secs(1)
-                && let Some(&chunk) = group.last()
-            {
-                // The cursor claims everything before it is copied: make that
-                // durable on the target first.
-                target
-                    .call(chunk, set.epoch(), Op::Flush(pb::FlushOp {}))
-                    .await
-                    .map_err(|e| format!("flushing the target: {e}"))?;
-                let (off, len) = volume.chunk_range(chunk);
-                set_cursor(&volume, &target, Some(off + len)).await;
-                last_cursor = Instant::now();
-            }
         }
         target
             .call(0, set.epoch(), Op::Flush(pb::FlushOp {}))
             .await
             .map_err(|e| format!("flushing the target: {e}"))?;
-        if record_cursor {
-            set_cursor(&volume, &target, None).await;
-        }
-        set.finish_rebuild(id).await
+        set.finish_rebuild(ticket).await.map_err(|e| e.to_string())
     }
     .await;
     match &result {
@@ -510,11 +471,11 @@ pub async fn run(
             secs = started.elapsed().as_secs_f64(), "rebuild complete: replica is RW"),
         Err(e) => {
             warn!(volume = %volume.name(), replica = %target.addr(), error = %e, "rebuild failed");
-            // A target still in WO leaves the write set (no-op if already ERR).
+            // A target still in WO leaves the write set (no-op if already
+            // ERR); what it had not been sent yet stays noted as missed.
             let _ = set
                 .handle_failure(id, &ReplicaIoError::Io(format!("rebuild failed: {e}")), &[])
                 .await;
-            set.release(id, &format!("rebuild failed: {e}"));
         }
     }
     progress.finish(result.clone());

@@ -1,23 +1,28 @@
-//! The replica set: each replica's mode (RW / WO / ERR), the membership
-//! generation, and how every change is recorded before any further write is
-//! acknowledged.
+//! The replica set: the async shell around [`Members`], the pure record of
+//! each member's mode and of what it may have missed. This module holds the
+//! members' connections and does the I/O the decisions call for: every
+//! membership change is written to the remaining RW replicas before any
+//! further write is acknowledged, and a replica that cannot take the record
+//! goes to ERR too.
 //!
 //! Rules (DESIGN.md, "Consistency protocol"; docs/failure-handling.md):
 //! - a replica that errors goes to ERR, and the new membership (the next
-//!   generation) is written to the remaining RW replicas before the failing
-//!   write — or any later one — is acknowledged;
+//!   generation) is recorded before the failing write — or any later one —
+//!   is acknowledged;
 //! - a timeout never shrinks the RW set below what the write policy needs
 //!   (never below one): the error goes to the client instead, since a slow
 //!   replica may be the only one with the newest data;
-//! - while a replica is in ERR and within the stale-replica timeout, the
-//!   chunks written without it are remembered, so that it can be caught up
-//!   by copying only those;
+//! - whatever an ERR member may have missed is noted ([`Members`]), so that
+//!   it can be caught up by copying only that;
 //! - a replica that rejects our epoch means a newer engine owns the volume:
 //!   this engine is fenced and serves nothing from then on.
 //!
-//! Members are addressed by a slot id that never changes while the engine
-//! runs (indices would shift when a member is removed).
+//! Lock order: `io_gate` (writes shared, a joining member exclusive), then
+//! `change` (one membership change at a time — or one flush, which must not
+//! complete while a change is unrecorded), then the short `state` lock,
+//! never held across an await.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -26,32 +31,20 @@ use corral_block::BlockError;
 use corral_proto::v1::{self as pb, SetMembershipRequest};
 use tracing::{error, info, warn};
 
-use crate::chunk::ChunkBitmap;
 use crate::client::ReplicaClient;
 use crate::config::WritePolicy;
 use crate::error::ReplicaIoError;
+use crate::members::{
+    Admission, CatchUpPlan, FailDecision, FailureKind, Members, MembershipError, RebuildTicket,
+    ReturnFacts, ReturnFailure,
+};
+pub use crate::members::{MemberId, Mode};
 use crate::rebuild::RebuildProgress;
 
-/// A replica's mode in the volume.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// Up to date: serves reads, takes writes.
-    Rw,
-    /// Rebuilding: takes writes, serves no reads.
-    Wo,
-    /// Out of the I/O path.
-    Err,
-}
+/// The id of a member (see [`MemberId`]).
+pub type SlotId = MemberId;
 
 impl Mode {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Mode::Rw => "RW",
-            Mode::Wo => "WO",
-            Mode::Err => "ERR",
-        }
-    }
-
     pub fn to_pb(self) -> pb::ReplicaMode {
         match self {
             Mode::Rw => pb::ReplicaMode::Rw,
@@ -61,52 +54,30 @@ impl Mode {
     }
 }
 
-/// Stable identity of a member while this engine runs.
-pub type SlotId = u64;
-
-/// One member of the set.
-pub struct ReplicaSlot {
-    pub id: SlotId,
-    pub address: String,
-    pub instance_id: String,
-    pub mode: Mode,
-    pub client: Option<Arc<ReplicaClient>>,
-    pub last_error: String,
-    /// When it went to ERR.
-    pub failed_at: Option<Instant>,
-    /// Chunks written while it was in ERR; `None`: unknown (it must be
-    /// rebuilt in full, comparing every chunk).
-    pub missed: Option<ChunkBitmap>,
-    /// Where an interrupted full rebuild into it had got to (from its metadata).
-    pub resume_cursor: Option<u64>,
-    /// The latest rebuild into it.
-    pub rebuild: Option<Arc<RebuildProgress>>,
-    /// A supervisor task is bringing it back (connect, rebuild).
-    pub busy: bool,
-    /// Failed attempts to bring it back in a row, and when the next may start.
-    pub attempts: u32,
-    pub retry_at: Option<Instant>,
+/// The membership record of `members`, as written by the engine of `epoch`.
+pub fn membership_record(members: &Members, epoch: u64) -> pb::Membership {
+    pb::Membership {
+        generation: members.generation(),
+        epoch,
+        members: members
+            .all()
+            .iter()
+            .map(|m| pb::Member {
+                address: m.address.clone(),
+                instance_id: m.instance_id.clone(),
+                mode: m.mode.to_pb() as i32,
+            })
+            .collect(),
+    }
 }
 
-impl ReplicaSlot {
-    /// A member as the open procedure decided it.
-    pub fn new(address: String, instance_id: String, mode: Mode) -> Self {
-        ReplicaSlot {
-            id: 0,
-            address,
-            instance_id,
-            mode,
-            client: None,
-            last_error: String::new(),
-            failed_at: None,
-            missed: None,
-            resume_cursor: None,
-            rebuild: None,
-            busy: false,
-            attempts: 0,
-            retry_at: None,
-        }
-    }
+/// Why a returning replica could not join the write set.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    #[error("recording the membership on it: {0}")]
+    Record(String),
 }
 
 /// A snapshot of one member, for status output.
@@ -118,87 +89,78 @@ pub struct SlotStatus {
     pub mode: Mode,
     pub last_error: String,
     pub failed_for: Option<Duration>,
+    /// Chunks it may differ in, when a set is kept (None: unknown or all).
     pub missed_chunks: Option<u64>,
     pub rebuild: Option<Arc<RebuildProgress>>,
     pub busy: bool,
 }
 
-/// How a returning replica is to be caught up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CatchUp {
-    /// Copy only the chunks written while it was away.
-    Partial,
-    /// Compare every chunk (from `start` bytes on) and copy those that differ.
-    Full { start: u64 },
-}
-
 struct SetState {
-    slots: Vec<ReplicaSlot>,
-    generation: u64,
+    members: Members,
+    clients: HashMap<SlotId, Arc<ReplicaClient>>,
+    rebuilds: HashMap<SlotId, Arc<RebuildProgress>>,
 }
 
 /// The replicas of one volume and their membership record.
 pub struct ReplicaSet {
     volume: String,
     epoch: u64,
-    policy: WritePolicy,
     timeout: Duration,
-    chunks: u64,
-    chunk_size: u64,
     state: RwLock<SetState>,
     /// Serialises membership changes (and their recording on the replicas).
     change: tokio::sync::Mutex<()>,
     /// Writes hold this shared while in flight; a replica joining the write
     /// set takes it exclusively, so no write that left it out is still in
-    /// flight (and unrecorded in its missed set) when it joins.
+    /// flight (and unnoted in what it missed) when it joins.
     io_gate: tokio::sync::RwLock<()>,
     fenced: AtomicBool,
     next_read: AtomicUsize,
-    next_id: AtomicU64,
-    /// Slots in ERR that track missed chunks (skip the bookkeeping when 0).
+    /// ERR members whose missed chunks are noted, and ERR members that hold
+    /// every acknowledged write: writes skip the bookkeeping when both are 0.
     tracking: AtomicUsize,
+    authorities: AtomicUsize,
     /// Replicas moved to ERR since the engine started.
     failures: AtomicU64,
 }
 
-fn rw_of(state: &SetState) -> usize {
-    state.slots.iter().filter(|s| s.mode == Mode::Rw).count()
+fn kind_of(err: &ReplicaIoError) -> FailureKind {
+    match err {
+        ReplicaIoError::Timeout(_) => FailureKind::Timeout,
+        _ => FailureKind::Lost,
+    }
 }
 
 impl ReplicaSet {
-    /// A set as decided by the open procedure; `generation` is already recorded.
+    /// A set as the open procedure decided it; `members.generation()` is
+    /// already recorded. `clients`: the connected members (the RW ones).
     pub fn new(
         cfg: &crate::config::EngineConfig,
         epoch: u64,
-        generation: u64,
-        mut slots: Vec<ReplicaSlot>,
+        members: Members,
+        clients: Vec<(SlotId, Arc<ReplicaClient>)>,
     ) -> Self {
-        let chunk_size = u64::from(cfg.chunk_size).max(1);
-        let chunks = cfg.size.div_ceil(chunk_size);
-        for (i, s) in slots.iter_mut().enumerate() {
-            s.id = i as SlotId + 1;
-        }
-        let next = slots.len() as u64 + 1;
+        let tracking = members.tracking();
         ReplicaSet {
             volume: cfg.volume.clone(),
             epoch,
-            policy: cfg.write_policy,
             timeout: cfg.replica_timeout,
-            chunks,
-            chunk_size,
-            state: RwLock::new(SetState { slots, generation }),
+            state: RwLock::new(SetState {
+                members,
+                clients: clients.into_iter().collect(),
+                rebuilds: HashMap::new(),
+            }),
             change: tokio::sync::Mutex::new(()),
             io_gate: tokio::sync::RwLock::new(()),
             fenced: AtomicBool::new(false),
             next_read: AtomicUsize::new(0),
-            next_id: AtomicU64::new(next),
-            tracking: AtomicUsize::new(0),
+            tracking: AtomicUsize::new(tracking),
+            authorities: AtomicUsize::new(0),
             failures: AtomicU64::new(0),
         }
     }
 
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, SetState> {
-        // Updates to the state are single assignments: a poisoned lock still holds a valid state.
+        // Every update keeps the state valid between statements: a poisoned lock still holds one.
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -206,13 +168,12 @@ impl ReplicaSet {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn update_tracking(&self, state: &SetState) {
-        let n = state
-            .slots
-            .iter()
-            .filter(|s| s.mode == Mode::Err && s.missed.is_some())
-            .count();
-        self.tracking.store(n, Ordering::Relaxed);
+    /// Run `f` on the members, then refresh the tracking count.
+    fn with_members<T>(&self, f: impl FnOnce(&mut Members) -> T) -> T {
+        let mut state = self.write_state();
+        let out = f(&mut state.members);
+        self.refresh_counts(&state.members);
+        out
     }
 
     pub fn volume(&self) -> &str {
@@ -224,11 +185,11 @@ impl ReplicaSet {
     }
 
     pub fn generation(&self) -> u64 {
-        self.read_state().generation
+        self.read_state().members.generation()
     }
 
     pub fn policy(&self) -> WritePolicy {
-        self.policy
+        self.read_state().members.policy()
     }
 
     pub fn timeout(&self) -> Duration {
@@ -236,7 +197,7 @@ impl ReplicaSet {
     }
 
     pub fn chunk_count(&self) -> u64 {
-        self.chunks
+        self.read_state().members.chunk_count()
     }
 
     /// Replicas moved to ERR since the engine started.
@@ -253,25 +214,41 @@ impl ReplicaSet {
         self.io_gate.read().await
     }
 
+    /// Held by a flush while it runs: no membership change is being
+    /// recorded meanwhile (changes wait for the flush, and it for them).
+    pub async fn membership_settled(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.change.lock().await
+    }
+
     /// Replicas that take writes (RW and WO).
     pub fn write_targets(&self) -> Vec<(SlotId, Arc<ReplicaClient>, Mode)> {
-        self.read_state()
-            .slots
+        let state = self.read_state();
+        state
+            .members
+            .all()
             .iter()
-            .filter(|s| s.mode != Mode::Err)
-            .filter_map(|s| s.client.clone().map(|c| (s.id, c, s.mode)))
+            .filter(|m| m.mode != Mode::Err)
+            .filter_map(|m| {
+                state
+                    .clients
+                    .get(&m.id)
+                    .map(|c| (m.id, Arc::clone(c), m.mode))
+            })
             .collect()
     }
 
     /// RW replicas, rotated so that reads spread round robin.
     pub fn read_targets(&self) -> Vec<(SlotId, Arc<ReplicaClient>)> {
-        let mut rw: Vec<_> = self
-            .read_state()
-            .slots
-            .iter()
-            .filter(|s| s.mode == Mode::Rw)
-            .filter_map(|s| s.client.clone().map(|c| (s.id, c)))
-            .collect();
+        let mut rw: Vec<_> = {
+            let state = self.read_state();
+            state
+                .members
+                .all()
+                .iter()
+                .filter(|m| m.mode == Mode::Rw)
+                .filter_map(|m| state.clients.get(&m.id).map(|c| (m.id, Arc::clone(c))))
+                .collect()
+        };
         if !rw.is_empty() {
             let start = self.next_read.fetch_add(1, Ordering::Relaxed) % rw.len();
             rw.rotate_left(start);
@@ -280,16 +257,16 @@ impl ReplicaSet {
     }
 
     pub fn total(&self) -> usize {
-        self.read_state().slots.len()
+        self.read_state().members.total()
     }
 
     pub fn rw_count(&self) -> usize {
-        rw_of(&self.read_state())
+        self.read_state().members.rw_count()
     }
 
     /// Fewest RW replicas with which writes are still acknowledged.
     pub fn min_rw(&self) -> usize {
-        self.policy.min_rw(self.total())
+        self.read_state().members.min_rw()
     }
 
     /// Whether reads may be served now.
@@ -312,13 +289,21 @@ impl ReplicaSet {
     /// Whether writes may be acknowledged now.
     pub fn check_writable(&self) -> Result<(), BlockError> {
         self.check_readable()?;
-        let rw = self.rw_count();
-        let min = self.min_rw();
-        if rw < min {
+        let (writable, acknowledging, min, policy) = {
+            let state = self.read_state();
+            (
+                state.members.writable(),
+                state.members.acknowledging(),
+                state.members.min_rw(),
+                state.members.policy(),
+            )
+        };
+        if !writable {
             return Err(BlockError::Unavailable(format!(
-                "volume {}: {rw} RW replica(s) left, write policy {} needs {min}",
+                "volume {}: {acknowledging} RW replica(s) recorded, write policy {} needs {}",
                 self.volume,
-                self.policy.as_str()
+                policy.as_str(),
+                min.max(1)
             )));
         }
         Ok(())
@@ -326,42 +311,29 @@ impl ReplicaSet {
 
     /// Status of every member.
     pub fn status(&self) -> Vec<SlotStatus> {
-        self.read_state()
-            .slots
+        let now = Instant::now();
+        let state = self.read_state();
+        state
+            .members
+            .all()
             .iter()
-            .map(|s| SlotStatus {
-                id: s.id,
-                address: s.address.clone(),
-                instance_id: s.instance_id.clone(),
-                mode: s.mode,
-                last_error: s.last_error.clone(),
-                failed_for: s.failed_at.map(|t| t.elapsed()),
-                missed_chunks: s.missed.as_ref().map(ChunkBitmap::len),
-                rebuild: s.rebuild.clone(),
-                busy: s.busy,
+            .map(|m| SlotStatus {
+                id: m.id,
+                address: m.address.clone(),
+                instance_id: m.instance_id.clone(),
+                mode: m.mode,
+                last_error: m.last_error.clone(),
+                failed_for: m.failed_at.map(|t| now.saturating_duration_since(t)),
+                missed_chunks: m.divergence.tracked_len(),
+                rebuild: state.rebuilds.get(&m.id).cloned(),
+                busy: m.busy,
             })
             .collect()
     }
 
-    fn membership_of(&self, state: &SetState) -> pb::Membership {
-        pb::Membership {
-            generation: state.generation,
-            epoch: self.epoch,
-            members: state
-                .slots
-                .iter()
-                .map(|s| pb::Member {
-                    address: s.address.clone(),
-                    instance_id: s.instance_id.clone(),
-                    mode: s.mode.to_pb() as i32,
-                })
-                .collect(),
-        }
-    }
-
     /// The current membership record.
     pub fn membership(&self) -> pb::Membership {
-        self.membership_of(&self.read_state())
+        membership_record(&self.read_state().members, self.epoch)
     }
 
     /// Mark this engine fenced: a replica saw a newer epoch.
@@ -372,25 +344,67 @@ impl ReplicaSet {
         }
     }
 
-    /// Remember that `chunks` were written while some replicas were in ERR.
-    pub fn mark_missed(&self, chunks: &[u64]) {
-        if self.tracking.load(Ordering::Relaxed) == 0 {
-            return;
+    /// Note that `chunks` were written (or were being written): members in
+    /// ERR may differ there now. Returns whether the write may be
+    /// acknowledged (the volume is still writable).
+    pub fn note_written(&self, chunks: &[u64]) -> Result<(), BlockError> {
+        if self.tracking.load(Ordering::Relaxed) == 0
+            && self.authorities.load(Ordering::Relaxed) == 0
+        {
+            return self.check_writable();
         }
-        let mut state = self.write_state();
-        for slot in state.slots.iter_mut() {
-            if slot.mode == Mode::Err
-                && let Some(missed) = slot.missed.as_mut()
-            {
-                for c in chunks {
-                    missed.insert(*c);
-                }
+        let acknowledged = {
+            let mut state = self.write_state();
+            let acknowledged = state.members.note_written(chunks);
+            self.refresh_counts(&state.members);
+            acknowledged
+        };
+        if !acknowledged {
+            // Decided under the lock: a member that still counts as holding
+            // every acknowledged write must not miss this one.
+            return Err(self.check_writable().err().unwrap_or_else(|| {
+                BlockError::Unavailable(format!(
+                    "volume {}: too few RW replicas took the write",
+                    self.volume
+                ))
+            }));
+        }
+        self.check_readable()
+    }
+
+    /// A flush succeeded on every RW member (see [`Members::note_flushed`]).
+    pub fn note_flushed(&self) {
+        if self.authorities.load(Ordering::Relaxed) > 0 {
+            let mut state = self.write_state();
+            state.members.note_flushed();
+            self.refresh_counts(&state.members);
+        }
+    }
+
+    fn refresh_counts(&self, members: &Members) {
+        self.tracking.store(members.tracking(), Ordering::Relaxed);
+        self.authorities
+            .store(members.authorities(), Ordering::Relaxed);
+    }
+
+    /// Stop and drop the clients of members that left the I/O path.
+    fn drop_clients_of_failed(state: &mut SetState) {
+        let out: Vec<SlotId> = state
+            .members
+            .all()
+            .iter()
+            .filter(|m| m.mode == Mode::Err)
+            .map(|m| m.id)
+            .collect();
+        for id in out {
+            if let Some(client) = state.clients.remove(&id) {
+                client.shutdown();
             }
         }
     }
 
-    /// Handle a failed request to slot `id`; `chunks` are the chunks that the
-    /// failed request would have written (empty for reads).
+    /// Handle a failed request to member `id`; `chunks` are the chunks that
+    /// the failed request would have written (empty for reads).
     ///
     /// Errors that are not the replica's fault (fencing, a bad request, a
     /// checksum mismatch the caller repairs) change nothing else. A timeout
@@ -412,112 +426,132 @@ impl ReplicaSet {
             return self.check_writable();
         }
         let _change = self.change.lock().await;
-        let changed = {
+        let why = err.to_string();
+        let (decision, address) = {
             let mut state = self.write_state();
-            let rw = rw_of(&state);
-            let min = self.policy.min_rw(state.slots.len()).max(1);
-            let Some(slot) = state.slots.iter_mut().find(|s| s.id == id) else {
-                return self.check_writable();
-            };
-            match slot.mode {
-                Mode::Err => {
-                    // Already out; a request that was in flight when it failed
-                    // still adds to what it missed.
-                    if let Some(missed) = slot.missed.as_mut() {
-                        for c in chunks {
-                            missed.insert(*c);
-                        }
-                    }
-                    false
-                }
-                Mode::Rw if matches!(err, ReplicaIoError::Timeout(_)) && rw <= min => {
-                    warn!(volume = %self.volume, replica = %slot.address, error = %err,
-                        "replica timed out, but it is one of the last {rw} RW replicas the write policy needs: keeping it, failing the request");
-                    slot.last_error = err.to_string();
-                    return Err(BlockError::Unavailable(format!(
-                        "volume {}: replica {} timed out and the write policy {} cannot drop it (RW replicas: {rw})",
-                        self.volume,
-                        slot.address,
-                        self.policy.as_str()
-                    )));
-                }
-                previous => {
-                    warn!(volume = %self.volume, replica = %slot.address, error = %err,
-                        mode = previous.as_str(), "replica failed: moving it to ERR");
-                    slot.mode = Mode::Err;
-                    slot.last_error = err.to_string();
-                    slot.failed_at = Some(Instant::now());
-                    self.failures.fetch_add(1, Ordering::Relaxed);
-                    // A replica that fails mid-rebuild has a gap we do not
-                    // track: it will be compared chunk by chunk.
-                    slot.missed = if previous == Mode::Rw {
-                        let mut m = ChunkBitmap::new(self.chunks);
-                        for c in chunks {
-                            m.insert(*c);
-                        }
-                        Some(m)
-                    } else {
-                        None
-                    };
-                    if let Some(client) = slot.client.take() {
-                        client.shutdown();
-                    }
-                    state.generation += 1;
-                    self.update_tracking(&state);
-                    true
-                }
+            let decision = state
+                .members
+                .fail(id, kind_of(err), chunks, &why, Instant::now());
+            if matches!(decision, FailDecision::Moved { .. }) {
+                Self::drop_clients_of_failed(&mut state);
             }
+            self.refresh_counts(&state.members);
+            let address = state
+                .members
+                .get(id)
+                .map(|m| m.address.clone())
+                .unwrap_or_default();
+            (decision, address)
         };
-        if changed {
-            self.record_membership().await;
+        match decision {
+            FailDecision::NotMember | FailDecision::AlreadyOut => {}
+            FailDecision::Kept { rw } => {
+                let policy = self.policy();
+                warn!(volume = %self.volume, replica = %address, error = %err,
+                    "replica timed out, but it is one of the last {rw} RW replicas the write policy needs: keeping it, failing the request");
+                return Err(BlockError::Unavailable(format!(
+                    "volume {}: replica {address} timed out and the write policy {} cannot drop it (RW replicas: {rw})",
+                    self.volume,
+                    policy.as_str()
+                )));
+            }
+            FailDecision::Moved { previous } => {
+                warn!(volume = %self.volume, replica = %address, error = %err,
+                    mode = previous.as_str(), "replica failed: moving it to ERR");
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                self.record_membership().await;
+            }
         }
         self.check_writable()
     }
 
-    /// Write the current membership to every RW replica; a replica that
-    /// cannot take it goes to ERR too (and the record is written again).
-    /// Callers hold `change`.
+    /// Write `record` to the members `ids` (those with a client); returns
+    /// (accepted, failed with why). A replica that says a newer engine owns
+    /// the volume fences this one: None.
+    async fn write_record(
+        &self,
+        record: &pb::Membership,
+        ids: &[SlotId],
+    ) -> Option<(Vec<SlotId>, Vec<(SlotId, String)>)> {
+        let targets: Vec<(SlotId, Arc<ReplicaClient>)> = {
+            let state = self.read_state();
+            ids.iter()
+                .filter_map(|id| state.clients.get(id).map(|c| (*id, Arc::clone(c))))
+                .collect()
+        };
+        let calls = targets.iter().map(|(id, client)| {
+            let mut control = client.control();
+            let request = SetMembershipRequest {
+                volume: self.volume.clone(),
+                epoch: self.epoch,
+                membership: Some(record.clone()),
+            };
+            async move {
+                let result =
+                    tokio::time::timeout(self.timeout, control.set_membership(request)).await;
+                (*id, result)
+            }
+        });
+        let mut accepted = Vec::new();
+        let mut failed = Vec::new();
+        for (id, result) in futures::future::join_all(calls).await {
+            match result {
+                Ok(Ok(_)) => accepted.push(id),
+                Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                    self.mark_fenced(status.message());
+                    return None;
+                }
+                Ok(Err(status)) => failed.push((id, status.to_string())),
+                Err(_) => failed.push((id, format!("timed out after {:?}", self.timeout))),
+            }
+        }
+        // A member without a client cannot take it either.
+        for id in ids {
+            if !targets.iter().any(|(t, _)| t == id) {
+                failed.push((*id, "not connected".into()));
+            }
+        }
+        Some((accepted, failed))
+    }
+
+    /// Record the current membership on the RW replicas — first on those of
+    /// the newest effective record, then, once one of them has taken it, on
+    /// the others (see [`Members::record_targets`]). A replica that cannot
+    /// take it goes to ERR too, and the record is written again. Callers
+    /// hold `change`.
     async fn record_membership(&self) {
         loop {
-            let (record, targets) = {
-                let state = self.read_state();
-                let record = self.membership_of(&state);
-                let targets: Vec<_> = state
-                    .slots
-                    .iter()
-                    .filter(|s| s.mode == Mode::Rw)
-                    .filter_map(|s| s.client.clone().map(|c| (s.id, c)))
-                    .collect();
-                (record, targets)
+            let (record, first, then, rw, out) = {
+                let members = &self.read_state().members;
+                let (first, then) = members.record_targets();
+                (
+                    membership_record(members, self.epoch),
+                    first,
+                    then,
+                    members.ids_in(Mode::Rw),
+                    members.ids_in(Mode::Err),
+                )
             };
-            if targets.is_empty() {
+            if first.is_empty() && then.is_empty() {
                 error!(volume = %self.volume, "no RW replica left to record the membership on");
                 return;
             }
-            let calls = targets.iter().map(|(id, client)| {
-                let mut control = client.control();
-                let request = SetMembershipRequest {
-                    volume: self.volume.clone(),
-                    epoch: self.epoch,
-                    membership: Some(record.clone()),
+            let Some((mut accepted, mut failed)) = self.write_record(&record, &first).await else {
+                return;
+            };
+            if !accepted.is_empty() || self.policy() == WritePolicy::Quorum {
+                let Some((accepted_then, failed_then)) = self.write_record(&record, &then).await
+                else {
+                    return;
                 };
-                async move {
-                    let result =
-                        tokio::time::timeout(self.timeout, control.set_membership(request)).await;
-                    (*id, result)
-                }
-            });
-            let results = futures::future::join_all(calls).await;
-            let mut failed = Vec::new();
-            for (id, result) in results {
-                match result {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
-                        self.mark_fenced(status.message());
-                        return;
-                    }
-                    Ok(Err(status)) => failed.push((id, status.to_string())),
-                    Err(_) => failed.push((id, format!("timed out after {:?}", self.timeout))),
+                accepted.extend(accepted_then);
+                failed.extend(failed_then);
+            }
+            if !self.with_members(|m| m.recorded(&rw, &accepted, &out)) {
+                warn!(volume = %self.volume, generation = record.generation,
+                    "the membership record reached no replica of the recorded RW set: writes wait until one returns");
+                if failed.is_empty() {
+                    return;
                 }
             }
             if failed.is_empty() {
@@ -525,228 +559,156 @@ impl ReplicaSet {
                     rw = self.rw_count(), "membership recorded");
                 return;
             }
+            let now = Instant::now();
             let mut state = self.write_state();
             for (id, why) in failed {
-                if let Some(slot) = state.slots.iter_mut().find(|s| s.id == id) {
-                    warn!(volume = %self.volume, replica = %slot.address, error = %why,
-                        "cannot record membership: moving replica to ERR");
-                    slot.mode = Mode::Err;
-                    slot.last_error = format!("recording membership: {why}");
-                    self.failures.fetch_add(1, Ordering::Relaxed);
-                    slot.failed_at = Some(Instant::now());
-                    slot.missed = Some(ChunkBitmap::new(self.chunks));
-                    if let Some(client) = slot.client.take() {
-                        client.shutdown();
+                let why = format!("recording membership: {why}");
+                let decision = state.members.fail(id, FailureKind::Lost, &[], &why, now);
+                if matches!(decision, FailDecision::Moved { .. }) {
+                    if let Some(m) = state.members.get(id) {
+                        warn!(volume = %self.volume, replica = %m.address, error = %why,
+                            "cannot record membership: moving replica to ERR");
                     }
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                    Self::drop_clients_of_failed(&mut state);
                 }
             }
-            state.generation += 1;
-            self.update_tracking(&state);
+            self.refresh_counts(&state.members);
         }
     }
 
-    /// ERR members that nobody is bringing back yet: (id, address).
+    /// ERR members nobody is bringing back yet, whose retry time has come.
     pub fn returnable(&self) -> Vec<(SlotId, String)> {
-        let now = Instant::now();
-        self.read_state()
-            .slots
-            .iter()
-            .filter(|s| s.mode == Mode::Err && !s.busy)
-            .filter(|s| s.retry_at.is_none_or(|t| t <= now))
-            .map(|s| (s.id, s.address.clone()))
-            .collect()
+        self.read_state().members.returnable(Instant::now())
     }
 
     /// Claim an ERR member for a return attempt; false if someone else has it.
     pub fn claim(&self, id: SlotId) -> bool {
-        let mut state = self.write_state();
-        match state.slots.iter_mut().find(|s| s.id == id) {
-            Some(s) if s.mode == Mode::Err && !s.busy => {
-                s.busy = true;
-                true
-            }
-            _ => false,
-        }
+        self.write_state().members.claim(id)
     }
 
-    /// Release a claim after a failed return attempt. Attempts back off
-    /// exponentially (from `base`, at most a minute), so that a replica
-    /// that keeps failing — a full disk — does not churn the membership.
-    pub fn release(&self, id: SlotId, why: &str) {
-        self.release_with_backoff(id, why, Duration::from_millis(500));
+    /// Release a claim after a failed return attempt (see [`Members::release`]).
+    pub fn release(&self, id: SlotId, failure: ReturnFailure, why: &str, retry_interval: Duration) {
+        self.write_state()
+            .members
+            .release(id, failure, why, retry_interval, Instant::now());
     }
 
-    pub fn release_with_backoff(&self, id: SlotId, why: &str, base: Duration) {
-        let mut state = self.write_state();
-        if let Some(s) = state.slots.iter_mut().find(|s| s.id == id) {
-            s.busy = false;
-            s.attempts = s.attempts.saturating_add(1);
-            let factor = 1u32 << s.attempts.min(7);
-            let wait = (base * factor).min(Duration::from_secs(60));
-            s.retry_at = Some(Instant::now() + wait);
-            if !why.is_empty() {
-                s.last_error = why.to_string();
-            }
-        }
-    }
-
-    /// What we know about an ERR member for deciding how to catch it up:
-    /// (instance id, missed set is known, failed for, resume cursor).
-    pub fn catch_up_facts(&self, id: SlotId) -> Option<(String, bool, Duration, Option<u64>)> {
-        let state = self.read_state();
-        state.slots.iter().find(|s| s.id == id).map(|s| {
-            (
-                s.instance_id.clone(),
-                s.missed.is_some(),
-                s.failed_at.map(|t| t.elapsed()).unwrap_or(Duration::MAX),
-                s.resume_cursor,
-            )
-        })
+    /// The instance id this engine knows member `id` by (empty: unknown).
+    pub fn instance_of(&self, id: SlotId) -> Option<String> {
+        self.read_state()
+            .members
+            .get(id)
+            .map(|m| m.instance_id.clone())
     }
 
     /// Forget what ERR members missed once they are past `stale`: they will be
     /// rebuilt in full if they return.
     pub fn expire_stale(&self, stale: Duration) {
-        let mut state = self.write_state();
-        let mut changed = false;
-        for s in state.slots.iter_mut() {
-            if s.mode == Mode::Err
-                && s.missed.is_some()
-                && s.failed_at.is_some_and(|t| t.elapsed() > stale)
-            {
-                info!(volume = %self.volume, replica = %s.address,
-                    "replica is past the stale-replica timeout: it will be rebuilt in full");
-                s.missed = None;
-                s.last_error = format!("stale (away longer than {stale:?}): {}", s.last_error);
-                changed = true;
-            }
-        }
-        if changed {
-            self.update_tracking(&state);
+        for address in self.with_members(|m| m.expire_stale(stale, Instant::now())) {
+            info!(volume = %self.volume, replica = %address,
+                "replica is past the stale-replica timeout: it will be rebuilt in full");
         }
     }
 
-    /// Bring a returning replica into the write set in WO mode and record
-    /// that. Returns the chunks the copier must walk. Waits for every write in
-    /// flight, so none that left the replica out is still unaccounted for.
+    /// Bring a returning replica into the write set — in WO mode with a plan
+    /// to catch it up, or RW at once if it holds every acknowledged write
+    /// and no RW replica is left (see [`Members::join`]) — and record that.
+    /// Waits for every write in flight, so none that left the replica out
+    /// is still unnoted.
+    ///
+    /// Before a replica joins in WO mode, the current record — which names
+    /// it ERR — is written to it too. Its rebuild changes its data; without
+    /// that record, an engine elected later from an older record that
+    /// still names it RW would take it for up to date.
     pub async fn join_write_set(
         &self,
         id: SlotId,
         client: Arc<ReplicaClient>,
-        instance_id: String,
-        catch_up: CatchUp,
-        progress: Arc<RebuildProgress>,
-    ) -> Result<Vec<u64>, String> {
+        facts: ReturnFacts,
+        progress: impl FnOnce(&CatchUpPlan) -> Arc<RebuildProgress>,
+    ) -> Result<Admission, JoinError> {
         let _gate = self.io_gate.write().await;
         let _change = self.change.lock().await;
-        let chunks = {
-            let mut state = self.write_state();
-            let total_chunks = self.chunks;
-            let Some(slot) = state.slots.iter_mut().find(|s| s.id == id) else {
-                return Err("member was removed".into());
+        let (record, settled, rw, out) = {
+            let members = &self.read_state().members;
+            (
+                membership_record(members, self.epoch),
+                members.record_settled(),
+                members.ids_in(Mode::Rw),
+                members.ids_in(Mode::Err),
+            )
+        };
+        if settled && !rw.is_empty() {
+            let request = SetMembershipRequest {
+                volume: self.volume.clone(),
+                epoch: self.epoch,
+                membership: Some(record),
             };
-            if slot.mode != Mode::Err {
-                return Err(format!("member is {}, not ERR", slot.mode.as_str()));
-            }
-            let chunks: Vec<u64> = match (catch_up, slot.missed.as_ref()) {
-                (CatchUp::Partial, Some(missed)) => missed.iter().collect(),
-                (CatchUp::Partial, None) => (0..total_chunks).collect(),
-                (CatchUp::Full { start }, _) => {
-                    let first = start / self.chunk_size;
-                    (first.min(total_chunks)..total_chunks).collect()
+            let mut control = client.control();
+            match tokio::time::timeout(self.timeout, control.set_membership(request)).await {
+                Ok(Ok(_)) => {
+                    self.with_members(|m| m.recorded(&rw, &[id], &out));
                 }
-            };
-            slot.mode = Mode::Wo;
-            slot.client = Some(client);
-            slot.instance_id = instance_id;
-            slot.last_error = String::new();
-            slot.failed_at = None;
-            slot.missed = None;
-            slot.resume_cursor = None;
-            slot.rebuild = Some(progress);
-            state.generation += 1;
-            self.update_tracking(&state);
-            chunks
+                Ok(Err(status)) => return Err(JoinError::Record(status.message().to_string())),
+                Err(_) => {
+                    return Err(JoinError::Record(format!(
+                        "timed out after {:?}",
+                        self.timeout
+                    )));
+                }
+            }
+        }
+        let admission = {
+            let mut state = self.write_state();
+            let admission = state.members.join(id, facts)?;
+            state.clients.insert(id, client);
+            if let Admission::Rebuild(plan) = &admission {
+                state.rebuilds.insert(id, progress(plan));
+            }
+            self.refresh_counts(&state.members);
+            admission
         };
         self.record_membership().await;
-        Ok(chunks)
+        Ok(admission)
+    }
+
+    /// The rebuild of `ticket` has copied `chunks` to its target.
+    pub fn copied(&self, ticket: RebuildTicket, chunks: &[u64]) {
+        self.write_state().members.copied(ticket, chunks);
     }
 
     /// A finished rebuild: WO → RW, recorded.
-    pub async fn finish_rebuild(&self, id: SlotId) -> Result<(), String> {
+    pub async fn finish_rebuild(&self, ticket: RebuildTicket) -> Result<(), MembershipError> {
         let _change = self.change.lock().await;
-        {
-            let mut state = self.write_state();
-            let Some(slot) = state.slots.iter_mut().find(|s| s.id == id) else {
-                return Err("member was removed".into());
-            };
-            if slot.mode != Mode::Wo {
-                return Err(format!("member is {}, not WO", slot.mode.as_str()));
-            }
-            slot.mode = Mode::Rw;
-            slot.busy = false;
-            slot.attempts = 0;
-            slot.retry_at = None;
-            state.generation += 1;
-        }
+        self.with_members(|m| m.finish_rebuild(ticket))?;
         self.record_membership().await;
         Ok(())
     }
 
-    /// Add a member (ERR until it is rebuilt); returns its slot id.
-    pub async fn add_member(&self, address: &str) -> Result<SlotId, String> {
+    /// Add a member (ERR until it is rebuilt); returns its id.
+    pub async fn add_member(&self, address: &str) -> SlotId {
         let _change = self.change.lock().await;
-        let id = {
-            let mut state = self.write_state();
-            if let Some(s) = state.slots.iter().find(|s| s.address == address) {
-                return Ok(s.id);
-            }
-            let mut slot = ReplicaSlot::new(address.to_string(), String::new(), Mode::Err);
-            slot.id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            slot.last_error = "added: waiting to be rebuilt".into();
-            slot.failed_at = Some(Instant::now());
-            let id = slot.id;
-            state.slots.push(slot);
-            state.generation += 1;
-            id
-        };
-        self.record_membership().await;
-        info!(volume = %self.volume, replica = %address, "member added");
-        Ok(id)
+        let (id, added) = self.with_members(|m| m.add(address, Instant::now()));
+        if added {
+            self.record_membership().await;
+            info!(volume = %self.volume, replica = %address, "member added");
+        }
+        id
     }
 
     /// Remove a member. Refused if it would leave fewer RW replicas than the
     /// write policy needs, or while it is being rebuilt.
-    pub async fn remove_member(&self, address: &str) -> Result<(), String> {
+    pub async fn remove_member(&self, address: &str) -> Result<(), MembershipError> {
         let _change = self.change.lock().await;
         {
             let mut state = self.write_state();
-            let Some(pos) = state.slots.iter().position(|s| s.address == address) else {
-                return Err(format!(
-                    "{address} is not a member of volume {}",
-                    self.volume
-                ));
-            };
-            let slot = &state.slots[pos];
-            if slot.busy || slot.mode == Mode::Wo {
-                return Err(format!(
-                    "{address} is being rebuilt; try again when it is done"
-                ));
-            }
-            let rw_after = rw_of(&state) - usize::from(slot.mode == Mode::Rw);
-            let min_after = self.policy.min_rw(state.slots.len() - 1).max(1);
-            if rw_after < min_after {
-                return Err(format!(
-                    "removing {address} would leave {rw_after} RW replica(s); the write policy {} needs {min_after}",
-                    self.policy.as_str()
-                ));
-            }
-            let slot = state.slots.remove(pos);
-            if let Some(client) = slot.client {
+            let removed = state.members.remove(address)?;
+            if let Some(client) = state.clients.remove(&removed.id) {
                 client.shutdown();
             }
-            state.generation += 1;
-            self.update_tracking(&state);
+            state.rebuilds.remove(&removed.id);
+            self.refresh_counts(&state.members);
         }
         self.record_membership().await;
         info!(volume = %self.volume, replica = %address, "member removed");
@@ -755,10 +717,9 @@ impl ReplicaSet {
 
     /// Drop every client (engine shutdown).
     pub fn shutdown(&self) {
-        for slot in self.write_state().slots.iter_mut() {
-            if let Some(client) = slot.client.take() {
-                client.shutdown();
-            }
+        let mut state = self.write_state();
+        for (_, client) in state.clients.drain() {
+            client.shutdown();
         }
     }
 }

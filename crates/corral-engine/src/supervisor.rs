@@ -6,30 +6,31 @@
 //! - pings every RW and WO replica (a control call bounded by the replica
 //!   timeout), so a dead or partitioned replica is noticed even when idle;
 //! - forgets what ERR replicas missed once they are past the stale-replica
-//!   timeout (they will be rebuilt in full);
+//!   timeout (they will be compared in full);
 //! - tries to bring every ERR replica back: reconnect, create the replica if
-//!   its daemon lost it, fence it at our epoch, join it to the write set in
-//!   WO mode and start a rebuild — partial (only the chunks it missed, plus
-//!   the regions its own write-intent bitmap marks) when it is the same
-//!   replica instance and within the timeout, full otherwise. A full rebuild
-//!   into a replica it has just created is told the target is empty, so the
-//!   copier skips comparing against it and sends only the written blocks.
+//!   its daemon lost it, fence it at our epoch (which also ends whatever
+//!   data streams of ours it still had), join it to the write set in WO mode
+//!   and run the rebuild that [`crate::members::Members::join`] plans. A daemon that does not answer
+//!   is tried again at the next retry; one that answers and then fails
+//!   backs off (see [`crate::members::Members::release`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use corral_block::BlockDevice;
 use corral_proto::v1::{
     CreateReplicaRequest, GetReplicaRequest, OpenReplicaRequest, ReplicaInfo,
     replica_control_client::ReplicaControlClient,
 };
 use tokio::sync::broadcast;
 use tonic::transport::Channel;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::client::{ClientSettings, ReplicaClient, connect_control};
 use crate::error::ReplicaIoError;
+use crate::members::{Admission, MembershipError, ReturnFacts, ReturnFailure};
 use crate::rebuild::{self, RebuildProgress, RebuildSettings};
-use crate::replica_set::{CatchUp, Mode, SlotId};
+use crate::replica_set::{JoinError, SlotId};
 use crate::volume::Volume;
 
 /// How the supervisor runs.
@@ -102,11 +103,18 @@ pub async fn run(
             let volume = Arc::clone(&volume);
             let config = config.clone();
             tokio::spawn(async move {
-                if let Err(why) = bring_back(&volume, id, &address, &config).await {
-                    debug!(replica = %address, %why, "replica not back yet");
-                    volume
-                        .replica_set()
-                        .release_with_backoff(id, &why, config.retry_interval / 2);
+                if let Err(e) = bring_back(&volume, id, &address, &config).await {
+                    let failure = match &e {
+                        BringBackError::Unreachable(_) => ReturnFailure::Unreachable,
+                        BringBackError::Refused(_) => ReturnFailure::Refused,
+                    };
+                    debug!(replica = %address, error = %e, "replica not back yet");
+                    volume.replica_set().release(
+                        id,
+                        failure,
+                        &e.to_string(),
+                        config.retry_interval,
+                    );
                 }
             });
         }
@@ -145,21 +153,35 @@ async fn ping_all(volume: &Volume) {
     }
 }
 
+/// Why a return attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BringBackError {
+    /// Its daemon did not answer (or not in time): retried at the next tick.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// It answered and then failed or refused: retried with back-off.
+    #[error("{0}")]
+    Refused(String),
+}
+
 async fn get_or_create(
     volume: &Volume,
     control: &mut ReplicaControlClient<Channel>,
     timeout: Duration,
-) -> Result<(ReplicaInfo, bool), String> {
+) -> Result<(ReplicaInfo, bool), BringBackError> {
+    use BringBackError::{Refused, Unreachable};
     let request = GetReplicaRequest {
         volume: volume.name().to_string(),
     };
     match tokio::time::timeout(timeout, control.get_replica(request)).await {
         Ok(Ok(info)) => return Ok((info.into_inner(), false)),
         Ok(Err(status)) if status.code() == tonic::Code::NotFound => {}
-        Ok(Err(status)) => return Err(status.message().to_string()),
-        Err(_) => return Err("timed out".into()),
+        Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+            return Err(Unreachable(status.message().to_string()));
+        }
+        Ok(Err(status)) => return Err(Refused(status.message().to_string())),
+        Err(_) => return Err(Unreachable("timed out".into())),
     }
-    use corral_block::BlockDevice;
     let request = CreateReplicaRequest {
         volume: volume.name().to_string(),
         size: volume.size(),
@@ -168,21 +190,39 @@ async fn get_or_create(
     };
     let info = tokio::time::timeout(timeout, control.create_replica(request))
         .await
-        .map_err(|_| "create timed out".to_string())?
-        .map_err(|s| format!("create: {}", s.message()))?
+        .map_err(|_| Unreachable("create timed out".to_string()))?
+        .map_err(|s| Refused(format!("create: {}", s.message())))?
         .into_inner();
     info!(volume = %volume.name(), "created a replica on a daemon that had none");
     Ok((info, true))
 }
 
 /// Chunks inside the write-intent regions a replica reports dirty.
-fn dirty_chunks(volume: &Volume, info: &ReplicaInfo) -> Vec<u64> {
-    let chunk = volume.chunk_map().chunk_size();
-    let region = info.region_size.max(chunk);
+pub fn dirty_chunks(volume: &Volume, info: &ReplicaInfo) -> Vec<u64> {
+    dirty_chunks_of(
+        volume.chunk_map().chunk_size(),
+        volume.chunk_count(),
+        info.region_size,
+        &info.dirty_regions,
+    )
+}
+
+/// Chunks (of `chunk_size`, `chunk_count` in all) inside write-intent
+/// regions of `region_size` bytes starting at the offsets `regions`.
+pub fn dirty_chunks_of(
+    chunk_size: u64,
+    chunk_count: u64,
+    region_size: u64,
+    regions: &[u64],
+) -> Vec<u64> {
+    let region = region_size.max(chunk_size);
     let mut out = Vec::new();
-    for start in &info.dirty_regions {
-        let first = start / chunk;
-        let last = (start + region).div_ceil(chunk).min(volume.chunk_count());
+    for start in regions {
+        let first = start / chunk_size;
+        let last = start
+            .saturating_add(region)
+            .div_ceil(chunk_size)
+            .min(chunk_count);
         out.extend(first..last);
     }
     out
@@ -194,105 +234,80 @@ async fn bring_back(
     id: SlotId,
     address: &str,
     config: &SupervisorConfig,
-) -> Result<(), String> {
+) -> Result<(), BringBackError> {
+    use BringBackError::{Refused, Unreachable};
     let set = Arc::clone(volume.replica_set());
     let timeout = set.timeout();
     let mut control = connect_control(address, timeout)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Unreachable(e.to_string()))?;
     let (info, created) = get_or_create(volume, &mut control, timeout).await?;
-    use corral_block::BlockDevice;
     if info.size != volume.size() {
-        return Err(format!(
+        return Err(Refused(format!(
             "its replica has size {}, the volume {}: not touching it",
             info.size,
             volume.size()
-        ));
+        )));
     }
-    let (instance, missed_known, away, resume) = set
-        .catch_up_facts(id)
-        .ok_or_else(|| "member was removed".to_string())?;
-    let same = !instance.is_empty() && instance == info.instance_id;
-    let stale = away > config.stale_replica_timeout;
-    let (catch_up, kind) = if created || !same {
-        (CatchUp::Full { start: 0 }, "full")
-    } else if missed_known && !stale {
-        (CatchUp::Partial, "partial")
-    } else if let Some(cursor) = info.rebuild_cursor.or(resume) {
-        (CatchUp::Full { start: cursor }, "resumed")
-    } else {
-        (CatchUp::Full { start: 0 }, "full")
-    };
-    // Fence it at our epoch.
+    // Fence it at our epoch. This also cuts off any data stream of ours it
+    // still had from before it failed: nothing queued there can land after
+    // the rebuild has compared or copied a chunk.
     let request = OpenReplicaRequest {
         volume: volume.name().to_string(),
         epoch: set.epoch(),
     };
-    match tokio::time::timeout(timeout, control.open_replica(request)).await {
-        Ok(Ok(_)) => {}
+    let info = match tokio::time::timeout(timeout, control.open_replica(request)).await {
+        Ok(Ok(info)) => info.into_inner(),
         Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
             set.mark_fenced(status.message());
-            return Err(format!("fenced: {}", status.message()));
+            return Err(Refused(format!("fenced: {}", status.message())));
         }
-        Ok(Err(status)) => return Err(format!("open: {}", status.message())),
-        Err(_) => return Err("open timed out".into()),
-    }
+        Ok(Err(status)) => return Err(Refused(format!("open: {}", status.message()))),
+        Err(_) => return Err(Unreachable("open timed out".into())),
+    };
     let client = Arc::new(
         ReplicaClient::connect(address, volume.name(), &config.client)
             .await
-            .map_err(|e| e.to_string())?,
+            .map_err(|e| Unreachable(e.to_string()))?,
     );
-    // Besides what it missed while away: whatever its own write-intent
-    // bitmap says may have been in flight when it stopped, and, for a
-    // resumed rebuild, what the RW replicas had in flight.
-    let mut extra = dirty_chunks(volume, &info);
-    if kind == "resumed" {
-        for (_, source) in set.read_targets() {
-            let mut c = source.control();
-            let request = GetReplicaRequest {
-                volume: volume.name().to_string(),
-            };
-            if let Ok(Ok(i)) = tokio::time::timeout(timeout, c.get_replica(request)).await {
-                extra.extend(dirty_chunks(volume, &i.into_inner()));
-            }
-        }
-    }
-    let progress = Arc::new(RebuildProgress::new(address, kind));
-    let mut chunks = set
-        .join_write_set(
-            id,
-            Arc::clone(&client),
-            info.instance_id.clone(),
-            catch_up,
-            Arc::clone(&progress),
-        )
-        .await?;
-    chunks.extend(extra);
-    chunks.sort_unstable();
-    chunks.dedup();
-    info!(volume = %volume.name(), replica = %address, kind, chunks = chunks.len(),
-        "replica is back: rebuilding it in WO mode");
-    let job = rebuild::RebuildJob {
-        chunks,
-        record_cursor: kind != "partial",
-        // Only a replica created just now is known to be empty: one that
-        // merely has a new instance id, or is past the stale timeout, may
-        // hold anything and is compared block by block.
-        target_empty: created,
+    let facts = ReturnFacts {
+        instance_id: info.instance_id.clone(),
+        created,
+        dirty_chunks: dirty_chunks(volume, &info),
     };
+    let mut progress = None;
+    let admission = set
+        .join_write_set(id, Arc::clone(&client), facts, |plan| {
+            let p = Arc::new(RebuildProgress::new(address, plan.kind.as_str()));
+            progress = Some(Arc::clone(&p));
+            p
+        })
+        .await;
+    let plan = match admission {
+        Ok(Admission::Rebuild(plan)) => plan,
+        Ok(Admission::Readmitted) => {
+            warn!(volume = %volume.name(), replica = %address,
+                "the last RW replica is back: it holds the newest data, serving from it again");
+            return Ok(());
+        }
+        // Nobody to rebuild it from yet: wait for the last RW replica.
+        Err(e @ JoinError::Membership(MembershipError::NoSource)) => {
+            return Err(Unreachable(e.to_string()));
+        }
+        Err(e) => return Err(Refused(e.to_string())),
+    };
+    let Some(progress) = progress else {
+        return Err(Refused("no rebuild progress".into()));
+    };
+    info!(volume = %volume.name(), replica = %address, kind = plan.kind.as_str(),
+        chunks = plan.chunks.len(), "replica is back: rebuilding it in WO mode");
     rebuild::run(
         Arc::clone(volume),
-        id,
         client,
-        job,
+        plan,
         progress,
         config.rebuild.clone(),
     )
-    .await?;
-    debug_assert!(
-        set.status()
-            .iter()
-            .any(|s| s.id == id && s.mode == Mode::Rw)
-    );
-    Ok(())
+    .await
+    .map_err(Refused)
 }

@@ -226,16 +226,17 @@ impl Volume {
                 self.wake.notify_one();
             }
         }
-        self.set.mark_missed(&chunk_ids);
+        // Every target that failed is now ERR and recorded; what is left RW
+        // took everything. Note the chunks for the members that are out, and
+        // check the policy once more.
+        let writable = self.set.note_written(&chunk_ids);
         if let Some(err) = rejected {
             return Err(err.into());
         }
         if let Some(e) = refused {
             return Err(e);
         }
-        // Every target that failed is now ERR and recorded; what is left RW
-        // acknowledged everything. Check the policy once more.
-        self.set.check_writable()
+        writable
     }
 
     async fn read_segment(&self, seg: Segment) -> BlockResult<Bytes> {
@@ -356,12 +357,21 @@ impl Volume {
     async fn flush_all(&self) -> BlockResult<()> {
         self.set.check_writable()?;
         let epoch = self.set.epoch();
-        let targets = self.set.write_targets();
-        let calls = targets.iter().map(|(id, client, _)| async move {
-            (*id, client.call(0, epoch, Op::Flush(pb::FlushOp {})).await)
-        });
+        let results = {
+            // A flush lets replicas clear write-intent bits, which are also
+            // how a newly elected engine finds where replicas may differ: no
+            // flush may complete while a membership change is still being
+            // recorded (a replica that missed a write, not yet recorded
+            // ERR, must not see the bits of that write cleared elsewhere).
+            let _settled = self.set.membership_settled().await;
+            let targets = self.set.write_targets();
+            let calls = targets.iter().map(|(id, client, _)| async move {
+                (*id, client.call(0, epoch, Op::Flush(pb::FlushOp {})).await)
+            });
+            join_all(calls).await
+        };
         let mut refused = None;
-        for (id, result) in join_all(calls).await {
+        for (id, result) in results {
             if let Err(err) = result {
                 if let Err(e) = self.set.handle_failure(id, &err, &[]).await {
                     refused = Some(e);
@@ -372,7 +382,9 @@ impl Volume {
         if let Some(e) = refused {
             return Err(e);
         }
-        self.set.check_writable()
+        self.set.check_writable()?;
+        self.set.note_flushed();
+        Ok(())
     }
 
     /// All RW replicas' clients (for verification tools).

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use corral_proto::v1::{
     self as pb, CreateReplicaRequest, DeleteReplicaRequest, DeleteReplicaResponse,
     GetReplicaRequest, ListReplicasRequest, ListReplicasResponse, OpenReplicaRequest, ReplicaInfo,
-    SetMembershipRequest, SetRebuildCursorRequest, replica_control_server::ReplicaControl,
+    SetMembershipRequest, replica_control_server::ReplicaControl,
 };
 use corral_store::{CreateParams, Member, MemberMode, Membership};
 use tonic::{Request, Response, Status};
@@ -87,7 +87,7 @@ fn mode_to_pb(mode: &MemberMode) -> pb::ReplicaMode {
 /// Describe a hosted replica.
 pub fn replica_info(hosted: &HostedReplica) -> ReplicaInfo {
     let meta = hosted.store.meta();
-    let open_epoch = hosted.current_open_epoch();
+    let open_epoch = hosted.current_open().epoch;
     ReplicaInfo {
         volume: meta.volume,
         size: meta.size,
@@ -100,7 +100,6 @@ pub fn replica_info(hosted: &HostedReplica) -> ReplicaInfo {
         dirty_regions: hosted.store.dirty_regions(),
         region_size: hosted.store.region_size(),
         open: open_epoch != 0 && open_epoch == meta.epoch,
-        rebuild_cursor: meta.rebuild_cursor,
     }
 }
 
@@ -209,21 +208,6 @@ impl ReplicaControl for ControlService {
         .await?;
         Ok(Response::new(info))
     }
-
-    async fn set_rebuild_cursor(
-        &self,
-        request: Request<SetRebuildCursorRequest>,
-    ) -> Result<Response<ReplicaInfo>, Status> {
-        let req = request.into_inner();
-        let hosted = self.registry.get(&req.volume)?;
-        let info = blocking(move || {
-            with_epoch(&hosted, req.epoch, |h| {
-                h.store.set_rebuild_cursor(req.cursor)
-            })
-        })
-        .await?;
-        Ok(Response::new(info))
-    }
 }
 
 /// Run a metadata update on behalf of the engine open at `epoch`, holding the
@@ -233,14 +217,25 @@ fn with_epoch(
     epoch: u64,
     update: impl FnOnce(&HostedReplica) -> Result<(), corral_store::StoreError>,
 ) -> Result<ReplicaInfo, ReplicaError> {
-    let open = hosted.open_epoch.read().unwrap_or_else(|p| p.into_inner());
-    if *open != epoch {
+    let open = hosted.open_state.read().unwrap_or_else(|p| p.into_inner());
+    let newest = open.epoch.max(hosted.store.epoch());
+    if epoch < newest {
+        // A newer engine has opened it: the caller is fenced.
         return Err(ReplicaError::Store {
             volume: hosted.volume.clone(),
             source: corral_store::StoreError::StaleEpoch {
-                current: *open,
+                current: newest,
                 given: epoch,
             },
+        });
+    }
+    if epoch != open.epoch {
+        // Not opened at this epoch (yet, or since the daemon restarted):
+        // not a sign of a newer engine.
+        return Err(ReplicaError::NotOpen {
+            volume: hosted.volume.clone(),
+            open: open.epoch,
+            given: epoch,
         });
     }
     update(hosted).map_err(|source| ReplicaError::Store {

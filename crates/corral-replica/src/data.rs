@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::metrics::ReplicaMetrics;
-use crate::registry::{HostedReplica, ReplicaRegistry};
+use crate::registry::{HostedReplica, OpenState, ReplicaRegistry};
 
 /// Implements `corral.v1.ReplicaData`.
 pub struct DataService {
@@ -79,6 +79,8 @@ impl ReplicaData for DataService {
             })?
             .to_string();
         let hosted = self.registry.get(&volume)?;
+        // The stream serves only within the open session it started in.
+        let session = hosted.current_open().session;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<DataReplyBatch, Status>>(REPLY_QUEUE);
         let mut stop = self.stop.clone();
@@ -100,13 +102,15 @@ impl ReplicaData for DataService {
                         break;
                     }
                 };
-                let replies = match execute_inline(&hosted, batch, &metrics) {
+                let replies = match execute_inline(&hosted, session, batch, &metrics) {
                     Ok(replies) => Ok(replies),
                     Err(batch) => {
                         let replica = Arc::clone(&hosted);
                         let m = metrics.clone();
-                        tokio::task::spawn_blocking(move || execute_batch(&replica, batch, &m))
-                            .await
+                        tokio::task::spawn_blocking(move || {
+                            execute_batch(&replica, session, batch, &m)
+                        })
+                        .await
                     }
                 };
                 let replies = match replies {
@@ -160,6 +164,7 @@ fn store_error_reply(id: u64, e: StoreError) -> DataReply {
 /// nothing it needs is busy; otherwise hand it back for the blocking pool.
 fn execute_inline(
     replica: &HostedReplica,
+    session: u64,
     batch: DataRequestBatch,
     metrics: &ReplicaMetrics,
 ) -> Result<DataReplyBatch, DataRequestBatch> {
@@ -180,32 +185,34 @@ fn execute_inline(
     }
     // An open at a newer epoch holds the gate while it commits: do not wait
     // for that on a runtime thread.
-    let open = match replica.open_epoch.try_read() {
+    let open = match replica.open_state.try_read() {
         Ok(open) => open,
         Err(TryLockError::Poisoned(p)) => p.into_inner(),
         Err(TryLockError::WouldBlock) => return Err(batch),
     };
     Ok(replica
         .inline_io
-        .run(|| execute_at(replica, *open, batch, metrics)))
+        .run(|| execute_at(replica, *open, session, batch, metrics)))
 }
 
 /// Execute one batch in order. Holds the replica's epoch gate for the whole
 /// batch so that an engine opening the replica at a newer epoch waits for it.
 fn execute_batch(
     replica: &HostedReplica,
+    session: u64,
     batch: DataRequestBatch,
     metrics: &ReplicaMetrics,
 ) -> DataReplyBatch {
-    let open = replica.open_epoch.read().unwrap_or_else(|p| p.into_inner());
-    execute_at(replica, *open, batch, metrics)
+    let open = replica.open_state.read().unwrap_or_else(|p| p.into_inner());
+    execute_at(replica, *open, session, batch, metrics)
 }
 
-/// Execute one batch in order against a replica open at `open` (the caller
-/// holds the epoch gate).
+/// Execute one batch in order against a replica open as `open`, on a
+/// stream of open session `session` (the caller holds the epoch gate).
 fn execute_at(
     replica: &HostedReplica,
-    open: u64,
+    open: OpenState,
+    session: u64,
     batch: DataRequestBatch,
     metrics: &ReplicaMetrics,
 ) -> DataReplyBatch {
@@ -216,8 +223,8 @@ fn execute_at(
         .requests
         .into_iter()
         .map(|req| {
-            if open == 0 || req.epoch != open {
-                let code = if req.epoch < open {
+            if open.epoch == 0 || req.epoch != open.epoch {
+                let code = if req.epoch < open.epoch {
                     DataErrorCode::StaleEpoch
                 } else {
                     DataErrorCode::NotOpen
@@ -227,7 +234,18 @@ fn execute_at(
                     code,
                     format!(
                         "volume {} is open at epoch {}, request carries epoch {}",
-                        replica.volume, open, req.epoch
+                        replica.volume, open.epoch, req.epoch
+                    ),
+                    0,
+                );
+            }
+            if session != open.session {
+                return error_reply(
+                    req.id,
+                    DataErrorCode::NotOpen,
+                    format!(
+                        "volume {}: this data stream predates the replica's latest open; reconnect",
+                        replica.volume
                     ),
                     0,
                 );
@@ -322,9 +340,11 @@ fn execute(replica: &HostedReplica, req: DataRequest) -> DataReply {
         }
         data_request::Op::Flush(_) => store.flush(),
         data_request::Op::Unmap(u) => store.unmap(u.offset, u.length),
+        // FUA makes the zeroes durable like a FUA write; only the engine's
+        // flushes clear write-intent bits.
         data_request::Op::WriteZeroes(z) => store
             .write_zeroes(z.offset, z.length)
-            .and_then(|()| if z.fua { store.flush() } else { Ok(()) }),
+            .and_then(|()| if z.fua { store.sync() } else { Ok(()) }),
         data_request::Op::Checksums(c) => match store.block_checksums(c.offset, c.length) {
             Ok(crcs) => {
                 return DataReply {

@@ -19,6 +19,14 @@ pub enum ReplicaError {
         #[source]
         source: StoreError,
     },
+    #[error(
+        "replica of volume {volume:?} is not open at epoch {given} (open at {open}): the engine must open it first"
+    )]
+    NotOpen {
+        volume: String,
+        open: u64,
+        given: u64,
+    },
     #[error("data dir {path}: {source}")]
     DataDir {
         path: String,
@@ -44,6 +52,7 @@ impl From<ReplicaError> for tonic::Status {
             ReplicaError::BadVolumeName(_) => tonic::Status::invalid_argument(msg),
             ReplicaError::NotFound(_) => tonic::Status::not_found(msg),
             ReplicaError::AlreadyExists(_) => tonic::Status::already_exists(msg),
+            ReplicaError::NotOpen { .. } => tonic::Status::unavailable(msg),
             ReplicaError::Store { source, .. } => match source {
                 StoreError::StaleEpoch { .. } | StoreError::StaleGeneration { .. } => {
                     tonic::Status::failed_precondition(msg)

@@ -12,15 +12,29 @@ use tracing::{info, warn};
 
 use crate::error::ReplicaError;
 
+/// How a replica is open for an engine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenState {
+    /// The epoch it was last opened at (0 = not opened since the daemon
+    /// started). Data requests must carry exactly this epoch.
+    pub epoch: u64,
+    /// Bumped at every open, even at the same epoch. A data stream serves
+    /// only while the session it started in lasts: an engine that opens a
+    /// replica again (it is bringing it back after a failure) cuts off the
+    /// streams of its earlier connection, so that no request still queued
+    /// in one of them — a write sent before the failure, delivered late —
+    /// lands after the rebuild has compared or copied its chunk.
+    pub session: u64,
+}
+
 /// One hosted replica.
 pub struct HostedReplica {
     pub volume: String,
     pub store: ReplicaStore,
-    /// The epoch the replica was last opened at by an engine (0 = not opened
-    /// since the daemon started). Data requests must carry exactly this epoch.
-    /// Data requests hold the read side while they execute, so an `open` at a
-    /// newer epoch waits for them and no request of the old engine lands after it.
-    pub open_epoch: RwLock<u64>,
+    /// How it is open now. Data requests hold the read side while they
+    /// execute, so an `open` waits for them and no request of an earlier
+    /// engine or connection lands after it.
+    pub open_state: RwLock<OpenState>,
     /// Whether data batches may run inline on the stream's task now.
     pub inline_io: InlineGate,
     /// Data batches executed so far; the background flusher reads it to
@@ -139,10 +153,11 @@ impl ReplicaRegistry {
             .remove(volume)
             .ok_or_else(|| ReplicaError::NotFound(volume.to_string()))?;
         // Fence whatever engine still streams to it before the files go.
-        *removed
-            .open_epoch
+        removed
+            .open_state
             .write()
-            .unwrap_or_else(|p| p.into_inner()) = u64::MAX;
+            .unwrap_or_else(|p| p.into_inner())
+            .epoch = u64::MAX;
         drop(removed);
         let dir = self.data_dir.join(volume);
         std::fs::remove_dir_all(&dir).map_err(|source| ReplicaError::DataDir {
@@ -180,17 +195,18 @@ impl HostedReplica {
         HostedReplica {
             volume,
             store,
-            open_epoch: RwLock::new(0),
+            open_state: RwLock::new(OpenState::default()),
             inline_io: InlineGate::default(),
             batches: AtomicU64::new(0),
         }
     }
 
     /// Open for an engine at `epoch`: persists the epoch (refusing a lower
-    /// one), and from now on only requests tagged with it are served.
+    /// one), and from now on only requests tagged with it, on streams opened
+    /// from now on, are served.
     pub fn open_at(&self, epoch: u64) -> Result<(), ReplicaError> {
-        let mut open = self.open_epoch.write().unwrap_or_else(|p| p.into_inner());
-        if *open == u64::MAX {
+        let mut open = self.open_state.write().unwrap_or_else(|p| p.into_inner());
+        if open.epoch == u64::MAX {
             return Err(ReplicaError::NotFound(self.volume.clone()));
         }
         self.store
@@ -199,13 +215,14 @@ impl HostedReplica {
                 volume: self.volume.clone(),
                 source,
             })?;
-        *open = epoch;
+        open.epoch = epoch;
+        open.session += 1;
         Ok(())
     }
 
-    /// The epoch data requests must carry now (0: not open).
-    pub fn current_open_epoch(&self) -> u64 {
-        *self.open_epoch.read().unwrap_or_else(|p| p.into_inner())
+    /// How it is open now.
+    pub fn current_open(&self) -> OpenState {
+        *self.open_state.read().unwrap_or_else(|p| p.into_inner())
     }
 }
 

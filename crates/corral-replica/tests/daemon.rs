@@ -249,3 +249,83 @@ async fn replicas_survive_a_daemon_restart_and_bad_names_are_refused() {
     drop(control);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopening_at_the_same_epoch_cuts_off_the_streams_of_before() {
+    let daemon = start(tempfile::tempdir().unwrap()).await;
+    let mut control = daemon.control().await;
+    create(&mut control, "vol").await;
+    let open = OpenReplicaRequest {
+        volume: "vol".into(),
+        epoch: 4,
+    };
+    control.open_replica(open.clone()).await.unwrap();
+    let (old_tx, mut old_rx) = daemon.stream("vol").await;
+    let data = vec![5u8; 4096];
+    let crc = crc32c::crc32c(&data);
+    assert!(matches!(
+        one(&old_tx, &mut old_rx, write(1, 4, 0, &data, crc)).await,
+        data_reply::Result::Done(_)
+    ));
+
+    // The engine brings the replica back after a failure: it opens it again
+    // at its epoch, then connects anew. A write still queued on the old
+    // connection must not land any more.
+    control.open_replica(open).await.unwrap();
+    let r = one(
+        &old_tx,
+        &mut old_rx,
+        write(2, 4, 4096, &[6u8; 4096], crc32c::crc32c(&[6u8; 4096])),
+    )
+    .await;
+    assert_eq!(error_code(&r), Some(DataErrorCode::NotOpen), "{r:?}");
+    let (tx, mut rx) = daemon.stream("vol").await;
+    match one(&tx, &mut rx, read(3, 4, 0, 8192)).await {
+        data_reply::Result::Read(r) => {
+            assert_eq!(&r.data[..4096], &data[..]);
+            assert!(
+                r.data[4096..].iter().all(|b| *b == 0),
+                "the late write did not land"
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    drop((old_tx, tx));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_daemon_not_yet_reopened_is_not_a_newer_engine() {
+    let daemon = start(tempfile::tempdir().unwrap()).await;
+    let mut control = daemon.control().await;
+    create(&mut control, "vol").await;
+    control
+        .open_replica(OpenReplicaRequest {
+            volume: "vol".into(),
+            epoch: 7,
+        })
+        .await
+        .unwrap();
+    drop(control);
+    let daemon = start(daemon.stop().await).await;
+    let mut control = daemon.control().await;
+    // The engine at epoch 7 records a membership before it has noticed the
+    // restart: refused as "not open", not as "fenced" (FAILED_PRECONDITION
+    // would make the engine believe a newer engine owns the volume).
+    let request = |epoch| corral_proto::v1::SetMembershipRequest {
+        volume: "vol".into(),
+        epoch,
+        membership: Some(corral_proto::v1::Membership {
+            generation: 3,
+            epoch,
+            members: vec![],
+        }),
+    };
+    let e = control.set_membership(request(7)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    // An older engine is fenced, as before.
+    let e = control.set_membership(request(6)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    drop(control);
+    daemon.stop().await;
+}

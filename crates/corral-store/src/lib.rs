@@ -81,9 +81,6 @@ pub struct VolumeMeta {
     pub epoch: u64,
     pub membership: Membership,
     pub layers: Vec<LayerInfo>,
-    /// How far a rebuild into this replica has come (bytes from the start of the
-    /// volume that are known good), while one is under way.
-    pub rebuild_cursor: Option<u64>,
     /// Whether the previous stop was clean (as found at open; true for a new store).
     pub clean_shutdown: bool,
 }

@@ -41,7 +41,6 @@ mod key {
     pub const MEMBERSHIP: &str = "membership";
     pub const LAYERS: &str = "layers";
     pub const CLEAN: &str = "clean";
-    pub const REBUILD_CURSOR: &str = "rebuild_cursor";
 }
 
 /// Everything recorded in the `meta` table.
@@ -233,28 +232,6 @@ impl MetaDb {
 
     pub(crate) fn set_membership(&self, m: &Membership) -> Result<()> {
         self.put_value(key::MEMBERSHIP, m)
-    }
-
-    /// The rebuild cursor, if a rebuild into this replica is under way (optional key).
-    pub(crate) fn rebuild_cursor(&self) -> Result<Option<u64>> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| redb_err(self.ctx("beginning a read transaction"), e))?;
-        let meta = txn
-            .open_table(META)
-            .map_err(|e| redb_err(self.ctx("opening table `meta`"), e))?;
-        let raw = meta
-            .get(key::REBUILD_CURSOR)
-            .map_err(|e| redb_err(self.ctx("reading key `rebuild_cursor`"), e))?;
-        match raw {
-            Some(v) => self.decode(key::REBUILD_CURSOR, v.value()),
-            None => Ok(None),
-        }
-    }
-
-    pub(crate) fn set_rebuild_cursor(&self, cursor: Option<u64>) -> Result<()> {
-        self.put_value(key::REBUILD_CURSOR, &cursor)
     }
 
     pub(crate) fn set_clean(&self, clean: bool) -> Result<()> {

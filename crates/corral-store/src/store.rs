@@ -78,7 +78,6 @@ pub struct ReplicaStore {
 struct Mutable {
     epoch: u64,
     membership: Membership,
-    rebuild_cursor: Option<u64>,
 }
 
 /// Which halves of a write actually reach the disk: `Both` in production; tests simulate a
@@ -232,7 +231,6 @@ impl ReplicaStore {
         if !recovered.is_empty() {
             head.sync()?;
         }
-        let rebuild_cursor = db.rebuild_cursor()?;
         // From here until `close`, a stop is unclean.
         db.set_clean(false)?;
         let chunk_shift = rec.chunk_size.trailing_zeros();
@@ -251,7 +249,6 @@ impl ReplicaStore {
             mutable: Mutex::new(Mutable {
                 epoch: rec.epoch,
                 membership: rec.membership,
-                rebuild_cursor,
             }),
             head,
             stripes,
@@ -270,6 +267,11 @@ impl ReplicaStore {
         self.size
     }
 
+    /// The newest epoch recorded (by any engine's open).
+    pub fn epoch(&self) -> u64 {
+        lock(&self.mutable).epoch
+    }
+
     /// Everything the store records about its volume.
     pub fn meta(&self) -> VolumeMeta {
         let m = lock(&self.mutable);
@@ -282,7 +284,6 @@ impl ReplicaStore {
             epoch: m.epoch,
             membership: m.membership.clone(),
             layers: self.layers.clone(),
-            rebuild_cursor: m.rebuild_cursor,
             clean_shutdown: self.clean_shutdown,
         }
     }
@@ -317,17 +318,6 @@ impl ReplicaStore {
         if new != m.membership {
             self.db.set_membership(&new)?;
             m.membership = new;
-        }
-        Ok(())
-    }
-
-    /// Durably records how far a rebuild into this replica has come (`None`: no
-    /// rebuild under way).
-    pub fn set_rebuild_cursor(&self, cursor: Option<u64>) -> Result<()> {
-        let mut m = lock(&self.mutable);
-        if cursor != m.rebuild_cursor {
-            self.db.set_rebuild_cursor(cursor)?;
-            m.rebuild_cursor = cursor;
         }
         Ok(())
     }

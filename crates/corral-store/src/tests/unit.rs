@@ -562,24 +562,6 @@ fn unwritten_volume_reads_zeroes_and_large_reads_are_capped() {
 }
 
 #[test]
-fn rebuild_cursor_persists_across_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("r");
-    let store = ReplicaStore::create(&path, params(1 << 20, 65536)).unwrap();
-    assert_eq!(store.meta().rebuild_cursor, None);
-    store.set_rebuild_cursor(Some(65536)).unwrap();
-    store.crash();
-    let store = ReplicaStore::open(&path).unwrap();
-    assert_eq!(store.meta().rebuild_cursor, Some(65536));
-    store.set_rebuild_cursor(None).unwrap();
-    store.close().unwrap();
-    assert_eq!(
-        ReplicaStore::open(&path).unwrap().meta().rebuild_cursor,
-        None
-    );
-}
-
-#[test]
 fn a_write_is_light_once_its_regions_are_marked_dirty() {
     let tmp = tempfile::tempdir().unwrap();
     let s = ReplicaStore::create(&tmp.path().join("r"), params(4 * MIB, 64 * 1024)).unwrap();

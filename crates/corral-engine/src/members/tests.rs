@@ -1,0 +1,1190 @@
+//! Tests of the member state machine: its single decisions, and a
+//! model-based property test of the catch-up invariant.
+//!
+//! The property test runs the engine's decision code — [`Members`], and the
+//! election and member setup of [`crate::open`] — against a model of three
+//! replica daemons that holds what each replica actually stores: per chunk
+//! the version of the last write it applied, what of that is durable, its
+//! write-intent bits, its membership record and epoch.
+//! A random sequence of steps — writes (some failing on one replica),
+//! flushes, replica kills (with and without losing the page cache), wiped
+//! disks, restarts, supervisor ticks that notice failures and bring
+//! replicas back, rebuild progress, the stale-replica timeout passing, and
+//! engine crashes (with a write half applied) — is applied, and after
+//! every step:
+//!
+//! - every RW member holds exactly the acknowledged data;
+//! - every other member differs from it only in chunks its divergence
+//!   covers (plus its own write-intent bits, which the engine adds when it
+//!   returns) — the record of what may differ is never short;
+//! - a member that turns RW holds exactly the acknowledged data.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use corral_proto::v1::{self as pb, ReplicaInfo};
+use proptest::prelude::*;
+
+use super::*;
+use crate::chunk::ChunkMap;
+use crate::config::{EngineConfig, WritePolicy};
+
+fn opened(address: &str, state: OpenedState) -> OpenedMember {
+    OpenedMember {
+        address: address.into(),
+        instance_id: format!("{address}-1"),
+        state,
+    }
+}
+
+fn three(policy: WritePolicy) -> Members {
+    Members::after_open(
+        policy,
+        16,
+        1,
+        vec![
+            opened("a", OpenedState::UpToDate),
+            opened("b", OpenedState::UpToDate),
+            opened("c", OpenedState::UpToDate),
+        ],
+        Instant::now(),
+    )
+}
+
+fn rebuild(admission: Result<Admission, MembershipError>) -> CatchUpPlan {
+    match admission {
+        Ok(Admission::Rebuild(plan)) => plan,
+        other => panic!("expected a rebuild, got {other:?}"),
+    }
+}
+
+fn facts(instance: &str) -> ReturnFacts {
+    ReturnFacts {
+        instance_id: instance.into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_timeout_never_drops_the_last_rw_members_the_policy_needs() {
+    let now = Instant::now();
+    let mut m = three(WritePolicy::Quorum);
+    assert_eq!(
+        m.fail(1, FailureKind::Timeout, &[], "slow", now),
+        FailDecision::Moved { previous: Mode::Rw }
+    );
+    assert_eq!(
+        m.fail(2, FailureKind::Timeout, &[], "slow", now),
+        FailDecision::Kept { rw: 2 }
+    );
+    assert_eq!(m.rw_count(), 2);
+    // A lost connection is no timeout: it goes.
+    assert_eq!(
+        m.fail(2, FailureKind::Lost, &[], "gone", now),
+        FailDecision::Moved { previous: Mode::Rw }
+    );
+    assert_eq!(m.rw_count(), 1);
+}
+
+#[test]
+fn a_member_that_fails_mid_rebuild_keeps_what_was_not_copied_and_what_it_missed() {
+    let now = Instant::now();
+    let mut m = three(WritePolicy::Quorum);
+    m.fail(2, FailureKind::Lost, &[3], "gone", now);
+    m.note_written(&[5]);
+    assert!(m.claim(2));
+    let plan = rebuild(m.join(2, facts("b-1")));
+    assert_eq!(plan.kind, RebuildKind::Partial);
+    assert_eq!(plan.chunks, vec![3, 5]);
+    m.copied(plan.ticket, &[3]);
+    // It dies before chunk 5 is copied; chunk 9 is written while it is away.
+    m.fail(2, FailureKind::Lost, &[], "gone again", now);
+    m.note_written(&[9]);
+    m.release(2, ReturnFailure::Refused, "gone", Duration::ZERO, now);
+    assert!(m.claim(2));
+    let again = rebuild(m.join(2, facts("b-1")));
+    assert_eq!(again.kind, RebuildKind::Resumed);
+    assert_eq!(again.chunks, vec![5, 9]);
+    // The first rebuild's late progress counts for nothing now.
+    m.copied(plan.ticket, &[5, 9]);
+    assert_eq!(
+        m.finish_rebuild(again.ticket),
+        Err(MembershipError::RebuildIncomplete { remaining: 2 })
+    );
+    assert_eq!(
+        m.finish_rebuild(plan.ticket),
+        Err(MembershipError::StaleRebuild)
+    );
+    m.copied(again.ticket, &[5, 9]);
+    m.finish_rebuild(again.ticket).unwrap();
+    assert_eq!(m.rw_count(), 3);
+}
+
+#[test]
+fn a_returning_member_is_caught_up_by_what_is_known_of_it() {
+    let now = Instant::now();
+    let mut m = three(WritePolicy::Quorum);
+    m.fail(3, FailureKind::Lost, &[1], "gone", now);
+    // Its own write-intent bits are added.
+    let with_dirty = ReturnFacts {
+        dirty_chunks: vec![7],
+        ..facts("c-1")
+    };
+    assert_eq!(
+        m.plan(3, &with_dirty).unwrap(),
+        (RebuildKind::Partial, vec![1, 7], false)
+    );
+    // Another instance at its address: everything, compared.
+    assert_eq!(
+        m.plan(3, &facts("c-2")).unwrap(),
+        (RebuildKind::Full, (0..16).collect(), false)
+    );
+    // Created just now: everything, into an empty target.
+    let created = ReturnFacts {
+        created: true,
+        ..facts("c-3")
+    };
+    assert_eq!(
+        m.plan(3, &created).unwrap(),
+        (RebuildKind::Full, (0..16).collect(), true)
+    );
+    // Past the stale timeout: forgotten.
+    assert_eq!(
+        m.expire_stale(Duration::from_secs(1), now + Duration::from_secs(2)),
+        vec!["c".to_string()]
+    );
+    assert_eq!(
+        m.plan(3, &facts("c-1")).unwrap(),
+        (RebuildKind::Full, (0..16).collect(), false)
+    );
+}
+
+#[test]
+fn a_member_rebuilding_when_the_engine_opened_is_compared_in_full() {
+    let now = Instant::now();
+    let mut m = Members::after_open(
+        WritePolicy::Quorum,
+        16,
+        5,
+        vec![
+            opened("a", OpenedState::UpToDate),
+            opened("b", OpenedState::UpToDate),
+            opened(
+                "c",
+                OpenedState::Rebuilding {
+                    reason: "interrupted".into(),
+                },
+            ),
+        ],
+        now,
+    );
+    assert!(m.note_written(&[0]));
+    assert_eq!(
+        m.plan(3, &facts("c-1")).unwrap(),
+        (RebuildKind::Resumed, (0..16).collect(), false)
+    );
+}
+
+#[test]
+fn a_daemon_that_does_not_answer_is_retried_at_once_one_that_fails_after_answering_backs_off() {
+    let now = Instant::now();
+    let interval = Duration::from_secs(1);
+    let mut m = three(WritePolicy::Quorum);
+    m.fail(1, FailureKind::Lost, &[], "gone", now);
+    for _ in 0..10 {
+        assert!(m.claim(1));
+        m.release(1, ReturnFailure::Unreachable, "down", interval, now);
+        assert_eq!(m.returnable(now).len(), 1, "retried at the next tick");
+    }
+    let mut waits = Vec::new();
+    for _ in 0..8 {
+        assert!(m.claim(1));
+        m.release(1, ReturnFailure::Refused, "disk full", interval, now);
+        waits.push(m.get(1).unwrap().retry_at.unwrap() - now);
+        assert!(m.returnable(now).is_empty());
+    }
+    let secs: Vec<u64> = waits.iter().map(Duration::as_secs).collect();
+    assert_eq!(secs, vec![1, 2, 4, 8, 16, 32, 60, 60]);
+    // Once it has served again, the back-off starts over.
+    let later = now + Duration::from_secs(61);
+    assert!(m.claim(1));
+    let plan = rebuild(m.join(1, facts("a-1")));
+    m.copied(plan.ticket, &plan.chunks);
+    m.finish_rebuild(plan.ticket).unwrap();
+    m.fail(1, FailureKind::Lost, &[], "gone", later);
+    assert!(m.claim(1));
+    m.release(1, ReturnFailure::Refused, "again", interval, later);
+    assert_eq!(m.get(1).unwrap().retry_at.unwrap() - later, interval);
+}
+
+#[test]
+fn with_no_rw_member_left_one_that_holds_every_acknowledged_write_returns_as_rw() {
+    let now = Instant::now();
+    let mut m = three(WritePolicy::Available);
+    m.fail(1, FailureKind::Lost, &[], "gone", now);
+    assert!(m.note_written(&[2]), "acknowledged on two");
+    assert!(m.claim(1));
+    let plan = rebuild(m.join(1, facts("a-1")));
+    // Member 2 fails on a write that member 3 acknowledges alone.
+    m.fail(2, FailureKind::Lost, &[4], "gone", now);
+    assert!(m.note_written(&[4]));
+    // The last RW member dies on a write nobody acknowledges: the rebuild
+    // into 1 has no source left and stops.
+    m.fail(3, FailureKind::Lost, &[6], "gone", now);
+    assert!(!m.note_written(&[6]));
+    assert_eq!(m.rw_count(), 0);
+    assert_eq!(m.get(1).unwrap().mode, Mode::Err);
+    m.copied(plan.ticket, &plan.chunks);
+    m.release(1, ReturnFailure::Refused, "no source", Duration::ZERO, now);
+    // Member 2 missed an acknowledged write: it cannot serve.
+    assert!(m.claim(2));
+    assert_eq!(
+        m.join(2, facts("b-1")).unwrap_err(),
+        MembershipError::NoSource
+    );
+    m.release(2, ReturnFailure::Unreachable, "", Duration::ZERO, now);
+    // Member 3 holds every acknowledged write. It comes back having lost
+    // chunk 9 from its cache: RW at once, and the others will be given its
+    // copy of what it missed (6) and may have lost (9).
+    assert!(m.claim(3));
+    let back = ReturnFacts {
+        dirty_chunks: vec![9],
+        ..facts("c-1")
+    };
+    assert!(matches!(m.join(3, back), Ok(Admission::Readmitted)));
+    assert_eq!(m.rw_count(), 1);
+    assert!(m.claim(2));
+    assert_eq!(rebuild(m.join(2, facts("b-1"))).chunks, vec![4, 6, 9]);
+    // Member 1 was being rebuilt when the last RW member died (it took
+    // chunk 4 as a WO member); it resumes with what it had not been sent
+    // and what the returning member may differ in.
+    assert!(m.claim(1));
+    let again = rebuild(m.join(1, facts("a-1")));
+    assert_eq!(again.kind, RebuildKind::Resumed);
+    assert_eq!(again.chunks, vec![2, 6, 9]);
+}
+
+#[test]
+fn removal_keeps_the_policy_floor_and_spares_rebuilding_members() {
+    let now = Instant::now();
+    let mut m = three(WritePolicy::Quorum);
+    m.fail(1, FailureKind::Lost, &[], "gone", now);
+    assert!(matches!(
+        m.remove("b"),
+        Err(MembershipError::PolicyFloor { .. })
+    ));
+    assert!(m.claim(1));
+    assert!(matches!(m.remove("a"), Err(MembershipError::Busy { .. })));
+    m.release(1, ReturnFailure::Unreachable, "", Duration::ZERO, now);
+    let before = m.generation();
+    assert_eq!(m.remove("a").unwrap().address, "a");
+    assert_eq!((m.total(), m.generation()), (2, before + 1));
+}
+
+// ---------------------------------------------------------------------------
+// The model-based property test.
+
+const N: usize = 3;
+const CHUNKS: u64 = 12;
+const CHUNK: u64 = 4096;
+const STALE: Duration = Duration::from_secs(60);
+const VOLUME: &str = "v";
+
+#[derive(Clone, Debug)]
+enum Step {
+    /// A client write of one chunk; `fail_on` names a replica whose write
+    /// fails (an I/O error): it goes to ERR.
+    Write { chunk: u64, fail_on: Option<usize> },
+    /// A client flush: every write target that answers makes its data
+    /// durable, and (at the most eager) clears its write-intent bits.
+    Flush,
+    /// A replica daemon dies; with `power_loss` it loses what it had not
+    /// made durable (its write-intent bits survive).
+    Kill { replica: usize, power_loss: bool },
+    /// A replica's disk is replaced: the daemon dies and its data is gone.
+    Wipe { replica: usize },
+    /// A stopped replica daemon starts again.
+    Restart { replica: usize },
+    /// The supervisor: pings (noticing dead members), then tries to bring
+    /// back every returnable member.
+    Tick,
+    /// Running rebuilds copy up to `groups` groups of chunks.
+    Copy { groups: usize },
+    /// The stale-replica timeout passes.
+    Stale,
+    /// The engine dies — with a write to `chunk` applied on the write
+    /// targets picked by `mask` and never acknowledged — and restarts.
+    EngineCrash { in_flight: Option<(u64, u8)> },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let replica = 0..N;
+    prop_oneof![
+        6 => (0..CHUNKS, prop::option::weighted(0.15, 0..N))
+            .prop_map(|(chunk, fail_on)| Step::Write { chunk, fail_on }),
+        2 => Just(Step::Flush),
+        2 => (replica.clone(), any::<bool>())
+            .prop_map(|(replica, power_loss)| Step::Kill { replica, power_loss }),
+        1 => replica.clone().prop_map(|replica| Step::Wipe { replica }),
+        3 => replica.prop_map(|replica| Step::Restart { replica }),
+        3 => Just(Step::Tick),
+        3 => (1..3usize).prop_map(|groups| Step::Copy { groups }),
+        1 => Just(Step::Stale),
+        1 => prop::option::of((0..CHUNKS, any::<u8>()))
+            .prop_map(|in_flight| Step::EngineCrash { in_flight }),
+    ]
+}
+
+/// What a replica daemon stores for the volume.
+#[derive(Clone, Debug)]
+struct Store {
+    instance: String,
+    /// Per chunk, the version of the last write applied (0: never written).
+    data: Vec<u64>,
+    /// What survives a power loss.
+    durable: Vec<u64>,
+    /// Write-intent bits (durable).
+    dirty: BTreeSet<u64>,
+    record: Option<pb::Membership>,
+    epoch: u64,
+}
+
+impl Store {
+    fn new(instance: String) -> Self {
+        Store {
+            instance,
+            data: vec![0; CHUNKS as usize],
+            durable: vec![0; CHUNKS as usize],
+            dirty: BTreeSet::new(),
+            record: None,
+            epoch: 0,
+        }
+    }
+
+    fn write(&mut self, chunk: u64, version: u64) {
+        self.dirty.insert(chunk);
+        self.data[chunk as usize] = version;
+    }
+
+    fn flush(&mut self) {
+        self.durable.clone_from(&self.data);
+        self.dirty.clear();
+    }
+
+    fn info(&self) -> ReplicaInfo {
+        ReplicaInfo {
+            volume: VOLUME.into(),
+            size: CHUNKS * CHUNK,
+            block_size: 512,
+            chunk_size: CHUNK as u32,
+            instance_id: self.instance.clone(),
+            epoch: self.epoch,
+            membership: self.record.clone(),
+            clean_shutdown: false,
+            dirty_regions: self.dirty.iter().map(|c| c * CHUNK).collect(),
+            region_size: CHUNK,
+            open: true,
+        }
+    }
+}
+
+/// One replica daemon.
+#[derive(Clone, Debug, Default)]
+struct Daemon {
+    up: bool,
+    store: Option<Store>,
+    /// Bumped whenever the daemon dies: connections made before are broken.
+    incarnation: u64,
+}
+
+/// A rebuild the engine runs.
+#[derive(Debug)]
+struct Rebuild {
+    ticket: RebuildTicket,
+    target: usize,
+    chunks: Vec<u64>,
+    next: usize,
+}
+
+/// The engine while it serves.
+#[derive(Debug)]
+struct Engine {
+    members: Members,
+    epoch: u64,
+    /// The incarnation of each replica's daemon the engine is connected to.
+    connected: [Option<u64>; N],
+    rebuilds: Vec<Rebuild>,
+}
+
+struct World {
+    cfg: EngineConfig,
+    addrs: Vec<String>,
+    daemons: [Daemon; N],
+    engine: Option<Engine>,
+    /// Per chunk, the acknowledged version: what every RW member must hold.
+    truth: Vec<u64>,
+    /// Per chunk, the version last acknowledged to the client.
+    acked: Vec<u64>,
+    /// Writes whose outcome the client does not know (failed, or in
+    /// flight when the engine died), newer than the last acknowledged one
+    /// of their chunk: (chunk, version).
+    unknown: Vec<(u64, u64)>,
+    /// Per chunk, every version the RW members have held (acknowledged, or
+    /// served by an engine that adopted it).
+    history: Vec<Vec<u64>>,
+    /// Per chunk, the acknowledged version at the last flush.
+    flushed: Vec<u64>,
+    /// A replica lost its page cache at some point: across an engine
+    /// restart, only flushed writes are certain (as on any disk).
+    power_lost: bool,
+    next_version: u64,
+    next_instance: u64,
+    now: Instant,
+    log: Vec<String>,
+}
+
+fn index_of(addrs: &[String], address: &str) -> usize {
+    addrs
+        .iter()
+        .position(|a| a == address)
+        .expect("members are the model's replicas")
+}
+
+impl World {
+    fn new(policy: WritePolicy) -> Self {
+        let addrs: Vec<String> = (0..N).map(|i| format!("r{i}")).collect();
+        let mut cfg = EngineConfig::new(VOLUME, CHUNKS * CHUNK, addrs.clone());
+        cfg.chunk_size = CHUNK as u32;
+        cfg.write_policy = policy;
+        let mut world = World {
+            cfg,
+            addrs,
+            daemons: Default::default(),
+            engine: None,
+            truth: vec![0; CHUNKS as usize],
+            acked: vec![0; CHUNKS as usize],
+            unknown: Vec::new(),
+            history: vec![Vec::new(); CHUNKS as usize],
+            flushed: vec![0; CHUNKS as usize],
+            power_lost: false,
+            next_version: 1,
+            next_instance: 1,
+            now: Instant::now(),
+            log: Vec::new(),
+        };
+        for d in 0..N {
+            let instance = world.instance();
+            world.daemons[d] = Daemon {
+                up: true,
+                store: Some(Store::new(instance)),
+                incarnation: 0,
+            };
+        }
+        world.try_open();
+        assert!(world.engine.is_some(), "a new volume opens");
+        world
+    }
+
+    fn instance(&mut self) -> String {
+        self.next_instance += 1;
+        format!("i{}", self.next_instance)
+    }
+
+    /// Is the engine's connection to replica `d` alive?
+    fn reachable(&self, d: usize) -> bool {
+        let Some(engine) = &self.engine else {
+            return false;
+        };
+        self.daemons[d].up
+            && self.daemons[d].store.is_some()
+            && engine.connected[d] == Some(self.daemons[d].incarnation)
+    }
+
+    /// A request to member `id` failed: move it out, record if needed.
+    fn fail(&mut self, id: MemberId, chunks: &[u64], why: &str) {
+        let now = self.now;
+        let Some(engine) = self.engine.as_mut() else {
+            return;
+        };
+        if let FailDecision::Moved { .. } =
+            engine.members.fail(id, FailureKind::Lost, chunks, why, now)
+        {
+            self.record();
+        }
+    }
+
+    /// The engine's membership record now.
+    fn current_record(engine: &Engine) -> pb::Membership {
+        crate::replica_set::membership_record(&engine.members, engine.epoch)
+    }
+
+    /// Write the membership record to every RW member (the shell's loop).
+    fn record(&mut self) {
+        loop {
+            let Some(engine) = self.engine.as_ref() else {
+                return;
+            };
+            let record = Self::current_record(engine);
+            let (rw, out) = (
+                engine.members.ids_in(Mode::Rw),
+                engine.members.ids_in(Mode::Err),
+            );
+            let (first, then) = engine.members.record_targets();
+            let quorum = engine.members.policy() == WritePolicy::Quorum;
+            if first.is_empty() && then.is_empty() {
+                return;
+            }
+            let (mut accepted, mut failed) = self.write_record(&record, &first);
+            if !accepted.is_empty() || quorum {
+                let (a, f) = self.write_record(&record, &then);
+                accepted.extend(a);
+                failed.extend(f);
+            }
+            if let Some(engine) = self.engine.as_mut() {
+                engine.members.recorded(&rw, &accepted, &out);
+            }
+            if failed.is_empty() {
+                return;
+            }
+            let now = self.now;
+            let engine = self.engine.as_mut().expect("checked above");
+            for id in failed {
+                engine
+                    .members
+                    .fail(id, FailureKind::Lost, &[], "recording", now);
+            }
+        }
+    }
+
+    /// Write `record` to members `ids`: (accepted, failed).
+    fn write_record(
+        &mut self,
+        record: &pb::Membership,
+        ids: &[MemberId],
+    ) -> (Vec<MemberId>, Vec<MemberId>) {
+        let Some(engine) = self.engine.as_ref() else {
+            return (Vec::new(), Vec::new());
+        };
+        let targets: Vec<(MemberId, usize)> = ids
+            .iter()
+            .filter_map(|id| engine.members.get(*id))
+            .map(|m| (m.id, index_of(&self.addrs, &m.address)))
+            .collect();
+        let (mut accepted, mut failed) = (Vec::new(), Vec::new());
+        for (id, d) in targets {
+            if self.reachable(d)
+                && let Some(store) = self.daemons[d].store.as_mut()
+            {
+                store.record = Some(record.clone());
+                accepted.push(id);
+            } else {
+                failed.push(id);
+            }
+        }
+        (accepted, failed)
+    }
+
+    /// An engine starts: probe, elect, fence, resync, set up its members
+    /// and record them — what `open::open_volume` does, on the model.
+    fn try_open(&mut self) {
+        let infos: Vec<Option<ReplicaInfo>> = self
+            .daemons
+            .iter()
+            .map(|d| d.store.as_ref().filter(|_| d.up).map(Store::info))
+            .collect();
+        let problems: Vec<String> = self
+            .daemons
+            .iter()
+            .map(|d| if d.up { String::new() } else { "down".into() })
+            .collect();
+        let (up_to_date, max_generation) =
+            match crate::open::elect(&self.cfg, &self.addrs, &infos, None) {
+                Ok(elected) => elected,
+                Err(e) => {
+                    self.log.push(format!("open: cannot serve yet: {e}"));
+                    return;
+                }
+            };
+        let epoch = infos.iter().flatten().map(|i| i.epoch).max().unwrap_or(0) + 1;
+        let mut connected = [None; N];
+        for (daemon, connection) in self.daemons.iter_mut().zip(connected.iter_mut()) {
+            if let (true, Some(store)) = (daemon.up, daemon.store.as_mut()) {
+                store.epoch = epoch;
+                *connection = Some(daemon.incarnation);
+            }
+        }
+        // Resync what may have been in flight among the up-to-date ones,
+        // from the first of them; they flush.
+        let live: Vec<usize> = (0..N).filter(|d| up_to_date[*d]).collect();
+        let mut regions = BTreeSet::new();
+        for d in &live {
+            if let Some(store) = &self.daemons[*d].store {
+                regions.extend(store.dirty.iter().copied());
+            }
+        }
+        let source = self.daemons[live[0]].store.clone().expect("up to date");
+        for d in &live[1..] {
+            let store = self.daemons[*d].store.as_mut().expect("up to date");
+            for c in &regions {
+                if store.data[*c as usize] != source.data[*c as usize] {
+                    store.write(*c, source.data[*c as usize]);
+                }
+            }
+            store.flush();
+        }
+        if let Some(store) = self.daemons[live[0]].store.as_mut() {
+            store.flush();
+        }
+        // What the new engine serves is what the up-to-date replicas hold.
+        self.adopt(live[0]);
+        let members = crate::open::members_after_open(
+            &self.cfg,
+            ChunkMap::new(CHUNK as u32).expect("valid chunk size"),
+            &self.addrs,
+            &infos,
+            &problems,
+            &up_to_date,
+            None,
+            max_generation + 1,
+            self.now,
+        );
+        self.log.push(format!(
+            "open: epoch {epoch}, up to date {up_to_date:?}, members {:?}",
+            members
+                .all()
+                .iter()
+                .map(|m| (m.mode, m.divergence.tracked_len()))
+                .collect::<Vec<_>>()
+        ));
+        // Connections only to the up-to-date members; others reconnect when
+        // they return.
+        for (d, c) in connected.iter_mut().enumerate() {
+            if !up_to_date[d] {
+                *c = None;
+            }
+        }
+        self.engine = Some(Engine {
+            members,
+            epoch,
+            connected,
+            rebuilds: Vec::new(),
+        });
+        self.record();
+    }
+
+    fn apply(&mut self, step: &Step) {
+        self.log.push(format!("{step:?}"));
+        if self.engine.is_none() {
+            self.try_open();
+        }
+        match *step {
+            Step::Write { chunk, fail_on } => self.write(chunk, fail_on),
+            Step::Flush => self.flush(),
+            Step::Kill {
+                replica,
+                power_loss,
+            } => {
+                let d = &mut self.daemons[replica];
+                if d.up {
+                    d.up = false;
+                    d.incarnation += 1;
+                    if power_loss && let Some(store) = d.store.as_mut() {
+                        store.data.clone_from(&store.durable);
+                        self.power_lost = true;
+                    }
+                }
+            }
+            Step::Wipe { replica } => {
+                // One disk at a time — only while every other member is RW
+                // — so never the last copy of the acknowledged data (losing
+                // every copy, or a quorum of them, is no failure the engine
+                // can handle by itself).
+                let Some(engine) = self.engine.as_ref() else {
+                    return;
+                };
+                let others_keep = engine.members.all().iter().any(|m| {
+                    let d = index_of(&self.addrs, &m.address);
+                    m.mode == Mode::Rw && d != replica && self.daemons[d].store.is_some()
+                });
+                let one_at_a_time = engine.members.all().iter().all(|m| {
+                    let d = index_of(&self.addrs, &m.address);
+                    d == replica || (m.mode == Mode::Rw && self.daemons[d].store.is_some())
+                });
+                // Under `available` a new engine waits for every RW member
+                // of the newest record (an operator's salvage ends that): a
+                // disk is lost only once the engine has recorded it ERR.
+                let recorded_out = engine.members.policy() == WritePolicy::Quorum
+                    || engine.members.all().iter().any(|m| {
+                        m.address == self.addrs[replica]
+                            && m.mode == Mode::Err
+                            && !engine.members.recorded_rw().contains(&m.id)
+                    });
+                if !others_keep || !one_at_a_time || !recorded_out {
+                    self.log.push("  (skipped: the last copy)".into());
+                    return;
+                }
+                let d = &mut self.daemons[replica];
+                if d.up {
+                    d.incarnation += 1;
+                }
+                d.up = false;
+                d.store = None;
+            }
+            Step::Restart { replica } => self.daemons[replica].up = true,
+            Step::Tick => self.tick(),
+            Step::Copy { groups } => self.copy(groups),
+            Step::Stale => {
+                self.now += STALE + Duration::from_secs(1);
+                if let Some(engine) = self.engine.as_mut() {
+                    engine.members.expire_stale(STALE, self.now);
+                }
+            }
+            Step::EngineCrash { in_flight } => {
+                if let (Some((chunk, mask)), Some(engine)) = (in_flight, self.engine.as_ref()) {
+                    let targets: Vec<usize> = engine
+                        .members
+                        .all()
+                        .iter()
+                        .filter(|m| m.mode != Mode::Err)
+                        .map(|m| index_of(&self.addrs, &m.address))
+                        .collect();
+                    let version = self.next_version;
+                    self.next_version += 1;
+                    for d in targets {
+                        if mask & (1 << d) != 0
+                            && self.reachable(d)
+                            && let Some(store) = self.daemons[d].store.as_mut()
+                        {
+                            store.write(chunk, version);
+                        }
+                    }
+                    self.unknown.push((chunk, version));
+                }
+                self.engine = None;
+                self.try_open();
+            }
+        }
+        self.check();
+    }
+
+    /// Replica `d` now defines the volume's data (an engine opened on it,
+    /// or it came back as the last RW member): it must hold every
+    /// acknowledged write — or, after a lost page cache, at least every
+    /// flushed one — or a later attempted one. (Until a later write to a
+    /// chunk is acknowledged, any attempted version of it may be served:
+    /// the client was told the outcome is unknown.)
+    fn adopt(&mut self, d: usize) {
+        let served = self.daemons[d]
+            .store
+            .as_ref()
+            .expect("adopted")
+            .data
+            .clone();
+        for (c, &version) in served.iter().enumerate() {
+            let attempted = self
+                .unknown
+                .iter()
+                .any(|(chunk, v)| *chunk as usize == c && *v == version);
+            let unflushed = self.power_lost
+                && version >= self.flushed[c]
+                && (version == 0 || self.history[c].contains(&version));
+            assert!(
+                version == self.acked[c] || attempted || unflushed,
+                "chunk {c}: r{d} serves version {version}, but {} was acknowledged\n{}",
+                self.acked[c],
+                self.log.join("\n")
+            );
+            if self.truth[c] != version {
+                self.truth[c] = version;
+                self.history[c].push(version);
+            }
+        }
+    }
+
+    fn write(&mut self, chunk: u64, fail_on: Option<usize>) {
+        let Some(engine) = self.engine.as_ref() else {
+            return;
+        };
+        let members = &engine.members;
+        if !members.writable() {
+            return; // the client gets an error; nothing is sent
+        }
+        let targets: Vec<(MemberId, usize, Mode)> = members
+            .all()
+            .iter()
+            .filter(|m| m.mode != Mode::Err)
+            .map(|m| (m.id, index_of(&self.addrs, &m.address), m.mode))
+            .collect();
+        let version = self.next_version;
+        self.next_version += 1;
+        let mut failed = Vec::new();
+        let mut landed_on_rw = false;
+        for (id, d, mode) in targets {
+            if self.reachable(d) && fail_on != Some(d) {
+                if let Some(store) = self.daemons[d].store.as_mut() {
+                    store.write(chunk, version);
+                }
+                landed_on_rw |= mode == Mode::Rw;
+            } else {
+                failed.push(id);
+            }
+        }
+        for id in failed {
+            self.fail(id, &[chunk], "write failed");
+        }
+        let writable = self
+            .engine
+            .as_mut()
+            .is_some_and(|e| e.members.note_written(&[chunk]));
+        if landed_on_rw {
+            // Every member still RW took it (the others are ERR now).
+            self.truth[chunk as usize] = version;
+            self.history[chunk as usize].push(version);
+        }
+        if landed_on_rw && writable {
+            self.acked[chunk as usize] = version;
+            self.unknown.retain(|(c, _)| *c != chunk);
+        } else {
+            // The client gets an error: the write may or may not be there.
+            self.unknown.push((chunk, version));
+        }
+    }
+
+    fn flush(&mut self) {
+        let Some(engine) = self.engine.as_ref() else {
+            return;
+        };
+        if !engine.members.writable() {
+            return; // refused, like a write
+        }
+        let targets: Vec<(MemberId, usize)> = engine
+            .members
+            .all()
+            .iter()
+            .filter(|m| m.mode != Mode::Err)
+            .map(|m| (m.id, index_of(&self.addrs, &m.address)))
+            .collect();
+        for (id, d) in targets {
+            if self.reachable(d) {
+                if let Some(store) = self.daemons[d].store.as_mut() {
+                    store.flush();
+                }
+            } else {
+                self.fail(id, &[], "flush failed");
+            }
+        }
+        // The flush succeeds if the volume is still writable: every member
+        // still RW has made the acknowledged data durable.
+        if let Some(engine) = self.engine.as_mut()
+            && engine.members.writable()
+        {
+            engine.members.note_flushed();
+            self.flushed.clone_from(&self.truth);
+        }
+    }
+
+    fn tick(&mut self) {
+        let Some(engine) = self.engine.as_ref() else {
+            return;
+        };
+        // Pings.
+        let dead: Vec<MemberId> = engine
+            .members
+            .all()
+            .iter()
+            .filter(|m| m.mode != Mode::Err)
+            .filter(|m| !self.reachable(index_of(&self.addrs, &m.address)))
+            .map(|m| m.id)
+            .collect();
+        for id in dead {
+            self.fail(id, &[], "ping failed");
+        }
+        let Some(engine) = self.engine.as_ref() else {
+            return;
+        };
+        for (id, address) in engine.members.returnable(self.now) {
+            self.bring_back(id, index_of(&self.addrs, &address));
+        }
+    }
+
+    /// What `supervisor::bring_back` does, on the model.
+    fn bring_back(&mut self, id: MemberId, d: usize) {
+        let now = self.now;
+        let Some(engine) = self.engine.as_mut() else {
+            return;
+        };
+        if !engine.members.claim(id) {
+            return;
+        }
+        if !self.daemons[d].up {
+            engine
+                .members
+                .release(id, ReturnFailure::Unreachable, "down", Duration::ZERO, now);
+            return;
+        }
+        let created = self.daemons[d].store.is_none();
+        if created {
+            self.next_instance += 1;
+            self.daemons[d].store = Some(Store::new(format!("i{}", self.next_instance)));
+        }
+        let engine = self.engine.as_mut().expect("checked above");
+        let store = self.daemons[d].store.as_mut().expect("created above");
+        store.epoch = engine.epoch;
+        engine.connected[d] = Some(self.daemons[d].incarnation);
+        let facts = ReturnFacts {
+            instance_id: store.instance.clone(),
+            created,
+            dirty_chunks: store.dirty.iter().copied().collect(),
+        };
+        // The current record (naming it ERR) is written to it before it is
+        // recorded WO, if it is the effective one.
+        if engine.members.record_settled() && engine.members.rw_count() > 0 {
+            store.record = Some(Self::current_record(engine));
+            let (rw, out) = (
+                engine.members.ids_in(Mode::Rw),
+                engine.members.ids_in(Mode::Err),
+            );
+            engine.members.recorded(&rw, &[id], &out);
+        }
+        let plan = match engine.members.join(id, facts) {
+            Ok(Admission::Rebuild(plan)) => plan,
+            Ok(Admission::Readmitted) => {
+                self.log
+                    .push(format!("  r{d} is back as the last RW member"));
+                self.adopt(d);
+                self.record();
+                return;
+            }
+            Err(MembershipError::NoSource) => {
+                engine.members.release(
+                    id,
+                    ReturnFailure::Unreachable,
+                    "no source",
+                    Duration::ZERO,
+                    now,
+                );
+                return;
+            }
+            Err(e) => panic!("join refused: {e}\n{}", self.log.join("\n")),
+        };
+        self.log.push(format!(
+            "  r{d} joins WO: {:?} {:?}",
+            plan.kind, plan.chunks
+        ));
+        engine.rebuilds.retain(|r| r.target != d);
+        engine.rebuilds.push(Rebuild {
+            ticket: plan.ticket,
+            target: d,
+            chunks: plan.chunks,
+            next: 0,
+        });
+        self.record();
+    }
+
+    fn copy(&mut self, groups: usize) {
+        let Some(engine) = self.engine.as_mut() else {
+            return;
+        };
+        let rebuilds = std::mem::take(&mut engine.rebuilds);
+        let mut kept = Vec::new();
+        for mut r in rebuilds {
+            match self.copy_some(&mut r, groups) {
+                Ok(true) => kept.push(r),
+                Ok(false) => {}
+                Err(why) => {
+                    // The copier gives up: the target leaves the write set
+                    // (keeping what it had not been sent), and backs off.
+                    self.fail(r.ticket.member, &[], &why);
+                    let now = self.now;
+                    if let Some(engine) = self.engine.as_mut() {
+                        engine.members.release(
+                            r.ticket.member,
+                            ReturnFailure::Refused,
+                            &why,
+                            Duration::ZERO,
+                            now,
+                        );
+                    }
+                }
+            }
+            if self.engine.is_none() {
+                return;
+            }
+        }
+        if let Some(engine) = self.engine.as_mut() {
+            kept.append(&mut engine.rebuilds);
+            engine.rebuilds = kept;
+        }
+    }
+
+    /// Ok(true): still running; Ok(false): finished; Err: failed.
+    fn copy_some(&mut self, r: &mut Rebuild, groups: usize) -> Result<bool, String> {
+        let engine = self.engine.as_ref().ok_or("no engine")?;
+        match engine.members.get(r.ticket.member) {
+            Some(m) if m.mode == Mode::Wo => {}
+            _ => return Err("target no longer WO".into()),
+        }
+        if !self.reachable(r.target) {
+            return Err("target unreachable".into());
+        }
+        for _ in 0..groups {
+            if r.next >= r.chunks.len() {
+                break;
+            }
+            // A source: the first RW member that answers; those that do
+            // not are moved out.
+            let source = loop {
+                let engine = self.engine.as_ref().ok_or("no engine")?;
+                let rw: Vec<(MemberId, usize)> = engine
+                    .members
+                    .all()
+                    .iter()
+                    .filter(|m| m.mode == Mode::Rw)
+                    .map(|m| (m.id, index_of(&self.addrs, &m.address)))
+                    .collect();
+                let Some(&(id, d)) = rw.first() else {
+                    return Err("no source".into());
+                };
+                if self.reachable(d) {
+                    break d;
+                }
+                self.fail(id, &[], "source failed");
+            };
+            let end = (r.next + 4).min(r.chunks.len());
+            let group: Vec<u64> = r.chunks[r.next..end].to_vec();
+            let from = self.daemons[source].store.clone().expect("reachable");
+            let to = self.daemons[r.target].store.as_mut().expect("reachable");
+            for c in &group {
+                if to.data[*c as usize] != from.data[*c as usize] {
+                    to.write(*c, from.data[*c as usize]);
+                }
+            }
+            r.next = end;
+            let engine = self.engine.as_mut().ok_or("no engine")?;
+            engine.members.copied(r.ticket, &group);
+        }
+        if r.next < r.chunks.len() {
+            return Ok(true);
+        }
+        let to = self.daemons[r.target].store.as_mut().expect("reachable");
+        to.flush();
+        let engine = self.engine.as_mut().ok_or("no engine")?;
+        if let Err(e) = engine.members.finish_rebuild(r.ticket) {
+            panic!(
+                "a finished rebuild was refused: {e}\n{}",
+                self.log.join("\n")
+            );
+        }
+        let data = &self.daemons[r.target]
+            .store
+            .as_ref()
+            .expect("reachable")
+            .data;
+        assert_eq!(
+            data,
+            &self.truth,
+            "r{} turned RW without the acknowledged data\n{}",
+            r.target,
+            self.log.join("\n")
+        );
+        self.log.push(format!("  r{} is RW", r.target));
+        self.record();
+        Ok(false)
+    }
+
+    /// The invariant, after every step.
+    fn check(&self) {
+        let Some(engine) = &self.engine else { return };
+        for m in engine.members.all() {
+            let d = index_of(&self.addrs, &m.address);
+            let Some(store) = &self.daemons[d].store else {
+                continue;
+            };
+            if m.mode == Mode::Rw {
+                if self.reachable(d) {
+                    assert_eq!(
+                        store.data,
+                        self.truth,
+                        "RW member r{d} does not hold the acknowledged data\n{}",
+                        self.log.join("\n")
+                    );
+                }
+                continue;
+            }
+            if store.instance != m.instance_id {
+                continue; // another replica now: it will be rebuilt in full
+            }
+            for c in 0..CHUNKS {
+                if store.data[c as usize] == self.truth[c as usize] || store.dirty.contains(&c) {
+                    continue;
+                }
+                let covered = match &m.divergence {
+                    Divergence::InSync => false,
+                    Divergence::Chunks(set) => set.contains(c),
+                    Divergence::Unknown => true,
+                };
+                assert!(
+                    covered,
+                    "r{d} ({:?}) differs in chunk {c} (holds v{}, acknowledged v{}), which its divergence {:?} does not cover\n{}",
+                    m.mode,
+                    store.data[c as usize],
+                    self.truth[c as usize],
+                    m.divergence,
+                    self.log.join("\n")
+                );
+            }
+        }
+    }
+}
+
+fn run_model(policy: WritePolicy, steps: &[Step]) {
+    let mut world = World::new(policy);
+    for s in steps {
+        world.apply(s);
+    }
+    // Heal: every daemon up, until every member is RW.
+    for d in 0..N {
+        world.apply(&Step::Restart { replica: d });
+    }
+    for _ in 0..4 * CHUNKS {
+        world.apply(&Step::Tick);
+        world.apply(&Step::Copy { groups: 4 });
+        if world
+            .engine
+            .as_ref()
+            .is_some_and(|e| e.members.rw_count() == N)
+        {
+            break;
+        }
+    }
+    let Some(engine) = world.engine.as_ref() else {
+        panic!("not serving after healing\n{}", world.log.join("\n"));
+    };
+    assert_eq!(
+        engine.members.rw_count(),
+        N,
+        "every member RW after healing\n{}",
+        world.log.join("\n")
+    );
+    for d in 0..N {
+        assert_eq!(
+            world.daemons[d].store.as_ref().map(|s| &s.data),
+            Some(&world.truth),
+            "r{d} after healing\n{}",
+            world.log.join("\n")
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+    #[test]
+    fn no_member_turns_rw_without_every_chunk_it_may_have_missed(
+        quorum in any::<bool>(),
+        steps in prop::collection::vec(step(), 1..160),
+    ) {
+        let policy = if quorum { WritePolicy::Quorum } else { WritePolicy::Available };
+        run_model(policy, &steps);
+    }
+}
