@@ -83,6 +83,9 @@ pub fn parse(block: u64, data: &[u8]) -> std::result::Result<u64, String> {
 struct BlockState {
     /// Tag of the last acknowledged write (0: none).
     acked: u64,
+    /// Tag of the last write acknowledged before a flush that was
+    /// acknowledged too (0: none): what survives even a power loss.
+    flushed: u64,
     /// Tags of later writes whose outcome is unknown.
     pending: Vec<u64>,
 }
@@ -431,18 +434,48 @@ impl Checker {
         }
     }
 
-    fn tag(&self) -> u64 {
+    /// Check one block read back now, by the rules of [`Checker::verify`].
+    pub fn check_block(&self, block: u64, data: &[u8]) -> std::result::Result<(), String> {
+        let model = lock(&self.model);
+        let mut report = VerifyReport::default();
+        let mut problems = Vec::new();
+        self.check_blocks(&model, block * BLOCK, data, &mut report, &mut problems);
+        match problems.pop() {
+            None => Ok(()),
+            Some(p) => Err(p),
+        }
+    }
+
+    /// A flush was acknowledged: the writes `acked` (block, tag),
+    /// acknowledged before it was sent, are durable.
+    pub(crate) fn flushed(&self, acked: &[(u64, u64)]) {
+        let mut model = lock(&self.model);
+        for (block, tag) in acked {
+            let st = &mut model.blocks[*block as usize];
+            st.flushed = st.flushed.max(*tag);
+        }
+    }
+
+    /// Blocks whose last acknowledged write is also flushed, of those with one.
+    pub fn flushed_share(&self) -> (u64, u64) {
+        let model = lock(&self.model);
+        let acked = model.blocks.iter().filter(|b| b.acked != 0);
+        let total = acked.clone().count() as u64;
+        (acked.filter(|b| b.flushed == b.acked).count() as u64, total)
+    }
+
+    pub(crate) fn tag(&self) -> u64 {
         self.next_tag.fetch_add(1, Ordering::SeqCst)
     }
 
-    fn sent(&self, first: u64, count: u64, tag: u64) {
+    pub(crate) fn sent(&self, first: u64, count: u64, tag: u64) {
         let mut model = lock(&self.model);
         for b in first..first + count {
             model.blocks[b as usize].pending.push(tag);
         }
     }
 
-    fn acked(&self, first: u64, count: u64, tag: u64) {
+    pub(crate) fn acked(&self, first: u64, count: u64, tag: u64) {
         let mut model = lock(&self.model);
         for b in first..first + count {
             let st = &mut model.blocks[b as usize];

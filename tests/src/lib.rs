@@ -7,11 +7,13 @@
 //! directory and printed when a test fails (the fixture's `Drop`), so a
 //! failing scenario explains itself.
 //!
-//! The tests drive volumes through real tools (fio, nbdinfo, nbdcopy,
+//! [`campaign`] runs a seeded, randomized fault campaign over such a
+//! cluster. The tests drive volumes through real tools (fio, nbdinfo, nbdcopy,
 //! nbdfuse); [`tools`] has small wrappers that fail loudly when a tool is
 //! missing instead of skipping, and [`ext4`] puts a real ext4 filesystem on
 //! a volume's NBD export.
 
+pub mod campaign;
 pub mod checker;
 pub mod ext4;
 pub mod nbd_raw;
