@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use rand::{Rng, SeedableRng};
@@ -507,20 +507,20 @@ impl Background {
 
     /// Wait until at least `bytes` were acknowledged in all.
     pub fn wait_acked(&self, bytes: u64, limit: Duration) -> Result<Summary> {
-        let deadline = Instant::now() + limit;
-        loop {
+        crate::poll(limit, &format!("{bytes} bytes acknowledged"), || {
             let s = self.stats();
             if s.acked_bytes >= bytes {
-                return Ok(s);
+                return Ok(Some(s));
             }
-            if self.finished() || Instant::now() > deadline {
+            if self.finished() {
                 bail!(
-                    "writer acknowledged {} of {bytes} bytes: {s:?}",
+                    "writer stopped having acknowledged {} of {bytes} bytes: {s:?}",
                     s.acked_bytes
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            Ok(None)
+        })
+        .with_context(|| format!("{:?}", self.stats()))
     }
 
     /// Wait until `bytes` more than now were acknowledged.

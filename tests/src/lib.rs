@@ -48,16 +48,45 @@ pub fn free_addr() -> SocketAddr {
     l.local_addr().expect("local addr")
 }
 
-/// Wait until something accepts TCP connections on `addr`.
-pub fn wait_for_port(addr: SocketAddr, limit: Duration) -> Result<()> {
+/// The one polling loop of the test suite: call `check` every 50 ms until
+/// it yields a value or fails, at most `limit`; `check` returns
+/// `Ok(Some(value))` when done, `Ok(None)` to go on, `Err` to give up.
+pub fn poll<T>(
+    limit: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
     let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(());
+    loop {
+        if let Some(v) = check()? {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    bail!("nothing listens on {addr} after {limit:?}")
+}
+
+/// Wait until `check` holds, at most `limit` (see [`poll`]).
+pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Result<()> {
+    poll(limit, what, || Ok(check().then_some(())))
+}
+
+/// Wait (bounded) for a child process to exit; its status.
+pub fn wait_exit(
+    child: &mut Child,
+    limit: Duration,
+    what: &str,
+) -> Result<std::process::ExitStatus> {
+    poll(limit, what, || Ok(child.try_wait()?))
+}
+
+/// Wait until something accepts TCP connections on `addr`.
+pub fn wait_for_port(addr: SocketAddr, limit: Duration) -> Result<()> {
+    wait_until(limit, &format!("something to listen on {addr}"), || {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    })
 }
 
 /// One running (or stopped) corral process.
@@ -140,18 +169,12 @@ impl Process {
         };
         // SAFETY: signal to our own child.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = c.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                bail!("{} did not exit within {limit:?} of SIGTERM", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let waited = wait_exit(&mut c, limit, &format!("{} to exit on SIGTERM", self.name));
+        if waited.is_err() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
+        waited
     }
 
     /// SIGSTOP: the process hangs, its sockets stay open.
@@ -399,8 +422,7 @@ impl Cluster {
 
     /// Wait until engine `i` answers `volume info`.
     pub fn wait_engine_ready(&mut self, i: usize, limit: Duration) -> Result<()> {
-        let deadline = Instant::now() + limit;
-        loop {
+        poll(limit, &format!("engine-{i} to serve"), || {
             if let Some(status) = self.engines[i].process.exited() {
                 bail!(
                     "engine-{i} exited ({status}) before serving:\n{}",
@@ -409,16 +431,11 @@ impl Cluster {
             }
             // The control service answers while the engine still waits to
             // open the volume ("opening"); ready means serving.
-            if let Ok(info) = self.volume_info(i)
-                && info["state"] != "opening"
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("engine-{i} not ready after {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            Ok(self
+                .volume_info(i)
+                .is_ok_and(|info| info["state"] != "opening")
+                .then_some(()))
+        })
     }
 
     /// Restart engine `i` with the same arguments (same ports).
@@ -469,21 +486,14 @@ impl Cluster {
         bail!("replica {addr} not listed by engine-{engine}")
     }
 
-    /// Poll `check` every 100 ms until it returns true, at most `limit`.
+    /// Wait until `check` holds for the cluster, at most `limit` (see [`poll`]).
     pub fn wait_until(
         &self,
         limit: Duration,
         what: &str,
         mut check: impl FnMut(&Self) -> bool,
     ) -> Result<()> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if check(self) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!("timed out after {limit:?} waiting for {what}")
+        wait_until(limit, what, || check(self))
     }
 
     /// The head data file of `volume` on replica `i` (for comparing replicas
@@ -495,8 +505,9 @@ impl Cluster {
             .join("head.img")
     }
 
-    /// The proxy in front of replica daemon `replica`, made on first use.
-    fn ensure_proxy(&mut self, replica: usize) -> Result<SocketAddr> {
+    /// The proxy in front of replica daemon `replica`, made on first use
+    /// (its address; set its mode with [`Cluster::proxy`]).
+    pub fn ensure_proxy(&mut self, replica: usize) -> Result<SocketAddr> {
         if self.proxies.len() <= replica {
             self.proxies.resize_with(replica + 1, || None);
         }
@@ -610,19 +621,14 @@ impl Cluster {
     /// Wait until engine `engine` reports `state` ("serving", "degraded",
     /// "unavailable", "fenced", "opening"); returns its last `volume info`.
     pub fn wait_state(&self, engine: usize, state: &str, limit: Duration) -> Result<Value> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let info = self.volume_info(engine);
-            if let Ok(i) = &info
-                && i["state"] == state
-            {
-                return info;
-            }
-            if Instant::now() > deadline {
-                bail!("engine-{engine} not {state} after {limit:?}: last info {info:?}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let mut last = None;
+        poll(limit, &format!("engine-{engine} {state}"), || {
+            let info = self.volume_info(engine).ok();
+            let done = info.as_ref().is_some_and(|i| i["state"] == state);
+            last = info.clone();
+            Ok(info.filter(|_| done))
+        })
+        .with_context(|| format!("last info {last:?}"))
     }
 
     /// Wait until engine `engine` reports replica `replica` in `mode`.
@@ -633,20 +639,12 @@ impl Cluster {
         mode: &str,
         limit: Duration,
     ) -> Result<()> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let now = self.replica_mode(engine, replica);
-            if now.as_deref().ok() == Some(mode) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "replica-{replica} not {mode} on engine-{engine} after {limit:?}: {now:?}; {:?}",
-                    self.replica_ls(engine)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.wait_until(
+            limit,
+            &format!("replica-{replica} {mode} on engine-{engine}"),
+            |c| c.replica_mode(engine, replica).ok().as_deref() == Some(mode),
+        )
+        .with_context(|| format!("{:?}", self.replica_ls(engine)))
     }
 
     /// Start a replica daemon whose data dir is a tmpfs of `size` (`mount -o
@@ -766,20 +764,13 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<Output> {
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("spawn {cmd:?}"))?;
-    let deadline = Instant::now() + limit;
-    loop {
-        if child.try_wait()?.is_some() {
-            return Ok(child.wait_with_output()?);
-        }
-        if Instant::now() > deadline {
+    match wait_exit(&mut child, limit, &format!("{cmd:?} to finish")) {
+        Ok(_) => Ok(child.wait_with_output()?),
+        Err(e) => {
             let _ = child.kill();
             let out = child.wait_with_output()?;
-            bail!(
-                "{cmd:?} did not finish within {limit:?}; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("{e}; stderr: {}", String::from_utf8_lossy(&out.stderr));
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -97,6 +97,28 @@ struct Inner {
     conns: Mutex<Vec<Arc<Conn>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stop: AtomicBool,
+    /// Pieces of data a black hole holds right now.
+    held: AtomicUsize,
+}
+
+/// Counts a piece as held by a black hole while it lives.
+struct Held<'a>(Option<&'a AtomicUsize>);
+
+impl<'a> Held<'a> {
+    fn hold(&mut self, counter: &'a AtomicUsize) {
+        if self.0.is_none() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            self.0 = Some(counter);
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.0 {
+            c.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -150,6 +172,7 @@ impl Proxy {
             conns: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
+            held: AtomicUsize::new(0),
         });
         let acceptor = {
             let inner = Arc::clone(&inner);
@@ -202,6 +225,11 @@ impl Proxy {
     }
 
     /// Connections currently open through the proxy.
+    /// Pieces of data a black hole holds right now (a sender is stalled).
+    pub fn held(&self) -> usize {
+        self.inner.held.load(Ordering::SeqCst)
+    }
+
     pub fn connections(&self) -> usize {
         lock(&self.inner.conns)
             .iter()
@@ -346,6 +374,7 @@ fn write_pump(inner: &Inner, conn: &Conn, rx: Receiver<Piece>, mut dst: TcpStrea
 /// Wait until a piece that arrived at `arrived` may be forwarded; false if
 /// the connection is to be closed instead.
 fn deliverable(inner: &Inner, conn: &Conn, arrived: Instant) -> bool {
+    let mut held = Held(None);
     loop {
         if inner.stop.load(Ordering::SeqCst) || conn.closed.load(Ordering::SeqCst) {
             return false;
@@ -361,7 +390,10 @@ fn deliverable(inner: &Inner, conn: &Conn, arrived: Instant) -> bool {
                 }
                 (due - now).min(POLL)
             }
-            Mode::BlackHole => POLL,
+            Mode::BlackHole => {
+                held.hold(&inner.held);
+                POLL
+            }
             Mode::Reset => {
                 drop(rules);
                 conn.close();
@@ -519,11 +551,10 @@ mod tests {
             .unwrap();
         let pid = child.id() as i32;
         let wait_for = |n: usize| {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while proxy.connections() != n && Instant::now() < deadline {
-                std::thread::sleep(POLL);
-            }
-            assert_eq!(proxy.connections(), n);
+            crate::wait_until(Duration::from_secs(5), "the proxy's connections", || {
+                proxy.connections() == n
+            })
+            .unwrap_or_else(|e| panic!("{e}: {} open", proxy.connections()));
         };
         wait_for(1);
         let mut ours = connect(&proxy);

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Result, bail};
 
@@ -46,32 +46,25 @@ pub fn wait_for_pidfile(
     child: &mut Child,
     limit: Duration,
 ) -> Result<()> {
-    let deadline = Instant::now() + limit;
-    while !pidfile.exists() {
+    crate::poll(limit, &format!("{what} to come up"), || {
         if let Ok(Some(status)) = child.try_wait() {
             bail!("{what} exited ({status}) before serving");
         }
-        if Instant::now() > deadline {
-            bail!("{what} did not come up within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
+        Ok(pidfile.exists().then_some(()))
+    })
 }
 
 /// Wait (bounded) for a child to exit; kill it when over. Returns its exit
 /// status, or None when it had to be killed.
 pub fn reap(mut child: Child, limit: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
+    match crate::wait_exit(&mut child, limit, "a tool to exit") {
+        Ok(status) => Some(status),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            None
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    None
 }
 
 /// fio over NBD against `uri` with a job given as `--key=value` arguments.

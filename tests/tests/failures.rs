@@ -11,7 +11,7 @@
 //! Failure detection is tuned for tests: a replica timeout of 2 s and a
 //! retry every 300 ms, so each story takes seconds.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use corral_tests::checker::{Checker, Load};
 use corral_tests::proxy::Mode;
@@ -59,21 +59,14 @@ fn assert_consistent(cluster: &Cluster, engine: usize, checker: &Checker) {
 
 /// Wait until the newest rebuild into `replica` has finished; returns it.
 fn finished_rebuild(cluster: &Cluster, engine: usize, replica: usize) -> serde_json::Value {
-    let deadline = Instant::now() + secs(30);
-    loop {
-        let r = cluster.rebuild_of(engine, replica).unwrap();
-        if let Some(r) = &r
-            && r["state"] != "running"
-        {
-            assert_eq!(r["state"], "done", "{r}");
-            return r.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no finished rebuild into replica-{replica}: {r:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let r = corral_tests::poll(secs(30), "a finished rebuild", || {
+        Ok(cluster
+            .rebuild_of(engine, replica)?
+            .filter(|r| r["state"] != "running"))
+    })
+    .unwrap_or_else(|e| panic!("replica-{replica}: {e:#}"));
+    assert_eq!(r["state"], "done", "{r}");
+    r
 }
 
 #[test]
@@ -680,11 +673,16 @@ fn a_new_engine_elects_from_what_it_fenced_not_from_an_earlier_look() {
     cluster.proxy(0).set_mode(Mode::BlackHole);
     cluster.proxy(1).set_mode_for(pid_a, Mode::BlackHole);
 
-    // One second in, B starts. It reads the records of replicas 1 and 2 at
-    // once (both generation 1: RW = {0, 1, 2}) and waits the timeout for
-    // replica 0. Meanwhile A records generation 2 on replicas 0 and 2 and
-    // acknowledges writes replica 1 never sees. Only then does B fence.
-    std::thread::sleep(secs(1));
+    // As soon as A's writes are held on the way to replica 1, B starts. It
+    // reads the records of replicas 1 and 2 at once (both generation 1: RW =
+    // {0, 1, 2}) and waits the timeout for replica 0. Meanwhile A records
+    // generation 2 on replicas 0 and 2 and acknowledges writes replica 1
+    // never sees. Only then does B fence.
+    cluster
+        .wait_until(secs(10), "A stalled on replica 1", |c| {
+            c.proxy(1).held() > 0
+        })
+        .unwrap();
     let b = cluster
         .start_engine(&spec("vol", "32MiB", &[0, 1, 2]).via_proxies())
         .unwrap();

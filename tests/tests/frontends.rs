@@ -60,14 +60,12 @@ fn serve_file_round_trips_data_and_passes_fio_verify() {
     .unwrap();
     // SAFETY: SIGTERM to our own child.
     unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = server.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "serve-file ignores SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = corral_tests::wait_exit(
+        &mut server,
+        Duration::from_secs(20),
+        "serve-file to exit on SIGTERM",
+    )
+    .unwrap();
     assert!(status.success(), "clean exit on SIGTERM: {status}");
 }
 
@@ -118,14 +116,12 @@ fn start_dev(dir: &std::path::Path, nbd: &str, listen: &str, port: u16) -> std::
 fn stop_dev(mut child: std::process::Child) {
     // SAFETY: SIGINT (Ctrl-C) to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "corral dev ignores Ctrl-C");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = corral_tests::wait_exit(
+        &mut child,
+        Duration::from_secs(60),
+        "corral dev to exit on Ctrl-C",
+    )
+    .unwrap();
     assert!(status.success(), "clean exit on Ctrl-C: {status}");
 }
 

@@ -92,12 +92,25 @@ fn killing_a_replica_mid_write_loses_nothing() {
             Duration::from_secs(300),
         )
     });
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        !writer.is_finished(),
-        "fio finished before the failure; make it write more"
-    );
+    // Kill it once fio's writes are under way — 4 of the 48 MiB on its disk
+    // — and while they still are.
+    let allocated = |c: &Cluster| {
+        std::fs::metadata(c.head_file(1, "vol")).map_or(0, |m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks() * 512
+        })
+    };
+    cluster
+        .wait_until(Duration::from_secs(60), "fio writing", |c| {
+            allocated(c) >= 4 << 20
+        })
+        .unwrap();
+    let written = allocated(&cluster);
     cluster.replicas[1].process.kill9().unwrap();
+    assert!(
+        !writer.is_finished() && written < 44 << 20,
+        "the kill must land while fio writes ({written} bytes on the replica's disk)"
+    );
 
     writer
         .join()

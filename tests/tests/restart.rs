@@ -117,17 +117,12 @@ fn a_clean_restart_reopens_the_volume_and_refuses_a_size_change() {
     // A different size is refused with a clear error, not silently applied.
     let bigger = EngineSpec::new("vol", "32MiB", &[0, 1]);
     let b = cluster.spawn_engine(&bigger).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = cluster.engines[b].process.exited() {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "engine with a new size kept running"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = corral_tests::poll(
+        Duration::from_secs(30),
+        "the engine with a new size to exit",
+        || Ok(cluster.engines[b].process.exited()),
+    )
+    .unwrap();
     assert!(!status.success());
     let log = cluster.engines[b].process.log_text();
     assert!(log.contains("exists with size 16777216"), "{log}");
