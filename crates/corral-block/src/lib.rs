@@ -11,6 +11,7 @@ use std::future::Future;
 
 use bytes::Bytes;
 
+pub mod accept;
 pub mod file;
 pub mod inline_io;
 pub mod send_queue;

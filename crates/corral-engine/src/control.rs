@@ -16,6 +16,7 @@ use corral_proto::v1::{
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
@@ -62,6 +63,16 @@ impl EngineState {
 
     pub fn set_frontends(&self, frontends: String) {
         *lock(&self.frontends) = frontends;
+    }
+
+    /// The frontends' addresses, once serving.
+    pub fn frontends(&self) -> String {
+        lock(&self.frontends).clone()
+    }
+
+    /// Why the volume is not open yet.
+    pub fn waiting_for(&self) -> String {
+        lock(&self.waiting_for).clone()
     }
 
     /// The replica an operator asked to trust, if any.
@@ -295,16 +306,16 @@ impl EngineControl for ControlService {
     }
 }
 
-/// Serve the control service on `listener` until `shutdown` resolves.
+/// Serve the control service on `listener` until `shutdown` is cancelled.
 pub async fn serve_control(
     listener: TcpListener,
     state: Arc<EngineState>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: CancellationToken,
 ) -> Result<(), EngineError> {
     let incoming = TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
         .add_service(EngineControlServer::new(ControlService::new(state)))
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
     Ok(())
 }

@@ -9,8 +9,19 @@ pub enum EngineError {
     Config(String),
     #[error("replica {addr}: {message}")]
     Replica { addr: String, message: String },
-    #[error("cannot open volume {volume}: {reason}")]
-    Open { volume: String, reason: String },
+    /// The volume cannot be opened yet: worth retrying.
+    #[error("cannot open volume {volume}: {wait}")]
+    Open { volume: String, wait: OpenWait },
+    #[error("cannot open volume {volume} within {after:?}: {wait}")]
+    OpenTimedOut {
+        volume: String,
+        after: std::time::Duration,
+        wait: OpenWait,
+    },
+    #[error("a frontend stopped: {0}")]
+    Frontend(String),
+    #[error("engine task failed: {0}")]
+    Task(String),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -19,6 +30,47 @@ pub enum EngineError {
     },
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+/// Why a volume cannot be opened yet (each is retried until the open
+/// timeout; the same reason is reported once).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OpenWait {
+    #[error("no replica daemon reachable ({0})")]
+    NoneReachable(String),
+    #[error(
+        "only {reachable} of {total} replica daemons reachable; write policy {policy} needs {needed}"
+    )]
+    TooFewToCreate {
+        reachable: usize,
+        total: usize,
+        policy: &'static str,
+        needed: usize,
+    },
+    #[error(
+        "write policy available: waiting for {members} (RW in membership generation {generation}), which may hold the only copy of the last writes; `corral volume salvage --force REPLICA` trusts another"
+    )]
+    AvailableMembers { members: String, generation: u64 },
+    #[error(
+        "write policy quorum: reached {reached} of {members} replicas holding a membership record, need a majority ({needed})"
+    )]
+    Quorum {
+        reached: usize,
+        members: usize,
+        needed: usize,
+    },
+    #[error("no up-to-date replica reachable")]
+    NoUpToDate,
+    #[error(
+        "no replica reached holds a membership record; waiting for {0} (a replica created for a rebuild holds none either)"
+    )]
+    NoRecord(String),
+    #[error("salvage: {0} is not reachable or holds no replica of the volume")]
+    SalvageUnreachable(String),
+    #[error("{replica}: {what}")]
+    Replica { replica: String, what: String },
+    #[error("resync: {0}")]
+    Resync(String),
 }
 
 /// Why one data request to one replica failed.

@@ -20,6 +20,7 @@ pub mod chunk;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod engine;
 pub mod error;
 pub mod locks;
 pub mod members;
@@ -31,5 +32,6 @@ pub mod supervisor;
 pub mod volume;
 
 pub use config::{EngineConfig, WritePolicy};
-pub use error::EngineError;
+pub use engine::{Engine, EngineHandle, EngineOptions, EngineStatus, Frontends, ServingFrontends};
+pub use error::{EngineError, OpenWait};
 pub use volume::Volume;

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use crate::chunk::ChunkMap;
 use crate::client::{ClientSettings, DataOutcome, ReplicaClient, connect_control};
 use crate::config::{EngineConfig, WritePolicy};
-use crate::error::EngineError;
+use crate::error::{EngineError, OpenWait};
 use crate::members::{Members, OpenedMember, OpenedState};
 use crate::replica_set::ReplicaSet;
 use crate::volume::Volume;
@@ -67,11 +67,21 @@ pub fn validate(cfg: &EngineConfig) -> Result<ChunkMap, EngineError> {
     })
 }
 
-fn open_err(cfg: &EngineConfig, reason: impl Into<String>) -> EngineError {
+fn open_err(cfg: &EngineConfig, wait: OpenWait) -> EngineError {
     EngineError::Open {
         volume: cfg.volume.clone(),
-        reason: reason.into(),
+        wait,
     }
+}
+
+fn replica_err(cfg: &EngineConfig, replica: &str, what: impl Into<String>) -> EngineError {
+    open_err(
+        cfg,
+        OpenWait::Replica {
+            replica: replica.to_string(),
+            what: what.into(),
+        },
+    )
 }
 
 async fn probe(cfg: &EngineConfig, addr: &str) -> Probe {
@@ -135,10 +145,10 @@ fn check_policy(
             if !missing.is_empty() {
                 return Err(open_err(
                     cfg,
-                    format!(
-                        "write policy available: waiting for {} (RW in membership generation {generation}), which may hold the only copy of the last writes; `corral volume salvage --force REPLICA` trusts another",
-                        missing.join(", ")
-                    ),
+                    OpenWait::AvailableMembers {
+                        members: missing.join(", "),
+                        generation,
+                    },
                 ));
             }
         }
@@ -161,15 +171,17 @@ fn check_policy(
             if fenced < need {
                 return Err(open_err(
                     cfg,
-                    format!(
-                        "write policy quorum: reached {fenced} of {members} replicas holding a membership record, need a majority ({need})"
-                    ),
+                    OpenWait::Quorum {
+                        reached: fenced,
+                        members,
+                        needed: need,
+                    },
                 ));
             }
         }
     }
     if count == 0 {
-        return Err(open_err(cfg, "no up-to-date replica reachable"));
+        return Err(open_err(cfg, OpenWait::NoUpToDate));
     }
     Ok(())
 }
@@ -189,10 +201,10 @@ pub(crate) fn elect(
         .flatten()
         .max_by_key(|i| record_key(i))
         .cloned()
-        .ok_or_else(|| open_err(cfg, "no replica info"))?;
+        .ok_or_else(|| open_err(cfg, OpenWait::NoUpToDate))?;
     if newest.size != cfg.size {
         return Err(EngineError::Config(format!(
-            "volume {} exists with size {} bytes; --size {} differs (sizes change with `corral volume expand`)",
+            "volume {} exists with size {} bytes; --size {} differs (give the volume's size)",
             cfg.volume, newest.size, cfg.size
         )));
     }
@@ -216,13 +228,7 @@ pub(crate) fn elect(
             .filter(|(_, i)| i.is_none())
             .map(|(a, _)| a.as_str())
             .collect();
-        return Err(open_err(
-            cfg,
-            format!(
-                "no replica reached holds a membership record; waiting for {} (a replica created for a rebuild holds none either)",
-                missing.join(", ")
-            ),
-        ));
+        return Err(open_err(cfg, OpenWait::NoRecord(missing.join(", "))));
     }
     if let Some(trusted) = trust {
         // The operator names the replica to trust (`corral volume salvage --force`).
@@ -234,7 +240,7 @@ pub(crate) fn elect(
         if infos[i].is_none() {
             return Err(open_err(
                 cfg,
-                format!("salvage: {trusted} is not reachable or holds no replica of the volume"),
+                OpenWait::SalvageUnreachable(trusted.to_string()),
             ));
         }
         warn!(volume = %cfg.volume, replica = %trusted,
@@ -300,10 +306,7 @@ pub async fn open_volume(
             .zip(&problems)
             .map(|(a, p)| format!("{a}: {p}"))
             .collect();
-        return Err(open_err(
-            cfg,
-            format!("no replica daemon reachable ({})", detail.join("; ")),
-        ));
+        return Err(open_err(cfg, OpenWait::NoneReachable(detail.join("; "))));
     }
     let total = addrs.len();
     let mut up_to_date = vec![false; total];
@@ -314,11 +317,12 @@ pub async fn open_volume(
         if reachable < cfg.write_policy.min_rw(total) {
             return Err(open_err(
                 cfg,
-                format!(
-                    "only {reachable} of {total} replica daemons reachable; write policy {} needs {}",
-                    cfg.write_policy.as_str(),
-                    cfg.write_policy.min_rw(total)
-                ),
+                OpenWait::TooFewToCreate {
+                    reachable,
+                    total,
+                    policy: cfg.write_policy.as_str(),
+                    needed: cfg.write_policy.min_rw(total),
+                },
             ));
         }
         for i in 0..total {
@@ -333,9 +337,9 @@ pub async fn open_volume(
             };
             let info = tokio::time::timeout(cfg.replica_timeout, control.create_replica(request))
                 .await
-                .map_err(|_| open_err(cfg, format!("{}: create timed out", addrs[i])))?
+                .map_err(|_| replica_err(cfg, &addrs[i], "create timed out"))?
                 .map_err(|s| {
-                    open_err(cfg, format!("{}: create failed: {}", addrs[i], s.message()))
+                    replica_err(cfg, &addrs[i], format!("create failed: {}", s.message()))
                 })?
                 .into_inner();
             info!(volume = %cfg.volume, replica = %addrs[i], "created replica");
@@ -385,7 +389,13 @@ pub async fn open_volume(
         .zip(&infos)
         .any(|(u, i)| *u && i.is_none())
     {
-        return Err(open_err(cfg, "a replica just created could not be opened"));
+        return Err(open_err(
+            cfg,
+            OpenWait::Replica {
+                replica: "a replica just created".into(),
+                what: "could not be opened".into(),
+            },
+        ));
     }
 
     // Data connections to the up-to-date replicas.
@@ -401,7 +411,7 @@ pub async fn open_volume(
         }
         let client = ReplicaClient::connect(&addrs[i], &cfg.volume, &settings)
             .await
-            .map_err(|e| open_err(cfg, format!("{}: {e}", addrs[i])))?;
+            .map_err(|e| replica_err(cfg, &addrs[i], e.to_string()))?;
         clients[i] = Some(Arc::new(client));
     }
 
@@ -444,11 +454,12 @@ pub async fn open_volume(
             client.control().set_membership(request),
         )
         .await
-        .map_err(|_| open_err(cfg, format!("{}: recording membership timed out", addrs[i])))?
+        .map_err(|_| replica_err(cfg, &addrs[i], "recording membership timed out"))?
         .map_err(|s| {
-            open_err(
+            replica_err(
                 cfg,
-                format!("{}: recording membership: {}", addrs[i], s.message()),
+                &addrs[i],
+                format!("recording membership: {}", s.message()),
             )
         })?;
     }
@@ -573,7 +584,7 @@ async fn resync_dirty_regions(
     if regions.is_empty() {
         return Ok(());
     }
-    let fail = |what: String| open_err(cfg, format!("resync: {what}"));
+    let fail = |what: String| open_err(cfg, OpenWait::Resync(what));
     let (source_idx, source) = live[0];
     let mut copied = 0u64;
     for (start, size) in regions {

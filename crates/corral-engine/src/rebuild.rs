@@ -158,15 +158,21 @@ impl RebuildProgress {
     }
 }
 
-/// Why a group could not be copied.
-#[derive(Debug, thiserror::Error)]
-enum CopyError {
+/// Why a rebuild (or one group of it) failed.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum RebuildError {
     /// The target failed: the rebuild stops.
     #[error("target failed: {0}")]
     Target(ReplicaIoError),
     /// No RW replica could serve as the source.
     #[error("no source replica: {0}")]
     NoSource(String),
+    #[error("engine fenced")]
+    Fenced,
+    /// The walk is done but the target may not turn RW (see
+    /// [`crate::members::Members::finish_rebuild`]).
+    #[error(transparent)]
+    Membership(#[from] crate::members::MembershipError),
 }
 
 /// One chunk of a group: its index and byte range.
@@ -331,7 +337,7 @@ async fn copy_group(
     target_id: SlotId,
     group: &[u64],
     target_empty: bool,
-) -> Result<(u64, u64), CopyError> {
+) -> Result<(u64, u64), RebuildError> {
     let set = volume.replica_set();
     let epoch = set.epoch();
     let ranges: Vec<ChunkRange> = group
@@ -358,7 +364,7 @@ async fn copy_group(
                 group_checksums(&source, epoch, &ranges),
                 group_checksums(target, epoch, &ranges)
             );
-            target_sums = Some(t.map_err(CopyError::Target)?);
+            target_sums = Some(t.map_err(RebuildError::Target)?);
             s
         };
         let fetched = async {
@@ -377,11 +383,11 @@ async fn copy_group(
         };
         write_runs(target, epoch, &runs, data)
             .await
-            .map_err(CopyError::Target)?;
+            .map_err(RebuildError::Target)?;
         let copied: u64 = runs.iter().map(|r| r.len).sum();
         return Ok((copied, total - copied));
     }
-    Err(CopyError::NoSource(last))
+    Err(RebuildError::NoSource(last))
 }
 
 /// Walk `plan.chunks` into the WO member `plan.ticket.member`, then turn it RW.
@@ -391,7 +397,7 @@ pub async fn run(
     plan: CatchUpPlan,
     progress: Arc<RebuildProgress>,
     settings: RebuildSettings,
-) -> Result<(), String> {
+) -> Result<(), RebuildError> {
     let CatchUpPlan {
         chunks,
         target_empty,
@@ -408,7 +414,7 @@ pub async fn run(
     // `concurrency` chunks at once: groups of up to GROUP_CHUNKS.
     let group_size = settings.concurrency.clamp(1, GROUP_CHUNKS);
     let groups_in_flight = (settings.concurrency / group_size).max(1);
-    let result: Result<(), String> = async {
+    let result: Result<(), RebuildError> = async {
         // Up to `groups_in_flight` groups at once, reported in order.
         let copies = futures::stream::iter(chunks.chunks(group_size).map(<[u64]>::to_vec))
             .map(|group| {
@@ -440,7 +446,7 @@ pub async fn run(
         futures::pin_mut!(copies);
         while let Some((group, outcome)) = copies.next().await {
             if set.is_fenced() {
-                return Err("engine fenced".to_string());
+                return Err(RebuildError::Fenced);
             }
             match outcome {
                 Ok((copied, skipped)) => {
@@ -450,18 +456,18 @@ pub async fn run(
                     progress.done_bytes.fetch_add(walked, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    if let CopyError::Target(cause) = &e {
+                    if let RebuildError::Target(cause) = &e {
                         let _ = set.handle_failure(id, cause, &[]).await;
                     }
-                    return Err(e.to_string());
+                    return Err(e);
                 }
             }
         }
         target
             .call(0, set.epoch(), Op::Flush(pb::FlushOp {}))
             .await
-            .map_err(|e| format!("flushing the target: {e}"))?;
-        set.finish_rebuild(ticket).await.map_err(|e| e.to_string())
+            .map_err(RebuildError::Target)?;
+        Ok(set.finish_rebuild(ticket).await?)
     }
     .await;
     match &result {
@@ -478,7 +484,7 @@ pub async fn run(
                 .await;
         }
     }
-    progress.finish(result.clone());
+    progress.finish(result.clone().map_err(|e| e.to_string()));
     result
 }
 

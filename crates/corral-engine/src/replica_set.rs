@@ -497,7 +497,7 @@ impl ReplicaSet {
         for (id, result) in futures::future::join_all(calls).await {
             match result {
                 Ok(Ok(_)) => accepted.push(id),
-                Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                Ok(Err(status)) if corral_proto::is_fenced(&status) => {
                     self.mark_fenced(status.message());
                     return None;
                 }

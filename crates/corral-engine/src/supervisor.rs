@@ -22,7 +22,7 @@ use corral_proto::v1::{
     CreateReplicaRequest, GetReplicaRequest, OpenReplicaRequest, ReplicaInfo,
     replica_control_client::ReplicaControlClient,
 };
-use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
@@ -49,18 +49,14 @@ pub struct SupervisorConfig {
 /// the engine issued (a replica that failed one is already ERR). This keeps
 /// the bitmaps — and so a returning replica's catch-up — small on a volume
 /// that has gone idle, without flushing a busy one.
-pub async fn flush_when_idle(
-    volume: Arc<Volume>,
-    period: Duration,
-    mut shutdown: broadcast::Receiver<()>,
-) {
+pub async fn flush_when_idle(volume: Arc<Volume>, period: Duration, shutdown: CancellationToken) {
     let mut last = volume.write_activity().0;
     // Flushes since the last write; two clear its regions.
     let mut flushed = 2u8;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(period) => {}
-            _ = shutdown.recv() => return,
+            _ = shutdown.cancelled() => return,
         }
         let (begun, in_flight) = volume.write_activity();
         if begun != last || in_flight > 0 {
@@ -79,16 +75,12 @@ pub async fn flush_when_idle(
 }
 
 /// Run until `shutdown`.
-pub async fn run(
-    volume: Arc<Volume>,
-    config: SupervisorConfig,
-    mut shutdown: broadcast::Receiver<()>,
-) {
+pub async fn run(volume: Arc<Volume>, config: SupervisorConfig, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(config.retry_interval) => {}
             _ = volume.wake.notified() => {}
-            _ = shutdown.recv() => return,
+            _ = shutdown.cancelled() => return,
         }
         let set = volume.replica_set();
         if set.is_fenced() {
@@ -258,7 +250,7 @@ async fn bring_back(
     };
     let info = match tokio::time::timeout(timeout, control.open_replica(request)).await {
         Ok(Ok(info)) => info.into_inner(),
-        Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+        Ok(Err(status)) if corral_proto::is_fenced(&status) => {
             set.mark_fenced(status.message());
             return Err(Refused(format!("fenced: {}", status.message())));
         }
@@ -309,5 +301,5 @@ async fn bring_back(
         config.rebuild.clone(),
     )
     .await
-    .map_err(Refused)
+    .map_err(|e| Refused(e.to_string()))
 }

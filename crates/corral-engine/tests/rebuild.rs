@@ -11,70 +11,9 @@ use corral_block::BlockDevice;
 use corral_engine::open::open_volume;
 use corral_engine::replica_set::Mode;
 use corral_engine::{EngineConfig, Volume};
-use tokio::net::TcpListener;
-use tokio::sync::{broadcast, oneshot};
 
-struct TestReplica {
-    addr: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    dir: tempfile::TempDir,
-}
-
-impl TestReplica {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let mut r = TestReplica {
-            addr,
-            stop: None,
-            task: None,
-            dir,
-        };
-        r.serve(listener);
-        r
-    }
-
-    fn serve(&mut self, listener: TcpListener) {
-        let (tx, rx) = oneshot::channel::<()>();
-        let path = self.dir.path().to_path_buf();
-        self.stop = Some(tx);
-        self.task = Some(tokio::spawn(async move {
-            corral_replica::serve_listener(listener, path, async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        }));
-    }
-
-    async fn stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), task)
-                .await
-                .expect("replica daemon stops")
-                .unwrap();
-        }
-    }
-
-    async fn restart(&mut self) {
-        let listener = TcpListener::bind(&self.addr).await.unwrap();
-        self.serve(listener);
-    }
-
-    /// Stop, lose every file, come back empty at the same address.
-    async fn wipe(&mut self) {
-        self.stop().await;
-        for entry in std::fs::read_dir(self.dir.path()).unwrap() {
-            std::fs::remove_dir_all(entry.unwrap().path()).unwrap();
-        }
-        self.restart().await;
-    }
-}
+mod common;
+use common::TestReplica;
 
 fn config(reps: &[TestReplica]) -> EngineConfig {
     let mut cfg = EngineConfig::new(
@@ -88,32 +27,35 @@ fn config(reps: &[TestReplica]) -> EngineConfig {
     cfg
 }
 
-async fn start(cfg: &EngineConfig) -> (Arc<Volume>, broadcast::Sender<()>) {
+/// Open the volume and run its supervisor until the returned token is cancelled (or dropped).
+async fn start(cfg: &EngineConfig) -> (Arc<Volume>, tokio_util::sync::DropGuard) {
     let volume = open_volume(cfg, None).await.unwrap();
-    let (stop, rx) = broadcast::channel(1);
+    let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(corral_engine::supervisor::run(
         Arc::clone(&volume),
         cfg.supervisor(),
-        rx,
+        stop.clone(),
     ));
-    (volume, stop)
+    (volume, stop.drop_guard())
 }
 
 async fn wait_all_rw(volume: &Volume, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while volume.replica_set().rw_count() < volume.replica_set().total() {
-        assert!(
-            Instant::now() < deadline,
-            "not all replicas RW after {limit:?}: {:?}",
-            volume
-                .replica_set()
-                .status()
-                .iter()
-                .map(|s| (s.address.clone(), s.mode, s.last_error.clone()))
-                .collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let set = volume.replica_set();
+    common::wait_until(
+        limit,
+        "every replica RW",
+        || set.rw_count() == set.total(),
+        || {
+            format!(
+                "{:?}",
+                set.status()
+                    .iter()
+                    .map(|s| (s.address.clone(), s.mode, s.last_error.clone()))
+                    .collect::<Vec<_>>()
+            )
+        },
+    )
+    .await;
 }
 
 async fn assert_identical(volume: &Volume) {
@@ -352,7 +294,7 @@ async fn a_corrupted_block_is_read_from_another_replica_and_repaired() {
         .await
         .unwrap();
     // Flip a byte of block 3 in replica 0's data file behind its back.
-    let head = reps[0].dir.path().join("vol").join("head.img");
+    let head = reps[0].dir().join("vol").join("head.img");
     let f = std::fs::OpenOptions::new().write(true).open(&head).unwrap();
     f.write_all_at(&[0xff], 3 * 4096 + 17).unwrap();
     drop(f);

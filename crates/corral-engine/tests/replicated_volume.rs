@@ -10,76 +10,12 @@ use corral_block::{BlockDevice, BlockError};
 use corral_engine::client::DataOutcome;
 use corral_engine::open::open_volume;
 use corral_engine::replica_set::Mode;
-use corral_engine::{EngineConfig, EngineError, Volume, WritePolicy};
+use corral_engine::{EngineConfig, EngineError, OpenWait, Volume, WritePolicy};
 use corral_proto::v1::{self as pb, GetReplicaRequest, data_request::Op};
 use rand::{Rng, SeedableRng};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 
-struct TestReplica {
-    addr: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-    _dir: tempfile::TempDir,
-}
-
-fn spawn_daemon(
-    listener: TcpListener,
-    dir: &std::path::Path,
-) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = oneshot::channel::<()>();
-    let path = dir.to_path_buf();
-    let task = tokio::spawn(async move {
-        corral_replica::serve_listener(listener, path, async {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-    });
-    (tx, task)
-}
-
-impl TestReplica {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let (tx, task) = spawn_daemon(listener, dir.path());
-        TestReplica {
-            addr,
-            stop: Some(tx),
-            task,
-            _dir: dir,
-        }
-    }
-
-    /// Start the stopped daemon again on the same address and data dir.
-    async fn restart(&mut self) {
-        let listener = TcpListener::bind(&self.addr).await.unwrap();
-        let (tx, task) = spawn_daemon(listener, self._dir.path());
-        self.stop = Some(tx);
-        self.task = task;
-    }
-
-    /// Stop the daemon (its streams end, its port closes).
-    async fn stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
-            .await
-            .expect("replica daemon stops within 10 s")
-            .unwrap();
-    }
-}
-
-async fn replicas(n: usize) -> Vec<TestReplica> {
-    let mut v = Vec::new();
-    for _ in 0..n {
-        v.push(TestReplica::start().await);
-    }
-    v
-}
+mod common;
+use common::{TestReplica, replicas};
 
 fn config(reps: &[TestReplica], size: u64) -> EngineConfig {
     let mut cfg = EngineConfig::new("vol", size, reps.iter().map(|r| r.addr.clone()).collect());
@@ -248,12 +184,10 @@ async fn available_policy_writes_down_to_the_last_replica_and_waits_for_it_at_op
     reps[0].stop().await;
     reps[1].restart().await;
     match open_volume(&cfg, None).await {
-        Err(EngineError::Open { reason, .. }) => {
-            assert!(
-                reason.contains("waiting for") && reason.contains(&reps[0].addr),
-                "{reason}"
-            )
-        }
+        Err(EngineError::Open {
+            wait: OpenWait::AvailableMembers { members, .. },
+            ..
+        }) => assert!(members.contains(&reps[0].addr), "{members}"),
         Err(other) => panic!("unexpected error {other}"),
         Ok(_) => panic!("opened with no up-to-date replica reachable"),
     }

@@ -17,10 +17,10 @@
 //! # async fn demo(dev: std::sync::Arc<corral_block::FileDevice>) -> Result<(), corral_iscsi::IscsiError> {
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3260").await?;
 //! let target = std::sync::Arc::new(corral_iscsi::IscsiTarget::for_volume("vol0", dev));
-//! let (stop_tx, stop_rx) = tokio::sync::broadcast::channel(1);
-//! let server = tokio::spawn(corral_iscsi::serve(listener, target, stop_rx));
+//! let stop = corral_block::accept::Shutdown::new();
+//! let server = tokio::spawn(corral_iscsi::serve(listener, target, stop.clone()));
 //! // ... later:
-//! let _ = stop_tx.send(());
+//! stop.cancel();
 //! server.await.expect("server task")?;
 //! # Ok(()) }
 //! ```

@@ -17,8 +17,9 @@
 //! reinstates it (the old connection is closed first). A client that breaks
 //! the protocol loses only its own connection.
 //!
-//! Shutdown: when the broadcast fires (or its senders are dropped) the server
-//! stops accepting, connections stop reading, in-flight commands finish and
+//! Connections are accepted by the loop both frontends share
+//! ([`corral_block::accept`]). Shutdown: when the [`Shutdown`] token is
+//! cancelled the server stops accepting, connections stop reading, in-flight commands finish and
 //! their responses are written (for at most
 //! [`ServerConfig::shutdown_grace`]), then sockets close.
 
@@ -32,15 +33,15 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use corral_block::BlockDevice;
+use corral_block::accept::{Shutdown, serve_connections};
 use corral_block::send_queue::SendQueue;
 use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::ReadHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, broadcast, watch};
-use tokio::task::JoinSet;
-use tracing::{Instrument, debug, info, warn};
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
 
 use crate::connection::{
     Action, FullFeature, ScsiCommand, StatusSequencer, TmfRequest, decode_lun, reject,
@@ -162,7 +163,7 @@ impl<D: BlockDevice> IscsiTarget<D> {
 pub async fn serve<D: BlockDevice>(
     listener: TcpListener,
     target: Arc<IscsiTarget<D>>,
-    shutdown: broadcast::Receiver<()>,
+    shutdown: Shutdown,
 ) -> Result<(), IscsiError> {
     IscsiServer::new(vec![target]).run(listener, shutdown).await
 }
@@ -175,7 +176,10 @@ pub struct IscsiServer<D> {
 
 struct SessionEntry {
     tsih: u16,
-    kill: watch::Sender<bool>,
+    /// Cancelled to close the session (reinstatement).
+    kill: Shutdown,
+    /// Resolves (with an error) once the session's connection has ended.
+    closed: oneshot::Receiver<()>,
 }
 
 struct Shared<D> {
@@ -210,21 +214,12 @@ impl<D: BlockDevice> IscsiServer<D> {
         self
     }
 
-    /// Accept and serve connections until `shutdown` fires.
-    pub async fn run(
-        self,
-        listener: TcpListener,
-        mut shutdown: broadcast::Receiver<()>,
-    ) -> Result<(), IscsiError> {
+    /// Accept and serve connections until `shutdown` is cancelled.
+    pub async fn run(self, listener: TcpListener, shutdown: Shutdown) -> Result<(), IscsiError> {
         if self.targets.is_empty() {
             return Err(IscsiError::Config("no targets".into()));
         }
-        let local = listener.local_addr().ok();
-        info!(
-            ?local,
-            targets = self.targets.len(),
-            "iSCSI target listening"
-        );
+        info!(targets = self.targets.len(), "iSCSI target configured");
         let login = Arc::new(LoginConfig {
             targets: self
                 .targets
@@ -250,74 +245,27 @@ impl<D: BlockDevice> IscsiServer<D> {
             next_tsih: AtomicU16::new(1),
             seed: AtomicU64::new(seed),
         });
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let limit = Arc::new(Semaphore::new(shared.config.max_connections.max(1)));
-        let mut conns = JoinSet::new();
-        loop {
-            while let Some(done) = conns.try_join_next() {
-                report_join(done);
-            }
-            let permit = tokio::select! {
-                p = limit.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-                _ = shutdown.recv() => break,
-            };
-            let (stream, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.recv() => break,
-            };
-            if let Err(e) = stream.set_nodelay(true) {
-                debug!(%peer, error = %e, "cannot set TCP_NODELAY");
-            }
-            let shared = Arc::clone(&shared);
-            let stop = stop_rx.clone();
-            conns.spawn(
+        let max = shared.config.max_connections;
+        serve_connections(
+            listener,
+            max,
+            shutdown,
+            "iSCSI target",
+            "iscsi",
+            move |stream, _peer, stop| {
+                let shared = Arc::clone(&shared);
                 async move {
-                    let _permit = permit;
                     match handle_tcp(stream, shared, stop).await {
                         Ok(()) => debug!("connection closed"),
                         Err(IscsiError::Pdu(e)) => warn!(error = %e, "dropping initiator"),
                         Err(e) => debug!(error = %e, "connection ended"),
                     }
                 }
-                .instrument(tracing::info_span!("iscsi", %peer)),
-            );
-        }
-        drop(listener);
-        // Reap connections that already ended, so the count is of live ones.
-        while let Some(done) = conns.try_join_next() {
-            report_join(done);
-        }
-        info!(
-            connections = conns.len(),
-            "iSCSI target shutting down; draining connections"
-        );
-        let _ = stop_tx.send(true);
-        while let Some(done) = conns.join_next().await {
-            report_join(done);
-        }
-        info!("iSCSI target stopped");
+            },
+        )
+        .await;
         Ok(())
     }
-}
-
-fn report_join(r: Result<(), tokio::task::JoinError>) {
-    if let Err(e) = r {
-        warn!(error = %e, "connection task failed");
-    }
-}
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 const READ_CHUNK: usize = 256 << 10;
@@ -334,7 +282,7 @@ fn ensure_spare(buf: &mut BytesMut) {
 async fn handle_tcp<D: BlockDevice>(
     stream: TcpStream,
     shared: Arc<Shared<D>>,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) -> Result<(), IscsiError> {
     let local = stream.local_addr()?;
     handle_connection(stream, local, shared, stop).await
@@ -364,7 +312,10 @@ async fn read_pdu<R: AsyncRead + Unpin>(
 struct LoggedIn {
     outcome: crate::login::LoginOutcome,
     tsih: u16,
-    kill: Option<watch::Receiver<bool>>,
+    /// A normal session's registration: cancelled when it is reinstated
+    /// elsewhere, and the guard whose drop tells the reinstating login that
+    /// this connection has ended.
+    session: Option<(Shutdown, oneshot::Sender<()>)>,
 }
 
 async fn login<D, R, W>(
@@ -411,13 +362,13 @@ where
                         break t;
                     }
                 };
-                let mut kill = None;
+                let mut session = None;
                 if let (SessionType::Normal, Some(t)) = (outcome.session_type, outcome.target) {
                     let nexus = Nexus {
                         initiator: outcome.initiator_name.clone(),
                         isid: outcome.isid,
                     };
-                    kill = Some(register_session(shared, t, nexus, tsih).await);
+                    session = Some(register_session(shared, t, nexus, tsih).await);
                 }
                 resp.set_u16(14, tsih);
                 out.clear();
@@ -426,7 +377,7 @@ where
                 return Ok(Some(LoggedIn {
                     outcome: *outcome,
                     tsih,
-                    kill,
+                    session,
                 }));
             }
         }
@@ -434,31 +385,43 @@ where
 }
 
 /// Register a normal session, reinstating (closing) an older one with the
-/// same initiator port; returns the receiver that closes this session.
+/// same initiator port and waiting (bounded) until its connection has
+/// finished its commands; returns this session's kill token and the guard
+/// to hold while its connection lives.
 async fn register_session<D>(
     shared: &Arc<Shared<D>>,
     target: usize,
     nexus: Nexus,
     tsih: u16,
-) -> watch::Receiver<bool> {
+) -> (Shutdown, oneshot::Sender<()>) {
     let key = (target, nexus);
-    let (tx, rx) = watch::channel(false);
-    let old = shared
-        .sessions()
-        .insert(key.clone(), SessionEntry { tsih, kill: tx });
+    let kill = Shutdown::new();
+    let (alive, closed) = oneshot::channel();
+    let old = shared.sessions().insert(
+        key,
+        SessionEntry {
+            tsih,
+            kill: kill.clone(),
+            closed,
+        },
+    );
     if let Some(old) = old {
         info!(
             old_tsih = old.tsih,
             tsih, "session reinstatement: closing the old session"
         );
-        let _ = old.kill.send(true);
-        // Wait (bounded) for the old connection to finish its commands.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !old.kill.is_closed() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        old.kill.cancel();
+        if tokio::time::timeout(Duration::from_secs(10), old.closed)
+            .await
+            .is_err()
+        {
+            warn!(
+                old_tsih = old.tsih,
+                "the old session did not close in 10 s; going on"
+            );
         }
     }
-    rx
+    (kill, alive)
 }
 
 /// What a SCSI command's future yields.
@@ -508,7 +471,7 @@ async fn handle_connection<D: BlockDevice>(
     mut stream: TcpStream,
     local: SocketAddr,
     shared: Arc<Shared<D>>,
-    mut stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) -> Result<(), IscsiError> {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let timeout = shared.config.login_timeout;
@@ -517,7 +480,7 @@ async fn handle_connection<D: BlockDevice>(
         r = tokio::time::timeout(timeout, login(&mut rd, &mut wr, &mut buf, &shared)) => {
             r.unwrap_or(Err(IscsiError::LoginTimeout))?
         }
-        _ = stopped(&mut stop) => return Ok(()),
+        _ = stop.cancelled() => return Ok(()),
     };
     let Some(logged) = logged else {
         return Ok(());
@@ -586,8 +549,8 @@ async fn handle_connection<D: BlockDevice>(
             wr.as_ref(),
             &mut buf,
             &mut inflight,
-            &mut stop,
-            logged.kill,
+            &stop,
+            logged.session.as_ref().map(|(kill, _)| kill.clone()),
         )
         .await
     };
@@ -637,16 +600,11 @@ impl<'a, D: BlockDevice> Conn<'a, D> {
         stream: &TcpStream,
         buf: &mut BytesMut,
         inflight: &mut FuturesUnordered<CmdFuture<'a>>,
-        stop: &mut watch::Receiver<bool>,
-        kill: Option<watch::Receiver<bool>>,
+        stop: &Shutdown,
+        kill: Option<Shutdown>,
     ) -> Result<(), IscsiError> {
-        let (_keep, mut kill) = match kill {
-            Some(k) => (None, k),
-            None => {
-                let (tx, rx) = watch::channel(false);
-                (Some(tx), rx)
-            }
-        };
+        // A discovery session is never reinstated: a token nobody cancels.
+        let kill = kill.unwrap_or_default();
         let mut last_rx = Instant::now();
         let mut ping_ttt: u32 = 0x4000_0000;
         loop {
@@ -737,8 +695,8 @@ impl<'a, D: BlockDevice> Conn<'a, D> {
                         self.ping = Some((ping_ttt, Instant::now()));
                     }
                 }
-                _ = stopped(stop), if open => self.end(Ok(())),
-                _ = kill.wait_for(|k| *k), if open => {
+                _ = stop.cancelled(), if open => self.end(Ok(())),
+                _ = kill.cancelled(), if open => {
                     info!("session reinstated elsewhere; closing this connection");
                     self.end(Ok(()));
                 }

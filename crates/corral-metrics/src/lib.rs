@@ -7,6 +7,7 @@
 //! counters and histograms. Metric names are listed in docs/metrics.md.
 
 use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
 
 use axum::Router;
 use axum::extract::State;
@@ -63,11 +64,11 @@ async fn metrics(State(exporter): State<Arc<Exporter>>) -> impl IntoResponse {
     }
 }
 
-/// Serve `GET /metrics` on `listener` until `shutdown` resolves.
+/// Serve `GET /metrics` on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     exporter: Arc<Exporter>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
@@ -76,7 +77,7 @@ pub async fn serve(
         tracing::info!(%addr, "metrics on http://{addr}/metrics");
     }
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }
 

@@ -22,14 +22,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = FileDevice::open(path.as_ref(), Some(size), 512)?;
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     eprintln!("serving {path} as nbd://{}/{name}", listener.local_addr()?);
-    let (stop_tx, stop_rx) = tokio::sync::broadcast::channel(1);
+    let stop = corral_block::accept::Shutdown::new();
     let server = tokio::spawn(serve(
         listener,
         Arc::new(Exports::single(name, Arc::new(device))),
-        stop_rx,
+        stop.clone(),
     ));
     tokio::signal::ctrl_c().await?;
-    let _ = stop_tx.send(());
+    stop.cancel();
     server.await??;
     Ok(())
 }

@@ -16,10 +16,10 @@
 //! # async fn demo(dev: std::sync::Arc<corral_block::FileDevice>) -> Result<(), corral_nbd::NbdError> {
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:10809").await?;
 //! let exports = std::sync::Arc::new(corral_nbd::Exports::single("vol0", dev));
-//! let (stop_tx, stop_rx) = tokio::sync::broadcast::channel(1);
-//! let server = tokio::spawn(corral_nbd::serve(listener, exports, stop_rx));
+//! let stop = corral_block::accept::Shutdown::new();
+//! let server = tokio::spawn(corral_nbd::serve(listener, exports, stop.clone()));
 //! // ... later:
-//! let _ = stop_tx.send(());
+//! stop.cancel();
 //! server.await.expect("server task")?;
 //! # Ok(()) }
 //! ```

@@ -13,11 +13,12 @@
 //! yet written) is used up, so memory per connection stays bounded even when
 //! the client reads slowly.
 //!
-//! Connections are bounded by a server-wide semaphore. A client that breaks
-//! the protocol or disconnects loses only its own connection.
+//! Connections are accepted by the loop both frontends share
+//! ([`corral_block::accept`]), bounded in number. A client that breaks the
+//! protocol or disconnects loses only its own connection.
 //!
-//! Shutdown: when the broadcast fires (or its senders are dropped) the server
-//! stops accepting, connections stop reading new requests, in-flight requests
+//! Shutdown: when the [`Shutdown`] token is cancelled the server stops
+//! accepting, connections stop reading new requests, in-flight requests
 //! finish and their replies are written (for at most
 //! [`ServerConfig::shutdown_grace`]), then sockets close; [`serve`] returns
 //! once every connection is gone.
@@ -27,15 +28,14 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use corral_block::BlockDevice;
+use corral_block::accept::{Shutdown, serve_connections};
 use corral_block::send_queue::SendQueue;
 use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::ReadHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, broadcast, watch};
-use tokio::task::JoinSet;
-use tracing::{Instrument, debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::error::NbdError;
 use crate::export::Exports;
@@ -82,12 +82,12 @@ pub struct NbdServer<D> {
 }
 
 /// Serve `exports` on `listener` with the default [`ServerConfig`] until
-/// `shutdown` fires (or all its senders are dropped); returns once every
-/// connection has finished its in-flight requests and closed.
+/// `shutdown` is cancelled; returns once every connection has finished its
+/// in-flight requests and closed.
 pub async fn serve<D: BlockDevice>(
     listener: TcpListener,
     exports: Arc<Exports<D>>,
-    shutdown: broadcast::Receiver<()>,
+    shutdown: Shutdown,
 ) -> Result<(), NbdError> {
     NbdServer::new(exports).run(listener, shutdown).await
 }
@@ -107,54 +107,23 @@ impl<D: BlockDevice> NbdServer<D> {
         self
     }
 
-    /// Accept and serve connections until `shutdown` fires; see [`serve`].
-    pub async fn run(
-        self,
-        listener: TcpListener,
-        mut shutdown: broadcast::Receiver<()>,
-    ) -> Result<(), NbdError> {
+    /// Accept and serve connections until `shutdown` is cancelled; see [`serve`].
+    pub async fn run(self, listener: TcpListener, shutdown: Shutdown) -> Result<(), NbdError> {
         self.exports.validate()?;
-        let local = listener.local_addr().ok();
-        info!(?local, exports = self.exports.len(), "NBD server listening");
         let shared = Arc::new(Shared {
             exports: self.exports,
             config: self.config,
         });
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let limit = Arc::new(Semaphore::new(shared.config.max_connections.max(1)));
-        let mut conns = JoinSet::new();
-
-        loop {
-            while let Some(done) = conns.try_join_next() {
-                report_join(done);
-            }
-            let permit = tokio::select! {
-                p = limit.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-                _ = shutdown.recv() => break,
-            };
-            let (stream, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Usually EMFILE or a connection reset before accept.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.recv() => break,
-            };
-            if let Err(e) = stream.set_nodelay(true) {
-                debug!(%peer, error = %e, "cannot set TCP_NODELAY");
-            }
-            let shared = Arc::clone(&shared);
-            let stop = stop_rx.clone();
-            conns.spawn(
+        let max = shared.config.max_connections;
+        serve_connections(
+            listener,
+            max,
+            shutdown,
+            "NBD server",
+            "nbd",
+            move |stream, _peer, stop| {
+                let shared = Arc::clone(&shared);
                 async move {
-                    let _permit = permit;
                     debug!("connection accepted");
                     match handle_connection(stream, shared, stop).await {
                         Ok(()) => debug!("connection closed"),
@@ -162,42 +131,16 @@ impl<D: BlockDevice> NbdServer<D> {
                         Err(e) => debug!(error = %e, "connection ended"),
                     }
                 }
-                .instrument(tracing::info_span!("nbd", %peer)),
-            );
-        }
-
-        drop(listener);
-        // Reap connections that already ended, so the count is of live ones.
-        while let Some(done) = conns.try_join_next() {
-            report_join(done);
-        }
-        info!(
-            connections = conns.len(),
-            "NBD server shutting down; draining connections"
-        );
-        let _ = stop_tx.send(true);
-        while let Some(done) = conns.join_next().await {
-            report_join(done);
-        }
-        info!("NBD server stopped");
+            },
+        )
+        .await;
         Ok(())
-    }
-}
-
-fn report_join(r: Result<(), tokio::task::JoinError>) {
-    if let Err(e) = r {
-        warn!(error = %e, "connection task failed");
     }
 }
 
 struct Shared<D> {
     exports: Arc<Exports<D>>,
     config: ServerConfig,
-}
-
-/// Resolves once the server is stopping (or gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 const READ_CHUNK: usize = 256 << 10;
@@ -213,7 +156,7 @@ fn ensure_spare(buf: &mut BytesMut) {
 async fn handle_connection<D: BlockDevice>(
     mut stream: TcpStream,
     shared: Arc<Shared<D>>,
-    mut stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) -> Result<(), NbdError> {
     let (mut rd, mut wr) = stream.split();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
@@ -229,7 +172,7 @@ async fn handle_connection<D: BlockDevice>(
         r = tokio::time::timeout(timeout, negotiate(&mut hs, &mut rd, &mut wr, &mut buf)) => {
             r.unwrap_or(Err(NbdError::HandshakeTimeout))
         }
-        _ = stopped(&mut stop) => return Ok(()),
+        _ = stop.cancelled() => return Ok(()),
     };
     let negotiated = match outcome {
         Ok(Some(n)) => n,
@@ -339,7 +282,7 @@ async fn transmission<D: BlockDevice>(
     stream: &TcpStream,
     mut buf: BytesMut,
     config: &ServerConfig,
-    mut stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) -> Result<(), NbdError> {
     let decoder = RequestDecoder::new(negotiated.size, negotiated.structured_replies);
     let encoder = ReplyEncoder::new(negotiated.structured_replies);
@@ -462,7 +405,7 @@ async fn transmission<D: BlockDevice>(
                 }
                 return finish(ending.take().map_or(Ok(End::Shutdown), |e| e.result));
             }
-            _ = stopped(&mut stop), if open => end(&mut ending, Ok(End::Shutdown)),
+            _ = stop.cancelled(), if open => end(&mut ending, Ok(End::Shutdown)),
         }
     }
 }
@@ -636,9 +579,8 @@ mod tests {
             exports: Arc::new(Exports::single("mem", Arc::new(dev))),
             config: ServerConfig::default(),
         });
-        let (_stop_tx, stop_rx) = watch::channel(false);
         let (mut client, server) = loopback_pair().await;
-        let task = tokio::spawn(handle_connection(server, shared, stop_rx));
+        let task = tokio::spawn(handle_connection(server, shared, Shutdown::new()));
         client_go(&mut client, "mem").await;
 
         // Pipeline: 8 writes, then a flush, without waiting.
@@ -695,9 +637,8 @@ mod tests {
             exports: Arc::new(Exports::single("mem", Arc::new(dev))),
             config: ServerConfig::default(),
         });
-        let (_stop_tx, stop_rx) = watch::channel(false);
         let (mut client, server) = loopback_pair().await;
-        let task = tokio::spawn(handle_connection(server, shared, stop_rx));
+        let task = tokio::spawn(handle_connection(server, shared, Shutdown::new()));
         client_go(&mut client, "").await;
         client.write_all(&[0xffu8; 64]).await.unwrap();
         let r = task.await.unwrap();

@@ -23,8 +23,9 @@ use corral_proto::v1::{
 };
 use corral_store::StoreError;
 use futures::Stream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
@@ -34,16 +35,16 @@ use crate::registry::{HostedReplica, OpenState, ReplicaRegistry};
 /// Implements `corral.v1.ReplicaData`.
 pub struct DataService {
     registry: Arc<ReplicaRegistry>,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     metrics: ReplicaMetrics,
 }
 
 impl DataService {
-    /// `stop` turning true ends every open stream (daemon shutdown), so that
+    /// `stop` cancelled ends every open stream (daemon shutdown), so that
     /// the server's graceful shutdown does not wait for engines to hang up.
     pub fn new(
         registry: Arc<ReplicaRegistry>,
-        stop: watch::Receiver<bool>,
+        stop: CancellationToken,
         metrics: ReplicaMetrics,
     ) -> Self {
         DataService {
@@ -83,13 +84,13 @@ impl ReplicaData for DataService {
         let session = hosted.current_open().session;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<DataReplyBatch, Status>>(REPLY_QUEUE);
-        let mut stop = self.stop.clone();
+        let stop = self.stop.clone();
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
             loop {
                 let message = tokio::select! {
                     m = inbound.message() => m,
-                    _ = stop.wait_for(|s| *s) => {
+                    _ = stop.cancelled() => {
                         debug!(volume = %hosted.volume, "daemon stopping: ending data stream");
                         break;
                     }

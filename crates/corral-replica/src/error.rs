@@ -55,7 +55,7 @@ impl From<ReplicaError> for tonic::Status {
             ReplicaError::NotOpen { .. } => tonic::Status::unavailable(msg),
             ReplicaError::Store { source, .. } => match source {
                 StoreError::StaleEpoch { .. } | StoreError::StaleGeneration { .. } => {
-                    tonic::Status::failed_precondition(msg)
+                    corral_proto::fenced_status(msg)
                 }
                 StoreError::Invalid(_) | StoreError::OutOfRange { .. } => {
                     tonic::Status::invalid_argument(msg)

@@ -9,8 +9,8 @@ use std::time::Duration;
 use corral_proto::v1::replica_control_server::ReplicaControlServer;
 use corral_proto::v1::replica_data_server::ReplicaDataServer;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::control::ControlService;
@@ -40,7 +40,7 @@ pub const BUSY_SYNC_INTERVAL: Duration = Duration::from_secs(30);
 /// Run a replica daemon until `shutdown` resolves, then close every replica cleanly.
 pub async fn serve(
     config: ReplicaServerConfig,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: CancellationToken,
 ) -> Result<(), ReplicaError> {
     let listener =
         TcpListener::bind(config.listen)
@@ -56,7 +56,7 @@ pub async fn serve(
 pub async fn serve_listener(
     listener: TcpListener,
     data_dir: PathBuf,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: CancellationToken,
 ) -> Result<(), ReplicaError> {
     serve_with_metrics(listener, data_dir, None, shutdown).await
 }
@@ -66,7 +66,7 @@ pub async fn serve_with_metrics(
     listener: TcpListener,
     data_dir: PathBuf,
     metrics: Option<TcpListener>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: CancellationToken,
 ) -> Result<(), ReplicaError> {
     let dir = data_dir.clone();
     let registry = Arc::new(
@@ -89,11 +89,6 @@ pub async fn serve_with_metrics(
         })
     });
     let max = corral_proto::MAX_MESSAGE_BYTES;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
     let mut registry_metrics = corral_metrics::Registry::default();
     let replica_metrics = ReplicaMetrics::register(&mut registry_metrics);
     if let Some(listener) = metrics {
@@ -101,12 +96,9 @@ pub async fn serve_with_metrics(
         let hosted = Arc::clone(&registry);
         let exporter =
             corral_metrics::Exporter::new(registry_metrics, move || refreshed.refresh(&hosted));
-        let mut stop = stop_rx.clone();
+        let stop = shutdown.clone();
         tokio::spawn(async move {
-            let done = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            if let Err(e) = corral_metrics::serve(listener, exporter, done).await {
+            if let Err(e) = corral_metrics::serve(listener, exporter, stop).await {
                 tracing::warn!(error = %e, "metrics endpoint stopped");
             }
         });
@@ -118,7 +110,7 @@ pub async fn serve_with_metrics(
     // engine's flushes may (see `ReplicaStore::sync`).
     {
         let registry = Arc::clone(&registry);
-        let mut stop = stop_rx.clone();
+        let stop = shutdown.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(IDLE_SYNC_AFTER);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -134,7 +126,7 @@ pub async fn serve_with_metrics(
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
-                    _ = stop.wait_for(|s| *s) => return,
+                    _ = stop.cancelled() => return,
                 }
                 let hosted_now = registry.all();
                 seen.retain(|v, _| hosted_now.iter().any(|h| &h.volume == v));
@@ -163,10 +155,6 @@ pub async fn serve_with_metrics(
             }
         });
     }
-    let mut server_stop = stop_rx.clone();
-    let server_stop = async move {
-        let _ = server_stop.wait_for(|s| *s).await;
-    };
     let result = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -179,13 +167,13 @@ pub async fn serve_with_metrics(
         .add_service(
             ReplicaDataServer::new(DataService::new(
                 Arc::clone(&registry),
-                stop_rx,
+                shutdown.clone(),
                 replica_metrics,
             ))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
         )
-        .serve_with_incoming_shutdown(incoming, server_stop)
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await;
     let closing = Arc::clone(&registry);
     tokio::task::spawn_blocking(move || closing.close_all())

@@ -11,13 +11,13 @@ use corral_proto::v1::{
     replica_data_client::ReplicaDataClient,
 };
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 struct Daemon {
     addr: String,
-    stop: Option<oneshot::Sender<()>>,
+    stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<()>,
     dir: tempfile::TempDir,
 }
@@ -25,18 +25,17 @@ struct Daemon {
 async fn start(dir: tempfile::TempDir) -> Daemon {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = oneshot::channel::<()>();
+    let stop = tokio_util::sync::CancellationToken::new();
     let path = dir.path().to_path_buf();
+    let serving = stop.clone();
     let task = tokio::spawn(async move {
-        corral_replica::serve_listener(listener, path, async {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
+        corral_replica::serve_listener(listener, path, serving)
+            .await
+            .unwrap();
     });
     Daemon {
         addr,
-        stop: Some(tx),
+        stop,
         task,
         dir,
     }
@@ -44,7 +43,7 @@ async fn start(dir: tempfile::TempDir) -> Daemon {
 
 impl Daemon {
     async fn stop(mut self) -> tempfile::TempDir {
-        let _ = self.stop.take().unwrap().send(());
+        self.stop.cancel();
         tokio::time::timeout(Duration::from_secs(10), &mut self.task)
             .await
             .expect("daemon stops")
@@ -323,9 +322,11 @@ async fn a_restarted_daemon_not_yet_reopened_is_not_a_newer_engine() {
     };
     let e = control.set_membership(request(7)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
-    // An older engine is fenced, as before.
+    // An older engine is fenced, as before, and told so in a way it can
+    // check without reading the message.
     let e = control.set_membership(request(6)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(corral_proto::is_fenced(&e), "{e:?}");
     drop(control);
     daemon.stop().await;
 }

@@ -15,7 +15,6 @@ use corral_proto::v1::{
 };
 use tokio::process::{Child, Command};
 
-use crate::shutdown::Shutdown;
 use crate::units::parse_size;
 
 #[derive(Args, Debug)]
@@ -199,7 +198,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if args.replicas == 0 || args.replicas > 9 {
         bail!("--replicas must be between 1 and 9");
     }
-    let shutdown = Shutdown::install()?;
+    let shutdown = crate::shutdown::install()?;
     let exe = std::env::current_exe().context("locating the corral binary")?;
     let logs = args.dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
@@ -227,10 +226,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         replicas.push(spawn(&exe, &format!("replica-{i}"), &argv, &logs)?);
         addrs.push(addr);
     }
-    let mut stop_rx = shutdown.subscribe();
     let replicas_up = tokio::select! {
         r = wait_replicas(&addrs, &mut replicas) => r,
-        _ = stop_rx.recv() => Err(anyhow::anyhow!("interrupted")),
+        _ = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted")),
     };
     if let Err(e) = replicas_up {
         for p in replicas.iter_mut() {
@@ -259,7 +257,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     let ready = tokio::select! {
         r = wait_ready(args.listen, &mut procs) => r,
-        _ = stop_rx.recv() => Err(anyhow::anyhow!("interrupted")),
+        _ = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted")),
     };
     let outcome = match ready {
         Ok(()) => {
@@ -284,7 +282,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             // Serve until Ctrl-C, or until a process dies on its own.
             loop {
                 tokio::select! {
-                    _ = stop_rx.recv() => break Ok(()),
+                    _ = shutdown.cancelled() => break Ok(()),
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {
                         if let Err(e) = check_alive(&mut procs).await {
                             break Err(e);

@@ -2,19 +2,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use corral_block::BlockDevice;
-use corral_engine::control::EngineState;
-use corral_engine::{EngineConfig, EngineError, WritePolicy, open::open_volume};
+use corral_engine::{Engine, EngineConfig, EngineOptions, WritePolicy};
 use tokio::net::TcpListener;
-use tracing::{info, warn};
 
-use crate::frontends::{FrontendListeners, read_chap_file};
-use crate::shutdown::Shutdown;
+use crate::frontends::{EngineFrontends, FrontendListeners, read_chap_file};
 use crate::units::{parse_duration, parse_size};
 
 #[derive(Args, Debug)]
@@ -109,119 +104,32 @@ impl EngineArgs {
     }
 }
 
-/// How long a volume must stay without writes before each idle flush.
-const IDLE_FLUSH_PERIOD: Duration = Duration::from_secs(3);
-
 pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
     let cfg = args.config()?;
-    let shutdown = Shutdown::install()?;
+    let shutdown = crate::shutdown::install()?;
     // Bind every listener first: a busy port is an immediate, clear error.
     let control = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("control listener on {}", args.listen))?;
     let chap = args.iscsi_chap.as_deref().map(read_chap_file).transpose()?;
     let listeners = FrontendListeners::bind(args.nbd, args.iscsi).await?;
-
-    // The control service answers from now on: while the volume cannot be
-    // opened yet, `corral volume info` says why, and `salvage` can help.
-    let state = EngineState::new(cfg.clone());
-    let control_task = tokio::spawn(corral_engine::control::serve_control(
-        control,
-        Arc::clone(&state),
-        shutdown.signalled(),
-    ));
-
-    let mut registry = corral_metrics::Registry::default();
-    let engine_metrics = corral_engine::metrics::EngineMetrics::register(&mut registry);
-    if let Some(addr) = args.metrics {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("metrics listener on {addr}"))?;
-        let refreshed = engine_metrics.clone();
-        let seen = Arc::clone(&state);
-        let exporter = corral_metrics::Exporter::new(registry, move || {
-            if let Some(v) = seen.volume() {
-                refreshed.refresh(v);
-            }
-        });
-        tokio::spawn(corral_metrics::serve(
-            listener,
-            exporter,
-            shutdown.signalled(),
-        ));
-    }
-
-    let volume = {
-        let mut stop = shutdown.subscribe();
-        tokio::select! {
-            v = open_with_retry(&cfg, &state, args.open_timeout) => v?,
-            _ = stop.recv() => return Ok(()),
-        }
+    let metrics = match args.metrics {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics listener on {addr}"))?,
+        ),
+        None => None,
     };
-    state.set_volume(Arc::clone(&volume));
-    let supervisor = tokio::spawn(corral_engine::supervisor::run(
-        Arc::clone(&volume),
-        cfg.supervisor(),
-        shutdown.subscribe(),
-    ));
-    // Two flushes after the volume goes quiet let the replicas clear their
-    // write-intent bitmaps (see `flush_when_idle`).
-    tokio::spawn(corral_engine::supervisor::flush_when_idle(
-        Arc::clone(&volume),
-        IDLE_FLUSH_PERIOD,
-        shutdown.subscribe(),
-    ));
-
-    // The frontends serve the volume through a wrapper that counts and times every I/O.
-    let metered = Arc::new(corral_engine::metrics::Metered::new(
-        Arc::clone(&volume),
-        engine_metrics.clone(),
-    ));
-    let serving = listeners.serve(&cfg.volume, metered, chap, &shutdown)?;
-    let frontends = serving.uris.join(" ");
-    info!(volume = %cfg.volume, size = volume.size(), control = %args.listen, frontends = %frontends, "engine serving");
-    state.set_frontends(frontends);
-    for e in serving.wait().await? {
-        warn!(error = %e, "frontend stopped with an error");
-    }
-    control_task.await??;
-    let _ = supervisor.await;
-    // Make everything acknowledged durable before leaving.
-    if let Err(e) = volume.flush().await {
-        warn!(error = %e, "final flush failed");
-    }
-    volume.replica_set().shutdown();
-    info!("engine stopped");
+    let frontends = EngineFrontends {
+        listeners,
+        name: cfg.volume.clone(),
+        chap,
+    };
+    let mut options = EngineOptions::new(cfg, control);
+    options.metrics = metrics;
+    options.open_timeout = args.open_timeout;
+    let engine = Engine::start(options, Box::new(frontends), shutdown);
+    engine.wait().await?;
     Ok(())
-}
-
-async fn open_with_retry(
-    cfg: &EngineConfig,
-    state: &EngineState,
-    limit: Duration,
-) -> anyhow::Result<Arc<corral_engine::Volume>> {
-    let start = Instant::now();
-    let mut last_reason = String::new();
-    loop {
-        let trust = state.salvage_target();
-        match open_volume(cfg, trust.as_deref()).await {
-            Ok(v) => return Ok(v),
-            Err(EngineError::Open { reason, .. }) => {
-                if reason != last_reason {
-                    warn!(volume = %cfg.volume, %reason, "cannot open the volume yet; retrying");
-                    state.set_waiting_for(&reason);
-                    last_reason = reason.clone();
-                }
-                if start.elapsed() >= limit {
-                    bail!(
-                        "cannot open volume {} within {:?}: {reason}",
-                        cfg.volume,
-                        limit
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(other) => return Err(other.into()),
-        }
-    }
 }

@@ -9,7 +9,6 @@ use corral_block::{BlockDevice, FileDevice};
 use tracing::info;
 
 use crate::frontends::{FrontendListeners, read_chap_file};
-use crate::shutdown::Shutdown;
 
 pub async fn run(
     file: PathBuf,
@@ -32,7 +31,7 @@ pub async fn run(
             .context("cannot derive an export name from the file name; give --name")?,
     };
     let device = Arc::new(FileDevice::open(&file, size, block_size)?);
-    let shutdown = Shutdown::install()?;
+    let shutdown = crate::shutdown::install()?;
     let chap = iscsi_chap.as_deref().map(read_chap_file).transpose()?;
     let listeners = FrontendListeners::bind(nbd, iscsi).await?;
     let serving = listeners.serve(&name, Arc::clone(&device), chap, &shutdown)?;

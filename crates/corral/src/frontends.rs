@@ -1,6 +1,7 @@
 //! The frontends a process serves one block device on: NBD and iSCSI
 //! listeners, bound up front (a busy port is an immediate, clear error) and
-//! then served until shutdown. Shared by `corral engine` and `corral serve-file`.
+//! then served until shutdown. Shared by `corral engine` (as the engine's
+//! [`corral_engine::Frontends`]) and `corral serve-file`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use corral_iscsi::ChapConfig;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::shutdown::Shutdown;
+use corral_block::accept::Shutdown;
 
 /// Bound, not yet serving, frontend listeners.
 pub struct FrontendListeners {
@@ -65,7 +66,7 @@ impl FrontendListeners {
                 name.to_string(),
                 Arc::clone(&device),
             ));
-            let stop = shutdown.subscribe();
+            let stop = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 corral_nbd::serve(listener, exports, stop)
                     .await
@@ -80,7 +81,7 @@ impl FrontendListeners {
             }
             let target = Arc::new(target);
             uris.push(format!("iscsi://{addr}/{}/0", target.name()));
-            let stop = shutdown.subscribe();
+            let stop = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 corral_iscsi::serve(listener, target, stop)
                     .await
@@ -101,6 +102,37 @@ impl Frontends {
             }
         }
         Ok(errors)
+    }
+}
+
+/// The NBD and iSCSI frontends of an engine, bound and waiting for the
+/// volume to open.
+pub struct EngineFrontends {
+    pub listeners: FrontendListeners,
+    pub name: String,
+    pub chap: Option<ChapConfig>,
+}
+
+impl corral_engine::Frontends for EngineFrontends {
+    fn serve(
+        self: Box<Self>,
+        volume: Arc<corral_engine::metrics::Metered<corral_engine::Volume>>,
+        stop: Shutdown,
+    ) -> Result<corral_engine::ServingFrontends, corral_engine::EngineError> {
+        let serving = self
+            .listeners
+            .serve(&self.name, volume, self.chap, &stop)
+            .map_err(|e| corral_engine::EngineError::Frontend(format!("{e:#}")))?;
+        let uris = serving.uris.clone();
+        Ok(corral_engine::ServingFrontends {
+            uris,
+            stopped: Box::pin(async move {
+                match serving.wait().await {
+                    Ok(errors) => errors.iter().map(|e| format!("{e:#}")).collect(),
+                    Err(e) => vec![format!("{e:#}")],
+                }
+            }),
+        })
     }
 }
 

@@ -162,7 +162,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             metrics,
         } => {
-            let shutdown = shutdown::Shutdown::install()?;
+            let shutdown = shutdown::install()?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("listen on {listen}: {e}"))?;
@@ -174,8 +174,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 None => None,
             };
-            corral_replica::serve_with_metrics(listener, data_dir, metrics, shutdown.signalled())
-                .await?;
+            corral_replica::serve_with_metrics(listener, data_dir, metrics, shutdown).await?;
             Ok(())
         }
         Command::Engine(args) => cmd_engine::run(args).await,

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use corral_block::FileDevice;
+use corral_block::accept::Shutdown;
 use corral_nbd::{Exports, NbdError, NbdServer, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 /// Bound on any single network step in a test.
@@ -30,7 +30,7 @@ pub async fn t<F: Future>(f: F) -> F::Output {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub paths: Vec<PathBuf>,
-    stop: broadcast::Sender<()>,
+    stop: Shutdown,
     handle: JoinHandle<Result<(), NbdError>>,
     _dir: tempfile::TempDir,
 }
@@ -53,9 +53,9 @@ impl TestServer {
         }
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
-        let (stop, rx) = broadcast::channel(1);
+        let stop = Shutdown::new();
         let server = NbdServer::new(Arc::new(set)).with_config(config);
-        let handle = tokio::spawn(server.run(listener, rx));
+        let handle = tokio::spawn(server.run(listener, stop.clone()));
         TestServer {
             addr,
             paths,
@@ -72,7 +72,7 @@ impl TestServer {
     /// Signal shutdown and wait (bounded) for the server to finish. Returns
     /// the directory holding the backing files, which lives as long as it does.
     pub async fn shutdown(self) -> tempfile::TempDir {
-        let _ = self.stop.send(());
+        self.stop.cancel();
         let r = tokio::time::timeout(Duration::from_secs(20), self.handle)
             .await
             .expect("server did not shut down in time")
