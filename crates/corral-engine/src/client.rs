@@ -6,22 +6,25 @@
 //! batched (up to `MAX_BATCH_REQUESTS` or `MAX_BATCH_BYTES` per message) and
 //! pipelined (matched by id), with a bounded number in flight per stream.
 //!
-//! All channels are built in [`endpoint`], the one place where TLS would go.
+//! All channels are built by [`corral_client::endpoint`], the one place
+//! where TLS will go; control calls go through [`corral_client::ReplicaControl`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use corral_client::ReplicaControl;
 use corral_proto::v1::{
     DataErrorCode, DataReply, DataRequest, DataRequestBatch, data_reply, data_request,
-    replica_control_client::ReplicaControlClient, replica_data_client::ReplicaDataClient,
+    replica_data_client::ReplicaDataClient,
 };
 use corral_proto::{MAX_BATCH_BYTES, MAX_BATCH_REQUESTS, MAX_MESSAGE_BYTES};
+use corral_types::Epoch;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::debug;
 
 use crate::error::ReplicaIoError;
@@ -79,40 +82,20 @@ pub struct ClientSettings {
 pub struct ReplicaClient {
     addr: String,
     volume: String,
-    control: ReplicaControlClient<Channel>,
+    control: ReplicaControl,
     streams: Vec<DataStream>,
     timeout: Duration,
     broken: Arc<AtomicBool>,
 }
 
-/// Build the channel endpoint for a replica daemon (TLS would be added here).
-pub fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint, ReplicaIoError> {
-    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(uri)
-        .map_err(|e| ReplicaIoError::Rejected(format!("bad replica address {addr:?}: {e}")))?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true)
-        .initial_stream_window_size(16 << 20)
-        .initial_connection_window_size(64 << 20)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(timeout)
-        .keep_alive_while_idle(true))
-}
-
-/// Connect a control client only (no data streams).
+/// The control service of the replica daemon at `addr` (no data streams).
 pub async fn connect_control(
     addr: &str,
     timeout: Duration,
-) -> Result<ReplicaControlClient<Channel>, ReplicaIoError> {
-    let channel = endpoint(addr, timeout)?
-        .connect()
+) -> Result<ReplicaControl, ReplicaIoError> {
+    ReplicaControl::connect(addr, timeout)
         .await
-        .map_err(|e| ReplicaIoError::Unreachable(format!("{addr}: {e}")))?;
-    Ok(ReplicaControlClient::new(channel))
+        .map_err(|e| ReplicaIoError::Unreachable(e.to_string()))
 }
 
 impl ReplicaClient {
@@ -126,10 +109,9 @@ impl ReplicaClient {
         let broken = Arc::new(AtomicBool::new(false));
         let mut streams = Vec::with_capacity(settings.streams);
         for _ in 0..settings.streams.max(1) {
-            let channel = endpoint(addr, settings.timeout)?
-                .connect()
+            let channel = corral_client::connect(addr, settings.timeout)
                 .await
-                .map_err(|e| ReplicaIoError::Unreachable(format!("{addr}: {e}")))?;
+                .map_err(|e| ReplicaIoError::Unreachable(e.to_string()))?;
             let data = ReplicaDataClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -159,9 +141,9 @@ impl ReplicaClient {
         &self.volume
     }
 
-    /// A control client on this replica's channel.
-    pub fn control(&self) -> ReplicaControlClient<Channel> {
-        self.control.clone()
+    /// This replica's control service.
+    pub fn control(&self) -> &ReplicaControl {
+        &self.control
     }
 
     /// True once any data stream has broken: the replica must be reconnected.
@@ -220,7 +202,7 @@ impl ReplicaClient {
     pub fn send(
         &self,
         chunk: u64,
-        epoch: u64,
+        epoch: Epoch,
         op: data_request::Op,
     ) -> Result<PendingReply, ReplicaIoError> {
         self.check_usable()?;
@@ -235,7 +217,7 @@ impl ReplicaClient {
             .send(Pending {
                 request: DataRequest {
                     id: 0,
-                    epoch,
+                    epoch: epoch.0,
                     op: Some(op),
                 },
                 reply: tx,
@@ -255,7 +237,7 @@ impl ReplicaClient {
     pub async fn call(
         &self,
         chunk: u64,
-        epoch: u64,
+        epoch: Epoch,
         op: data_request::Op,
     ) -> Result<DataOutcome, ReplicaIoError> {
         let work = async {

@@ -168,8 +168,8 @@ impl EngineControl for ControlService {
             size: volume.size(),
             block_size: volume.block_size(),
             chunk_size: volume.chunk_map().chunk_size() as u32,
-            epoch: set.epoch(),
-            generation: set.generation(),
+            epoch: set.epoch().0,
+            generation: set.generation().0,
             write_policy: set.policy().as_str().to_string(),
             state: state_word(volume).to_string(),
             replicas_total: total as u32,
@@ -194,7 +194,7 @@ impl EngineControl for ControlService {
             .into_iter()
             .map(|s| ReplicaStatus {
                 address: s.address,
-                mode: s.mode.to_pb() as i32,
+                mode: corral_proto::v1::ReplicaMode::from(s.mode) as i32,
                 instance_id: s.instance_id,
                 last_error: s.last_error,
             })
@@ -213,7 +213,7 @@ impl EngineControl for ControlService {
                 "give the replica daemon's address",
             ));
         }
-        crate::client::endpoint(&address, volume.replica_set().timeout())
+        corral_client::endpoint(&address, volume.replica_set().timeout())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let set = volume.replica_set();
         let existing = set.status().into_iter().find(|s| s.address == address);

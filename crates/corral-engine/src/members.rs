@@ -39,26 +39,9 @@ use crate::config::WritePolicy;
 /// when a member is removed).
 pub type MemberId = u64;
 
-/// A member's mode in the volume.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// Up to date: serves reads, takes writes.
-    Rw,
-    /// Being rebuilt: takes writes, serves no reads.
-    Wo,
-    /// Out of the I/O path.
-    Err,
-}
-
-impl Mode {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Mode::Rw => "RW",
-            Mode::Wo => "WO",
-            Mode::Err => "ERR",
-        }
-    }
-}
+/// A member's mode in the volume (the one replica-mode type of corral).
+pub use corral_types::ReplicaMode as Mode;
+pub use corral_types::{Epoch, Generation};
 
 /// Which chunks may differ between a member and the RW set.
 #[derive(Clone, Debug)]
@@ -279,7 +262,7 @@ pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(60);
 pub struct Members {
     policy: WritePolicy,
     chunk_count: u64,
-    generation: u64,
+    generation: Generation,
     members: Vec<Member>,
     /// The RW set of the newest *effective* record: one that reached a
     /// member of the previous effective RW set (so an engine that finds an
@@ -296,7 +279,7 @@ impl Members {
     pub fn after_open(
         policy: WritePolicy,
         chunk_count: u64,
-        generation: u64,
+        generation: Generation,
         opened: Vec<OpenedMember>,
         now: Instant,
     ) -> Self {
@@ -341,7 +324,7 @@ impl Members {
         members
     }
 
-    pub fn generation(&self) -> u64 {
+    pub fn generation(&self) -> Generation {
         self.generation
     }
 
@@ -453,7 +436,7 @@ impl Members {
                 }
                 m.divergence.note(chunks);
                 m.holds_every_ack = previous == Mode::Rw;
-                self.generation += 1;
+                self.generation = self.generation.next();
                 if previous == Mode::Rw && rw == 1 {
                     self.lost_last_rw(now);
                 }
@@ -702,7 +685,7 @@ impl Members {
             m.busy = false;
             m.attempts = 0;
             m.retry_at = None;
-            self.generation += 1;
+            self.generation = self.generation.next();
             return Ok(Admission::Readmitted);
         }
         let (kind, chunks, target_empty) =
@@ -722,7 +705,7 @@ impl Members {
         m.failed_at = None;
         m.holds_every_ack = false;
         m.session = session;
-        self.generation += 1;
+        self.generation = self.generation.next();
         Ok(Admission::Rebuild(CatchUpPlan {
             kind,
             chunks,
@@ -783,7 +766,7 @@ impl Members {
         m.busy = false;
         m.attempts = 0;
         m.retry_at = None;
-        self.generation += 1;
+        self.generation = self.generation.next();
         Ok(())
     }
 
@@ -810,7 +793,7 @@ impl Members {
             holds_every_ack: false,
             session: 0,
         });
-        self.generation += 1;
+        self.generation = self.generation.next();
         (id, true)
     }
 
@@ -838,7 +821,7 @@ impl Members {
                 needed,
             });
         }
-        self.generation += 1;
+        self.generation = self.generation.next();
         Ok(self.members.remove(pos))
     }
 }

@@ -189,8 +189,8 @@ impl EngineMetrics {
             }
         }
         self.replicas_rw.set(set.rw_count() as i64);
-        self.generation.set(set.generation() as i64);
-        self.epoch.set(set.epoch() as i64);
+        self.generation.set(set.generation().0 as i64);
+        self.epoch.set(set.epoch().0 as i64);
         self.fenced.set(i64::from(set.is_fenced()));
         self.failures.set(set.failures() as i64);
         self.repaired.set(volume.repaired_blocks() as i64);

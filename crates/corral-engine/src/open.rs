@@ -15,24 +15,24 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use corral_proto::v1::{
-    self as pb, CreateReplicaRequest, GetReplicaRequest, OpenReplicaRequest, ReplicaInfo,
-    SetMembershipRequest, data_request::Op, replica_control_client::ReplicaControlClient,
-};
-use tonic::transport::Channel;
+use corral_client::{ClientError, ReplicaControl};
+use corral_proto::v1::{self as pb, CreateReplicaRequest, ReplicaInfo, data_request::Op};
 use tracing::{info, warn};
 
 use crate::chunk::ChunkMap;
+
+/// The unit of the replicas' checksums (and of a resync copy).
+const BLOCK: u64 = corral_proto::CHECKSUM_BLOCK;
 use crate::client::{ClientSettings, DataOutcome, ReplicaClient, connect_control};
 use crate::config::{EngineConfig, WritePolicy};
 use crate::error::{EngineError, OpenWait};
-use crate::members::{Members, OpenedMember, OpenedState};
+use crate::members::{Epoch, Generation, Members, OpenedMember, OpenedState};
 use crate::replica_set::ReplicaSet;
 use crate::volume::Volume;
 
 enum Probe {
-    Found(ReplicaInfo, ReplicaControlClient<Channel>),
-    Missing(ReplicaControlClient<Channel>),
+    Found(ReplicaInfo, ReplicaControl),
+    Missing(ReplicaControl),
     Unreachable(String),
 }
 
@@ -85,18 +85,14 @@ fn replica_err(cfg: &EngineConfig, replica: &str, what: impl Into<String>) -> En
 }
 
 async fn probe(cfg: &EngineConfig, addr: &str) -> Probe {
-    let mut control = match connect_control(addr, cfg.replica_timeout).await {
+    let control = match connect_control(addr, cfg.replica_timeout).await {
         Ok(c) => c,
         Err(e) => return Probe::Unreachable(e.to_string()),
     };
-    let request = GetReplicaRequest {
-        volume: cfg.volume.clone(),
-    };
-    match tokio::time::timeout(cfg.replica_timeout, control.get_replica(request)).await {
-        Ok(Ok(info)) => Probe::Found(info.into_inner(), control),
-        Ok(Err(status)) if status.code() == tonic::Code::NotFound => Probe::Missing(control),
-        Ok(Err(status)) => Probe::Unreachable(status.message().to_string()),
-        Err(_) => Probe::Unreachable(format!("timed out after {:?}", cfg.replica_timeout)),
+    match control.get(&cfg.volume).await {
+        Ok(info) => Probe::Found(info, control),
+        Err(ClientError::NotFound { .. }) => Probe::Missing(control),
+        Err(e) => Probe::Unreachable(e.to_string()),
     }
 }
 
@@ -287,7 +283,7 @@ pub async fn open_volume(
         addrs.extend(extra);
     }
     let mut infos: Vec<Option<ReplicaInfo>> = vec![None; addrs.len()];
-    let mut controls: Vec<Option<ReplicaControlClient<Channel>>> = vec![None; addrs.len()];
+    let mut controls: Vec<Option<ReplicaControl>> = vec![None; addrs.len()];
     let mut problems: Vec<String> = vec![String::new(); addrs.len()];
     for (i, p) in probes.into_iter().enumerate() {
         match p {
@@ -326,7 +322,7 @@ pub async fn open_volume(
             ));
         }
         for i in 0..total {
-            let Some(control) = controls[i].as_mut() else {
+            let Some(control) = controls[i].as_ref() else {
                 continue;
             };
             let request = CreateReplicaRequest {
@@ -335,13 +331,10 @@ pub async fn open_volume(
                 block_size: cfg.block_size,
                 chunk_size: cfg.chunk_size,
             };
-            let info = tokio::time::timeout(cfg.replica_timeout, control.create_replica(request))
+            let info = control
+                .create(request)
                 .await
-                .map_err(|_| replica_err(cfg, &addrs[i], "create timed out"))?
-                .map_err(|s| {
-                    replica_err(cfg, &addrs[i], format!("create failed: {}", s.message()))
-                })?
-                .into_inner();
+                .map_err(|e| replica_err(cfg, &addrs[i], format!("create failed: {e}")))?;
             info!(volume = %cfg.volume, replica = %addrs[i], "created replica");
             infos[i] = Some(info);
             up_to_date[i] = true;
@@ -355,25 +348,16 @@ pub async fn open_volume(
     }
 
     // Fence: a new epoch on every replica we can reach.
-    let epoch = infos.iter().flatten().map(|i| i.epoch).max().unwrap_or(0) + 1;
+    let epoch = Epoch(infos.iter().flatten().map(|i| i.epoch).max().unwrap_or(0) + 1);
     for i in 0..total {
-        let (Some(control), Some(_)) = (controls[i].as_mut(), infos[i].as_ref()) else {
+        let (Some(control), Some(_)) = (controls[i].as_ref(), infos[i].as_ref()) else {
             continue;
         };
-        let request = OpenReplicaRequest {
-            volume: cfg.volume.clone(),
-            epoch,
-        };
-        match tokio::time::timeout(cfg.replica_timeout, control.open_replica(request)).await {
-            Ok(Ok(info)) => infos[i] = Some(info.into_inner()),
-            Ok(Err(status)) => {
-                warn!(replica = %addrs[i], %status, "cannot fence replica at epoch {epoch}");
-                problems[i] = format!("open at epoch {epoch} failed: {}", status.message());
-                infos[i] = None;
-            }
-            Err(_) => {
-                warn!(replica = %addrs[i], "fencing timed out");
-                problems[i] = format!("open at epoch {epoch} timed out");
+        match control.open(&cfg.volume, epoch).await {
+            Ok(info) => infos[i] = Some(info),
+            Err(e) => {
+                warn!(replica = %addrs[i], error = %e, "cannot fence replica at epoch {epoch}");
+                problems[i] = format!("open at epoch {epoch} failed: {e}");
                 infos[i] = None;
             }
         }
@@ -425,7 +409,7 @@ pub async fn open_volume(
         &problems,
         &up_to_date,
         trust,
-        max_generation + 1,
+        Generation(max_generation + 1),
         std::time::Instant::now(),
     );
     let generation = members.generation();
@@ -444,27 +428,14 @@ pub async fn open_volume(
         let Some(client) = clients[i].as_ref() else {
             continue;
         };
-        let request = SetMembershipRequest {
-            volume: cfg.volume.clone(),
-            epoch,
-            membership: Some(record.clone()),
-        };
-        tokio::time::timeout(
-            cfg.replica_timeout,
-            client.control().set_membership(request),
-        )
-        .await
-        .map_err(|_| replica_err(cfg, &addrs[i], "recording membership timed out"))?
-        .map_err(|s| {
-            replica_err(
-                cfg,
-                &addrs[i],
-                format!("recording membership: {}", s.message()),
-            )
-        })?;
+        client
+            .control()
+            .set_membership(&cfg.volume, epoch, record.clone())
+            .await
+            .map_err(|e| replica_err(cfg, &addrs[i], format!("recording membership: {e}")))?;
     }
     info!(
-        volume = %cfg.volume, epoch, generation,
+        volume = %cfg.volume, %epoch, %generation,
         rw = set.rw_count(), total, policy = cfg.write_policy.as_str(),
         "volume open"
     );
@@ -490,7 +461,7 @@ pub(crate) fn members_after_open(
     problems: &[String],
     up_to_date: &[bool],
     trust: Option<&str>,
-    generation: u64,
+    generation: Generation,
     now: std::time::Instant,
 ) -> Members {
     let total = addrs.len();
@@ -559,7 +530,7 @@ pub(crate) fn members_after_open(
 /// that reached only some replicas was never acknowledged.
 async fn resync_dirty_regions(
     cfg: &EngineConfig,
-    epoch: u64,
+    epoch: Epoch,
     infos: &[Option<ReplicaInfo>],
     clients: &[Option<Arc<ReplicaClient>>],
     chunks: ChunkMap,
@@ -575,7 +546,7 @@ async fn resync_dirty_regions(
     let mut regions = BTreeSet::new();
     for (i, _) in &live {
         if let Some(info) = &infos[*i] {
-            let size = info.region_size.max(4096);
+            let size = info.region_size.max(BLOCK);
             for start in &info.dirty_regions {
                 regions.insert((*start, size));
             }
@@ -608,10 +579,10 @@ async fn resync_dirty_regions(
                 if !differs {
                     continue;
                 }
-                let offset = seg.offset + b as u64 * 4096;
+                let offset = seg.offset + b as u64 * BLOCK;
                 let read = Op::Read(pb::ReadOp {
                     offset,
-                    length: 4096,
+                    length: BLOCK as u32,
                 });
                 let data = match source.call(seg.chunk, epoch, read).await {
                     Ok(DataOutcome::Read(d)) => d,
@@ -634,7 +605,7 @@ async fn resync_dirty_regions(
                         .await
                         .map_err(|e| fail(format!("{}: {e}", client.addr())))?;
                 }
-                copied += 4096;
+                copied += BLOCK;
             }
         }
     }

@@ -39,7 +39,7 @@
 //! refuses while any chunk of the plan is left.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -50,7 +50,7 @@ use tracing::{info, warn};
 
 use crate::client::{DataOutcome, ReplicaClient};
 use crate::error::ReplicaIoError;
-use crate::members::CatchUpPlan;
+use crate::members::{CatchUpPlan, Epoch};
 use crate::replica_set::SlotId;
 use crate::volume::Volume;
 
@@ -58,12 +58,7 @@ use crate::volume::Volume;
 pub const GROUP_CHUNKS: usize = 4;
 
 /// The replicas' checksum granularity: one stored CRC32C per 4 KiB block.
-const BLOCK: u64 = 4096;
-
-/// What a checksum reply reports for a block that reads as zeroes, written
-/// or not: the CRC32C of 4096 zero bytes (corral-store stores 0 for a block
-/// never written and reports it as this, `corral_store::zero_block_crc`).
-static ZERO_BLOCK_CRC: LazyLock<u32> = LazyLock::new(|| crc32c::crc32c(&[0u8; BLOCK as usize]));
+const BLOCK: u64 = corral_proto::CHECKSUM_BLOCK;
 
 /// How the copier runs.
 #[derive(Clone, Debug)]
@@ -216,7 +211,7 @@ fn differing_runs(a: &[u32], b: &[u32]) -> Vec<(usize, usize)> {
 
 /// Runs of consecutive blocks that hold data (do not read as zeroes).
 fn written_runs(sums: &[u32]) -> Vec<(usize, usize)> {
-    runs_where(sums.len(), |i| sums[i] != *ZERO_BLOCK_CRC)
+    runs_where(sums.len(), |i| sums[i] != corral_proto::ZERO_BLOCK_CRC)
 }
 
 /// The runs of `group` to copy, given the source's checksums per chunk and,
@@ -258,7 +253,7 @@ fn wrong_shape(client: &ReplicaClient, what: &str) -> ReplicaIoError {
 /// request per chunk, on that chunk's stream, all queued back to back.
 async fn group_checksums(
     client: &ReplicaClient,
-    epoch: u64,
+    epoch: Epoch,
     group: &[ChunkRange],
 ) -> Result<Vec<Vec<u32>>, ReplicaIoError> {
     let calls = group.iter().map(|c| {
@@ -283,7 +278,7 @@ async fn group_checksums(
 /// to back.
 async fn read_runs(
     source: &ReplicaClient,
-    epoch: u64,
+    epoch: Epoch,
     runs: &[Run],
 ) -> Result<Vec<Bytes>, ReplicaIoError> {
     let calls = runs.iter().map(|r| {
@@ -308,7 +303,7 @@ async fn read_runs(
 /// queued back to back; waits for every reply.
 async fn write_runs(
     target: &ReplicaClient,
-    epoch: u64,
+    epoch: Epoch,
     runs: &[Run],
     data: Vec<Bytes>,
 ) -> Result<(), ReplicaIoError> {
@@ -504,8 +499,7 @@ mod tests {
 
     #[test]
     fn zero_blocks_are_not_written_runs() {
-        let z = *ZERO_BLOCK_CRC;
-        assert_eq!(z, 0x98f9_4189, "the CRC32C of 4096 zero bytes");
+        let z = corral_proto::ZERO_BLOCK_CRC;
         assert_eq!(written_runs(&[z, z]), vec![]);
         assert_eq!(written_runs(&[1, z, 2, 3, z]), vec![(0, 1), (2, 2)]);
         assert_eq!(written_runs(&[1, 2]), vec![(0, 2)]);
@@ -513,7 +507,7 @@ mod tests {
 
     #[test]
     fn runs_to_copy_per_chunk() {
-        let z = *ZERO_BLOCK_CRC;
+        let z = corral_proto::ZERO_BLOCK_CRC;
         let group = [
             ChunkRange {
                 chunk: 3,

@@ -28,7 +28,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use corral_block::BlockError;
-use corral_proto::v1::{self as pb, SetMembershipRequest};
+use corral_client::ClientError;
+use corral_proto::v1 as pb;
 use tracing::{error, info, warn};
 
 use crate::client::ReplicaClient;
@@ -38,34 +39,24 @@ use crate::members::{
     Admission, CatchUpPlan, FailDecision, FailureKind, Members, MembershipError, RebuildTicket,
     ReturnFacts, ReturnFailure,
 };
-pub use crate::members::{MemberId, Mode};
+pub use crate::members::{Epoch, Generation, MemberId, Mode};
 use crate::rebuild::RebuildProgress;
 
 /// The id of a member (see [`MemberId`]).
 pub type SlotId = MemberId;
 
-impl Mode {
-    pub fn to_pb(self) -> pb::ReplicaMode {
-        match self {
-            Mode::Rw => pb::ReplicaMode::Rw,
-            Mode::Wo => pb::ReplicaMode::Wo,
-            Mode::Err => pb::ReplicaMode::Err,
-        }
-    }
-}
-
 /// The membership record of `members`, as written by the engine of `epoch`.
-pub fn membership_record(members: &Members, epoch: u64) -> pb::Membership {
+pub fn membership_record(members: &Members, epoch: Epoch) -> pb::Membership {
     pb::Membership {
-        generation: members.generation(),
-        epoch,
+        generation: members.generation().0,
+        epoch: epoch.0,
         members: members
             .all()
             .iter()
             .map(|m| pb::Member {
                 address: m.address.clone(),
                 instance_id: m.instance_id.clone(),
-                mode: m.mode.to_pb() as i32,
+                mode: pb::ReplicaMode::from(m.mode) as i32,
             })
             .collect(),
     }
@@ -104,7 +95,7 @@ struct SetState {
 /// The replicas of one volume and their membership record.
 pub struct ReplicaSet {
     volume: String,
-    epoch: u64,
+    epoch: Epoch,
     timeout: Duration,
     state: RwLock<SetState>,
     /// Serialises membership changes (and their recording on the replicas).
@@ -135,7 +126,7 @@ impl ReplicaSet {
     /// already recorded. `clients`: the connected members (the RW ones).
     pub fn new(
         cfg: &crate::config::EngineConfig,
-        epoch: u64,
+        epoch: Epoch,
         members: Members,
         clients: Vec<(SlotId, Arc<ReplicaClient>)>,
     ) -> Self {
@@ -180,11 +171,11 @@ impl ReplicaSet {
         &self.volume
     }
 
-    pub fn epoch(&self) -> u64 {
+    pub fn epoch(&self) -> Epoch {
         self.epoch
     }
 
-    pub fn generation(&self) -> u64 {
+    pub fn generation(&self) -> Generation {
         self.read_state().members.generation()
     }
 
@@ -339,7 +330,7 @@ impl ReplicaSet {
     /// Mark this engine fenced: a replica saw a newer epoch.
     pub fn mark_fenced(&self, why: &str) {
         if !self.fenced.swap(true, Ordering::Relaxed) {
-            error!(volume = %self.volume, epoch = self.epoch, reason = %why,
+            error!(volume = %self.volume, epoch = %self.epoch, reason = %why,
                 "fenced by a newer engine: no longer serving I/O");
         }
     }
@@ -480,15 +471,12 @@ impl ReplicaSet {
                 .collect()
         };
         let calls = targets.iter().map(|(id, client)| {
-            let mut control = client.control();
-            let request = SetMembershipRequest {
-                volume: self.volume.clone(),
-                epoch: self.epoch,
-                membership: Some(record.clone()),
-            };
+            let record = record.clone();
             async move {
-                let result =
-                    tokio::time::timeout(self.timeout, control.set_membership(request)).await;
+                let result = client
+                    .control()
+                    .set_membership(&self.volume, self.epoch, record)
+                    .await;
                 (*id, result)
             }
         });
@@ -496,13 +484,12 @@ impl ReplicaSet {
         let mut failed = Vec::new();
         for (id, result) in futures::future::join_all(calls).await {
             match result {
-                Ok(Ok(_)) => accepted.push(id),
-                Ok(Err(status)) if corral_proto::is_fenced(&status) => {
-                    self.mark_fenced(status.message());
+                Ok(_) => accepted.push(id),
+                Err(e @ ClientError::Fenced { .. }) => {
+                    self.mark_fenced(&e.to_string());
                     return None;
                 }
-                Ok(Err(status)) => failed.push((id, status.to_string())),
-                Err(_) => failed.push((id, format!("timed out after {:?}", self.timeout))),
+                Err(e) => failed.push((id, e.to_string())),
             }
         }
         // A member without a client cannot take it either.
@@ -640,24 +627,12 @@ impl ReplicaSet {
             )
         };
         if settled && !rw.is_empty() {
-            let request = SetMembershipRequest {
-                volume: self.volume.clone(),
-                epoch: self.epoch,
-                membership: Some(record),
-            };
-            let mut control = client.control();
-            match tokio::time::timeout(self.timeout, control.set_membership(request)).await {
-                Ok(Ok(_)) => {
-                    self.with_members(|m| m.recorded(&rw, &[id], &out));
-                }
-                Ok(Err(status)) => return Err(JoinError::Record(status.message().to_string())),
-                Err(_) => {
-                    return Err(JoinError::Record(format!(
-                        "timed out after {:?}",
-                        self.timeout
-                    )));
-                }
-            }
+            client
+                .control()
+                .set_membership(&self.volume, self.epoch, record)
+                .await
+                .map_err(|e| JoinError::Record(e.to_string()))?;
+            self.with_members(|m| m.recorded(&rw, &[id], &out));
         }
         let admission = {
             let mut state = self.write_state();

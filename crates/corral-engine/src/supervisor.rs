@@ -18,15 +18,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use corral_block::BlockDevice;
-use corral_proto::v1::{
-    CreateReplicaRequest, GetReplicaRequest, OpenReplicaRequest, ReplicaInfo,
-    replica_control_client::ReplicaControlClient,
-};
+use corral_client::{ClientError, ReplicaControl};
+use corral_proto::v1::{CreateReplicaRequest, ReplicaInfo};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
-use crate::client::{ClientSettings, ReplicaClient, connect_control};
+use crate::client::{ClientSettings, ReplicaClient};
 use crate::error::ReplicaIoError;
 use crate::members::{Admission, MembershipError, ReturnFacts, ReturnFailure};
 use crate::rebuild::{self, RebuildProgress, RebuildSettings};
@@ -117,23 +114,13 @@ async fn ping_all(volume: &Volume) {
     let set = volume.replica_set();
     let timeout = set.timeout();
     let targets = set.write_targets();
-    let pings = targets.iter().map(|(id, client, _)| {
-        let mut control = client.control();
-        let request = GetReplicaRequest {
-            volume: volume.name().to_string(),
+    let pings = targets.iter().map(|(id, client, _)| async move {
+        let outcome = match client.control().get(volume.name()).await {
+            Ok(_) => None,
+            Err(ClientError::TimedOut { .. }) => Some(ReplicaIoError::Timeout(timeout)),
+            Err(e) => Some(ReplicaIoError::Unreachable(format!("ping: {e}"))),
         };
-        async move {
-            let outcome = match tokio::time::timeout(timeout, control.get_replica(request)).await {
-                Ok(Ok(_)) => None,
-                Ok(Err(status)) => Some(ReplicaIoError::Unreachable(format!(
-                    "{}: ping: {}",
-                    client.addr(),
-                    status.message()
-                ))),
-                Err(_) => Some(ReplicaIoError::Timeout(timeout)),
-            };
-            (*id, outcome, client.is_broken())
-        }
+        (*id, outcome, client.is_broken())
     });
     for (id, outcome, broken) in futures::future::join_all(pings).await {
         let err = match (outcome, broken) {
@@ -156,23 +143,24 @@ pub enum BringBackError {
     Refused(String),
 }
 
+impl From<ClientError> for BringBackError {
+    fn from(e: ClientError) -> Self {
+        if e.is_unreachable() {
+            BringBackError::Unreachable(e.to_string())
+        } else {
+            BringBackError::Refused(e.to_string())
+        }
+    }
+}
+
 async fn get_or_create(
     volume: &Volume,
-    control: &mut ReplicaControlClient<Channel>,
-    timeout: Duration,
+    control: &ReplicaControl,
 ) -> Result<(ReplicaInfo, bool), BringBackError> {
-    use BringBackError::{Refused, Unreachable};
-    let request = GetReplicaRequest {
-        volume: volume.name().to_string(),
-    };
-    match tokio::time::timeout(timeout, control.get_replica(request)).await {
-        Ok(Ok(info)) => return Ok((info.into_inner(), false)),
-        Ok(Err(status)) if status.code() == tonic::Code::NotFound => {}
-        Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
-            return Err(Unreachable(status.message().to_string()));
-        }
-        Ok(Err(status)) => return Err(Refused(status.message().to_string())),
-        Err(_) => return Err(Unreachable("timed out".into())),
+    match control.get(volume.name()).await {
+        Ok(info) => return Ok((info, false)),
+        Err(ClientError::NotFound { .. }) => {}
+        Err(e) => return Err(e.into()),
     }
     let request = CreateReplicaRequest {
         volume: volume.name().to_string(),
@@ -180,11 +168,7 @@ async fn get_or_create(
         block_size: volume.block_size(),
         chunk_size: volume.chunk_map().chunk_size() as u32,
     };
-    let info = tokio::time::timeout(timeout, control.create_replica(request))
-        .await
-        .map_err(|_| Unreachable("create timed out".to_string()))?
-        .map_err(|s| Refused(format!("create: {}", s.message())))?
-        .into_inner();
+    let info = control.create(request).await?;
     info!(volume = %volume.name(), "created a replica on a daemon that had none");
     Ok((info, true))
 }
@@ -230,10 +214,8 @@ async fn bring_back(
     use BringBackError::{Refused, Unreachable};
     let set = Arc::clone(volume.replica_set());
     let timeout = set.timeout();
-    let mut control = connect_control(address, timeout)
-        .await
-        .map_err(|e| Unreachable(e.to_string()))?;
-    let (info, created) = get_or_create(volume, &mut control, timeout).await?;
+    let control = ReplicaControl::connect(address, timeout).await?;
+    let (info, created) = get_or_create(volume, &control).await?;
     if info.size != volume.size() {
         return Err(Refused(format!(
             "its replica has size {}, the volume {}: not touching it",
@@ -244,18 +226,13 @@ async fn bring_back(
     // Fence it at our epoch. This also cuts off any data stream of ours it
     // still had from before it failed: nothing queued there can land after
     // the rebuild has compared or copied a chunk.
-    let request = OpenReplicaRequest {
-        volume: volume.name().to_string(),
-        epoch: set.epoch(),
-    };
-    let info = match tokio::time::timeout(timeout, control.open_replica(request)).await {
-        Ok(Ok(info)) => info.into_inner(),
-        Ok(Err(status)) if corral_proto::is_fenced(&status) => {
-            set.mark_fenced(status.message());
-            return Err(Refused(format!("fenced: {}", status.message())));
+    let info = match control.open(volume.name(), set.epoch()).await {
+        Ok(info) => info,
+        Err(e @ ClientError::Fenced { .. }) => {
+            set.mark_fenced(&e.to_string());
+            return Err(Refused(e.to_string()));
         }
-        Ok(Err(status)) => return Err(Refused(format!("open: {}", status.message()))),
-        Err(_) => return Err(Unreachable("open timed out".into())),
+        Err(e) => return Err(e.into()),
     };
     let client = Arc::new(
         ReplicaClient::connect(address, volume.name(), &config.client)

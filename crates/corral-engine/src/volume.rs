@@ -27,6 +27,9 @@ use crate::error::ReplicaIoError;
 use crate::locks::ChunkLocks;
 use crate::replica_set::{ReplicaSet, SlotId};
 
+/// The unit of the replicas' checksums, and of a repair.
+const BLOCK: u64 = corral_proto::CHECKSUM_BLOCK;
+
 /// Most chunk pieces one write round queues per replica (well under the
 /// streams' in-flight limits).
 const SEGMENTS_PER_ROUND: usize = 32;
@@ -306,11 +309,11 @@ impl Volume {
         let epoch = self.set.epoch();
         let _lock = self.locks.exclusive(chunk).await;
         let (start, len) = self.chunk_range(chunk);
-        let mut next = Some(block - block % 4096);
+        let mut next = Some(block - block % BLOCK);
         let mut rounds = 0;
         while let Some(at) = next.take() {
             rounds += 1;
-            if rounds > len / 4096 + 1 || at < start || at >= start + len {
+            if rounds > len / BLOCK + 1 || at < start || at >= start + len {
                 break;
             }
             let data = match good
@@ -319,7 +322,7 @@ impl Volume {
                     epoch,
                     Op::Read(pb::ReadOp {
                         offset: at,
-                        length: 4096,
+                        length: BLOCK as u32,
                     }),
                 )
                 .await
@@ -348,7 +351,7 @@ impl Volume {
             if let Err(ReplicaIoError::Checksum { offset, .. }) =
                 bad.call(chunk, epoch, check).await
             {
-                next = Some(offset - offset % 4096);
+                next = Some(offset - offset % BLOCK);
             }
         }
     }

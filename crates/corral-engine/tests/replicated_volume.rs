@@ -11,7 +11,7 @@ use corral_engine::client::DataOutcome;
 use corral_engine::open::open_volume;
 use corral_engine::replica_set::Mode;
 use corral_engine::{EngineConfig, EngineError, OpenWait, Volume, WritePolicy};
-use corral_proto::v1::{self as pb, GetReplicaRequest, data_request::Op};
+use corral_proto::v1::{self as pb, data_request::Op};
 use rand::{Rng, SeedableRng};
 
 mod common;
@@ -25,17 +25,14 @@ fn config(reps: &[TestReplica], size: u64) -> EngineConfig {
 }
 
 async fn membership_on(addr: &str) -> pb::Membership {
-    let mut c = corral_engine::client::connect_control(addr, Duration::from_secs(3))
+    corral_client::ReplicaControl::connect(addr, Duration::from_secs(3))
         .await
-        .unwrap();
-    c.get_replica(GetReplicaRequest {
-        volume: "vol".into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .membership
-    .unwrap()
+        .unwrap()
+        .get("vol")
+        .await
+        .unwrap()
+        .membership
+        .unwrap()
 }
 
 /// Read the whole volume from one replica directly, bypassing the engine.
@@ -108,7 +105,7 @@ async fn unaligned_writes_reach_every_replica_and_read_back() {
 async fn a_failed_replica_goes_to_err_and_the_change_is_recorded_first() {
     let mut reps = replicas(3).await;
     let volume = open_volume(&config(&reps, 1 << 20), None).await.unwrap();
-    assert_eq!(volume.replica_set().generation(), 1);
+    assert_eq!(volume.replica_set().generation().0, 1);
     volume
         .write(0, Bytes::from(vec![1u8; 4096]), false)
         .await
@@ -123,7 +120,7 @@ async fn a_failed_replica_goes_to_err_and_the_change_is_recorded_first() {
     let status = volume.replica_set().status();
     assert_eq!(status[2].mode, Mode::Err);
     assert!(!status[2].last_error.is_empty());
-    assert_eq!(volume.replica_set().generation(), 2);
+    assert_eq!(volume.replica_set().generation().0, 2);
     // The survivors carry the new record, naming the failed replica ERR.
     for r in &reps[..2] {
         let m = membership_on(&r.addr).await;

@@ -11,6 +11,27 @@ pub mod v1 {
     tonic::include_proto!("corral.v1");
 }
 
+/// A replica mode on the wire.
+impl From<corral_types::ReplicaMode> for v1::ReplicaMode {
+    fn from(mode: corral_types::ReplicaMode) -> Self {
+        match mode {
+            corral_types::ReplicaMode::Rw => v1::ReplicaMode::Rw,
+            corral_types::ReplicaMode::Wo => v1::ReplicaMode::Wo,
+            corral_types::ReplicaMode::Err => v1::ReplicaMode::Err,
+        }
+    }
+}
+
+/// A replica mode from the wire (`None`: unspecified or unknown).
+pub fn replica_mode(wire: i32) -> Option<corral_types::ReplicaMode> {
+    match v1::ReplicaMode::try_from(wire).ok()? {
+        v1::ReplicaMode::Rw => Some(corral_types::ReplicaMode::Rw),
+        v1::ReplicaMode::Wo => Some(corral_types::ReplicaMode::Wo),
+        v1::ReplicaMode::Err => Some(corral_types::ReplicaMode::Err),
+        v1::ReplicaMode::Unspecified => None,
+    }
+}
+
 /// gRPC metadata key carrying the volume name of a data stream.
 pub const VOLUME_METADATA_KEY: &str = "corral-volume";
 
@@ -22,6 +43,15 @@ pub const MAX_BATCH_BYTES: usize = 4 << 20;
 
 /// Most requests the engine packs into one batch.
 pub const MAX_BATCH_REQUESTS: usize = 32;
+
+/// The unit of integrity on the data stream: a replica stores, checks and
+/// reports (`ChecksumsOp`) one CRC32C per block of this many bytes.
+pub const CHECKSUM_BLOCK: u64 = 4096;
+
+/// The CRC32C of [`CHECKSUM_BLOCK`] zero bytes: what a replica reports for a
+/// block that reads as zeroes, whether it was written with zeroes, never
+/// written, or discarded — so replicas compare by content, not history.
+pub const ZERO_BLOCK_CRC: u32 = 0x98f9_4189;
 
 /// gRPC metadata key a replica daemon sets on a `FAILED_PRECONDITION` that
 /// means "a newer engine owns this volume" (value [`FENCED`]), so that
@@ -47,4 +77,13 @@ pub fn fenced_status(message: impl Into<String>) -> tonic::Status {
         tonic::metadata::MetadataValue::from_static(FENCED),
     );
     status
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_zero_block_crc_is_the_crc32c_of_a_zero_block() {
+        let zeroes = vec![0u8; super::CHECKSUM_BLOCK as usize];
+        assert_eq!(crc32c::crc32c(&zeroes), super::ZERO_BLOCK_CRC);
+    }
 }

@@ -7,7 +7,7 @@ use corral_proto::v1::{
     GetReplicaRequest, ListReplicasRequest, ListReplicasResponse, OpenReplicaRequest, ReplicaInfo,
     SetMembershipRequest, replica_control_server::ReplicaControl,
 };
-use corral_store::{CreateParams, Member, MemberMode, Membership};
+use corral_store::{CreateParams, Epoch, Generation, Member, Membership};
 use tonic::{Request, Response, Status};
 use tracing::info;
 
@@ -31,15 +31,15 @@ impl ControlService {
 /// Store membership → protobuf.
 pub fn membership_to_pb(m: &Membership) -> pb::Membership {
     pb::Membership {
-        generation: m.generation,
-        epoch: m.epoch,
+        generation: m.generation.0,
+        epoch: m.epoch.0,
         members: m
             .members
             .iter()
             .map(|m| pb::Member {
                 address: m.address.clone(),
                 instance_id: m.instance_id.clone(),
-                mode: mode_to_pb(&m.mode) as i32,
+                mode: pb::ReplicaMode::from(m.mode) as i32,
             })
             .collect(),
     }
@@ -51,37 +51,21 @@ pub fn membership_from_pb(m: &pb::Membership) -> Result<Membership, Status> {
         .members
         .iter()
         .map(|m| {
-            let mode = match pb::ReplicaMode::try_from(m.mode) {
-                Ok(pb::ReplicaMode::Rw) => MemberMode::Rw,
-                Ok(pb::ReplicaMode::Wo) => MemberMode::Wo,
-                Ok(pb::ReplicaMode::Err) => MemberMode::Err,
-                _ => {
-                    return Err(Status::invalid_argument(format!(
-                        "member {}: unknown mode {}",
-                        m.address, m.mode
-                    )));
-                }
-            };
+            let mode = corral_proto::replica_mode(m.mode).ok_or_else(|| {
+                Status::invalid_argument(format!("member {}: unknown mode {}", m.address, m.mode))
+            })?;
             Ok(Member {
                 address: m.address.clone(),
                 instance_id: m.instance_id.clone(),
                 mode,
             })
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, Status>>()?;
     Ok(Membership {
-        generation: m.generation,
-        epoch: m.epoch,
+        generation: Generation(m.generation),
+        epoch: Epoch(m.epoch),
         members,
     })
-}
-
-fn mode_to_pb(mode: &MemberMode) -> pb::ReplicaMode {
-    match mode {
-        MemberMode::Rw => pb::ReplicaMode::Rw,
-        MemberMode::Wo => pb::ReplicaMode::Wo,
-        MemberMode::Err => pb::ReplicaMode::Err,
-    }
 }
 
 /// Describe a hosted replica.
@@ -94,12 +78,12 @@ pub fn replica_info(hosted: &HostedReplica) -> ReplicaInfo {
         block_size: meta.block_size,
         chunk_size: meta.chunk_size,
         instance_id: meta.instance_id,
-        epoch: meta.epoch,
+        epoch: meta.epoch.0,
         membership: Some(membership_to_pb(&meta.membership)),
         clean_shutdown: meta.clean_shutdown,
         dirty_regions: hosted.store.dirty_regions(),
         region_size: hosted.store.region_size(),
-        open: open_epoch != 0 && open_epoch == meta.epoch,
+        open: open_epoch != Epoch(0) && open_epoch == meta.epoch,
     }
 }
 
@@ -152,7 +136,7 @@ impl ReplicaControl for ControlService {
         }
         let hosted = self.registry.get(&req.volume)?;
         let info = blocking(move || {
-            hosted.open_at(req.epoch)?;
+            hosted.open_at(Epoch(req.epoch))?;
             info!(volume = %hosted.volume, epoch = req.epoch, "opened by an engine");
             Ok(replica_info(&hosted))
         })
@@ -203,7 +187,9 @@ impl ReplicaControl for ControlService {
         )?;
         let hosted = self.registry.get(&req.volume)?;
         let info = blocking(move || {
-            with_epoch(&hosted, req.epoch, |h| h.store.set_membership(membership))
+            with_epoch(&hosted, Epoch(req.epoch), |h| {
+                h.store.set_membership(membership)
+            })
         })
         .await?;
         Ok(Response::new(info))
@@ -214,7 +200,7 @@ impl ReplicaControl for ControlService {
 /// epoch gate so that a newer engine's open cannot interleave.
 fn with_epoch(
     hosted: &HostedReplica,
-    epoch: u64,
+    epoch: Epoch,
     update: impl FnOnce(&HostedReplica) -> Result<(), corral_store::StoreError>,
 ) -> Result<ReplicaInfo, ReplicaError> {
     let open = hosted.open_state.read().unwrap_or_else(|p| p.into_inner());

@@ -21,7 +21,7 @@ use corral_proto::v1::{
     DataError, DataErrorCode, DataReply, DataReplyBatch, DataRequest, DataRequestBatch, Done,
     ReadResult, data_reply, data_request, replica_data_server::ReplicaData,
 };
-use corral_store::StoreError;
+use corral_store::{Epoch, StoreError};
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -224,8 +224,9 @@ fn execute_at(
         .requests
         .into_iter()
         .map(|req| {
-            if open.epoch == 0 || req.epoch != open.epoch {
-                let code = if req.epoch < open.epoch {
+            let epoch = Epoch(req.epoch);
+            if open.epoch == Epoch(0) || epoch != open.epoch {
+                let code = if epoch < open.epoch {
                     DataErrorCode::StaleEpoch
                 } else {
                     DataErrorCode::NotOpen

@@ -24,8 +24,8 @@ pub enum ReplicaError {
     )]
     NotOpen {
         volume: String,
-        open: u64,
-        given: u64,
+        open: corral_store::Epoch,
+        given: corral_store::Epoch,
     },
     #[error("data dir {path}: {source}")]
     DataDir {

@@ -20,3 +20,14 @@ pub mod server;
 pub use error::ReplicaError;
 pub use registry::ReplicaRegistry;
 pub use server::{ReplicaServerConfig, serve, serve_listener, serve_with_metrics};
+
+// The store's checksum block is the one the data stream reports.
+const _: () = assert!(corral_store::BLOCK == corral_proto::CHECKSUM_BLOCK);
+
+#[cfg(test)]
+mod contract {
+    #[test]
+    fn the_store_reports_zero_blocks_as_the_data_stream_says() {
+        assert_eq!(corral_store::zero_block_crc(), corral_proto::ZERO_BLOCK_CRC);
+    }
+}

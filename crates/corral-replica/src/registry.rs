@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 
-use corral_store::{CreateParams, ReplicaStore, StoreError};
+use corral_store::{CreateParams, Epoch, ReplicaStore, StoreError};
 use tracing::{info, warn};
 
 use crate::error::ReplicaError;
@@ -17,7 +17,7 @@ use crate::error::ReplicaError;
 pub struct OpenState {
     /// The epoch it was last opened at (0 = not opened since the daemon
     /// started). Data requests must carry exactly this epoch.
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// Bumped at every open, even at the same epoch. A data stream serves
     /// only while the session it started in lasts: an engine that opens a
     /// replica again (it is bringing it back after a failure) cuts off the
@@ -87,8 +87,8 @@ impl ReplicaRegistry {
                     info!(
                         volume = %name,
                         size = meta.size,
-                        epoch = meta.epoch,
-                        generation = meta.membership.generation,
+                        epoch = %meta.epoch,
+                        generation = %meta.membership.generation,
                         clean = meta.clean_shutdown,
                         "opened replica"
                     );
@@ -157,7 +157,7 @@ impl ReplicaRegistry {
             .open_state
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .epoch = u64::MAX;
+            .epoch = Epoch(u64::MAX);
         drop(removed);
         let dir = self.data_dir.join(volume);
         std::fs::remove_dir_all(&dir).map_err(|source| ReplicaError::DataDir {
@@ -204,9 +204,9 @@ impl HostedReplica {
     /// Open for an engine at `epoch`: persists the epoch (refusing a lower
     /// one), and from now on only requests tagged with it, on streams opened
     /// from now on, are served.
-    pub fn open_at(&self, epoch: u64) -> Result<(), ReplicaError> {
+    pub fn open_at(&self, epoch: Epoch) -> Result<(), ReplicaError> {
         let mut open = self.open_state.write().unwrap_or_else(|p| p.into_inner());
-        if open.epoch == u64::MAX {
+        if open.epoch == Epoch(u64::MAX) {
             return Err(ReplicaError::NotFound(self.volume.clone()));
         }
         self.store

@@ -229,7 +229,7 @@ mod tests {
             chunk_size: 4096,
             region_size: 4096,
             instance_id: "i".into(),
-            epoch: 0,
+            epoch: corral_types::Epoch(0),
             membership: Membership::default(),
             layers: vec![LayerInfo {
                 name: "head".into(),

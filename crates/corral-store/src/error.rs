@@ -37,12 +37,18 @@ pub enum StoreError {
     OutOfRange { offset: u64, len: u64, size: u64 },
     /// A request carried an epoch older than the one recorded: it comes from a fenced engine.
     #[error("stale epoch: the replica is at epoch {current}, the request carried {given}")]
-    StaleEpoch { current: u64, given: u64 },
+    StaleEpoch {
+        current: corral_types::Epoch,
+        given: corral_types::Epoch,
+    },
     /// A membership record older than the one recorded.
     #[error(
         "stale membership generation: the replica is at generation {current}, the update carried {given}"
     )]
-    StaleGeneration { current: u64, given: u64 },
+    StaleGeneration {
+        current: corral_types::Generation,
+        given: corral_types::Generation,
+    },
     /// `create` found a store already in this directory.
     #[error("a replica store already exists in {}", .0.display())]
     AlreadyExists(PathBuf),

@@ -33,33 +33,24 @@ pub use store::{
     ReplicaStore,
 };
 
-/// A replica's mode in the volume's replica set.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum MemberMode {
-    /// Up to date: serves reads and acknowledges writes.
-    Rw,
-    /// Being rebuilt: receives writes, serves no reads.
-    Wo,
-    /// Failed: receives nothing until rebuilt.
-    Err,
-}
+pub use corral_types::{Epoch, Generation, ReplicaMode};
 
 /// One replica in a membership record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub address: String,
     pub instance_id: String,
-    pub mode: MemberMode,
+    pub mode: ReplicaMode,
 }
 
 /// The volume's replica set as last recorded by an engine, with its generation.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Membership {
-    pub generation: u64,
+    pub generation: Generation,
     /// Epoch of the engine that wrote this record. Records are ordered by
     /// (epoch, generation): a newer engine's records supersede an older one's.
     #[serde(default)]
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub members: Vec<Member>,
 }
 
@@ -78,7 +69,7 @@ pub struct VolumeMeta {
     pub block_size: u32,
     pub chunk_size: u32,
     pub instance_id: String,
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub membership: Membership,
     pub layers: Vec<LayerInfo>,
     /// Whether the previous stop was clean (as found at open; true for a new store).

@@ -52,7 +52,7 @@ pub(crate) struct Record {
     pub chunk_size: u32,
     pub region_size: u64,
     pub instance_id: String,
-    pub epoch: u64,
+    pub epoch: corral_types::Epoch,
     pub membership: Membership,
     pub layers: Vec<LayerInfo>,
     pub clean: bool,
@@ -226,7 +226,7 @@ impl MetaDb {
         self.put(&[(k, json(k, v)?)])
     }
 
-    pub(crate) fn set_epoch(&self, epoch: u64) -> Result<()> {
+    pub(crate) fn set_epoch(&self, epoch: corral_types::Epoch) -> Result<()> {
         self.put_value(key::EPOCH, &epoch)
     }
 

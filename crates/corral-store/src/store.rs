@@ -14,7 +14,7 @@ use crate::bitmap::WriteIntent;
 use crate::error::{Result, StoreError};
 use crate::layer::{self, BLOCK, Layer, verify_block};
 use crate::meta::{self, MetaDb, Record};
-use crate::{LayerInfo, Membership, VolumeMeta};
+use crate::{Epoch, LayerInfo, Membership, VolumeMeta};
 
 const BLOCK_USIZE: usize = BLOCK as usize;
 
@@ -76,7 +76,7 @@ pub struct ReplicaStore {
 
 #[derive(Debug)]
 struct Mutable {
-    epoch: u64,
+    epoch: Epoch,
     membership: Membership,
 }
 
@@ -163,7 +163,7 @@ impl ReplicaStore {
             chunk_size: p.chunk_size,
             region_size,
             instance_id: p.instance_id,
-            epoch: 0,
+            epoch: Epoch(0),
             membership: Membership::default(),
             layers: vec![LayerInfo {
                 name: HEAD.into(),
@@ -268,7 +268,7 @@ impl ReplicaStore {
     }
 
     /// The newest epoch recorded (by any engine's open).
-    pub fn epoch(&self) -> u64 {
+    pub fn epoch(&self) -> Epoch {
         lock(&self.mutable).epoch
     }
 
@@ -290,7 +290,7 @@ impl ReplicaStore {
 
     /// Durably records `epoch`. Lower than the current one: [`StoreError::StaleEpoch`];
     /// equal: accepted (no-op).
-    pub fn set_epoch(&self, epoch: u64) -> Result<()> {
+    pub fn set_epoch(&self, epoch: Epoch) -> Result<()> {
         let mut m = lock(&self.mutable);
         if epoch < m.epoch {
             return Err(StoreError::StaleEpoch {

@@ -5,11 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use corral_proto::v1::{
-    AddReplicaRequest, ListEngineReplicasRequest, RebuildStatus, RebuildStatusRequest,
-    RemoveReplicaRequest, ReplicaMode, SalvageRequest, VerifyRequest, VolumeInfoRequest,
-    engine_control_client::EngineControlClient,
-};
+use corral_client::EngineControl;
+use corral_proto::v1::{RebuildStatus, ReplicaMode};
 use serde_json::json;
 
 #[derive(Args, Debug)]
@@ -71,26 +68,12 @@ fn mode_name(mode: i32) -> &'static str {
 }
 
 pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
-    let uri = if args.engine.contains("://") {
-        args.engine.clone()
-    } else {
-        format!("http://{}", args.engine)
-    };
-    let channel = tonic::transport::Endpoint::from_shared(uri)
-        .with_context(|| format!("bad engine address {:?}", args.engine))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
-        .connect()
+    let client = EngineControl::connect(&args.engine, Duration::from_secs(30))
         .await
         .with_context(|| format!("cannot reach the engine at {}", args.engine))?;
-    let mut client = EngineControlClient::new(channel);
     match args.command {
         VolumeCommand::Info => {
-            let v = client
-                .get_volume_info(VolumeInfoRequest {})
-                .await
-                .context("volume info")?
-                .into_inner();
+            let v = client.info().await?;
             if args.json {
                 let out = json!({
                     "name": v.name, "size": v.size, "block_size": v.block_size,
@@ -127,34 +110,19 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
         VolumeCommand::Replica {
             command: ReplicaCommand::Add { address },
         } => {
-            let r = client
-                .add_replica(AddReplicaRequest { address })
-                .await
-                .context("replica add")?
-                .into_inner();
-            println!("{}", r.message);
+            println!("{}", client.add_replica(&address).await?);
         }
         VolumeCommand::Replica {
             command: ReplicaCommand::Rm { address },
         } => {
-            let r = client
-                .remove_replica(RemoveReplicaRequest { address })
-                .await
-                .context("replica rm")?
-                .into_inner();
-            println!("{}", r.message);
+            println!("{}", client.remove_replica(&address).await?);
         }
         VolumeCommand::RebuildStatus { watch } => {
             let tty = std::io::stdout().is_terminal() && !args.json;
             let live = watch || tty;
             let mut drawn = 0;
             loop {
-                let list = client
-                    .get_rebuild_status(RebuildStatusRequest {})
-                    .await
-                    .context("rebuild status")?
-                    .into_inner()
-                    .rebuilds;
+                let list = client.rebuild_status().await?;
                 let running = list.iter().any(|r| r.state == "running");
                 if args.json {
                     let items: Vec<_> = list.iter().map(rebuild_json).collect();
@@ -182,11 +150,7 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
             }
         }
         VolumeCommand::Verify => {
-            let r = client
-                .verify(VerifyRequest {})
-                .await
-                .context("verify")?
-                .into_inner();
+            let r = client.verify().await?;
             if args.json {
                 let diffs: Vec<_> = r
                     .differences
@@ -225,24 +189,14 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                     "salvage trusts {replica} and rebuilds every other replica from it, losing writes only they hold; add --force"
                 );
             }
-            let r = client
-                .salvage(SalvageRequest { replica })
-                .await
-                .context("salvage")?
-                .into_inner();
-            println!("{}", r.message);
+            println!("{}", client.salvage(&replica).await?);
         }
         VolumeCommand::Replica {
             command: ReplicaCommand::Ls,
         } => {
-            let list = client
-                .list_replicas(ListEngineReplicasRequest {})
-                .await
-                .context("replica list")?
-                .into_inner();
+            let replicas = client.replicas().await?;
             if args.json {
-                let items: Vec<_> = list
-                    .replicas
+                let items: Vec<_> = replicas
                     .iter()
                     .map(|r| {
                         json!({
@@ -257,7 +211,7 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                     "{:<24} {:<5} {:<38} LAST ERROR",
                     "ADDRESS", "MODE", "INSTANCE"
                 );
-                for r in list.replicas {
+                for r in replicas {
                     println!(
                         "{:<24} {:<5} {:<38} {}",
                         r.address,

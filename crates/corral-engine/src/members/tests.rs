@@ -41,7 +41,7 @@ fn three(policy: WritePolicy) -> Members {
     Members::after_open(
         policy,
         16,
-        1,
+        Generation(1),
         vec![
             opened("a", OpenedState::UpToDate),
             opened("b", OpenedState::UpToDate),
@@ -165,7 +165,7 @@ fn a_member_rebuilding_when_the_engine_opened_is_compared_in_full() {
     let mut m = Members::after_open(
         WritePolicy::Quorum,
         16,
-        5,
+        Generation(5),
         vec![
             opened("a", OpenedState::UpToDate),
             opened("b", OpenedState::UpToDate),
@@ -278,7 +278,7 @@ fn removal_keeps_the_policy_floor_and_spares_rebuilding_members() {
     m.release(1, ReturnFailure::Unreachable, "", Duration::ZERO, now);
     let before = m.generation();
     assert_eq!(m.remove("a").unwrap().address, "a");
-    assert_eq!((m.total(), m.generation()), (2, before + 1));
+    assert_eq!((m.total(), m.generation()), (2, before.next()));
 }
 
 // ---------------------------------------------------------------------------
@@ -515,7 +515,7 @@ impl World {
 
     /// The engine's membership record now.
     fn current_record(engine: &Engine) -> pb::Membership {
-        crate::replica_set::membership_record(&engine.members, engine.epoch)
+        crate::replica_set::membership_record(&engine.members, Epoch(engine.epoch))
     }
 
     /// Write the membership record to every RW member (the shell's loop).
@@ -645,7 +645,7 @@ impl World {
             &problems,
             &up_to_date,
             None,
-            max_generation + 1,
+            Generation(max_generation + 1),
             self.now,
         );
         self.log.push(format!(

@@ -5,7 +5,8 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 
 use super::{params, pattern, small_store};
 use crate::{
-    BLOCK, LayerInfo, Member, MemberMode, Membership, ReplicaStore, StoreError, zero_block_crc,
+    BLOCK, Epoch, Generation, LayerInfo, Member, Membership, ReplicaMode, ReplicaStore, StoreError,
+    zero_block_crc,
 };
 
 const KIB: u64 = 1024;
@@ -34,7 +35,7 @@ fn create_open_close_round_trip() {
     assert_eq!(m.block_size, 512);
     assert_eq!(m.chunk_size, 64 * 1024);
     assert_eq!(m.instance_id, "inst-1");
-    assert_eq!(m.epoch, 0);
+    assert_eq!(m.epoch, Epoch(0));
     assert_eq!(m.membership, Membership::default());
     assert_eq!(
         m.layers,
@@ -48,20 +49,20 @@ fn create_open_close_round_trip() {
 
     let data = pattern(7, 100_000);
     s.write(12_345, &data).unwrap();
-    s.set_epoch(3).unwrap();
+    s.set_epoch(Epoch(3)).unwrap();
     let ms = Membership {
-        generation: 2,
-        epoch: 3,
+        generation: Generation(2),
+        epoch: Epoch(3),
         members: vec![
             Member {
                 address: "10.0.0.1:9502".into(),
                 instance_id: "inst-1".into(),
-                mode: MemberMode::Rw,
+                mode: ReplicaMode::Rw,
             },
             Member {
                 address: "10.0.0.2:9502".into(),
                 instance_id: "inst-2".into(),
-                mode: MemberMode::Wo,
+                mode: ReplicaMode::Wo,
             },
         ],
     };
@@ -71,7 +72,7 @@ fn create_open_close_round_trip() {
     let s = ReplicaStore::open(&dir).unwrap();
     let m = s.meta();
     assert!(m.clean_shutdown);
-    assert_eq!(m.epoch, 3);
+    assert_eq!(m.epoch, Epoch(3));
     assert_eq!(m.membership, ms);
     assert!(s.dirty_regions().is_empty());
     assert!(s.recovered_regions().is_empty());
@@ -81,7 +82,7 @@ fn create_open_close_round_trip() {
     s.crash();
     let s = ReplicaStore::open(&dir).unwrap();
     assert!(!s.meta().clean_shutdown);
-    assert_eq!(s.meta().epoch, 3);
+    assert_eq!(s.meta().epoch, Epoch(3));
     s.close().unwrap();
 }
 
@@ -232,26 +233,28 @@ fn out_of_range_is_rejected() {
 fn stale_epoch_and_generation() {
     let tmp = tempfile::tempdir().unwrap();
     let s = ReplicaStore::create(tmp.path(), params(MIB, 4096)).unwrap();
-    s.set_epoch(5).unwrap();
-    s.set_epoch(5).unwrap();
-    match s.set_epoch(4) {
-        Err(StoreError::StaleEpoch { current, given }) => assert_eq!((current, given), (5, 4)),
+    s.set_epoch(Epoch(5)).unwrap();
+    s.set_epoch(Epoch(5)).unwrap();
+    match s.set_epoch(Epoch(4)) {
+        Err(StoreError::StaleEpoch { current, given }) => {
+            assert_eq!((current, given), (Epoch(5), Epoch(4)))
+        }
         other => panic!("expected StaleEpoch, got {other:?}"),
     }
-    let m = |generation| Membership {
-        generation,
-        epoch: 1,
+    let m = |generation: u64| Membership {
+        generation: Generation(generation),
+        epoch: Epoch(1),
         members: vec![Member {
             address: format!("a:{generation}"),
             instance_id: "i".into(),
-            mode: MemberMode::Rw,
+            mode: ReplicaMode::Rw,
         }],
     };
     s.set_membership(m(7)).unwrap();
     s.set_membership(m(7)).unwrap();
     match s.set_membership(m(6)) {
         Err(StoreError::StaleGeneration { current, given }) => {
-            assert_eq!((current, given), (7, 6))
+            assert_eq!((current, given), (Generation(7), Generation(6)))
         }
         other => panic!("expected StaleGeneration, got {other:?}"),
     }
@@ -259,13 +262,16 @@ fn stale_epoch_and_generation() {
     // Durable without a clean close.
     s.crash();
     let s = ReplicaStore::open(tmp.path()).unwrap();
-    assert_eq!(s.meta().epoch, 5);
+    assert_eq!(s.meta().epoch, Epoch(5));
     assert_eq!(s.meta().membership, m(7));
-    assert!(matches!(s.set_epoch(1), Err(StoreError::StaleEpoch { .. })));
-    s.set_epoch(6).unwrap();
+    assert!(matches!(
+        s.set_epoch(Epoch(1)),
+        Err(StoreError::StaleEpoch { .. })
+    ));
+    s.set_epoch(Epoch(6)).unwrap();
     // A newer engine's record supersedes, whatever its generation.
     let mut newer = m(2);
-    newer.epoch = 6;
+    newer.epoch = Epoch(6);
     s.set_membership(newer.clone()).unwrap();
     assert_eq!(s.meta().membership, newer);
     s.close().unwrap();
@@ -520,8 +526,8 @@ fn errors_are_one_line_with_context() {
             size: 3,
         },
         StoreError::StaleEpoch {
-            current: 2,
-            given: 1,
+            current: Epoch(2),
+            given: Epoch(1),
         },
         StoreError::AlreadyExists(tmp.path().to_path_buf()),
         ReplicaStore::open(&tmp.path().join("x")).unwrap_err(),
