@@ -97,22 +97,3 @@ impl EngineConfig {
         }
     }
 }
-
-impl EngineConfig {
-    /// The supervisor's settings derived from this configuration.
-    pub fn supervisor(&self) -> crate::supervisor::SupervisorConfig {
-        crate::supervisor::SupervisorConfig {
-            retry_interval: self.retry_interval,
-            stale_replica_timeout: self.stale_replica_timeout,
-            client: crate::client::ClientSettings {
-                timeout: self.replica_timeout,
-                streams: self.streams_per_replica,
-                inflight_per_stream: self.inflight_per_stream,
-            },
-            rebuild: crate::rebuild::RebuildSettings {
-                concurrency: self.rebuild_concurrency,
-                bandwidth: self.rebuild_bandwidth,
-            },
-        }
-    }
-}

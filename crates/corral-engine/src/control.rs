@@ -102,17 +102,43 @@ impl ControlService {
     }
 }
 
-/// The volume's state in one word.
-fn state_word(volume: &Volume) -> &'static str {
-    let set = volume.replica_set();
-    if set.is_fenced() {
-        "fenced"
-    } else if set.check_writable().is_err() {
-        "unavailable"
-    } else if set.rw_count() < set.total() {
-        "degraded"
-    } else {
-        "serving"
+/// The volume's state, as `corral volume info` reports it in one word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VolumeState {
+    /// The engine waits to open it.
+    Opening,
+    /// Every replica RW.
+    Serving,
+    /// Writable, with some replicas out or rebuilding.
+    Degraded,
+    /// Too few RW replicas for the write policy: writes fail.
+    Unavailable,
+    /// A newer engine owns it.
+    Fenced,
+}
+
+impl VolumeState {
+    pub fn of(volume: &Volume) -> Self {
+        let set = volume.replica_set();
+        if set.is_fenced() {
+            VolumeState::Fenced
+        } else if set.check_writable().is_err() {
+            VolumeState::Unavailable
+        } else if set.rw_count() < set.total() {
+            VolumeState::Degraded
+        } else {
+            VolumeState::Serving
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            VolumeState::Opening => "opening",
+            VolumeState::Serving => "serving",
+            VolumeState::Degraded => "degraded",
+            VolumeState::Unavailable => "unavailable",
+            VolumeState::Fenced => "fenced",
+        }
     }
 }
 
@@ -153,7 +179,7 @@ impl EngineControl for ControlService {
                 block_size: cfg.block_size,
                 chunk_size: cfg.chunk_size,
                 write_policy: cfg.write_policy.as_str().to_string(),
-                state: "opening".into(),
+                state: VolumeState::Opening.as_str().into(),
                 replicas_total: cfg.replicas.len() as u32,
                 open_reason: lock(&self.state.waiting_for).clone(),
                 stale_replica_timeout_ms: cfg.stale_replica_timeout.as_millis() as u64,
@@ -171,7 +197,7 @@ impl EngineControl for ControlService {
             epoch: set.epoch().0,
             generation: set.generation().0,
             write_policy: set.policy().as_str().to_string(),
-            state: state_word(volume).to_string(),
+            state: VolumeState::of(volume).as_str().to_string(),
             replicas_total: total as u32,
             replicas_rw: rw as u32,
             frontends: lock(&self.state.frontends).clone(),

@@ -235,7 +235,7 @@ async fn run(
     state.set_volume(Arc::clone(&volume));
     let supervisor = tokio::spawn(crate::supervisor::run(
         Arc::clone(&volume),
-        config.supervisor(),
+        crate::supervisor::SupervisorConfig::of(&config),
         stop.clone(),
     ));
     let idle_flush = tokio::spawn(crate::supervisor::flush_when_idle(

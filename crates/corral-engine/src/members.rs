@@ -5,7 +5,7 @@
 //! were written, a replica answered again, a rebuild copied chunks, time
 //! passed); decisions come out (move it to ERR and record the membership,
 //! keep it and fail the request, how to catch it up). No I/O and no clock
-//! of its own: [`crate::replica_set::ReplicaSet`] is the async shell that
+//! of its own: `replica_set::ReplicaSet` is the async shell that
 //! feeds it, records its memberships on the replicas and runs the copier.
 //!
 //! The rule it keeps (docs/failure-handling.md, "The catch-up invariant"):

@@ -618,3 +618,198 @@ async fn resync_dirty_regions(
     info!(volume = %cfg.volume, bytes = copied, "resynced dirty regions among up-to-date replicas");
     Ok(())
 }
+
+/// The election's rules, one test each (docs/failure-handling.md, "Write
+/// policies"; architecture.md, "Opening a volume").
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIZE: u64 = 1 << 20;
+
+    fn cfg(policy: WritePolicy) -> EngineConfig {
+        let mut cfg = EngineConfig::new("v", SIZE, vec!["a".into(), "b".into(), "c".into()]);
+        cfg.write_policy = policy;
+        cfg
+    }
+
+    fn addrs() -> Vec<String> {
+        ["a", "b", "c"].iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A record naming a, b, c (instances "a1", ...) with these modes.
+    fn record(epoch: u64, generation: u64, modes: [pb::ReplicaMode; 3]) -> pb::Membership {
+        pb::Membership {
+            generation,
+            epoch,
+            members: ["a", "b", "c"]
+                .iter()
+                .zip(modes)
+                .map(|(a, mode)| pb::Member {
+                    address: a.to_string(),
+                    instance_id: format!("{a}1"),
+                    mode: mode as i32,
+                })
+                .collect(),
+        }
+    }
+
+    fn info(addr: &str, membership: Option<pb::Membership>) -> Option<ReplicaInfo> {
+        Some(ReplicaInfo {
+            volume: "v".into(),
+            size: SIZE,
+            block_size: 512,
+            chunk_size: 256 << 10,
+            instance_id: format!("{addr}1"),
+            membership,
+            ..Default::default()
+        })
+    }
+
+    use pb::ReplicaMode::{Err as E, Rw as R, Wo as W};
+
+    #[test]
+    fn the_up_to_date_replicas_hold_the_newest_record_and_are_rw_in_it() {
+        let newest = record(2, 5, [R, R, E]);
+        let infos = vec![
+            info("a", Some(newest.clone())),
+            info("b", Some(record(2, 4, [R, R, R]))),
+            info("c", Some(newest)),
+        ];
+        let (up, generation) = elect(&cfg(WritePolicy::Quorum), &addrs(), &infos, None).unwrap();
+        assert_eq!((up, generation), (vec![true, false, false], 5));
+    }
+
+    #[test]
+    fn records_order_by_epoch_before_generation() {
+        let infos = vec![
+            info("a", Some(record(3, 1, [R, E, R]))),
+            info("b", Some(record(2, 9, [R, R, R]))),
+            info("c", Some(record(3, 1, [R, E, R]))),
+        ];
+        let (up, _) = elect(&cfg(WritePolicy::Quorum), &addrs(), &infos, None).unwrap();
+        assert_eq!(up, vec![true, false, true]);
+    }
+
+    #[test]
+    fn available_waits_for_every_rw_member_of_the_newest_record() {
+        let newest = record(1, 3, [R, E, R]);
+        let infos = vec![
+            info("a", Some(newest.clone())),
+            info("b", Some(newest)),
+            None,
+        ];
+        match elect(&cfg(WritePolicy::Available), &addrs(), &infos, None) {
+            Err(EngineError::Open {
+                wait: OpenWait::AvailableMembers { members, .. },
+                ..
+            }) => assert_eq!(members, "c"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn quorum_serves_with_a_majority_of_record_holders() {
+        let newest = record(1, 3, [R, R, R]);
+        let two = vec![
+            info("a", Some(newest.clone())),
+            info("b", Some(newest)),
+            None,
+        ];
+        assert!(elect(&cfg(WritePolicy::Quorum), &addrs(), &two, None).is_ok());
+        // A replica created for a rebuild holds no record: it proves nothing.
+        let newest = record(1, 3, [R, R, W]);
+        let one_and_a_new_one = vec![info("a", Some(newest)), None, info("c", None)];
+        assert!(matches!(
+            elect(
+                &cfg(WritePolicy::Quorum),
+                &addrs(),
+                &one_and_a_new_one,
+                None
+            ),
+            Err(EngineError::Open {
+                wait: OpenWait::Quorum { reached: 1, .. },
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn without_any_record_every_replica_must_be_reached() {
+        let all = vec![info("a", None), info("b", None), info("c", None)];
+        let (up, _) = elect(&cfg(WritePolicy::Available), &addrs(), &all, None).unwrap();
+        assert_eq!(up, vec![true; 3]);
+        // Only one, record-less: a new volume's, or a rebuild's fresh target?
+        let one = vec![None, info("b", None), None];
+        assert!(matches!(
+            elect(&cfg(WritePolicy::Available), &addrs(), &one, None),
+            Err(EngineError::Open {
+                wait: OpenWait::NoRecord(_),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn salvage_trusts_the_named_replica_alone() {
+        let infos = vec![
+            info("a", Some(record(1, 3, [E, R, E]))),
+            None,
+            info("c", Some(record(1, 2, [R, R, R]))),
+        ];
+        let (up, _) = elect(&cfg(WritePolicy::Available), &addrs(), &infos, Some("c")).unwrap();
+        assert_eq!(up, vec![false, false, true]);
+        assert!(matches!(
+            elect(&cfg(WritePolicy::Available), &addrs(), &infos, Some("b")),
+            Err(EngineError::Open {
+                wait: OpenWait::SalvageUnreachable(_),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_different_size_is_refused_not_waited_for() {
+        let mut wrong = info("a", Some(record(1, 1, [R, R, R])));
+        if let Some(i) = wrong.as_mut() {
+            i.size = 2 * SIZE;
+        }
+        assert!(matches!(
+            elect(
+                &cfg(WritePolicy::Quorum),
+                &addrs(),
+                &[wrong, None, None],
+                None
+            ),
+            Err(EngineError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn a_member_rebuilding_in_the_newest_record_is_resumed_by_comparing_everything() {
+        let newest = record(1, 4, [R, R, W]);
+        let infos = vec![
+            info("a", Some(newest.clone())),
+            info("b", Some(newest)),
+            info("c", Some(record(1, 2, [R, R, E]))),
+        ];
+        let config = cfg(WritePolicy::Quorum);
+        let (up, max) = elect(&config, &addrs(), &infos, None).unwrap();
+        let members = members_after_open(
+            &config,
+            ChunkMap::new(config.chunk_size).unwrap(),
+            &addrs(),
+            &infos,
+            &[String::new(), String::new(), String::new()],
+            &up,
+            None,
+            Generation(max + 1),
+            std::time::Instant::now(),
+        );
+        let c = &members.all()[2];
+        assert_eq!(c.mode, crate::members::Mode::Err);
+        assert!(c.interrupted);
+        assert!(matches!(c.divergence, crate::members::Divergence::Unknown));
+        assert_eq!(members.generation(), Generation(5));
+    }
+}

@@ -3,7 +3,7 @@
 //!
 //! This module owns the copier ([`run`]): the walk over the chunks to catch
 //! up, its pacing (`--rebuild-bandwidth`), its progress counters
-//! ([`RebuildProgress`]) and the rebuild cursor. Deciding *which* chunks to
+//! ([`RebuildProgress`], kept in [`crate::progress`]). Deciding *which* chunks to
 //! walk and whether the target is new is the supervisor's job.
 //!
 //! The copier takes the chunks a few at a time (a group of up to
@@ -38,8 +38,8 @@
 //! and turns RW (a recorded membership change), which the replica set
 //! refuses while any chunk of the plan is left.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -51,6 +51,7 @@ use tracing::{info, warn};
 use crate::client::{DataOutcome, ReplicaClient};
 use crate::error::ReplicaIoError;
 use crate::members::{CatchUpPlan, Epoch};
+use crate::progress::RebuildProgress;
 use crate::replica_set::SlotId;
 use crate::volume::Volume;
 
@@ -74,81 +75,6 @@ impl Default for RebuildSettings {
         RebuildSettings {
             concurrency: 8,
             bandwidth: None,
-        }
-    }
-}
-
-/// Progress of one rebuild, shared with the status RPCs.
-#[derive(Debug)]
-pub struct RebuildProgress {
-    pub address: String,
-    pub kind: &'static str,
-    pub total_bytes: AtomicU64,
-    pub done_bytes: AtomicU64,
-    pub copied_bytes: AtomicU64,
-    pub skipped_bytes: AtomicU64,
-    started: Instant,
-    outcome: Mutex<Option<(Duration, Result<(), String>)>>,
-}
-
-impl RebuildProgress {
-    pub fn new(address: &str, kind: &'static str) -> Self {
-        RebuildProgress {
-            address: address.to_string(),
-            kind,
-            total_bytes: AtomicU64::new(0),
-            done_bytes: AtomicU64::new(0),
-            copied_bytes: AtomicU64::new(0),
-            skipped_bytes: AtomicU64::new(0),
-            started: Instant::now(),
-            outcome: Mutex::new(None),
-        }
-    }
-
-    fn finish(&self, result: Result<(), String>) {
-        *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((self.started.elapsed(), result));
-    }
-
-    /// True while the copier runs.
-    pub fn running(&self) -> bool {
-        self.outcome
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none()
-    }
-
-    /// For `corral volume rebuild-status` and `info`.
-    pub fn to_pb(&self) -> pb::RebuildStatus {
-        let outcome = self
-            .outcome
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let total = self.total_bytes.load(Ordering::Relaxed);
-        let done = self.done_bytes.load(Ordering::Relaxed);
-        let (state, elapsed, error) = match outcome {
-            None => ("running", self.started.elapsed(), String::new()),
-            Some((d, Ok(()))) => ("done", d, String::new()),
-            Some((d, Err(e))) => ("failed", d, e),
-        };
-        let eta_ms = if state == "running" && done > 0 && total > done {
-            let rate = done as f64 / elapsed.as_secs_f64().max(1e-3);
-            ((total - done) as f64 / rate * 1000.0) as u64
-        } else {
-            0
-        };
-        pb::RebuildStatus {
-            address: self.address.clone(),
-            kind: self.kind.to_string(),
-            state: state.to_string(),
-            total_bytes: total,
-            done_bytes: done,
-            copied_bytes: self.copied_bytes.load(Ordering::Relaxed),
-            skipped_bytes: self.skipped_bytes.load(Ordering::Relaxed),
-            elapsed_ms: elapsed.as_millis() as u64,
-            eta_ms,
-            error,
         }
     }
 }
@@ -403,7 +329,7 @@ pub async fn run(
     let set = Arc::clone(volume.replica_set());
     let total: u64 = chunks.iter().map(|c| volume.chunk_range(*c).1).sum();
     progress.total_bytes.store(total, Ordering::Relaxed);
-    info!(volume = %volume.name(), replica = %target.addr(), kind = progress.kind,
+    info!(volume = %volume.name(), replica = %target.addr(), kind = progress.kind.as_str(),
         chunks = chunks.len(), bytes = total, target_empty, "rebuild started");
     let started = Instant::now();
     // `concurrency` chunks at once: groups of up to GROUP_CHUNKS.

@@ -40,7 +40,7 @@ use crate::members::{
     ReturnFacts, ReturnFailure,
 };
 pub use crate::members::{Epoch, Generation, MemberId, Mode};
-use crate::rebuild::RebuildProgress;
+use crate::progress::RebuildProgress;
 
 /// The id of a member (see [`MemberId`]).
 pub type SlotId = MemberId;

@@ -24,9 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::client::{ClientSettings, ReplicaClient};
+use crate::config::EngineConfig;
 use crate::error::ReplicaIoError;
 use crate::members::{Admission, MembershipError, ReturnFacts, ReturnFailure};
-use crate::rebuild::{self, RebuildProgress, RebuildSettings};
+use crate::progress::RebuildProgress;
+use crate::rebuild::{self, RebuildSettings};
 use crate::replica_set::{JoinError, SlotId};
 use crate::volume::Volume;
 
@@ -37,6 +39,25 @@ pub struct SupervisorConfig {
     pub stale_replica_timeout: Duration,
     pub client: ClientSettings,
     pub rebuild: RebuildSettings,
+}
+
+impl SupervisorConfig {
+    /// The supervisor's settings in an engine's configuration.
+    pub fn of(cfg: &EngineConfig) -> Self {
+        SupervisorConfig {
+            retry_interval: cfg.retry_interval,
+            stale_replica_timeout: cfg.stale_replica_timeout,
+            client: ClientSettings {
+                timeout: cfg.replica_timeout,
+                streams: cfg.streams_per_replica,
+                inflight_per_stream: cfg.inflight_per_stream,
+            },
+            rebuild: RebuildSettings {
+                concurrency: cfg.rebuild_concurrency,
+                bandwidth: cfg.rebuild_bandwidth,
+            },
+        }
+    }
 }
 
 /// Flushes the volume once it has gone quiet: twice, `period` apart, after
@@ -247,7 +268,7 @@ async fn bring_back(
     let mut progress = None;
     let admission = set
         .join_write_set(id, Arc::clone(&client), facts, |plan| {
-            let p = Arc::new(RebuildProgress::new(address, plan.kind.as_str()));
+            let p = Arc::new(RebuildProgress::new(address, plan.kind));
             progress = Some(Arc::clone(&p));
             p
         })

@@ -44,7 +44,7 @@ pub struct Volume {
     locks: ChunkLocks,
     repaired: AtomicU64,
     /// Writes (and unmaps, zero writes) begun so far, and those not yet
-    /// finished: how [`crate::supervisor::flush_when_idle`] tells quiet.
+    /// finished: how the supervisor's idle flusher tells quiet.
     writes_begun: AtomicU64,
     writes_in_flight: AtomicU64,
     /// Wakes the supervisor (a replica was added, or failed).

@@ -33,7 +33,7 @@ async fn start(cfg: &EngineConfig) -> (Arc<Volume>, tokio_util::sync::DropGuard)
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(corral_engine::supervisor::run(
         Arc::clone(&volume),
-        cfg.supervisor(),
+        corral_engine::supervisor::SupervisorConfig::of(cfg),
         stop.clone(),
     ));
     (volume, stop.drop_guard())

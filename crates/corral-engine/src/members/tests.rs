@@ -265,6 +265,34 @@ fn with_no_rw_member_left_one_that_holds_every_acknowledged_write_returns_as_rw(
 }
 
 #[test]
+fn a_record_counts_once_a_member_of_the_previous_rw_set_has_it() {
+    let now = Instant::now();
+    let mut m = three(WritePolicy::Available);
+    // Members 2 and 3 are out; 1 is the recorded RW set.
+    m.fail(2, FailureKind::Lost, &[], "gone", now);
+    m.fail(3, FailureKind::Lost, &[], "gone", now);
+    assert!(m.recorded(&[1], &[1], &[2, 3]));
+    assert_eq!(m.recorded_rw(), &[1]);
+    // 3 returns and is rebuilt; as it turns RW, member 1 dies and only 3
+    // takes the record: it does not count, and writes wait.
+    assert!(m.claim(3));
+    let plan = rebuild(m.join(3, facts("c-1")));
+    m.copied(plan.ticket, &plan.chunks);
+    m.finish_rebuild(plan.ticket).unwrap();
+    assert_eq!(m.record_targets(), (vec![1], vec![3]));
+    assert!(!m.recorded(&[1, 3], &[3], &[2]));
+    assert!(m.writable(), "1 is still RW and recorded");
+    m.fail(1, FailureKind::Lost, &[], "gone", now);
+    assert!(!m.writable(), "3 alone is RW but in no effective record");
+    assert!(!m.recorded(&[3], &[3], &[1, 2]));
+    assert!(!m.writable());
+    // Under quorum, a record on a majority counts by itself.
+    let mut q = three(WritePolicy::Quorum);
+    assert!(q.recorded(&[1, 2], &[1, 2], &[3]));
+    assert!(!q.recorded(&[3], &[3], &[]), "one of three is no majority");
+}
+
+#[test]
 fn removal_keeps_the_policy_floor_and_spares_rebuilding_members() {
     let now = Instant::now();
     let mut m = three(WritePolicy::Quorum);

@@ -1,0 +1,104 @@
+//! The progress of a rebuild, as the control service and the metrics see
+//! it: what it walks, how far it has come, how it ended.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use corral_proto::v1 as pb;
+
+use crate::members::RebuildKind;
+
+/// Where a rebuild is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RebuildState {
+    Running,
+    Done,
+    Failed,
+}
+
+impl RebuildState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RebuildState::Running => "running",
+            RebuildState::Done => "done",
+            RebuildState::Failed => "failed",
+        }
+    }
+}
+
+/// Progress of one rebuild, shared with the status RPCs.
+#[derive(Debug)]
+pub struct RebuildProgress {
+    pub address: String,
+    pub kind: RebuildKind,
+    pub total_bytes: AtomicU64,
+    pub done_bytes: AtomicU64,
+    pub copied_bytes: AtomicU64,
+    pub skipped_bytes: AtomicU64,
+    started: Instant,
+    outcome: Mutex<Option<(Duration, Result<(), String>)>>,
+}
+
+impl RebuildProgress {
+    pub fn new(address: &str, kind: RebuildKind) -> Self {
+        RebuildProgress {
+            address: address.to_string(),
+            kind,
+            total_bytes: AtomicU64::new(0),
+            done_bytes: AtomicU64::new(0),
+            copied_bytes: AtomicU64::new(0),
+            skipped_bytes: AtomicU64::new(0),
+            started: Instant::now(),
+            outcome: Mutex::new(None),
+        }
+    }
+
+    /// The rebuild ended: how.
+    pub fn finish(&self, result: Result<(), String>) {
+        *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((self.started.elapsed(), result));
+    }
+
+    /// True while the copier runs.
+    pub fn running(&self) -> bool {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+    }
+
+    /// For `corral volume rebuild-status` and `info`.
+    pub fn to_pb(&self) -> pb::RebuildStatus {
+        let outcome = self
+            .outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let total = self.total_bytes.load(Ordering::Relaxed);
+        let done = self.done_bytes.load(Ordering::Relaxed);
+        let (state, elapsed, error) = match outcome {
+            None => (RebuildState::Running, self.started.elapsed(), String::new()),
+            Some((d, Ok(()))) => (RebuildState::Done, d, String::new()),
+            Some((d, Err(e))) => (RebuildState::Failed, d, e),
+        };
+        let eta_ms = if state == RebuildState::Running && done > 0 && total > done {
+            let rate = done as f64 / elapsed.as_secs_f64().max(1e-3);
+            ((total - done) as f64 / rate * 1000.0) as u64
+        } else {
+            0
+        };
+        pb::RebuildStatus {
+            address: self.address.clone(),
+            kind: self.kind.as_str().to_string(),
+            state: state.as_str().to_string(),
+            total_bytes: total,
+            done_bytes: done,
+            copied_bytes: self.copied_bytes.load(Ordering::Relaxed),
+            skipped_bytes: self.skipped_bytes.load(Ordering::Relaxed),
+            elapsed_ms: elapsed.as_millis() as u64,
+            eta_ms,
+            error,
+        }
+    }
+}
