@@ -1,68 +1,23 @@
 //! One layer of a replica: a sparse data file (`<name>.img`) and its checksum file
 //! (`<name>.crc`, one little-endian CRC32C per 4 KiB block).
 //!
-//! Owns the raw positional I/O on the file pair, hole punching, `fdatasync`, and the CRC
-//! encoding rule (stored 0 = never written / deallocated). It knows nothing about locking,
-//! the write-intent bitmap or other layers: the store orders calls to it.
+//! Owns the raw positional I/O on the file pair, hole punching and `fdatasync`. What an
+//! entry of the checksum file means is module `entry`'s; how layers stack is module
+//! `chain`'s. A layer knows nothing about locking or the write-intent bitmap: the store
+//! orders calls to it.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::LazyLock;
 
 use crate::error::{Result, StoreError, io_err};
 
 /// Checksum granularity in bytes.
 pub const BLOCK: u64 = 4096;
-const BLOCK_USIZE: usize = BLOCK as usize;
 /// Bytes per stored checksum.
 const CRC_LEN: u64 = 4;
-
-/// The stored checksum of a block that was never written or was deallocated.
-pub const CRC_UNWRITTEN: u32 = 0;
-
-static ZERO_BLOCK_CRC: LazyLock<u32> = LazyLock::new(|| crc32c::crc32c(&[0u8; BLOCK_USIZE]));
-
-/// CRC32C of a 4 KiB block of zero bytes: what [`crate::ReplicaStore::block_checksums`]
-/// reports for a block that was never written.
-pub fn zero_block_crc() -> u32 {
-    *ZERO_BLOCK_CRC
-}
-
-/// CRC32C of one block.
-pub(crate) fn block_crc(block: &[u8]) -> u32 {
-    crc32c::crc32c(block)
-}
-
-/// Checks a block against its stored checksum (see the encoding rule in the module docs of
-/// [`crate`]). Returns the computed crc on mismatch.
-pub(crate) fn verify_block(block: &[u8], stored: u32) -> std::result::Result<(), u32> {
-    let computed = block_crc(block);
-    let ok = if stored == CRC_UNWRITTEN {
-        computed == CRC_UNWRITTEN || computed == zero_block_crc()
-    } else {
-        stored == computed
-    };
-    if ok { Ok(()) } else { Err(computed) }
-}
-
-/// The checksum recovery writes for a block found on disk after an unclean stop: an all-zero
-/// block keeps `crc32c(zeros)` if it had it (it was written with zeroes) and is otherwise
-/// recorded as unwritten; any other block gets its computed crc.
-pub(crate) fn recovered_crc(block: &[u8], stored: u32) -> u32 {
-    let computed = block_crc(block);
-    if computed == zero_block_crc() && block.iter().all(|&b| b == 0) {
-        if stored == computed {
-            stored
-        } else {
-            CRC_UNWRITTEN
-        }
-    } else {
-        computed
-    }
-}
 
 /// Names of a layer's two files inside the replica directory.
 pub(crate) fn file_names(layer: &str) -> (String, String) {
@@ -184,14 +139,14 @@ impl Layer {
         })
     }
 
-    /// Marks `count` blocks starting at block `first` as unwritten (stored crc 0).
-    pub(crate) fn clear_crcs(&self, first: u64, count: u64) -> Result<()> {
-        const PIECE: u64 = 64 * 1024; // checksums per write: 256 KiB of zeroes
-        let zeros = vec![CRC_UNWRITTEN; PIECE.min(count) as usize];
+    /// Stores the same entry for `count` blocks starting at block `first`.
+    pub(crate) fn fill_crcs(&self, first: u64, count: u64, entry: u32) -> Result<()> {
+        const PIECE: u64 = 64 * 1024; // entries per write: 256 KiB
+        let piece = vec![entry; PIECE.min(count) as usize];
         let mut done = 0;
         while done < count {
             let n = PIECE.min(count - done);
-            self.write_crcs(first + done, &zeros[..n as usize])?;
+            self.write_crcs(first + done, &piece[..n as usize])?;
             done += n;
         }
         Ok(())
@@ -312,37 +267,5 @@ fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zero_block_crc_is_not_the_unwritten_marker() {
-        assert_ne!(zero_block_crc(), CRC_UNWRITTEN);
-    }
-
-    #[test]
-    fn verify_rules() {
-        let zeros = [0u8; BLOCK_USIZE];
-        assert!(verify_block(&zeros, CRC_UNWRITTEN).is_ok());
-        assert!(verify_block(&zeros, zero_block_crc()).is_ok());
-        let mut data = [0u8; BLOCK_USIZE];
-        data[7] = 1;
-        assert!(verify_block(&data, CRC_UNWRITTEN).is_err());
-        assert!(verify_block(&data, block_crc(&data)).is_ok());
-        assert_eq!(verify_block(&data, 1), Err(block_crc(&data)));
-    }
-
-    #[test]
-    fn recovered_crc_rules() {
-        let zeros = [0u8; BLOCK_USIZE];
-        assert_eq!(recovered_crc(&zeros, 1234), CRC_UNWRITTEN);
-        assert_eq!(recovered_crc(&zeros, zero_block_crc()), zero_block_crc());
-        let mut data = [0u8; BLOCK_USIZE];
-        data[0] = 9;
-        assert_eq!(recovered_crc(&data, 0), block_crc(&data));
     }
 }

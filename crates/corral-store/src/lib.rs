@@ -6,8 +6,9 @@
 //!   epoch, the membership record, the layer chain, the clean-shutdown flag and the
 //!   write-intent (dirty-region) bitmap (module `meta`);
 //! - `head.img`: the writable head layer, a sparse file of the volume's size;
-//! - `head.crc`: one little-endian CRC32C per 4 KiB block of `head.img`, where the stored
-//!   value 0 means "never written or deallocated: the block reads as zeroes" (module `layer`).
+//! - `head.crc`: one little-endian entry per 4 KiB block of `head.img`: "never written",
+//!   "discarded", or the CRC32C of the written block (module `entry`); the layers stack
+//!   into a chain, newest first, when a block is read (module `chain`).
 //!
 //! The API is synchronous and thread-safe: every method takes `&self`, the store is
 //! `Send + Sync`, and the replica daemon calls it from tokio's blocking pool. Writes go to
@@ -16,6 +17,8 @@
 //! unclean stop. See `docs/on-disk-format.md` for the format and the recovery rules.
 
 mod bitmap;
+mod chain;
+mod entry;
 mod error;
 mod layer;
 mod meta;
@@ -26,8 +29,9 @@ mod tests;
 
 use serde::{Deserialize, Serialize};
 
+pub use entry::zero_block_crc;
 pub use error::StoreError;
-pub use layer::{BLOCK, zero_block_crc};
+pub use layer::BLOCK;
 pub use store::{
     CreateParams, MAX_CHECKSUM_RANGE, MAX_CHUNK_SIZE, MAX_IO_LEN, MIN_CHUNK_SIZE, MIN_REGION_SIZE,
     ReplicaStore,

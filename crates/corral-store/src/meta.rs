@@ -22,8 +22,11 @@ pub(crate) const META_TMP_FILE: &str = "meta.redb.tmp";
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const DIRTY: TableDefinition<u64, ()> = TableDefinition::new("dirty");
 
-/// Version of the on-disk format this code writes and reads.
-pub(crate) const FORMAT_VERSION: u64 = 1;
+/// Version of the on-disk format this code writes. Version 2 tells "never written" from
+/// "discarded" in the checksum files (module `entry`).
+pub(crate) const FORMAT_VERSION: u64 = 2;
+/// Oldest version this code opens; [`crate::ReplicaStore::open`] upgrades it.
+pub(crate) const OLDEST_FORMAT_VERSION: u64 = 1;
 
 /// redb keeps a page cache per database; a replica's metadata is tiny, and a daemon hosts
 /// many replicas, so keep it small.
@@ -62,6 +65,8 @@ pub(crate) struct Record {
 pub(crate) struct MetaDb {
     db: Database,
     path: PathBuf,
+    /// The format version recorded in the file.
+    format: u64,
 }
 
 impl std::fmt::Debug for MetaDb {
@@ -93,6 +98,7 @@ impl MetaDb {
             let this = MetaDb {
                 db,
                 path: tmp.clone(),
+                format: FORMAT_VERSION,
             };
             let mut kv = vec![(key::FORMAT, json(key::FORMAT, &FORMAT_VERSION)?)];
             kv.extend(Self::record_kv(rec)?);
@@ -135,13 +141,15 @@ impl MetaDb {
         Ok(MetaDb {
             db,
             path: path.to_path_buf(),
+            format: FORMAT_VERSION,
         })
     }
 
     /// Opens `dir/meta.redb` and reads the record and the dirty region indices.
     pub(crate) fn open(dir: &Path) -> Result<(Self, Record, Vec<u64>)> {
-        let this = Self::open_file(&dir.join(META_FILE))?;
-        let (rec, dirty) = this.load()?;
+        let mut this = Self::open_file(&dir.join(META_FILE))?;
+        let (format, rec, dirty) = this.load()?;
+        this.format = format;
         Ok((this, rec, dirty))
     }
 
@@ -149,7 +157,19 @@ impl MetaDb {
         format!("{}: {what}", self.path.display())
     }
 
-    fn load(&self) -> Result<(Record, Vec<u64>)> {
+    /// The format version recorded in the file.
+    pub(crate) fn format(&self) -> u64 {
+        self.format
+    }
+
+    /// Records that the directory is now in the current format.
+    pub(crate) fn set_current_format(&mut self) -> Result<()> {
+        self.put_value(key::FORMAT, &FORMAT_VERSION)?;
+        self.format = FORMAT_VERSION;
+        Ok(())
+    }
+
+    fn load(&self) -> Result<(u64, Record, Vec<u64>)> {
         let txn = self
             .db
             .begin_read()
@@ -165,9 +185,9 @@ impl MetaDb {
             Ok(v.value().to_string())
         };
         let format: u64 = self.decode(key::FORMAT, &get(key::FORMAT)?)?;
-        if format != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&format) {
             return Err(StoreError::Metadata(self.ctx(&format!(
-                "unsupported format version {format} (this build reads version {FORMAT_VERSION})"
+                "unsupported format version {format} (this build reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})"
             ))));
         }
         let rec = Record {
@@ -193,7 +213,7 @@ impl MetaDb {
             let (k, _) = entry.map_err(|e| redb_err(self.ctx("listing dirty regions"), e))?;
             dirty.push(k.value());
         }
-        Ok((rec, dirty))
+        Ok((format, rec, dirty))
     }
 
     fn decode<T: DeserializeOwned>(&self, key: &str, raw: &str) -> Result<T> {

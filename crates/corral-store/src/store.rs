@@ -11,8 +11,10 @@ use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use bytes::Bytes;
 
 use crate::bitmap::WriteIntent;
+use crate::chain::{LayerChain, Source};
+use crate::entry::{self, DISCARDED};
 use crate::error::{Result, StoreError};
-use crate::layer::{self, BLOCK, Layer, verify_block};
+use crate::layer::{BLOCK, Layer};
 use crate::meta::{self, MetaDb, Record};
 use crate::{Epoch, LayerInfo, Membership, VolumeMeta};
 
@@ -68,7 +70,7 @@ pub struct ReplicaStore {
     clean_shutdown: bool,
     /// Epoch and membership; the mutex also orders their commits.
     mutable: Mutex<Mutable>,
-    head: Layer,
+    chain: LayerChain,
     stripes: Box<[RwLock<()>]>,
     intent: WriteIntent,
     recovered: Vec<u64>,
@@ -190,7 +192,7 @@ impl ReplicaStore {
         if !Self::exists(dir) {
             return Err(StoreError::NotFound(dir.to_path_buf()));
         }
-        let (db, rec, dirty) = MetaDb::open(dir)?;
+        let (mut db, rec, dirty) = MetaDb::open(dir)?;
         check_record(dir, &rec)?;
         let head_name = match rec.layers.as_slice() {
             [only] if !only.read_only => only.name.clone(),
@@ -231,6 +233,12 @@ impl ReplicaStore {
         if !recovered.is_empty() {
             head.sync()?;
         }
+        if db.format() < meta::FORMAT_VERSION {
+            upgrade_from_v1(dir, &head, rec.size)?;
+            db.set_current_format()?;
+        }
+        let chain = LayerChain::new(vec![head])
+            .ok_or_else(|| StoreError::Metadata(format!("{}: no head layer", dir.display())))?;
         // From here until `close`, a stop is unclean.
         db.set_clean(false)?;
         let chunk_shift = rec.chunk_size.trailing_zeros();
@@ -250,7 +258,7 @@ impl ReplicaStore {
                 epoch: rec.epoch,
                 membership: rec.membership,
             }),
-            head,
+            chain,
             stripes,
             intent: WriteIntent::new(region_shift, &recovered),
             recovered,
@@ -361,29 +369,25 @@ impl ReplicaStore {
             .collect()
     }
 
-    /// The layer that holds block `block`, and for how many blocks from there (at most
-    /// `max`) that stays true. Today the head holds everything; snapshot layers will be
-    /// looked up here.
-    fn resolve(&self, _block: u64, max: u64) -> (&Layer, u64) {
-        (&self.head, max)
-    }
-
     /// Reads whole blocks `first..first + buf.len() / 4096` into `buf`, verifying each
     /// block's checksum. Caller holds the stripes.
     fn read_blocks(&self, first: u64, buf: &mut [u8]) -> Result<()> {
-        let total = (buf.len() / BLOCK_USIZE) as u64;
-        let mut done = 0u64;
-        while done < total {
-            let block = first + done;
-            let (layer, run) = self.resolve(block, total - done);
-            let lo = (done as usize) * BLOCK_USIZE;
-            let hi = lo + (run as usize) * BLOCK_USIZE;
+        let total = buf.len() / BLOCK_USIZE;
+        for run in self.chain.runs(first, total)? {
+            let lo = ((run.first - first) as usize) * BLOCK_USIZE;
+            let hi = lo + (run.len as usize) * BLOCK_USIZE;
             let piece = &mut buf[lo..hi];
-            layer.read_data(block * BLOCK, piece)?;
-            let crcs = layer.read_crcs(block, run as usize)?;
-            for (i, (data, &stored)) in piece.chunks_exact(BLOCK_USIZE).zip(&crcs).enumerate() {
-                if let Err(computed) = verify_block(data, stored) {
-                    let offset = (block + i as u64) * BLOCK;
+            let (layer, entries) = match run.source {
+                Source::Layer(layer, entries) => (layer, entries),
+                Source::Zeroes => {
+                    piece.fill(0);
+                    continue;
+                }
+            };
+            layer.read_data(run.first * BLOCK, piece)?;
+            for (i, (data, &stored)) in piece.chunks_exact(BLOCK_USIZE).zip(&entries).enumerate() {
+                if let Err(computed) = entry::verify(data, stored) {
+                    let offset = (run.first + i as u64) * BLOCK;
                     tracing::warn!(
                         dir = %self.dir.display(),
                         file = layer.data_name(),
@@ -399,7 +403,6 @@ impl ReplicaStore {
                     });
                 }
             }
-            done += run;
         }
         Ok(())
     }
@@ -448,7 +451,7 @@ impl ReplicaStore {
     pub fn write_fua(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.write_impl(offset, data, Halves::Both)?;
         if !data.is_empty() {
-            self.head.sync()?;
+            self.chain.head().sync()?;
         }
         Ok(())
     }
@@ -465,7 +468,7 @@ impl ReplicaStore {
         let aligned_end = end_block * BLOCK;
         let crcs_of = |buf: &[u8]| -> Vec<u32> {
             buf.chunks_exact(BLOCK_USIZE)
-                .map(layer::block_crc)
+                .map(|b| entry::written(entry::block_crc(b)))
                 .collect()
         };
         if offset == aligned_start && end == aligned_end {
@@ -499,18 +502,19 @@ impl ReplicaStore {
             let block = &mut buf[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE];
             block[..c0].copy_from_slice(&old[..c0]);
             block[c1..].copy_from_slice(&old[c1..]);
-            crcs[i] = layer::block_crc(block);
+            crcs[i] = entry::written(entry::block_crc(block));
         }
         self.store_blocks(first, &buf, &crcs, halves)
     }
 
-    /// Writes whole blocks and their checksums to the head. Caller holds the stripes.
-    fn store_blocks(&self, first: u64, data: &[u8], crcs: &[u32], halves: Halves) -> Result<()> {
+    /// Writes whole blocks and their entries to the head. Caller holds the stripes.
+    fn store_blocks(&self, first: u64, data: &[u8], entries: &[u32], halves: Halves) -> Result<()> {
+        let head = self.chain.head();
         if halves.data() {
-            self.head.write_data(first * BLOCK, data)?;
+            head.write_data(first * BLOCK, data)?;
         }
         if halves.crc() {
-            self.head.write_crcs(first, crcs)?;
+            head.write_crcs(first, entries)?;
         }
         Ok(())
     }
@@ -545,16 +549,17 @@ impl ReplicaStore {
             self.read_blocks(b, &mut block)?;
             let base = b * BLOCK;
             block[(lo - base) as usize..(hi - base) as usize].fill(0);
-            let crc = layer::block_crc(&block);
-            self.store_blocks(b, &block, &[crc], Halves::Both)?;
+            let e = entry::written(entry::block_crc(&block));
+            self.store_blocks(b, &block, &[e], Halves::Both)?;
         }
 
         let whole_first = offset.div_ceil(BLOCK);
         let whole_end = end / BLOCK;
         if whole_first < whole_end {
             let n = whole_end - whole_first;
-            self.head.punch(whole_first * BLOCK, n * BLOCK)?;
-            self.head.clear_crcs(whole_first, n)?;
+            let head = self.chain.head();
+            head.punch(whole_first * BLOCK, n * BLOCK)?;
+            head.fill_crcs(whole_first, n, DISCARDED)?;
         }
         Ok(())
     }
@@ -571,14 +576,14 @@ impl ReplicaStore {
     /// the engine's flushes, which follow its acknowledged writes on every replica, may
     /// clear it.
     pub fn sync(&self) -> Result<()> {
-        self.head.sync()
+        self.chain.head().sync()
     }
 
     /// Makes every write that completed before this call durable, then clears the dirty bits
     /// of regions not written since the previous flush.
     pub fn flush(&self) -> Result<()> {
         let seq = self.intent.begin_flush();
-        self.head.sync()?;
+        self.chain.head().sync()?;
         if let Err(e) = self.intent.clear_idle(&self.db, seq) {
             // The data is durable; the regions merely stay dirty a while longer.
             tracing::warn!(dir = %self.dir.display(), error = %e, "could not clear dirty regions after flush");
@@ -606,18 +611,13 @@ impl ReplicaStore {
         }
         let first = offset / BLOCK;
         let end_block = end / BLOCK;
-        let zero = layer::zero_block_crc();
         let mut out = Vec::with_capacity((end_block - first) as usize);
         let _g = self.lock_shared(first, end_block);
         let mut block = first;
         while block < end_block {
-            let (layer, run) = self.resolve(block, (end_block - block).min(1 << 18));
-            let crcs = layer.read_crcs(block, run as usize)?;
-            out.extend(
-                crcs.into_iter()
-                    .map(|c| if c == layer::CRC_UNWRITTEN { zero } else { c }),
-            );
-            block += run;
+            let n = (end_block - block).min(1 << 18);
+            out.extend(self.chain.reported(block, n as usize)?);
+            block += n;
         }
         Ok(out)
     }
@@ -726,6 +726,39 @@ fn check_record(dir: &Path, rec: &Record) -> Result<()> {
     Ok(())
 }
 
+/// Brings a format-1 head layer to format 2. Format 1 stored a written block's CRC32C as
+/// is, so a block whose CRC32C is 1 has the entry that now means "discarded": rewrite those
+/// entries escaped (module `entry`). Entries of 0 meant "never written or discarded", which
+/// read alike in a chain of one layer; they stay "never written". The rewrite is durable
+/// before the caller records the new format version, and idempotent if a crash comes first.
+fn upgrade_from_v1(dir: &Path, head: &Layer, size: u64) -> Result<()> {
+    const PIECE: u64 = 256 * 1024; // entries per pass: 1 MiB of the checksum file
+    let blocks = size / BLOCK;
+    let mut rewritten = 0u64;
+    let mut first = 0u64;
+    while first < blocks {
+        let n = PIECE.min(blocks - first);
+        let mut entries = head.read_crcs(first, n as usize)?;
+        let mut changed = false;
+        for e in entries.iter_mut().filter(|e| **e == DISCARDED) {
+            *e = entry::written(DISCARDED);
+            changed = true;
+            rewritten += 1;
+        }
+        if changed {
+            head.write_crcs(first, &entries)?;
+        }
+        first += n;
+    }
+    head.sync()?;
+    tracing::info!(
+        dir = %dir.display(),
+        rewritten,
+        "upgraded the store from format 1 to format 2"
+    );
+    Ok(())
+}
+
 /// Recomputes and stores the checksum of every block of region `r` from the data on disk.
 fn recover_region(head: &Layer, r: u64, region_size: u64, size: u64) -> Result<()> {
     const PIECE: u64 = 1 << 20;
@@ -743,7 +776,7 @@ fn recover_region(head: &Layer, r: u64, region_size: u64, size: u64) -> Result<(
         let new: Vec<u32> = piece
             .chunks_exact(BLOCK_USIZE)
             .zip(&stored)
-            .map(|(b, &s)| layer::recovered_crc(b, s))
+            .map(|(b, &s)| entry::recovered(b, s))
             .collect();
         if new != stored {
             fixed += new.iter().zip(&stored).filter(|(a, b)| a != b).count();

@@ -1,9 +1,11 @@
 //! Tests of the store: unit tests of the public API ([`unit`]), a concurrency stress test
-//! ([`concurrency`]) and the model-based property test ([`model`]).
+//! ([`concurrency`]), the model-based property test ([`model`]) and the upgrade from format 1
+//! ([`upgrade`]).
 
 mod concurrency;
 mod model;
 mod unit;
+mod upgrade;
 
 use std::path::Path;
 

@@ -600,3 +600,20 @@ fn a_background_sync_keeps_the_write_intent_bits() {
     s.flush().unwrap();
     assert!(s.dirty_regions().is_empty());
 }
+
+#[test]
+fn discarded_and_never_written_are_distinct_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ReplicaStore::create(dir.path(), params(MIB, 65536)).unwrap();
+    s.write(0, &pattern(3, 8 * BLOCK as usize)).unwrap();
+    s.unmap(2 * BLOCK, 3 * BLOCK).unwrap();
+    s.write_zeroes(6 * BLOCK, BLOCK).unwrap();
+    s.close().unwrap();
+    let raw = std::fs::read(dir.path().join("head.crc")).unwrap();
+    let entry = |b: usize| u32::from_le_bytes(raw[b * 4..b * 4 + 4].try_into().unwrap());
+    let states: Vec<u32> = (0..10).map(entry).collect();
+    assert!(states[0] > 1 && states[1] > 1 && states[5] > 1 && states[7] > 1);
+    assert_eq!(&states[2..5], &[1, 1, 1], "unmapped: discarded");
+    assert_eq!(states[6], 1, "write-zeroes: discarded");
+    assert_eq!(&states[8..10], &[0, 0], "never written");
+}
