@@ -31,6 +31,10 @@ pub struct FileDevice {
     /// them sleep in the kernel (which closes the gate). Waiting here costs
     /// no thread.
     write_turn: tokio::sync::Mutex<()>,
+    /// Reservation state. A plain file has nowhere to keep it beside the
+    /// data without surprising its owner, so it lives as long as the device
+    /// (like a SCSI target's without "persist through power loss").
+    reservations: std::sync::Mutex<Option<Bytes>>,
 }
 
 impl FileDevice {
@@ -81,6 +85,7 @@ impl FileDevice {
             block_size,
             inline_writes: InlineGate::default(),
             write_turn: tokio::sync::Mutex::new(()),
+            reservations: std::sync::Mutex::new(None),
         })
     }
 
@@ -148,6 +153,19 @@ fn write_zero_range(file: &File, mut offset: u64, len: u64) -> std::io::Result<(
 impl BlockDevice for FileDevice {
     fn size(&self) -> u64 {
         self.size
+    }
+
+    async fn load_reservations(&self) -> BlockResult<Option<Bytes>> {
+        Ok(self
+            .reservations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone())
+    }
+
+    async fn save_reservations(&self, state: Bytes) -> BlockResult<()> {
+        *self.reservations.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+        Ok(())
     }
 
     fn block_size(&self) -> u32 {

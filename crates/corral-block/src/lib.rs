@@ -94,6 +94,16 @@ pub trait BlockDevice: Send + Sync + 'static {
         len: u64,
         fua: bool,
     ) -> impl Future<Output = BlockResult<()>> + Send;
+
+    /// The reservation state a frontend last saved with
+    /// [`BlockDevice::save_reservations`] (None: never). Opaque to the device.
+    fn load_reservations(&self) -> impl Future<Output = BlockResult<Option<Bytes>>> + Send;
+
+    /// Save a frontend's reservation state (SCSI persistent reservations) so
+    /// that it outlives the frontend: a replicated volume records it on its
+    /// replicas, where the next engine finds it. Returns once it is durable;
+    /// on error nothing may be assumed saved.
+    fn save_reservations(&self, state: Bytes) -> impl Future<Output = BlockResult<()>> + Send;
 }
 
 /// Check that `[offset, offset+len)` lies inside a device of `size` bytes.

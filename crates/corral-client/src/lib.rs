@@ -226,6 +226,28 @@ impl ReplicaControl {
         )
         .await
     }
+
+    /// Record a reservation record on the replica, as the engine of `epoch`.
+    pub async fn set_reservations(
+        &self,
+        volume: &str,
+        epoch: Epoch,
+        record: pb::ReservationRecord,
+    ) -> Result<ReplicaInfo, ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::SetReservationsRequest {
+            volume: volume.to_string(),
+            epoch: epoch.0,
+            record: Some(record),
+        };
+        call(
+            &self.addr,
+            "record reservations",
+            self.timeout,
+            c.set_reservations(request),
+        )
+        .await
+    }
 }
 
 /// An engine's control service.

@@ -270,4 +270,12 @@ impl<D: BlockDevice> BlockDevice for Metered<D> {
         self.metrics.record(IoOp::write_zeroes, len, t, r.is_ok());
         r
     }
+
+    async fn load_reservations(&self) -> BlockResult<Option<Bytes>> {
+        self.inner.load_reservations().await
+    }
+
+    async fn save_reservations(&self, state: Bytes) -> BlockResult<()> {
+        self.inner.save_reservations(state).await
+    }
 }

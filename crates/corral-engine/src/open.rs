@@ -184,6 +184,19 @@ fn check_policy(
 
 /// Decide which reachable replicas are up to date, and whether the write
 /// policy lets this engine serve: (up to date per replica, newest generation).
+/// The newest reservation record, by (epoch, sequence), on any replica the
+/// engine opened. Every save reaches every writable replica, and a replica
+/// that missed one went to ERR, so the newest record is the last saved — or
+/// one from a save that was never acknowledged, which is as good.
+pub(crate) fn newest_reservations(infos: &[Option<ReplicaInfo>]) -> Option<pb::ReservationRecord> {
+    infos
+        .iter()
+        .flatten()
+        .filter_map(|i| i.reservations.as_ref())
+        .max_by_key(|r| (r.epoch, r.sequence))
+        .cloned()
+}
+
 pub(crate) fn elect(
     cfg: &EngineConfig,
     addrs: &[String],
@@ -419,7 +432,14 @@ pub async fn open_volume(
         .zip(&clients)
         .filter_map(|(m, c)| c.clone().map(|c| (m.id, c)))
         .collect();
-    let set = Arc::new(ReplicaSet::new(cfg, epoch, members, member_clients));
+    let reservations = newest_reservations(&infos);
+    let set = Arc::new(ReplicaSet::new(
+        cfg,
+        epoch,
+        members,
+        member_clients,
+        reservations,
+    ));
     let record = set.membership();
     for i in 0..total {
         if !up_to_date[i] {
@@ -667,6 +687,28 @@ mod tests {
     }
 
     use pb::ReplicaMode::{Err as E, Rw as R, Wo as W};
+
+    #[test]
+    fn the_newest_reservation_record_wins_whoever_holds_it() {
+        let with = |addr: &str, epoch: u64, sequence: u64| {
+            info(addr, None).map(|mut i| {
+                i.reservations = Some(pb::ReservationRecord {
+                    epoch,
+                    sequence,
+                    state: format!("{addr}:{epoch}:{sequence}").into_bytes().into(),
+                });
+                i
+            })
+        };
+        assert_eq!(newest_reservations(&[info("a", None), None]), None);
+        // A later engine's record wins over a longer run of an older one's.
+        let infos = vec![with("a", 3, 2), None, with("c", 2, 40), info("b", None)];
+        let newest = newest_reservations(&infos).unwrap();
+        assert_eq!((newest.epoch, newest.sequence), (3, 2));
+        // Within one engine, the later save.
+        let infos = vec![with("a", 3, 2), with("b", 3, 3)];
+        assert_eq!(newest_reservations(&infos).unwrap().state, &b"b:3:3"[..]);
+    }
 
     #[test]
     fn the_up_to_date_replicas_hold_the_newest_record_and_are_rw_in_it() {

@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use corral_block::BlockError;
@@ -112,6 +112,11 @@ pub struct ReplicaSet {
     authorities: AtomicUsize,
     /// Replicas moved to ERR since the engine started.
     failures: AtomicU64,
+    /// The reservation record in force: the newest found at open, then the
+    /// last one saved. A short lock, never held across an await.
+    reservations: Mutex<Option<pb::ReservationRecord>>,
+    /// Serialises saves of the reservation record; taken before `io_gate`.
+    reservation_turn: tokio::sync::Mutex<()>,
 }
 
 fn kind_of(err: &ReplicaIoError) -> FailureKind {
@@ -129,6 +134,7 @@ impl ReplicaSet {
         epoch: Epoch,
         members: Members,
         clients: Vec<(SlotId, Arc<ReplicaClient>)>,
+        reservations: Option<pb::ReservationRecord>,
     ) -> Self {
         let tracking = members.tracking();
         ReplicaSet {
@@ -147,6 +153,8 @@ impl ReplicaSet {
             tracking: AtomicUsize::new(tracking),
             authorities: AtomicUsize::new(0),
             failures: AtomicU64::new(0),
+            reservations: Mutex::new(reservations),
+            reservation_turn: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -634,6 +642,17 @@ impl ReplicaSet {
                 .map_err(|e| JoinError::Record(e.to_string()))?;
             self.with_members(|m| m.recorded(&rw, &[id], &out));
         }
+        // The reservation record in force, which saves from now on keep up
+        // to date on it (it joins the write targets below, and no save is
+        // under way while this holds `io_gate`).
+        let reservations = self.current_reservations();
+        if let Some(record) = reservations {
+            client
+                .control()
+                .set_reservations(&self.volume, self.epoch, record)
+                .await
+                .map_err(|e| JoinError::Record(format!("reservations: {e}")))?;
+        }
         let admission = {
             let mut state = self.write_state();
             let admission = state.members.join(id, facts)?;
@@ -687,6 +706,70 @@ impl ReplicaSet {
         }
         self.record_membership().await;
         info!(volume = %self.volume, replica = %address, "member removed");
+        Ok(())
+    }
+
+    /// The reservation record in force (None: never saved).
+    pub fn current_reservations(&self) -> Option<pb::ReservationRecord> {
+        self.reservations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Save a frontend's reservation state on every writable replica, as
+    /// the next record (sequence + 1, this engine's epoch). A replica that
+    /// cannot take it goes to ERR (and is given the record again when it
+    /// joins); the save succeeds if what is left may still acknowledge
+    /// writes, like a write. Saves take turns.
+    pub async fn save_reservations(&self, state: bytes::Bytes) -> Result<(), BlockError> {
+        let _turn = self.reservation_turn.lock().await;
+        self.check_writable()?;
+        let _gate = self.write_gate().await;
+        let sequence = self
+            .current_reservations()
+            .map_or(0, |r| r.sequence)
+            .saturating_add(1);
+        let record = pb::ReservationRecord {
+            epoch: self.epoch.0,
+            sequence,
+            state,
+        };
+        let targets = self.write_targets();
+        let calls = targets.iter().map(|(id, client, _)| {
+            let record = record.clone();
+            async move {
+                let result = client
+                    .control()
+                    .set_reservations(&self.volume, self.epoch, record)
+                    .await;
+                (*id, result)
+            }
+        });
+        let mut refused = None;
+        for (id, result) in futures::future::join_all(calls).await {
+            match result {
+                Ok(_) => {}
+                Err(e @ ClientError::Fenced { .. }) => {
+                    self.mark_fenced(&e.to_string());
+                    return Err(BlockError::Unavailable(format!(
+                        "volume {}: saving reservations: {e}",
+                        self.volume
+                    )));
+                }
+                Err(e) => {
+                    let err = ReplicaIoError::Unreachable(format!("saving reservations: {e}"));
+                    if let Err(e) = self.handle_failure(id, &err, &[]).await {
+                        refused = Some(e);
+                    }
+                }
+            }
+        }
+        if let Some(e) = refused {
+            return Err(e);
+        }
+        self.check_writable()?;
+        *self.reservations.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
         Ok(())
     }
 

@@ -530,4 +530,12 @@ impl BlockDevice for Volume {
         })
         .await
     }
+
+    async fn load_reservations(&self) -> BlockResult<Option<Bytes>> {
+        Ok(self.set.current_reservations().map(|r| r.state))
+    }
+
+    async fn save_reservations(&self, state: Bytes) -> BlockResult<()> {
+        self.set.save_reservations(state).await
+    }
 }

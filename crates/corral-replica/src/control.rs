@@ -5,7 +5,8 @@ use std::sync::Arc;
 use corral_proto::v1::{
     self as pb, CreateReplicaRequest, DeleteReplicaRequest, DeleteReplicaResponse,
     GetReplicaRequest, ListReplicasRequest, ListReplicasResponse, OpenReplicaRequest, ReplicaInfo,
-    SetMembershipRequest, replica_control_server::ReplicaControl,
+    ReservationRecord, SetMembershipRequest, SetReservationsRequest,
+    replica_control_server::ReplicaControl,
 };
 use corral_store::{CreateParams, Epoch, Generation, Member, Membership};
 use tonic::{Request, Response, Status};
@@ -84,6 +85,11 @@ pub fn replica_info(hosted: &HostedReplica) -> ReplicaInfo {
         dirty_regions: hosted.store.dirty_regions(),
         region_size: hosted.store.region_size(),
         open: open_epoch != Epoch(0) && open_epoch == meta.epoch,
+        reservations: meta.reservations.map(|r| ReservationRecord {
+            epoch: r.epoch.0,
+            sequence: r.sequence,
+            state: r.state.into(),
+        }),
     }
 }
 
@@ -189,6 +195,29 @@ impl ReplicaControl for ControlService {
         let info = blocking(move || {
             with_epoch(&hosted, Epoch(req.epoch), |h| {
                 h.store.set_membership(membership)
+            })
+        })
+        .await?;
+        Ok(Response::new(info))
+    }
+
+    async fn set_reservations(
+        &self,
+        request: Request<SetReservationsRequest>,
+    ) -> Result<Response<ReplicaInfo>, Status> {
+        let req = request.into_inner();
+        let record = req
+            .record
+            .ok_or_else(|| Status::invalid_argument("reservation record missing"))?;
+        let record = corral_store::ReservationRecord {
+            epoch: Epoch(record.epoch),
+            sequence: record.sequence,
+            state: record.state.to_vec(),
+        };
+        let hosted = self.registry.get(&req.volume)?;
+        let info = blocking(move || {
+            with_epoch(&hosted, Epoch(req.epoch), |h| {
+                h.store.set_reservations(record)
             })
         })
         .await?;

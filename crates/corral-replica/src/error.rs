@@ -54,9 +54,9 @@ impl From<ReplicaError> for tonic::Status {
             ReplicaError::AlreadyExists(_) => tonic::Status::already_exists(msg),
             ReplicaError::NotOpen { .. } => tonic::Status::unavailable(msg),
             ReplicaError::Store { source, .. } => match source {
-                StoreError::StaleEpoch { .. } | StoreError::StaleGeneration { .. } => {
-                    corral_proto::fenced_status(msg)
-                }
+                StoreError::StaleEpoch { .. }
+                | StoreError::StaleGeneration { .. }
+                | StoreError::StaleReservations { .. } => corral_proto::fenced_status(msg),
                 StoreError::Invalid(_) | StoreError::OutOfRange { .. } => {
                     tonic::Status::invalid_argument(msg)
                 }

@@ -236,6 +236,7 @@ mod tests {
                 read_only: false,
             }],
             clean: true,
+            reservations: None,
         };
         MetaDb::create(dir, &rec).unwrap()
     }

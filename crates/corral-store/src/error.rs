@@ -49,6 +49,16 @@ pub enum StoreError {
         current: corral_types::Generation,
         given: corral_types::Generation,
     },
+    /// A reservation record older, by (epoch, sequence), than the one recorded.
+    #[error(
+        "stale reservation record: the replica holds ({current_epoch}, {current_sequence}), the update carried ({given_epoch}, {given_sequence})"
+    )]
+    StaleReservations {
+        current_epoch: corral_types::Epoch,
+        current_sequence: u64,
+        given_epoch: corral_types::Epoch,
+        given_sequence: u64,
+    },
     /// `create` found a store already in this directory.
     #[error("a replica store already exists in {}", .0.display())]
     AlreadyExists(PathBuf),

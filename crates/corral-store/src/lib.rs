@@ -58,6 +58,18 @@ pub struct Membership {
     pub members: Vec<Member>,
 }
 
+/// A frontend's state that must outlive the engine (SCSI persistent
+/// reservations), recorded like the membership. The store keeps `state`
+/// opaque; records order by (epoch, sequence).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservationRecord {
+    /// Epoch of the engine that wrote it.
+    pub epoch: Epoch,
+    /// Bumped by every save, continued by the next engine.
+    pub sequence: u64,
+    pub state: Vec<u8>,
+}
+
 /// One layer of the chain; the head (last) is the writable one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerInfo {
@@ -76,6 +88,8 @@ pub struct VolumeMeta {
     pub epoch: Epoch,
     pub membership: Membership,
     pub layers: Vec<LayerInfo>,
+    /// The last reservation record saved (None: never).
+    pub reservations: Option<ReservationRecord>,
     /// Whether the previous stop was clean (as found at open; true for a new store).
     pub clean_shutdown: bool,
 }

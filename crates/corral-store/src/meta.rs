@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Result, StoreError, io_err, redb_err};
-use crate::{LayerInfo, Membership};
+use crate::{LayerInfo, Membership, ReservationRecord};
 
 /// File name of the metadata database inside the replica directory.
 pub(crate) const META_FILE: &str = "meta.redb";
@@ -44,6 +44,7 @@ mod key {
     pub const MEMBERSHIP: &str = "membership";
     pub const LAYERS: &str = "layers";
     pub const CLEAN: &str = "clean";
+    pub const RESERVATIONS: &str = "reservations";
 }
 
 /// Everything recorded in the `meta` table.
@@ -59,6 +60,8 @@ pub(crate) struct Record {
     pub membership: Membership,
     pub layers: Vec<LayerInfo>,
     pub clean: bool,
+    /// Absent until the first save (and in stores from before reservations were kept).
+    pub reservations: Option<ReservationRecord>,
 }
 
 /// An open `meta.redb`.
@@ -201,6 +204,13 @@ impl MetaDb {
             membership: self.decode(key::MEMBERSHIP, &get(key::MEMBERSHIP)?)?,
             layers: self.decode(key::LAYERS, &get(key::LAYERS)?)?,
             clean: self.decode(key::CLEAN, &get(key::CLEAN)?)?,
+            reservations: match meta
+                .get(key::RESERVATIONS)
+                .map_err(|e| redb_err(self.ctx("reading key `reservations`"), e))?
+            {
+                Some(v) => Some(self.decode(key::RESERVATIONS, v.value())?),
+                None => None,
+            },
         };
         let dirty_table = txn
             .open_table(DIRTY)
@@ -252,6 +262,10 @@ impl MetaDb {
 
     pub(crate) fn set_membership(&self, m: &Membership) -> Result<()> {
         self.put_value(key::MEMBERSHIP, m)
+    }
+
+    pub(crate) fn set_reservations(&self, r: &ReservationRecord) -> Result<()> {
+        self.put_value(key::RESERVATIONS, r)
     }
 
     pub(crate) fn set_clean(&self, clean: bool) -> Result<()> {

@@ -16,7 +16,7 @@ use crate::entry::{self, DISCARDED};
 use crate::error::{Result, StoreError};
 use crate::layer::{BLOCK, Layer};
 use crate::meta::{self, MetaDb, Record};
-use crate::{Epoch, LayerInfo, Membership, VolumeMeta};
+use crate::{Epoch, LayerInfo, Membership, ReservationRecord, VolumeMeta};
 
 const BLOCK_USIZE: usize = BLOCK as usize;
 
@@ -80,6 +80,7 @@ pub struct ReplicaStore {
 struct Mutable {
     epoch: Epoch,
     membership: Membership,
+    reservations: Option<ReservationRecord>,
 }
 
 /// Which halves of a write actually reach the disk: `Both` in production; tests simulate a
@@ -172,6 +173,7 @@ impl ReplicaStore {
                 read_only: false,
             }],
             clean: true,
+            reservations: None,
         };
         // meta.redb appears (atomically) last: until it does, `exists` is false and a retry
         // of `create` starts over.
@@ -257,6 +259,7 @@ impl ReplicaStore {
             mutable: Mutex::new(Mutable {
                 epoch: rec.epoch,
                 membership: rec.membership,
+                reservations: rec.reservations,
             }),
             chain,
             stripes,
@@ -292,6 +295,7 @@ impl ReplicaStore {
             epoch: m.epoch,
             membership: m.membership.clone(),
             layers: self.layers.clone(),
+            reservations: m.reservations.clone(),
             clean_shutdown: self.clean_shutdown,
         }
     }
@@ -309,6 +313,28 @@ impl ReplicaStore {
         if epoch > m.epoch {
             self.db.set_epoch(epoch)?;
             m.epoch = epoch;
+        }
+        Ok(())
+    }
+
+    /// Durably records a reservation record. One older by (epoch, sequence)
+    /// than the recorded one: [`StoreError::StaleReservations`]; the same
+    /// or newer: stored.
+    pub fn set_reservations(&self, new: ReservationRecord) -> Result<()> {
+        let mut m = lock(&self.mutable);
+        if let Some(cur) = &m.reservations
+            && (new.epoch, new.sequence) < (cur.epoch, cur.sequence)
+        {
+            return Err(StoreError::StaleReservations {
+                current_epoch: cur.epoch,
+                current_sequence: cur.sequence,
+                given_epoch: new.epoch,
+                given_sequence: new.sequence,
+            });
+        }
+        if m.reservations.as_ref() != Some(&new) {
+            self.db.set_reservations(&new)?;
+            m.reservations = Some(new);
         }
         Ok(())
     }

@@ -412,6 +412,7 @@ impl Store {
             dirty_regions: self.dirty.iter().map(|c| c * CHUNK).collect(),
             region_size: CHUNK,
             open: true,
+            reservations: None,
         }
     }
 }

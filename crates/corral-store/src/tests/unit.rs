@@ -617,3 +617,33 @@ fn discarded_and_never_written_are_distinct_on_disk() {
     assert_eq!(states[6], 1, "write-zeroes: discarded");
     assert_eq!(&states[8..10], &[0, 0], "never written");
 }
+
+#[test]
+fn reservation_records_persist_and_refuse_older_ones() {
+    use crate::ReservationRecord;
+    let dir = tempfile::tempdir().unwrap();
+    let s = ReplicaStore::create(dir.path(), params(MIB, 65536)).unwrap();
+    assert_eq!(s.meta().reservations, None);
+    let rec = |epoch: u64, sequence: u64, state: &[u8]| ReservationRecord {
+        epoch: Epoch(epoch),
+        sequence,
+        state: state.to_vec(),
+    };
+    s.set_reservations(rec(2, 5, b"five")).unwrap();
+    s.set_reservations(rec(3, 6, b"six")).unwrap();
+    match s.set_reservations(rec(2, 9, b"older engine")) {
+        Err(StoreError::StaleReservations {
+            current_epoch,
+            current_sequence,
+            ..
+        }) => {
+            assert_eq!((current_epoch, current_sequence), (Epoch(3), 6));
+        }
+        other => panic!("expected StaleReservations, got {other:?}"),
+    }
+    // Reopened after a crash: the record is durable.
+    s.crash();
+    let s = ReplicaStore::open(dir.path()).unwrap();
+    assert_eq!(s.meta().reservations, Some(rec(3, 6, b"six")));
+    s.close().unwrap();
+}
