@@ -11,6 +11,8 @@
 //!   window, R2T/Data-Out, Data-In/status, NOP, TMF, text, logout.
 //! - [`scsi`]: the SCSI block device ([`ScsiLun`]) over a `BlockDevice`,
 //!   with [`sense`] data and [`reservation`]s.
+//! - [`session`]: sans-IO session-level decisions: reinstatement, task
+//!   management, NOP-In keepalive.
 //! - [`server`]: the thin tokio server ([`serve`], [`IscsiServer`]).
 //!
 //! ```no_run
@@ -35,6 +37,7 @@ pub mod reservation;
 pub mod scsi;
 pub mod sense;
 pub mod server;
+pub mod session;
 pub mod text;
 
 pub use connection::FullFeature;

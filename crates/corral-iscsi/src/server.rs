@@ -15,7 +15,9 @@
 //! An idle connection is pinged with NOP-In; an initiator that does not
 //! answer in time is dropped. A new login with the ISID of a live session
 //! reinstates it (the old connection is closed first). A client that breaks
-//! the protocol loses only its own connection.
+//! the protocol loses only its own connection. Those rules, and task
+//! management, are decided by the sans-IO [`crate::session`] modules; this
+//! module only carries them out on the sockets.
 //!
 //! Connections are accepted by the loop both frontends share
 //! ([`corral_block::accept`]). Shutdown: when the [`Shutdown`] token is
@@ -23,11 +25,11 @@
 //! their responses are written (for at most
 //! [`ServerConfig::shutdown_grace`]), then sockets close.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,14 +47,15 @@ use tracing::{debug, info, warn};
 
 use crate::connection::{
     Action, FullFeature, ScsiCommand, StatusSequencer, TmfRequest, decode_lun, reject,
-    reject_reason, scsi_response_pdus, sn_lt, tmf, tmf_response,
+    reject_reason, scsi_response_pdus,
 };
 use crate::login::{
     ChapConfig, Limits, LoginConfig, LoginNegotiation, LoginStep, SessionType, TargetEntry,
 };
-use crate::pdu::{Digests, Pdu, PduCodec, PduError, RESERVED_TAG, op};
+use crate::pdu::{Digests, Pdu, PduCodec, PduError};
 use crate::reservation::Nexus;
 use crate::scsi::{LunIdentity, ScsiLun, ScsiResult, missing_lun};
+use crate::session::{Keepalive, KeepaliveStep, SessionRegistry, TaskSet, TmfDone};
 
 /// Errors of the iSCSI server.
 #[derive(Debug, thiserror::Error)]
@@ -174,8 +177,9 @@ pub struct IscsiServer<D> {
     config: ServerConfig,
 }
 
-struct SessionEntry {
-    tsih: u16,
+/// What the server keeps of a live normal session, to close it when a new
+/// login reinstates it.
+struct SessionHandle {
     /// Cancelled to close the session (reinstatement).
     kill: Shutdown,
     /// Resolves (with an error) once the session's connection has ended.
@@ -186,14 +190,13 @@ struct Shared<D> {
     targets: Vec<Arc<IscsiTarget<D>>>,
     login: Arc<LoginConfig>,
     config: ServerConfig,
-    /// Live normal sessions by (target, initiator port).
-    sessions: Mutex<HashMap<(usize, Nexus), SessionEntry>>,
-    next_tsih: AtomicU16,
+    /// Live normal sessions by (target, initiator port), and TSIHs.
+    sessions: Mutex<SessionRegistry<SessionHandle>>,
     seed: AtomicU64,
 }
 
 impl<D> Shared<D> {
-    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, Nexus), SessionEntry>> {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, SessionRegistry<SessionHandle>> {
         match self.sessions.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -241,8 +244,7 @@ impl<D: BlockDevice> IscsiServer<D> {
             targets: self.targets,
             login,
             config: self.config,
-            sessions: Mutex::new(HashMap::new()),
-            next_tsih: AtomicU16::new(1),
+            sessions: Mutex::new(SessionRegistry::default()),
             seed: AtomicU64::new(seed),
         });
         let max = shared.config.max_connections;
@@ -356,12 +358,7 @@ where
                 ])));
             }
             LoginStep::Complete(mut resp, outcome) => {
-                let tsih = loop {
-                    let t = shared.next_tsih.fetch_add(1, Ordering::Relaxed);
-                    if t != 0 {
-                        break t;
-                    }
-                };
+                let tsih = shared.sessions().allocate_tsih();
                 let mut session = None;
                 if let (SessionType::Normal, Some(t)) = (outcome.session_type, outcome.target) {
                     let nexus = Nexus {
@@ -394,24 +391,20 @@ async fn register_session<D>(
     nexus: Nexus,
     tsih: u16,
 ) -> (Shutdown, oneshot::Sender<()>) {
-    let key = (target, nexus);
     let kill = Shutdown::new();
     let (alive, closed) = oneshot::channel();
-    let old = shared.sessions().insert(
-        key,
-        SessionEntry {
-            tsih,
-            kill: kill.clone(),
-            closed,
-        },
-    );
+    let handle = SessionHandle {
+        kill: kill.clone(),
+        closed,
+    };
+    let old = shared.sessions().register(target, nexus, tsih, handle);
     if let Some(old) = old {
         info!(
             old_tsih = old.tsih,
             tsih, "session reinstatement: closing the old session"
         );
-        old.kill.cancel();
-        if tokio::time::timeout(Duration::from_secs(10), old.closed)
+        old.handle.kill.cancel();
+        if tokio::time::timeout(Duration::from_secs(10), old.handle.closed)
             .await
             .is_err()
         {
@@ -433,23 +426,6 @@ struct Completed {
 
 /// A SCSI command running inside its connection's task.
 type CmdFuture<'a> = Pin<Box<dyn Future<Output = Completed> + Send + 'a>>;
-
-/// A command accepted and not yet answered.
-struct Running {
-    itt: u32,
-    /// Aborted by task management: its response is not sent.
-    aborted: bool,
-}
-
-/// A task management function waiting for the commands it aborted.
-struct PendingTmf {
-    itt: u32,
-    function: u8,
-    response: u8,
-    /// Reset the LUN's state for this nexus once the commands are gone.
-    reset: bool,
-    waiting: Vec<u64>,
-}
 
 /// How (and by when) a connection is ending.
 struct Ending {
@@ -516,58 +492,47 @@ async fn handle_connection<D: BlockDevice>(
     if let Some(t) = &target {
         t.lun.nexus_added(&nexus);
     }
-    let window = shared.config.limits.command_window.max(1);
     let ff = FullFeature::new(
         params,
         outcome.session_type,
         outcome.exp_cmd_sn,
-        window,
+        shared.config.limits.command_window.max(1),
         send_targets,
         target.as_ref().map(|t| t.name.clone()),
     );
-    let ended = {
-        let mut conn = Conn {
-            ff,
-            codec,
-            target: target.as_deref(),
-            nexus: &nexus,
-            config: &shared.config,
-            window,
-            seq: StatusSequencer::new(outcome.next_stat_sn),
-            out: SendQueue::new(),
-            running: HashMap::new(),
-            next_id: 0,
-            tmfs: Vec::new(),
-            backlog: VecDeque::new(),
-            ending: None,
-            broken: false,
-            ping: None,
-        };
-        let mut inflight = FuturesUnordered::new();
-        conn.run(
-            &mut rd,
-            wr.as_ref(),
-            &mut buf,
-            &mut inflight,
-            &stop,
-            logged.session.as_ref().map(|(kill, _)| kill.clone()),
-        )
-        .await
-    };
+    let keepalive = Keepalive::new(
+        Instant::now(),
+        shared.config.nop_interval,
+        shared.config.nop_timeout,
+    );
+    let ended = ConnectionDriver::new(
+        ff,
+        codec,
+        target.as_deref(),
+        &nexus,
+        &shared.config,
+        outcome.next_stat_sn,
+        keepalive,
+    )
+    .run(
+        &mut rd,
+        wr.as_ref(),
+        &mut buf,
+        &stop,
+        logged.session.as_ref().map(|(kill, _)| kill.clone()),
+    )
+    .await;
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
     if let Some(t) = &target {
         t.lun.nexus_removed(&nexus);
-        let mut sessions = shared.sessions();
-        let key = (outcome.target.unwrap_or(usize::MAX), nexus.clone());
-        if sessions.get(&key).is_some_and(|e| e.tsih == logged.tsih) {
-            sessions.remove(&key);
-        }
+        let target_index = outcome.target.unwrap_or(usize::MAX);
+        shared.sessions().ended(target_index, &nexus, logged.tsih);
     }
     ended
 }
 
 /// A connection in the full feature phase.
-struct Conn<'a, D> {
+struct ConnectionDriver<'a, D> {
     ff: FullFeature,
     codec: PduCodec,
     target: Option<&'a IscsiTarget<D>>,
@@ -577,36 +542,60 @@ struct Conn<'a, D> {
     window: u32,
     seq: StatusSequencer,
     out: SendQueue,
-    running: HashMap<u64, Running>,
-    next_id: u64,
-    tmfs: Vec<PendingTmf>,
+    /// Commands running, and task management functions waiting for them.
+    tasks: TaskSet,
     /// Actions not yet carried out because the command window is full;
     /// no further PDU is decoded until they are.
     backlog: VecDeque<Action>,
     ending: Option<Ending>,
     /// The socket failed: responses are dropped, commands still finish.
     broken: bool,
-    /// Our outstanding NOP-In ping: its TTT and when it was sent.
-    ping: Option<(u32, Instant)>,
+    keepalive: Keepalive,
 }
 
 /// Stop reading while this many response bytes wait for the initiator.
 const OUT_HIGH_WATER: usize = 16 << 20;
 
-impl<'a, D: BlockDevice> Conn<'a, D> {
+impl<'a, D: BlockDevice> ConnectionDriver<'a, D> {
+    fn new(
+        ff: FullFeature,
+        codec: PduCodec,
+        target: Option<&'a IscsiTarget<D>>,
+        nexus: &'a Nexus,
+        config: &'a ServerConfig,
+        first_stat_sn: u32,
+        keepalive: Keepalive,
+    ) -> Self {
+        ConnectionDriver {
+            ff,
+            codec,
+            target,
+            nexus,
+            config,
+            window: config.limits.command_window.max(1),
+            seq: StatusSequencer::new(first_stat_sn),
+            out: SendQueue::new(),
+            tasks: TaskSet::default(),
+            backlog: VecDeque::new(),
+            ending: None,
+            broken: false,
+            keepalive,
+        }
+    }
+
+    /// Serve the connection until it ends; `kill` is cancelled when the
+    /// session is reinstated by a new login.
     async fn run(
-        &mut self,
+        mut self,
         rd: &mut ReadHalf<'_>,
         stream: &TcpStream,
         buf: &mut BytesMut,
-        inflight: &mut FuturesUnordered<CmdFuture<'a>>,
         stop: &Shutdown,
         kill: Option<Shutdown>,
     ) -> Result<(), IscsiError> {
+        let inflight: &mut FuturesUnordered<CmdFuture<'a>> = &mut FuturesUnordered::new();
         // A discovery session is never reinstated: a token nobody cancels.
         let kill = kill.unwrap_or_default();
-        let mut last_rx = Instant::now();
-        let mut ping_ttt: u32 = 0x4000_0000;
         loop {
             // 1. Handle what the initiator sent.
             if self.ending.is_none() {
@@ -618,7 +607,7 @@ impl<'a, D: BlockDevice> Conn<'a, D> {
             }
             if self.ending.is_none()
                 && !self.backlog.is_empty()
-                && self.running.len() < self.window as usize
+                && self.tasks.len() < self.window as usize
             {
                 continue;
             }
@@ -638,10 +627,9 @@ impl<'a, D: BlockDevice> Conn<'a, D> {
                 return self.finish();
             }
             // 4. Wait for something to do.
-            let wake = match (&self.ending, self.ping) {
-                (Some(end), _) => end.deadline,
-                (None, Some((_, sent))) => sent + self.config.nop_timeout,
-                (None, None) => last_rx + self.config.nop_interval,
+            let wake = match &self.ending {
+                Some(end) => end.deadline,
+                None => self.keepalive.deadline(),
             };
             let accepting = self.accepting();
             if accepting {
@@ -668,7 +656,7 @@ impl<'a, D: BlockDevice> Conn<'a, D> {
                         };
                         self.end(r);
                     }
-                    Ok(_) => last_rx = Instant::now(),
+                    Ok(_) => self.keepalive.received(Instant::now()),
                     Err(e) => self.end(Err(e.into())),
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {
@@ -680,19 +668,10 @@ impl<'a, D: BlockDevice> Conn<'a, D> {
                         }
                         return self.finish();
                     }
-                    if self.ping.is_some() {
-                        return Err(IscsiError::PingTimeout);
-                    }
-                    if Instant::now() >= last_rx + self.config.nop_interval {
-                        ping_ttt = ping_ttt.wrapping_add(1);
-                        if ping_ttt == RESERVED_TAG {
-                            ping_ttt = 0x4000_0000;
-                        }
-                        let mut p = Pdu::new(op::NOP_IN);
-                        p.set_itt(RESERVED_TAG);
-                        p.set_u32(20, ping_ttt);
-                        self.push(p);
-                        self.ping = Some((ping_ttt, Instant::now()));
+                    match self.keepalive.on_deadline(Instant::now()) {
+                        KeepaliveStep::Wait => {}
+                        KeepaliveStep::Ping(p) => self.push(p),
+                        KeepaliveStep::TimedOut => return Err(IscsiError::PingTimeout),
                     }
                 }
                 _ = stop.cancelled(), if open => self.end(Ok(())),
@@ -802,7 +781,7 @@ impl<'a, D: BlockDevice> Conn<'a, D> {
         match a {
             Action::Send(p) => self.push(p),
             Action::Execute(cmd) => {
-                if self.running.len() >= self.window as usize {
+                if self.tasks.len() >= self.window as usize {
                     return Err(Action::Execute(cmd));
                 }
                 self.start(cmd, inflight);
@@ -814,11 +793,7 @@ impl<'a, D: BlockDevice> Conn<'a, D> {
                     self.push(p);
                 }
             }
-            Action::PingAnswered(ttt) => {
-                if self.ping.is_some_and(|(t, _)| t == ttt) {
-                    self.ping = None;
-                }
-            }
+            Action::PingAnswered(ttt) => self.keepalive.answered(ttt),
             Action::Close(p) => {
                 if let Some(p) = p {
                     self.push(p);
@@ -831,7 +806,7 @@ impl<'a, D: BlockDevice> Conn<'a, D> {
 
     /// Stamp StatSN/ExpCmdSN/MaxCmdSN (wire order) and queue `p`.
     fn push(&mut self, mut p: Pdu) {
-        let room = self.window.saturating_sub(self.running.len() as u32);
+        let room = self.window.saturating_sub(self.tasks.len() as u32);
         self.seq.stamp(&mut p, self.ff.exp_cmd_sn(), room);
         if self.broken {
             return;
@@ -843,15 +818,7 @@ impl<'a, D: BlockDevice> Conn<'a, D> {
     }
 
     fn start(&mut self, mut cmd: ScsiCommand, inflight: &mut FuturesUnordered<CmdFuture<'a>>) {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.running.insert(
-            id,
-            Running {
-                itt: cmd.itt,
-                aborted: false,
-            },
-        );
+        let id = self.tasks.start(cmd.itt);
         let target = self.target;
         let nexus = self.nexus;
         inflight.push(Box::pin(async move {
@@ -865,106 +832,33 @@ impl<'a, D: BlockDevice> Conn<'a, D> {
     }
 
     fn complete(&mut self, done: Completed) {
-        let aborted = self.running.remove(&done.id).is_some_and(|r| r.aborted);
-        if !aborted {
+        let finished = self.tasks.finish(done.id);
+        if !finished.aborted {
             for p in scsi_response_pdus(&done.cmd, &done.result, self.ff.params()) {
                 self.push(p);
             }
         }
-        if self.tmfs.is_empty() {
-            return;
-        }
-        for t in &mut self.tmfs {
-            t.waiting.retain(|&id| id != done.id);
-        }
-        let mut i = 0;
-        while i < self.tmfs.len() {
-            if self.tmfs[i].waiting.is_empty() {
-                let t = self.tmfs.remove(i);
-                self.finish_tmf(t);
-            } else {
-                i += 1;
-            }
-        }
-    }
-
-    /// Mark the running commands `ids` aborted.
-    fn abort(&mut self, ids: &[u64]) {
-        for id in ids {
-            if let Some(r) = self.running.get_mut(id) {
-                r.aborted = true;
-            }
+        for t in finished.tmfs_done {
+            self.answer_tmf(t);
         }
     }
 
     fn task_management(&mut self, req: TmfRequest) {
-        let lun_ok = decode_lun(req.lun_raw) == Some(0) && self.target.is_some();
-        let exp = self.ff.exp_cmd_sn();
-        let all: Vec<u64> = self.running.keys().copied().collect();
-        let mut waiting = Vec::new();
-        let mut reset = false;
-        let response = match req.function {
-            tmf::ABORT_TASK => {
-                let ids: Vec<u64> = self
-                    .running
-                    .iter()
-                    .filter(|(_, r)| r.itt == req.referenced_itt)
-                    .map(|(&id, _)| id)
-                    .collect();
-                if !ids.is_empty() {
-                    waiting = ids;
-                    tmf_response::FUNCTION_COMPLETE
-                } else if sn_lt(req.ref_cmd_sn, exp) && !sn_lt(req.ref_cmd_sn, req.cmd_sn) {
-                    tmf_response::FUNCTION_COMPLETE
-                } else {
-                    tmf_response::TASK_DOES_NOT_EXIST
-                }
-            }
-            tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET => {
-                if lun_ok {
-                    waiting = all;
-                    tmf_response::FUNCTION_COMPLETE
-                } else {
-                    tmf_response::LUN_DOES_NOT_EXIST
-                }
-            }
-            tmf::LOGICAL_UNIT_RESET | tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
-                if req.function == tmf::LOGICAL_UNIT_RESET && !lun_ok {
-                    tmf_response::LUN_DOES_NOT_EXIST
-                } else {
-                    waiting = all;
-                    reset = true;
-                    tmf_response::FUNCTION_COMPLETE
-                }
-            }
-            _ => tmf_response::NOT_SUPPORTED,
-        };
-        self.abort(&waiting);
-        let t = PendingTmf {
-            itt: req.itt,
-            function: req.function,
-            response,
-            reset,
-            waiting,
-        };
-        if t.waiting.is_empty() {
-            self.finish_tmf(t);
-        } else {
-            self.tmfs.push(t);
+        let lun_exists = decode_lun(req.lun_raw) == Some(0) && self.target.is_some();
+        if let Some(done) = self.tasks.request(&req, lun_exists, self.ff.exp_cmd_sn()) {
+            self.answer_tmf(done);
         }
     }
 
-    fn finish_tmf(&mut self, t: PendingTmf) {
-        if t.reset
+    /// Carry out a task management function's outcome and answer it.
+    fn answer_tmf(&mut self, t: TmfDone) {
+        if t.reset_lun
             && let Some(target) = self.target
         {
             target.lun.reset(Some(self.nexus));
         }
-        let mut r = Pdu::new(op::TASK_MGMT_RESPONSE);
-        r.bhs[2] = t.response;
-        r.set_itt(t.itt);
-        self.push(r);
-        if t.function == tmf::TARGET_COLD_RESET {
+        self.push(t.response_pdu());
+        if t.closes_session() {
             self.end(Ok(()));
         }
     }
