@@ -1,0 +1,151 @@
+//! Tests of the login negotiation: stages, failures, CHAP.
+
+use super::*;
+
+fn config(chap: Option<ChapConfig>) -> Arc<LoginConfig> {
+    Arc::new(LoginConfig {
+        targets: vec![TargetEntry {
+            name: "iqn.2026-11.io.corral:vol".into(),
+            alias: None,
+            chap,
+        }],
+        limits: Limits::default(),
+        portal_group: 1,
+    })
+}
+
+fn request(flags: u8, keys: &[(&str, &str)]) -> Pdu {
+    let mut p = Pdu::new(op::LOGIN_REQUEST);
+    p.set_immediate(true);
+    p.bhs[1] = flags;
+    p.bhs[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 1]);
+    p.set_itt(1);
+    let mut t = TextParams::default();
+    for (k, v) in keys {
+        t.push(k, *v);
+    }
+    p.data = Bytes::from(t.encode());
+    p
+}
+
+#[test]
+fn straight_to_full_feature_without_security() {
+    let mut n = LoginNegotiation::new(config(None), 7);
+    let step = n.receive(&request(
+        0x80 | (1 << 2) | 3,
+        &[
+            ("InitiatorName", "iqn.test:init"),
+            ("TargetName", "iqn.2026-11.io.corral:vol"),
+            ("HeaderDigest", "CRC32C,None"),
+            ("MaxRecvDataSegmentLength", "65536"),
+            ("InitialR2T", "No"),
+            ("MaxBurstLength", "262144"),
+            ("FirstBurstLength", "131072"),
+        ],
+    ));
+    let LoginStep::Complete(resp, outcome) = step else {
+        panic!("{step:?}");
+    };
+    assert_eq!(resp.flags() & 0x83, 0x83);
+    assert_eq!(resp.bhs[36], 0);
+    let t = TextParams::parse(&resp.data).unwrap();
+    assert_eq!(t.get("HeaderDigest"), Some("CRC32C"));
+    assert_eq!(t.get("TargetPortalGroupTag"), Some("1"));
+    assert!(outcome.params.header_digest);
+    assert!(!outcome.params.initial_r2t);
+    assert_eq!(outcome.params.initiator_max_recv_data_segment, 65536);
+    assert_eq!(outcome.params.first_burst, 131072);
+}
+
+#[test]
+fn unknown_target_and_missing_name_fail() {
+    let mut n = LoginNegotiation::new(config(None), 7);
+    let step = n.receive(&request(
+        0x80 | 1,
+        &[("InitiatorName", "i"), ("TargetName", "nope")],
+    ));
+    let LoginStep::Failed(resp) = step else {
+        panic!()
+    };
+    assert_eq!((resp.bhs[36], resp.bhs[37]), login_status::NOT_FOUND);
+    let mut n = LoginNegotiation::new(config(None), 7);
+    let step = n.receive(&request(0x80 | 1, &[("TargetName", "x")]));
+    assert!(matches!(step, LoginStep::Failed(_)));
+}
+
+#[test]
+fn mutual_chap() {
+    let cfg = ChapConfig {
+        user: "alice".into(),
+        secret: "secretsecret".into(),
+        mutual: Some(("target".into(), "tsecrettsecret".into())),
+    };
+    let mut n = LoginNegotiation::new(config(Some(cfg)), 99);
+    let step = n.receive(&request(
+        0x80 | 1,
+        &[
+            ("InitiatorName", "i"),
+            ("TargetName", "iqn.2026-11.io.corral:vol"),
+            ("AuthMethod", "CHAP,None"),
+        ],
+    ));
+    let LoginStep::Continue(resp) = step else {
+        panic!("{step:?}")
+    };
+    assert_eq!(resp.flags() & 0x80, 0, "no transit before CHAP");
+    let step = n.receive(&request(0x80 | 1, &[("CHAP_A", "5")]));
+    let LoginStep::Continue(resp) = step else {
+        panic!()
+    };
+    let t = TextParams::parse(&resp.data).unwrap();
+    let id: u8 = t.get("CHAP_I").unwrap().parse().unwrap();
+    let c = chap::decode_binary(t.get("CHAP_C").unwrap()).unwrap();
+    let r = chap::chap_response(id, b"secretsecret", &c);
+    let my_c = [5u8; 16];
+    let step = n.receive(&request(
+        0x80 | 1,
+        &[
+            ("CHAP_N", "alice"),
+            ("CHAP_R", &chap::to_hex(&r)),
+            ("CHAP_I", "3"),
+            ("CHAP_C", &chap::to_hex(&my_c)),
+        ],
+    ));
+    let LoginStep::Continue(resp) = step else {
+        panic!("{step:?}")
+    };
+    assert_eq!(resp.flags() & 0x80, 0x80);
+    let t = TextParams::parse(&resp.data).unwrap();
+    let want = chap::chap_response(3, b"tsecrettsecret", &my_c);
+    assert_eq!(t.get("CHAP_R"), Some(chap::to_hex(&want).as_str()));
+}
+
+#[test]
+fn wrong_chap_secret_fails() {
+    let cfg = ChapConfig {
+        user: "alice".into(),
+        secret: "secretsecret".into(),
+        mutual: None,
+    };
+    let mut n = LoginNegotiation::new(config(Some(cfg)), 5);
+    n.receive(&request(
+        0x80 | 1,
+        &[
+            ("InitiatorName", "i"),
+            ("TargetName", "iqn.2026-11.io.corral:vol"),
+            ("AuthMethod", "CHAP"),
+        ],
+    ));
+    n.receive(&request(0x80 | 1, &[("CHAP_A", "5")]));
+    let step = n.receive(&request(
+        0x80 | 1,
+        &[
+            ("CHAP_N", "alice"),
+            ("CHAP_R", "0x00112233445566778899aabbccddeeff"),
+        ],
+    ));
+    let LoginStep::Failed(resp) = step else {
+        panic!()
+    };
+    assert_eq!((resp.bhs[36], resp.bhs[37]), login_status::AUTH_FAILURE);
+}
