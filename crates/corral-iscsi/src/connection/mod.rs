@@ -9,21 +9,23 @@
 //! R2T generation within MaxBurstLength/MaxOutstandingR2T, and Data-Out
 //! validation (DataSN, buffer offset, TTT).
 //!
-//! Outgoing PDUs are stamped with StatSN/ExpCmdSN/MaxCmdSN by a
-//! [`StatusSequencer`] at the moment they are written, so numbering follows
-//! wire order even though commands complete out of order.
-//! [`scsi_response_pdus`] turns a SCSI result into Data-In PDUs (status
-//! collapsed into the last one when possible) and/or a SCSI Response.
+//! The PDUs that answer SCSI commands, and the stamping of StatSN,
+//! ExpCmdSN and MaxCmdSN in wire order, are in `response`
+//! ([`scsi_response_pdus`], [`StatusSequencer`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use bytes::{Bytes, BytesMut};
+
+mod response;
 
 use crate::login::{SessionParams, SessionType};
 use crate::pdu::{Pdu, RESERVED_TAG, op};
 use crate::scsi::ScsiResult;
 use crate::sense::{Sense, status};
 use crate::text::TextParams;
+
+pub use self::response::{StatusSequencer, scsi_response_pdus};
 
 /// Largest Expected Data Transfer Length accepted for a write.
 pub const MAX_WRITE_EDTL: u32 = 32 << 20;
@@ -585,262 +587,5 @@ pub fn reject(pdu: &Pdu, reason: u8) -> Pdu {
     r
 }
 
-/// The PDUs answering a SCSI command: Data-In (segmented by the
-/// initiator's MaxRecvDataSegmentLength, sequences of MaxBurstLength) with
-/// the status in the last one when there is no sense data, otherwise a SCSI
-/// Response. Residuals compare what the command transferred with the
-/// Expected Data Transfer Length.
-pub fn scsi_response_pdus(
-    cmd: &ScsiCommand,
-    result: &ScsiResult,
-    params: &SessionParams,
-) -> Vec<Pdu> {
-    let edtl = u64::from(cmd.edtl);
-    let mut sent_data = Bytes::new();
-    if cmd.read && !result.data_in.is_empty() {
-        let n = (result.data_in.len() as u64).min(edtl) as usize;
-        sent_data = result.data_in.slice(..n);
-    }
-    let transferred = if result.status == status::GOOD || result.transfer_len > 0 {
-        result.transfer_len
-    } else {
-        0
-    };
-    let (res_flag, residual) = if transferred > edtl {
-        (0x04u8, transferred - edtl)
-    } else if transferred < edtl {
-        (0x02u8, edtl - transferred)
-    } else {
-        (0, 0)
-    };
-    let residual = residual.min(u64::from(u32::MAX)) as u32;
-    let mut pdus = Vec::new();
-    let seg = params.initiator_max_recv_data_segment.max(512) as usize;
-    let burst = params.max_burst.max(512) as usize;
-    let collapse = result.sense.is_none() && !sent_data.is_empty();
-    let mut off = 0usize;
-    let mut data_sn = 0u32;
-    let mut in_burst = 0usize;
-    while off < sent_data.len() {
-        let n = seg.min(sent_data.len() - off).min(burst - in_burst);
-        let last = off + n == sent_data.len();
-        in_burst += n;
-        let mut p = Pdu::new(op::DATA_IN);
-        let mut flags = 0u8;
-        if last || in_burst == burst {
-            flags |= 0x80;
-            in_burst = 0;
-        }
-        if last && collapse {
-            flags |= 0x01 | res_flag;
-            p.bhs[3] = result.status;
-            p.set_u32(44, residual);
-        }
-        p.bhs[1] = flags;
-        p.set_lun_raw(cmd.lun_raw);
-        p.set_itt(cmd.itt);
-        p.set_u32(20, RESERVED_TAG);
-        p.set_u32(36, data_sn);
-        p.set_u32(40, off as u32);
-        p.data = sent_data.slice(off..off + n);
-        pdus.push(p);
-        data_sn += 1;
-        off += n;
-    }
-    if !collapse {
-        let mut r = Pdu::new(op::SCSI_RESPONSE);
-        r.bhs[1] = 0x80 | res_flag;
-        r.bhs[2] = 0; // command completed at target
-        r.bhs[3] = result.status;
-        r.set_itt(cmd.itt);
-        r.set_u32(36, data_sn);
-        r.set_u32(44, residual);
-        if let Some(sense) = &result.sense {
-            let mut d = Vec::with_capacity(2 + sense.len());
-            d.extend_from_slice(&(sense.len() as u16).to_be_bytes());
-            d.extend_from_slice(sense);
-            r.data = Bytes::from(d);
-        }
-        pdus.push(r);
-    }
-    pdus
-}
-
-/// Stamps StatSN, ExpCmdSN and MaxCmdSN into outgoing PDUs in wire order.
-#[derive(Debug)]
-pub struct StatusSequencer {
-    stat_sn: u32,
-    max_cmd_sn: u32,
-}
-
-impl StatusSequencer {
-    pub fn new(first_stat_sn: u32) -> Self {
-        StatusSequencer {
-            stat_sn: first_stat_sn,
-            max_cmd_sn: 0,
-        }
-    }
-
-    /// The next StatSN to be assigned.
-    pub fn stat_sn(&self) -> u32 {
-        self.stat_sn
-    }
-
-    /// Stamp `pdu`; `exp_cmd_sn` is the current ExpCmdSN and `room` the
-    /// number of further commands we are willing to queue.
-    pub fn stamp(&mut self, pdu: &mut Pdu, exp_cmd_sn: u32, room: u32) {
-        let carries_status = match pdu.opcode() {
-            op::DATA_IN => pdu.flags() & 0x01 != 0,
-            op::R2T | op::ASYNC_MESSAGE => false,
-            op::NOP_IN => pdu.itt() != RESERVED_TAG,
-            _ => true,
-        };
-        let max = exp_cmd_sn.wrapping_add(room).wrapping_sub(1);
-        if self.max_cmd_sn == 0 || sn_lt(self.max_cmd_sn, max) {
-            self.max_cmd_sn = max;
-        }
-        if pdu.opcode() == op::DATA_IN && !carries_status {
-            pdu.set_u32(24, 0);
-        } else {
-            pdu.set_u32(24, self.stat_sn);
-        }
-        if carries_status {
-            self.stat_sn = self.stat_sn.wrapping_add(1);
-        }
-        pdu.set_u32(28, exp_cmd_sn);
-        pdu.set_u32(32, self.max_cmd_sn);
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn params() -> SessionParams {
-        SessionParams {
-            initial_r2t: false,
-            first_burst: 4096,
-            max_burst: 8192,
-            max_outstanding_r2t: 1,
-            initiator_max_recv_data_segment: 4096,
-            ..SessionParams::default()
-        }
-    }
-
-    fn write_cmd(itt: u32, sn: u32, edtl: u32, imm: &[u8], fin: bool) -> Pdu {
-        let mut p = Pdu::new(op::SCSI_COMMAND);
-        p.bhs[1] = if fin { 0x80 } else { 0 } | 0x20;
-        p.set_itt(itt);
-        p.set_u32(20, edtl);
-        p.set_u32(24, sn);
-        p.bhs[32] = 0x2a;
-        p.data = Bytes::copy_from_slice(imm);
-        p
-    }
-
-    fn data_out(itt: u32, ttt: u32, sn: u32, off: u32, data: &[u8], fin: bool) -> Pdu {
-        let mut p = Pdu::new(op::DATA_OUT);
-        p.bhs[1] = if fin { 0x80 } else { 0 };
-        p.set_itt(itt);
-        p.set_u32(20, ttt);
-        p.set_u32(36, sn);
-        p.set_u32(40, off);
-        p.data = Bytes::copy_from_slice(data);
-        p
-    }
-
-    #[test]
-    fn immediate_unsolicited_then_r2t() {
-        let mut ff = FullFeature::new(params(), SessionType::Normal, 10, 8, vec![], None);
-        let a = ff.receive(write_cmd(1, 10, 20000, &[1; 1024], false));
-        assert!(a.is_empty());
-        let a = ff.receive(data_out(1, RESERVED_TAG, 0, 1024, &[2; 3072], true));
-        // Unsolicited burst done: one R2T (MaxOutstandingR2T = 1) for 8192.
-        let [Action::Send(r2t)] = &a[..] else {
-            panic!("{a:?}")
-        };
-        assert_eq!(r2t.opcode(), op::R2T);
-        assert_eq!((r2t.u32_at(40), r2t.u32_at(44)), (4096, 8192));
-        let ttt = r2t.u32_at(20);
-        let a = ff.receive(data_out(1, ttt, 0, 4096, &[3; 4096], false));
-        assert!(a.is_empty());
-        let a = ff.receive(data_out(1, ttt, 1, 8192, &[3; 4096], true));
-        let [Action::Send(r2t)] = &a[..] else {
-            panic!("{a:?}")
-        };
-        assert_eq!((r2t.u32_at(40), r2t.u32_at(44)), (12288, 7712));
-        let ttt = r2t.u32_at(20);
-        let a = ff.receive(data_out(1, ttt, 0, 12288, &[4; 7712], true));
-        let [Action::Execute(cmd)] = &a[..] else {
-            panic!("{a:?}")
-        };
-        assert_eq!(cmd.data.len(), 20000);
-        assert_eq!(ff.exp_cmd_sn(), 11);
-    }
-
-    #[test]
-    fn bad_data_sn_closes() {
-        let mut ff = FullFeature::new(params(), SessionType::Normal, 1, 8, vec![], None);
-        ff.receive(write_cmd(1, 1, 1024, &[], false));
-        let a = ff.receive(data_out(1, RESERVED_TAG, 5, 0, &[0; 512], false));
-        assert!(matches!(a[..], [Action::FailWrite(1)]));
-        let r = ff.fail_write(1);
-        assert_eq!(r.len(), 1);
-        assert_eq!(r[0].bhs[3], status::CHECK_CONDITION);
-        assert_eq!(ff.collecting(), 0);
-    }
-
-    #[test]
-    fn window_holds_early_and_ignores_outside() {
-        let mut ff = FullFeature::new(params(), SessionType::Normal, 5, 4, vec![], None);
-        let nop = |sn: u32| {
-            let mut p = Pdu::new(op::NOP_OUT);
-            p.set_itt(sn);
-            p.set_u32(24, sn);
-            p
-        };
-        assert!(ff.receive(nop(6)).is_empty(), "held");
-        assert!(ff.receive(nop(100)).is_empty(), "outside");
-        assert!(ff.receive(nop(4)).is_empty(), "too low");
-        let a = ff.receive(nop(5));
-        assert_eq!(a.len(), 2, "5 and the held 6");
-        assert_eq!(ff.exp_cmd_sn(), 7);
-    }
-
-    #[test]
-    fn read_response_is_collapsed_and_segmented() {
-        let cmd = ScsiCommand {
-            itt: 9,
-            lun_raw: 0,
-            cdb: Bytes::new(),
-            edtl: 10000,
-            read: true,
-            write: false,
-            data: Bytes::new(),
-            cmd_sn: 0,
-            immediate: false,
-        };
-        let result = ScsiResult {
-            status: 0,
-            sense: None,
-            data_in: Bytes::from(vec![1u8; 9000]),
-            transfer_len: 9000,
-        };
-        let pdus = scsi_response_pdus(&cmd, &result, &params());
-        assert_eq!(pdus.len(), 3);
-        let last = &pdus[2];
-        assert_eq!(last.flags() & 0x81, 0x81);
-        assert_eq!(last.flags() & 0x02, 0x02, "underflow");
-        assert_eq!(last.u32_at(44), 1000);
-        assert_eq!(pdus[1].flags() & 0x80, 0x80, "end of an 8 KiB burst");
-        let mut seq = StatusSequencer::new(100);
-        let mut p = pdus[0].clone();
-        seq.stamp(&mut p, 5, 10);
-        assert_eq!(seq.stat_sn(), 100);
-        let mut p = last.clone();
-        seq.stamp(&mut p, 5, 10);
-        assert_eq!(p.u32_at(24), 100);
-        assert_eq!(p.u32_at(32), 14);
-        assert_eq!(seq.stat_sn(), 101);
-    }
-}
+mod tests;
