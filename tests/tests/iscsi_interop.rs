@@ -7,13 +7,12 @@
 
 mod iscsi_common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
 use std::time::Duration;
 
 use corral_tests::tools::run_ok;
 use corral_tests::{Cluster, EngineSpec, run_bounded};
-use iscsi_common::{ServeFile, fio_filename, fio_libiscsi};
+use iscsi_common::{RawInitiator, ServeFile, bhs, fio_filename, fio_libiscsi, with_data};
 
 fn text(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
@@ -120,84 +119,6 @@ fn fio_libiscsi_verifies_over_a_three_replica_volume() {
         );
     }
     cluster.stop_all().unwrap();
-}
-
-/// A minimal initiator for what real ones never send.
-struct RawInitiator {
-    stream: TcpStream,
-}
-
-fn bhs(opcode: u8, flags: u8) -> [u8; 48] {
-    let mut b = [0u8; 48];
-    b[0] = opcode;
-    b[1] = flags;
-    b
-}
-
-fn with_data(mut header: [u8; 48], data: &[u8]) -> Vec<u8> {
-    let len = data.len() as u32;
-    header[5..8].copy_from_slice(&len.to_be_bytes()[1..]);
-    let mut v = header.to_vec();
-    v.extend_from_slice(data);
-    while !v.len().is_multiple_of(4) {
-        v.push(0);
-    }
-    v
-}
-
-impl RawInitiator {
-    fn connect(portal: SocketAddr) -> Self {
-        let stream = TcpStream::connect(portal).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        RawInitiator { stream }
-    }
-
-    /// Log in straight to the full feature phase (no security stage).
-    fn login(portal: SocketAddr, volume: &str, isid_tail: u8) -> Self {
-        let mut me = Self::connect(portal);
-        let mut h = bhs(0x43, 0x80 | (1 << 2) | 3);
-        h[8..14].copy_from_slice(&[0x80, 0, 0, 0x12, 0x34, isid_tail]);
-        h[16..20].copy_from_slice(&1u32.to_be_bytes());
-        let keys = format!(
-            "InitiatorName=iqn.2026-11.test:raw\0SessionType=Normal\0TargetName=iqn.2026-11.io.corral:{volume}\0HeaderDigest=None\0DataDigest=None\0MaxRecvDataSegmentLength=65536\0"
-        );
-        me.stream.write_all(&with_data(h, keys.as_bytes())).unwrap();
-        let (resp, _) = me.read_pdu().unwrap();
-        assert_eq!(resp[0] & 0x3f, 0x23, "login response");
-        assert_eq!((resp[36], resp[37]), (0, 0), "login status");
-        assert_eq!(resp[1] & 0x83, 0x83, "full feature phase");
-        me
-    }
-
-    fn read_pdu(&mut self) -> std::io::Result<([u8; 48], Vec<u8>)> {
-        let mut h = [0u8; 48];
-        self.stream.read_exact(&mut h)?;
-        let len = u32::from_be_bytes([0, h[5], h[6], h[7]]) as usize;
-        let mut data = vec![0u8; (len + 3) & !3];
-        self.stream.read_exact(&mut data)?;
-        data.truncate(len);
-        Ok((h, data))
-    }
-
-    /// Is the connection closed by the target (EOF or reset) within the timeout?
-    fn closed(&mut self) -> bool {
-        let mut buf = [0u8; 4096];
-        loop {
-            match self.stream.read(&mut buf) {
-                Ok(0) => return true,
-                Ok(_) => continue,
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.kind() == std::io::ErrorKind::TimedOut =>
-                {
-                    return false;
-                }
-                Err(_) => return true,
-            }
-        }
-    }
 }
 
 /// What an initiator's login should come to.

@@ -112,11 +112,35 @@ pub struct ReplicaSet {
     authorities: AtomicUsize,
     /// Replicas moved to ERR since the engine started.
     failures: AtomicU64,
-    /// The reservation record in force: the newest found at open, then the
-    /// last one saved. A short lock, never held across an await.
-    reservations: Mutex<Option<pb::ReservationRecord>>,
+    /// The reservation record in force, and the last sequence sent. A short
+    /// lock, never held across an await.
+    reservations: Mutex<ReservationState>,
     /// Serialises saves of the reservation record; taken before `io_gate`.
     reservation_turn: tokio::sync::Mutex<()>,
+}
+
+/// The reservation record in force — the newest found at open, then the
+/// last one saved — and the highest sequence ever sent. A failed save may
+/// still have reached some replicas; every later record (a save, or the
+/// copy a joining replica is given) takes a sequence past it, so that the
+/// state in force is what the next engine finds newest.
+#[derive(Debug, Default)]
+struct ReservationState {
+    in_force: Option<pb::ReservationRecord>,
+    last_sequence: u64,
+}
+
+impl ReservationState {
+    /// A new record of `state` from the engine of `epoch`, its sequence
+    /// taken.
+    fn next_record(&mut self, epoch: Epoch, state: bytes::Bytes) -> pb::ReservationRecord {
+        self.last_sequence = self.last_sequence.saturating_add(1);
+        pb::ReservationRecord {
+            epoch: epoch.0,
+            sequence: self.last_sequence,
+            state,
+        }
+    }
 }
 
 fn kind_of(err: &ReplicaIoError) -> FailureKind {
@@ -153,7 +177,10 @@ impl ReplicaSet {
             tracking: AtomicUsize::new(tracking),
             authorities: AtomicUsize::new(0),
             failures: AtomicU64::new(0),
-            reservations: Mutex::new(reservations),
+            reservations: Mutex::new(ReservationState {
+                last_sequence: reservations.as_ref().map_or(0, |r| r.sequence),
+                in_force: reservations,
+            }),
             reservation_turn: tokio::sync::Mutex::new(()),
         }
     }
@@ -642,10 +669,16 @@ impl ReplicaSet {
                 .map_err(|e| JoinError::Record(e.to_string()))?;
             self.with_members(|m| m.recorded(&rw, &[id], &out));
         }
-        // The reservation record in force, which saves from now on keep up
-        // to date on it (it joins the write targets below, and no save is
-        // under way while this holds `io_gate`).
-        let reservations = self.current_reservations();
+        // The reservation state in force, as a new record (see
+        // `ReservationState`); saves from now on keep it up to date (it
+        // joins the write targets below, and no save is under way while
+        // this holds `io_gate`).
+        let reservations = {
+            let mut r = self.lock_reservations();
+            r.in_force
+                .clone()
+                .map(|current| r.next_record(self.epoch, current.state))
+        };
         if let Some(record) = reservations {
             client
                 .control()
@@ -709,32 +742,26 @@ impl ReplicaSet {
         Ok(())
     }
 
+    fn lock_reservations(&self) -> std::sync::MutexGuard<'_, ReservationState> {
+        self.reservations.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The reservation record in force (None: never saved).
     pub fn current_reservations(&self) -> Option<pb::ReservationRecord> {
-        self.reservations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.lock_reservations().in_force.clone()
     }
 
     /// Save a frontend's reservation state on every writable replica, as
-    /// the next record (sequence + 1, this engine's epoch). A replica that
-    /// cannot take it goes to ERR (and is given the record again when it
-    /// joins); the save succeeds if what is left may still acknowledge
-    /// writes, like a write. Saves take turns.
+    /// the next record (this engine's epoch, the next sequence). A replica
+    /// that cannot take it goes to ERR (and is given the state in force when
+    /// it joins); the save succeeds if what is left may still acknowledge
+    /// writes, like a write, and only then is the state in force. Saves take
+    /// turns.
     pub async fn save_reservations(&self, state: bytes::Bytes) -> Result<(), BlockError> {
         let _turn = self.reservation_turn.lock().await;
         self.check_writable()?;
         let _gate = self.write_gate().await;
-        let sequence = self
-            .current_reservations()
-            .map_or(0, |r| r.sequence)
-            .saturating_add(1);
-        let record = pb::ReservationRecord {
-            epoch: self.epoch.0,
-            sequence,
-            state,
-        };
+        let record = self.lock_reservations().next_record(self.epoch, state);
         let targets = self.write_targets();
         let calls = targets.iter().map(|(id, client, _)| {
             let record = record.clone();
@@ -769,7 +796,7 @@ impl ReplicaSet {
             return Err(e);
         }
         self.check_writable()?;
-        *self.reservations.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
+        self.lock_reservations().in_force = Some(record);
         Ok(())
     }
 

@@ -8,36 +8,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use corral_block::BlockDevice;
-use corral_engine::open::open_volume;
+use corral_engine::Volume;
 use corral_engine::replica_set::Mode;
-use corral_engine::{EngineConfig, Volume};
 
 mod common;
-use common::TestReplica;
-
-fn config(reps: &[TestReplica]) -> EngineConfig {
-    let mut cfg = EngineConfig::new(
-        "vol",
-        8 << 20,
-        reps.iter().map(|r| r.addr.clone()).collect(),
-    );
-    cfg.replica_timeout = Duration::from_secs(3);
-    cfg.chunk_size = 64 << 10;
-    cfg.retry_interval = Duration::from_millis(200);
-    cfg
-}
-
-/// Open the volume and run its supervisor until the returned token is cancelled (or dropped).
-async fn start(cfg: &EngineConfig) -> (Arc<Volume>, tokio_util::sync::DropGuard) {
-    let volume = open_volume(cfg, None).await.unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(corral_engine::supervisor::run(
-        Arc::clone(&volume),
-        corral_engine::supervisor::SupervisorConfig::of(cfg),
-        stop.clone(),
-    ));
-    (volume, stop.drop_guard())
-}
+use common::{TestReplica, config, start};
 
 async fn wait_all_rw(volume: &Volume, limit: Duration) {
     let set = volume.replica_set();

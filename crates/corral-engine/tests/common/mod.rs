@@ -4,8 +4,11 @@
 //! same address, or wipe — and a bounded wait.
 #![allow(dead_code)]
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use corral_engine::open::open_volume;
+use corral_engine::{EngineConfig, Volume};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -74,6 +77,33 @@ impl TestReplica {
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
     }
+}
+
+/// An 8 MiB volume "vol" over `reps`: 64 KiB chunks, a 3 s replica
+/// timeout, returns retried every 200 ms.
+pub fn config(reps: &[TestReplica]) -> EngineConfig {
+    let mut cfg = EngineConfig::new(
+        "vol",
+        8 << 20,
+        reps.iter().map(|r| r.addr.clone()).collect(),
+    );
+    cfg.replica_timeout = Duration::from_secs(3);
+    cfg.chunk_size = 64 << 10;
+    cfg.retry_interval = Duration::from_millis(200);
+    cfg
+}
+
+/// Open the volume and run its supervisor until the returned guard is
+/// dropped.
+pub async fn start(cfg: &EngineConfig) -> (Arc<Volume>, tokio_util::sync::DropGuard) {
+    let volume = open_volume(cfg, None).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(corral_engine::supervisor::run(
+        Arc::clone(&volume),
+        corral_engine::supervisor::SupervisorConfig::of(cfg),
+        stop.clone(),
+    ));
+    (volume, stop.drop_guard())
 }
 
 /// `n` daemons.

@@ -18,6 +18,8 @@
 mod cdb;
 pub mod opcodes;
 mod pr;
+#[cfg(test)]
+mod pr_tests;
 mod sbc;
 mod spc;
 #[cfg(test)]
@@ -161,6 +163,9 @@ pub struct ScsiLun<D> {
     state: Mutex<LunState>,
     /// COMPARE AND WRITE takes this exclusively; writes share it.
     atomic: tokio::sync::RwLock<()>,
+    /// PERSISTENT RESERVE OUT commands take turns: each is applied to a
+    /// copy of the state, saved on the device, then put in force.
+    pr_turn: tokio::sync::Mutex<()>,
     /// Commands executed (statistics).
     executed: AtomicU64,
 }
@@ -202,6 +207,7 @@ impl<D: BlockDevice> ScsiLun<D> {
                 known: Vec::new(),
             }),
             atomic: tokio::sync::RwLock::new(()),
+            pr_turn: tokio::sync::Mutex::new(()),
             executed: AtomicU64::new(0),
         }
     }
@@ -363,7 +369,7 @@ impl<D: BlockDevice> ScsiLun<D> {
             Command::Reserve => self.reserve(nexus),
             Command::Release => self.release(nexus),
             Command::PersistentReserveIn => self.persistent_reserve_in(nexus, cdb),
-            Command::PersistentReserveOut => self.persistent_reserve_out(nexus, cdb, &data),
+            Command::PersistentReserveOut => self.persistent_reserve_out(nexus, cdb, &data).await,
             Command::Refuse(sense) => Err(sense.into()),
         }
     }

@@ -5,9 +5,10 @@
 //! [`crate::reservation`].
 
 use bytes::Bytes;
-use corral_block::BlockDevice;
+use corral_block::{BlockDevice, BlockError};
+use tracing::warn;
 
-use crate::reservation::{Nexus, PrError};
+use crate::reservation::{Nexus, PersistentReservations, PrError};
 use crate::sense::{Sense, status};
 
 use super::cdb::{be16, be32};
@@ -19,6 +20,14 @@ const PR_OUT_PARAMETER_LIST_LEN: usize = 24;
 
 /// PERSISTENT RESERVE OUT service action REGISTER AND MOVE (not supported).
 const REGISTER_AND_MOVE: u8 = 7;
+
+/// The sense of a PERSISTENT RESERVE OUT whose new state could not be saved.
+fn save_failed(e: &BlockError) -> Sense {
+    match e {
+        BlockError::Unavailable(_) => Sense::NOT_READY_UNAVAILABLE,
+        _ => Sense::INTERNAL_TARGET_FAILURE,
+    }
+}
 
 impl<D: BlockDevice> ScsiLun<D> {
     /// RESERVE(6/10): the SPC-2 reservation, or a conflict if another
@@ -37,15 +46,36 @@ impl<D: BlockDevice> ScsiLun<D> {
         Ok(ScsiResult::good())
     }
 
+    /// Put in force the persistent reservations the device kept (saved by
+    /// this or an earlier engine); an error names what could not be read.
+    pub async fn restore_reservations(&self) -> Result<(), String> {
+        let saved = self
+            .device
+            .load_reservations()
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(bytes) = saved else {
+            return Ok(());
+        };
+        let state = PersistentReservations::decode(&bytes).map_err(|e| e.to_string())?;
+        self.lock().reservations.set_persistent(state);
+        Ok(())
+    }
+
     pub(super) fn persistent_reserve_in(&self, nexus: &Nexus, cdb: &[u8; 16]) -> CmdResult {
         let alloc = usize::from(be16(&cdb[7..9]));
-        let v = self.lock().reservations.pr_in(cdb[1] & 0x1f, nexus)?;
+        let v = self
+            .lock()
+            .reservations
+            .persistent()
+            .pr_in(cdb[1] & 0x1f, nexus)?;
         Ok(ScsiResult::data(v, alloc))
     }
 
     /// PERSISTENT RESERVE OUT; registrations it preempts get a unit
-    /// attention.
-    pub(super) fn persistent_reserve_out(
+    /// attention. A change is saved on the device before it is in force and
+    /// before GOOD: a command that could not be saved changes nothing.
+    pub(super) async fn persistent_reserve_out(
         &self,
         nexus: &Nexus,
         cdb: &[u8; 16],
@@ -66,18 +96,28 @@ impl<D: BlockDevice> ScsiLun<D> {
         if plen != PR_OUT_PARAMETER_LIST_LEN || data.len() < PR_OUT_PARAMETER_LIST_LEN {
             return self.check_after_transfer(transfer_len, Sense::PARAM_LIST_LENGTH_ERROR);
         }
-        let outcome = {
-            let mut st = self.lock();
-            let r = st
-                .reservations
-                .pr_out(sa, kind, &data[..PR_OUT_PARAMETER_LIST_LEN], nexus);
-            if let Ok(preempted) = &r {
-                for n in preempted {
-                    st.queue_unit_attention(n, Sense::REGISTRATIONS_PREEMPTED);
-                }
+        let _turn = self.pr_turn.lock().await;
+        let before = self.lock().reservations.persistent().clone();
+        let mut next = before.clone();
+        let outcome = next.pr_out(sa, kind, &data[..PR_OUT_PARAMETER_LIST_LEN], nexus);
+        if let Ok(preempted) = &outcome
+            && next != before
+        {
+            let saved = self
+                .device
+                .save_reservations(Bytes::from(next.encode()))
+                .await;
+            if let Err(e) = saved {
+                warn!(volume = %self.identity.volume, error = %e,
+                    "cannot save persistent reservations; PERSISTENT RESERVE OUT fails");
+                return self.check_after_transfer(transfer_len, save_failed(&e));
             }
-            r
-        };
+            let mut st = self.lock();
+            st.reservations.set_persistent(next);
+            for n in preempted {
+                st.queue_unit_attention(n, Sense::REGISTRATIONS_PREEMPTED);
+            }
+        }
         match outcome {
             Ok(_) => Ok(ScsiResult {
                 transfer_len,

@@ -71,6 +71,8 @@ pub enum IscsiError {
     ProtocolViolation,
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("target {target}: restoring persistent reservations: {reason}")]
+    Reservations { target: String, reason: String },
 }
 
 /// The IQN prefix of corral targets.
@@ -216,6 +218,17 @@ impl<D: BlockDevice> IscsiServer<D> {
     pub async fn run(self, listener: TcpListener, shutdown: Shutdown) -> Result<(), IscsiError> {
         if self.targets.is_empty() {
             return Err(IscsiError::Config("no targets".into()));
+        }
+        // Reservations saved by an earlier engine, before any initiator
+        // can send a command.
+        for t in &self.targets {
+            t.lun
+                .restore_reservations()
+                .await
+                .map_err(|reason| IscsiError::Reservations {
+                    target: t.name.clone(),
+                    reason,
+                })?;
         }
         info!(targets = self.targets.len(), "iSCSI target configured");
         let login = Arc::new(LoginConfig {
