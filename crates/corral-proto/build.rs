@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         root.join("corral/v1/replica.proto"),
         root.join("corral/v1/engine.proto"),
+        root.join("corral/v1/node.proto"),
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
