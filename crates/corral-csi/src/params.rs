@@ -1,0 +1,305 @@
+//! A volume's parameters: what a StorageClass says (`numberOfReplicas`,
+//! `staleReplicaTimeout`, `fsType`, `dataLocality`, `writePolicy`,
+//! `chunkSize`, `blockSize`, `fromBackup`), parsed once with an error that
+//! names the parameter, and carried afterwards in the volume's
+//! `volume_context` (kept by Kubernetes in the PV), so the plugin stays
+//! stateless.
+
+use std::collections::{BTreeMap, HashMap};
+
+/// Parameters the external-provisioner adds (`--extra-create-metadata`)
+/// or Kubernetes reserves: accepted and ignored.
+const RESERVED_PREFIX: &str = "csi.storage.k8s.io/";
+/// The fsType Kubernetes may pass in the reserved namespace.
+const RESERVED_FSTYPE: &str = "csi.storage.k8s.io/fstype";
+
+/// Filesystems the node plugin makes and mounts.
+pub const FILESYSTEMS: [&str; 2] = ["ext4", "xfs"];
+
+/// Whether a replica is placed on the node that will use the volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataLocality {
+    Disabled,
+    BestEffort,
+}
+
+/// The engine's write policy (see docs/failure-handling.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WritePolicy {
+    Quorum,
+    Available,
+}
+
+impl WritePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WritePolicy::Quorum => "quorum",
+            WritePolicy::Available => "available",
+        }
+    }
+}
+
+/// Everything a StorageClass can set for a volume, with corral's defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeParams {
+    pub replicas: u32,
+    /// Minutes a failed replica may be away and still be caught up.
+    pub stale_replica_timeout_minutes: u64,
+    pub fs_type: String,
+    pub data_locality: DataLocality,
+    /// `None`: the engine's default for the replica count.
+    pub write_policy: Option<WritePolicy>,
+    pub chunk_size: u32,
+    pub block_size: u32,
+    /// A backup URL to create the volume from.
+    pub from_backup: Option<String>,
+}
+
+impl Default for VolumeParams {
+    fn default() -> Self {
+        VolumeParams {
+            replicas: 3,
+            stale_replica_timeout_minutes: 30,
+            fs_type: "ext4".into(),
+            data_locality: DataLocality::Disabled,
+            write_policy: None,
+            chunk_size: 256 << 10,
+            block_size: 512,
+            from_backup: None,
+        }
+    }
+}
+
+/// A parameter that is unknown or malformed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("parameter {name:?}: {why}")]
+pub struct ParamError {
+    pub name: String,
+    pub why: String,
+}
+
+fn bad(name: &str, why: impl Into<String>) -> ParamError {
+    ParamError {
+        name: name.to_string(),
+        why: why.into(),
+    }
+}
+
+/// Most replicas a volume may ask for.
+pub const MAX_REPLICAS: u32 = 16;
+
+impl VolumeParams {
+    /// Parse a StorageClass's parameters (CreateVolume's `parameters`).
+    pub fn parse(parameters: &HashMap<String, String>) -> Result<Self, ParamError> {
+        let mut p = VolumeParams::default();
+        // Sorted, so that of several bad parameters the same one is named.
+        let sorted: BTreeMap<_, _> = parameters.iter().collect();
+        for (name, value) in sorted {
+            let v = value.trim();
+            match name.as_str() {
+                "numberOfReplicas" => {
+                    let n: u32 = v
+                        .parse()
+                        .map_err(|_| bad(name, format!("{value:?} is not a whole number")))?;
+                    if n == 0 || n > MAX_REPLICAS {
+                        return Err(bad(name, format!("must be 1 to {MAX_REPLICAS}, not {n}")));
+                    }
+                    p.replicas = n;
+                }
+                "staleReplicaTimeout" => {
+                    let m: u64 = v.parse().map_err(|_| {
+                        bad(name, format!("{value:?} is not a whole number of minutes"))
+                    })?;
+                    if m == 0 || m > 7 * 24 * 60 {
+                        return Err(bad(name, "must be 1 to 10080 minutes"));
+                    }
+                    p.stale_replica_timeout_minutes = m;
+                }
+                "fsType" | RESERVED_FSTYPE => {
+                    if !FILESYSTEMS.contains(&v) {
+                        return Err(bad(name, format!("{value:?}: use ext4 or xfs")));
+                    }
+                    p.fs_type = v.to_string();
+                }
+                "dataLocality" => {
+                    p.data_locality = match v {
+                        "disabled" => DataLocality::Disabled,
+                        "best-effort" => DataLocality::BestEffort,
+                        _ => {
+                            return Err(bad(
+                                name,
+                                format!("{value:?}: use disabled or best-effort"),
+                            ));
+                        }
+                    }
+                }
+                "writePolicy" => {
+                    p.write_policy = Some(match v {
+                        "quorum" => WritePolicy::Quorum,
+                        "available" => WritePolicy::Available,
+                        _ => return Err(bad(name, format!("{value:?}: use quorum or available"))),
+                    })
+                }
+                "chunkSize" => {
+                    let n = parse_size(v).map_err(|why| bad(name, why))?;
+                    if n < 4096 || !n.is_power_of_two() || n > (64 << 20) {
+                        return Err(bad(
+                            name,
+                            format!("{value:?}: a power of two from 4KiB to 64MiB"),
+                        ));
+                    }
+                    p.chunk_size = n as u32;
+                }
+                "blockSize" => {
+                    p.block_size = match v {
+                        "512" => 512,
+                        "4096" => 4096,
+                        _ => return Err(bad(name, format!("{value:?}: use 512 or 4096"))),
+                    }
+                }
+                "fromBackup" => {
+                    if v.is_empty() {
+                        return Err(bad(name, "empty"));
+                    }
+                    // Restoring needs the backup issue's engine support;
+                    // refusing is better than an empty volume.
+                    return Err(bad(
+                        name,
+                        "restoring from a backup is not supported by this release",
+                    ));
+                }
+                other if other.starts_with(RESERVED_PREFIX) => {}
+                _ => return Err(bad(name, "unknown parameter")),
+            }
+        }
+        Ok(p)
+    }
+
+    /// The volume context: every parameter, as strings, under the
+    /// StorageClass's own names.
+    pub fn to_context(&self) -> HashMap<String, String> {
+        let mut c = HashMap::new();
+        c.insert("numberOfReplicas".into(), self.replicas.to_string());
+        c.insert(
+            "staleReplicaTimeout".into(),
+            self.stale_replica_timeout_minutes.to_string(),
+        );
+        c.insert("fsType".into(), self.fs_type.clone());
+        c.insert(
+            "dataLocality".into(),
+            match self.data_locality {
+                DataLocality::Disabled => "disabled",
+                DataLocality::BestEffort => "best-effort",
+            }
+            .into(),
+        );
+        if let Some(w) = self.write_policy {
+            c.insert("writePolicy".into(), w.as_str().into());
+        }
+        c.insert("chunkSize".into(), self.chunk_size.to_string());
+        c.insert("blockSize".into(), self.block_size.to_string());
+        c
+    }
+
+    /// Read a volume context back (absent keys: defaults, as for a volume
+    /// made before the key existed).
+    pub fn from_context(context: &HashMap<String, String>) -> Result<Self, ParamError> {
+        Self::parse(context)
+    }
+}
+
+/// A size: bytes, or a number with `Ki`/`Mi`/`Gi` (Kubernetes' quantity
+/// suffixes) or `KiB`/`MiB`/`GiB`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 256KiB"))?;
+    let shift = match unit {
+        "" | "B" => 0,
+        "K" | "Ki" | "KiB" => 10,
+        "M" | "Mi" | "MiB" => 20,
+        "G" | "Gi" | "GiB" => 30,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_issue_storage_class_parses() {
+        let p = VolumeParams::parse(&params(&[
+            ("numberOfReplicas", "3"),
+            ("staleReplicaTimeout", "30"),
+            ("fsType", "ext4"),
+            ("dataLocality", "best-effort"),
+            ("csi.storage.k8s.io/pvc/name", "data-mysql-0"),
+        ]))
+        .unwrap();
+        assert_eq!(p.replicas, 3);
+        assert_eq!(p.stale_replica_timeout_minutes, 30);
+        assert_eq!(p.data_locality, DataLocality::BestEffort);
+        assert_eq!(p.fs_type, "ext4");
+    }
+
+    #[test]
+    fn corral_own_parameters_parse() {
+        let p = VolumeParams::parse(&params(&[
+            ("writePolicy", "available"),
+            ("chunkSize", "1MiB"),
+            ("blockSize", "4096"),
+            ("csi.storage.k8s.io/fstype", "xfs"),
+        ]))
+        .unwrap();
+        assert_eq!(p.write_policy, Some(WritePolicy::Available));
+        assert_eq!(p.chunk_size, 1 << 20);
+        assert_eq!(p.block_size, 4096);
+        assert_eq!(p.fs_type, "xfs");
+    }
+
+    #[test]
+    fn a_bad_or_unknown_parameter_is_named() {
+        for (pairs, name) in [
+            (vec![("numberOfReplicas", "three")], "numberOfReplicas"),
+            (vec![("numberOfReplicas", "0")], "numberOfReplicas"),
+            (vec![("staleReplicaTimeout", "30m")], "staleReplicaTimeout"),
+            (vec![("fsType", "btrfs")], "fsType"),
+            (vec![("dataLocality", "strict-local")], "dataLocality"),
+            (vec![("writePolicy", "all")], "writePolicy"),
+            (vec![("chunkSize", "3000")], "chunkSize"),
+            (vec![("blockSize", "1024")], "blockSize"),
+            (vec![("replicaCount", "3")], "replicaCount"),
+            (vec![("fromBackup", "s3://b/p")], "fromBackup"),
+        ] {
+            let err = VolumeParams::parse(&params(&pairs)).unwrap_err();
+            assert_eq!(err.name, name, "{pairs:?}: {err}");
+            assert!(err.to_string().contains(name));
+        }
+    }
+
+    #[test]
+    fn the_context_reads_back_as_the_same_parameters() {
+        let p = VolumeParams::parse(&params(&[
+            ("numberOfReplicas", "2"),
+            ("staleReplicaTimeout", "5"),
+            ("writePolicy", "quorum"),
+            ("chunkSize", "64KiB"),
+        ]))
+        .unwrap();
+        assert_eq!(VolumeParams::from_context(&p.to_context()).unwrap(), p);
+        let d = VolumeParams::default();
+        assert_eq!(VolumeParams::from_context(&d.to_context()).unwrap(), d);
+    }
+}
