@@ -9,13 +9,37 @@ missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-if [ ${#missing[@]} -eq 0 ]; then
-    exit 0
-fi
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
     SUDO="sudo"
 fi
-echo "installing: ${missing[*]}"
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+if [ ${#missing[@]} -ne 0 ]; then
+    echo "installing: ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+# ---- Kubernetes manifests (tests/tests/deploy.rs) --------------------------
+# kubectl renders deploy/ (`kubectl kustomize`); kubernetes-validate, from
+# PyPI into a virtualenv, checks the result against Kubernetes' schemas.
+# A kubectl already on the machine (e.g. from Kubernetes' own packages) is
+# used as is; otherwise Debian's kubernetes-client provides one (kubectl
+# 1.20: its older kustomize renders deploy/ to the same objects).
+if ! command -v kubectl >/dev/null 2>&1; then
+    echo "installing: kubernetes-client (kubectl)"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq kubernetes-client
+fi
+CORRAL_VENV="${CORRAL_VENV:-/opt/corral-venv}"
+KUBERNETES_VALIDATE_VERSION=1.37.0
+if [ "$("$CORRAL_VENV/bin/kubernetes-validate" --version 2>/dev/null)" != "$KUBERNETES_VALIDATE_VERSION" ]; then
+    if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+        echo "installing: python3 python3-venv"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3 python3-venv
+    fi
+    echo "installing: kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $CORRAL_VENV"
+    $SUDO python3 -m venv "$CORRAL_VENV"
+    $SUDO "$CORRAL_VENV/bin/pip" install -q "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+fi
+# ---- end of the Kubernetes manifests section -------------------------------
