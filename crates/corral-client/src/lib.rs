@@ -1,6 +1,7 @@
 //! Typed clients of corral's control services — a replica daemon's
-//! `ReplicaControl` ([`ReplicaControl`]) and an engine's `EngineControl`
-//! ([`EngineControl`]) — with one error type, [`ClientError`]. The engine,
+//! `ReplicaControl` ([`ReplicaControl`]), an engine's `EngineControl`
+//! ([`EngineControl`]) and a node daemon's `EngineManager`
+//! ([`EngineManager`]) — with one error type, [`ClientError`]. The engine,
 //! the `corral volume` CLI and (later) the CSI plugin use these instead of
 //! raw tonic clients, so that addresses, timeouts and status codes are
 //! interpreted in one place: "no such replica", "fenced by a newer engine"
@@ -15,7 +16,7 @@ use corral_proto::v1::{
     ListEngineReplicasRequest, OpenReplicaRequest, RebuildStatusRequest, RemoveReplicaRequest,
     ReplicaInfo, ReplicaStatus, SalvageRequest, SetMembershipRequest, VerifyRequest,
     VerifyResponse, VolumeInfo, VolumeInfoRequest, engine_control_client::EngineControlClient,
-    replica_control_client::ReplicaControlClient,
+    engine_manager_client::EngineManagerClient, replica_control_client::ReplicaControlClient,
 };
 use corral_types::Epoch;
 use tonic::transport::{Channel, Endpoint};
@@ -175,6 +176,36 @@ impl ReplicaControl {
             c.get_replica(request),
         )
         .await
+    }
+
+    /// Every replica the daemon hosts.
+    pub async fn list(&self) -> Result<Vec<ReplicaInfo>, ClientError> {
+        let mut c = self.inner.clone();
+        call(
+            &self.addr,
+            "list replicas",
+            self.timeout,
+            c.list_replicas(pb::ListReplicasRequest {}),
+        )
+        .await
+        .map(|r| r.replicas)
+    }
+
+    /// Delete the replica of `volume` and its data (`NotFound` when the
+    /// daemon has none).
+    pub async fn delete(&self, volume: &str) -> Result<(), ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::DeleteReplicaRequest {
+            volume: volume.to_string(),
+        };
+        call(
+            &self.addr,
+            "delete replica",
+            self.timeout,
+            c.delete_replica(request),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Create an empty replica.
@@ -360,6 +391,115 @@ impl EngineControl {
         call(&self.addr, "salvage", self.timeout, c.salvage(request))
             .await
             .map(|r| r.message)
+    }
+}
+
+/// A node daemon's engine manager (`corral node`): starts, supervises and
+/// stops the engines of the volumes attached on its node.
+///
+/// `start_engine` waits until the engine serves (or the daemon's own start
+/// timeout, `corral node --start-timeout`, 30 s by default) and
+/// `stop_engine` until the engine has flushed and exited: give this client
+/// a timeout longer than those.
+#[derive(Clone)]
+pub struct EngineManager {
+    addr: String,
+    inner: EngineManagerClient<Channel>,
+    timeout: Duration,
+}
+
+impl EngineManager {
+    /// Connect to the node daemon at `addr`; every call is bounded by `timeout`.
+    pub async fn connect(addr: &str, timeout: Duration) -> Result<Self, ClientError> {
+        let channel = connect(addr, timeout.min(Duration::from_secs(5))).await?;
+        Ok(Self::on(addr, channel, timeout))
+    }
+
+    /// Use an existing channel to the node daemon at `addr`.
+    pub fn on(addr: &str, channel: Channel, timeout: Duration) -> Self {
+        EngineManager {
+            addr: addr.to_string(),
+            inner: EngineManagerClient::new(channel),
+            timeout,
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The node's identity, capacity and addresses.
+    pub async fn node_info(&self) -> Result<pb::NodeInfo, ClientError> {
+        let mut c = self.inner.clone();
+        call(
+            &self.addr,
+            "node info",
+            self.timeout,
+            c.get_node_info(pb::NodeInfoRequest {}),
+        )
+        .await
+    }
+
+    /// Start the volume's engine on this node (idempotent for the same
+    /// spec; another spec for a running volume is `Refused` with
+    /// `AlreadyExists`, a bad spec with `InvalidArgument`).
+    pub async fn start_engine(
+        &self,
+        spec: pb::EngineSpec,
+    ) -> Result<pb::EngineStatus, ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::StartEngineRequest { spec: Some(spec) };
+        call(
+            &self.addr,
+            "start engine",
+            self.timeout,
+            c.start_engine(request),
+        )
+        .await
+    }
+
+    /// Stop the volume's engine, flushing first (unknown volume: Ok).
+    pub async fn stop_engine(&self, volume: &str) -> Result<(), ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::StopEngineRequest {
+            volume: volume.to_string(),
+        };
+        call(
+            &self.addr,
+            "stop engine",
+            self.timeout,
+            c.stop_engine(request),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The status of the volume's engine (`NotFound` when none runs here).
+    pub async fn get_engine(&self, volume: &str) -> Result<pb::EngineStatus, ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::GetEngineRequest {
+            volume: volume.to_string(),
+        };
+        call(
+            &self.addr,
+            "get engine",
+            self.timeout,
+            c.get_engine(request),
+        )
+        .await
+    }
+
+    /// Every engine this node daemon runs.
+    pub async fn list_engines(&self) -> Result<Vec<pb::EngineStatus>, ClientError> {
+        let mut c = self.inner.clone();
+        call(
+            &self.addr,
+            "list engines",
+            self.timeout,
+            c.list_engines(pb::ListEnginesRequest {}),
+        )
+        .await
+        .map(|r| r.engines)
     }
 }
 

@@ -1,5 +1,8 @@
 //! Building and running the replica daemon's gRPC server. This is the one
 //! place where the daemon's listener is made (TLS would be added here).
+//! [`ReplicaDaemon`] lets a caller serve its own gRPC services beside the
+//! replica services on the same listener (`corral node` adds its engine
+//! manager).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,6 +14,7 @@ use corral_proto::v1::replica_data_server::ReplicaDataServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 use tracing::info;
 
 use crate::control::ControlService;
@@ -68,12 +72,62 @@ pub async fn serve_with_metrics(
     metrics: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), ReplicaError> {
-    let dir = data_dir.clone();
-    let registry = Arc::new(
-        tokio::task::spawn_blocking(move || ReplicaRegistry::open(&dir))
-            .await
-            .map_err(|e| ReplicaError::Task(e.to_string()))??,
-    );
+    ReplicaDaemon::open(data_dir)
+        .await?
+        .serve(listener, metrics, Routes::default(), shutdown)
+        .await
+}
+
+/// A replica daemon whose replicas are open, not yet serving. A caller that
+/// serves more than the replica services on the same listener (the node
+/// daemon) opens it, reads what it needs from [`ReplicaDaemon::registry`],
+/// and hands its own services to [`ReplicaDaemon::serve`] as tonic
+/// [`Routes`].
+pub struct ReplicaDaemon {
+    registry: Arc<ReplicaRegistry>,
+    data_dir: PathBuf,
+}
+
+impl ReplicaDaemon {
+    /// Open the data dir (creating it) and every replica in it.
+    pub async fn open(data_dir: PathBuf) -> Result<Self, ReplicaError> {
+        let dir = data_dir.clone();
+        let registry = Arc::new(
+            tokio::task::spawn_blocking(move || ReplicaRegistry::open(&dir))
+                .await
+                .map_err(|e| ReplicaError::Task(e.to_string()))??,
+        );
+        Ok(ReplicaDaemon { registry, data_dir })
+    }
+
+    /// The replicas this daemon hosts.
+    pub fn registry(&self) -> &Arc<ReplicaRegistry> {
+        &self.registry
+    }
+
+    /// Serve `ReplicaControl` and `ReplicaData`, plus the services in
+    /// `extra`, on `listener` (and metrics on `metrics`) until `shutdown`
+    /// is cancelled; then close every replica cleanly.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        metrics: Option<TcpListener>,
+        extra: Routes,
+        shutdown: CancellationToken,
+    ) -> Result<(), ReplicaError> {
+        serve_registry(self, listener, metrics, extra, shutdown).await
+    }
+}
+
+/// [`ReplicaDaemon::serve`].
+async fn serve_registry(
+    daemon: ReplicaDaemon,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    extra: Routes,
+    shutdown: CancellationToken,
+) -> Result<(), ReplicaError> {
+    let ReplicaDaemon { registry, data_dir } = daemon;
     let local = listener
         .local_addr()
         .map_err(|source| ReplicaError::Listen {
@@ -161,6 +215,7 @@ pub async fn serve_with_metrics(
         .max_frame_size(MAX_FRAME)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_routes(extra)
         .add_service(ReplicaControlServer::new(ControlService::new(Arc::clone(
             &registry,
         ))))

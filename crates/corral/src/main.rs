@@ -1,6 +1,7 @@
 //! `corral`: the command-line binary. Each subcommand wires library crates
 //! together and does nothing else:
 //! - `replica`: a replica daemon (corral-replica);
+//! - `node`: the per-node daemon: replica daemon + engine manager (corral-node);
 //! - `engine`: one volume's engine with its frontends (corral-engine, corral-nbd);
 //! - `volume`: talk to a running engine's control service;
 //! - `serve-file`: the frontends over a plain file, no replication;
@@ -8,6 +9,7 @@
 
 mod cmd_dev;
 mod cmd_engine;
+mod cmd_node;
 mod cmd_serve_file;
 mod cmd_volume;
 mod frontends;
@@ -58,6 +60,9 @@ enum Command {
         #[arg(long)]
         metrics: Option<SocketAddr>,
     },
+    /// Run the per-node daemon: a replica daemon plus the engine manager
+    /// that runs the engines of the volumes attached on this node.
+    Node(cmd_node::NodeArgs),
     /// Run the engine of one volume.
     Engine(cmd_engine::EngineArgs),
     /// Inspect a running engine's volume.
@@ -177,6 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             corral_replica::serve_with_metrics(listener, data_dir, metrics, shutdown).await?;
             Ok(())
         }
+        Command::Node(args) => cmd_node::run(args).await,
         Command::Engine(args) => cmd_engine::run(args).await,
         Command::Volume(args) => cmd_volume::run(args).await,
         Command::ServeFile {

@@ -1,0 +1,484 @@
+//! The engine manager: which engines run on this node. It validates start
+//! requests, hands out ports, keeps the record ([`crate::record::EngineBook`]) in step
+//! with the supervisors ([`EngineSupervisor`]), brings the recorded engines
+//! back when the daemon starts (adopting those still alive), and answers
+//! for the node (identity, capacity). The gRPC service is a thin layer over
+//! it (`service`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use corral_proto::v1 as pb;
+use corral_replica::ReplicaRegistry;
+use tracing::{info, warn};
+
+use crate::error::NodeError;
+use crate::ports::{PortRange, bindable};
+use crate::process::{is_our_engine, log_tail};
+use crate::record::EngineRecord;
+use crate::spec::{EngineAddresses, EngineSpec, iscsi_target};
+use crate::supervision::Phase;
+use crate::supervisor::{EngineSnapshot, EngineSupervisor, SupervisorContext};
+
+/// Lines of an engine's log quoted in an error.
+const LOG_TAIL_LINES: usize = 20;
+
+/// What the manager needs to know about its node.
+#[derive(Clone, Debug)]
+pub struct ManagerConfig {
+    pub node_id: String,
+    pub data_dir: PathBuf,
+    /// The address engines serve their control and frontends on.
+    pub frontend_ip: IpAddr,
+    /// This daemon's replica address as engines should name it.
+    pub replica_address: String,
+    pub engine_ports: PortRange,
+    /// How long StartEngine waits for an engine to serve.
+    pub start_timeout: Duration,
+}
+
+/// The engines of this node.
+pub struct EngineManager {
+    config: ManagerConfig,
+    context: SupervisorContext,
+    registry: Arc<ReplicaRegistry>,
+    engines: Mutex<BTreeMap<String, Arc<EngineSupervisor>>>,
+    /// Start and stop of one volume take turns.
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl EngineManager {
+    /// A manager over `context.book`'s record: every recorded engine is
+    /// brought back (adopted if its process is alive, started otherwise).
+    pub async fn open(
+        config: ManagerConfig,
+        context: SupervisorContext,
+        registry: Arc<ReplicaRegistry>,
+    ) -> Arc<Self> {
+        let manager = Arc::new(EngineManager {
+            config,
+            context,
+            registry,
+            engines: Mutex::new(BTreeMap::new()),
+            turns: Mutex::new(HashMap::new()),
+        });
+        for (volume, record) in manager.context.book.engines().await {
+            let alive = record
+                .pid
+                .filter(|pid| is_our_engine(*pid, &volume, record.addresses.control));
+            match alive {
+                Some(pid) => {
+                    info!(volume = %volume, pid, "adopting the recorded engine, still running")
+                }
+                None => info!(volume = %volume, "restarting the recorded engine"),
+            }
+            let supervisor = EngineSupervisor::start(
+                manager.context.clone(),
+                record.spec,
+                record.addresses,
+                alive,
+            );
+            manager.lock().insert(volume, Arc::new(supervisor));
+        }
+        manager
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<EngineSupervisor>>> {
+        // Inserts and removes are single operations: a poisoned map is whole.
+        self.engines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn turn(&self, volume: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(turns.entry(volume.to_string()).or_default())
+    }
+
+    fn supervisor(&self, volume: &str) -> Option<Arc<EngineSupervisor>> {
+        self.lock().get(volume).cloned()
+    }
+
+    /// Start `spec`'s engine, or return the one running with the same spec.
+    pub async fn start(&self, spec: &pb::EngineSpec) -> Result<pb::EngineStatus, NodeError> {
+        let spec = EngineSpec::from_pb(spec)?;
+        let turn = self.turn(&spec.volume);
+        let _turn = turn.lock().await;
+        if self.context.shutdown.is_cancelled() {
+            return Err(NodeError::ShuttingDown);
+        }
+        if let Some(running) = self.supervisor(&spec.volume) {
+            let differs = running.spec.differences(&spec);
+            if !differs.is_empty() {
+                return Err(NodeError::SpecDiffers {
+                    volume: spec.volume,
+                    differs: differs.join(", "),
+                });
+            }
+            if running.snapshot().phase == Phase::Running {
+                return Ok(self.status(&running));
+            }
+            return self.until_serving(&running, false).await;
+        }
+        let addresses = self.record_new(&spec).await?;
+        info!(volume = %spec.volume, control = %addresses.control, nbd = ?addresses.nbd, iscsi = ?addresses.iscsi, "starting engine");
+        let supervisor = Arc::new(EngineSupervisor::start(
+            self.context.clone(),
+            spec.clone(),
+            addresses,
+            None,
+        ));
+        self.lock()
+            .insert(spec.volume.clone(), Arc::clone(&supervisor));
+        match self.until_serving(&supervisor, true).await {
+            Err(failed @ NodeError::EngineFailed { .. }) => {
+                // A new engine that cannot start leaves nothing behind.
+                if let Err(e) = self.stop_and_forget(&spec.volume, &supervisor).await {
+                    warn!(volume = %spec.volume, error = %e, "cannot clean up a failed engine");
+                }
+                Err(failed)
+            }
+            other => other,
+        }
+    }
+
+    /// Give a new engine its ports and record it.
+    async fn record_new(&self, spec: &EngineSpec) -> Result<EngineAddresses, NodeError> {
+        let range = self.config.engine_ports;
+        let ip = self.config.frontend_ip;
+        self.context
+            .book
+            .update(|engines| {
+                let taken: BTreeSet<u16> =
+                    engines.values().flat_map(|r| r.addresses.ports()).collect();
+                let needed = spec.ports_needed();
+                let no_ports = || NodeError::NoPorts {
+                    range: range.to_string(),
+                    needed,
+                };
+                let ports = range
+                    .allocate(needed, &taken, |port| bindable(ip, port))
+                    .ok_or_else(no_ports)?;
+                let addresses = EngineAddresses::assign(ip, spec, &ports).ok_or_else(no_ports)?;
+                engines.insert(
+                    spec.volume.clone(),
+                    EngineRecord {
+                        spec: spec.clone(),
+                        addresses,
+                        pid: None,
+                    },
+                );
+                Ok(addresses)
+            })
+            .await
+    }
+
+    /// Wait (bounded by the start timeout) until the engine serves; an exit
+    /// in the meantime is an error quoting its log. At the timeout, the
+    /// status as it is (starting, or backing off).
+    async fn until_serving(
+        &self,
+        supervisor: &EngineSupervisor,
+        new: bool,
+    ) -> Result<pb::EngineStatus, NodeError> {
+        let mut status = supervisor.subscribe();
+        let exits_before = status.borrow().exits;
+        let deadline = tokio::time::Instant::now() + self.config.start_timeout;
+        loop {
+            let seen = status.borrow_and_update().clone();
+            if seen.phase == Phase::Running {
+                return Ok(self.status(supervisor));
+            }
+            if seen.exits > exits_before {
+                let volume = supervisor.spec.volume.clone();
+                let log = self.context.launcher.log_path(&volume);
+                let log_tail = log_tail(&log, seen.last_exit_log_offset, LOG_TAIL_LINES);
+                let exit = seen.last_exit.unwrap_or_default();
+                return Err(if new {
+                    NodeError::EngineFailed {
+                        volume,
+                        exit,
+                        log_tail,
+                    }
+                } else {
+                    NodeError::EngineRestarting {
+                        volume,
+                        exit,
+                        log_tail,
+                    }
+                });
+            }
+            if seen.phase == Phase::Stopped {
+                return Err(NodeError::NotFound(supervisor.spec.volume.clone()));
+            }
+            tokio::select! {
+                changed = status.changed() => {
+                    if changed.is_err() {
+                        return Err(NodeError::ShuttingDown);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => return Ok(self.status(supervisor)),
+            }
+        }
+    }
+
+    /// Stop the volume's engine (flushing first) and forget it. Unknown: Ok.
+    pub async fn stop(&self, volume: &str) -> Result<(), NodeError> {
+        let turn = self.turn(volume);
+        let _turn = turn.lock().await;
+        let Some(supervisor) = self.supervisor(volume) else {
+            return Ok(());
+        };
+        self.stop_and_forget(volume, &supervisor).await
+    }
+
+    async fn stop_and_forget(
+        &self,
+        volume: &str,
+        supervisor: &EngineSupervisor,
+    ) -> Result<(), NodeError> {
+        let mut status = supervisor.subscribe();
+        supervisor.request_stop();
+        // SIGKILL follows SIGTERM after the stop timeout; then it must end.
+        let limit = self.context.policy.stop_timeout + Duration::from_secs(10);
+        let stopped = tokio::time::timeout(limit, async {
+            loop {
+                if status.borrow_and_update().phase == Phase::Stopped {
+                    return true;
+                }
+                if status.changed().await.is_err() {
+                    // The supervision ended: stopped, or the daemon stops.
+                    return status.borrow().phase == Phase::Stopped;
+                }
+            }
+        })
+        .await;
+        match stopped {
+            Ok(true) => {}
+            Ok(false) => return Err(NodeError::ShuttingDown),
+            Err(_) => return Err(NodeError::StopTimedOut(volume.to_string())),
+        }
+        self.lock().remove(volume);
+        self.context
+            .book
+            .update(|engines| {
+                engines.remove(volume);
+                Ok(())
+            })
+            .await?;
+        info!(volume = %volume, "engine stopped and forgotten");
+        Ok(())
+    }
+
+    /// The status of the volume's engine.
+    pub fn get(&self, volume: &str) -> Result<pb::EngineStatus, NodeError> {
+        self.supervisor(volume)
+            .map(|s| self.status(&s))
+            .ok_or_else(|| NodeError::NotFound(volume.to_string()))
+    }
+
+    /// Every engine, by volume name.
+    pub fn list(&self) -> Vec<pb::EngineStatus> {
+        let all: Vec<Arc<EngineSupervisor>> = self.lock().values().cloned().collect();
+        all.iter().map(|s| self.status(s)).collect()
+    }
+
+    fn status(&self, supervisor: &EngineSupervisor) -> pb::EngineStatus {
+        let spec = &supervisor.spec;
+        let addrs = &supervisor.addresses;
+        let seen: EngineSnapshot = supervisor.snapshot();
+        let state = match seen.phase {
+            Phase::Spawning | Phase::Starting => pb::EngineState::Starting,
+            Phase::Running => pb::EngineState::Running,
+            Phase::Backoff { .. } => pb::EngineState::Backoff,
+            Phase::Stopping { .. } | Phase::Stopped => pb::EngineState::Stopping,
+        };
+        let address =
+            |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+        pb::EngineStatus {
+            spec: Some(spec.to_pb()),
+            state: state as i32,
+            pid: seen.pid.unwrap_or(0),
+            control_address: addrs.control.to_string(),
+            nbd_address: address(addrs.nbd),
+            iscsi_address: address(addrs.iscsi),
+            iscsi_target: if spec.iscsi {
+                iscsi_target(&spec.volume)
+            } else {
+                String::new()
+            },
+            restarts: seen.restarts,
+            last_exit: seen.last_exit.unwrap_or_default(),
+        }
+    }
+
+    /// The node: identity, room, addresses.
+    pub fn node_info(&self) -> Result<pb::NodeInfo, NodeError> {
+        let (capacity_bytes, free_bytes) = filesystem_space(&self.config.data_dir)?;
+        let allocated_bytes = self
+            .registry
+            .all()
+            .iter()
+            .map(|r| r.store.meta().size)
+            .sum();
+        Ok(pb::NodeInfo {
+            node_id: self.config.node_id.clone(),
+            capacity_bytes,
+            free_bytes,
+            allocated_bytes,
+            frontend_address: self.config.frontend_ip.to_string(),
+            replica_address: self.config.replica_address.clone(),
+        })
+    }
+}
+
+/// Size and free space (for unprivileged users) of the filesystem holding `path`.
+pub fn filesystem_space(path: &std::path::Path) -> Result<(u64, u64), NodeError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        NodeError::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL byte in the path"),
+        )
+    })?;
+    // SAFETY: statvfs fills the struct it is given; it is plain data.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a valid out-pointer.
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut st) } != 0 {
+        return Err(NodeError::io(path, std::io::Error::last_os_error()));
+    }
+    let unit = st.f_frsize as u64;
+    Ok((
+        (st.f_blocks as u64).saturating_mul(unit),
+        (st.f_bavail as u64).saturating_mul(unit),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::Launcher;
+    use crate::record::{EngineBook, RecordFile};
+    use crate::supervision::RestartPolicy;
+    use std::os::unix::fs::PermissionsExt;
+    use tokio_util::sync::CancellationToken;
+
+    /// A manager whose "engine" is the shell script `body`.
+    fn manager(dir: &std::path::Path, body: &str) -> Arc<EngineManager> {
+        let script = dir.join("fake-engine");
+        std::fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let data_dir = dir.join("data");
+        let registry = Arc::new(ReplicaRegistry::open(&data_dir).unwrap());
+        let book = EngineBook::open(RecordFile::new(dir.join("engines.json"))).unwrap();
+        let context = SupervisorContext {
+            launcher: Arc::new(Launcher {
+                binary: script,
+                extra_args: vec![],
+                log_dir: dir.join("logs"),
+            }),
+            book: Arc::new(book),
+            policy: RestartPolicy {
+                first_delay: Duration::from_millis(50),
+                max_delay: Duration::from_millis(200),
+                reset_after: Duration::from_secs(60),
+                stop_timeout: Duration::from_millis(300),
+            },
+            adopted_poll: Duration::from_millis(50),
+            shutdown: CancellationToken::new(),
+        };
+        let config = ManagerConfig {
+            node_id: "n".into(),
+            data_dir,
+            frontend_ip: "127.0.0.1".parse().unwrap(),
+            replica_address: "127.0.0.1:1".into(),
+            engine_ports: PortRange::new(45000, 45100).unwrap(),
+            start_timeout: Duration::from_millis(300),
+        };
+        Arc::new(EngineManager {
+            config,
+            context,
+            registry,
+            engines: Mutex::new(BTreeMap::new()),
+            turns: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn spec() -> pb::EngineSpec {
+        pb::EngineSpec {
+            volume: "v".into(),
+            size: 1 << 20,
+            replicas: vec!["127.0.0.1:1".into()],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_engine_that_never_serves_is_reported_starting_at_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(dir.path(), "exec sleep 30");
+        let status = m.start(&spec()).await.unwrap();
+        assert_eq!(status.state, pb::EngineState::Starting as i32);
+        assert!(status.pid != 0);
+        assert_eq!(m.get("v").unwrap().pid, status.pid);
+        assert_eq!(m.context.book.engines().await["v"].pid, Some(status.pid));
+        m.stop("v").await.unwrap();
+        assert!(m.list().is_empty());
+        assert!(m.context.book.engines().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_engine_that_ignores_sigterm_is_killed_at_the_stop_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(dir.path(), "trap '' TERM\nwhile :; do sleep 0.05; done");
+        let status = m.start(&spec()).await.unwrap();
+        m.stop("v").await.unwrap();
+        assert!(crate::process::command_line(status.pid).is_none(), "killed");
+        assert!(m.get("v").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_new_engine_that_exits_at_once_is_an_error_quoting_its_log_and_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(
+            dir.path(),
+            "echo 'boom: cannot open the volume' >&2\nexit 3",
+        );
+        let e = m.start(&spec()).await.unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, NodeError::EngineFailed { .. }), "{text}");
+        assert!(
+            text.contains("exit status 3") && text.contains("boom"),
+            "{text}"
+        );
+        assert!(m.list().is_empty());
+        assert!(m.context.book.engines().await.is_empty());
+        // Nothing holds its ports any more: they were only in the record.
+    }
+
+    #[tokio::test]
+    async fn a_running_engine_with_another_spec_is_refused_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(dir.path(), "exec sleep 30");
+        let first = m.start(&spec()).await.unwrap();
+        let same = m.start(&spec()).await.unwrap();
+        assert_eq!(same.pid, first.pid);
+        let mut other = spec();
+        other.nbd = true;
+        let e = m.start(&other).await.unwrap_err();
+        assert!(
+            matches!(e, NodeError::SpecDiffers { ref differs, .. } if differs == "nbd"),
+            "{e}"
+        );
+        m.stop("v").await.unwrap();
+    }
+
+    #[test]
+    fn the_filesystem_of_a_directory_has_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let (capacity, free) = filesystem_space(dir.path()).unwrap();
+        assert!(capacity > 0 && free <= capacity, "{capacity} {free}");
+        assert!(filesystem_space(&dir.path().join("missing")).is_err());
+    }
+}

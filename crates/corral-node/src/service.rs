@@ -1,0 +1,68 @@
+//! The `EngineManager` gRPC service (`proto/corral/v1/node.proto`): a thin
+//! layer that turns requests into [`EngineManager`] calls and its errors
+//! into statuses.
+
+use std::sync::Arc;
+
+use corral_proto::v1::{self as pb, engine_manager_server::EngineManager as EngineManagerRpc};
+use tonic::{Request, Response, Status};
+
+use crate::manager::EngineManager;
+
+/// Implements `corral.v1.EngineManager`.
+pub struct EngineManagerService {
+    manager: Arc<EngineManager>,
+}
+
+impl EngineManagerService {
+    pub fn new(manager: Arc<EngineManager>) -> Self {
+        EngineManagerService { manager }
+    }
+}
+
+#[tonic::async_trait]
+impl EngineManagerRpc for EngineManagerService {
+    async fn get_node_info(
+        &self,
+        _request: Request<pb::NodeInfoRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        Ok(Response::new(self.manager.node_info()?))
+    }
+
+    async fn start_engine(
+        &self,
+        request: Request<pb::StartEngineRequest>,
+    ) -> Result<Response<pb::EngineStatus>, Status> {
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("invalid engine spec: spec: missing"))?;
+        Ok(Response::new(self.manager.start(&spec).await?))
+    }
+
+    async fn stop_engine(
+        &self,
+        request: Request<pb::StopEngineRequest>,
+    ) -> Result<Response<pb::StopEngineResponse>, Status> {
+        self.manager.stop(&request.into_inner().volume).await?;
+        Ok(Response::new(pb::StopEngineResponse {}))
+    }
+
+    async fn get_engine(
+        &self,
+        request: Request<pb::GetEngineRequest>,
+    ) -> Result<Response<pb::EngineStatus>, Status> {
+        Ok(Response::new(
+            self.manager.get(&request.into_inner().volume)?,
+        ))
+    }
+
+    async fn list_engines(
+        &self,
+        _request: Request<pb::ListEnginesRequest>,
+    ) -> Result<Response<pb::ListEnginesResponse>, Status> {
+        Ok(Response::new(pb::ListEnginesResponse {
+            engines: self.manager.list(),
+        }))
+    }
+}
