@@ -96,8 +96,17 @@ impl EngineManager {
         Arc::clone(turns.entry(volume.to_string()).or_default())
     }
 
+    /// The volume's supervision; one that has ended on its own (a newer
+    /// engine took the volume over) is dropped here.
     fn supervisor(&self, volume: &str) -> Option<Arc<EngineSupervisor>> {
-        self.lock().get(volume).cloned()
+        let mut engines = self.lock();
+        if engines
+            .get(volume)
+            .is_some_and(|s| s.snapshot().phase == Phase::Stopped)
+        {
+            engines.remove(volume);
+        }
+        engines.get(volume).cloned()
     }
 
     /// Start `spec`'s engine, or return the one running with the same spec.
@@ -167,6 +176,7 @@ impl EngineManager {
                         spec: spec.clone(),
                         addresses,
                         pid: None,
+                        epoch: None,
                     },
                 );
                 Ok(addresses)
@@ -280,7 +290,12 @@ impl EngineManager {
 
     /// Every engine, by volume name.
     pub fn list(&self) -> Vec<pb::EngineStatus> {
-        let all: Vec<Arc<EngineSupervisor>> = self.lock().values().cloned().collect();
+        let all: Vec<Arc<EngineSupervisor>> = self
+            .lock()
+            .values()
+            .filter(|s| s.snapshot().phase != Phase::Stopped)
+            .cloned()
+            .collect();
         all.iter().map(|s| self.status(s)).collect()
     }
 

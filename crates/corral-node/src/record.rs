@@ -23,6 +23,11 @@ pub struct EngineRecord {
     pub addresses: EngineAddresses,
     /// The last engine process started (or adopted) for it.
     pub pid: Option<u32>,
+    /// The epoch that engine opened the volume at, once it served: a
+    /// replica at a higher epoch means another engine has taken the
+    /// volume over since, and this one must not come back.
+    #[serde(default)]
+    pub epoch: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -160,6 +165,26 @@ impl EngineBook {
         Ok(result)
     }
 
+    /// Record the epoch `volume`'s engine serves at.
+    pub async fn set_epoch(&self, volume: &str, epoch: u64) -> Result<(), NodeError> {
+        self.update(|engines| {
+            if let Some(r) = engines.get_mut(volume) {
+                r.epoch = Some(epoch);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Forget `volume`'s engine.
+    pub async fn remove(&self, volume: &str) -> Result<(), NodeError> {
+        self.update(|engines| {
+            engines.remove(volume);
+            Ok(())
+        })
+        .await
+    }
+
     /// Record `pid` as `volume`'s process (nothing if it is not recorded).
     pub async fn set_pid(&self, volume: &str, pid: u32) -> Result<(), NodeError> {
         self.update(|engines| {
@@ -195,6 +220,7 @@ mod tests {
         )
         .unwrap();
         EngineRecord {
+            epoch: None,
             spec,
             addresses,
             pid,

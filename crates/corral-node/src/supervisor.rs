@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use corral_client::EngineControl;
+use corral_client::{EngineControl, ReplicaControl};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -24,6 +24,9 @@ use crate::process::{EngineProcess, Launcher, send_signal};
 use crate::record::EngineBook;
 use crate::spec::{EngineAddresses, EngineSpec};
 use crate::supervision::{Action, Event, Phase, RestartPolicy, Supervision};
+
+/// How long a replica may take to say its epoch before a restart.
+const SUPERSEDED_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often an engine's control port is asked whether it serves yet.
 const READINESS_POLL: Duration = Duration::from_millis(200);
@@ -60,7 +63,8 @@ pub struct EngineSupervisor {
     stop: CancellationToken,
 }
 
-type Probe = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// Resolves with the epoch the engine serves at.
+type Probe = Pin<Box<dyn Future<Output = u64> + Send>>;
 
 struct Shell {
     ctx: SupervisorContext,
@@ -167,7 +171,7 @@ fn readiness(control: SocketAddr) -> Probe {
                 && let Ok(info) = engine.info().await
                 && info.state != "opening"
             {
-                return;
+                return info.epoch;
             }
             tokio::time::sleep(READINESS_POLL).await;
         }
@@ -181,7 +185,7 @@ async fn ended(process: &mut Option<EngineProcess>) -> String {
     }
 }
 
-async fn served(probe: &mut Option<Probe>) {
+async fn served(probe: &mut Option<Probe>) -> u64 {
     match probe {
         Some(p) => p.await,
         None => std::future::pending().await,
@@ -193,6 +197,27 @@ async fn woken(wake: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
         None => std::future::pending().await,
     }
+}
+
+/// Whether another engine has taken the volume over since ours last
+/// served: a replica records a higher epoch than the one it held (a newer
+/// engine opened it elsewhere, or the controller fenced it after losing
+/// this node). Such an engine must not come back: it would fence the one
+/// that now serves the volume.
+async fn superseded(book: Arc<EngineBook>, spec: EngineSpec) -> Option<(String, u64, u64)> {
+    let volume = &spec.volume;
+    let held = book.engines().await.get(volume)?.epoch?;
+    for addr in &spec.replicas {
+        let Ok(control) = ReplicaControl::connect(addr, SUPERSEDED_CHECK_TIMEOUT).await else {
+            continue;
+        };
+        if let Ok(info) = control.get(volume).await
+            && info.epoch > held
+        {
+            return Some((addr.clone(), info.epoch, held));
+        }
+    }
+    None
 }
 
 impl Shell {
@@ -228,9 +253,12 @@ impl Shell {
                     }
                     Event::Exited { how }
                 }
-                _ = served(&mut self.probe) => {
+                epoch = served(&mut self.probe) => {
                     self.probe = None;
-                    info!(volume = %volume, "engine serving");
+                    info!(volume = %volume, epoch, "engine serving");
+                    if let Err(e) = self.ctx.book.set_epoch(&volume, epoch).await {
+                        warn!(volume = %volume, error = %e, "cannot record the engine's epoch");
+                    }
                     Event::Serving
                 }
                 _ = woken(self.wake) => {
@@ -275,6 +303,14 @@ impl Shell {
 
     /// Start a process; the machine's answer to how that went.
     async fn spawn(&mut self) -> Vec<Action> {
+        let check = superseded(Arc::clone(&self.ctx.book), self.spec.clone());
+        if let Some((replica, epoch, held)) = check.await {
+            warn!(volume = %self.spec.volume, %replica, epoch, held, "a newer engine owns the volume: not restarting this one, forgetting it");
+            if let Err(e) = self.ctx.book.remove(&self.spec.volume).await {
+                warn!(volume = %self.spec.volume, error = %e, "cannot forget the engine");
+            }
+            return self.machine.handle(Event::StopRequested, Instant::now());
+        }
         let event = match self.ctx.launcher.spawn(&self.spec, &self.addresses) {
             Ok(launched) => {
                 let pid = launched.pid;
