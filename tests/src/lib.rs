@@ -15,6 +15,7 @@
 
 pub mod campaign;
 pub mod checker;
+pub mod csi;
 pub mod ext4;
 pub mod nbd_raw;
 pub mod node;

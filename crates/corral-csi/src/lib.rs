@@ -2,8 +2,18 @@
 //! services over the node daemons, served on a unix socket.
 
 pub mod attach;
+pub mod capabilities;
+pub mod controller;
+pub mod daemons;
 pub mod host;
+pub mod identity;
+pub mod ids;
 pub mod mounts;
+pub mod node;
 pub mod params;
 pub mod placement;
+pub mod server;
 pub mod staging;
+pub mod status;
+
+pub use server::{CsiConfig, CsiError, serve, serve_on_host};

@@ -13,6 +13,18 @@ const RESERVED_PREFIX: &str = "csi.storage.k8s.io/";
 /// The fsType Kubernetes may pass in the reserved namespace.
 const RESERVED_FSTYPE: &str = "csi.storage.k8s.io/fstype";
 
+/// Every parameter a StorageClass may set.
+const PARAMETERS: [&str; 8] = [
+    "numberOfReplicas",
+    "staleReplicaTimeout",
+    "fsType",
+    "dataLocality",
+    "writePolicy",
+    "chunkSize",
+    "blockSize",
+    "fromBackup",
+];
+
 /// Filesystems the node plugin makes and mounts.
 pub const FILESYSTEMS: [&str; 2] = ["ext4", "xfs"];
 
@@ -202,9 +214,15 @@ impl VolumeParams {
     }
 
     /// Read a volume context back (absent keys: defaults, as for a volume
-    /// made before the key existed).
+    /// made before the key existed). Keys that are not parameters (the
+    /// volume's `name`, what the CO adds) are ignored.
     pub fn from_context(context: &HashMap<String, String>) -> Result<Self, ParamError> {
-        Self::parse(context)
+        let known: HashMap<String, String> = context
+            .iter()
+            .filter(|(k, _)| PARAMETERS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Self::parse(&known)
     }
 }
 
@@ -298,7 +316,10 @@ mod tests {
             ("chunkSize", "64KiB"),
         ]))
         .unwrap();
-        assert_eq!(VolumeParams::from_context(&p.to_context()).unwrap(), p);
+        let mut context = p.to_context();
+        context.insert("name".into(), "pvc-1".into());
+        context.insert("csi.storage.k8s.io/pod.name".into(), "mysql-0".into());
+        assert_eq!(VolumeParams::from_context(&context).unwrap(), p);
         let d = VolumeParams::default();
         assert_eq!(VolumeParams::from_context(&d.to_context()).unwrap(), d);
     }

@@ -2,11 +2,13 @@
 //! together and does nothing else:
 //! - `replica`: a replica daemon (corral-replica);
 //! - `node`: the per-node daemon: replica daemon + engine manager (corral-node);
+//! - `csi`: the CSI plugin (corral-csi);
 //! - `engine`: one volume's engine with its frontends (corral-engine, corral-nbd);
 //! - `volume`: talk to a running engine's control service;
 //! - `serve-file`: the frontends over a plain file, no replication;
 //! - `dev`: three replica daemons and an engine on loopback, for trying it out.
 
+mod cmd_csi;
 mod cmd_dev;
 mod cmd_engine;
 mod cmd_node;
@@ -63,6 +65,8 @@ enum Command {
     /// Run the per-node daemon: a replica daemon plus the engine manager
     /// that runs the engines of the volumes attached on this node.
     Node(cmd_node::NodeArgs),
+    /// Run the CSI plugin (Identity, Controller and/or Node services).
+    Csi(cmd_csi::CsiArgs),
     /// Run the engine of one volume.
     Engine(cmd_engine::EngineArgs),
     /// Inspect a running engine's volume.
@@ -183,6 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Node(args) => cmd_node::run(args).await,
+        Command::Csi(args) => cmd_csi::run(args).await,
         Command::Engine(args) => cmd_engine::run(args).await,
         Command::Volume(args) => cmd_volume::run(args).await,
         Command::ServeFile {

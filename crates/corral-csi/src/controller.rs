@@ -1,0 +1,581 @@
+//! The CSI Controller service: volumes are created as replicas on distinct
+//! node daemons, published by starting the volume's engine on the
+//! consumer's node (a new epoch, which fences any older engine), and
+//! unpublished by stopping it — or, when that node is unreachable, by
+//! fencing the volume through its replicas, so a lost node cannot hold a
+//! volume hostage (no stuck Multi-Attach, no split brain).
+//!
+//! Stateless: parameters travel in the volume context; membership lives on
+//! the replicas; every call asks the daemons ([`Daemons::view`]).
+
+use std::collections::{BTreeSet, HashMap};
+
+use corral_proto::csi::v1 as csi;
+use corral_proto::v1 as pb;
+use futures::future::join_all;
+use tonic::{Request, Response, Status};
+
+use crate::capabilities::{check_capabilities, controller_capabilities};
+use crate::daemons::{ClusterView, Daemons};
+use crate::ids::{self, TOPOLOGY_NODE_KEY};
+use crate::params::{DataLocality, VolumeParams};
+use crate::placement::{NoRoom, place};
+use crate::status::client_status;
+
+/// Size of a volume whose request names none.
+pub const DEFAULT_SIZE: u64 = 1 << 30;
+/// Volumes are whole multiples of this (the store's block).
+pub const SIZE_UNIT: u64 = 4096;
+
+/// Keys of the publish context the node plugin reads.
+pub mod publish_keys {
+    pub const VOLUME: &str = "volume";
+    pub const NBD: &str = "nbdAddress";
+    pub const ISCSI_PORTAL: &str = "iscsiPortal";
+    pub const ISCSI_TARGET: &str = "iscsiTarget";
+    pub const CONTROL: &str = "controlAddress";
+}
+
+/// The controller.
+pub struct ControllerService {
+    daemons: Daemons,
+}
+
+impl ControllerService {
+    pub fn new(daemons: Daemons) -> Self {
+        ControllerService { daemons }
+    }
+}
+
+/// The size to create from a capacity range.
+pub fn volume_size(range: Option<&csi::CapacityRange>) -> Result<u64, Status> {
+    let (required, limit) = range.map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
+    if required < 0 || limit < 0 {
+        return Err(Status::invalid_argument(
+            "capacity_range: required_bytes and limit_bytes must not be negative",
+        ));
+    }
+    let (required, limit) = (required as u64, limit as u64);
+    if limit != 0 && required > limit {
+        return Err(Status::invalid_argument(format!(
+            "capacity_range: required_bytes {required} exceeds limit_bytes {limit}"
+        )));
+    }
+    let wanted = if required == 0 {
+        if limit != 0 {
+            DEFAULT_SIZE.min(limit)
+        } else {
+            DEFAULT_SIZE
+        }
+    } else {
+        required
+    };
+    let size = wanted.div_ceil(SIZE_UNIT) * SIZE_UNIT;
+    if size == 0 || (limit != 0 && size > limit) {
+        return Err(Status::out_of_range(format!(
+            "capacity_range: no multiple of {SIZE_UNIT} bytes lies between {required} and {limit}"
+        )));
+    }
+    Ok(size)
+}
+
+fn no_room(e: NoRoom, view: &ClusterView) -> Status {
+    let mut msg = e.to_string();
+    if !view.unreachable.is_empty() {
+        msg.push_str(&format!(
+            " ({} node daemons unreachable)",
+            view.unreachable.len()
+        ));
+    }
+    Status::resource_exhausted(msg)
+}
+
+fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
+    if value.is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is required")));
+    }
+    Ok(value)
+}
+
+/// Nodes named by a topology list, in order.
+fn topology_nodes(list: &[csi::Topology]) -> Vec<String> {
+    list.iter()
+        .filter_map(|t| t.segments.get(TOPOLOGY_NODE_KEY).cloned())
+        .collect()
+}
+
+impl ControllerService {
+    async fn create(&self, req: csi::CreateVolumeRequest) -> Result<csi::Volume, Status> {
+        let name = required(&req.name, "name")?;
+        if req.volume_capabilities.is_empty() {
+            return Err(Status::invalid_argument("volume_capabilities is required"));
+        }
+        check_capabilities(&req.volume_capabilities).map_err(Status::invalid_argument)?;
+        if req.volume_content_source.is_some() {
+            return Err(Status::invalid_argument(
+                "volume_content_source: snapshots and clones are not supported by this release",
+            ));
+        }
+        let params = VolumeParams::parse(&req.parameters)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let size = volume_size(req.capacity_range.as_ref())?;
+        let id = ids::volume_id(name);
+        let view = self.daemons.view().await;
+        let holders: Vec<_> = view.holders(&id);
+        if let Some(existing) = holders.first().and_then(|n| n.replica(&id))
+            && existing.size != size
+        {
+            return Err(Status::already_exists(format!(
+                "volume {name:?} exists with {} bytes, not {size}",
+                existing.size
+            )));
+        }
+        // Create what is missing: all of it, or the rest after a call that
+        // was interrupted half way (the CO retries with the same name).
+        let have: BTreeSet<String> = holders.iter().map(|n| n.node_id().to_string()).collect();
+        let missing = (params.replicas as usize).saturating_sub(have.len());
+        if missing > 0 {
+            let preferred = match params.data_locality {
+                DataLocality::BestEffort => req
+                    .accessibility_requirements
+                    .as_ref()
+                    .map(|t| topology_nodes(&t.preferred))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .take(1)
+                    .collect(),
+                DataLocality::Disabled => Vec::new(),
+            };
+            let rooms: Vec<_> = view.nodes.iter().map(|n| n.room()).collect();
+            let chosen =
+                place(&rooms, missing, size, &preferred, &have).map_err(|e| no_room(e, &view))?;
+            let creates = chosen.iter().filter_map(|node| view.node(node)).map(|n| {
+                n.control.create(pb::CreateReplicaRequest {
+                    volume: id.clone(),
+                    size,
+                    block_size: params.block_size,
+                    chunk_size: params.chunk_size,
+                })
+            });
+            let results = join_all(creates).await;
+            if let Some(err) = results.iter().find_map(|r| r.as_ref().err()) {
+                // Undo this call's replicas; a retry starts clean.
+                for (node, r) in chosen.iter().zip(&results) {
+                    if r.is_ok()
+                        && let Some(n) = view.node(node)
+                    {
+                        let _ = n.control.delete(&id).await;
+                    }
+                }
+                return Err(client_status(err));
+            }
+            tracing::info!(volume = %id, name, size, nodes = ?chosen, "created");
+        }
+        let mut context = params.to_context();
+        context.insert("name".into(), name.to_string());
+        Ok(csi::Volume {
+            capacity_bytes: size as i64,
+            volume_id: id,
+            volume_context: context,
+            content_source: None,
+            accessible_topology: Vec::new(),
+        })
+    }
+
+    async fn delete(&self, volume_id: &str) -> Result<(), Status> {
+        let id = required(volume_id, "volume_id")?;
+        let view = self.daemons.view().await;
+        if let Some((addr, e)) = view.unreachable.first() {
+            // It may hold a replica: deleting without it would leave one
+            // behind. The CO retries.
+            return Err(Status::unavailable(format!(
+                "node daemon {addr} is unreachable ({e}); it may hold a replica of {id}"
+            )));
+        }
+        for n in view.engines_of(id) {
+            n.manager
+                .stop_engine(id)
+                .await
+                .map_err(|e| client_status(&e))?;
+        }
+        for n in view.holders(id) {
+            match n.control.delete(id).await {
+                Ok(()) | Err(corral_client::ClientError::NotFound { .. }) => {}
+                Err(e) => return Err(client_status(&e)),
+            }
+        }
+        tracing::info!(volume = %id, "deleted");
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        req: csi::ControllerPublishVolumeRequest,
+    ) -> Result<HashMap<String, String>, Status> {
+        let id = required(&req.volume_id, "volume_id")?;
+        let node_id = required(&req.node_id, "node_id")?;
+        let cap = req
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
+        check_capabilities(std::slice::from_ref(cap)).map_err(Status::invalid_argument)?;
+        let view = self.daemons.view().await;
+        let holders = view.holders(id);
+        let Some(replica) = holders.first().and_then(|n| n.replica(id)) else {
+            return Err(Status::not_found(format!("volume {id} does not exist")));
+        };
+        let Some(node) = view.node(node_id) else {
+            return Err(Status::not_found(format!(
+                "node {node_id} is not known to any reachable node daemon"
+            )));
+        };
+        if let Some(other) = view
+            .engines_of(id)
+            .into_iter()
+            .find(|n| n.node_id() != node_id)
+        {
+            return Err(Status::failed_precondition(format!(
+                "volume {id} is published on node {}; unpublish it there first",
+                other.node_id()
+            )));
+        }
+        let params = VolumeParams::from_context(&req.volume_context)
+            .map_err(|e| Status::invalid_argument(format!("volume_context: {e}")))?;
+        let spec = pb::EngineSpec {
+            volume: id.to_string(),
+            size: replica.size,
+            replicas: view.replica_addresses(id),
+            replica_timeout_ms: 0,
+            stale_replica_timeout_ms: params.stale_replica_timeout_minutes * 60_000,
+            write_policy: params
+                .write_policy
+                .map(|w| w.as_str().to_string())
+                .unwrap_or_default(),
+            block_size: replica.block_size,
+            chunk_size: replica.chunk_size,
+            nbd: true,
+            iscsi: true,
+        };
+        let status = match node.engine(id) {
+            Some(running) => running.clone(),
+            None => node
+                .manager
+                .start_engine(spec)
+                .await
+                .map_err(|e| client_status(&e))?,
+        };
+        tracing::info!(volume = %id, node = node_id, "published");
+        let mut ctx = HashMap::new();
+        ctx.insert(publish_keys::VOLUME.into(), id.to_string());
+        ctx.insert(publish_keys::NBD.into(), status.nbd_address.clone());
+        ctx.insert(
+            publish_keys::ISCSI_PORTAL.into(),
+            status.iscsi_address.clone(),
+        );
+        ctx.insert(
+            publish_keys::ISCSI_TARGET.into(),
+            status.iscsi_target.clone(),
+        );
+        ctx.insert(publish_keys::CONTROL.into(), status.control_address);
+        ctx.retain(|_, v| !v.is_empty());
+        Ok(ctx)
+    }
+
+    async fn unpublish(&self, req: csi::ControllerUnpublishVolumeRequest) -> Result<(), Status> {
+        let id = required(&req.volume_id, "volume_id")?;
+        let node_id = required(&req.node_id, "node_id")?;
+        let view = self.daemons.view().await;
+        if let Some(node) = view.node(node_id) {
+            node.manager
+                .stop_engine(id)
+                .await
+                .map_err(|e| client_status(&e))?;
+            tracing::info!(volume = %id, node = node_id, "unpublished");
+            return Ok(());
+        }
+        // The node does not answer. If no reachable node runs the volume,
+        // its engine may still be alive behind a partition: fence it
+        // through the replicas so it can no longer write, then report the
+        // volume detached.
+        if view.holders(id).is_empty() || !view.engines_of(id).is_empty() {
+            return Ok(());
+        }
+        let epoch = view.epoch(id) + 1;
+        let mut fenced = 0;
+        for n in view.holders(id) {
+            match n.control.open(id, corral_types::Epoch(epoch)).await {
+                Ok(_) => fenced += 1,
+                Err(e) => {
+                    tracing::warn!(volume = %id, replica = %n.addr, error = %e, "fence failed")
+                }
+            }
+        }
+        tracing::warn!(volume = %id, node = node_id, epoch, fenced, "node unreachable: volume fenced through its replicas");
+        if fenced == 0 {
+            return Err(Status::unavailable(format!(
+                "node {node_id} is unreachable and no replica of {id} could be fenced"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl csi::controller_server::Controller for ControllerService {
+    async fn create_volume(
+        &self,
+        request: Request<csi::CreateVolumeRequest>,
+    ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
+        let volume = self.create(request.into_inner()).await?;
+        Ok(Response::new(csi::CreateVolumeResponse {
+            volume: Some(volume),
+        }))
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<csi::DeleteVolumeRequest>,
+    ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
+        self.delete(&request.into_inner().volume_id).await?;
+        Ok(Response::new(csi::DeleteVolumeResponse {}))
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        request: Request<csi::ControllerPublishVolumeRequest>,
+    ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
+        let publish_context = self.publish(request.into_inner()).await?;
+        Ok(Response::new(csi::ControllerPublishVolumeResponse {
+            publish_context,
+        }))
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        request: Request<csi::ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
+        self.unpublish(request.into_inner()).await?;
+        Ok(Response::new(csi::ControllerUnpublishVolumeResponse {}))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<csi::ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = request.into_inner();
+        let id = required(&req.volume_id, "volume_id")?;
+        if req.volume_capabilities.is_empty() {
+            return Err(Status::invalid_argument("volume_capabilities is required"));
+        }
+        let view = self.daemons.view().await;
+        if view.holders(id).is_empty() {
+            return Err(Status::not_found(format!("volume {id} does not exist")));
+        }
+        let response = match check_capabilities(&req.volume_capabilities) {
+            Ok(()) => csi::ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
+                    volume_context: req.volume_context,
+                    volume_capabilities: req.volume_capabilities,
+                    parameters: req.parameters,
+                    mutable_parameters: req.mutable_parameters,
+                }),
+                message: String::new(),
+            },
+            Err(why) => csi::ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: why,
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn list_volumes(
+        &self,
+        request: Request<csi::ListVolumesRequest>,
+    ) -> Result<Response<csi::ListVolumesResponse>, Status> {
+        let req = request.into_inner();
+        if req.max_entries < 0 {
+            return Err(Status::invalid_argument("max_entries must not be negative"));
+        }
+        let view = self.daemons.view().await;
+        let volumes = view.volumes();
+        let start = if req.starting_token.is_empty() {
+            0
+        } else {
+            req.starting_token
+                .parse::<usize>()
+                .ok()
+                .filter(|&i| i <= volumes.len())
+                .ok_or_else(|| {
+                    Status::aborted(format!(
+                        "starting_token {:?} is not valid",
+                        req.starting_token
+                    ))
+                })?
+        };
+        let take = if req.max_entries == 0 {
+            usize::MAX
+        } else {
+            req.max_entries as usize
+        };
+        let entries: Vec<_> = volumes
+            .iter()
+            .skip(start)
+            .take(take)
+            .map(|(id, (size, _))| csi::list_volumes_response::Entry {
+                volume: Some(csi::Volume {
+                    capacity_bytes: *size as i64,
+                    volume_id: id.clone(),
+                    ..Default::default()
+                }),
+                status: Some(csi::list_volumes_response::VolumeStatus {
+                    published_node_ids: view
+                        .engines_of(id)
+                        .iter()
+                        .map(|n| n.node_id().to_string())
+                        .collect(),
+                    volume_condition: None,
+                }),
+            })
+            .collect();
+        let next = start + entries.len();
+        Ok(Response::new(csi::ListVolumesResponse {
+            entries,
+            next_token: if next < volumes.len() {
+                next.to_string()
+            } else {
+                String::new()
+            },
+        }))
+    }
+
+    async fn get_capacity(
+        &self,
+        request: Request<csi::GetCapacityRequest>,
+    ) -> Result<Response<csi::GetCapacityResponse>, Status> {
+        let req = request.into_inner();
+        check_capabilities(&req.volume_capabilities).map_err(Status::invalid_argument)?;
+        let params = VolumeParams::parse(&req.parameters)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let view = self.daemons.view().await;
+        let only = req
+            .accessible_topology
+            .as_ref()
+            .and_then(|t| t.segments.get(TOPOLOGY_NODE_KEY));
+        let mut rooms: Vec<u64> = view
+            .nodes
+            .iter()
+            .filter(|n| only.is_none_or(|id| n.node_id() == id))
+            .map(|n| n.room().room())
+            .collect();
+        rooms.sort_unstable_by(|a, b| b.cmp(a));
+        let available: u64 = rooms.iter().sum();
+        // The largest volume that still finds `replicas` distinct nodes.
+        let largest = rooms
+            .get(params.replicas as usize - 1)
+            .copied()
+            .unwrap_or(0);
+        Ok(Response::new(csi::GetCapacityResponse {
+            available_capacity: available.min(i64::MAX as u64) as i64,
+            maximum_volume_size: Some(largest.min(i64::MAX as u64) as i64),
+            minimum_volume_size: Some(SIZE_UNIT as i64),
+        }))
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _request: Request<csi::ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
+            capabilities: controller_capabilities(),
+        }))
+    }
+
+    async fn controller_get_volume(
+        &self,
+        _request: Request<csi::ControllerGetVolumeRequest>,
+    ) -> Result<Response<csi::ControllerGetVolumeResponse>, Status> {
+        Err(Status::unimplemented("GET_VOLUME is not advertised"))
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        _request: Request<csi::ControllerModifyVolumeRequest>,
+    ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
+        Err(Status::unimplemented("MODIFY_VOLUME is not advertised"))
+    }
+
+    async fn create_snapshot(
+        &self,
+        _request: Request<csi::CreateSnapshotRequest>,
+    ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
+        Err(Status::unimplemented(
+            "snapshots arrive with the snapshot issue",
+        ))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _request: Request<csi::DeleteSnapshotRequest>,
+    ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
+        Err(Status::unimplemented(
+            "snapshots arrive with the snapshot issue",
+        ))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _request: Request<csi::ListSnapshotsRequest>,
+    ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
+        Err(Status::unimplemented(
+            "snapshots arrive with the snapshot issue",
+        ))
+    }
+
+    async fn get_snapshot(
+        &self,
+        _request: Request<csi::GetSnapshotRequest>,
+    ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
+        Err(Status::unimplemented(
+            "snapshots arrive with the snapshot issue",
+        ))
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        _request: Request<csi::ControllerExpandVolumeRequest>,
+    ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "expansion arrives with the snapshot issue",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(required: i64, limit: i64) -> Option<csi::CapacityRange> {
+        Some(csi::CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        })
+    }
+
+    #[test]
+    fn sizes_follow_the_capacity_range() {
+        assert_eq!(volume_size(None).unwrap(), DEFAULT_SIZE);
+        assert_eq!(
+            volume_size(range(1 << 30, 1 << 30).as_ref()).unwrap(),
+            1 << 30
+        );
+        assert_eq!(volume_size(range(1000, 0).as_ref()).unwrap(), 4096);
+        assert_eq!(volume_size(range(0, 1 << 20).as_ref()).unwrap(), 1 << 20);
+        let exact_unaligned = volume_size(range(5000, 5000).as_ref()).unwrap_err();
+        assert_eq!(exact_unaligned.code(), tonic::Code::OutOfRange);
+        let inverted = volume_size(range(2 << 20, 1 << 20).as_ref()).unwrap_err();
+        assert_eq!(inverted.code(), tonic::Code::InvalidArgument);
+        let negative = volume_size(range(-1, 0).as_ref()).unwrap_err();
+        assert_eq!(negative.code(), tonic::Code::InvalidArgument);
+    }
+}

@@ -1,0 +1,270 @@
+//! The CSI Node service: the kubelet's calls on the node where a pod runs.
+//! Argument checks and status codes live here; the work is
+//! [`NodeVolumes`](crate::staging::NodeVolumes)', run on a blocking thread
+//! (commands, mounts and fsyncs block).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use corral_proto::csi::v1 as csi;
+use tonic::{Request, Response, Status};
+
+use crate::attach::Frontend;
+use crate::capabilities::{check_capabilities, node_capabilities};
+use crate::controller::publish_keys;
+use crate::ids::TOPOLOGY_NODE_KEY;
+use crate::staging::{Access, NodeError, NodeVolumes, device_size, fs_usage};
+
+/// The node service.
+pub struct NodeService {
+    node_id: String,
+    volumes: Arc<NodeVolumes>,
+}
+
+impl NodeService {
+    pub fn new(node_id: String, volumes: NodeVolumes) -> Self {
+        NodeService {
+            node_id,
+            volumes: Arc::new(volumes),
+        }
+    }
+}
+
+fn node_status(e: NodeError) -> Status {
+    match e {
+        NodeError::NotFound(m) => Status::not_found(m),
+        NodeError::AlreadyExists(m) => Status::already_exists(m),
+        NodeError::FailedPrecondition(m) => Status::failed_precondition(m),
+        e => Status::internal(e.to_string()),
+    }
+}
+
+fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
+    if value.is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is required")));
+    }
+    Ok(value)
+}
+
+/// Where the engine serves the volume, from the publish context.
+fn frontend(volume_id: &str, ctx: &std::collections::HashMap<String, String>) -> Frontend {
+    let get = |k: &str| ctx.get(k).filter(|v| !v.is_empty()).cloned();
+    Frontend {
+        volume: get(publish_keys::VOLUME).unwrap_or_else(|| volume_id.to_string()),
+        nbd: get(publish_keys::NBD),
+        iscsi: get(publish_keys::ISCSI_PORTAL).zip(get(publish_keys::ISCSI_TARGET)),
+    }
+}
+
+/// The access a capability asks for; a mount without an fs_type uses the
+/// volume context's `fsType` (the StorageClass's), else ext4.
+fn access(
+    cap: Option<&csi::VolumeCapability>,
+    volume_context: &std::collections::HashMap<String, String>,
+) -> Result<Access, Status> {
+    let cap = cap.ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
+    check_capabilities(std::slice::from_ref(cap)).map_err(Status::invalid_argument)?;
+    Ok(match &cap.access_type {
+        Some(csi::volume_capability::AccessType::Block(_)) => Access::Block,
+        Some(csi::volume_capability::AccessType::Mount(m)) => Access::Mount {
+            fs_type: if m.fs_type.is_empty() {
+                volume_context
+                    .get("fsType")
+                    .cloned()
+                    .unwrap_or_else(|| "ext4".into())
+            } else {
+                m.fs_type.clone()
+            },
+            flags: m.mount_flags.clone(),
+        },
+        None => {
+            return Err(Status::invalid_argument(
+                "volume_capability has no access_type",
+            ));
+        }
+    })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("node task failed: {e}")))?
+        .map_err(node_status)
+}
+
+/// The volume's health from its engine, as a CSI volume condition.
+async fn condition(control: Option<&str>) -> Option<csi::VolumeCondition> {
+    let addr = control?;
+    let info = match corral_client::EngineControl::connect(addr, Duration::from_secs(3)).await {
+        Ok(c) => c.info().await,
+        Err(e) => Err(e),
+    };
+    Some(match info {
+        Ok(i) if i.state == "serving" => csi::VolumeCondition {
+            abnormal: false,
+            message: format!(
+                "{} of {} replicas up to date",
+                i.replicas_rw, i.replicas_total
+            ),
+        },
+        Ok(i) => csi::VolumeCondition {
+            abnormal: true,
+            message: format!(
+                "engine is {}: {} of {} replicas up to date; {}",
+                i.state, i.replicas_rw, i.replicas_total, i.writability
+            ),
+        },
+        Err(e) => csi::VolumeCondition {
+            abnormal: true,
+            message: format!("engine unreachable: {e}"),
+        },
+    })
+}
+
+#[tonic::async_trait]
+impl csi::node_server::Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        request: Request<csi::NodeStageVolumeRequest>,
+    ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = required(&req.volume_id, "volume_id")?.to_string();
+        let staging = PathBuf::from(required(&req.staging_target_path, "staging_target_path")?);
+        let access = access(req.volume_capability.as_ref(), &req.volume_context)?;
+        let fe = frontend(&id, &req.publish_context);
+        let control = req.publish_context.get(publish_keys::CONTROL).cloned();
+        let volumes = Arc::clone(&self.volumes);
+        blocking(move || volumes.stage(&id, &fe, &access, &staging, control)).await?;
+        Ok(Response::new(csi::NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = required(&req.volume_id, "volume_id")?.to_string();
+        let staging = PathBuf::from(required(&req.staging_target_path, "staging_target_path")?);
+        let volumes = Arc::clone(&self.volumes);
+        blocking(move || volumes.unstage(&id, &staging)).await?;
+        Ok(Response::new(csi::NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<csi::NodePublishVolumeRequest>,
+    ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = required(&req.volume_id, "volume_id")?.to_string();
+        let staging = PathBuf::from(required(&req.staging_target_path, "staging_target_path")?);
+        let target = PathBuf::from(required(&req.target_path, "target_path")?);
+        let access = access(req.volume_capability.as_ref(), &req.volume_context)?;
+        let fe = frontend(&id, &req.publish_context);
+        let control = req.publish_context.get(publish_keys::CONTROL).cloned();
+        let read_only = req.readonly;
+        let volumes = Arc::clone(&self.volumes);
+        blocking(move || {
+            volumes.publish(&id, &staging, &target, read_only, || {
+                volumes.stage(&id, &fe, &access, &staging, control)
+            })
+        })
+        .await?;
+        Ok(Response::new(csi::NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        required(&req.volume_id, "volume_id")?;
+        let target = PathBuf::from(required(&req.target_path, "target_path")?);
+        let volumes = Arc::clone(&self.volumes);
+        blocking(move || volumes.unpublish(&target)).await?;
+        Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<csi::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+        let req = request.into_inner();
+        let id = required(&req.volume_id, "volume_id")?.to_string();
+        let path = PathBuf::from(required(&req.volume_path, "volume_path")?);
+        let volumes = Arc::clone(&self.volumes);
+        let lookup = id.clone();
+        let record = blocking(move || volumes.record(&lookup)).await?;
+        let Some(record) = record else {
+            return Err(Status::not_found(format!(
+                "volume {id} is not staged on this node"
+            )));
+        };
+        let meta = std::fs::metadata(&path)
+            .map_err(|e| Status::not_found(format!("volume_path {}: {e}", path.display())))?;
+        let usage = if meta.is_dir() {
+            let u = fs_usage(&path).map_err(|e| Status::internal(format!("statvfs: {e}")))?;
+            vec![
+                csi::VolumeUsage {
+                    available: u.available_bytes as i64,
+                    total: u.total_bytes as i64,
+                    used: u.used_bytes as i64,
+                    unit: csi::volume_usage::Unit::Bytes as i32,
+                },
+                csi::VolumeUsage {
+                    available: u.free_inodes as i64,
+                    total: u.total_inodes as i64,
+                    used: u.used_inodes as i64,
+                    unit: csi::volume_usage::Unit::Inodes as i32,
+                },
+            ]
+        } else {
+            let size = device_size(record.attachment.device())
+                .or_else(|_| device_size(Path::new(&path)))
+                .map_err(|e| Status::internal(format!("device size: {e}")))?;
+            vec![csi::VolumeUsage {
+                available: 0,
+                total: size as i64,
+                used: 0,
+                unit: csi::volume_usage::Unit::Bytes as i32,
+            }]
+        };
+        Ok(Response::new(csi::NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: condition(record.control_address.as_deref()).await,
+        }))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        _request: Request<csi::NodeExpandVolumeRequest>,
+    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "expansion arrives with the snapshot issue",
+        ))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _request: Request<csi::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(csi::NodeGetCapabilitiesResponse {
+            capabilities: node_capabilities(),
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _request: Request<csi::NodeGetInfoRequest>,
+    ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
+        let mut segments = std::collections::HashMap::new();
+        segments.insert(TOPOLOGY_NODE_KEY.to_string(), self.node_id.clone());
+        Ok(Response::new(csi::NodeGetInfoResponse {
+            node_id: self.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: Some(csi::Topology { segments }),
+        }))
+    }
+}

@@ -1,0 +1,206 @@
+//! A fixture for the CSI plugin, doing what Kubernetes does: node daemons
+//! ([`NodeCluster`]), one `corral csi --controller` over all of them (the
+//! controller Deployment), and a `corral csi --node` per node (the node
+//! DaemonSet's plugin), each on its own unix socket, driven through the
+//! CSI gRPC clients as the sidecars and the kubelet drive them.
+//!
+//! The node plugins attach with `fuse` (nbdfuse + a loop device), the one
+//! method this machine's kernel allows; everything they mount lives under
+//! the fixture's directory, and `Drop` unmounts it, detaches loop devices
+//! and stops nbdfuse even when a test fails half way.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use corral_proto::csi::v1 as csi;
+use csi::controller_client::ControllerClient;
+use csi::identity_client::IdentityClient;
+use csi::node_client::NodeClient;
+use tonic::transport::Channel;
+
+use crate::Process;
+use crate::node::NodeCluster;
+
+/// A gRPC channel over a unix socket, as the CSI sidecars use.
+pub async fn unix_channel(path: &Path) -> Result<Channel> {
+    let path = path.to_path_buf();
+    let channel = tonic::transport::Endpoint::try_from("http://csi.invalid")?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await?;
+    Ok(channel)
+}
+
+/// One `corral csi` process.
+pub struct CsiPlugin {
+    pub socket: PathBuf,
+    pub process: Process,
+    pub channel: Channel,
+}
+
+/// Node daemons with the CSI plugin over them.
+pub struct CsiCluster {
+    pub nodes: NodeCluster,
+    pub controller: CsiPlugin,
+    /// Node plugins by node index (started on first use).
+    pub node_plugins: Vec<Option<CsiPlugin>>,
+}
+
+impl CsiCluster {
+    /// `n` node daemons and a controller over all of them.
+    pub fn start(n: usize) -> Result<Self> {
+        let nodes = NodeCluster::start(n)?;
+        let mut args = vec![
+            "csi".to_string(),
+            "--endpoint".into(),
+            String::new(),
+            "--node-id".into(),
+            "controller".into(),
+            "--controller".into(),
+            "--daemon-timeout".into(),
+            "3s".into(),
+        ];
+        for node in &nodes.nodes {
+            args.push("--daemons".into());
+            args.push(node.addr.to_string());
+        }
+        let controller = start_plugin(&nodes, "controller", args)?;
+        let node_plugins = (0..n).map(|_| None).collect();
+        Ok(CsiCluster {
+            nodes,
+            controller,
+            node_plugins,
+        })
+    }
+
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.nodes.block_on(f)
+    }
+
+    pub fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.controller.channel.clone())
+    }
+
+    pub fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(self.controller.channel.clone())
+    }
+
+    /// Node `i`'s node plugin (started with the fuse attach method if it
+    /// is not running).
+    pub fn node(&mut self, i: usize) -> Result<NodeClient<Channel>> {
+        if self.node_plugins[i].is_none() {
+            let id = self.nodes.nodes[i].id.clone();
+            let state = self.nodes.path().join(format!("csi-{id}"));
+            let args = vec![
+                "csi".to_string(),
+                "--endpoint".into(),
+                String::new(),
+                "--node-id".into(),
+                id.clone(),
+                "--node".into(),
+                "--attach".into(),
+                "fuse".into(),
+                "--state-dir".into(),
+                state.display().to_string(),
+            ];
+            self.node_plugins[i] = Some(start_plugin(&self.nodes, &format!("csi-{id}"), args)?);
+        }
+        let plugin = self.node_plugins[i]
+            .as_ref()
+            .context("the node plugin was just started")?;
+        Ok(NodeClient::new(plugin.channel.clone()))
+    }
+
+    /// A directory under the fixture for kubelet-style paths.
+    pub fn kubelet_dir(&self, node: usize) -> PathBuf {
+        self.nodes.path().join(format!("kubelet-{node}"))
+    }
+}
+
+/// Start a plugin: its endpoint goes in the argument after `--endpoint`.
+fn start_plugin(nodes: &NodeCluster, name: &str, mut args: Vec<String>) -> Result<CsiPlugin> {
+    let socket = nodes.path().join(format!("{name}.sock"));
+    let at = args
+        .iter()
+        .position(|a| a == "--endpoint")
+        .context("no --endpoint")?;
+    args[at + 1] = format!("unix://{}", socket.display());
+    let log = nodes.path().join(format!("{name}.log"));
+    let mut process = Process::spawn(name, args, log)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        if let Some(status) = process.exited() {
+            bail!("{name} exited ({status}):\n{}", process.log_text());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("{name} made no socket in 20 s:\n{}", process.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let channel = nodes.block_on(unix_channel(&socket))?;
+    Ok(CsiPlugin {
+        socket,
+        process,
+        channel,
+    })
+}
+
+/// Undo what node plugins left under `dir`: mounts (deepest first), loop
+/// devices over files there, nbdfuse processes serving there.
+pub fn clean_mounts_under(dir: &Path) {
+    let prefix = dir.display().to_string();
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<String> = table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .map(|p| p.replace("\\040", " "))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in &points {
+        let _ = std::process::Command::new("umount")
+            .args(["-l", p])
+            .status();
+    }
+    if let Ok(out) = std::process::Command::new("losetup")
+        .args(["--noheadings", "-O", "NAME,BACK-FILE", "-l"])
+        .output()
+    {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let mut parts = line.split_whitespace();
+            if let (Some(name), Some(back)) = (parts.next(), parts.next())
+                && back.starts_with(&prefix)
+            {
+                let _ = std::process::Command::new("losetup")
+                    .args(["-d", name])
+                    .status();
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.starts_with("nbdfuse") && cmdline.contains(&prefix) {
+                // SAFETY: kill(2) on a pid we just read; no memory effects.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+impl Drop for CsiCluster {
+    fn drop(&mut self) {
+        clean_mounts_under(self.nodes.path());
+    }
+}
