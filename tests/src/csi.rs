@@ -66,6 +66,8 @@ impl CsiCluster {
             "--controller".into(),
             "--daemon-timeout".into(),
             "3s".into(),
+            "--reconcile-interval".into(),
+            "1s".into(),
         ];
         for node in &nodes.nodes {
             args.push("--daemons".into());
@@ -152,23 +154,13 @@ fn start_plugin(nodes: &NodeCluster, name: &str, mut args: Vec<String>) -> Resul
     })
 }
 
-/// Undo what node plugins left under `dir`: mounts (deepest first), loop
-/// devices over files there, nbdfuse processes serving there.
+/// Undo what node plugins left under `dir`: loop devices over files there
+/// (first: once the fuse mount under a loop device is lazily unmounted, its
+/// backing file no longer shows under `dir`; a busy one is detached when
+/// its last user goes), mounts (deepest first), nbdfuse processes serving
+/// there.
 pub fn clean_mounts_under(dir: &Path) {
     let prefix = dir.display().to_string();
-    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<String> = table
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|p| p.starts_with(&prefix))
-        .map(|p| p.replace("\\040", " "))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for p in &points {
-        let _ = std::process::Command::new("umount")
-            .args(["-l", p])
-            .status();
-    }
     if let Ok(out) = std::process::Command::new("losetup")
         .args(["--noheadings", "-O", "NAME,BACK-FILE", "-l"])
         .output()
@@ -183,6 +175,17 @@ pub fn clean_mounts_under(dir: &Path) {
                     .status();
             }
         }
+    }
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<String> = table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .map(|p| p.replace("\\040", " "))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in &points {
+        let _ = std::process::Command::new("umount").args(["-l", p]).status();
     }
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for e in entries.flatten() {

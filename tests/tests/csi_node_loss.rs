@@ -4,8 +4,13 @@
 //! (fuse attach, ext4) and a pod writes and fsyncs files; node A's daemon
 //! and engine are killed; the attacher unpublishes from A (unreachable) and
 //! publishes on B at once; every file is intact on B; A returns and cannot
-//! take the volume back, and its replica is caught up; DeleteVolume leaves
-//! nothing behind on any node.
+//! take the volume back, and its replica is caught up; another replica's
+//! node goes away for longer than the stale-replica timeout and the replica
+//! is replaced on the spare node; DeleteVolume leaves nothing behind on any
+//! node.
+//!
+//! The StorageClass is the issue's, except `staleReplicaTimeout`: "6s"
+//! (corral also takes a duration there) instead of 30 minutes.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,7 +26,7 @@ use csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::M
 fn storage_class() -> HashMap<String, String> {
     [
         ("numberOfReplicas", "3"),
-        ("staleReplicaTimeout", "30"),
+        ("staleReplicaTimeout", "6s"),
         ("fsType", "ext4"),
         ("dataLocality", "best-effort"),
         ("csi.storage.k8s.io/pvc/name", "data-mysql-0"),
@@ -246,6 +251,40 @@ fn story(c: &mut CsiCluster) -> Result<()> {
         "node A runs an engine for {id} again"
     );
 
+    // Another replica's node goes away for good: past the stale-replica
+    // timeout its replica is replaced on the node that had none.
+    let held = holders(c, &id, &[0, 1, 2, 3])?;
+    let gone = *held
+        .iter()
+        .find(|&&n| n != a && n != b)
+        .context("a replica node besides A and B")?;
+    let spare = (0..4)
+        .find(|n| !held.contains(n))
+        .context("a node without a replica")?;
+    let gone_addr = c.nodes.nodes[gone].addr.to_string();
+    let spare_addr = c.nodes.nodes[spare].addr.to_string();
+    c.nodes.nodes[gone].process.kill9()?;
+    poll(Duration::from_secs(90), "the stale replica to be replaced", || {
+        let replicas = c.block_on(control_b.replicas())?;
+        let rw: Vec<&str> = replicas
+            .iter()
+            .filter(|r| r.mode == corral_proto::v1::ReplicaMode::Rw as i32)
+            .map(|r| r.address.as_str())
+            .collect();
+        let done = replicas.len() == 3
+            && rw.len() == 3
+            && rw.contains(&spare_addr.as_str())
+            && !replicas.iter().any(|r| r.address == gone_addr);
+        Ok(done.then_some(()))
+    })?;
+    for (name, data) in &files {
+        let got = std::fs::read(target_b.join(name))?;
+        ensure!(&got == data, "{name} differs after the replacement");
+    }
+    // The lost node returns before the volume is deleted: its old replica
+    // must go too.
+    c.nodes.restart_node(gone)?;
+
     // The pod goes away; the volume is deleted.
     c.block_on(
         node_client.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
@@ -278,5 +317,102 @@ fn story(c: &mut CsiCluster) -> Result<()> {
             "node-{i} still runs an engine of {id}"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn a_cut_off_node_s_engine_can_write_nothing_once_the_volume_has_moved() {
+    let mut c = CsiCluster::start(3).expect("start the cluster");
+    if let Err(e) = partition_story(&mut c) {
+        panic!("{e:#}");
+    }
+}
+
+/// Node A is cut off (its daemon and engine frozen), the volume moves to
+/// B; when A's engine runs again, its writes fail and B's data stands.
+fn partition_story(c: &mut CsiCluster) -> Result<()> {
+    use corral_tests::nbd_raw::RawNbd;
+    let (a, b) = (0usize, 1usize);
+    let volume = c
+        .block_on(c.controller().create_volume(csi::CreateVolumeRequest {
+            name: "pvc-partition".into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 16 << 20,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![ext4_writer()],
+            parameters: storage_class(),
+            ..Default::default()
+        }))?
+        .into_inner()
+        .volume
+        .context("no volume")?;
+    let id = volume.volume_id.clone();
+    let publish = |node: usize| csi::ControllerPublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: c.nodes.nodes[node].id.clone(),
+        volume_capability: Some(ext4_writer()),
+        volume_context: volume.volume_context.clone(),
+        ..Default::default()
+    };
+    let on_a = c
+        .block_on(c.controller().controller_publish_volume(publish(a)))?
+        .into_inner()
+        .publish_context;
+    let nbd_a: std::net::SocketAddr = on_a["nbdAddress"].parse()?;
+    let mut client_a = RawNbd::connect(nbd_a, &id)?;
+    let first = vec![0xa1u8; 64 << 10];
+    client_a.write(0, &first)?.map_err(|e| anyhow::anyhow!("write on A: {e}"))?;
+    client_a.flush()?.map_err(|e| anyhow::anyhow!("flush on A: {e}"))?;
+
+    // A is cut off: its daemon and its engine stop answering.
+    let engine_a = c.nodes.get_engine(a, &id)?;
+    c.nodes.nodes[a].process.pause()?;
+    // SAFETY: signalling the engine process the test just looked up.
+    unsafe { libc::kill(engine_a.pid as i32, libc::SIGSTOP) };
+    let moved = (|| -> Result<Vec<u8>> {
+        c.block_on(
+            c.controller()
+                .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                    volume_id: id.clone(),
+                    node_id: c.nodes.nodes[a].id.clone(),
+                    ..Default::default()
+                }),
+        )?;
+        let on_b = c
+            .block_on(c.controller().controller_publish_volume(publish(b)))?
+            .into_inner()
+            .publish_context;
+        let mut client_b = RawNbd::connect(on_b["nbdAddress"].parse()?, &id)?;
+        let read = client_b
+            .read(0, 64 << 10)?
+            .map_err(|e| anyhow::anyhow!("read on B: {e}"))?;
+        ensure!(read == first, "B does not read what A wrote and flushed");
+        let second = vec![0xb2u8; 64 << 10];
+        client_b.write(0, &second)?.map_err(|e| anyhow::anyhow!("write on B: {e}"))?;
+        client_b.flush()?.map_err(|e| anyhow::anyhow!("flush on B: {e}"))?;
+        Ok(second)
+    })();
+    // A runs again, whatever happened above.
+    // SAFETY: as above.
+    unsafe { libc::kill(engine_a.pid as i32, libc::SIGCONT) };
+    c.nodes.nodes[a].process.resume()?;
+    let second = moved?;
+
+    // A's engine, running again with its old client, must not write.
+    let stale = vec![0xccu8; 64 << 10];
+    let wrote = client_a
+        .write(0, &stale)
+        .ok()
+        .and_then(|r| r.ok())
+        .and_then(|()| client_a.flush().ok())
+        .and_then(|r| r.ok());
+    ensure!(wrote.is_none(), "the cut-off engine acknowledged a write and a flush");
+    let on_b = c.nodes.get_engine(b, &id)?;
+    let mut check = RawNbd::connect(on_b.nbd_address.parse()?, &id)?;
+    let now = check
+        .read(0, 64 << 10)?
+        .map_err(|e| anyhow::anyhow!("read on B: {e}"))?;
+    ensure!(now == second, "B's data changed after A's engine ran again");
     Ok(())
 }

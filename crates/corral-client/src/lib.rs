@@ -489,6 +489,64 @@ impl EngineManager {
         .await
     }
 
+    /// The replicas of the volume's engine, as it sees them.
+    pub async fn engine_replicas(&self, volume: &str) -> Result<Vec<ReplicaStatus>, ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::GetEngineRequest {
+            volume: volume.to_string(),
+        };
+        call(
+            &self.addr,
+            "engine replicas",
+            self.timeout,
+            c.get_engine_replicas(request),
+        )
+        .await
+        .map(|r| r.replicas)
+    }
+
+    /// Add a replica (a replica daemon address) to the volume's engine.
+    pub async fn add_engine_replica(
+        &self,
+        volume: &str,
+        address: &str,
+    ) -> Result<String, ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::EngineReplicaRequest {
+            volume: volume.to_string(),
+            address: address.to_string(),
+        };
+        call(
+            &self.addr,
+            "add engine replica",
+            self.timeout,
+            c.add_engine_replica(request),
+        )
+        .await
+        .map(|r| r.message)
+    }
+
+    /// Remove a replica from the volume's engine.
+    pub async fn remove_engine_replica(
+        &self,
+        volume: &str,
+        address: &str,
+    ) -> Result<String, ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::EngineReplicaRequest {
+            volume: volume.to_string(),
+            address: address.to_string(),
+        };
+        call(
+            &self.addr,
+            "remove engine replica",
+            self.timeout,
+            c.remove_engine_replica(request),
+        )
+        .await
+        .map(|r| r.message)
+    }
+
     /// Every engine this node daemon runs.
     pub async fn list_engines(&self) -> Result<Vec<pb::EngineStatus>, ClientError> {
         let mut c = self.inner.clone();

@@ -246,7 +246,7 @@ impl ControllerService {
             size: replica.size,
             replicas: view.replica_addresses(id),
             replica_timeout_ms: 0,
-            stale_replica_timeout_ms: params.stale_replica_timeout_minutes * 60_000,
+            stale_replica_timeout_ms: params.stale_replica_timeout.as_millis() as u64,
             write_policy: params
                 .write_policy
                 .map(|w| w.as_str().to_string())

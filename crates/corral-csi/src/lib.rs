@@ -12,6 +12,7 @@ pub mod mounts;
 pub mod node;
 pub mod params;
 pub mod placement;
+pub mod reconcile;
 pub mod server;
 pub mod staging;
 pub mod status;

@@ -6,6 +6,7 @@
 //! stateless.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 /// Parameters the external-provisioner adds (`--extra-create-metadata`)
 /// or Kubernetes reserves: accepted and ignored.
@@ -55,8 +56,9 @@ impl WritePolicy {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VolumeParams {
     pub replicas: u32,
-    /// Minutes a failed replica may be away and still be caught up.
-    pub stale_replica_timeout_minutes: u64,
+    /// How long a failed replica may be away and still be caught up;
+    /// past it, it is replaced by a new replica on another node.
+    pub stale_replica_timeout: Duration,
     pub fs_type: String,
     pub data_locality: DataLocality,
     /// `None`: the engine's default for the replica count.
@@ -71,7 +73,7 @@ impl Default for VolumeParams {
     fn default() -> Self {
         VolumeParams {
             replicas: 3,
-            stale_replica_timeout_minutes: 30,
+            stale_replica_timeout: Duration::from_secs(30 * 60),
             fs_type: "ext4".into(),
             data_locality: DataLocality::Disabled,
             write_policy: None,
@@ -119,13 +121,11 @@ impl VolumeParams {
                     p.replicas = n;
                 }
                 "staleReplicaTimeout" => {
-                    let m: u64 = v.parse().map_err(|_| {
-                        bad(name, format!("{value:?} is not a whole number of minutes"))
-                    })?;
-                    if m == 0 || m > 7 * 24 * 60 {
-                        return Err(bad(name, "must be 1 to 10080 minutes"));
+                    let d = parse_timeout(v).map_err(|why| bad(name, why))?;
+                    if d.is_zero() || d > Duration::from_secs(7 * 24 * 3600) {
+                        return Err(bad(name, "must be more than 0 and at most 10080 minutes"));
                     }
-                    p.stale_replica_timeout_minutes = m;
+                    p.stale_replica_timeout = d;
                 }
                 "fsType" | RESERVED_FSTYPE => {
                     if !FILESYSTEMS.contains(&v) {
@@ -192,9 +192,14 @@ impl VolumeParams {
     pub fn to_context(&self) -> HashMap<String, String> {
         let mut c = HashMap::new();
         c.insert("numberOfReplicas".into(), self.replicas.to_string());
+        let secs = self.stale_replica_timeout.as_secs();
         c.insert(
             "staleReplicaTimeout".into(),
-            self.stale_replica_timeout_minutes.to_string(),
+            if secs % 60 == 0 {
+                (secs / 60).to_string()
+            } else {
+                format!("{secs}s")
+            },
         );
         c.insert("fsType".into(), self.fs_type.clone());
         c.insert(
@@ -224,6 +229,25 @@ impl VolumeParams {
             .collect();
         Self::parse(&known)
     }
+}
+
+/// `staleReplicaTimeout`: a whole number of minutes, as Longhorn's users
+/// write it, or a number with `s`, `m` or `h` (corral's extension, so a
+/// test or a lab can use seconds).
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of minutes (or of s, m, h)"))?;
+    let secs = match unit {
+        "" | "m" => n.checked_mul(60),
+        "s" => Some(n),
+        "h" => n.checked_mul(3600),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}")),
+    };
+    secs.map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is too long"))
 }
 
 /// A size: bytes, or a number with `Ki`/`Mi`/`Gi` (Kubernetes' quantity
@@ -267,7 +291,7 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(p.replicas, 3);
-        assert_eq!(p.stale_replica_timeout_minutes, 30);
+        assert_eq!(p.stale_replica_timeout, Duration::from_secs(30 * 60));
         assert_eq!(p.data_locality, DataLocality::BestEffort);
         assert_eq!(p.fs_type, "ext4");
     }
@@ -292,7 +316,8 @@ mod tests {
         for (pairs, name) in [
             (vec![("numberOfReplicas", "three")], "numberOfReplicas"),
             (vec![("numberOfReplicas", "0")], "numberOfReplicas"),
-            (vec![("staleReplicaTimeout", "30m")], "staleReplicaTimeout"),
+            (vec![("staleReplicaTimeout", "30 minutes")], "staleReplicaTimeout"),
+            (vec![("staleReplicaTimeout", "0")], "staleReplicaTimeout"),
             (vec![("fsType", "btrfs")], "fsType"),
             (vec![("dataLocality", "strict-local")], "dataLocality"),
             (vec![("writePolicy", "all")], "writePolicy"),
@@ -311,7 +336,7 @@ mod tests {
     fn the_context_reads_back_as_the_same_parameters() {
         let p = VolumeParams::parse(&params(&[
             ("numberOfReplicas", "2"),
-            ("staleReplicaTimeout", "5"),
+            ("staleReplicaTimeout", "45s"),
             ("writePolicy", "quorum"),
             ("chunkSize", "64KiB"),
         ]))

@@ -16,6 +16,7 @@ use crate::daemons::Daemons;
 use crate::host::{Host, SystemHost};
 use crate::identity::IdentityService;
 use crate::node::NodeService;
+use crate::reconcile::Reconciler;
 use crate::staging::NodeVolumes;
 
 /// What `corral csi` runs.
@@ -30,6 +31,8 @@ pub struct CsiConfig {
     pub node: Option<(AttachMethod, PathBuf)>,
     /// Bound on each call to a node daemon.
     pub daemon_timeout: Duration,
+    /// How often the controller looks for stale replicas to replace.
+    pub reconcile_interval: Duration,
 }
 
 /// Why the plugin could not serve.
@@ -101,6 +104,11 @@ pub async fn serve_on_host(
     );
     if let Some(daemons) = &config.controller {
         let daemons = Daemons::new(daemons.clone(), config.daemon_timeout);
+        let reconciler = Reconciler {
+            daemons: daemons.clone(),
+            interval: config.reconcile_interval,
+        };
+        tokio::spawn(reconciler.run(shutdown.clone()));
         router = router.add_service(csi::controller_server::ControllerServer::new(
             ControllerService::new(daemons),
         ));

@@ -223,6 +223,9 @@ impl EngineControl for ControlService {
                 mode: corral_proto::v1::ReplicaMode::from(s.mode) as i32,
                 instance_id: s.instance_id,
                 last_error: s.last_error,
+                failed_for_ms: s
+                    .failed_for
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             })
             .collect();
         Ok(Response::new(ListEngineReplicasResponse { replicas }))

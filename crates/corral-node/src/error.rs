@@ -68,6 +68,9 @@ pub enum NodeError {
     Replica(#[from] corral_replica::ReplicaError),
     #[error("internal task failed: {0}")]
     Task(String),
+    /// The volume's engine refused or did not answer a relayed call.
+    #[error("the engine: {0}")]
+    Engine(#[from] corral_client::ClientError),
 }
 
 impl NodeError {
@@ -101,6 +104,17 @@ impl From<NodeError> for tonic::Status {
             | NodeError::ShuttingDown
             | NodeError::StopTimedOut(_) => tonic::Status::unavailable(msg),
             NodeError::Replica(e) => e.into(),
+            NodeError::Engine(e) => match e {
+                corral_client::ClientError::Refused { code, .. } => tonic::Status::new(code, msg),
+                corral_client::ClientError::NotFound { .. } => tonic::Status::not_found(msg),
+                corral_client::ClientError::Fenced { .. } => {
+                    tonic::Status::failed_precondition(msg)
+                }
+                corral_client::ClientError::BadAddress { .. } => {
+                    tonic::Status::invalid_argument(msg)
+                }
+                _ => tonic::Status::unavailable(msg),
+            },
             _ => tonic::Status::internal(msg),
         }
     }

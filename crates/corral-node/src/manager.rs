@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use corral_client::EngineControl;
 use corral_proto::v1 as pb;
 use corral_replica::ReplicaRegistry;
 use tracing::{info, warn};
@@ -39,6 +40,9 @@ pub struct ManagerConfig {
     /// How long StartEngine waits for an engine to serve.
     pub start_timeout: Duration,
 }
+
+/// Bound on a call relayed to an engine's control service.
+const ENGINE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The engines of this node.
 pub struct EngineManager {
@@ -279,6 +283,55 @@ impl EngineManager {
             .await?;
         info!(volume = %volume, "engine stopped and forgotten");
         Ok(())
+    }
+
+    /// The control client of the volume's running engine.
+    async fn engine_control(&self, volume: &str) -> Result<EngineControl, NodeError> {
+        let supervisor = self
+            .supervisor(volume)
+            .ok_or_else(|| NodeError::NotFound(volume.to_string()))?;
+        let addr = supervisor.addresses.control.to_string();
+        Ok(EngineControl::connect(&addr, ENGINE_CALL_TIMEOUT).await?)
+    }
+
+    /// The engine's replicas as it sees them.
+    pub async fn engine_replicas(&self, volume: &str) -> Result<Vec<pb::ReplicaStatus>, NodeError> {
+        Ok(self.engine_control(volume).await?.replicas().await?)
+    }
+
+    /// Add (`add`) or remove a replica of the running engine, and make the
+    /// record's spec follow so that a restart opens the new set.
+    pub async fn change_engine_replica(
+        &self,
+        volume: &str,
+        address: &str,
+        add: bool,
+    ) -> Result<String, NodeError> {
+        if address.trim().is_empty() {
+            return Err(NodeError::bad_spec("address", "empty"));
+        }
+        let turn = self.turn(volume);
+        let _turn = turn.lock().await;
+        let control = self.engine_control(volume).await?;
+        let message = if add {
+            control.add_replica(address).await?
+        } else {
+            control.remove_replica(address).await?
+        };
+        self.context
+            .book
+            .update(|engines| {
+                if let Some(r) = engines.get_mut(volume) {
+                    r.spec.replicas.retain(|a| a != address);
+                    if add {
+                        r.spec.replicas.push(address.to_string());
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        info!(volume = %volume, replica = %address, add, "engine's replicas changed");
+        Ok(message)
     }
 
     /// The status of the volume's engine.

@@ -65,4 +65,39 @@ impl EngineManagerRpc for EngineManagerService {
             engines: self.manager.list(),
         }))
     }
+
+    async fn get_engine_replicas(
+        &self,
+        request: Request<pb::GetEngineRequest>,
+    ) -> Result<Response<pb::ListEngineReplicasResponse>, Status> {
+        let replicas = self
+            .manager
+            .engine_replicas(&request.into_inner().volume)
+            .await?;
+        Ok(Response::new(pb::ListEngineReplicasResponse { replicas }))
+    }
+
+    async fn add_engine_replica(
+        &self,
+        request: Request<pb::EngineReplicaRequest>,
+    ) -> Result<Response<pb::ReplicaChangeResponse>, Status> {
+        let req = request.into_inner();
+        let message = self
+            .manager
+            .change_engine_replica(&req.volume, &req.address, true)
+            .await?;
+        Ok(Response::new(pb::ReplicaChangeResponse { message }))
+    }
+
+    async fn remove_engine_replica(
+        &self,
+        request: Request<pb::EngineReplicaRequest>,
+    ) -> Result<Response<pb::ReplicaChangeResponse>, Status> {
+        let req = request.into_inner();
+        let message = self
+            .manager
+            .change_engine_replica(&req.volume, &req.address, false)
+            .await?;
+        Ok(Response::new(pb::ReplicaChangeResponse { message }))
+    }
 }

@@ -37,6 +37,10 @@ pub struct CsiArgs {
     /// Bound on each call to a node daemon.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub daemon_timeout: Duration,
+    /// How often the controller looks for replicas that have been away
+    /// longer than their volume's staleReplicaTimeout, to replace them.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub reconcile_interval: Duration,
 }
 
 pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
@@ -45,6 +49,9 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
     }
     if args.controller && args.daemons.is_empty() {
         bail!("--controller needs at least one --daemons ADDR");
+    }
+    if args.reconcile_interval.is_zero() {
+        bail!("--reconcile-interval must be more than 0");
     }
     if args.node_id.trim().is_empty() {
         bail!("--node-id must not be empty");
@@ -55,6 +62,7 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
         controller: args.controller.then_some(args.daemons),
         node: args.node.then_some((args.attach, args.state_dir)),
         daemon_timeout: args.daemon_timeout,
+        reconcile_interval: args.reconcile_interval,
     };
     let shutdown = crate::shutdown::install()?;
     corral_csi::serve(config, shutdown).await?;
