@@ -195,7 +195,7 @@ impl VolumeParams {
         let secs = self.stale_replica_timeout.as_secs();
         c.insert(
             "staleReplicaTimeout".into(),
-            if secs % 60 == 0 {
+            if secs.is_multiple_of(60) {
                 (secs / 60).to_string()
             } else {
                 format!("{secs}s")
