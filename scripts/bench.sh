@@ -3,6 +3,7 @@
 #   scripts/bench.sh fio [--runtime 15 --size-mib 1024 | --quick]   # the fio matrix with baselines
 #   scripts/bench.sh rebuild [--size 4GiB --written 3g ...]        # rebuild throughput
 #   scripts/bench.sh memory                                         # idle RSS with a 1 TiB volume
+#   scripts/bench.sh csi [--runs 10]                                # create→mounted, node loss→mounted (root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh

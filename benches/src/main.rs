@@ -6,8 +6,12 @@
 //! - `fio`: the fio matrix (systems × jobs) with baselines in the same run;
 //! - `rebuild`: full-rebuild throughput of a volume against the disk's own
 //!   sequential write speed (fio, same run), and the time of a partial
-//!   rebuild after a short outage.
+//!   rebuild after a short outage;
+//! - `memory`: idle RSS with a large sparse volume;
+//! - `csi`: CreateVolume to a mounted filesystem, and node loss to the
+//!   volume mounted on another node, through the CSI plugin.
 
+mod csi;
 mod matrix;
 mod memory;
 mod rebuild;
@@ -27,6 +31,8 @@ enum Command {
     Rebuild(rebuild::RebuildArgs),
     /// fio against every system and baseline; markdown tables.
     Fio(matrix::MatrixArgs),
+    /// Create→mounted and node-loss→mounted times through the CSI plugin.
+    Csi(csi::CsiArgs),
     /// Idle RSS of an engine and a replica daemon serving a large sparse volume.
     Memory(memory::MemoryArgs),
 }
@@ -36,5 +42,6 @@ fn main() -> anyhow::Result<()> {
         Command::Rebuild(args) => rebuild::run(&args),
         Command::Fio(args) => matrix::run(&args),
         Command::Memory(args) => memory::run(&args),
+        Command::Csi(args) => csi::run(&args),
     }
 }

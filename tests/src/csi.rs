@@ -9,6 +9,7 @@
 //! the fixture's directory, and `Drop` unmounts it, detaches loop devices
 //! and stops nbdfuse even when a test fails half way.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -185,7 +186,9 @@ pub fn clean_mounts_under(dir: &Path) {
         .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.len()));
     for p in &points {
-        let _ = std::process::Command::new("umount").args(["-l", p]).status();
+        let _ = std::process::Command::new("umount")
+            .args(["-l", p])
+            .status();
     }
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for e in entries.flatten() {
@@ -205,5 +208,178 @@ pub fn clean_mounts_under(dir: &Path) {
 impl Drop for CsiCluster {
     fn drop(&mut self) {
         clean_mounts_under(self.nodes.path());
+    }
+}
+
+/// The StorageClass parameters, with `overrides` applied.
+pub fn storage_class(overrides: &[(&str, &str)]) -> HashMap<String, String> {
+    let mut p: HashMap<String, String> = [
+        ("numberOfReplicas", "3"),
+        ("staleReplicaTimeout", "30"),
+        ("fsType", "ext4"),
+        ("dataLocality", "best-effort"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in overrides {
+        p.insert(k.to_string(), v.to_string());
+    }
+    p
+}
+
+/// A single-node writer with an ext4 mount: a PVC's usual capability.
+pub fn ext4_writer() -> csi::VolumeCapability {
+    use csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
+    csi::VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: "ext4".into(),
+            ..Default::default()
+        })),
+    }
+}
+
+/// What the sidecars and the kubelet do, one call each.
+impl CsiCluster {
+    /// The external-provisioner: CreateVolume, for a pod that will run on
+    /// `consumer` (its node in the preferred topology), if any.
+    pub fn create_volume(
+        &self,
+        name: &str,
+        bytes: i64,
+        parameters: HashMap<String, String>,
+        consumer: Option<usize>,
+    ) -> Result<csi::Volume> {
+        let preferred = consumer
+            .map(|i| {
+                let mut segments = HashMap::new();
+                segments.insert(
+                    "topology.corral.io/node".to_string(),
+                    self.nodes.nodes[i].id.clone(),
+                );
+                vec![csi::Topology { segments }]
+            })
+            .unwrap_or_default();
+        let request = csi::CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: bytes,
+                limit_bytes: bytes,
+            }),
+            volume_capabilities: vec![ext4_writer()],
+            parameters,
+            accessibility_requirements: Some(csi::TopologyRequirement {
+                requisite: vec![],
+                preferred,
+            }),
+            ..Default::default()
+        };
+        self.block_on(self.controller().create_volume(request))?
+            .into_inner()
+            .volume
+            .context("CreateVolume returned no volume")
+    }
+
+    /// The external-attacher: ControllerPublishVolume on node `node`.
+    pub fn publish(&self, volume: &csi::Volume, node: usize) -> Result<HashMap<String, String>> {
+        let request = csi::ControllerPublishVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            node_id: self.nodes.nodes[node].id.clone(),
+            volume_capability: Some(ext4_writer()),
+            volume_context: volume.volume_context.clone(),
+            ..Default::default()
+        };
+        Ok(self
+            .block_on(self.controller().controller_publish_volume(request))?
+            .into_inner()
+            .publish_context)
+    }
+
+    /// The external-attacher: ControllerUnpublishVolume from node `node`.
+    pub fn unpublish(&self, volume_id: &str, node: usize) -> Result<()> {
+        let request = csi::ControllerUnpublishVolumeRequest {
+            volume_id: volume_id.into(),
+            node_id: self.nodes.nodes[node].id.clone(),
+            ..Default::default()
+        };
+        self.block_on(self.controller().controller_unpublish_volume(request))?;
+        Ok(())
+    }
+
+    /// The staging path the kubelet of `node` uses for a volume.
+    pub fn staging_path(&self, volume_id: &str, node: usize) -> PathBuf {
+        self.kubelet_dir(node).join("staging").join(volume_id)
+    }
+
+    /// The path a pod `pod` on `node` sees the volume at.
+    pub fn pod_path(&self, node: usize, pod: &str) -> PathBuf {
+        self.kubelet_dir(node)
+            .join("pods")
+            .join(pod)
+            .join("volumes/data")
+    }
+
+    /// The kubelet of `node`: NodeStageVolume then NodePublishVolume for
+    /// pod `pod`; where the pod sees the filesystem.
+    pub fn mount_for_pod(
+        &mut self,
+        volume: &csi::Volume,
+        node: usize,
+        publish_context: HashMap<String, String>,
+        pod: &str,
+    ) -> Result<PathBuf> {
+        let id = volume.volume_id.clone();
+        let staging = self.staging_path(&id, node).display().to_string();
+        let target = self.pod_path(node, pod);
+        let mut client = self.node(node)?;
+        self.block_on(client.node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: id.clone(),
+            publish_context: publish_context.clone(),
+            staging_target_path: staging.clone(),
+            volume_capability: Some(ext4_writer()),
+            volume_context: volume.volume_context.clone(),
+            ..Default::default()
+        }))?;
+        self.block_on(client.node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: id,
+            publish_context,
+            staging_target_path: staging,
+            target_path: target.display().to_string(),
+            volume_capability: Some(ext4_writer()),
+            volume_context: volume.volume_context.clone(),
+            ..Default::default()
+        }))?;
+        Ok(target)
+    }
+
+    /// The kubelet of `node` once pod `pod` is gone: NodeUnpublishVolume
+    /// then NodeUnstageVolume.
+    pub fn unmount_for_pod(&mut self, volume_id: &str, node: usize, pod: &str) -> Result<()> {
+        let staging = self.staging_path(volume_id, node).display().to_string();
+        let target = self.pod_path(node, pod).display().to_string();
+        let mut client = self.node(node)?;
+        self.block_on(
+            client.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: volume_id.into(),
+                target_path: target,
+            }),
+        )?;
+        self.block_on(client.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: volume_id.into(),
+            staging_target_path: staging,
+        }))?;
+        Ok(())
+    }
+
+    /// The external-provisioner: DeleteVolume.
+    pub fn delete_volume(&self, volume_id: &str) -> Result<()> {
+        self.block_on(self.controller().delete_volume(csi::DeleteVolumeRequest {
+            volume_id: volume_id.into(),
+            ..Default::default()
+        }))?;
+        Ok(())
     }
 }

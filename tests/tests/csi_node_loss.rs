@@ -12,41 +12,13 @@
 //! The StorageClass is the issue's, except `staleReplicaTimeout`: "6s"
 //! (corral also takes a duration there) instead of 30 minutes.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use corral_proto::csi::v1 as csi;
-use corral_tests::csi::CsiCluster;
+use corral_tests::csi::{CsiCluster, storage_class};
 use corral_tests::ext4::assert_root;
 use corral_tests::{node, poll};
-use csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
-
-fn storage_class() -> HashMap<String, String> {
-    [
-        ("numberOfReplicas", "3"),
-        ("staleReplicaTimeout", "6s"),
-        ("fsType", "ext4"),
-        ("dataLocality", "best-effort"),
-        ("csi.storage.k8s.io/pvc/name", "data-mysql-0"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
-}
-
-fn ext4_writer() -> csi::VolumeCapability {
-    csi::VolumeCapability {
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-        access_type: Some(AccessType::Mount(MountVolume {
-            fs_type: "ext4".into(),
-            ..Default::default()
-        })),
-    }
-}
 
 /// Files with distinct contents, written and fsynced (file and directory).
 fn write_files(dir: &Path, n: usize) -> Result<Vec<(String, Vec<u8>)>> {
@@ -92,88 +64,30 @@ fn a_node_dies_under_a_mounted_volume_and_the_volume_moves_to_another_node() {
 
 fn story(c: &mut CsiCluster) -> Result<()> {
     let (a, b) = (0usize, 1usize);
-    let node_a = c.nodes.nodes[a].id.clone();
-    let node_b = c.nodes.nodes[b].id.clone();
+    let all = [0, 1, 2, 3];
 
     // The provisioner creates the PV for the pod that will run on A.
-    let mut preferred = HashMap::new();
-    preferred.insert("topology.corral.io/node".to_string(), node_a.clone());
-    let create = csi::CreateVolumeRequest {
-        name: "pvc-node-loss".into(),
-        capacity_range: Some(csi::CapacityRange {
-            required_bytes: 64 << 20,
-            limit_bytes: 64 << 20,
-        }),
-        volume_capabilities: vec![ext4_writer()],
-        parameters: storage_class(),
-        accessibility_requirements: Some(csi::TopologyRequirement {
-            requisite: vec![],
-            preferred: vec![csi::Topology {
-                segments: preferred,
-            }],
-        }),
-        ..Default::default()
-    };
-    let volume = c
-        .block_on(c.controller().create_volume(create.clone()))?
-        .into_inner()
-        .volume
-        .context("CreateVolume returned no volume")?;
+    let parameters = storage_class(&[("staleReplicaTimeout", "6s")]);
+    let volume = c.create_volume("pvc-node-loss", 64 << 20, parameters.clone(), Some(a))?;
     let id = volume.volume_id.clone();
     assert_eq!(volume.capacity_bytes, 64 << 20);
-    let held = holders(c, &id, &[0, 1, 2, 3])?;
+    let held = holders(c, &id, &all)?;
     assert_eq!(held.len(), 3, "three replicas on distinct nodes: {held:?}");
     assert!(
         held.contains(&a),
         "best-effort locality puts one on A: {held:?}"
     );
     // The provisioner retries: same volume, nothing new.
-    let again = c
-        .block_on(c.controller().create_volume(create))?
-        .into_inner()
-        .volume
-        .context("no volume")?;
+    let again = c.create_volume("pvc-node-loss", 64 << 20, parameters, Some(a))?;
     assert_eq!(again.volume_id, id);
-    assert_eq!(holders(c, &id, &[0, 1, 2, 3])?, held);
+    assert_eq!(holders(c, &id, &all)?, held);
 
-    // The attacher publishes on A; the kubelet stages and publishes.
-    let published_a =
-        c.block_on(c.controller().controller_publish_volume(
-            csi::ControllerPublishVolumeRequest {
-                volume_id: id.clone(),
-                node_id: node_a.clone(),
-                volume_capability: Some(ext4_writer()),
-                volume_context: volume.volume_context.clone(),
-                ..Default::default()
-            },
-        ))?
-        .into_inner()
-        .publish_context;
+    // The attacher publishes on A; the kubelet stages and publishes; the
+    // pod writes.
+    let on_a = c.publish(&volume, a)?;
     let engine_a = c.nodes.get_engine(a, &id)?;
-    let kubelet_a = c.kubelet_dir(a);
-    let staging_a = kubelet_a.join("staging").join(&id);
-    let target_a = kubelet_a.join("pods/mysql-0/volumes/data");
-    let mut node_client = c.node(a)?;
-    c.block_on(node_client.node_stage_volume(csi::NodeStageVolumeRequest {
-        volume_id: id.clone(),
-        publish_context: published_a.clone(),
-        staging_target_path: staging_a.display().to_string(),
-        volume_capability: Some(ext4_writer()),
-        volume_context: volume.volume_context.clone(),
-        ..Default::default()
-    }))?;
-    c.block_on(
-        node_client.node_publish_volume(csi::NodePublishVolumeRequest {
-            volume_id: id.clone(),
-            publish_context: published_a,
-            staging_target_path: staging_a.display().to_string(),
-            target_path: target_a.display().to_string(),
-            volume_capability: Some(ext4_writer()),
-            volume_context: volume.volume_context.clone(),
-            ..Default::default()
-        }),
-    )?;
-    let files = write_files(&target_a, 24)?;
+    let pod_a = c.mount_for_pod(&volume, a, on_a, "mysql-0")?;
+    let files = write_files(&pod_a, 24)?;
 
     // Node A dies: its daemon and its engine, at once.
     c.nodes.nodes[a].process.kill9()?;
@@ -181,51 +95,11 @@ fn story(c: &mut CsiCluster) -> Result<()> {
 
     // The attacher moves the volume: unpublish from A (unreachable: the
     // volume is fenced through its replicas) and publish on B.
-    c.block_on(c.controller().controller_unpublish_volume(
-        csi::ControllerUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            node_id: node_a.clone(),
-            ..Default::default()
-        },
-    ))?;
-    let published_b =
-        c.block_on(c.controller().controller_publish_volume(
-            csi::ControllerPublishVolumeRequest {
-                volume_id: id.clone(),
-                node_id: node_b.clone(),
-                volume_capability: Some(ext4_writer()),
-                volume_context: volume.volume_context.clone(),
-                ..Default::default()
-            },
-        ))?
-        .into_inner()
-        .publish_context;
-    let kubelet_b = c.kubelet_dir(b);
-    let staging_b = kubelet_b.join("staging").join(&id);
-    let target_b = kubelet_b.join("pods/mysql-0/volumes/data");
-    let mut node_client = c.node(b)?;
-    c.block_on(node_client.node_stage_volume(csi::NodeStageVolumeRequest {
-        volume_id: id.clone(),
-        publish_context: published_b.clone(),
-        staging_target_path: staging_b.display().to_string(),
-        volume_capability: Some(ext4_writer()),
-        volume_context: volume.volume_context.clone(),
-        ..Default::default()
-    }))?;
-    c.block_on(
-        node_client.node_publish_volume(csi::NodePublishVolumeRequest {
-            volume_id: id.clone(),
-            publish_context: published_b,
-            staging_target_path: staging_b.display().to_string(),
-            target_path: target_b.display().to_string(),
-            volume_capability: Some(ext4_writer()),
-            volume_context: volume.volume_context.clone(),
-            ..Default::default()
-        }),
-    )?;
+    c.unpublish(&id, a)?;
+    let on_b = c.publish(&volume, b)?;
+    let pod_b = c.mount_for_pod(&volume, b, on_b, "mysql-0")?;
     for (name, data) in &files {
-        let got =
-            std::fs::read(target_b.join(name)).with_context(|| format!("read {name} on B"))?;
+        let got = std::fs::read(pod_b.join(name)).with_context(|| format!("read {name} on B"))?;
         ensure!(&got == data, "{name} differs on node B");
     }
 
@@ -245,7 +119,7 @@ fn story(c: &mut CsiCluster) -> Result<()> {
             Ok((info.replicas_rw == 3 && info.state == "serving").then_some(()))
         },
     )?;
-    let more = write_files(&target_b, 4)?;
+    write_files(&pod_b, 4)?;
     ensure!(
         c.nodes.get_engine(a, &id).is_err(),
         "node A runs an engine for {id} again"
@@ -253,7 +127,7 @@ fn story(c: &mut CsiCluster) -> Result<()> {
 
     // Another replica's node goes away for good: past the stale-replica
     // timeout its replica is replaced on the node that had none.
-    let held = holders(c, &id, &[0, 1, 2, 3])?;
+    let held = holders(c, &id, &all)?;
     let gone = *held
         .iter()
         .find(|&&n| n != a && n != b)
@@ -264,54 +138,37 @@ fn story(c: &mut CsiCluster) -> Result<()> {
     let gone_addr = c.nodes.nodes[gone].addr.to_string();
     let spare_addr = c.nodes.nodes[spare].addr.to_string();
     c.nodes.nodes[gone].process.kill9()?;
-    poll(Duration::from_secs(90), "the stale replica to be replaced", || {
-        let replicas = c.block_on(control_b.replicas())?;
-        let rw: Vec<&str> = replicas
-            .iter()
-            .filter(|r| r.mode == corral_proto::v1::ReplicaMode::Rw as i32)
-            .map(|r| r.address.as_str())
-            .collect();
-        let done = replicas.len() == 3
-            && rw.len() == 3
-            && rw.contains(&spare_addr.as_str())
-            && !replicas.iter().any(|r| r.address == gone_addr);
-        Ok(done.then_some(()))
-    })?;
+    poll(
+        Duration::from_secs(90),
+        "the stale replica to be replaced",
+        || {
+            let replicas = c.block_on(control_b.replicas())?;
+            let rw: Vec<&str> = replicas
+                .iter()
+                .filter(|r| r.mode == corral_proto::v1::ReplicaMode::Rw as i32)
+                .map(|r| r.address.as_str())
+                .collect();
+            let done = replicas.len() == 3
+                && rw.len() == 3
+                && rw.contains(&spare_addr.as_str())
+                && !replicas.iter().any(|r| r.address == gone_addr);
+            Ok(done.then_some(()))
+        },
+    )?;
     for (name, data) in &files {
-        let got = std::fs::read(target_b.join(name))?;
+        let got = std::fs::read(pod_b.join(name))?;
         ensure!(&got == data, "{name} differs after the replacement");
     }
     // The lost node returns before the volume is deleted: its old replica
     // must go too.
     c.nodes.restart_node(gone)?;
 
-    // The pod goes away; the volume is deleted.
-    c.block_on(
-        node_client.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: target_b.display().to_string(),
-        }),
-    )?;
-    c.block_on(
-        node_client.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging_b.display().to_string(),
-        }),
-    )?;
-    ensure!(!more.is_empty());
-    c.block_on(c.controller().controller_unpublish_volume(
-        csi::ControllerUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            node_id: node_b.clone(),
-            ..Default::default()
-        },
-    ))?;
-    c.block_on(c.controller().delete_volume(csi::DeleteVolumeRequest {
-        volume_id: id.clone(),
-        ..Default::default()
-    }))?;
-    assert_eq!(holders(c, &id, &[0, 1, 2, 3])?, Vec::<usize>::new());
-    for i in 0..4 {
+    // The pod goes away; the volume is deleted and nothing is left.
+    c.unmount_for_pod(&id, b, "mysql-0")?;
+    c.unpublish(&id, b)?;
+    c.delete_volume(&id)?;
+    assert_eq!(holders(c, &id, &all)?, Vec::<usize>::new());
+    for i in all {
         ensure!(
             c.nodes.get_engine(i, &id).is_err(),
             "node-{i} still runs an engine of {id}"
@@ -333,37 +190,18 @@ fn a_cut_off_node_s_engine_can_write_nothing_once_the_volume_has_moved() {
 fn partition_story(c: &mut CsiCluster) -> Result<()> {
     use corral_tests::nbd_raw::RawNbd;
     let (a, b) = (0usize, 1usize);
-    let volume = c
-        .block_on(c.controller().create_volume(csi::CreateVolumeRequest {
-            name: "pvc-partition".into(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 16 << 20,
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![ext4_writer()],
-            parameters: storage_class(),
-            ..Default::default()
-        }))?
-        .into_inner()
-        .volume
-        .context("no volume")?;
+    let volume = c.create_volume("pvc-partition", 16 << 20, storage_class(&[]), None)?;
     let id = volume.volume_id.clone();
-    let publish = |node: usize| csi::ControllerPublishVolumeRequest {
-        volume_id: id.clone(),
-        node_id: c.nodes.nodes[node].id.clone(),
-        volume_capability: Some(ext4_writer()),
-        volume_context: volume.volume_context.clone(),
-        ..Default::default()
-    };
-    let on_a = c
-        .block_on(c.controller().controller_publish_volume(publish(a)))?
-        .into_inner()
-        .publish_context;
+    let on_a = c.publish(&volume, a)?;
     let nbd_a: std::net::SocketAddr = on_a["nbdAddress"].parse()?;
     let mut client_a = RawNbd::connect(nbd_a, &id)?;
     let first = vec![0xa1u8; 64 << 10];
-    client_a.write(0, &first)?.map_err(|e| anyhow::anyhow!("write on A: {e}"))?;
-    client_a.flush()?.map_err(|e| anyhow::anyhow!("flush on A: {e}"))?;
+    client_a
+        .write(0, &first)?
+        .map_err(|e| anyhow::anyhow!("write on A: {e}"))?;
+    client_a
+        .flush()?
+        .map_err(|e| anyhow::anyhow!("flush on A: {e}"))?;
 
     // A is cut off: its daemon and its engine stop answering.
     let engine_a = c.nodes.get_engine(a, &id)?;
@@ -371,26 +209,20 @@ fn partition_story(c: &mut CsiCluster) -> Result<()> {
     // SAFETY: signalling the engine process the test just looked up.
     unsafe { libc::kill(engine_a.pid as i32, libc::SIGSTOP) };
     let moved = (|| -> Result<Vec<u8>> {
-        c.block_on(
-            c.controller()
-                .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-                    volume_id: id.clone(),
-                    node_id: c.nodes.nodes[a].id.clone(),
-                    ..Default::default()
-                }),
-        )?;
-        let on_b = c
-            .block_on(c.controller().controller_publish_volume(publish(b)))?
-            .into_inner()
-            .publish_context;
+        c.unpublish(&id, a)?;
+        let on_b = c.publish(&volume, b)?;
         let mut client_b = RawNbd::connect(on_b["nbdAddress"].parse()?, &id)?;
         let read = client_b
             .read(0, 64 << 10)?
             .map_err(|e| anyhow::anyhow!("read on B: {e}"))?;
         ensure!(read == first, "B does not read what A wrote and flushed");
         let second = vec![0xb2u8; 64 << 10];
-        client_b.write(0, &second)?.map_err(|e| anyhow::anyhow!("write on B: {e}"))?;
-        client_b.flush()?.map_err(|e| anyhow::anyhow!("flush on B: {e}"))?;
+        client_b
+            .write(0, &second)?
+            .map_err(|e| anyhow::anyhow!("write on B: {e}"))?;
+        client_b
+            .flush()?
+            .map_err(|e| anyhow::anyhow!("flush on B: {e}"))?;
         Ok(second)
     })();
     // A runs again, whatever happened above.
@@ -407,7 +239,10 @@ fn partition_story(c: &mut CsiCluster) -> Result<()> {
         .and_then(|r| r.ok())
         .and_then(|()| client_a.flush().ok())
         .and_then(|r| r.ok());
-    ensure!(wrote.is_none(), "the cut-off engine acknowledged a write and a flush");
+    ensure!(
+        wrote.is_none(),
+        "the cut-off engine acknowledged a write and a flush"
+    );
     let on_b = c.nodes.get_engine(b, &id)?;
     let mut check = RawNbd::connect(on_b.nbd_address.parse()?, &id)?;
     let now = check
