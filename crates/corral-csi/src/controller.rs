@@ -79,6 +79,53 @@ pub fn volume_size(range: Option<&csi::CapacityRange>) -> Result<u64, Status> {
     Ok(size)
 }
 
+/// How a ListVolumes token starts: the id of the last volume the previous
+/// page returned follows it. Keyed on the id rather than on a position, a
+/// page never repeats a volume and never skips one that existed throughout,
+/// whatever was created or deleted between pages (the last volume of a page
+/// included).
+const PAGE_TOKEN_PREFIX: &str = "after:";
+
+/// One ListVolumes page of `ids` (sorted): the ids after `starting_token`,
+/// at most `max_entries` of them (0: all), and the token of the next page
+/// (empty after the last). A token this plugin did not make is ABORTED.
+pub fn page<'a>(
+    ids: impl Iterator<Item = &'a String>,
+    starting_token: &str,
+    max_entries: i32,
+) -> Result<(Vec<&'a String>, String), Status> {
+    let after = if starting_token.is_empty() {
+        None
+    } else {
+        let id = starting_token
+            .strip_prefix(PAGE_TOKEN_PREFIX)
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| {
+                Status::aborted(format!("starting_token {starting_token:?} is not valid"))
+            })?;
+        Some(id)
+    };
+    let take = if max_entries <= 0 {
+        usize::MAX
+    } else {
+        max_entries as usize
+    };
+    let mut rest = ids
+        .filter(|id| after.is_none_or(|a| id.as_str() > a))
+        .peekable();
+    let mut page = Vec::new();
+    while page.len() < take
+        && let Some(id) = rest.next()
+    {
+        page.push(id);
+    }
+    let next = match (rest.peek(), page.last()) {
+        (Some(_), Some(last)) => format!("{PAGE_TOKEN_PREFIX}{last}"),
+        _ => String::new(),
+    };
+    Ok((page, next))
+}
+
 fn no_room(e: NoRoom, view: &ClusterView) -> Status {
     let mut msg = e.to_string();
     if !view.unreachable.is_empty() {
@@ -399,29 +446,10 @@ impl csi::controller_server::Controller for ControllerService {
         }
         let view = self.daemons.view().await;
         let volumes = view.volumes();
-        let start = if req.starting_token.is_empty() {
-            0
-        } else {
-            req.starting_token
-                .parse::<usize>()
-                .ok()
-                .filter(|&i| i <= volumes.len())
-                .ok_or_else(|| {
-                    Status::aborted(format!(
-                        "starting_token {:?} is not valid",
-                        req.starting_token
-                    ))
-                })?
-        };
-        let take = if req.max_entries == 0 {
-            usize::MAX
-        } else {
-            req.max_entries as usize
-        };
-        let entries: Vec<_> = volumes
-            .iter()
-            .skip(start)
-            .take(take)
+        let (ids, next_token) = page(volumes.keys(), &req.starting_token, req.max_entries)?;
+        let entries: Vec<_> = ids
+            .into_iter()
+            .filter_map(|id| volumes.get_key_value(id))
             .map(|(id, (size, _))| csi::list_volumes_response::Entry {
                 volume: Some(csi::Volume {
                     capacity_bytes: *size as i64,
@@ -438,14 +466,9 @@ impl csi::controller_server::Controller for ControllerService {
                 }),
             })
             .collect();
-        let next = start + entries.len();
         Ok(Response::new(csi::ListVolumesResponse {
             entries,
-            next_token: if next < volumes.len() {
-                next.to_string()
-            } else {
-                String::new()
-            },
+            next_token,
         }))
     }
 
@@ -560,6 +583,30 @@ mod tests {
             required_bytes: required,
             limit_bytes: limit,
         })
+    }
+
+    #[test]
+    fn pages_follow_the_last_id_and_survive_creates_and_deletes() {
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let all = ids(&["a", "b", "c", "d", "e"]);
+        let (p, next) = page(all.iter(), "", 2).unwrap();
+        assert_eq!(p, ["a", "b"]);
+        assert_eq!(next, "after:b");
+        // "b" (the last of the page) and "a" are deleted, "0" and "bb" created.
+        let now = ids(&["0", "bb", "c", "d", "e"]);
+        let (p, next) = page(now.iter(), &next, 2).unwrap();
+        assert_eq!(p, ["bb", "c"]);
+        let (p, next) = page(now.iter(), &next, 2).unwrap();
+        assert_eq!(p, ["d", "e"]);
+        assert_eq!(next, "", "no token after the last page");
+        let (p, next) = page(all.iter(), "", 0).unwrap();
+        assert_eq!((p.len(), next.as_str()), (5, ""));
+        let (p, next) = page(all.iter(), "after:e", 3).unwrap();
+        assert!(p.is_empty() && next.is_empty());
+        for bad in ["invalid-token", "3", "after:"] {
+            let err = page(all.iter(), bad, 1).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Aborted, "{bad}");
+        }
     }
 
     #[test]

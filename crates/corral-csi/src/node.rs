@@ -14,7 +14,7 @@ use crate::attach::Frontend;
 use crate::capabilities::{check_capabilities, node_capabilities};
 use crate::controller::publish_keys;
 use crate::ids::TOPOLOGY_NODE_KEY;
-use crate::staging::{Access, NodeError, NodeVolumes, device_size, fs_usage};
+use crate::staging::{Access, NodeError, NodeVolumes, Publication, device_size, fs_usage};
 
 /// The node service.
 pub struct NodeService {
@@ -83,6 +83,30 @@ fn access(
                 "volume_capability has no access_type",
             ));
         }
+    })
+}
+
+/// The access mode's name (`SINGLE_NODE_WRITER`, ...) of a capability
+/// [`access`] accepted.
+fn mode_name(cap: Option<&csi::VolumeCapability>) -> String {
+    cap.and_then(|c| c.access_mode.as_ref())
+        .and_then(|m| csi::volume_capability::access_mode::Mode::try_from(m.mode).ok())
+        .map(|m| m.as_str_name().to_string())
+        .unwrap_or_default()
+}
+
+/// Whether `path` (which exists) holds the staged volume: a mounted
+/// filesystem on its device (the staging mount or a bind of it), or the
+/// device itself bound as a file (block access). `None` when the device
+/// node is gone (say, the iSCSI session dropped), so it cannot tell.
+fn holds_volume(path: &Path, device: &Path) -> Option<bool> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let dev = std::fs::metadata(device).ok()?.rdev();
+    let meta = std::fs::metadata(path).ok()?;
+    Some(if meta.file_type().is_block_device() {
+        meta.rdev() == dev
+    } else {
+        meta.dev() == dev
     })
 }
 
@@ -159,15 +183,27 @@ impl csi::node_server::Node for NodeService {
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = required(&req.volume_id, "volume_id")?.to_string();
-        let staging = PathBuf::from(required(&req.staging_target_path, "staging_target_path")?);
         let target = PathBuf::from(required(&req.target_path, "target_path")?);
         let access = access(req.volume_capability.as_ref(), &req.volume_context)?;
+        // CSI: "Staging target path not set: FAILED_PRECONDITION" when the
+        // plugin has STAGE_UNSTAGE_VOLUME.
+        if req.staging_target_path.is_empty() {
+            return Err(Status::failed_precondition(
+                "staging_target_path is not set: stage the volume (NodeStageVolume) first",
+            ));
+        }
+        let staging = PathBuf::from(&req.staging_target_path);
+        let publication = Publication {
+            target,
+            read_only: req.readonly,
+            mode: mode_name(req.volume_capability.as_ref()),
+            block: access == Access::Block,
+        };
         let fe = frontend(&id, &req.publish_context);
         let control = req.publish_context.get(publish_keys::CONTROL).cloned();
-        let read_only = req.readonly;
         let volumes = Arc::clone(&self.volumes);
         blocking(move || {
-            volumes.publish(&id, &staging, &target, read_only, || {
+            volumes.publish(&id, &staging, &publication, || {
                 volumes.stage(&id, &fe, &access, &staging, control)
             })
         })
@@ -180,10 +216,10 @@ impl csi::node_server::Node for NodeService {
         request: Request<csi::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
         let req = request.into_inner();
-        required(&req.volume_id, "volume_id")?;
+        let id = required(&req.volume_id, "volume_id")?.to_string();
         let target = PathBuf::from(required(&req.target_path, "target_path")?);
         let volumes = Arc::clone(&self.volumes);
-        blocking(move || volumes.unpublish(&target)).await?;
+        blocking(move || volumes.unpublish(&id, &target)).await?;
         Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
     }
 
@@ -204,7 +240,25 @@ impl csi::node_server::Node for NodeService {
         };
         let meta = std::fs::metadata(&path)
             .map_err(|e| Status::not_found(format!("volume_path {}: {e}", path.display())))?;
-        let usage = if meta.is_dir() {
+        // CSI: NOT_FOUND when the volume "does not exist on specified
+        // volume_path". A block volume's staging directory holds nothing
+        // but is where it was staged; when the device itself is gone, the
+        // paths recorded for the volume still count (its condition says
+        // what is wrong).
+        let staged_block = record.access == Access::Block && path == record.staging_path;
+        let recorded =
+            path == record.staging_path || record.publications.iter().any(|p| p.target == path);
+        let here = match holds_volume(&path, record.attachment.device()) {
+            Some(holds) => holds || staged_block,
+            None => recorded,
+        };
+        if !here {
+            return Err(Status::not_found(format!(
+                "volume {id} is not staged or published at {}",
+                path.display()
+            )));
+        }
+        let usage = if meta.is_dir() && !staged_block {
             let u = fs_usage(&path).map_err(|e| Status::internal(format!("statvfs: {e}")))?;
             vec![
                 csi::VolumeUsage {

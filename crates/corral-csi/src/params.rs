@@ -316,7 +316,10 @@ mod tests {
         for (pairs, name) in [
             (vec![("numberOfReplicas", "three")], "numberOfReplicas"),
             (vec![("numberOfReplicas", "0")], "numberOfReplicas"),
-            (vec![("staleReplicaTimeout", "30 minutes")], "staleReplicaTimeout"),
+            (
+                vec![("staleReplicaTimeout", "30 minutes")],
+                "staleReplicaTimeout",
+            ),
             (vec![("staleReplicaTimeout", "0")], "staleReplicaTimeout"),
             (vec![("fsType", "btrfs")], "fsType"),
             (vec![("dataLocality", "strict-local")], "dataLocality"),

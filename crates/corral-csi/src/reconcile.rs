@@ -63,7 +63,8 @@ pub fn plan(
             continue;
         }
         let stale = e.replicas.iter().find(|r| {
-            mode(r) == Some(ReplicaMode::Err) && Duration::from_millis(r.failed_for_ms) >= e.stale_after
+            mode(r) == Some(ReplicaMode::Err)
+                && Duration::from_millis(r.failed_for_ms) >= e.stale_after
         });
         let Some(stale) = stale else {
             continue;
@@ -81,7 +82,9 @@ pub fn plan(
                     });
                 }
             }
-            Err(why) => tracing::warn!(volume = %e.volume, replica = %stale.address, %why, "stale replica: no node to replace it on"),
+            Err(why) => {
+                tracing::warn!(volume = %e.volume, replica = %stale.address, %why, "stale replica: no node to replace it on")
+            }
         }
     }
     out

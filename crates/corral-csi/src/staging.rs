@@ -1,7 +1,8 @@
 //! The node plugin's volumes: staging (attach the engine's frontend, make
 //! a filesystem on a blank device, mount it at the staging path), publishing
 //! (bind-mount into the pod, read-only when asked; re-stage if the staging
-//! mount vanished), and undoing both — each idempotent, as the kubelet
+//! mount vanished; at one target path per node unless the access mode is
+//! SINGLE_NODE_MULTI_WRITER), and undoing both — each idempotent, as the kubelet
 //! retries every call. What is staged is recorded in the state directory
 //! (one JSON file per volume, written atomically), so a restarted plugin
 //! can still unstage what its predecessor staged.
@@ -34,6 +35,37 @@ pub struct StageRecord {
     pub attachment: Attachment,
     /// The engine's control address, for volume health.
     pub control_address: Option<String>,
+    /// Where the volume is published (bound into pods) on this node.
+    #[serde(default)]
+    pub publications: Vec<Publication>,
+}
+
+/// The CSI access mode that lets several target paths on one node hold a
+/// volume at once; every other single-node mode allows one.
+pub const MULTI_WRITER_MODE: &str = "SINGLE_NODE_MULTI_WRITER";
+
+/// One NodePublishVolume: the volume bound at `target`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publication {
+    pub target: PathBuf,
+    pub read_only: bool,
+    /// The CSI access mode's name (`SINGLE_NODE_WRITER`, ...).
+    pub mode: String,
+    /// Raw block access rather than a mounted filesystem.
+    pub block: bool,
+}
+
+impl Publication {
+    /// Whether the volume may be published at other target paths as well
+    /// (CSI: only `SINGLE_NODE_MULTI_WRITER`, of the modes corral takes).
+    pub fn shared(&self) -> bool {
+        self.mode == MULTI_WRITER_MODE
+    }
+
+    /// Same arguments, whatever the target.
+    fn same_arguments(&self, other: &Publication) -> bool {
+        self.read_only == other.read_only && self.mode == other.mode && self.block == other.block
+    }
 }
 
 /// Why a node operation failed, by the CSI code it maps to.
@@ -151,6 +183,10 @@ impl NodeVolumes {
                 )));
             }
         }
+        let publications = existing
+            .as_ref()
+            .map(|r| r.publications.clone())
+            .unwrap_or_default();
         // Reuse an attachment whose device is still there (a retried or
         // repeated stage); otherwise attach afresh.
         let attachment = match existing {
@@ -167,6 +203,7 @@ impl NodeVolumes {
             access: access.clone(),
             attachment,
             control_address,
+            publications,
         };
         // Record before mounting: from here on an unstage can undo it.
         self.save(&record)?;
@@ -215,18 +252,24 @@ impl NodeVolumes {
         self.forget(volume_id)
     }
 
-    /// NodePublishVolume: bind the staged volume into `target`.
+    /// NodePublishVolume: bind the staged volume at `publication.target`.
     /// `restage` re-stages when the staging mount has vanished.
+    ///
+    /// A second target path on this node is refused (FAILED_PRECONDITION)
+    /// unless both publications are `SINGLE_NODE_MULTI_WRITER`; the same
+    /// target with other arguments is ALREADY_EXISTS (CSI spec,
+    /// NodePublishVolume, the table for plugins with
+    /// `SINGLE_NODE_MULTI_WRITER`).
     pub fn publish(
         &self,
         volume_id: &str,
         staging: &Path,
-        target: &Path,
-        read_only: bool,
+        publication: &Publication,
         restage: impl FnOnce() -> Result<(), NodeError>,
     ) -> Result<(), NodeError> {
         let host = self.host.as_ref();
-        let Some(record) = self.record(volume_id)? else {
+        let target = publication.target.as_path();
+        let Some(mut record) = self.record(volume_id)? else {
             return Err(NodeError::FailedPrecondition(format!(
                 "volume {volume_id} is not staged on this node"
             )));
@@ -238,11 +281,32 @@ impl NodeVolumes {
                 staging.display()
             )));
         }
+        let staged_block = record.access == Access::Block;
+        if publication.block != staged_block {
+            return Err(NodeError::FailedPrecondition(format!(
+                "volume {volume_id} is staged for {} access, not {}",
+                if staged_block { "block" } else { "mount" },
+                if publication.block { "block" } else { "mount" },
+            )));
+        }
         let table = MountTable::read(host)?;
+        // Publications whose target is no longer mounted (say, the node
+        // rebooted) hold nothing.
+        let before = record.publications.len();
+        record
+            .publications
+            .retain(|p| p.target == target || table.is_mount_point(&p.target));
+        let pruned = record.publications.len() != before;
+        let here = record.publications.iter().find(|p| p.target == target);
         if let Some(m) = table.at(target) {
-            if m.read_only != read_only {
+            let same = match here {
+                Some(p) => p.same_arguments(publication),
+                // Mounted by a plugin that kept no record of it.
+                None => m.read_only == publication.read_only,
+            };
+            if !same {
                 return Err(NodeError::AlreadyExists(format!(
-                    "{} is already published {}",
+                    "{} is already published with other arguments ({})",
                     target.display(),
                     if m.read_only {
                         "read-only"
@@ -251,7 +315,22 @@ impl NodeVolumes {
                     }
                 )));
             }
+            if here.is_none() || pruned {
+                record.publications.retain(|p| p.target != target);
+                record.publications.push(publication.clone());
+                self.save(&record)?;
+            }
             return Ok(());
+        }
+        if let Some(other) = record.publications.iter().find(|p| p.target != target)
+            && !(other.shared() && publication.shared())
+        {
+            return Err(NodeError::FailedPrecondition(format!(
+                "volume {volume_id} is already published at {} ({}); only {MULTI_WRITER_MODE} \
+                 volumes may be published at several target paths on one node",
+                other.target.display(),
+                other.mode
+            )));
         }
         match &record.access {
             Access::Mount { .. } => {
@@ -260,7 +339,7 @@ impl NodeVolumes {
                     restage()?;
                 }
                 std::fs::create_dir_all(target).map_err(|e| state_error("create", target, e))?;
-                mounts::bind(host, staging, target, read_only)?;
+                mounts::bind(host, staging, target, publication.read_only)?;
             }
             Access::Block => {
                 if let Some(parent) = target.parent() {
@@ -270,14 +349,25 @@ impl NodeVolumes {
                 if !target.exists() {
                     std::fs::File::create(target).map_err(|e| state_error("create", target, e))?;
                 }
-                mounts::bind(host, record.attachment.device(), target, read_only)?;
+                mounts::bind(
+                    host,
+                    record.attachment.device(),
+                    target,
+                    publication.read_only,
+                )?;
             }
         }
-        Ok(())
+        // A re-stage rewrote the record: add to what is recorded now.
+        let mut record = self.record(volume_id)?.unwrap_or(record);
+        record
+            .publications
+            .retain(|p| p.target != target && table.is_mount_point(&p.target));
+        record.publications.push(publication.clone());
+        self.save(&record)
     }
 
     /// NodeUnpublishVolume: unmount and remove `target`. Already gone: OK.
-    pub fn unpublish(&self, target: &Path) -> Result<(), NodeError> {
+    pub fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), NodeError> {
         mounts::unmount(self.host.as_ref(), target)?;
         let removed = match std::fs::symlink_metadata(target) {
             Ok(m) if m.is_dir() => std::fs::remove_dir(target),
@@ -285,7 +375,14 @@ impl NodeVolumes {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         };
-        removed.map_err(|e| state_error("remove", target, e))
+        removed.map_err(|e| state_error("remove", target, e))?;
+        if let Some(mut record) = self.record(volume_id)?
+            && record.publications.iter().any(|p| p.target == target)
+        {
+            record.publications.retain(|p| p.target != target);
+            self.save(&record)?;
+        }
+        Ok(())
     }
 }
 

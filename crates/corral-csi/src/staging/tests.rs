@@ -44,6 +44,16 @@ fn ext4() -> Access {
     }
 }
 
+/// A SINGLE_NODE_WRITER mount publication at `target`.
+fn writer(target: &Path, read_only: bool) -> Publication {
+    Publication {
+        target: target.to_path_buf(),
+        read_only,
+        mode: "SINGLE_NODE_WRITER".into(),
+        block: false,
+    }
+}
+
 fn mounted(host: &RecordingHost, lines: &[(&str, &str, &str)]) {
     let mut text = String::from("22 1 8:1 / / rw - ext4 /dev/sda1 rw\n");
     for (i, (point, source, opts)) in lines.iter().enumerate() {
@@ -121,7 +131,7 @@ fn publishing_binds_read_only_when_asked_and_restages_a_vanished_mount() {
     host.answer("blkid", &[], vec![CommandOutput::ok("ext4\n")]);
     let staging = Path::new("/stage/pvc-1");
     let err = volumes
-        .publish("pvc-1", staging, Path::new("/t"), false, || Ok(()))
+        .publish("pvc-1", staging, &writer(Path::new("/t"), false), || Ok(()))
         .unwrap_err();
     assert!(matches!(err, NodeError::FailedPrecondition(_)), "{err}");
 
@@ -132,7 +142,7 @@ fn publishing_binds_read_only_when_asked_and_restages_a_vanished_mount() {
     let target = d.path().join("pod/mount");
     let mut restaged = false;
     volumes
-        .publish("pvc-1", staging, &target, true, || {
+        .publish("pvc-1", staging, &writer(&target, true), || {
             restaged = true;
             Ok(())
         })
@@ -158,20 +168,22 @@ fn publishing_binds_read_only_when_asked_and_restages_a_vanished_mount() {
         ],
     );
     volumes
-        .publish("pvc-1", staging, &target, true, || panic!("no restage"))
+        .publish("pvc-1", staging, &writer(&target, true), || {
+            panic!("no restage")
+        })
         .unwrap();
     assert!(
         volumes
-            .publish("pvc-1", staging, &target, false, || Ok(()))
+            .publish("pvc-1", staging, &writer(&target, false), || Ok(()))
             .is_err()
     );
 
     host.clear();
-    volumes.unpublish(&target).unwrap();
+    volumes.unpublish("pvc-1", &target).unwrap();
     assert_eq!(host.commands(), [format!("umount {t}")]);
     assert!(!target.exists());
     mounted(&host, &[]);
-    volumes.unpublish(&target).unwrap();
+    volumes.unpublish("pvc-1", &target).unwrap();
 }
 
 #[test]
@@ -188,14 +200,110 @@ fn a_block_volume_is_attached_without_a_filesystem_and_bound_as_a_file() {
             .any(|c| c.starts_with("mkfs") || c.starts_with("mount"))
     );
     let target = d.path().join("pod/dev/pvc-1");
+    let err = volumes
+        .publish("pvc-1", staging, &writer(&target, false), || Ok(()))
+        .unwrap_err();
+    assert!(matches!(err, NodeError::FailedPrecondition(_)), "{err}");
+    let block = Publication {
+        block: true,
+        ..writer(&target, false)
+    };
     volumes
-        .publish("pvc-1", staging, &target, false, || Ok(()))
+        .publish("pvc-1", staging, &block, || Ok(()))
         .unwrap();
     assert!(target.is_file());
     assert_eq!(
         host.commands().last().unwrap(),
         &format!("mount --bind /dev/sdc {}", target.display())
     );
+}
+
+#[test]
+fn only_multi_writer_volumes_are_published_at_a_second_target_path() {
+    let (host, volumes, d) = setup();
+    host.answer("blkid", &[], vec![CommandOutput::ok("ext4\n")]);
+    let staging = Path::new("/stage/pvc-1");
+    volumes
+        .stage("pvc-1", &frontend(), &ext4(), staging, None)
+        .unwrap();
+    let first = d.path().join("pod-a/mount");
+    let second = d.path().join("pod-b/mount");
+    mounted(&host, &[("/stage/pvc-1", "/dev/sdc", "rw")]);
+    for mode in ["SINGLE_NODE_SINGLE_WRITER", "SINGLE_NODE_WRITER"] {
+        let at = |target: &Path| Publication {
+            mode: mode.into(),
+            ..writer(target, false)
+        };
+        volumes
+            .publish("pvc-1", staging, &at(&first), || Ok(()))
+            .unwrap();
+        mounted(
+            &host,
+            &[
+                ("/stage/pvc-1", "/dev/sdc", "rw"),
+                (&first.display().to_string(), "/dev/sdc", "rw"),
+            ],
+        );
+        let err = volumes
+            .publish("pvc-1", staging, &at(&second), || Ok(()))
+            .unwrap_err();
+        assert!(
+            matches!(err, NodeError::FailedPrecondition(_)),
+            "{mode}: {err}"
+        );
+        assert!(
+            err.to_string().contains(&first.display().to_string()),
+            "{err}"
+        );
+        // The same target with another mode: ALREADY_EXISTS.
+        let other = Publication {
+            mode: "SINGLE_NODE_MULTI_WRITER".into(),
+            ..writer(&first, false)
+        };
+        let err = volumes
+            .publish("pvc-1", staging, &other, || Ok(()))
+            .unwrap_err();
+        assert!(matches!(err, NodeError::AlreadyExists(_)), "{mode}: {err}");
+        volumes.unpublish("pvc-1", &first).unwrap();
+        mounted(&host, &[("/stage/pvc-1", "/dev/sdc", "rw")]);
+        assert!(
+            volumes
+                .record("pvc-1")
+                .unwrap()
+                .unwrap()
+                .publications
+                .is_empty()
+        );
+    }
+
+    // SINGLE_NODE_MULTI_WRITER: both targets.
+    let shared = |target: &Path| Publication {
+        mode: MULTI_WRITER_MODE.into(),
+        ..writer(target, false)
+    };
+    volumes
+        .publish("pvc-1", staging, &shared(&first), || Ok(()))
+        .unwrap();
+    mounted(
+        &host,
+        &[
+            ("/stage/pvc-1", "/dev/sdc", "rw"),
+            (&first.display().to_string(), "/dev/sdc", "rw"),
+        ],
+    );
+    volumes
+        .publish("pvc-1", staging, &shared(&second), || Ok(()))
+        .unwrap();
+    let record = volumes.record("pvc-1").unwrap().unwrap();
+    assert_eq!(record.publications.len(), 2);
+
+    // A publication whose mount is gone (the node rebooted) holds nothing.
+    mounted(&host, &[("/stage/pvc-1", "/dev/sdc", "rw")]);
+    volumes
+        .publish("pvc-1", staging, &writer(&first, false), || Ok(()))
+        .unwrap();
+    let record = volumes.record("pvc-1").unwrap().unwrap();
+    assert_eq!(record.publications, [writer(&first, false)]);
 }
 
 #[test]
