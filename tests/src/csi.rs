@@ -121,6 +121,16 @@ impl CsiCluster {
         Ok(NodeClient::new(plugin.channel.clone()))
     }
 
+    /// Kill node `i`'s node plugin (as a DaemonSet rollout would) and
+    /// start it again on the same socket and state directory.
+    pub fn restart_node_plugin(&mut self, i: usize) -> Result<NodeClient<Channel>> {
+        if let Some(mut plugin) = self.node_plugins[i].take() {
+            plugin.process.kill9()?;
+            let _ = std::fs::remove_file(&plugin.socket);
+        }
+        self.node(i)
+    }
+
     /// A directory under the fixture for kubelet-style paths.
     pub fn kubelet_dir(&self, node: usize) -> PathBuf {
         self.nodes.path().join(format!("kubelet-{node}"))
@@ -372,6 +382,27 @@ impl CsiCluster {
             staging_target_path: staging,
         }))?;
         Ok(())
+    }
+
+    /// The kubelet's volume health check: NodeGetVolumeStats on `node`
+    /// for pod `pod`'s path.
+    pub fn volume_stats(
+        &mut self,
+        volume_id: &str,
+        node: usize,
+        pod: &str,
+    ) -> Result<csi::NodeGetVolumeStatsResponse> {
+        let path = self.pod_path(node, pod).display().to_string();
+        let mut client = self.node(node)?;
+        Ok(self
+            .block_on(
+                client.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                    volume_id: volume_id.into(),
+                    volume_path: path,
+                    staging_target_path: String::new(),
+                }),
+            )?
+            .into_inner())
     }
 
     /// The external-provisioner: DeleteVolume.

@@ -124,6 +124,24 @@ fn story(c: &mut CsiCluster) -> Result<()> {
         c.nodes.get_engine(a, &id).is_err(),
         "node A runs an engine for {id} again"
     );
+    let stats = c.volume_stats(&id, b, "mysql-0")?;
+    let condition = stats
+        .volume_condition
+        .clone()
+        .context("no volume condition")?;
+    ensure!(
+        !condition.abnormal,
+        "healthy volume reported abnormal: {condition:?}"
+    );
+    ensure!(
+        stats.usage.iter().any(|u| u.total > 0 && u.used > 0),
+        "no usage: {stats:?}"
+    );
+
+    // The node plugin on B restarts (a DaemonSet rollout): the mount and
+    // the engine are not its own, so the pod's I/O goes on.
+    c.restart_node_plugin(b)?;
+    write_files(&pod_b, 2)?;
 
     // Another replica's node goes away for good: past the stale-replica
     // timeout its replica is replaced on the node that had none.
