@@ -177,9 +177,24 @@ fn story(c: &mut CsiCluster) -> Result<()> {
         let got = std::fs::read(pod_b.join(name))?;
         ensure!(&got == data, "{name} differs after the replacement");
     }
+    let after = c.volume_stats(&id, b, "mysql-0")?.volume_condition;
+    ensure!(
+        after.as_ref().is_some_and(|v| !v.abnormal),
+        "still abnormal after the replacement: {after:?}"
+    );
     // The lost node returns before the volume is deleted: its old replica
     // must go too.
     c.nodes.restart_node(gone)?;
+    // A volume in use is not deleted.
+    let refused = c
+        .delete_volume(&id)
+        .expect_err("DeleteVolume of a published volume");
+    ensure!(
+        refused
+            .downcast_ref::<tonic::Status>()
+            .is_some_and(|s| s.code() == tonic::Code::FailedPrecondition),
+        "DeleteVolume in use: {refused:#}"
+    );
 
     // The pod goes away; the volume is deleted and nothing is left.
     c.unmount_for_pod(&id, b, "mysql-0")?;

@@ -126,6 +126,30 @@ pub fn page<'a>(
     Ok((page, next))
 }
 
+/// How many bytes of volumes with `replicas` replicas each, on distinct
+/// nodes, fit in nodes with `rooms` bytes of room: the largest `t` with
+/// `sum(min(room, t)) >= replicas * t` (a node holds at most one replica of
+/// a volume, so it never contributes more than `t` to `t` bytes of volumes).
+pub fn provisionable(rooms: &[u64], replicas: u64) -> u64 {
+    if replicas == 0 {
+        return 0;
+    }
+    let fits = |t: u64| {
+        let have: u128 = rooms.iter().map(|&r| u128::from(r.min(t))).sum();
+        have >= u128::from(replicas) * u128::from(t)
+    };
+    let (mut lo, mut hi) = (0u64, rooms.iter().sum::<u64>() / replicas);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
 fn no_room(e: NoRoom, view: &ClusterView) -> Status {
     let mut msg = e.to_string();
     if !view.unreachable.is_empty() {
@@ -239,11 +263,13 @@ impl ControllerService {
                 "node daemon {addr} is unreachable ({e}); it may hold a replica of {id}"
             )));
         }
-        for n in view.engines_of(id) {
-            n.manager
-                .stop_engine(id)
-                .await
-                .map_err(|e| client_status(&e))?;
+        if let Some(n) = view.engines_of(id).first() {
+            // Kubernetes deletes only detached volumes; a published one is
+            // in use, and stopping its engine would pull a disk from a pod.
+            return Err(Status::failed_precondition(format!(
+                "volume {id} is in use: published on node {}; unpublish it first",
+                n.node_id()
+            )));
         }
         for n in view.holders(id) {
             match n.control.delete(id).await {
@@ -480,19 +506,12 @@ impl csi::controller_server::Controller for ControllerService {
         check_capabilities(&req.volume_capabilities).map_err(Status::invalid_argument)?;
         let params = VolumeParams::parse(&req.parameters)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // A volume is reachable from every node (its engine runs where it
+        // is used), so the room is the cluster's whatever the topology.
         let view = self.daemons.view().await;
-        let only = req
-            .accessible_topology
-            .as_ref()
-            .and_then(|t| t.segments.get(TOPOLOGY_NODE_KEY));
-        let mut rooms: Vec<u64> = view
-            .nodes
-            .iter()
-            .filter(|n| only.is_none_or(|id| n.node_id() == id))
-            .map(|n| n.room().room())
-            .collect();
+        let mut rooms: Vec<u64> = view.nodes.iter().map(|n| n.room().room()).collect();
         rooms.sort_unstable_by(|a, b| b.cmp(a));
-        let available: u64 = rooms.iter().sum();
+        let available = provisionable(&rooms, params.replicas as u64);
         // The largest volume that still finds `replicas` distinct nodes.
         let largest = rooms
             .get(params.replicas as usize - 1)
@@ -607,6 +626,19 @@ mod tests {
             let err = page(all.iter(), bad, 1).unwrap_err();
             assert_eq!(err.code(), tonic::Code::Aborted, "{bad}");
         }
+    }
+
+    #[test]
+    fn provisionable_capacity_counts_replicas_on_distinct_nodes() {
+        // Three equal nodes, three replicas: one node's worth.
+        assert_eq!(provisionable(&[10, 10, 10], 3), 10);
+        // A fourth node lets volumes spread: 40 bytes of replicas / 3.
+        assert_eq!(provisionable(&[10, 10, 10, 10], 3), 13);
+        // One huge node cannot hold two replicas of the same volume.
+        assert_eq!(provisionable(&[1000, 10, 10], 3), 10);
+        assert_eq!(provisionable(&[1000, 10], 3), 0);
+        assert_eq!(provisionable(&[7, 5], 1), 12);
+        assert_eq!(provisionable(&[], 3), 0);
     }
 
     #[test]
