@@ -252,6 +252,19 @@ pub fn ext4_writer() -> csi::VolumeCapability {
     }
 }
 
+/// The capability the kubelet passes for a pod's mount of `volume`: its
+/// StorageClass's filesystem.
+pub fn pod_capability(volume: &csi::Volume) -> csi::VolumeCapability {
+    let mut cap = ext4_writer();
+    if let (Some(fs), Some(csi::volume_capability::AccessType::Mount(m))) = (
+        volume.volume_context.get("fsType"),
+        cap.access_type.as_mut(),
+    ) {
+        m.fs_type = fs.clone();
+    }
+    cap
+}
+
 /// What the sidecars and the kubelet do, one call each.
 impl CsiCluster {
     /// The external-provisioner: CreateVolume, for a pod that will run on
@@ -349,7 +362,7 @@ impl CsiCluster {
             volume_id: id.clone(),
             publish_context: publish_context.clone(),
             staging_target_path: staging.clone(),
-            volume_capability: Some(ext4_writer()),
+            volume_capability: Some(pod_capability(volume)),
             volume_context: volume.volume_context.clone(),
             ..Default::default()
         }))?;
@@ -358,7 +371,7 @@ impl CsiCluster {
             publish_context,
             staging_target_path: staging,
             target_path: target.display().to_string(),
-            volume_capability: Some(ext4_writer()),
+            volume_capability: Some(pod_capability(volume)),
             volume_context: volume.volume_context.clone(),
             ..Default::default()
         }))?;
