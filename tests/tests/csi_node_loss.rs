@@ -182,9 +182,17 @@ fn story(c: &mut CsiCluster) -> Result<()> {
         after.as_ref().is_some_and(|v| !v.abnormal),
         "still abnormal after the replacement: {after:?}"
     );
-    // The lost node returns before the volume is deleted: its old replica
-    // must go too.
+    // The lost node returns: its replica, no longer a member, is deleted.
     c.nodes.restart_node(gone)?;
+    poll(
+        Duration::from_secs(30),
+        "the former replica to be deleted",
+        || Ok((!holders(c, &id, &[gone])?.contains(&gone)).then_some(())),
+    )?;
+    ensure!(
+        holders(c, &id, &all)?.len() == 3,
+        "three replicas after the cleanup"
+    );
     // A volume in use is not deleted.
     let refused = c
         .delete_volume(&id)

@@ -7,7 +7,9 @@
 //! [`plan`] decides, from what the engines and node daemons report, as a
 //! pure function; [`Reconciler`] runs it every interval in the controller
 //! and carries it out: create the replica, add it to the engine (it joins
-//! WO and is rebuilt), remove the stale one.
+//! WO and is rebuilt), remove the stale one. When the lost node returns,
+//! its replica — no longer a member — is deleted ([`orphans`]) once the
+//! volume is whole again.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -90,6 +92,42 @@ pub fn plan(
     out
 }
 
+/// A replica left behind: on `node_id`, of `volume`, no longer a member.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Orphan {
+    pub node_id: String,
+    pub volume: String,
+}
+
+/// Replicas to delete: of a volume whose engine runs with every member
+/// RW, a replica that is not a member and not open by an engine — a
+/// replaced replica whose node came back. `held(volume)` lists (node,
+/// replica address, open) for every reachable replica of the volume.
+pub fn orphans(
+    engines: &[EngineView],
+    held: impl Fn(&str) -> Vec<(String, String, bool)>,
+) -> Vec<Orphan> {
+    let mut out = Vec::new();
+    for e in engines {
+        let healthy = !e.replicas.is_empty()
+            && e.replicas
+                .iter()
+                .all(|r| mode(r) == Some(corral_types::ReplicaMode::Rw));
+        if !healthy {
+            continue;
+        }
+        for (node_id, address, open) in held(&e.volume) {
+            if !open && !e.replicas.iter().any(|r| r.address == address) {
+                out.push(Orphan {
+                    node_id,
+                    volume: e.volume.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
 /// The controller's background loop.
 pub struct Reconciler {
     pub daemons: Daemons,
@@ -128,6 +166,33 @@ impl Reconciler {
         for r in plan(&engines, &rooms, node_of, holders) {
             if let Err(e) = replace(&view, &r).await {
                 tracing::warn!(volume = %r.volume, stale = %r.stale, new_node = %r.new_node, error = %e, "replacing a stale replica failed; retrying next round");
+            }
+        }
+        let held = |volume: &str| {
+            view.holders(volume)
+                .iter()
+                .filter_map(|n| {
+                    n.replica(volume).map(|r| {
+                        (
+                            n.node_id().to_string(),
+                            n.info.replica_address.clone(),
+                            r.open,
+                        )
+                    })
+                })
+                .collect()
+        };
+        for o in orphans(&engines, held) {
+            let Some(node) = view.node(&o.node_id) else {
+                continue;
+            };
+            match node.control.delete(&o.volume).await {
+                Ok(()) => {
+                    tracing::info!(volume = %o.volume, node = %o.node_id, "deleted a replica that is no longer a member")
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %o.volume, node = %o.node_id, error = %e, "could not delete a former replica")
+                }
             }
         }
     }
@@ -257,6 +322,40 @@ mod tests {
                 new_node: "d".into(),
             }]
         );
+    }
+
+    #[test]
+    fn a_former_replica_is_deleted_once_the_volume_is_whole_again() {
+        let whole = engine(vec![
+            replica("a:9600", Rw, 0),
+            replica("b:9600", Rw, 0),
+            replica("d:9600", Rw, 0),
+        ]);
+        let held = |_: &str| {
+            vec![
+                ("a".to_string(), "a:9600".to_string(), true),
+                ("b".to_string(), "b:9600".to_string(), true),
+                ("c".to_string(), "c:9600".to_string(), false),
+                ("d".to_string(), "d:9600".to_string(), true),
+            ]
+        };
+        assert_eq!(
+            orphans(std::slice::from_ref(&whole), held),
+            [Orphan {
+                node_id: "c".into(),
+                volume: "v".into()
+            }]
+        );
+        // While a member rebuilds, or a non-member is open (some engine
+        // uses it), nothing is deleted.
+        let rebuilding = engine(vec![
+            replica("a:9600", Rw, 0),
+            replica("b:9600", Rw, 0),
+            replica("d:9600", Wo, 0),
+        ]);
+        assert!(orphans(&[rebuilding], held).is_empty());
+        let open = |_: &str| vec![("c".to_string(), "c:9600".to_string(), true)];
+        assert!(orphans(&[whole], open).is_empty());
     }
 
     #[test]
