@@ -339,3 +339,70 @@ fn bad_arguments_get_a_one_line_error_and_a_non_zero_exit() {
         assert!(stderr.contains(says), "{bad:?}: {stderr}");
     }
 }
+
+#[test]
+fn replica_changes_made_through_the_daemon_survive_an_engine_restart() {
+    let nodes = NodeCluster::start(3).unwrap();
+    nodes.create_replicas("chg", SIZE, &[0, 1, 2]).unwrap();
+    let first = nodes
+        .start_engine(0, nodes.spec("chg", SIZE, &[0, 1]))
+        .unwrap();
+    let data = random(MIB as usize, 7);
+    write_flushed(&first, 0, &data);
+
+    // The controller's stale-replica replacement adds a replica through
+    // the daemon (the engine's control port is the node's own).
+    let manager = nodes.manager(0).unwrap();
+    let third = nodes.nodes[2].addr.to_string();
+    nodes
+        .block_on(manager.add_engine_replica("chg", &third))
+        .unwrap();
+    let all_rw = |replicas: &[pb::ReplicaStatus]| {
+        replicas.len() == 3
+            && replicas
+                .iter()
+                .all(|r| r.mode == pb::ReplicaMode::Rw as i32)
+    };
+    wait_until(WAIT, "the added replica to be rebuilt", || {
+        nodes
+            .block_on(manager.engine_replicas("chg"))
+            .is_ok_and(|r| all_rw(&r))
+    })
+    .unwrap();
+
+    // The engine dies; the daemon starts it again with the new replica set.
+    kill9(first.pid).unwrap();
+    let second = nodes
+        .wait_engine(0, "chg", WAIT, "the engine restarted", |s| {
+            running(s) && s.pid != first.pid
+        })
+        .unwrap();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", second.pid)).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--replica" && w[1] == third),
+        "the restarted engine is not given {third}: {args:?}"
+    );
+    wait_until(WAIT, "three RW replicas after the restart", || {
+        nodes
+            .block_on(manager.engine_replicas("chg"))
+            .is_ok_and(|r| all_rw(&r))
+    })
+    .unwrap();
+    assert!(read(&second, 0, data.len()) == data, "data reads back");
+
+    // Removing one is relayed too, and an unknown volume is NOT_FOUND.
+    nodes
+        .block_on(manager.remove_engine_replica("chg", &third))
+        .unwrap();
+    let left = nodes.block_on(manager.engine_replicas("chg")).unwrap();
+    assert_eq!(left.len(), 2, "{left:?}");
+    let err = nodes
+        .block_on(manager.engine_replicas("nosuch"))
+        .unwrap_err();
+    assert_eq!(code(&err), Some(tonic::Code::NotFound), "{err}");
+}

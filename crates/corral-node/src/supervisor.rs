@@ -311,6 +311,12 @@ impl Shell {
             }
             return self.machine.handle(Event::StopRequested, Instant::now());
         }
+        // The record's spec is the one to start: replica changes made
+        // while the engine ran (AddEngineReplica, RemoveEngineReplica)
+        // are written there.
+        if let Some(recorded) = self.ctx.book.engines().await.get(&self.spec.volume) {
+            self.spec = recorded.spec.clone();
+        }
         let event = match self.ctx.launcher.spawn(&self.spec, &self.addresses) {
             Ok(launched) => {
                 let pid = launched.pid;
