@@ -4,6 +4,7 @@
 #   scripts/bench.sh rebuild [--size 4GiB --written 3g ...]        # rebuild throughput
 #   scripts/bench.sh memory                                         # idle RSS with a 1 TiB volume
 #   scripts/bench.sh csi [--runs 10]                                # create→mounted, node loss→mounted (root)
+#   scripts/bench.sh floor [--seconds 10]                           # CPU per replicated write: gRPC floor vs engine/replicas
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh

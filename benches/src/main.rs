@@ -9,9 +9,13 @@
 //!   rebuild after a short outage;
 //! - `memory`: idle RSS with a large sparse volume;
 //! - `csi`: CreateVolume to a mounted filesystem, and node loss to the
-//!   volume mounted on another node, through the CSI plugin.
+//!   volume mounted on another node, through the CSI plugin;
+//! - `floor`: CPU per replicated 4 KiB write of tonic alone (a three-way
+//!   fan-out to null replicas in one process) next to the engine's and the
+//!   replica daemons' under fio, in the same run (issue 13, item 1).
 
 mod csi;
+mod floor;
 mod matrix;
 mod memory;
 mod rebuild;
@@ -35,6 +39,8 @@ enum Command {
     Csi(csi::CsiArgs),
     /// Idle RSS of an engine and a replica daemon serving a large sparse volume.
     Memory(memory::MemoryArgs),
+    /// CPU per replicated write: tonic's floor vs the engine and replicas.
+    Floor(floor::FloorArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,5 +49,6 @@ fn main() -> anyhow::Result<()> {
         Command::Fio(args) => matrix::run(&args),
         Command::Memory(args) => memory::run(&args),
         Command::Csi(args) => csi::run(&args),
+        Command::Floor(args) => floor::run(&args),
     }
 }
