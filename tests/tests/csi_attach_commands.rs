@@ -11,11 +11,12 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use corral_csi::attach::{self, AttachMethod, Frontend, iscsi_device_path};
-use corral_csi::host::{CommandOutput, Host, HostError, RecordingHost};
+use corral_csi::host::{CommandOutput, RecordingHost};
 use corral_tests::tools::require;
 use corral_tests::{corral_bin, free_addr, wait_for_port};
 
@@ -115,72 +116,35 @@ fn iscsiadm_accepts_every_argument_the_iscsi_attach_gives_it() -> Result<()> {
     Ok(())
 }
 
-/// A host that records like [`RecordingHost`] and runs `nbd-client` for
-/// real, reporting a device as connected once it was run.
-struct RealNbdClient {
-    recorded: RecordingHost,
-    outputs: std::sync::Mutex<Vec<Output>>,
-}
-
-impl Host for RealNbdClient {
-    fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
-        let out = self.recorded.run(program, args)?;
-        if program == "nbd-client" {
-            let line = format!("{program} {}", args.join(" "));
-            let real = run_real(&line).map_err(|e| HostError::Refused(e.to_string()))?;
-            self.outputs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(real);
-            if let Some(name) = args.get(2).and_then(|d| d.strip_prefix("/dev/")) {
-                self.recorded.add_path(format!("/sys/block/{name}/pid"));
-            }
-        }
-        Ok(out)
-    }
-    fn spawn(&self, p: &str, a: &[&str], l: &Path) -> Result<u32, HostError> {
-        self.recorded.spawn(p, a, l)
-    }
-    fn exists(&self, p: &Path) -> bool {
-        self.recorded.exists(p)
-    }
-    fn read(&self, p: &Path) -> std::io::Result<String> {
-        self.recorded.read(p)
-    }
-    fn list(&self, p: &Path) -> std::io::Result<Vec<String>> {
-        self.recorded.list(p)
-    }
-    fn resolve(&self, p: &Path) -> std::io::Result<std::path::PathBuf> {
-        self.recorded.resolve(p)
-    }
-    fn make_dir(&self, p: &Path) -> std::io::Result<()> {
-        self.recorded.make_dir(p)
-    }
-    fn signal(&self, pid: u32, s: i32) {
-        self.recorded.signal(pid, s)
-    }
-    fn pause(&self, d: Duration) {
-        self.recorded.pause(d)
-    }
-}
-
 #[test]
 fn nbd_client_negotiates_the_export_the_nbd_attach_names() -> Result<()> {
     let addr = free_addr();
     let _target = serve("--nbd", addr)?;
-    let host = RealNbdClient {
-        recorded: RecordingHost::new(),
-        outputs: std::sync::Mutex::new(Vec::new()),
-    };
-    host.recorded.add_path("/sys/block/nbd0");
-    host.recorded.add_file("/sys/block/nbd0/size", "0\n");
+    // nbd-client is run for real after being recorded; the device then
+    // "connects" on the recording host.
+    let outputs: Arc<Mutex<Vec<Output>>> = Arc::default();
+    let host = RecordingHost::new();
+    let ran = Arc::clone(&outputs);
+    host.after_run(move |host, program, args| {
+        if program != "nbd-client" {
+            return;
+        }
+        if let Ok(real) = run_real(&format!("{program} {}", args.join(" "))) {
+            ran.lock().unwrap_or_else(|p| p.into_inner()).push(real);
+        }
+        if let Some(name) = args.get(2).and_then(|d| d.strip_prefix("/dev/")) {
+            host.add_path(format!("/sys/block/{name}/pid"));
+        }
+    });
+    host.add_path("/sys/block/nbd0");
+    host.add_file("/sys/block/nbd0/size", "0\n");
     let frontend = Frontend {
         volume: "vol".into(),
         nbd: Some(addr.to_string()),
         iscsi: None,
     };
     attach::attach(&host, AttachMethod::Nbd, &frontend, Path::new("/w"))?;
-    let outputs = host.outputs.lock().unwrap_or_else(|p| p.into_inner());
+    let outputs = outputs.lock().unwrap_or_else(|p| p.into_inner());
     let out = outputs.first().context("nbd-client was not run")?;
     let said = format!(
         "{}{}",

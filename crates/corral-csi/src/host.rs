@@ -9,7 +9,7 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What a command printed and how it ended.
@@ -242,6 +242,20 @@ pub struct Rule {
 #[derive(Debug, Default)]
 pub struct RecordingHost {
     state: Mutex<Recorded>,
+    hooks: Mutex<Hooks>,
+}
+
+/// What a command does to the recorded host besides being recorded (say,
+/// `nbd-client` making a device's pid file appear).
+type Hook = Arc<dyn Fn(&RecordingHost, &str, &[&str]) + Send + Sync>;
+
+#[derive(Default)]
+struct Hooks(Vec<Hook>);
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} hooks", self.0.len())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -279,6 +293,12 @@ impl RecordingHost {
         });
     }
 
+    /// Call `hook` after every command is recorded and answered.
+    pub fn after_run(&self, hook: impl Fn(&RecordingHost, &str, &[&str]) + Send + Sync + 'static) {
+        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        hooks.0.push(Arc::new(hook));
+    }
+
     /// Make `path` exist.
     pub fn add_path(&self, path: impl Into<PathBuf>) {
         self.with(|s| s.paths.insert(path.into()));
@@ -313,10 +333,9 @@ impl RecordingHost {
     pub fn clear(&self) {
         self.with(|s| s.commands.clear());
     }
-}
 
-impl Host for RecordingHost {
-    fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
+    /// Record a command and answer it from the rules.
+    fn answer_for(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
         self.with(|s| {
             s.commands.push(format!("{program} {}", args.join(" ")));
             for rule in &mut s.rules {
@@ -334,6 +353,22 @@ impl Host for RecordingHost {
             }
             Ok(CommandOutput::ok(""))
         })
+    }
+}
+
+impl Host for RecordingHost {
+    fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
+        let out = self.answer_for(program, args);
+        let hooks = self
+            .hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone();
+        for hook in hooks {
+            hook(self, program, args);
+        }
+        out
     }
 
     fn spawn(&self, program: &str, args: &[&str], _log: &Path) -> Result<u32, HostError> {

@@ -176,49 +176,16 @@ fn nbd_attach_connects_the_first_free_device() {
 }
 
 /// Attach over NBD with a host on which the connect "happens": the pid
-/// file is added once nbd-client has been run.
+/// file appears once nbd-client has been run.
 fn attach_nbd_after_connect(host: &RecordingHost) -> Result<Attachment, HostError> {
-    struct Connecting<'a>(&'a RecordingHost);
-    impl Host for Connecting<'_> {
-        fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
-            let out = self.0.run(program, args)?;
-            if program == "nbd-client" && args.len() > 2 {
-                let name = args[2].trim_start_matches("/dev/");
-                self.0.add_path(format!("/sys/block/{name}/pid"));
-            }
-            Ok(out)
+    host.after_run(|host, program, args| {
+        if let ("nbd-client", Some(name)) =
+            (program, args.get(2).and_then(|d| d.strip_prefix("/dev/")))
+        {
+            host.add_path(format!("/sys/block/{name}/pid"));
         }
-        fn spawn(&self, p: &str, a: &[&str], l: &Path) -> Result<u32, HostError> {
-            self.0.spawn(p, a, l)
-        }
-        fn exists(&self, p: &Path) -> bool {
-            self.0.exists(p)
-        }
-        fn read(&self, p: &Path) -> std::io::Result<String> {
-            self.0.read(p)
-        }
-        fn list(&self, p: &Path) -> std::io::Result<Vec<String>> {
-            self.0.list(p)
-        }
-        fn resolve(&self, p: &Path) -> std::io::Result<std::path::PathBuf> {
-            self.0.resolve(p)
-        }
-        fn make_dir(&self, p: &Path) -> std::io::Result<()> {
-            self.0.make_dir(p)
-        }
-        fn signal(&self, pid: u32, s: i32) {
-            self.0.signal(pid, s)
-        }
-        fn pause(&self, d: std::time::Duration) {
-            self.0.pause(d)
-        }
-    }
-    attach(
-        &Connecting(host),
-        AttachMethod::Nbd,
-        &iscsi_frontend(),
-        Path::new("/w"),
-    )
+    });
+    attach(host, AttachMethod::Nbd, &iscsi_frontend(), Path::new("/w"))
 }
 
 #[test]
