@@ -604,6 +604,18 @@ impl Cluster {
             .cloned())
     }
 
+    /// The newest rebuild into `replica` once it has ended (the engine
+    /// records the outcome just after the replica turns RW, so it may still
+    /// read "running" for a moment after that).
+    pub fn finished_rebuild(&self, engine: usize, replica: usize) -> Result<Value> {
+        poll(Duration::from_secs(30), "a finished rebuild", || {
+            Ok(self
+                .rebuild_of(engine, replica)?
+                .filter(|r| r["state"] != "running"))
+        })
+        .with_context(|| format!("replica-{replica}"))
+    }
+
     /// `corral volume --engine E --json verify`: Ok(report) when the RW
     /// replicas are identical, an error with the differences otherwise.
     pub fn verify(&self, engine: usize) -> Result<Value> {

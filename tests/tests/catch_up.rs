@@ -199,7 +199,7 @@ fn a_rebuild_source_killed_mid_rebuild_loses_nothing() {
     cluster.wait_mode(e, 0, "ERR", secs(10)).unwrap();
     writer.wait_more(4 * MIB, secs(60)).unwrap();
     cluster.wait_mode(e, 1, "RW", secs(60)).unwrap();
-    let rebuild = cluster.rebuild_of(e, 1).unwrap().unwrap();
+    let rebuild = cluster.finished_rebuild(e, 1).unwrap();
     assert_eq!(rebuild["state"], "done", "{rebuild}");
 
     cluster.restart_replica(0).unwrap();

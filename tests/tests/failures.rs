@@ -57,14 +57,11 @@ fn assert_consistent(cluster: &Cluster, engine: usize, checker: &Checker) {
         .expect("every acknowledged write reads back");
 }
 
-/// Wait until the newest rebuild into `replica` has finished; returns it.
+/// The newest rebuild into `replica`, finished, and finished well.
 fn finished_rebuild(cluster: &Cluster, engine: usize, replica: usize) -> serde_json::Value {
-    let r = corral_tests::poll(secs(30), "a finished rebuild", || {
-        Ok(cluster
-            .rebuild_of(engine, replica)?
-            .filter(|r| r["state"] != "running"))
-    })
-    .unwrap_or_else(|e| panic!("replica-{replica}: {e:#}"));
+    let r = cluster
+        .finished_rebuild(engine, replica)
+        .unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(r["state"], "done", "{r}");
     r
 }

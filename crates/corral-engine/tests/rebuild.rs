@@ -39,15 +39,28 @@ async fn assert_identical(volume: &Volume) {
     assert!(report.differences.is_empty(), "{:?}", report.differences);
 }
 
-fn last_rebuild(volume: &Volume, addr: &str) -> corral_proto::v1::RebuildStatus {
-    volume
-        .replica_set()
-        .status()
-        .into_iter()
-        .find(|s| s.address == addr)
-        .and_then(|s| s.rebuild)
-        .expect("a rebuild ran")
-        .to_pb()
+/// The last rebuild into `addr`, once it has ended: the copier records its
+/// outcome just after it turns the replica RW, so a caller that saw the
+/// replica RW may still find it running for a moment.
+async fn last_rebuild(volume: &Volume, addr: &str) -> corral_proto::v1::RebuildStatus {
+    let status = || {
+        volume
+            .replica_set()
+            .status()
+            .into_iter()
+            .find(|s| s.address == addr)
+            .and_then(|s| s.rebuild)
+            .expect("a rebuild ran")
+            .to_pb()
+    };
+    common::wait_until(
+        Duration::from_secs(5),
+        "the rebuild to end",
+        || status().state != "running",
+        || format!("{:?}", status()),
+    )
+    .await;
+    status()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,7 +90,7 @@ async fn a_returning_replica_is_caught_up_with_only_what_it_missed() {
     reps[2].restart().await;
     wait_all_rw(&volume, Duration::from_secs(30)).await;
 
-    let r = last_rebuild(&volume, &reps[2].addr);
+    let r = last_rebuild(&volume, &reps[2].addr).await;
     assert_eq!(r.kind, "partial");
     assert_eq!(r.state, "done");
     // Only the chunks written while away were walked (3 chunks, plus the
@@ -116,7 +129,7 @@ async fn past_the_stale_timeout_or_wiped_a_replica_is_rebuilt_in_full() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     reps[1].restart().await;
     wait_all_rw(&volume, Duration::from_secs(30)).await;
-    let r = last_rebuild(&volume, &reps[1].addr);
+    let r = last_rebuild(&volume, &reps[1].addr).await;
     assert_eq!(r.kind, "full", "{r:?}");
     assert_eq!(r.total_bytes, 8 << 20);
     // Identical chunks are compared by checksum and not sent.
@@ -131,7 +144,7 @@ async fn past_the_stale_timeout_or_wiped_a_replica_is_rebuilt_in_full() {
         .write(4096, Bytes::from(vec![9u8; 4096]), false)
         .await;
     wait_all_rw(&volume, Duration::from_secs(30)).await;
-    let r = last_rebuild(&volume, &reps[0].addr);
+    let r = last_rebuild(&volume, &reps[0].addr).await;
     assert_eq!(r.kind, "full", "{r:?}");
     // A new replica is empty: the 4 MiB written are sent, the 4 MiB never
     // written are not.
@@ -245,7 +258,7 @@ async fn a_new_replica_gets_the_written_blocks_while_writes_and_discards_go_on()
         rounds += w.await.unwrap();
     }
     assert!(rounds > 100, "writes overlapped the rebuild ({rounds})");
-    let r = last_rebuild(&volume, &reps[2].addr);
+    let r = last_rebuild(&volume, &reps[2].addr).await;
     assert_eq!(r.kind, "full", "{r:?}");
     assert_eq!(r.done_bytes, 8 << 20, "{r:?}");
     assert_eq!(r.copied_bytes + r.skipped_bytes, 8 << 20, "{r:?}");
