@@ -125,6 +125,19 @@ pub fn run(cfg: &CampaignConfig) -> Result<Report> {
         cfg.seed, cfg.duration, cfg.seed
     );
     let mut cluster = Cluster::with_replicas(REPLICAS)?;
+    let outcome = run_on(&mut cluster, cfg);
+    if outcome.is_err() {
+        // CORRAL_TEST_KEEP=1 keeps a failed campaign's logs and data.
+        cluster.print_log_tails(60);
+        if std::env::var_os("CORRAL_TEST_KEEP").is_some() {
+            cluster.dir.disable_cleanup(true);
+            eprintln!("kept {}", cluster.path().display());
+        }
+    }
+    outcome
+}
+
+fn run_on(cluster: &mut Cluster, cfg: &CampaignConfig) -> Result<Report> {
     let e = cluster.start_engine(&engine_spec(cfg.size_mib))?;
     let size = cfg.size_mib * MIB;
     let checker = Checker::new(size);
@@ -156,13 +169,13 @@ pub fn run(cfg: &CampaignConfig) -> Result<Report> {
 
     let mut injector = Injector::new(cfg.seed);
     let started = Instant::now();
-    let outcome = injector.run(&mut cluster, e, started + cfg.duration, &violations);
+    let outcome = injector.run(cluster, e, started + cfg.duration, &violations);
     stop.store(true, Ordering::SeqCst);
     for w in writers {
         let _ = w.join();
     }
     outcome?;
-    heal(&mut cluster, e, &mut injector)?;
+    heal(cluster, e, &mut injector)?;
 
     let mut report = Report {
         seed: cfg.seed,
@@ -187,11 +200,26 @@ pub fn run(cfg: &CampaignConfig) -> Result<Report> {
     // Every replica back to RW and identical; every acknowledged write there.
     let nbd = cluster.engines[e].nbd;
     checker.flush(nbd, VOLUME).context("final flush")?;
-    let verify = cluster
-        .verify(e)
-        .with_context(|| format!("{report}: replicas differ"))?;
-    if verify["differences"].as_array().map(Vec::len) != Some(0) {
-        bail!("{report}: replicas differ: {verify}");
+    let verify = cluster.verify(e);
+    let identical =
+        matches!(&verify, Ok(v) if v["differences"].as_array().map(Vec::len) == Some(0));
+    if !identical {
+        // Say which replicas hold every acknowledged write and which lost some.
+        let verify = match verify {
+            Ok(v) => v.to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        cluster.stop_all()?;
+        let own: Vec<String> = (0..REPLICAS)
+            .map(|r| match checker.verify_image(&cluster.head_file(r, VOLUME)) {
+                Ok(v) => format!(
+                    "replica-{r}: every acknowledged write ({} blocks hold a write of unknown outcome)",
+                    v.unknown_outcome_blocks
+                ),
+                Err(e) => format!("replica-{r}: {e:#}"),
+            })
+            .collect();
+        bail!("{report}: replicas differ: {verify}\n{}", own.join("\n"));
     }
     for _ in 0..REPLICAS {
         checker

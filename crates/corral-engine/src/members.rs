@@ -13,8 +13,10 @@
 //! the RW set has been copied or compared since it was last identical.**
 //! What "may differ" is lives in [`Divergence`]:
 //!
-//! - RW → ERR: the chunks of the request that failed, and from then on
-//!   every chunk written without it;
+//! - RW → ERR: the chunks of the request that failed, the chunks of every
+//!   write that timed out on it while it was kept RW (the write policy
+//!   needed it: the write may still be queued on its side, and lost if it
+//!   dies), and from then on every chunk written without it;
 //! - WO → ERR: the chunks its rebuild had not copied yet, the failed
 //!   request's, and every chunk written from then on;
 //! - past the stale-replica timeout: forgotten — every chunk is compared;
@@ -30,6 +32,7 @@
 //! missed no acknowledged write since may return as RW directly when no RW
 //! member is left ([`Members::join`]).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::chunk::ChunkBitmap;
@@ -128,6 +131,13 @@ pub struct Member {
     /// member may return as RW without a rebuild (there is no source for
     /// one anyway).
     pub holds_every_ack: bool,
+    /// Writes that timed out on it while it was kept RW (the write policy
+    /// needed it), per chunk, until their late replies confirm them: such a
+    /// write may still land — or never, if it dies first — so these chunks
+    /// join its divergence when it leaves RW, and no flush is sent while
+    /// any is left (another replica's flush would clear the write-intent
+    /// bits that let a new engine find the difference).
+    pub unconfirmed: BTreeMap<u64, u32>,
     /// Changes at every join: a rebuild's progress counts only in its own.
     session: u64,
 }
@@ -318,6 +328,7 @@ impl Members {
                 attempts: 0,
                 retry_at: None,
                 holds_every_ack: false,
+                unconfirmed: BTreeMap::new(),
                 session: 0,
             });
         }
@@ -421,7 +432,11 @@ impl Members {
                 FailDecision::AlreadyOut
             }
             Mode::Rw if kind == FailureKind::Timeout && rw <= floor => {
+                // The request may still land — or never, if it dies first.
                 m.last_error = why.to_string();
+                for c in chunks {
+                    *m.unconfirmed.entry(*c).or_default() += 1;
+                }
                 FailDecision::Kept { rw }
             }
             previous => {
@@ -429,7 +444,11 @@ impl Members {
                 m.last_error = why.to_string();
                 m.failed_at = Some(now);
                 if previous == Mode::Rw {
-                    m.divergence = Divergence::Chunks(ChunkBitmap::new(chunk_count));
+                    let mut missed = ChunkBitmap::new(chunk_count);
+                    for c in std::mem::take(&mut m.unconfirmed).into_keys() {
+                        missed.insert(c);
+                    }
+                    m.divergence = Divergence::Chunks(missed);
                 } else {
                     // WO: its divergence is what the rebuild had not copied yet.
                     m.interrupted = true;
@@ -443,6 +462,37 @@ impl Members {
                 FailDecision::Moved { previous }
             }
         }
+    }
+
+    /// Which join of member `id` is current (see [`Members::confirmed`]).
+    pub fn session_of(&self, id: MemberId) -> Option<u64> {
+        self.get(id).map(|m| m.session)
+    }
+
+    /// A write to `chunks` that timed out on member `id` while it was kept
+    /// RW (in its join `session`) has landed there after all.
+    pub fn confirmed(&mut self, id: MemberId, session: u64, chunks: &[u64]) {
+        let Some(m) = self.get_mut(id) else { return };
+        if m.mode != Mode::Rw || m.session != session {
+            return; // it left RW since: the chunks went to its divergence
+        }
+        for c in chunks {
+            if let Some(n) = m.unconfirmed.get_mut(c) {
+                *n -= 1;
+                if *n == 0 {
+                    m.unconfirmed.remove(c);
+                }
+            }
+        }
+    }
+
+    /// An RW member with writes that timed out and are not confirmed yet,
+    /// and how many chunks they cover: no flush may be sent meanwhile.
+    pub fn unconfirmed_writes(&self) -> Option<(&str, usize)> {
+        self.members
+            .iter()
+            .find(|m| m.mode == Mode::Rw && !m.unconfirmed.is_empty())
+            .map(|m| (m.address.as_str(), m.unconfirmed.len()))
     }
 
     /// The last RW member left: rebuilds have no source any more, so their
@@ -680,6 +730,7 @@ impl Members {
             m.divergence = Divergence::InSync;
             m.interrupted = false;
             m.holds_every_ack = false;
+            m.unconfirmed.clear();
             m.last_error = String::new();
             m.failed_at = None;
             m.busy = false;
@@ -701,6 +752,7 @@ impl Members {
         m.mode = Mode::Wo;
         m.instance_id = facts.instance_id;
         m.divergence = Divergence::Chunks(pending);
+        m.unconfirmed.clear();
         m.last_error = String::new();
         m.failed_at = None;
         m.holds_every_ack = false;
@@ -791,6 +843,7 @@ impl Members {
             attempts: 0,
             retry_at: None,
             holds_every_ack: false,
+            unconfirmed: BTreeMap::new(),
             session: 0,
         });
         self.generation = self.generation.next();

@@ -240,6 +240,36 @@ impl ReplicaSet {
         self.io_gate.read().await
     }
 
+    /// Held by a flush while it sends: every write in flight has had its
+    /// outcome handled (a timeout kept or moved its replica), and none
+    /// starts meanwhile.
+    pub async fn writes_drained(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.io_gate.write().await
+    }
+
+    /// Which join of member `id` is current (for [`Self::confirmed`]).
+    pub fn member_session(&self, id: SlotId) -> Option<u64> {
+        self.read_state().members.session_of(id)
+    }
+
+    /// A write to `chunks` that timed out on member `id` (in its join
+    /// `session`) was applied there after all: its late reply came.
+    pub fn confirmed(&self, id: SlotId, session: u64, chunks: &[u64]) {
+        self.write_state().members.confirmed(id, session, chunks);
+    }
+
+    /// Why no flush may be sent now: an RW replica has not confirmed
+    /// writes that timed out on it.
+    pub fn unconfirmed_writes(&self) -> Option<String> {
+        let state = self.read_state();
+        state.members.unconfirmed_writes().map(|(address, chunks)| {
+            format!(
+                "volume {}: replica {address} has not confirmed writes to {chunks} chunk(s) that timed out on it; flushes wait for it",
+                self.volume
+            )
+        })
+    }
+
     /// Held by a flush while it runs: no membership change is being
     /// recorded meanwhile (changes wait for the flush, and it for them).
     pub async fn membership_settled(&self) -> tokio::sync::MutexGuard<'_, ()> {

@@ -199,34 +199,50 @@ impl Volume {
         }
         // ...and wait for the replies, at most the replica timeout.
         let results = join_all(queued.into_iter().map(|(id, client, pending)| async move {
-            let outcome = match pending {
-                Err(e) => Some(e),
+            let (outcome, late) = match pending {
+                Err(e) => (Some(e), None),
                 Ok((reservation, replies)) => {
-                    let all = join_all(replies.into_iter().map(|r| r.wait()));
-                    let first_err = match tokio::time::timeout(client.timeout(), all).await {
-                        Ok(results) => results.into_iter().find_map(Result::err),
-                        Err(_) => Some(ReplicaIoError::Timeout(client.timeout())),
+                    let mut all = Box::pin(join_all(replies.into_iter().map(|r| r.wait())));
+                    let outcome = match tokio::time::timeout(client.timeout(), &mut all).await {
+                        Ok(results) => (results.into_iter().find_map(Result::err), None),
+                        Err(_) => (Some(ReplicaIoError::Timeout(client.timeout())), Some(all)),
                     };
                     drop(reservation);
-                    first_err
+                    outcome
                 }
             };
-            (id, outcome)
+            (id, outcome, late)
         }))
         .await;
         let mut rejected = None;
         let mut refused = None;
-        for (id, err) in results {
+        for (id, err, late) in results {
             if let Some(err) = err {
                 if let ReplicaIoError::Rejected(_) = err {
                     rejected = Some(err);
                     continue;
                 }
+                let session = self.set.member_session(id);
                 // Record every failure first; the policy check comes after.
                 if let Err(e) = self.set.handle_failure(id, &err, &chunk_ids).await {
                     refused = Some(e);
                 }
                 self.wake.notify_one();
+                // A replica kept RW through a timeout still owes the
+                // replies: they confirm the write, or fail the replica.
+                if let (Some(late), Some(session)) = (late, session) {
+                    let set = Arc::clone(&self.set);
+                    let chunks = chunk_ids.clone();
+                    tokio::spawn(async move {
+                        let results = late.await;
+                        match results.into_iter().find_map(Result::err) {
+                            None => set.confirmed(id, session, &chunks),
+                            Some(err) => {
+                                let _ = set.handle_failure(id, &err, &chunks).await;
+                            }
+                        }
+                    });
+                }
             }
         }
         // Every target that failed is now ERR and recorded; what is left RW
@@ -362,16 +378,46 @@ impl Volume {
         let epoch = self.set.epoch();
         let results = {
             // A flush lets replicas clear write-intent bits, which are also
-            // how a newly elected engine finds where replicas may differ: no
-            // flush may complete while a membership change is still being
+            // how a newly elected engine finds where replicas may differ. So
+            // it is sent only once every write in flight has had its
+            // outcome handled, and not while an RW replica owes a write that
+            // timed out on it (the others would clear the bits of a write
+            // it may never apply)...
+            let drained = self.set.writes_drained().await;
+            if let Some(why) = self.set.unconfirmed_writes() {
+                return Err(BlockError::Unavailable(why));
+            }
+            // ...nor complete while a membership change is still being
             // recorded (a replica that missed a write, not yet recorded
             // ERR, must not see the bits of that write cleared elsewhere).
             let _settled = self.set.membership_settled().await;
             let targets = self.set.write_targets();
-            let calls = targets.iter().map(|(id, client, _)| async move {
-                (*id, client.call(0, epoch, Op::Flush(pb::FlushOp {})).await)
-            });
-            join_all(calls).await
+            let sent = join_all(targets.iter().map(|(id, client, _)| async move {
+                let reserved =
+                    match tokio::time::timeout(client.timeout(), client.reserve(&[0])).await {
+                        Ok(r) => r,
+                        Err(_) => Err(ReplicaIoError::Timeout(client.timeout())),
+                    };
+                let sent = reserved
+                    .and_then(|r| Ok((r, client.send(0, epoch, Op::Flush(pb::FlushOp {}))?)));
+                (*id, Arc::clone(client), sent)
+            }))
+            .await;
+            // Sent: writes may go on while the replies come.
+            drop(drained);
+            join_all(sent.into_iter().map(|(id, client, sent)| async move {
+                let reply = match sent {
+                    Ok((_reservation, pending)) => {
+                        match tokio::time::timeout(client.timeout(), pending.wait()).await {
+                            Ok(reply) => reply,
+                            Err(_) => Err(ReplicaIoError::Timeout(client.timeout())),
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                (id, reply)
+            }))
+            .await
         };
         let mut refused = None;
         for (id, result) in results {
