@@ -99,10 +99,14 @@ pub async fn connect_control(
 }
 
 impl ReplicaClient {
-    /// Connect the control channel and `settings.streams` data streams for `volume`.
+    /// Connect the control channel and `settings.streams` data streams for
+    /// `volume`, in the replica's open session `open_session` (what opening
+    /// it returned): should the replica be opened again meanwhile, these
+    /// streams are served nothing.
     pub async fn connect(
         addr: &str,
         volume: &str,
+        open_session: u64,
         settings: &ClientSettings,
     ) -> Result<Self, ReplicaIoError> {
         let control = connect_control(addr, settings.timeout).await?;
@@ -119,6 +123,7 @@ impl ReplicaClient {
                 data,
                 addr,
                 volume,
+                open_session,
                 settings.inflight_per_stream,
                 Arc::clone(&broken),
             ));
@@ -276,6 +281,7 @@ fn open_stream(
     client: ReplicaDataClient<Channel>,
     addr: &str,
     volume: &str,
+    open_session: u64,
     inflight: usize,
     broken: Arc<AtomicBool>,
 ) -> DataStream {
@@ -284,6 +290,7 @@ fn open_stream(
         client,
         addr.to_string(),
         volume.to_string(),
+        open_session,
         rx,
         broken,
     ));
@@ -302,6 +309,7 @@ async fn run_stream(
     mut client: ReplicaDataClient<Channel>,
     addr: String,
     volume: String,
+    open_session: u64,
     mut queue: mpsc::UnboundedReceiver<Pending>,
     broken: Arc<AtomicBool>,
 ) {
@@ -309,9 +317,12 @@ async fn run_stream(
     let mut request = tonic::Request::new(UnboundedReceiverStream::new(out_rx));
     match volume.parse() {
         Ok(v) => {
-            request
-                .metadata_mut()
-                .insert(corral_proto::VOLUME_METADATA_KEY, v);
+            let metadata = request.metadata_mut();
+            metadata.insert(corral_proto::VOLUME_METADATA_KEY, v);
+            metadata.insert(
+                corral_proto::OPEN_SESSION_METADATA_KEY,
+                tonic::metadata::MetadataValue::from(open_session),
+            );
         }
         Err(_) => {
             broken.store(true, Ordering::Relaxed);

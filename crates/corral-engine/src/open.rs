@@ -31,7 +31,7 @@ use crate::replica_set::ReplicaSet;
 use crate::volume::Volume;
 
 enum Probe {
-    Found(ReplicaInfo, ReplicaControl),
+    Found(Box<ReplicaInfo>, ReplicaControl),
     Missing(ReplicaControl),
     Unreachable(String),
 }
@@ -90,7 +90,7 @@ async fn probe(cfg: &EngineConfig, addr: &str) -> Probe {
         Err(e) => return Probe::Unreachable(e.to_string()),
     };
     match control.get(&cfg.volume).await {
-        Ok(info) => Probe::Found(info, control),
+        Ok(info) => Probe::Found(Box::new(info), control),
         Err(ClientError::NotFound { .. }) => Probe::Missing(control),
         Err(e) => Probe::Unreachable(e.to_string()),
     }
@@ -301,7 +301,7 @@ pub async fn open_volume(
     for (i, p) in probes.into_iter().enumerate() {
         match p {
             Probe::Found(info, control) => {
-                infos[i] = Some(info);
+                infos[i] = Some(*info);
                 controls[i] = Some(control);
             }
             Probe::Missing(control) => controls[i] = Some(control),
@@ -406,7 +406,8 @@ pub async fn open_volume(
         if !up_to_date[i] {
             continue;
         }
-        let client = ReplicaClient::connect(&addrs[i], &cfg.volume, &settings)
+        let session = infos[i].as_ref().map_or(0, |info| info.open_session);
+        let client = ReplicaClient::connect(&addrs[i], &cfg.volume, session, &settings)
             .await
             .map_err(|e| replica_err(cfg, &addrs[i], e.to_string()))?;
         clients[i] = Some(Arc::new(client));

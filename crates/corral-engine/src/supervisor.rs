@@ -256,7 +256,7 @@ async fn bring_back(
         Err(e) => return Err(e.into()),
     };
     let client = Arc::new(
-        ReplicaClient::connect(address, volume.name(), &config.client)
+        ReplicaClient::connect(address, volume.name(), info.open_session, &config.client)
             .await
             .map_err(|e| Unreachable(e.to_string()))?,
     );

@@ -44,6 +44,10 @@ pub fn replica_mode(wire: i32) -> Option<corral_types::ReplicaMode> {
 /// gRPC metadata key carrying the volume name of a data stream.
 pub const VOLUME_METADATA_KEY: &str = "corral-volume";
 
+/// gRPC metadata key carrying the open session a data stream belongs to
+/// (`ReplicaInfo.open_session` as the engine's open returned it).
+pub const OPEN_SESSION_METADATA_KEY: &str = "corral-open-session";
+
 /// Largest gRPC message either side accepts (a batch of requests or replies).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 

@@ -72,7 +72,8 @@ pub fn membership_from_pb(m: &pb::Membership) -> Result<Membership, Status> {
 /// Describe a hosted replica.
 pub fn replica_info(hosted: &HostedReplica) -> ReplicaInfo {
     let meta = hosted.store.meta();
-    let open_epoch = hosted.current_open().epoch;
+    let open = hosted.current_open();
+    let open_epoch = open.epoch;
     ReplicaInfo {
         volume: meta.volume,
         size: meta.size,
@@ -90,6 +91,7 @@ pub fn replica_info(hosted: &HostedReplica) -> ReplicaInfo {
             sequence: r.sequence,
             state: r.state.into(),
         }),
+        open_session: open.session,
     }
 }
 
@@ -142,9 +144,12 @@ impl ReplicaControl for ControlService {
         }
         let hosted = self.registry.get(&req.volume)?;
         let info = blocking(move || {
-            hosted.open_at(Epoch(req.epoch))?;
+            let session = hosted.open_at(Epoch(req.epoch))?;
             info!(volume = %hosted.volume, epoch = req.epoch, "opened by an engine");
-            Ok(replica_info(&hosted))
+            Ok(ReplicaInfo {
+                open_session: session,
+                ..replica_info(&hosted)
+            })
         })
         .await?;
         Ok(Response::new(info))

@@ -80,8 +80,25 @@ impl ReplicaData for DataService {
             })?
             .to_string();
         let hosted = self.registry.get(&volume)?;
-        // The stream serves only within the open session it started in.
-        let session = hosted.current_open().session;
+        // The stream serves only within the open session it names (an
+        // engine's stream set up just before the replica stalled may reach
+        // it after a later open), or else the one it started in.
+        let named = request
+            .metadata()
+            .get(corral_proto::OPEN_SESSION_METADATA_KEY)
+            .map(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "`{}` metadata must be a number",
+                            corral_proto::OPEN_SESSION_METADATA_KEY
+                        ))
+                    })
+            })
+            .transpose()?;
+        let session = named.unwrap_or_else(|| hosted.current_open().session);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<DataReplyBatch, Status>>(REPLY_QUEUE);
         let stop = self.stop.clone();

@@ -203,8 +203,8 @@ impl HostedReplica {
 
     /// Open for an engine at `epoch`: persists the epoch (refusing a lower
     /// one), and from now on only requests tagged with it, on streams opened
-    /// from now on, are served.
-    pub fn open_at(&self, epoch: Epoch) -> Result<(), ReplicaError> {
+    /// from now on, are served. Returns the new open session.
+    pub fn open_at(&self, epoch: Epoch) -> Result<u64, ReplicaError> {
         let mut open = self.open_state.write().unwrap_or_else(|p| p.into_inner());
         if open.epoch == Epoch(u64::MAX) {
             return Err(ReplicaError::NotFound(self.volume.clone()));
@@ -217,7 +217,7 @@ impl HostedReplica {
             })?;
         open.epoch = epoch;
         open.session += 1;
-        Ok(())
+        Ok(open.session)
     }
 
     /// How it is open now.

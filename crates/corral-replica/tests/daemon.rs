@@ -65,11 +65,29 @@ impl Daemon {
         mpsc::Sender<DataRequestBatch>,
         tonic::Streaming<DataReplyBatch>,
     ) {
+        self.stream_of(volume, None).await
+    }
+
+    /// A data stream naming open session `session` (None: the current one).
+    async fn stream_of(
+        &self,
+        volume: &str,
+        session: Option<u64>,
+    ) -> (
+        mpsc::Sender<DataRequestBatch>,
+        tonic::Streaming<DataReplyBatch>,
+    ) {
         let mut client = ReplicaDataClient::connect(self.addr.clone()).await.unwrap();
         let (tx, rx) = mpsc::channel(8);
         let mut req = tonic::Request::new(ReceiverStream::new(rx));
         req.metadata_mut()
             .insert(corral_proto::VOLUME_METADATA_KEY, volume.parse().unwrap());
+        if let Some(session) = session {
+            req.metadata_mut().insert(
+                corral_proto::OPEN_SESSION_METADATA_KEY,
+                tonic::metadata::MetadataValue::from(session),
+            );
+        }
         let replies = client.stream(req).await.unwrap().into_inner();
         (tx, replies)
     }
@@ -289,6 +307,48 @@ async fn reopening_at_the_same_epoch_cuts_off_the_streams_of_before() {
         }
         other => panic!("unexpected {other:?}"),
     }
+    drop((old_tx, tx));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_set_up_for_an_earlier_open_is_served_nothing() {
+    let daemon = start(tempfile::tempdir().unwrap()).await;
+    let mut control = daemon.control().await;
+    create(&mut control, "vol").await;
+    let open = OpenReplicaRequest {
+        volume: "vol".into(),
+        epoch: 3,
+    };
+    let first = control
+        .open_replica(open.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let second = control.open_replica(open).await.unwrap().into_inner();
+    assert!(
+        second.open_session > first.open_session,
+        "{first:?} {second:?}"
+    );
+
+    // A stream of the first open whose setup reached the daemon only after
+    // the second (it waited in a stalled daemon's socket): nothing lands.
+    let (old_tx, mut old_rx) = daemon.stream_of("vol", Some(first.open_session)).await;
+    let data = [7u8; 4096];
+    let r = one(
+        &old_tx,
+        &mut old_rx,
+        write(1, 3, 0, &data, crc32c::crc32c(&data)),
+    )
+    .await;
+    assert_eq!(error_code(&r), Some(DataErrorCode::NotOpen), "{r:?}");
+
+    // The stream of the current open is served.
+    let (tx, mut rx) = daemon.stream_of("vol", Some(second.open_session)).await;
+    assert!(matches!(
+        one(&tx, &mut rx, write(2, 3, 0, &data, crc32c::crc32c(&data))).await,
+        data_reply::Result::Done(_)
+    ));
     drop((old_tx, tx));
     daemon.stop().await;
 }

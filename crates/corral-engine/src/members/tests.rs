@@ -422,6 +422,7 @@ impl Store {
             region_size: CHUNK,
             open: true,
             reservations: None,
+            open_session: 0,
         }
     }
 }
@@ -1317,24 +1318,34 @@ impl World {
         Ok(false)
     }
 
-    /// Writes waiting in a paused RW member's socket, (chunk, version): the
-    /// RW set's data once it wakes. Another member that holds one is not
-    /// behind.
+    /// Writes on their way to an RW member, (chunk, version): waiting in a
+    /// paused RW member's socket (the RW set's data once it wakes), or of
+    /// unknown outcome in a chunk where an RW member owes a write that timed
+    /// out (it may have died with it; then the others' version is the
+    /// data). Another member that holds one is not behind.
     fn in_flight_to_rw(&self) -> BTreeSet<(u64, u64)> {
         let Some(engine) = &self.engine else {
             return BTreeSet::new();
         };
-        engine
+        let rw: Vec<&Member> = engine
             .members
             .all()
             .iter()
             .filter(|m| m.mode == Mode::Rw)
+            .collect();
+        let queued = rw
+            .iter()
             .flat_map(|m| &self.daemons[index_of(&self.addrs, &m.address)].queued)
             .filter_map(|q| match *q {
                 Queued::Write { chunk, version, .. } => Some((chunk, version)),
                 Queued::Flush { .. } => None,
-            })
-            .collect()
+            });
+        let owed = self
+            .unknown
+            .iter()
+            .filter(|(chunk, _)| rw.iter().any(|m| m.unconfirmed.contains_key(chunk)))
+            .copied();
+        queued.chain(owed).collect()
     }
 
     /// The invariant, after every step.
@@ -1511,6 +1522,43 @@ fn no_flush_while_a_kept_replica_owes_a_write() {
                 replica: 1,
                 power_loss: false,
             },
+        ],
+    );
+}
+
+/// A rebuild finishes while the only other RW replica, kept through a
+/// write's timeout, has died with that write: the rebuilt one took the
+/// write (never acknowledged) and serves it; the dead one catches up there.
+#[test]
+fn a_rebuilt_replica_may_hold_the_write_a_dead_kept_replica_owed() {
+    use Step::*;
+    run_model(
+        WritePolicy::Available,
+        &[
+            Kill {
+                replica: 0,
+                power_loss: false,
+            },
+            Restart { replica: 0 },
+            Tick,
+            Kill {
+                replica: 1,
+                power_loss: false,
+            },
+            Write {
+                chunk: 0,
+                fail_on: None,
+            },
+            Pause { replica: 2 },
+            Write {
+                chunk: 0,
+                fail_on: None,
+            },
+            Kill {
+                replica: 2,
+                power_loss: false,
+            },
+            Copy { groups: 1 },
         ],
     );
 }
