@@ -10,8 +10,12 @@
 //!   when it started, and each dirty region remembers the largest tag written to it. A flush
 //!   bumps the sequence from `f` to `f + 1` under the gate held exclusively (writes hold it
 //!   shared for their whole duration, so every write tagged `<= f` has completed), releases
-//!   the gate, `fdatasync`s, and then clears the regions whose last tag is `< f`: regions not
-//!   written since the previous flush. Hot regions stay dirty and cost nothing per flush.
+//!   the gate, `fdatasync`s, and then may clear regions ([`WriteIntent::clear_threshold`]):
+//!   a flush that finds nothing written since the previous one clears every region whose
+//!   last tag is `< f` (an idle volume's bitmap empties at its second flush); otherwise, at
+//!   most once per *clear interval*, those not written since the last clear. Regions written
+//!   within an interval stay dirty and cost nothing per flush: a flush of a busy volume
+//!   commits no metadata and syncs only the data.
 //!
 //! Ordering between a clear and a concurrent writer is kept by removing a region from the
 //! in-memory map *before* committing its clear, both under the `persist` mutex that every
@@ -21,6 +25,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use crate::error::Result;
 use crate::meta::MetaDb;
@@ -46,7 +51,15 @@ pub(crate) struct WriteIntent {
     state: Mutex<State>,
     /// Serialises commits to the `dirty` table.
     persist: Mutex<()>,
+    /// How often a busy volume's flushes clear regions (zero: at every flush).
+    clear_interval: Mutex<Duration>,
+    /// When the current clear interval began, and the tag below which a region written
+    /// since is not: the first flush of the interval's sequence, plus one.
+    interval_start: Mutex<Option<(Instant, u64)>>,
 }
+
+/// How often, by default, the flushes of a volume under writes clear regions.
+pub const DEFAULT_CLEAR_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Held by a write for its whole duration; flush waits for it to be dropped.
 pub(crate) struct WriteTicket<'a> {
@@ -66,7 +79,44 @@ impl WriteIntent {
                 pending: HashMap::new(),
             }),
             persist: Mutex::new(()),
+            clear_interval: Mutex::new(DEFAULT_CLEAR_INTERVAL),
+            interval_start: Mutex::new(None),
         }
+    }
+
+    /// Sets how often the flushes of a volume under writes clear regions (zero: at every
+    /// flush, regions not written since the previous one).
+    pub(crate) fn set_clear_interval(&self, interval: Duration) {
+        *lock(&self.clear_interval) = interval;
+    }
+
+    /// For a flush that began sequence `seq` (what [`Self::begin_flush`] returned) and made
+    /// the data durable: the tag below which regions may be cleared now, if any. Every
+    /// region not written since the previous flush when nothing was written since (an idle
+    /// volume, or a clear interval of zero); otherwise, once a clear interval has passed
+    /// since the flush that began it, those not written since that flush began. Either way
+    /// a cleared region's last write completed before an earlier flush synced it, and this
+    /// flush synced it again.
+    pub(crate) fn clear_threshold(&self, seq: u64, now: Instant) -> Option<u64> {
+        let idle = {
+            let st = lock(&self.state);
+            st.pending.is_empty() && st.dirty.values().all(|t| *t < seq)
+        };
+        let interval = *lock(&self.clear_interval);
+        let mut start = lock(&self.interval_start);
+        let below = match *start {
+            _ if idle || interval.is_zero() => seq,
+            Some((began, below)) if now.saturating_duration_since(began) >= interval => {
+                below.min(seq)
+            }
+            Some(_) => return None,
+            None => {
+                *start = Some((now, seq + 1));
+                return None;
+            }
+        };
+        *start = Some((now, seq + 1));
+        Some(below)
     }
 
     pub(crate) fn region_size(&self) -> u64 {

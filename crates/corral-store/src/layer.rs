@@ -91,6 +91,8 @@ impl Layer {
 
     /// Writes `buf` at byte `offset` of the data file.
     pub(crate) fn write_data(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        #[cfg(test)]
+        crate::powercut::wrote(&self.data_path, offset, buf);
         self.data.write_all_at(buf, offset).map_err(|e| {
             io_err(
                 format!(
@@ -127,6 +129,8 @@ impl Layer {
     pub(crate) fn write_crcs(&self, first: u64, crcs: &[u32]) -> Result<()> {
         let raw: Vec<u8> = crcs.iter().flat_map(|c| c.to_le_bytes()).collect();
         let pos = first.saturating_mul(CRC_LEN);
+        #[cfg(test)]
+        crate::powercut::wrote(&self.crc_path, pos, &raw);
         self.crc.write_all_at(&raw, pos).map_err(|e| {
             io_err(
                 format!(
@@ -159,7 +163,11 @@ impl Layer {
             return Ok(());
         }
         match punch_hole(&self.data, offset, len) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                #[cfg(test)]
+                crate::powercut::punched(&self.data_path, offset, len);
+                Ok(())
+            }
             Err(e)
                 if matches!(
                     e.raw_os_error(),
@@ -193,12 +201,29 @@ impl Layer {
     /// `fdatasync` of both files: every write that completed before the call is durable
     /// when it returns.
     pub(crate) fn sync(&self) -> Result<()> {
+        self.sync_data_file()?;
+        self.sync_crc_file()
+    }
+
+    /// `fdatasync` of the data file only: the blocks of every write that completed before
+    /// the call are durable (their entries, in dirty regions, are recovered from them).
+    pub(crate) fn sync_data_file(&self) -> Result<()> {
         self.data
             .sync_data()
             .map_err(|e| io_err(format!("fdatasync {}", self.data_path.display()), e))?;
+        #[cfg(test)]
+        crate::powercut::synced(&self.data_path);
+        Ok(())
+    }
+
+    /// `fdatasync` of the checksum file only.
+    pub(crate) fn sync_crc_file(&self) -> Result<()> {
         self.crc
             .sync_data()
-            .map_err(|e| io_err(format!("fdatasync {}", self.crc_path.display()), e))
+            .map_err(|e| io_err(format!("fdatasync {}", self.crc_path.display()), e))?;
+        #[cfg(test)]
+        crate::powercut::synced(&self.crc_path);
+        Ok(())
     }
 
     /// The data file's name, for messages.

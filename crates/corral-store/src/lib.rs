@@ -22,6 +22,8 @@ mod entry;
 mod error;
 mod layer;
 mod meta;
+#[cfg(test)]
+mod powercut;
 mod store;
 
 #[cfg(test)]
@@ -29,6 +31,7 @@ mod tests;
 
 use serde::{Deserialize, Serialize};
 
+pub use bitmap::DEFAULT_CLEAR_INTERVAL;
 pub use entry::zero_block_crc;
 pub use error::StoreError;
 pub use layer::BLOCK;

@@ -3,7 +3,9 @@
 //! Owns the redb file: table `meta` maps string keys to JSON values (volume identity and
 //! geometry, epoch, membership, layer chain, clean flag); table `dirty` holds the indices of
 //! the write-intent regions that are marked dirty (`u64 -> ()`). Every commit is durable
-//! (redb's default, `Durability::Immediate`). The store above decides *when* to commit.
+//! (redb's default, `Durability::Immediate`) except one that only clears dirty regions
+//! (`Durability::None`: lost with power, the regions stay dirty). The store above decides
+//! *when* to commit.
 
 use std::path::{Path, PathBuf};
 
@@ -138,6 +140,25 @@ impl MetaDb {
     }
 
     fn open_file(path: &Path) -> Result<Self> {
+        #[cfg(test)]
+        if crate::powercut::watched(path) {
+            // The power-cut model journals what redb writes and syncs.
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| io_err(format!("opening {}", path.display()), e))?;
+            let backend = crate::powercut::JournaledBackend::new(file, path)
+                .map_err(|e| redb_err(format!("opening {}", path.display()), e))?;
+            let db = builder()
+                .create_with_backend(backend)
+                .map_err(|e| redb_err(format!("opening {}", path.display()), e))?;
+            return Ok(MetaDb {
+                db,
+                path: path.to_path_buf(),
+                format: FORMAT_VERSION,
+            });
+        }
         let db = builder()
             .open(path)
             .map_err(|e| redb_err(format!("opening {}", path.display()), e))?;
@@ -275,10 +296,16 @@ impl MetaDb {
     /// In one durable transaction: marks `set` dirty, clears `clear`, and if `clear_all`
     /// empties the table first.
     pub(crate) fn update_dirty(&self, set: &[u64], clear: &[u64], clear_all: bool) -> Result<()> {
-        let txn = self
+        let mut txn = self
             .db
             .begin_write()
             .map_err(|e| redb_err(self.ctx("beginning a write transaction"), e))?;
+        if set.is_empty() && !clear.is_empty() {
+            // Clearing only: no sync of its own. Lost with power, the regions are merely
+            // dirty a while longer; the next durable commit (a mark) persists it.
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| StoreError::Metadata(self.ctx(&format!("durability: {e}"))))?;
+        }
         {
             let mut t = txn
                 .open_table(DIRTY)

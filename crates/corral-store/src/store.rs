@@ -6,6 +6,7 @@
 //! write of partial blocks, unmap, flush, and recovery at open after an unclean stop.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
@@ -73,6 +74,9 @@ pub struct ReplicaStore {
     chain: LayerChain,
     stripes: Box<[RwLock<()>]>,
     intent: WriteIntent,
+    /// Data syncs asked for so far, and the last ticket a completed sync covered.
+    syncs_asked: AtomicU64,
+    synced: Mutex<u64>,
     recovered: Vec<u64>,
 }
 
@@ -264,6 +268,8 @@ impl ReplicaStore {
             chain,
             stripes,
             intent: WriteIntent::new(region_shift, &recovered),
+            syncs_asked: AtomicU64::new(0),
+            synced: Mutex::new(0),
             recovered,
         })
     }
@@ -473,12 +479,30 @@ impl ReplicaStore {
         }
     }
 
-    /// Writes `data` at `offset` and makes it durable before returning (FUA).
+    /// Writes `data` at `offset` and makes it durable before returning (FUA): one
+    /// `fdatasync` of the data file. Its region is dirty until a flush clears it, which
+    /// syncs the checksums first; after a power cut the entries of dirty regions are
+    /// recovered from the data.
     pub fn write_fua(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.write_impl(offset, data, Halves::Both)?;
         if !data.is_empty() {
-            self.chain.head().sync()?;
+            self.sync_data_grouped()?;
         }
+        Ok(())
+    }
+
+    /// `fdatasync` of the head's data file, shared (group commit): a caller that finds a
+    /// sync begun after it asked has already ended successfully returns at once; otherwise
+    /// it syncs for every caller that has asked so far.
+    fn sync_data_grouped(&self) -> Result<()> {
+        let ticket = self.syncs_asked.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        if *synced >= ticket {
+            return Ok(());
+        }
+        let covers = self.syncs_asked.load(Ordering::SeqCst);
+        self.chain.head().sync_data_file()?;
+        *synced = covers;
         Ok(())
     }
 
@@ -605,16 +629,32 @@ impl ReplicaStore {
         self.chain.head().sync()
     }
 
-    /// Makes every write that completed before this call durable, then clears the dirty bits
-    /// of regions not written since the previous flush.
+    /// Makes every write that completed before this call durable — one `fdatasync` of the
+    /// data file — then, now and then, clears the dirty bits of regions idle long enough
+    /// (module `bitmap`). Checksum entries need no sync here: every write since they were
+    /// last synced lies in a dirty region, whose entries [`ReplicaStore::open`] recovers
+    /// from the data after an unclean stop. A region is cleared only once its entries are
+    /// synced too.
     pub fn flush(&self) -> Result<()> {
         let seq = self.intent.begin_flush();
-        self.chain.head().sync()?;
-        if let Err(e) = self.intent.clear_idle(&self.db, seq) {
-            // The data is durable; the regions merely stay dirty a while longer.
-            tracing::warn!(dir = %self.dir.display(), error = %e, "could not clear dirty regions after flush");
+        self.sync_data_grouped()?;
+        let head = self.chain.head();
+        if let Some(below) = self.intent.clear_threshold(seq, std::time::Instant::now()) {
+            head.sync_crc_file()?;
+            if let Err(e) = self.intent.clear_idle(&self.db, below) {
+                // The data is durable; the regions merely stay dirty a while longer.
+                tracing::warn!(dir = %self.dir.display(), error = %e, "could not clear dirty regions after flush");
+            }
         }
         Ok(())
+    }
+
+    /// How often the flushes of a volume under writes clear write-intent regions (zero:
+    /// at every flush, those not written since the previous one, at the cost of a
+    /// checksum sync and a metadata commit per flush). Default
+    /// [`crate::DEFAULT_CLEAR_INTERVAL`].
+    pub fn set_clear_interval(&self, interval: std::time::Duration) {
+        self.intent.set_clear_interval(interval);
     }
 
     /// One CRC32C per 4 KiB block of the block-aligned range `offset..offset+len`, as
@@ -675,6 +715,8 @@ impl ReplicaStore {
     /// Clean shutdown: flush, clear the dirty bitmap, record the store clean.
     pub fn close(self) -> Result<()> {
         self.flush()?;
+        // A clean store's entries are trusted at open: they must be durable.
+        self.chain.head().sync_crc_file()?;
         let ReplicaStore { db, dir, .. } = self;
         db.close_clean()?;
         tracing::debug!(dir = %dir.display(), "replica store closed cleanly");

@@ -1,9 +1,10 @@
 //! Tests of the store: unit tests of the public API ([`unit`]), a concurrency stress test
-//! ([`concurrency`]), the model-based property test ([`model`]) and the upgrade from format 1
-//! ([`upgrade`]).
+//! ([`concurrency`]), the model-based property test ([`model`]), the power-loss model
+//! ([`power_loss`]) and the upgrade from format 1 ([`upgrade`]).
 
 mod concurrency;
 mod model;
+mod power_loss;
 mod unit;
 mod upgrade;
 

@@ -2,6 +2,7 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::time::Duration;
 
 use super::{params, pattern, small_store};
 use crate::{
@@ -423,10 +424,46 @@ fn block_checksums_compare_contents_not_history() {
 }
 
 #[test]
+fn a_busy_volume_keeps_its_regions_dirty_for_a_clear_interval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = 16 * KIB;
+    let s = small_store(tmp.path(), 256 * KIB, 4096, r);
+    let interval = Duration::from_millis(200);
+    s.set_clear_interval(interval);
+    s.write(0, &[1; 10]).unwrap(); // region 0
+    s.flush().unwrap();
+    s.write(r, &[2; 10]).unwrap(); // region 1
+    s.flush().unwrap();
+    s.write(r, &[3; 10]).unwrap();
+    s.flush().unwrap();
+    // Region 0 has been idle for two flushes, but the interval has not passed:
+    // under writes a flush commits nothing.
+    assert_eq!(s.dirty_regions(), vec![0, r]);
+    std::thread::sleep(interval + Duration::from_millis(50));
+    s.write(r, &[4; 10]).unwrap();
+    s.flush().unwrap();
+    // The interval has passed: what was not written since it began is cleared.
+    assert_eq!(s.dirty_regions(), vec![r]);
+    // Nothing written since the previous flush: an idle volume clears at once.
+    s.flush().unwrap();
+    assert!(s.dirty_regions().is_empty());
+    // Cleared regions survive a crash with their entries intact.
+    s.write(2 * r, &pattern(9, 4096)).unwrap();
+    s.crash();
+    let s = ReplicaStore::open(tmp.path()).unwrap();
+    assert_eq!(s.recovered_regions(), vec![2 * r]);
+    assert_eq!(&s.read(0, 10).unwrap()[..], &[1; 10]);
+    assert_eq!(&s.read(r, 10).unwrap()[..], &[4; 10]);
+    assert_eq!(&s.read(2 * r, 4096).unwrap()[..], &pattern(9, 4096)[..]);
+}
+
+#[test]
 fn dirty_regions_are_set_before_writes_and_cleared_lazily() {
     let tmp = tempfile::tempdir().unwrap();
     let r = 16 * KIB;
     let s = small_store(tmp.path(), 256 * KIB, 4096, r);
+    // Every flush may clear (the rule of a busy volume, per interval, is below).
+    s.set_clear_interval(Duration::ZERO);
     assert_eq!(s.region_size(), r);
     assert!(s.dirty_regions().is_empty());
     s.write(100, &[1; 10]).unwrap();
