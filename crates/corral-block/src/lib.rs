@@ -20,7 +20,7 @@ pub use file::FileDevice;
 
 /// Why a block operation failed, in terms a frontend can map onto its own
 /// error codes (NBD errno values, SCSI sense data).
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum BlockError {
     /// The byte range does not fit inside the device.
     #[error("range [{offset}, {offset}+{len}) is outside the device ({size} bytes)")]

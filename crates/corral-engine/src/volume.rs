@@ -47,6 +47,10 @@ pub struct Volume {
     /// finished: how the supervisor's idle flusher tells quiet.
     writes_begun: AtomicU64,
     writes_in_flight: AtomicU64,
+    /// Flushes asked for so far; the next round covers every one of them.
+    flushes_asked: AtomicU64,
+    /// One flush round at a time (group commit): the last round's reach and outcome.
+    flush_round: tokio::sync::Mutex<FlushRound>,
     /// Wakes the supervisor (a replica was added, or failed).
     pub wake: tokio::sync::Notify,
 }
@@ -58,6 +62,14 @@ pub struct VerifyReport {
     pub chunks_compared: u64,
     /// (offset, length, replicas that differ from the first one)
     pub differences: Vec<(u64, u64, Vec<String>)>,
+}
+
+/// The last flush round: the flushes it covered (every one asked for before
+/// it began) and how it ended.
+#[derive(Default)]
+struct FlushRound {
+    covered: u64,
+    outcome: Option<BlockResult<()>>,
 }
 
 /// Counts a write as finished when dropped (also when its future is dropped).
@@ -72,7 +84,26 @@ impl Drop for InFlight<'_> {
 impl Volume {
     /// Flush every RW replica (what a frontend's FLUSH does).
     pub async fn flush_replicas(&self) -> BlockResult<()> {
-        self.flush_all().await
+        self.flush_grouped().await
+    }
+
+    /// Group commit: flushes asked for while a round is under way share the
+    /// next one. A round covers every flush asked for before it began, so
+    /// every write those callers completed before asking; one that finds a
+    /// round begun after its ask has already ended takes that round's outcome.
+    async fn flush_grouped(&self) -> BlockResult<()> {
+        let ticket = self.flushes_asked.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut round = self.flush_round.lock().await;
+        if round.covered >= ticket
+            && let Some(outcome) = &round.outcome
+        {
+            return outcome.clone();
+        }
+        let covers = self.flushes_asked.load(Ordering::SeqCst);
+        let outcome = self.flush_all().await;
+        round.covered = covers;
+        round.outcome = Some(outcome.clone());
+        outcome
     }
 
     /// (writes begun so far, writes in flight now).
@@ -100,6 +131,8 @@ impl Volume {
             repaired: AtomicU64::new(0),
             writes_begun: AtomicU64::new(0),
             writes_in_flight: AtomicU64::new(0),
+            flushes_asked: AtomicU64::new(0),
+            flush_round: tokio::sync::Mutex::new(FlushRound::default()),
             wake: tokio::sync::Notify::new(),
         }
     }
@@ -527,7 +560,11 @@ impl BlockDevice for Volume {
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()> {
         check_range(offset, data.len() as u64, self.size)?;
         if data.is_empty() {
-            return if fua { self.flush_all().await } else { Ok(()) };
+            return if fua {
+                self.flush_grouped().await
+            } else {
+                Ok(())
+            };
         }
         let len = data.len() as u64;
         self.fan_out(offset, len, |seg| {
@@ -545,7 +582,7 @@ impl BlockDevice for Volume {
     }
 
     async fn flush(&self) -> BlockResult<()> {
-        self.flush_all().await
+        self.flush_grouped().await
     }
 
     async fn unmap(&self, offset: u64, len: u64) -> BlockResult<()> {
