@@ -3,7 +3,7 @@
 # Idempotent: only missing packages are fetched.
 set -euo pipefail
 
-PACKAGES=(fio libnbd-bin nbdkit nbdkit-plugin-dev libiscsi-dev build-essential pkg-config fuse3 e2fsprogs xfsprogs util-linux mount libiscsi-bin tgt open-iscsi nbd-client)
+PACKAGES=(fio libnbd-bin nbdkit nbdkit-plugin-dev libiscsi-dev build-essential pkg-config fuse3 e2fsprogs xfsprogs util-linux mount libiscsi-bin tgt open-iscsi nbd-client strace)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -12,9 +12,13 @@
 //!   volume mounted on another node, through the CSI plugin;
 //! - `floor`: CPU per replicated 4 KiB write of tonic alone (a three-way
 //!   fan-out to null replicas in one process) next to the engine's and the
-//!   replica daemons' under fio, in the same run (issue 13, item 1).
+//!   replica daemons' under fio, in the same run (issue 13, item 1);
+//! - `durable`: 4 KiB writes with a flush after each, one client and many,
+//!   beside the disk's own durable rate, and one replica's syscalls per
+//!   durable write (issue 15).
 
 mod csi;
+mod durable;
 mod floor;
 mod matrix;
 mod memory;
@@ -41,6 +45,8 @@ enum Command {
     Memory(memory::MemoryArgs),
     /// CPU per replicated write: tonic's floor vs the engine and replicas.
     Floor(floor::FloorArgs),
+    /// Durable writes (a flush after each) against the disk's own rate.
+    Durable(durable::DurableArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,5 +56,6 @@ fn main() -> anyhow::Result<()> {
         Command::Memory(args) => memory::run(&args),
         Command::Csi(args) => csi::run(&args),
         Command::Floor(args) => floor::run(&args),
+        Command::Durable(args) => durable::run(&args),
     }
 }

@@ -1,0 +1,228 @@
+//! Durable writes (issue 15): what a database's commit costs.
+//!
+//! In one run, beside each other:
+//!
+//! - **the disk**: fio on a file in the directory the replicas use,
+//!   `--ioengine=psync --rw=randwrite --bs=4k --fdatasync=1` — the rate
+//!   at which this disk makes 4 KiB writes durable one at a time;
+//! - **a 3-replica volume** (three replica daemons and an engine on this
+//!   machine, NBD): fio `--rw=randwrite --bs=4k --iodepth=1 --fsync=1`,
+//!   one client, then `--numjobs` clients at once (each at QD1 with a
+//!   flush after every write);
+//! - **syscalls per durable write** on one replica daemon: `strace -c -f`
+//!   attached to it during a shorter single-client run, its `fdatasync`,
+//!   `fsync`, `pwrite64` and `pwritev` calls divided by the writes fio
+//!   issued.
+//!
+//! Latencies are fio's completion latencies of the writes and of the
+//! flushes (`sync` in fio's JSON), 99th percentile.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use corral_tests::tools::run_ok;
+use corral_tests::{Cluster, EngineSpec};
+use serde_json::Value;
+
+#[derive(Args, Debug)]
+pub struct DurableArgs {
+    /// Seconds each fio run lasts.
+    #[arg(long, default_value_t = 15)]
+    seconds: u64,
+    /// Size of the volume and of the disk's test file, in MiB.
+    #[arg(long, default_value_t = 256)]
+    size_mib: u64,
+    /// Clients of the many-clients run.
+    #[arg(long, default_value_t = 8)]
+    clients: u32,
+    /// Seconds of the run measured under strace.
+    #[arg(long, default_value_t = 5)]
+    strace_seconds: u64,
+}
+
+/// One fio run's outcome.
+struct Run {
+    iops: f64,
+    writes: u64,
+    write_p99_us: f64,
+    sync_p99_us: f64,
+}
+
+fn percentile_us(stat: &Value, p: &str) -> f64 {
+    stat["percentile"][p].as_f64().unwrap_or(f64::NAN) / 1000.0
+}
+
+/// Sum write IOPS and issued writes over fio's jobs (group reporting off).
+fn parse(json: &str) -> Result<Run> {
+    let start = json.find('{').context("no JSON in fio's output")?;
+    let v: Value = serde_json::from_str(&json[start..]).context("fio's JSON")?;
+    let jobs = v["jobs"].as_array().context("fio JSON without jobs")?;
+    let mut run = Run {
+        iops: 0.0,
+        writes: 0,
+        write_p99_us: 0.0,
+        sync_p99_us: 0.0,
+    };
+    for j in jobs {
+        if j["error"].as_i64().unwrap_or(0) != 0 {
+            bail!("fio job failed: {j}");
+        }
+        run.iops += j["write"]["iops"].as_f64().unwrap_or(0.0);
+        run.writes += j["write"]["total_ios"].as_u64().unwrap_or(0);
+        run.write_p99_us = run
+            .write_p99_us
+            .max(percentile_us(&j["write"]["clat_ns"], "99.000000"));
+        run.sync_p99_us = run
+            .sync_p99_us
+            .max(percentile_us(&j["sync"]["lat_ns"], "99.000000"));
+    }
+    if run.writes == 0 {
+        bail!("fio completed no writes");
+    }
+    Ok(run)
+}
+
+fn fio(args: &[String], limit: Duration) -> Result<Run> {
+    let mut all = vec!["--output-format=json".to_string()];
+    all.extend(args.iter().cloned());
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    let out = run_ok("fio", &refs, limit)?;
+    parse(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn disk(dir: &Path, args: &DurableArgs) -> Result<Run> {
+    let file = dir.join("disk-durable.fio");
+    let run = fio(
+        &[
+            "--name=disk".into(),
+            format!("--filename={}", file.display()),
+            "--ioengine=psync".into(),
+            "--rw=randwrite".into(),
+            "--bs=4k".into(),
+            "--fdatasync=1".into(),
+            format!("--size={}m", args.size_mib),
+            format!("--runtime={}", args.seconds),
+            "--time_based".into(),
+        ],
+        Duration::from_secs(args.seconds + 300),
+    );
+    let _ = std::fs::remove_file(&file);
+    run
+}
+
+fn volume(uri: &str, args: &DurableArgs, clients: u32, seconds: u64) -> Result<Run> {
+    fio(
+        &[
+            "--name=durable".into(),
+            "--ioengine=nbd".into(),
+            format!("--uri={uri}"),
+            "--rw=randwrite".into(),
+            "--bs=4k".into(),
+            "--iodepth=1".into(),
+            "--fsync=1".into(),
+            format!("--numjobs={clients}"),
+            format!("--size={}m", args.size_mib),
+            format!("--runtime={seconds}"),
+            "--time_based".into(),
+            "--randrepeat=0".into(),
+        ],
+        Duration::from_secs(seconds + 300),
+    )
+}
+
+/// Calls of `names` in `strace -c` output (its summary table).
+fn strace_calls(summary: &str, name: &str) -> u64 {
+    summary
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            // % time, seconds, usecs/call, calls, [errors,] syscall
+            (cols.last() == Some(&name)).then(|| cols.get(3)?.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
+pub fn run(args: &DurableArgs) -> Result<()> {
+    if args.seconds == 0 || args.clients == 0 {
+        bail!("--seconds and --clients must be at least 1");
+    }
+    let mut cluster = Cluster::new()?;
+    for _ in 0..3 {
+        cluster.start_replica_with(&["--io-threads", "1"])?;
+    }
+    let base = disk(cluster.path(), args)?;
+    eprintln!("durable: disk {:.0} durable writes/s", base.iops);
+
+    let spec = EngineSpec::new("durable", &format!("{}MiB", args.size_mib), &[0, 1, 2])
+        .set("--replica-timeout", "8s");
+    let e = cluster.start_engine(&spec)?;
+    let uri = cluster.engines[e].nbd_uri();
+    let one = volume(&uri, args, 1, args.seconds).inspect_err(|_| cluster.print_log_tails(60))?;
+    eprintln!("durable: 1 client {:.0} durable writes/s", one.iops);
+    let many = volume(&uri, args, args.clients, args.seconds)
+        .inspect_err(|_| cluster.print_log_tails(60))?;
+    eprintln!(
+        "durable: {} clients {:.0} durable writes/s",
+        args.clients, many.iops
+    );
+
+    // Syscalls of one replica daemon per durable write.
+    let pid = cluster.replicas[0]
+        .process
+        .pid()
+        .context("replica pid")?
+        .to_string();
+    let trace = cluster.path().join("strace.txt");
+    let trace_arg = trace.display().to_string();
+    let mut strace = std::process::Command::new("strace")
+        .args(["-c", "-f", "-o", &trace_arg, "-p", &pid])
+        .spawn()
+        .context("strace")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let traced = volume(&uri, args, 1, args.strace_seconds);
+    // SIGINT ends strace's summary.
+    // SAFETY: kill(2) on the child we spawned.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    let _ = strace.wait();
+    let traced = traced?;
+    let summary = std::fs::read_to_string(&trace).context("strace summary")?;
+    let per = |name: &str| strace_calls(&summary, name) as f64 / traced.writes as f64;
+    let syncs = per("fdatasync") + per("fsync");
+    let writes = per("pwrite64") + per("pwritev") + per("pwritev2");
+    cluster.stop_all()?;
+
+    println!(
+        "### Durable 4 KiB random writes, {} s per row, {} MiB\n",
+        args.seconds, args.size_mib
+    );
+    println!("| run | durable writes/s | % of disk | write p99 | flush p99 |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    let row = |name: &str, r: &Run| {
+        println!(
+            "| {name} | {:.0} | {:.0}% | {:.0} µs | {:.0} µs |",
+            r.iops,
+            100.0 * r.iops / base.iops,
+            r.write_p99_us,
+            r.sync_p99_us
+        );
+    };
+    row("disk: fio psync, fdatasync after each write", &base);
+    row("3 replicas, 1 client at QD1, flush after each write", &one);
+    row(
+        &format!(
+            "3 replicas, {} clients at QD1, flush after each write",
+            args.clients
+        ),
+        &many,
+    );
+    println!(
+        "\n{} clients ÷ 1 client: {:.2}×. One replica daemon per durable write (strace -c, {} s, {} writes): {syncs:.2} syncs (fdatasync + fsync), {writes:.2} positional writes.",
+        args.clients,
+        many.iops / one.iops,
+        args.strace_seconds,
+        traced.writes
+    );
+    Ok(())
+}
