@@ -6,9 +6,11 @@
 //!   `--ioengine=psync --rw=randwrite --bs=4k --fdatasync=1` — the rate
 //!   at which this disk makes 4 KiB writes durable one at a time;
 //! - **a 3-replica volume** (three replica daemons and an engine on this
-//!   machine, NBD): fio `--rw=randwrite --bs=4k --iodepth=1 --fsync=1`,
-//!   one client, then `--numjobs` clients at once (each at QD1 with a
-//!   flush after every write);
+//!   machine): fio `--rw=randwrite --bs=4k --iodepth=1 --fsync=1`, one
+//!   client, then `--clients` clients at once (each at QD1 with a flush
+//!   after every write) — over NBD (NBD_CMD_FLUSH), and over iSCSI with
+//!   fio's libiscsi engine (SYNCHRONIZE CACHE; `scripts/build-fio-libiscsi.sh`
+//!   builds that fio);
 //! - **syscalls per durable write** on one replica daemon: `strace -c -f`
 //!   attached to it during a shorter single-client run, its `fdatasync`,
 //!   `fsync`, `pwrite64` and `pwritev` calls divided by the writes fio
@@ -40,6 +42,9 @@ pub struct DurableArgs {
     /// Seconds of the run measured under strace.
     #[arg(long, default_value_t = 5)]
     strace_seconds: u64,
+    /// Another corral binary (an earlier build) to measure in the same run.
+    #[arg(long)]
+    before: Option<std::path::PathBuf>,
 }
 
 /// One fio run's outcome.
@@ -85,11 +90,42 @@ fn parse(json: &str) -> Result<Run> {
 }
 
 fn fio(args: &[String], limit: Duration) -> Result<Run> {
+    fio_with(Path::new("fio"), args, limit)
+}
+
+fn fio_with(bin: &Path, args: &[String], limit: Duration) -> Result<Run> {
     let mut all = vec!["--output-format=json".to_string()];
     all.extend(args.iter().cloned());
     let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-    let out = run_ok("fio", &refs, limit)?;
+    let out = if bin == Path::new("fio") {
+        run_ok("fio", &refs, limit)?
+    } else {
+        let out = std::process::Command::new(bin)
+            .args(&refs)
+            .output()
+            .with_context(|| format!("running {}", bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{} failed: {}",
+                bin.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        out
+    };
     parse(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// fio with its libiscsi engine (built and cached by the script).
+fn fio_libiscsi() -> Result<std::path::PathBuf> {
+    let out = std::process::Command::new("scripts/build-fio-libiscsi.sh")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("scripts/build-fio-libiscsi.sh (run from the repository root)")?;
+    if !out.status.success() {
+        bail!("scripts/build-fio-libiscsi.sh failed: the iSCSI rows need fio with libiscsi");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().into())
 }
 
 fn disk(dir: &Path, args: &DurableArgs) -> Result<Run> {
@@ -112,22 +148,42 @@ fn disk(dir: &Path, args: &DurableArgs) -> Result<Run> {
     run
 }
 
-fn volume(uri: &str, args: &DurableArgs, clients: u32, seconds: u64) -> Result<Run> {
-    fio(
+/// How fio reaches the volume.
+enum Frontend<'a> {
+    Nbd(&'a str),
+    /// (fio binary with libiscsi, URL)
+    Iscsi(&'a Path, String),
+}
+
+fn volume(to: &Frontend, args: &DurableArgs, clients: u32, seconds: u64) -> Result<Run> {
+    let (bin, target): (&Path, Vec<String>) = match to {
+        Frontend::Nbd(uri) => (
+            Path::new("fio"),
+            vec!["--ioengine=nbd".into(), format!("--uri={uri}")],
+        ),
+        Frontend::Iscsi(bin, url) => (
+            bin,
+            vec!["--ioengine=libiscsi".into(), format!("--filename={url}")],
+        ),
+    };
+    fio_with(
+        bin,
         &[
-            "--name=durable".into(),
-            "--ioengine=nbd".into(),
-            format!("--uri={uri}"),
-            "--rw=randwrite".into(),
-            "--bs=4k".into(),
-            "--iodepth=1".into(),
-            "--fsync=1".into(),
-            format!("--numjobs={clients}"),
-            format!("--size={}m", args.size_mib),
-            format!("--runtime={seconds}"),
-            "--time_based".into(),
-            "--randrepeat=0".into(),
-        ],
+            vec!["--name=durable".to_string()],
+            target,
+            vec![
+                "--rw=randwrite".into(),
+                "--bs=4k".into(),
+                "--iodepth=1".into(),
+                "--fsync=1".into(),
+                format!("--numjobs={clients}"),
+                format!("--size={}m", args.size_mib),
+                format!("--runtime={seconds}"),
+                "--time_based".into(),
+                "--randrepeat=0".into(),
+            ],
+        ]
+        .concat(),
         Duration::from_secs(seconds + 300),
     )
 }
@@ -144,28 +200,59 @@ fn strace_calls(summary: &str, name: &str) -> u64 {
         .sum()
 }
 
-pub fn run(args: &DurableArgs) -> Result<()> {
-    if args.seconds == 0 || args.clients == 0 {
-        bail!("--seconds and --clients must be at least 1");
-    }
+/// What one build of corral did.
+struct System {
+    name: String,
+    nbd_one: Run,
+    nbd_many: Run,
+    iscsi_one: Run,
+    iscsi_many: Run,
+    /// Buffered writes (no flush), NBD, QD32, for "no slower than before".
+    buffered: Run,
+    /// Per durable write on one replica daemon: (syncs, positional writes, writes traced).
+    syscalls: (f64, f64, u64),
+}
+
+fn measure(name: &str, bin: &Path, args: &DurableArgs, fio_iscsi: &Path) -> Result<System> {
+    // The fixture starts every process from CORRAL_BIN.
+    // SAFETY: the bench is single-threaded here; nothing reads the environment meanwhile.
+    unsafe { std::env::set_var("CORRAL_BIN", bin) };
     let mut cluster = Cluster::new()?;
     for _ in 0..3 {
         cluster.start_replica_with(&["--io-threads", "1"])?;
     }
-    let base = disk(cluster.path(), args)?;
-    eprintln!("durable: disk {:.0} durable writes/s", base.iops);
-
     let spec = EngineSpec::new("durable", &format!("{}MiB", args.size_mib), &[0, 1, 2])
         .set("--replica-timeout", "8s");
     let e = cluster.start_engine(&spec)?;
     let uri = cluster.engines[e].nbd_uri();
-    let one = volume(&uri, args, 1, args.seconds).inspect_err(|_| cluster.print_log_tails(60))?;
-    eprintln!("durable: 1 client {:.0} durable writes/s", one.iops);
-    let many = volume(&uri, args, args.clients, args.seconds)
-        .inspect_err(|_| cluster.print_log_tails(60))?;
+    let nbd = Frontend::Nbd(&uri);
+    let logs = |c: &Cluster| c.print_log_tails(60);
+    let nbd_one = volume(&nbd, args, 1, args.seconds).inspect_err(|_| logs(&cluster))?;
+    let nbd_many =
+        volume(&nbd, args, args.clients, args.seconds).inspect_err(|_| logs(&cluster))?;
+    let iscsi = Frontend::Iscsi(fio_iscsi, cluster.engines[e].iscsi_url());
+    let iscsi_one = volume(&iscsi, args, 1, args.seconds).inspect_err(|_| logs(&cluster))?;
+    let iscsi_many =
+        volume(&iscsi, args, args.clients, args.seconds).inspect_err(|_| logs(&cluster))?;
+    let buffered = fio(
+        &[
+            "--name=buffered".into(),
+            "--ioengine=nbd".into(),
+            format!("--uri={uri}"),
+            "--rw=randwrite".into(),
+            "--bs=4k".into(),
+            "--iodepth=32".into(),
+            format!("--size={}m", args.size_mib),
+            format!("--runtime={}", args.seconds),
+            "--time_based".into(),
+            "--randrepeat=0".into(),
+        ],
+        Duration::from_secs(args.seconds + 300),
+    )
+    .inspect_err(|_| logs(&cluster))?;
     eprintln!(
-        "durable: {} clients {:.0} durable writes/s",
-        args.clients, many.iops
+        "durable: {name}: NBD {:.0} / {:.0}, iSCSI {:.0} / {:.0} durable writes/s (1 / {} clients); buffered {:.0} writes/s",
+        nbd_one.iops, nbd_many.iops, iscsi_one.iops, iscsi_many.iops, args.clients, buffered.iops
     );
 
     // Syscalls of one replica daemon per durable write.
@@ -181,8 +268,8 @@ pub fn run(args: &DurableArgs) -> Result<()> {
         .spawn()
         .context("strace")?;
     std::thread::sleep(Duration::from_millis(500));
-    let traced = volume(&uri, args, 1, args.strace_seconds);
-    // SIGINT ends strace's summary.
+    let traced = volume(&nbd, args, 1, args.strace_seconds);
+    // SIGINT ends strace with its summary.
     // SAFETY: kill(2) on the child we spawned.
     unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
     let _ = strace.wait();
@@ -192,10 +279,41 @@ pub fn run(args: &DurableArgs) -> Result<()> {
     let syncs = per("fdatasync") + per("fsync");
     let writes = per("pwrite64") + per("pwritev") + per("pwritev2");
     cluster.stop_all()?;
+    Ok(System {
+        name: name.to_string(),
+        nbd_one,
+        nbd_many,
+        iscsi_one,
+        iscsi_many,
+        buffered,
+        syscalls: (syncs, writes, traced.writes),
+    })
+}
+
+pub fn run(args: &DurableArgs) -> Result<()> {
+    if args.seconds == 0 || args.clients == 0 {
+        bail!("--seconds and --clients must be at least 1");
+    }
+    let fio_iscsi = fio_libiscsi()?;
+    // The disk's run, in the kind of directory the replicas use.
+    let scratch = Cluster::new()?;
+    let base = disk(scratch.path(), args)?;
+    drop(scratch);
+    eprintln!("durable: disk {:.0} durable writes/s", base.iops);
+    let mut systems = Vec::new();
+    if let Some(before) = &args.before {
+        systems.push(measure("before", before, args, &fio_iscsi)?);
+    }
+    systems.push(measure(
+        "corral",
+        &corral_tests::corral_bin(),
+        args,
+        &fio_iscsi,
+    )?);
 
     println!(
-        "### Durable 4 KiB random writes, {} s per row, {} MiB\n",
-        args.seconds, args.size_mib
+        "### Durable 4 KiB random writes, {} s per row, {} MiB volume, {} clients in the many-clients rows\n",
+        args.seconds, args.size_mib, args.clients
     );
     println!("| run | durable writes/s | % of disk | write p99 | flush p99 |");
     println!("| --- | ---: | ---: | ---: | ---: |");
@@ -209,20 +327,45 @@ pub fn run(args: &DurableArgs) -> Result<()> {
         );
     };
     row("disk: fio psync, fdatasync after each write", &base);
-    row("3 replicas, 1 client at QD1, flush after each write", &one);
-    row(
-        &format!(
-            "3 replicas, {} clients at QD1, flush after each write",
-            args.clients
-        ),
-        &many,
-    );
+    for s in &systems {
+        let n = &s.name;
+        let c = args.clients;
+        row(
+            &format!("{n}: NBD, 1 client, flush after each write"),
+            &s.nbd_one,
+        );
+        row(
+            &format!("{n}: NBD, {c} clients, flush after each write"),
+            &s.nbd_many,
+        );
+        row(
+            &format!("{n}: iSCSI, 1 client, SYNCHRONIZE CACHE after each write"),
+            &s.iscsi_one,
+        );
+        row(
+            &format!("{n}: iSCSI, {c} clients, SYNCHRONIZE CACHE after each write"),
+            &s.iscsi_many,
+        );
+    }
     println!(
-        "\n{} clients ÷ 1 client: {:.2}×. One replica daemon per durable write (strace -c, {} s, {} writes): {syncs:.2} syncs (fdatasync + fsync), {writes:.2} positional writes.",
-        args.clients,
-        many.iops / one.iops,
-        args.strace_seconds,
-        traced.writes
+        "\n| build | {} clients ÷ 1, NBD | {} clients ÷ 1, iSCSI | syncs per durable write (one replica) | positional writes per durable write | buffered 4 KiB writes/s, QD32 |",
+        args.clients, args.clients
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for s in &systems {
+        println!(
+            "| {} | {:.2}× | {:.2}× | {:.2} | {:.2} | {:.0} |",
+            s.name,
+            s.nbd_many.iops / s.nbd_one.iops,
+            s.iscsi_many.iops / s.iscsi_one.iops,
+            s.syscalls.0,
+            s.syscalls.1,
+            s.buffered.iops
+        );
+    }
+    println!(
+        "\n(syscalls: strace -c -f on one replica daemon during a {} s single-client NBD run)",
+        args.strace_seconds
     );
     Ok(())
 }
