@@ -5,7 +5,7 @@
 #   scripts/bench.sh memory                                         # idle RSS with a 1 TiB volume
 #   scripts/bench.sh csi [--runs 10]                                # create→mounted, node loss→mounted (root)
 #   scripts/bench.sh floor [--seconds 10]                           # CPU per replicated write: gRPC floor vs engine/replicas
-#   scripts/bench.sh durable [--seconds 15 --clients 8]             # durable writes (flush after each) vs the disk
+#   scripts/bench.sh durable [--seconds 15 --clients 8 --before BIN] # durable writes (flush after each) vs the disk
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh

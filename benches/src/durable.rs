@@ -2,24 +2,27 @@
 //!
 //! In one run, beside each other:
 //!
-//! - **the disk**: fio on a file in the directory the replicas use,
-//!   `--ioengine=psync --rw=randwrite --bs=4k --fdatasync=1` — the rate
-//!   at which this disk makes 4 KiB writes durable one at a time;
+//! - **the disk**: fio on a file in the kind of directory the replicas use,
+//!   `--ioengine=psync --rw=randwrite --bs=4k --fdatasync=1` — the rate at
+//!   which this disk makes 4 KiB writes durable one at a time;
 //! - **a 3-replica volume** (three replica daemons and an engine on this
-//!   machine): fio `--rw=randwrite --bs=4k --iodepth=1 --fsync=1`, one
-//!   client, then `--clients` clients at once (each at QD1 with a flush
-//!   after every write) — over NBD (NBD_CMD_FLUSH), and over iSCSI with
-//!   fio's libiscsi engine (SYNCHRONIZE CACHE; `scripts/build-fio-libiscsi.sh`
-//!   builds that fio);
+//!   machine): fio `--rw=randwrite --bs=4k --iodepth=1 --fsync=1` over NBD
+//!   (NBD_CMD_FLUSH after every write), one client, then `--clients`
+//!   clients at once; and buffered writes (QD32, no flush), to see they did
+//!   not get slower. Not over iSCSI: fio's libiscsi engine sends
+//!   SYNCHRONIZE CACHE(16) with the LUN's size in *bytes* as its block
+//!   count, which a target following SBC-4 (corral) refuses as out of
+//!   range, so fio would time writes without flushes;
 //! - **syscalls per durable write** on one replica daemon: `strace -c -f`
 //!   attached to it during a shorter single-client run, its `fdatasync`,
 //!   `fsync`, `pwrite64` and `pwritev` calls divided by the writes fio
 //!   issued.
 //!
-//! Latencies are fio's completion latencies of the writes and of the
+//! `--before BIN` measures an earlier corral build the same way in the same
+//! run. Latencies are fio's completion latencies of the writes and of the
 //! flushes (`sync` in fio's JSON), 99th percentile.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -44,7 +47,7 @@ pub struct DurableArgs {
     strace_seconds: u64,
     /// Another corral binary (an earlier build) to measure in the same run.
     #[arg(long)]
-    before: Option<std::path::PathBuf>,
+    before: Option<PathBuf>,
 }
 
 /// One fio run's outcome.
@@ -90,42 +93,11 @@ fn parse(json: &str) -> Result<Run> {
 }
 
 fn fio(args: &[String], limit: Duration) -> Result<Run> {
-    fio_with(Path::new("fio"), args, limit)
-}
-
-fn fio_with(bin: &Path, args: &[String], limit: Duration) -> Result<Run> {
     let mut all = vec!["--output-format=json".to_string()];
     all.extend(args.iter().cloned());
     let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-    let out = if bin == Path::new("fio") {
-        run_ok("fio", &refs, limit)?
-    } else {
-        let out = std::process::Command::new(bin)
-            .args(&refs)
-            .output()
-            .with_context(|| format!("running {}", bin.display()))?;
-        if !out.status.success() {
-            bail!(
-                "{} failed: {}",
-                bin.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        out
-    };
+    let out = run_ok("fio", &refs, limit)?;
     parse(&String::from_utf8_lossy(&out.stdout))
-}
-
-/// fio with its libiscsi engine (built and cached by the script).
-fn fio_libiscsi() -> Result<std::path::PathBuf> {
-    let out = std::process::Command::new("scripts/build-fio-libiscsi.sh")
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("scripts/build-fio-libiscsi.sh (run from the repository root)")?;
-    if !out.status.success() {
-        bail!("scripts/build-fio-libiscsi.sh failed: the iSCSI rows need fio with libiscsi");
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().into())
 }
 
 fn disk(dir: &Path, args: &DurableArgs) -> Result<Run> {
@@ -148,47 +120,38 @@ fn disk(dir: &Path, args: &DurableArgs) -> Result<Run> {
     run
 }
 
-/// How fio reaches the volume.
-enum Frontend<'a> {
-    Nbd(&'a str),
-    /// (fio binary with libiscsi, URL)
-    Iscsi(&'a Path, String),
+/// fio over NBD: `extra` added to a time-based 4 KiB random-write job.
+fn nbd(uri: &str, args: &DurableArgs, seconds: u64, extra: &[String]) -> Result<Run> {
+    let mut job = vec![
+        "--name=volume".to_string(),
+        "--ioengine=nbd".into(),
+        format!("--uri={uri}"),
+        "--rw=randwrite".into(),
+        "--bs=4k".into(),
+        format!("--size={}m", args.size_mib),
+        format!("--runtime={seconds}"),
+        "--time_based".into(),
+        "--randrepeat=0".into(),
+    ];
+    job.extend(extra.iter().cloned());
+    fio(&job, Duration::from_secs(seconds + 300))
 }
 
-fn volume(to: &Frontend, args: &DurableArgs, clients: u32, seconds: u64) -> Result<Run> {
-    let (bin, target): (&Path, Vec<String>) = match to {
-        Frontend::Nbd(uri) => (
-            Path::new("fio"),
-            vec!["--ioengine=nbd".into(), format!("--uri={uri}")],
-        ),
-        Frontend::Iscsi(bin, url) => (
-            bin,
-            vec!["--ioengine=libiscsi".into(), format!("--filename={url}")],
-        ),
-    };
-    fio_with(
-        bin,
+/// `clients` clients at QD1, each with a flush after every write.
+fn durable(uri: &str, args: &DurableArgs, clients: u32, seconds: u64) -> Result<Run> {
+    nbd(
+        uri,
+        args,
+        seconds,
         &[
-            vec!["--name=durable".to_string()],
-            target,
-            vec![
-                "--rw=randwrite".into(),
-                "--bs=4k".into(),
-                "--iodepth=1".into(),
-                "--fsync=1".into(),
-                format!("--numjobs={clients}"),
-                format!("--size={}m", args.size_mib),
-                format!("--runtime={seconds}"),
-                "--time_based".into(),
-                "--randrepeat=0".into(),
-            ],
-        ]
-        .concat(),
-        Duration::from_secs(seconds + 300),
+            "--iodepth=1".into(),
+            "--fsync=1".into(),
+            format!("--numjobs={clients}"),
+        ],
     )
 }
 
-/// Calls of `names` in `strace -c` output (its summary table).
+/// Calls of `name` in `strace -c` output (its summary table).
 fn strace_calls(summary: &str, name: &str) -> u64 {
     summary
         .lines()
@@ -203,17 +166,41 @@ fn strace_calls(summary: &str, name: &str) -> u64 {
 /// What one build of corral did.
 struct System {
     name: String,
-    nbd_one: Run,
-    nbd_many: Run,
-    iscsi_one: Run,
-    iscsi_many: Run,
-    /// Buffered writes (no flush), NBD, QD32, for "no slower than before".
+    one: Run,
+    many: Run,
+    /// Buffered writes (no flush), QD32: "no slower than before".
     buffered: Run,
-    /// Per durable write on one replica daemon: (syncs, positional writes, writes traced).
-    syscalls: (f64, f64, u64),
+    /// Per durable write on one replica daemon: (syncs, positional writes),
+    /// one client and many.
+    syscalls: (f64, f64),
+    syscalls_many: (f64, f64),
 }
 
-fn measure(name: &str, bin: &Path, args: &DurableArgs, fio_iscsi: &Path) -> Result<System> {
+/// Syscalls of process `pid` per write fio issued during `load`:
+/// (fdatasync + fsync, positional writes).
+fn per_write(pid: &str, dir: &Path, load: impl FnOnce() -> Result<Run>) -> Result<(f64, f64)> {
+    let trace = dir.join("strace.txt");
+    let trace_arg = trace.display().to_string();
+    let mut strace = std::process::Command::new("strace")
+        .args(["-c", "-f", "-o", &trace_arg, "-p", pid])
+        .spawn()
+        .context("strace")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let traced = load();
+    // SIGINT ends strace with its summary.
+    // SAFETY: kill(2) on the child we spawned.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    let _ = strace.wait();
+    let traced = traced?;
+    let summary = std::fs::read_to_string(&trace).context("strace summary")?;
+    let per = |name: &str| strace_calls(&summary, name) as f64 / traced.writes as f64;
+    Ok((
+        per("fdatasync") + per("fsync"),
+        per("pwrite64") + per("pwritev") + per("pwritev2"),
+    ))
+}
+
+fn measure(name: &str, bin: &Path, args: &DurableArgs) -> Result<System> {
     // The fixture starts every process from CORRAL_BIN.
     // SAFETY: the bench is single-threaded here; nothing reads the environment meanwhile.
     unsafe { std::env::set_var("CORRAL_BIN", bin) };
@@ -225,34 +212,14 @@ fn measure(name: &str, bin: &Path, args: &DurableArgs, fio_iscsi: &Path) -> Resu
         .set("--replica-timeout", "8s");
     let e = cluster.start_engine(&spec)?;
     let uri = cluster.engines[e].nbd_uri();
-    let nbd = Frontend::Nbd(&uri);
     let logs = |c: &Cluster| c.print_log_tails(60);
-    let nbd_one = volume(&nbd, args, 1, args.seconds).inspect_err(|_| logs(&cluster))?;
-    let nbd_many =
-        volume(&nbd, args, args.clients, args.seconds).inspect_err(|_| logs(&cluster))?;
-    let iscsi = Frontend::Iscsi(fio_iscsi, cluster.engines[e].iscsi_url());
-    let iscsi_one = volume(&iscsi, args, 1, args.seconds).inspect_err(|_| logs(&cluster))?;
-    let iscsi_many =
-        volume(&iscsi, args, args.clients, args.seconds).inspect_err(|_| logs(&cluster))?;
-    let buffered = fio(
-        &[
-            "--name=buffered".into(),
-            "--ioengine=nbd".into(),
-            format!("--uri={uri}"),
-            "--rw=randwrite".into(),
-            "--bs=4k".into(),
-            "--iodepth=32".into(),
-            format!("--size={}m", args.size_mib),
-            format!("--runtime={}", args.seconds),
-            "--time_based".into(),
-            "--randrepeat=0".into(),
-        ],
-        Duration::from_secs(args.seconds + 300),
-    )
-    .inspect_err(|_| logs(&cluster))?;
+    let one = durable(&uri, args, 1, args.seconds).inspect_err(|_| logs(&cluster))?;
+    let many = durable(&uri, args, args.clients, args.seconds).inspect_err(|_| logs(&cluster))?;
+    let buffered =
+        nbd(&uri, args, args.seconds, &["--iodepth=32".into()]).inspect_err(|_| logs(&cluster))?;
     eprintln!(
-        "durable: {name}: NBD {:.0} / {:.0}, iSCSI {:.0} / {:.0} durable writes/s (1 / {} clients); buffered {:.0} writes/s",
-        nbd_one.iops, nbd_many.iops, iscsi_one.iops, iscsi_many.iops, args.clients, buffered.iops
+        "durable: {name}: {:.0} / {:.0} durable writes/s (1 / {} clients); buffered {:.0} writes/s",
+        one.iops, many.iops, args.clients, buffered.iops
     );
 
     // Syscalls of one replica daemon per durable write.
@@ -261,32 +228,19 @@ fn measure(name: &str, bin: &Path, args: &DurableArgs, fio_iscsi: &Path) -> Resu
         .pid()
         .context("replica pid")?
         .to_string();
-    let trace = cluster.path().join("strace.txt");
-    let trace_arg = trace.display().to_string();
-    let mut strace = std::process::Command::new("strace")
-        .args(["-c", "-f", "-o", &trace_arg, "-p", &pid])
-        .spawn()
-        .context("strace")?;
-    std::thread::sleep(Duration::from_millis(500));
-    let traced = volume(&nbd, args, 1, args.strace_seconds);
-    // SIGINT ends strace with its summary.
-    // SAFETY: kill(2) on the child we spawned.
-    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
-    let _ = strace.wait();
-    let traced = traced?;
-    let summary = std::fs::read_to_string(&trace).context("strace summary")?;
-    let per = |name: &str| strace_calls(&summary, name) as f64 / traced.writes as f64;
-    let syncs = per("fdatasync") + per("fsync");
-    let writes = per("pwrite64") + per("pwritev") + per("pwritev2");
+    let dir = cluster.path().to_path_buf();
+    let syscalls = per_write(&pid, &dir, || durable(&uri, args, 1, args.strace_seconds))?;
+    let syscalls_many = per_write(&pid, &dir, || {
+        durable(&uri, args, args.clients, args.strace_seconds)
+    })?;
     cluster.stop_all()?;
     Ok(System {
         name: name.to_string(),
-        nbd_one,
-        nbd_many,
-        iscsi_one,
-        iscsi_many,
+        one,
+        many,
         buffered,
-        syscalls: (syncs, writes, traced.writes),
+        syscalls,
+        syscalls_many,
     })
 }
 
@@ -294,7 +248,8 @@ pub fn run(args: &DurableArgs) -> Result<()> {
     if args.seconds == 0 || args.clients == 0 {
         bail!("--seconds and --clients must be at least 1");
     }
-    let fio_iscsi = fio_libiscsi()?;
+    // Before `measure` changes the environment.
+    let current = corral_tests::corral_bin();
     // The disk's run, in the kind of directory the replicas use.
     let scratch = Cluster::new()?;
     let base = disk(scratch.path(), args)?;
@@ -302,18 +257,13 @@ pub fn run(args: &DurableArgs) -> Result<()> {
     eprintln!("durable: disk {:.0} durable writes/s", base.iops);
     let mut systems = Vec::new();
     if let Some(before) = &args.before {
-        systems.push(measure("before", before, args, &fio_iscsi)?);
+        systems.push(measure("before", before, args)?);
     }
-    systems.push(measure(
-        "corral",
-        &corral_tests::corral_bin(),
-        args,
-        &fio_iscsi,
-    )?);
+    systems.push(measure("corral", &current, args)?);
 
     println!(
-        "### Durable 4 KiB random writes, {} s per row, {} MiB volume, {} clients in the many-clients rows\n",
-        args.seconds, args.size_mib, args.clients
+        "### Durable 4 KiB random writes over NBD, {} s per row, {} MiB volume\n",
+        args.seconds, args.size_mib
     );
     println!("| run | durable writes/s | % of disk | write p99 | flush p99 |");
     println!("| --- | ---: | ---: | ---: | ---: |");
@@ -328,43 +278,31 @@ pub fn run(args: &DurableArgs) -> Result<()> {
     };
     row("disk: fio psync, fdatasync after each write", &base);
     for s in &systems {
-        let n = &s.name;
-        let c = args.clients;
+        let (n, c) = (&s.name, args.clients);
+        row(&format!("{n}: 1 client, flush after each write"), &s.one);
         row(
-            &format!("{n}: NBD, 1 client, flush after each write"),
-            &s.nbd_one,
-        );
-        row(
-            &format!("{n}: NBD, {c} clients, flush after each write"),
-            &s.nbd_many,
-        );
-        row(
-            &format!("{n}: iSCSI, 1 client, SYNCHRONIZE CACHE after each write"),
-            &s.iscsi_one,
-        );
-        row(
-            &format!("{n}: iSCSI, {c} clients, SYNCHRONIZE CACHE after each write"),
-            &s.iscsi_many,
+            &format!("{n}: {c} clients, flush after each write"),
+            &s.many,
         );
     }
+    let c = args.clients;
     println!(
-        "\n| build | {} clients ÷ 1, NBD | {} clients ÷ 1, iSCSI | syncs per durable write (one replica) | positional writes per durable write | buffered 4 KiB writes/s, QD32 |",
-        args.clients, args.clients
+        "\n| build | {c} clients ÷ 1 | syncs per durable write, 1 client | positional writes per durable write, 1 client | syncs per durable write, {c} clients | buffered 4 KiB writes/s, QD32 |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for s in &systems {
         println!(
-            "| {} | {:.2}× | {:.2}× | {:.2} | {:.2} | {:.0} |",
+            "| {} | {:.2}× | {:.2} | {:.2} | {:.2} | {:.0} |",
             s.name,
-            s.nbd_many.iops / s.nbd_one.iops,
-            s.iscsi_many.iops / s.iscsi_one.iops,
+            s.many.iops / s.one.iops,
             s.syscalls.0,
             s.syscalls.1,
+            s.syscalls_many.0,
             s.buffered.iops
         );
     }
     println!(
-        "\n(syscalls: strace -c -f on one replica daemon during a {} s single-client NBD run)",
+        "\n(syscalls: strace -c -f on one replica daemon during {} s runs of their own)",
         args.strace_seconds
     );
     Ok(())

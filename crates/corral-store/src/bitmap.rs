@@ -11,8 +11,9 @@
 //!   bumps the sequence from `f` to `f + 1` under the gate held exclusively (writes hold it
 //!   shared for their whole duration, so every write tagged `<= f` has completed), releases
 //!   the gate, `fdatasync`s, and then may clear regions ([`WriteIntent::clear_threshold`]):
-//!   a flush that finds nothing written since the previous one clears every region whose
-//!   last tag is `< f` (an idle volume's bitmap empties at its second flush); otherwise, at
+//!   a flush that finds nothing written since the previous one, a second or more ago,
+//!   clears every region whose last tag is `< f` (an idle volume's bitmap empties at its
+//!   second flush); otherwise, at
 //!   most once per *clear interval*, those not written since the last clear. Regions written
 //!   within an interval stay dirty and cost nothing per flush: a flush of a busy volume
 //!   commits no metadata and syncs only the data.
@@ -56,10 +57,17 @@ pub(crate) struct WriteIntent {
     /// When the current clear interval began, and the tag below which a region written
     /// since is not: the first flush of the interval's sequence, plus one.
     interval_start: Mutex<Option<(Instant, u64)>>,
+    /// When the previous flush made the data durable.
+    last_flush: Mutex<Option<Instant>>,
 }
 
 /// How often, by default, the flushes of a volume under writes clear regions.
 pub const DEFAULT_CLEAR_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A volume is idle when nothing was written since a flush at least this long ago (or
+/// the clear interval, if shorter). Flushes that follow each other closely (an engine's
+/// group commit sends rounds back to back) say nothing about idleness.
+const IDLE_GAP: Duration = Duration::from_secs(1);
 
 /// Held by a write for its whole duration; flush waits for it to be dropped.
 pub(crate) struct WriteTicket<'a> {
@@ -81,6 +89,7 @@ impl WriteIntent {
             persist: Mutex::new(()),
             clear_interval: Mutex::new(DEFAULT_CLEAR_INTERVAL),
             interval_start: Mutex::new(None),
+            last_flush: Mutex::new(None),
         }
     }
 
@@ -92,17 +101,21 @@ impl WriteIntent {
 
     /// For a flush that began sequence `seq` (what [`Self::begin_flush`] returned) and made
     /// the data durable: the tag below which regions may be cleared now, if any. Every
-    /// region not written since the previous flush when nothing was written since (an idle
-    /// volume, or a clear interval of zero); otherwise, once a clear interval has passed
+    /// region not written since the previous flush when nothing was written since and that
+    /// flush is a while ago ([`IDLE_GAP`]: an idle volume), or with a clear interval of
+    /// zero; otherwise, once a clear interval has passed
     /// since the flush that began it, those not written since that flush began. Either way
     /// a cleared region's last write completed before an earlier flush synced it, and this
     /// flush synced it again.
     pub(crate) fn clear_threshold(&self, seq: u64, now: Instant) -> Option<u64> {
-        let idle = {
+        let interval = *lock(&self.clear_interval);
+        let quiet = lock(&self.last_flush)
+            .replace(now)
+            .is_some_and(|t| now.saturating_duration_since(t) >= IDLE_GAP.min(interval));
+        let idle = quiet && {
             let st = lock(&self.state);
             st.pending.is_empty() && st.dirty.values().all(|t| *t < seq)
         };
-        let interval = *lock(&self.clear_interval);
         let mut start = lock(&self.interval_start);
         let below = match *start {
             _ if idle || interval.is_zero() => seq,
