@@ -270,9 +270,13 @@ impl Volume {
                         let results = late.await;
                         match results.into_iter().find_map(Result::err) {
                             None => set.confirmed(id, session, &chunks),
-                            Some(err) => {
+                            // Only while the join that owes it lasts: once
+                            // the replica has left and joined again, its old
+                            // streams' end is no failure of the new join.
+                            Some(err) if set.member_session(id) == Some(session) => {
                                 let _ = set.handle_failure(id, &err, &chunks).await;
                             }
+                            Some(_) => {}
                         }
                     });
                 }
