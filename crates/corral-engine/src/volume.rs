@@ -235,7 +235,7 @@ impl Volume {
             let (outcome, late) = match pending {
                 Err(e) => (Some(e), None),
                 Ok((reservation, replies)) => {
-                    let mut all = Box::pin(join_all(replies.into_iter().map(|r| r.wait())));
+                    let mut all = join_all(replies.into_iter().map(|r| r.wait()));
                     let outcome = match tokio::time::timeout(client.timeout(), &mut all).await {
                         Ok(results) => (results.into_iter().find_map(Result::err), None),
                         Err(_) => (Some(ReplicaIoError::Timeout(client.timeout())), Some(all)),

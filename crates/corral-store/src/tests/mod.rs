@@ -10,7 +10,14 @@ mod upgrade;
 
 use std::path::Path;
 
-use crate::{CreateParams, ReplicaStore};
+use proptest::test_runner::TestCaseError;
+
+use crate::{CreateParams, ReplicaStore, StoreError};
+
+/// A store error as a property test's failure, with what was being done.
+pub(crate) fn no_mismatch<T>(r: Result<T, StoreError>, what: &str) -> Result<T, TestCaseError> {
+    r.map_err(|e| TestCaseError::fail(format!("{what}: {e}")))
+}
 
 pub(crate) fn params(size: u64, chunk_size: u32) -> CreateParams {
     CreateParams {

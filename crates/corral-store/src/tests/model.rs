@@ -7,8 +7,8 @@
 
 use proptest::prelude::*;
 
-use super::{params, pattern};
-use crate::{BLOCK, ReplicaStore, StoreError};
+use super::{no_mismatch, params, pattern};
+use crate::{BLOCK, ReplicaStore};
 
 const SIZE: u64 = 256 * 1024;
 
@@ -83,13 +83,6 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn span(off: u64, len: u64) -> std::ops::Range<usize> {
     off as usize..(off + len) as usize
-}
-
-fn no_mismatch<T>(r: Result<T, StoreError>, what: &str) -> Result<T, TestCaseError> {
-    match r {
-        Ok(v) => Ok(v),
-        Err(e) => Err(TestCaseError::fail(format!("{what}: {e}"))),
-    }
 }
 
 fn check_all(s: &ReplicaStore, model: &[u8], what: &str) -> Result<(), TestCaseError> {

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use super::{params, pattern};
-use crate::{BLOCK, ReplicaStore, StoreError, powercut};
+use super::{no_mismatch as ok, params, pattern};
+use crate::{BLOCK, ReplicaStore, powercut};
 
 const SIZE: u64 = 128 * 1024;
 const SECTOR: usize = 512;
@@ -62,10 +62,6 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Crash),
         2 => any::<u64>().prop_map(|seed| Op::PowerCut { seed }),
     ]
-}
-
-fn ok<T>(r: Result<T, StoreError>, what: &str) -> Result<T, TestCaseError> {
-    r.map_err(|e| TestCaseError::fail(format!("{what}: {e}")))
 }
 
 /// What the store must hold: now, as last made durable, and what was written since.
