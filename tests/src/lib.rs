@@ -307,6 +307,9 @@ pub struct Cluster {
     pub proxies: Vec<Option<Proxy>>,
     /// tmpfs file systems mounted for replica data dirs (unmounted on drop).
     mounts: Vec<PathBuf>,
+    /// `--tls-*` flags every `corral` process of the cluster gets (empty:
+    /// plain TCP); see [`Cluster::with_tls`].
+    pub tls: Vec<String>,
 }
 
 impl Cluster {
@@ -318,7 +321,21 @@ impl Cluster {
             engines: Vec::new(),
             proxies: Vec::new(),
             mounts: Vec::new(),
+            tls: Vec::new(),
         })
+    }
+
+    /// From now on every process this cluster starts, and every `corral`
+    /// command it runs, uses mutual TLS with `files`.
+    pub fn with_tls(&mut self, files: &corral_tls::TlsFiles) {
+        self.tls = vec![
+            "--tls-cert".into(),
+            files.cert.display().to_string(),
+            "--tls-key".into(),
+            files.key.display().to_string(),
+            "--tls-ca".into(),
+            files.ca.display().to_string(),
+        ];
     }
 
     /// A cluster with `n` replica daemons already up.
@@ -353,6 +370,7 @@ impl Cluster {
         ];
         let mut args = args;
         args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(self.tls.iter().cloned());
         let log = self.path().join(format!("replica-{i}.log"));
         let process = Process::spawn(&format!("replica-{i}"), args, log)?;
         wait_for_port(addr, Duration::from_secs(20))?;
@@ -409,6 +427,7 @@ impl Cluster {
             replica_addrs.push(addr);
         }
         args.extend(spec.extra.iter().cloned());
+        args.extend(self.tls.iter().cloned());
         let log = self.path().join(format!("engine-{i}.log"));
         let process = Process::spawn(&format!("engine-{i}"), args, log)?;
         self.engines.push(Engine {
@@ -449,7 +468,7 @@ impl Cluster {
     /// Run `corral` with arguments, bounded in time.
     pub fn corral(&self, args: &[&str]) -> Result<Output> {
         run_bounded(
-            Command::new(corral_bin()).args(args),
+            Command::new(corral_bin()).args(args).args(&self.tls),
             Duration::from_secs(60),
         )
     }

@@ -7,7 +7,10 @@
 //! interpreted in one place: "no such replica", "fenced by a newer engine"
 //! and "not open at this epoch" are variants, not strings to compare.
 //!
-//! Every channel is built by [`endpoint`] — the one place where TLS will go.
+//! Every channel is dialled by [`connect`] from an [`endpoint`]: the one
+//! place where TLS goes. A process that was given `--tls-*` files calls
+//! [`use_tls`] once at start; from then on every channel it dials runs
+//! mutual TLS (see `corral_tls`), and every other one is plain TCP.
 
 use std::time::Duration;
 
@@ -18,8 +21,29 @@ use corral_proto::v1::{
     VerifyResponse, VolumeInfo, VolumeInfoRequest, engine_control_client::EngineControlClient,
     engine_manager_client::EngineManagerClient, replica_control_client::ReplicaControlClient,
 };
+use std::sync::OnceLock;
+
+use corral_tls::ClientTls;
+use corral_tls::grpc::TlsChannelConnector;
 use corral_types::Epoch;
 use tonic::transport::{Channel, Endpoint};
+
+/// This process's TLS for every channel it dials (set once, at start).
+static PROCESS_TLS: OnceLock<ClientTls> = OnceLock::new();
+
+/// Dial every channel of this process over mutual TLS with `tls`. Called
+/// once, before the first channel; a second call is refused.
+pub fn use_tls(tls: ClientTls) -> Result<(), ClientError> {
+    PROCESS_TLS.set(tls).map_err(|_| ClientError::BadAddress {
+        addr: String::new(),
+        why: "TLS for this process's channels was already set".into(),
+    })
+}
+
+/// The TLS this process dials with, if any.
+pub fn process_tls() -> Option<&'static ClientTls> {
+    PROCESS_TLS.get()
+}
 
 /// Why a control call failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -107,15 +131,21 @@ pub fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint, ClientError> 
         .keep_alive_while_idle(true))
 }
 
-/// Connect a channel to `addr`.
+/// Connect a channel to `addr` (over TLS if the process [`use_tls`]).
 pub async fn connect(addr: &str, timeout: Duration) -> Result<Channel, ClientError> {
-    endpoint(addr, timeout)?
-        .connect()
-        .await
-        .map_err(|e| ClientError::Unreachable {
-            addr: addr.to_string(),
-            why: e.to_string(),
-        })
+    let endpoint = endpoint(addr, timeout)?;
+    let connected = match process_tls() {
+        Some(tls) => {
+            endpoint
+                .connect_with_connector(TlsChannelConnector::new(tls.clone()))
+                .await
+        }
+        None => endpoint.connect().await,
+    };
+    connected.map_err(|e| ClientError::Unreachable {
+        addr: addr.to_string(),
+        why: corral_tls::describe(&e),
+    })
 }
 
 /// Run one call, bounded by `timeout`, mapping its failure.

@@ -15,7 +15,6 @@ use corral_proto::v1::{
     engine_control_server::{EngineControl, EngineControlServer},
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::warn;
@@ -335,13 +334,15 @@ impl EngineControl for ControlService {
     }
 }
 
-/// Serve the control service on `listener` until `shutdown` is cancelled.
+/// Serve the control service on `listener` (over mutual TLS with `tls`)
+/// until `shutdown` is cancelled.
 pub async fn serve_control(
     listener: TcpListener,
+    tls: Option<corral_tls::ServerTls>,
     state: Arc<EngineState>,
     shutdown: CancellationToken,
 ) -> Result<(), EngineError> {
-    let incoming = TcpListenerStream::new(listener);
+    let incoming = corral_tls::grpc::incoming(listener, tls);
     tonic::transport::Server::builder()
         .add_service(EngineControlServer::new(ControlService::new(state)))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())

@@ -89,6 +89,9 @@ pub struct EngineOptions {
     /// How long the volume must stay without writes before each of the two
     /// idle flushes (see [`crate::supervisor::flush_when_idle`]).
     pub idle_flush_period: Duration,
+    /// Serve the control service over mutual TLS (the channels to the
+    /// replicas follow the process's `corral_client::use_tls`).
+    pub control_tls: Option<corral_tls::ServerTls>,
 }
 
 impl EngineOptions {
@@ -100,6 +103,7 @@ impl EngineOptions {
             metrics: None,
             open_timeout: Duration::from_secs(60),
             idle_flush_period: Duration::from_secs(3),
+            control_tls: None,
         }
     }
 }
@@ -196,8 +200,14 @@ async fn run(
         metrics,
         open_timeout,
         idle_flush_period,
+        control_tls,
     } = options;
-    let control_task = tokio::spawn(serve_control(control, Arc::clone(&state), stop.clone()));
+    let control_task = tokio::spawn(serve_control(
+        control,
+        control_tls,
+        Arc::clone(&state),
+        stop.clone(),
+    ));
 
     let mut registry = corral_metrics::Registry::default();
     let engine_metrics = EngineMetrics::register(&mut registry);

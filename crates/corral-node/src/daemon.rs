@@ -49,6 +49,9 @@ pub struct NodeConfig {
     pub start_timeout: Duration,
     /// How often an adopted engine (not our child) is checked.
     pub adopted_poll: Duration,
+    /// Serve over mutual TLS (engines it starts get the same files through
+    /// `engine_args`; its own channels follow `corral_client::use_tls`).
+    pub tls: Option<corral_tls::ServerTls>,
 }
 
 impl NodeConfig {
@@ -157,7 +160,10 @@ pub async fn serve(
         "node daemon serving the engine manager"
     );
     let routes = Routes::new(EngineManagerServer::new(EngineManagerService::new(manager)));
-    replicas.serve(listener, metrics, routes, shutdown).await?;
+    replicas
+        .with_tls(config.tls.clone())
+        .serve(listener, metrics, routes, shutdown)
+        .await?;
     info!("node daemon stopped; its engines keep running");
     Ok(())
 }
@@ -201,6 +207,7 @@ mod tests {
             policy: RestartPolicy::default(),
             start_timeout: Duration::from_secs(30),
             adopted_poll: Duration::from_secs(1),
+            tls: None,
         };
         good.check().unwrap();
         let mut bad = good.clone();

@@ -19,7 +19,7 @@ pub mod server;
 
 pub use error::ReplicaError;
 pub use registry::ReplicaRegistry;
-pub use server::{ReplicaServerConfig, serve, serve_listener, serve_with_metrics};
+pub use server::{ReplicaServerConfig, serve, serve_listener, serve_with_metrics, serve_with_tls};
 
 // The store's checksum block is the one the data stream reports.
 const _: () = assert!(corral_store::BLOCK == corral_proto::CHECKSUM_BLOCK);

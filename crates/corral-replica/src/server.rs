@@ -1,5 +1,6 @@
 //! Building and running the replica daemon's gRPC server. This is the one
-//! place where the daemon's listener is made (TLS would be added here).
+//! place where the daemon's listener is made: plain TCP, or mutual TLS when
+//! the daemon is given a [`ServerTls`] ([`ReplicaDaemon::with_tls`]).
 //! [`ReplicaDaemon`] lets a caller serve its own gRPC services beside the
 //! replica services on the same listener (`corral node` adds its engine
 //! manager).
@@ -11,8 +12,8 @@ use std::time::Duration;
 
 use corral_proto::v1::replica_control_server::ReplicaControlServer;
 use corral_proto::v1::replica_data_server::ReplicaDataServer;
+use corral_tls::ServerTls;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tracing::info;
@@ -72,8 +73,20 @@ pub async fn serve_with_metrics(
     metrics: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), ReplicaError> {
+    serve_with_tls(listener, data_dir, metrics, None, shutdown).await
+}
+
+/// Like [`serve_with_metrics`], over mutual TLS when `tls` is given.
+pub async fn serve_with_tls(
+    listener: TcpListener,
+    data_dir: PathBuf,
+    metrics: Option<TcpListener>,
+    tls: Option<ServerTls>,
+    shutdown: CancellationToken,
+) -> Result<(), ReplicaError> {
     ReplicaDaemon::open(data_dir)
         .await?
+        .with_tls(tls)
         .serve(listener, metrics, Routes::default(), shutdown)
         .await
 }
@@ -86,6 +99,7 @@ pub async fn serve_with_metrics(
 pub struct ReplicaDaemon {
     registry: Arc<ReplicaRegistry>,
     data_dir: PathBuf,
+    tls: Option<ServerTls>,
 }
 
 impl ReplicaDaemon {
@@ -97,7 +111,17 @@ impl ReplicaDaemon {
                 .await
                 .map_err(|e| ReplicaError::Task(e.to_string()))??,
         );
-        Ok(ReplicaDaemon { registry, data_dir })
+        Ok(ReplicaDaemon {
+            registry,
+            data_dir,
+            tls: None,
+        })
+    }
+
+    /// Serve over mutual TLS (`None`: plain TCP).
+    pub fn with_tls(mut self, tls: Option<ServerTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The replicas this daemon hosts.
@@ -127,21 +151,20 @@ async fn serve_registry(
     extra: Routes,
     shutdown: CancellationToken,
 ) -> Result<(), ReplicaError> {
-    let ReplicaDaemon { registry, data_dir } = daemon;
+    let ReplicaDaemon {
+        registry,
+        data_dir,
+        tls,
+    } = daemon;
     let local = listener
         .local_addr()
         .map_err(|source| ReplicaError::Listen {
             addr: "?".into(),
             source,
         })?;
-    info!(listen = %local, data_dir = %data_dir.display(), "replica daemon serving");
-    // Sockets handed to tonic do not get its TCP_NODELAY default: set it here.
-    let incoming = TcpListenerStream::new(listener);
-    let incoming = futures::StreamExt::map(incoming, |s| {
-        s.inspect(|s| {
-            let _ = s.set_nodelay(true);
-        })
-    });
+    info!(listen = %local, data_dir = %data_dir.display(), tls = tls.is_some(), "replica daemon serving");
+    // TCP_NODELAY is set on every accepted socket there.
+    let incoming = corral_tls::grpc::incoming(listener, tls);
     let max = corral_proto::MAX_MESSAGE_BYTES;
     let mut registry_metrics = corral_metrics::Registry::default();
     let replica_metrics = ReplicaMetrics::register(&mut registry_metrics);

@@ -1,6 +1,11 @@
 //! `corral dev`: a whole corral on loopback — replica daemons and one
 //! engine as child processes of this one, their data and logs under one
 //! directory. Ctrl-C stops all of it; a second run reopens the same data.
+//!
+//! Every gRPC hop runs mutual TLS unless `--no-tls`: with no `--tls-*`
+//! files given, a throwaway CA and one certificate for loopback are made
+//! under `DIR/tls` (once; later runs reuse them) and every process gets
+//! them.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,6 +20,7 @@ use corral_proto::v1::{
 };
 use tokio::process::{Child, Command};
 
+use crate::tls::TlsArgs;
 use crate::units::parse_size;
 
 #[derive(Args, Debug)]
@@ -40,6 +46,10 @@ pub struct DevArgs {
     /// First replica daemon port; the others follow it.
     #[arg(long, default_value_t = 9501)]
     pub replica_port: u16,
+    /// Plain TCP between the processes (default: mutual TLS, with a
+    /// throwaway CA under DIR/tls unless --tls-* files are given).
+    #[arg(long)]
+    pub no_tls: bool,
 }
 
 struct Proc {
@@ -143,17 +153,13 @@ async fn wait_replicas(addrs: &[String], procs: &mut [Proc]) -> anyhow::Result<(
                 );
             }
             let attempt = async {
-                let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                    .connect_timeout(Duration::from_secs(1))
-                    .timeout(Duration::from_secs(2))
-                    .connect()
-                    .await?;
+                let channel = corral_client::connect(addr, Duration::from_secs(1)).await?;
                 ReplicaControlClient::new(channel)
                     .list_replicas(ListReplicasRequest {})
                     .await?;
                 anyhow::Ok(())
             };
-            if attempt.await.is_ok() {
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), attempt).await {
                 break;
             }
             if Instant::now() > deadline {
@@ -170,11 +176,8 @@ async fn wait_ready(listen: SocketAddr, procs: &mut [Proc]) -> anyhow::Result<()
     loop {
         check_alive(procs).await?;
         let attempt = async {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{listen}"))?
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(Duration::from_secs(2))
-                .connect()
-                .await?;
+            let channel =
+                corral_client::connect(&listen.to_string(), Duration::from_secs(1)).await?;
             let info = EngineControlClient::new(channel)
                 .get_volume_info(VolumeInfoRequest {})
                 .await?
@@ -184,7 +187,7 @@ async fn wait_ready(listen: SocketAddr, procs: &mut [Proc]) -> anyhow::Result<()
             }
             anyhow::Ok(())
         };
-        if attempt.await.is_ok() {
+        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), attempt).await {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -194,7 +197,7 @@ async fn wait_ready(listen: SocketAddr, procs: &mut [Proc]) -> anyhow::Result<()
     }
 }
 
-pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+pub async fn run(args: DevArgs, tls: TlsArgs) -> anyhow::Result<()> {
     if args.replicas == 0 || args.replicas > 9 {
         bail!("--replicas must be between 1 and 9");
     }
@@ -202,6 +205,27 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the corral binary")?;
     let logs = args.dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
+    let tls_files = match (tls.files()?, args.no_tls) {
+        (Some(_), true) => bail!("--no-tls and --tls-* files together: choose one"),
+        (Some(files), false) => Some(files),
+        (None, true) => None,
+        (None, false) => Some(
+            corral_tls::pki::loopback_identity(&std::path::absolute(args.dir.join("tls"))?)
+                .context("making corral dev's throwaway CA")?,
+        ),
+    };
+    // This process dials its children with the same files.
+    let tls_argv = match &tls_files {
+        Some(files) => {
+            crate::tls::install_files(files.clone(), tls.tls_server_name.clone())?;
+            let mut argv = crate::tls::file_args(files);
+            if let Some(name) = &tls.tls_server_name {
+                argv.extend(["--tls-server-name".to_string(), name.clone()]);
+            }
+            argv
+        }
+        None => Vec::new(),
+    };
 
     let mut replicas = Vec::new();
     let mut addrs = Vec::new();
@@ -223,6 +247,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             "--io-threads".into(),
             "1".into(),
         ];
+        let argv = [argv, tls_argv.clone()].concat();
         replicas.push(spawn(&exe, &format!("replica-{i}"), &argv, &logs)?);
         addrs.push(addr);
     }
@@ -251,6 +276,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         argv.push("--replica".into());
         argv.push(a.clone());
     }
+    argv.extend(tls_argv.iter().cloned());
     let engine = spawn(&exe, "engine", &argv, &logs)?;
     let mut procs = vec![engine];
     procs.append(&mut replicas);
@@ -262,10 +288,18 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let outcome = match ready {
         Ok(()) => {
             let uri = format!("nbd://{}/{}", args.nbd, args.volume);
+            let (tls_line, tls_flags) = match &tls_files {
+                Some(files) => (
+                    format!("mutual TLS on every gRPC hop (CA {})", files.ca.display()),
+                    format!(" {}", crate::tls::file_args(files).join(" ")),
+                ),
+                None => ("off (--no-tls)".to_string(), String::new()),
+            };
             println!(
                 "corral dev: volume {:?} ({} bytes, {} replicas) is up.\n\
                  \x20 NBD:     {uri}\n\
-                 \x20 control: corral volume --engine {} info   (or: replica ls)\n\
+                 \x20 TLS:     {tls_line}\n\
+                 \x20 control: corral volume --engine {}{tls_flags} info   (or: replica ls)\n\
                  \x20 data:    {}\n\
                  \x20 logs:    {}\n\
                  Try:\n\

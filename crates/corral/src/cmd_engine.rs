@@ -104,8 +104,9 @@ impl EngineArgs {
     }
 }
 
-pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
+pub async fn run(args: EngineArgs, tls: crate::tls::TlsArgs) -> anyhow::Result<()> {
     let cfg = args.config()?;
+    let server_tls = tls.install()?;
     let shutdown = crate::shutdown::install()?;
     // Bind every listener first: a busy port is an immediate, clear error.
     let control = TcpListener::bind(args.listen)
@@ -129,6 +130,7 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
     let mut options = EngineOptions::new(cfg, control);
     options.metrics = metrics;
     options.open_timeout = args.open_timeout;
+    options.control_tls = server_tls;
     let engine = Engine::start(options, Box::new(frontends), shutdown);
     engine.wait().await?;
     Ok(())

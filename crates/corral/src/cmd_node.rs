@@ -71,7 +71,7 @@ pub struct NodeArgs {
 const ADOPTED_POLL: Duration = Duration::from_millis(500);
 
 impl NodeArgs {
-    fn config(&self) -> anyhow::Result<NodeConfig> {
+    fn config(&self, tls: &crate::tls::TlsArgs) -> anyhow::Result<NodeConfig> {
         let engine_binary = match &self.engine_binary {
             Some(p) => p.clone(),
             None => current_binary()?,
@@ -88,10 +88,11 @@ impl NodeArgs {
             frontend_ip,
             replica_address,
             engine_binary,
-            engine_args: self
-                .engine_args
-                .split_whitespace()
-                .map(String::from)
+            // Engines it starts use the node's TLS files.
+            engine_args: tls
+                .child_args()?
+                .into_iter()
+                .chain(self.engine_args.split_whitespace().map(String::from))
                 .collect(),
             policy: RestartPolicy {
                 first_delay: self.restart_delay,
@@ -101,6 +102,7 @@ impl NodeArgs {
             },
             start_timeout: self.start_timeout,
             adopted_poll: ADOPTED_POLL,
+            tls: tls.install()?,
         };
         config.check()?;
         Ok(config)
@@ -120,8 +122,8 @@ fn current_binary() -> anyhow::Result<PathBuf> {
     })
 }
 
-pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
-    let config = args.config()?;
+pub async fn run(args: NodeArgs, tls: crate::tls::TlsArgs) -> anyhow::Result<()> {
+    let config = args.config(&tls)?;
     let shutdown = crate::shutdown::install()?;
     let listener = TcpListener::bind(args.listen)
         .await

@@ -16,6 +16,7 @@ mod cmd_serve_file;
 mod cmd_volume;
 mod frontends;
 mod shutdown;
+mod tls;
 mod units;
 
 use std::net::SocketAddr;
@@ -36,6 +37,8 @@ struct Cli {
     /// others. See docs/decisions.md, decision 26.
     #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     io_threads: Option<u16>,
+    #[command(flatten)]
+    tls: tls::TlsArgs,
 }
 
 impl Command {
@@ -165,12 +168,14 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let tls = cli.tls;
     match cli.command {
         Command::Replica {
             listen,
             data_dir,
             metrics,
         } => {
+            let server_tls = tls.install()?;
             let shutdown = shutdown::install()?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
@@ -183,13 +188,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 None => None,
             };
-            corral_replica::serve_with_metrics(listener, data_dir, metrics, shutdown).await?;
+            corral_replica::serve_with_tls(listener, data_dir, metrics, server_tls, shutdown)
+                .await?;
             Ok(())
         }
-        Command::Node(args) => cmd_node::run(args).await,
-        Command::Csi(args) => cmd_csi::run(args).await,
-        Command::Engine(args) => cmd_engine::run(args).await,
-        Command::Volume(args) => cmd_volume::run(args).await,
+        Command::Node(args) => cmd_node::run(args, tls).await,
+        Command::Csi(args) => {
+            tls.install()?;
+            cmd_csi::run(args).await
+        }
+        Command::Engine(args) => cmd_engine::run(args, tls).await,
+        Command::Volume(args) => {
+            tls.install()?;
+            cmd_volume::run(args).await
+        }
         Command::ServeFile {
             file,
             size,
@@ -199,7 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             block_size,
         } => cmd_serve_file::run(file, size, nbd, iscsi, iscsi_chap, name, block_size).await,
-        Command::Dev(args) => cmd_dev::run(args).await,
+        Command::Dev(args) => cmd_dev::run(args, tls).await,
     }
 }
 

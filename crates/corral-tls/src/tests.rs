@@ -1,0 +1,324 @@
+//! Each refusal the listener and the dialler make, and rotation, over real
+//! sockets on loopback: an echo server behind [`grpc::incoming`], a client
+//! through [`grpc::connect_tcp`].
+
+use std::path::Path;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+
+use super::*;
+use crate::pki::{Pki, Validity};
+
+/// Write a CA and one certificate it signs under `dir/<tag>-*`.
+fn identity(dir: &Path, tag: &str, pki: &Pki, names: &[&str], validity: Validity) -> TlsFiles {
+    let files = TlsFiles {
+        cert: dir.join(format!("{tag}.pem")),
+        key: dir.join(format!("{tag}-key.pem")),
+        ca: dir.join(format!("{tag}-ca.pem")),
+    };
+    pki.issue(tag, names, validity)
+        .unwrap()
+        .write(&files.cert, &files.key)
+        .unwrap();
+    pki.write_ca(&files.ca).unwrap();
+    files
+}
+
+/// An echo server on 127.0.0.1; returns its port.
+async fn echo_server(tls: ServerTls) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut conns = Box::pin(grpc::incoming(listener, Some(tls)));
+    tokio::spawn(async move {
+        while let Some(Ok(mut io)) = conns.next().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Connect and echo one message; the error as text if anything failed.
+async fn round_trip(port: u16, tls: &ClientTls) -> Result<(), String> {
+    let attempt = async {
+        let mut s = grpc::connect_tcp("127.0.0.1", port, tls)
+            .await
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"ping").await.map_err(|e| e.to_string())?;
+        let mut got = [0u8; 4];
+        s.read_exact(&mut got).await.map_err(|e| e.to_string())?;
+        if &got != b"ping" {
+            return Err(format!("echo returned {got:?}"));
+        }
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+#[tokio::test]
+async fn peers_of_one_ca_talk() {
+    let dir = TempDir::new().unwrap();
+    let pki = Pki::new("test CA").unwrap();
+    let server = identity(
+        dir.path(),
+        "server",
+        &pki,
+        &["127.0.0.1"],
+        Validity::Days(1),
+    );
+    let client = identity(dir.path(), "client", &pki, &["client"], Validity::Days(1));
+    let port = echo_server(ServerTls::new(server).unwrap()).await;
+    round_trip(port, &ClientTls::new(client).unwrap())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn listener_refuses_a_client_of_another_ca() {
+    let dir = TempDir::new().unwrap();
+    let pki = Pki::new("cluster CA").unwrap();
+    let other = Pki::new("someone else's CA").unwrap();
+    let server = identity(
+        dir.path(),
+        "server",
+        &pki,
+        &["127.0.0.1"],
+        Validity::Days(1),
+    );
+    // The intruder trusts the cluster's CA but its own certificate is not
+    // signed by it.
+    let mut intruder = identity(dir.path(), "intruder", &other, &["x"], Validity::Days(1));
+    intruder.ca = server.ca.clone();
+    let port = echo_server(ServerTls::new(server).unwrap()).await;
+    let err = round_trip(port, &ClientTls::new(intruder).unwrap())
+        .await
+        .unwrap_err();
+    assert!(!err.is_empty());
+}
+
+#[tokio::test]
+async fn listener_refuses_an_expired_client_certificate() {
+    let dir = TempDir::new().unwrap();
+    let pki = Pki::new("cluster CA").unwrap();
+    let server = identity(
+        dir.path(),
+        "server",
+        &pki,
+        &["127.0.0.1"],
+        Validity::Days(1),
+    );
+    let expired = identity(dir.path(), "old", &pki, &["old"], Validity::Expired);
+    let port = echo_server(ServerTls::new(server).unwrap()).await;
+    round_trip(port, &ClientTls::new(expired).unwrap())
+        .await
+        .unwrap_err();
+}
+
+#[tokio::test]
+async fn listener_refuses_a_client_without_a_certificate() {
+    let dir = TempDir::new().unwrap();
+    let pki = Pki::new("cluster CA").unwrap();
+    let server = identity(
+        dir.path(),
+        "server",
+        &pki,
+        &["127.0.0.1"],
+        Validity::Days(1),
+    );
+    let port = echo_server(ServerTls::new(server.clone()).unwrap()).await;
+    // A client that checks the server properly but has no certificate.
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(load_roots(&server.ca).unwrap())
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let result = async {
+        let mut s = TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await?;
+        s.write_all(b"ping").await?;
+        let mut got = [0u8; 4];
+        s.read_exact(&mut got).await?;
+        Ok::<_, io::Error>(())
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(10), result)
+        .await
+        .expect("refused, not hung");
+    assert!(
+        outcome.is_err(),
+        "a client without a certificate was served"
+    );
+}
+
+#[tokio::test]
+async fn listener_drops_a_plaintext_client() {
+    let dir = TempDir::new().unwrap();
+    let pki = Pki::new("cluster CA").unwrap();
+    let server = identity(
+        dir.path(),
+        "server",
+        &pki,
+        &["127.0.0.1"],
+        Validity::Days(1),
+    );
+    let port = echo_server(ServerTls::new(server).unwrap()).await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf)).await;
+    // Whatever the listener answers (a TLS alert at most), it is never an
+    // echo of what was sent, and the connection ends.
+    assert!(read.is_ok(), "connection left open");
+    assert!(!buf.windows(3).any(|w| w == b"PRI"));
+}
+
+#[tokio::test]
+async fn dialler_refuses_a_server_of_another_ca() {
+    let dir = TempDir::new().unwrap();
+    let pki = Pki::new("cluster CA").unwrap();
+    let other = Pki::new("impostor CA").unwrap();
+    let mut impostor = identity(
+        dir.path(),
+        "impostor",
+        &other,
+        &["127.0.0.1"],
+        Validity::Days(1),
+    );
+    let client = identity(dir.path(), "client", &pki, &["client"], Validity::Days(1));
+    // The impostor accepts the cluster's clients, but its own certificate
+    // is signed by another CA.
+    impostor.ca = client.ca.clone();
+    let port = echo_server(ServerTls::new(impostor).unwrap()).await;
+    let err = round_trip(port, &ClientTls::new(client).unwrap())
+        .await
+        .unwrap_err();
+    assert!(err.contains("UnknownIssuer"), "{err}");
+}
+
+#[tokio::test]
+async fn dialler_checks_the_name_in_the_server_certificate() {
+    let dir = TempDir::new().unwrap();
+    let pki = Pki::new("cluster CA").unwrap();
+    let server = identity(
+        dir.path(),
+        "server",
+        &pki,
+        &["replicas.corral"],
+        Validity::Days(1),
+    );
+    let client = identity(dir.path(), "client", &pki, &["client"], Validity::Days(1));
+    let port = echo_server(ServerTls::new(server).unwrap()).await;
+    let tls = ClientTls::new(client).unwrap();
+    let err = round_trip(port, &tls).await.unwrap_err();
+    assert!(err.contains("not valid for name"), "{err}");
+    let named = tls.with_server_name(Some("replicas.corral".into()));
+    round_trip(port, &named).await.unwrap();
+}
+
+#[tokio::test]
+async fn rotated_files_take_effect_for_new_connections() {
+    let dir = TempDir::new().unwrap();
+    let old = Pki::new("old CA").unwrap();
+    let new = Pki::new("new CA").unwrap();
+    let server = identity(
+        dir.path(),
+        "server",
+        &old,
+        &["127.0.0.1"],
+        Validity::Days(1),
+    );
+    let client = identity(dir.path(), "client", &old, &["client"], Validity::Days(1));
+    let server_tls = ServerTls::new(server.clone()).unwrap();
+    let port = echo_server(server_tls).await;
+    let client_tls = ClientTls::new(client.clone()).unwrap();
+    round_trip(port, &client_tls).await.unwrap();
+
+    // The whole cluster moves to the new CA: the server's files first.
+    identity(
+        dir.path(),
+        "server",
+        &new,
+        &["127.0.0.1"],
+        Validity::Days(1),
+    );
+    let err = round_trip(port, &client_tls).await.unwrap_err();
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    // Then the client's: the same ClientTls picks them up.
+    identity(dir.path(), "client", &new, &["client"], Validity::Days(1));
+    round_trip(port, &client_tls).await.unwrap();
+}
+
+#[test]
+fn a_broken_rotation_keeps_the_last_good_files() {
+    let dir = TempDir::new().unwrap();
+    let pki = Pki::new("cluster CA").unwrap();
+    let client = identity(dir.path(), "client", &pki, &["client"], Validity::Days(1));
+    let tls = ClientTls::new(client.clone()).unwrap();
+    let before = tls.config.get();
+    std::fs::write(&client.key, "not a key").unwrap();
+    let after = tls.config.get();
+    assert!(
+        Arc::ptr_eq(&before, &after),
+        "a bad key replaced the config"
+    );
+}
+
+#[test]
+fn flags_come_in_threes() {
+    assert!(TlsFiles::from_flags(None, None, None).unwrap().is_none());
+    let err = TlsFiles::from_flags(Some("c".into()), None, Some("a".into())).unwrap_err();
+    assert!(err.to_string().contains("--tls-key"), "{err}");
+}
+
+#[test]
+fn files_that_do_not_load_are_named() {
+    let dir = TempDir::new().unwrap();
+    let missing = TlsFiles {
+        cert: dir.path().join("nope.pem"),
+        key: dir.path().join("nope-key.pem"),
+        ca: dir.path().join("nope-ca.pem"),
+    };
+    let err = ServerTls::new(missing).unwrap_err();
+    assert!(err.to_string().contains("nope-ca.pem"), "{err}");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "hello").unwrap();
+    let err = ClientTls::new(TlsFiles {
+        cert: garbage.clone(),
+        key: garbage.clone(),
+        ca: garbage,
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("holds no certificate"), "{err}");
+}
+
+#[test]
+fn loopback_identity_is_made_once() {
+    let dir = TempDir::new().unwrap();
+    let files = pki::loopback_identity(&dir.path().join("tls")).unwrap();
+    let first = std::fs::read(&files.cert).unwrap();
+    let again = pki::loopback_identity(&dir.path().join("tls")).unwrap();
+    assert_eq!(files, again);
+    assert_eq!(first, std::fs::read(&again.cert).unwrap());
+    ServerTls::new(files.clone()).unwrap();
+    ClientTls::new(files).unwrap();
+}
