@@ -70,6 +70,30 @@ fn volume_info_with(cluster: &Cluster, engine: usize, flags: &[String]) -> (bool
     )
 }
 
+/// A libnbd certificates directory (`ca-cert.pem`, `client-cert.pem`,
+/// `client-key.pem`) holding `files`.
+fn libnbd_dir(files: &TlsFiles, dir: &Path) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(&files.ca, dir.join("ca-cert.pem")).unwrap();
+    std::fs::copy(&files.cert, dir.join("client-cert.pem")).unwrap();
+    std::fs::copy(&files.key, dir.join("client-key.pem")).unwrap();
+    dir.display().to_string()
+}
+
+/// `nbdinfo --size URI`: the size, or stderr.
+fn nbd_size(uri: &str) -> Result<u64, String> {
+    let out = run_bounded(
+        std::process::Command::new("nbdinfo").args(["--size", uri]),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse().unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
 fn write_flushed(cluster: &Cluster, engine: usize, file: &Path) {
     run_ok(
         "nbdcopy",
@@ -119,7 +143,7 @@ fn a_volume_runs_with_mutual_tls_on_every_hop() {
     // The same control service, asked in plain TCP, does not answer.
     let (ok, stderr) = volume_info_with(&cluster, e, &[]);
     assert!(!ok, "a plaintext client was served");
-    assert!(!stderr.is_empty());
+    assert!(stderr.contains("--tls-cert"), "{stderr}");
     let log = cluster.engines[e].process.log_text();
     assert!(log.contains("not a TLS client"), "{log}");
 }
@@ -128,9 +152,18 @@ fn a_volume_runs_with_mutual_tls_on_every_hop() {
 fn every_refusal_is_clear() {
     let (mut cluster, pki, good) = tls_cluster(1);
     let e = cluster
-        .start_engine(&EngineSpec::new("refusals", "8MiB", &[0]))
+        .start_engine(&EngineSpec::new("refusals", "8MiB", &[0]).arg("--nbd-tls", "require"))
         .unwrap();
     let dir = cluster.path().to_path_buf();
+
+    // The NBD frontend, told to require TLS: a plain client is refused, a
+    // client with the cluster's certificate is served.
+    let nbd = cluster.engines[e].nbd;
+    let err = nbd_size(&format!("nbd://{nbd}/refusals")).unwrap_err();
+    assert!(err.contains("TLS"), "{err}");
+    let certs = libnbd_dir(&good, &dir.join("libnbd"));
+    let size = nbd_size(&format!("nbds://{nbd}/refusals?tls-certificates={certs}")).unwrap();
+    assert_eq!(size, 8 << 20);
     let refusals_before = |cluster: &Cluster| {
         cluster.engines[e]
             .process

@@ -15,8 +15,11 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 /// Payloads up to this size are copied next to their header.
@@ -108,6 +111,35 @@ impl SendQueue {
         Ok(())
     }
 
+    /// Write as much as `w` takes, for a connection that is not a bare
+    /// socket (a TLS stream: the payloads are copied into its records
+    /// anyway). `Ready(Ok(()))` once the queue is empty; `Pending` (with
+    /// the waker registered) when `w` takes no more for now. A writer that
+    /// buffers (TLS) must still be flushed after the queue empties.
+    pub fn poll_write_to<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<io::Result<()>> {
+        self.seal();
+        while !self.chunks.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut n = 0;
+            for (s, c) in slices.iter_mut().zip(self.chunks.iter()) {
+                *s = IoSlice::new(c);
+                n += 1;
+            }
+            let written = match w.as_mut().poll_write_vectored(cx, &slices[..n]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(written)) => written,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            };
+            self.consume(written);
+        }
+        Poll::Ready(Ok(()))
+    }
+
     /// Drop `written` bytes from the front of the sealed chunks.
     fn consume(&mut self, written: usize) {
         self.queued -= written;
@@ -172,5 +204,32 @@ mod tests {
         }
         drop(server);
         assert_eq!(client.await.unwrap(), expect);
+    }
+
+    #[tokio::test]
+    async fn poll_write_to_drains_through_a_small_pipe() {
+        // A pipe smaller than the queue: the writer blocks, and the queue
+        // keeps what is left until it is polled again.
+        let (mut w, mut r) = tokio::io::duplex(4096);
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            r.read_to_end(&mut all).await.unwrap();
+            all
+        });
+        let mut q = SendQueue::new();
+        let mut expect = Vec::new();
+        for i in 0..50u32 {
+            q.buf(0).extend_from_slice(&i.to_be_bytes());
+            expect.extend_from_slice(&i.to_be_bytes());
+            let payload = Bytes::from(vec![i as u8; if i % 2 == 0 { 100 } else { COPY_MAX + 1 }]);
+            q.payload(&payload);
+            expect.extend_from_slice(&payload);
+        }
+        std::future::poll_fn(|cx| q.poll_write_to(cx, Pin::new(&mut w)))
+            .await
+            .unwrap();
+        assert!(q.is_empty());
+        drop(w);
+        assert_eq!(reader.await.unwrap(), expect);
     }
 }

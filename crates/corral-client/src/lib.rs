@@ -81,7 +81,17 @@ impl ClientError {
     /// Map a gRPC status from `addr` onto a variant.
     pub fn from_status(addr: &str, status: &tonic::Status) -> Self {
         let addr = addr.to_string();
-        let message = status.message().to_string();
+        let mut message = status.message().to_string();
+        let connection_lost =
+            matches!(status.code(), tonic::Code::Unknown | tonic::Code::Cancelled)
+                && (message.contains("transport error")
+                    || message.contains("operation was canceled"));
+        if connection_lost && process_tls().is_none() {
+            // What a plaintext client sees of a listener that wants TLS.
+            message.push_str(
+                " (the connection was closed: if the server requires TLS, give --tls-cert, --tls-key and --tls-ca)",
+            );
+        }
         if corral_proto::is_fenced(status) {
             return ClientError::Fenced { addr, message };
         }

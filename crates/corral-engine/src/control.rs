@@ -343,7 +343,12 @@ pub async fn serve_control(
     shutdown: CancellationToken,
 ) -> Result<(), EngineError> {
     let incoming = corral_tls::grpc::incoming(listener, tls);
+    // Control calls are small and few: 64 streams per connection at most,
+    // messages within tonic's default 4 MiB.
     tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(64))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .add_service(EngineControlServer::new(ControlService::new(state)))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;

@@ -35,6 +35,13 @@ pub enum ProtocolError {
     /// A transmission request does not start with the request magic.
     #[error("request does not start with the request magic (got {0:#010x})")]
     BadRequestMagic(u32),
+    /// The server requires TLS and the client went without it.
+    #[error("TLS is required: {0}")]
+    TlsRequired(&'static str),
+    /// The client sent bytes in plaintext after `NBD_OPT_STARTTLS`, before
+    /// the server's acknowledgement.
+    #[error("client sent {0} plaintext bytes after NBD_OPT_STARTTLS, before the TLS handshake")]
+    DataAfterStartTls(usize),
     /// A write announced a payload too large to read and skip safely.
     #[error("write of {len} bytes exceeds the {max}-byte payload cap")]
     PayloadTooLarge {
@@ -63,4 +70,9 @@ pub enum NbdError {
     /// The client closed the connection in the middle of a message.
     #[error("connection closed by the peer in the middle of a message")]
     UnexpectedEof,
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed (a client
+    /// certificate the CA did not sign, none at all, an expired one, no
+    /// common protocol version...) or did not finish in time.
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(String),
 }

@@ -10,8 +10,26 @@
 //!
 //! Supported options: `EXPORT_NAME`, `GO`, `INFO` (`NBD_INFO_EXPORT`,
 //! `NBD_INFO_BLOCK_SIZE` always; `NBD_INFO_NAME` and `NBD_INFO_DESCRIPTION`
-//! on request), `LIST`, `ABORT` and `STRUCTURED_REPLY` (unless disabled in
-//! [`HandshakeConfig`]). Every other option is answered `NBD_REP_ERR_UNSUP`.
+//! on request), `LIST`, `ABORT`, `STRUCTURED_REPLY` (unless disabled in
+//! [`HandshakeConfig`]) and `STARTTLS` (per [`TlsMode`]). Every other option
+//! is answered `NBD_REP_ERR_UNSUP`.
+//!
+//! TLS follows the spec's three server modes: [`TlsMode::Off`] is NOTLS
+//! (`STARTTLS` gets `NBD_REP_ERR_POLICY`), [`TlsMode::Allowed`] is
+//! SELECTIVETLS with no TLS-only export (the client upgrades if it wants to)
+//! and [`TlsMode::Required`] is FORCEDTLS (every option but `STARTTLS` and
+//! `ABORT` gets `NBD_REP_ERR_TLS_REQD` until the upgrade, and
+//! `EXPORT_NAME`, which cannot be answered with an error, ends the
+//! connection). When the client's `STARTTLS` is accepted the reply is
+//! `NBD_REP_ACK` and [`Handshake::receive`] returns
+//! [`HandshakeStatus::StartTls`]: the caller sends the pending output, runs
+//! the TLS handshake (as the server) on the same socket and keeps feeding
+//! `receive` with what arrives over TLS. Negotiation starts again from a
+//! clean slate (structured replies negotiated in plaintext are forgotten,
+//! as nbdkit and qemu do); a second `STARTTLS` gets `NBD_REP_ERR_INVALID`.
+//! Bytes the client sent in plaintext after its `STARTTLS`, before it could
+//! have seen the `ACK`, end the connection: they would otherwise be
+//! injected into the TLS session's negotiation.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -35,6 +53,22 @@ pub struct ExportInfo {
     pub block_size: u32,
 }
 
+/// Whether the server offers TLS (`NBD_OPT_STARTTLS`), and insists on it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// No TLS (the spec's NOTLS): `STARTTLS` is answered
+    /// `NBD_REP_ERR_POLICY`.
+    #[default]
+    Off,
+    /// The client may upgrade with `STARTTLS`, or carry on in plaintext (the
+    /// spec's SELECTIVETLS, with no TLS-only export).
+    Allowed,
+    /// The client must upgrade before anything else (the spec's FORCEDTLS):
+    /// other options get `NBD_REP_ERR_TLS_REQD`, `EXPORT_NAME` and a client
+    /// without fixed newstyle negotiation are disconnected.
+    Required,
+}
+
 /// Tunables of the handshake.
 #[derive(Clone, Debug)]
 pub struct HandshakeConfig {
@@ -42,6 +76,8 @@ pub struct HandshakeConfig {
     pub structured_replies: bool,
     /// Largest option data length accepted; a longer option ends the connection.
     pub max_option_len: u32,
+    /// Whether `NBD_OPT_STARTTLS` is accepted, and required.
+    pub tls: TlsMode,
 }
 
 impl Default for HandshakeConfig {
@@ -49,6 +85,7 @@ impl Default for HandshakeConfig {
         HandshakeConfig {
             structured_replies: true,
             max_option_len: proto::MAX_OPTION_LEN,
+            tls: TlsMode::Off,
         }
     }
 }
@@ -75,6 +112,12 @@ pub enum HandshakeStatus {
     Transmission(Negotiated),
     /// The client sent `NBD_OPT_ABORT`; send the pending output and close.
     Aborted,
+    /// The client's `NBD_OPT_STARTTLS` was accepted: send the pending output
+    /// (the `NBD_REP_ACK`), then run the TLS handshake as the server on the
+    /// same socket, and go on calling [`Handshake::receive`] with the bytes
+    /// that arrive over TLS. If the TLS handshake fails the connection must
+    /// be closed: there is no going back to plaintext.
+    StartTls,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +134,12 @@ pub struct Handshake {
     config: HandshakeConfig,
     state: State,
     no_zeroes: bool,
+    /// The client set `NBD_FLAG_C_FIXED_NEWSTYLE` (TLS needs it).
+    fixed: bool,
+    /// `STARTTLS` was accepted: everything since came over TLS.
+    tls_active: bool,
+    /// An option was refused because TLS is required and not yet active.
+    tls_refused: bool,
     structured: bool,
     out: BytesMut,
 }
@@ -130,9 +179,24 @@ impl Handshake {
             config,
             state: State::ClientFlags,
             no_zeroes: false,
+            fixed: false,
+            tls_active: false,
+            tls_refused: false,
             structured: false,
             out,
         }
+    }
+
+    /// Whether the client upgraded to TLS (its `STARTTLS` was accepted).
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
+    }
+
+    /// Whether an option was refused (`NBD_REP_ERR_TLS_REQD`) because TLS is
+    /// required and the client had not started it: a client that then
+    /// leaves was turned away for want of TLS.
+    pub fn refused_for_tls(&self) -> bool {
+        self.tls_refused
     }
 
     /// Whether there are bytes waiting to be sent to the client.
@@ -168,6 +232,15 @@ impl Handshake {
                     // A client without FIXED_NEWSTYLE gets fixed newstyle anyway
                     // (the spec allows it); it only ever sends EXPORT_NAME.
                     self.no_zeroes = flags & client_flags::NO_ZEROES != 0;
+                    self.fixed = flags & client_flags::FIXED_NEWSTYLE != 0;
+                    // Such a client can never start TLS (the spec puts the
+                    // server in NOTLS mode with it), so it cannot be served.
+                    if !self.fixed && self.config.tls == TlsMode::Required {
+                        return self.fail(ProtocolError::TlsRequired(
+                            "the client does not use fixed newstyle negotiation, \
+                             so it cannot start TLS",
+                        ));
+                    }
                     self.state = State::Options;
                 }
                 State::Options => {
@@ -199,6 +272,17 @@ impl Handshake {
                     let data = input.split_to(len as usize);
                     match self.option(option, &data) {
                         Ok(None) => {}
+                        Ok(Some(HandshakeStatus::StartTls)) => {
+                            // The client may not send anything until it has
+                            // seen the ACK; whatever it did send came in
+                            // plaintext and must not be taken as if it had
+                            // come over TLS.
+                            if !input.is_empty() {
+                                self.out.clear();
+                                return self.fail(ProtocolError::DataAfterStartTls(input.len()));
+                            }
+                            return Ok(HandshakeStatus::StartTls);
+                        }
                         Ok(Some(status)) => {
                             self.state = State::Over;
                             return Ok(status);
@@ -248,11 +332,73 @@ impl Handshake {
         }
     }
 
+    /// The effective TLS mode: a client without fixed newstyle negotiation
+    /// gets NOTLS (the spec's rule).
+    fn tls_mode(&self) -> TlsMode {
+        if self.fixed {
+            self.config.tls
+        } else {
+            TlsMode::Off
+        }
+    }
+
+    fn starttls(&mut self, data: &[u8]) -> Option<HandshakeStatus> {
+        let option = opt::STARTTLS;
+        if !data.is_empty() {
+            self.reply(
+                option,
+                rep::ERR_INVALID,
+                b"NBD_OPT_STARTTLS carries no data",
+            );
+            return None;
+        }
+        if self.tls_active {
+            self.reply(option, rep::ERR_INVALID, b"TLS is already active");
+            return None;
+        }
+        if self.tls_mode() == TlsMode::Off {
+            let msg: &[u8] = if self.config.tls == TlsMode::Off {
+                b"TLS is not enabled on this server"
+            } else {
+                b"TLS needs fixed newstyle negotiation"
+            };
+            self.reply(option, rep::ERR_POLICY, msg);
+            return None;
+        }
+        self.reply(option, rep::ACK, &[]);
+        self.tls_active = true;
+        // Nothing negotiated in plaintext carries over into the TLS session.
+        self.structured = false;
+        Some(HandshakeStatus::StartTls)
+    }
+
     fn option(
         &mut self,
         option: u32,
         data: &[u8],
     ) -> Result<Option<HandshakeStatus>, ProtocolError> {
+        if option == opt::STARTTLS {
+            return Ok(self.starttls(data));
+        }
+        if self.tls_mode() == TlsMode::Required && !self.tls_active {
+            match option {
+                opt::ABORT => {}
+                opt::EXPORT_NAME => {
+                    return Err(ProtocolError::TlsRequired(
+                        "NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS",
+                    ));
+                }
+                _ => {
+                    self.tls_refused = true;
+                    self.reply(
+                        option,
+                        rep::ERR_TLS_REQD,
+                        b"this server requires TLS: send NBD_OPT_STARTTLS first",
+                    );
+                    return Ok(None);
+                }
+            }
+        }
         match option {
             opt::EXPORT_NAME => {
                 let Some(idx) = self.lookup(data) else {
@@ -309,10 +455,6 @@ impl Handshake {
                     self.structured = true;
                     self.reply(option, rep::ACK, &[]);
                 }
-                Ok(None)
-            }
-            opt::STARTTLS => {
-                self.reply(option, rep::ERR_UNSUP, b"TLS is not supported");
                 Ok(None)
             }
             _ => {
@@ -644,7 +786,6 @@ mod tests {
     fn unknown_options_are_unsupported() {
         let mut hs = started(BOTH);
         for o in [
-            opt::STARTTLS,
             opt::SET_META_CONTEXT,
             opt::LIST_META_CONTEXT,
             opt::EXTENDED_HEADERS,
@@ -736,6 +877,165 @@ mod tests {
         assert_eq!(&input[..], b"transmission bytes");
     }
 
+    fn started_tls(flags: u32, tls: TlsMode) -> Handshake {
+        let cfg = HandshakeConfig {
+            tls,
+            ..HandshakeConfig::default()
+        };
+        let mut hs = Handshake::new(exports(), cfg);
+        hs.take_output();
+        assert_eq!(
+            feed(&mut hs, &flags.to_be_bytes()),
+            Ok(HandshakeStatus::NeedMore)
+        );
+        hs
+    }
+
+    /// The reply types to one option.
+    fn types_of(hs: &mut Handshake, code: u32, data: &[u8]) -> Vec<u32> {
+        feed(hs, &option(code, data)).expect("option is answered");
+        parse_replies(&hs.take_output())
+            .iter()
+            .map(|r| {
+                assert_eq!(r.0, code);
+                r.1
+            })
+            .collect()
+    }
+
+    #[test]
+    fn starttls_without_tls_is_refused_by_policy() {
+        let mut hs = started(BOTH);
+        assert_eq!(types_of(&mut hs, opt::STARTTLS, &[]), [rep::ERR_POLICY]);
+        assert_eq!(types_of(&mut hs, opt::STARTTLS, b"x"), [rep::ERR_INVALID]);
+        // Negotiation goes on in plaintext.
+        assert!(!hs.tls_active());
+        assert!(matches!(
+            feed(&mut hs, &option(opt::GO, &go_data("vol0", &[]))),
+            Ok(HandshakeStatus::Transmission(_))
+        ));
+    }
+
+    #[test]
+    fn starttls_is_acked_once_and_negotiation_restarts() {
+        for mode in [TlsMode::Allowed, TlsMode::Required] {
+            let mut hs = started_tls(BOTH, mode);
+            if mode == TlsMode::Allowed {
+                // Structured replies negotiated in plaintext...
+                assert_eq!(types_of(&mut hs, opt::STRUCTURED_REPLY, &[]), [rep::ACK]);
+            }
+            assert_eq!(types_of(&mut hs, opt::STARTTLS, b"x"), [rep::ERR_INVALID]);
+            assert_eq!(
+                feed(&mut hs, &option(opt::STARTTLS, &[])),
+                Ok(HandshakeStatus::StartTls)
+            );
+            assert_eq!(
+                parse_replies(&hs.take_output()),
+                vec![(opt::STARTTLS, rep::ACK, vec![])]
+            );
+            assert!(hs.tls_active() && !hs.is_over());
+            // Over TLS: a second STARTTLS is invalid, nothing is TLS_REQD.
+            assert_eq!(types_of(&mut hs, opt::STARTTLS, &[]), [rep::ERR_INVALID]);
+            assert_eq!(
+                types_of(&mut hs, opt::LIST, &[]),
+                [rep::SERVER, rep::SERVER, rep::ACK]
+            );
+            // ...are forgotten over TLS.
+            match feed(&mut hs, &option(opt::GO, &go_data("vol1", &[]))) {
+                Ok(HandshakeStatus::Transmission(n)) => {
+                    assert_eq!(n.export, 1);
+                    assert!(!n.structured_replies);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn tls_allowed_serves_plaintext_clients() {
+        let mut hs = started_tls(BOTH, TlsMode::Allowed);
+        assert_eq!(
+            types_of(&mut hs, opt::LIST, &[]),
+            [rep::SERVER, rep::SERVER, rep::ACK]
+        );
+        assert!(matches!(
+            feed(&mut hs, &option(opt::EXPORT_NAME, b"vol0")),
+            Ok(HandshakeStatus::Transmission(_))
+        ));
+        assert!(!hs.tls_active());
+    }
+
+    #[test]
+    fn tls_required_refuses_every_option_before_starttls() {
+        let mut hs = started_tls(BOTH, TlsMode::Required);
+        for (code, data) in [
+            (opt::LIST, vec![]),
+            (opt::INFO, go_data("vol0", &[])),
+            (opt::GO, go_data("vol0", &[])),
+            (opt::GO, go_data("nope", &[])),
+            (opt::STRUCTURED_REPLY, vec![]),
+            (opt::SET_META_CONTEXT, b"abc".to_vec()),
+            (999, b"junk".to_vec()),
+        ] {
+            assert_eq!(
+                types_of(&mut hs, code, &data),
+                [rep::ERR_TLS_REQD],
+                "{code}"
+            );
+        }
+        assert!(hs.refused_for_tls());
+        // EXPORT_NAME cannot be refused with a reply: the connection ends.
+        assert_eq!(
+            feed(&mut hs, &option(opt::EXPORT_NAME, b"vol0")),
+            Err(ProtocolError::TlsRequired(
+                "NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS"
+            ))
+        );
+        assert!(!hs.has_output() && hs.is_over());
+        // ABORT is still honoured.
+        let mut hs = started_tls(BOTH, TlsMode::Required);
+        assert_eq!(
+            feed(&mut hs, &option(opt::ABORT, &[])),
+            Ok(HandshakeStatus::Aborted)
+        );
+        assert_eq!(parse_replies(&hs.take_output())[0].1, rep::ACK);
+    }
+
+    #[test]
+    fn tls_needs_fixed_newstyle() {
+        // FORCEDTLS cannot serve a client that can never upgrade.
+        let mut hs = Handshake::new(
+            exports(),
+            HandshakeConfig {
+                tls: TlsMode::Required,
+                ..HandshakeConfig::default()
+            },
+        );
+        hs.take_output();
+        assert!(matches!(
+            feed(&mut hs, &client_flags::NO_ZEROES.to_be_bytes()),
+            Err(ProtocolError::TlsRequired(_))
+        ));
+        // With TLS optional such a client is in NOTLS mode.
+        let mut hs = started_tls(client_flags::NO_ZEROES, TlsMode::Allowed);
+        assert_eq!(types_of(&mut hs, opt::STARTTLS, &[]), [rep::ERR_POLICY]);
+    }
+
+    #[test]
+    fn plaintext_after_starttls_ends_the_connection() {
+        let mut hs = started_tls(BOTH, TlsMode::Required);
+        let mut input = BytesMut::new();
+        input.extend_from_slice(&option(opt::STARTTLS, &[]));
+        input.extend_from_slice(&option(opt::GO, &go_data("vol0", &[])));
+        let extra = input.len() - OPTION_HEADER_LEN;
+        assert_eq!(
+            hs.receive(&mut input),
+            Err(ProtocolError::DataAfterStartTls(extra))
+        );
+        // No ACK goes out: the client is not told to start TLS.
+        assert!(!hs.has_output() && hs.is_over());
+    }
+
     /// The whole client side of a session: flags, LIST, INFO, STRUCTURED, GO.
     fn session() -> Vec<u8> {
         let mut v = BOTH.to_be_bytes().to_vec();
@@ -801,16 +1101,36 @@ mod tests {
 
         #[test]
         fn arbitrary_option_sequences_never_panic(flags in 0u32..4,
+                                                  mode in 0usize..3,
                                                   opts in proptest::collection::vec(arb_option(), 0..6)) {
-            let mut hs = Handshake::new(exports(), HandshakeConfig::default());
+            let tls = [TlsMode::Off, TlsMode::Allowed, TlsMode::Required][mode];
+            let cfg = HandshakeConfig { tls, ..HandshakeConfig::default() };
+            let mut hs = Handshake::new(exports(), cfg);
             let mut input = BytesMut::from(&flags.to_be_bytes()[..]);
             for o in &opts {
                 input.extend_from_slice(o);
             }
-            // receive() consumes everything it can in one call.
+            // receive() consumes everything it can in one call (up to a
+            // STARTTLS, after which the caller upgrades the stream).
             let status = hs.receive(&mut input);
-            if status != Ok(HandshakeStatus::NeedMore) {
-                prop_assert!(hs.is_over());
+            match status {
+                Ok(HandshakeStatus::NeedMore) => {}
+                Ok(HandshakeStatus::StartTls) => {
+                    prop_assert!(!hs.is_over());
+                    prop_assert!(hs.tls_active());
+                    prop_assert!(input.is_empty());
+                }
+                _ => prop_assert!(hs.is_over()),
+            }
+            if tls != TlsMode::Required && status.is_ok() {
+                // Only FORCEDTLS refuses anything with TLS_REQD.
+                let out = hs.take_output();
+                if !matches!(status, Ok(HandshakeStatus::Transmission(_))) {
+                    prop_assert!(parse_replies(&out[GREETING_LEN..])
+                        .iter()
+                        .all(|r| r.1 != rep::ERR_TLS_REQD));
+                }
+                return Ok(());
             }
             // After the greeting, the output is a well-formed sequence of
             // option replies, unless EXPORT_NAME ended the negotiation.

@@ -8,7 +8,8 @@
 //! - [`transmission`]: sans-IO request decoding/validation and reply
 //!   encoding ([`RequestDecoder`], [`ReplyEncoder`]).
 //! - [`export`]: the named devices a server offers ([`Exports`]).
-//! - [`server`]: the thin tokio server ([`serve`], [`NbdServer`]).
+//! - [`server`]: the thin tokio server ([`serve`], [`NbdServer`]), with
+//!   optional TLS ([`NbdTls`]: `NBD_OPT_STARTTLS`, client certificates).
 //!
 //! Typical use:
 //!
@@ -35,9 +36,9 @@ pub mod transmission;
 
 pub use error::{NbdError, ProtocolError};
 pub use export::{Export, Exports};
-pub use handshake::{ExportInfo, Handshake, HandshakeConfig, HandshakeStatus, Negotiated};
+pub use handshake::{ExportInfo, Handshake, HandshakeConfig, HandshakeStatus, Negotiated, TlsMode};
 pub use proto::Errno;
-pub use server::{NbdServer, ServerConfig, serve};
+pub use server::{NbdServer, NbdTls, ServerConfig, serve};
 pub use transmission::{
     Command, Decoded, Reply, ReplyEncoder, Request, RequestDecoder, RequestHeader,
 };

@@ -17,13 +17,28 @@
 //! ([`corral_block::accept`]), bounded in number. A client that breaks the
 //! protocol or disconnects loses only its own connection.
 //!
+//! TLS ([`NbdTls`]): when the handshake's state machine accepts the client's
+//! `NBD_OPT_STARTTLS` the socket is handed to rustls (with a client
+//! certificate required, checked against the CA; bounded by
+//! [`TLS_HANDSHAKE_TIMEOUT`]) and the negotiation and the transmission phase
+//! go on over the TLS stream. The transmission loop is generic over the
+//! connection's halves (`ReplyWriter`): the plaintext path keeps its
+//! non-blocking `writev` straight to the socket, the TLS path writes the
+//! same queue through rustls (which copies into its records anyway). A
+//! refused TLS client is logged with its address and rustls's reason.
+//!
 //! Shutdown: when the [`Shutdown`] token is cancelled the server stops
 //! accepting, connections stop reading new requests, in-flight requests
 //! finish and their replies are written (for at most
 //! [`ServerConfig::shutdown_grace`]), then sockets close; [`serve`] returns
 //! once every connection is gone.
 
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -33,13 +48,13 @@ use corral_block::send_queue::SendQueue;
 use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::ReadHalf;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
 use tracing::{debug, warn};
 
 use crate::error::NbdError;
 use crate::export::Exports;
-use crate::handshake::{Handshake, HandshakeConfig, HandshakeStatus, Negotiated};
+use crate::handshake::{Handshake, HandshakeConfig, HandshakeStatus, Negotiated, TlsMode};
 use crate::proto::Errno;
 use crate::transmission::{Command, Decoded, Reply, ReplyEncoder, Request, RequestDecoder};
 
@@ -60,6 +75,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Offer structured replies (`NBD_OPT_STRUCTURED_REPLY`).
     pub structured_replies: bool,
+    /// Offer TLS (`NBD_OPT_STARTTLS`), and perhaps require it; `None`: no
+    /// TLS (`STARTTLS` is answered `NBD_REP_ERR_POLICY`).
+    pub tls: Option<NbdTls>,
 }
 
 impl Default for ServerConfig {
@@ -71,9 +89,43 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
             structured_replies: true,
+            tls: None,
         }
     }
 }
+
+/// TLS for the NBD server: the identity and CA it uses, and whether
+/// clients must upgrade.
+#[derive(Clone, Debug)]
+pub struct NbdTls {
+    /// The server's certificate and key, and the CA every client
+    /// certificate must be signed by (reloaded when the files change).
+    pub server: corral_tls::ServerTls,
+    /// Refuse clients that do not upgrade (the spec's FORCEDTLS);
+    /// otherwise TLS is the client's choice (SELECTIVETLS).
+    pub require: bool,
+}
+
+impl NbdTls {
+    /// TLS with `server`'s files; `require`: refuse plaintext clients.
+    pub fn new(server: corral_tls::ServerTls, require: bool) -> NbdTls {
+        NbdTls { server, require }
+    }
+
+    /// The handshake mode this configuration gives.
+    pub fn mode(&self) -> TlsMode {
+        if self.require {
+            TlsMode::Required
+        } else {
+            TlsMode::Allowed
+        }
+    }
+}
+
+/// Time a client has for the TLS handshake once its `STARTTLS` is
+/// acknowledged (within the whole handshake's
+/// [`ServerConfig::handshake_timeout`]).
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An NBD server over a set of exports.
 pub struct NbdServer<D> {
@@ -107,6 +159,12 @@ impl<D: BlockDevice> NbdServer<D> {
         self
     }
 
+    /// Offer (or require) TLS, or not (`None`); sets [`ServerConfig::tls`].
+    pub fn with_tls(mut self, tls: Option<NbdTls>) -> Self {
+        self.config.tls = tls;
+        self
+    }
+
     /// Accept and serve connections until `shutdown` is cancelled; see [`serve`].
     pub async fn run(self, listener: TcpListener, shutdown: Shutdown) -> Result<(), NbdError> {
         self.exports.validate()?;
@@ -121,13 +179,18 @@ impl<D: BlockDevice> NbdServer<D> {
             shutdown,
             "NBD server",
             "nbd",
-            move |stream, _peer, stop| {
+            move |stream, peer, stop| {
                 let shared = Arc::clone(&shared);
                 async move {
                     debug!("connection accepted");
-                    match handle_connection(stream, shared, stop).await {
+                    match handle_connection(stream, peer, shared, stop).await {
                         Ok(()) => debug!("connection closed"),
-                        Err(NbdError::Protocol(e)) => warn!(error = %e, "dropping client"),
+                        Err(NbdError::Protocol(e)) => {
+                            warn!(%peer, error = %e, "dropping client")
+                        }
+                        Err(NbdError::TlsHandshake(why)) => {
+                            warn!(%peer, reason = %why, "refusing client: TLS handshake failed")
+                        }
                         Err(e) => debug!(error = %e, "connection ended"),
                     }
                 }
@@ -152,39 +215,33 @@ fn ensure_spare(buf: &mut BytesMut) {
     }
 }
 
-/// Serve one client: the handshake, then the transmission phase.
+/// Serve one client: the handshake (upgrading to TLS if the client asks
+/// and the server offers it), then the transmission phase.
 async fn handle_connection<D: BlockDevice>(
-    mut stream: TcpStream,
+    stream: TcpStream,
+    peer: SocketAddr,
     shared: Arc<Shared<D>>,
     stop: Shutdown,
 ) -> Result<(), NbdError> {
-    let (mut rd, mut wr) = stream.split();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let tls = shared.config.tls.as_ref();
     let mut hs = Handshake::new(
         shared.exports.infos(),
         HandshakeConfig {
             structured_replies: shared.config.structured_replies,
+            tls: tls.map_or(TlsMode::Off, NbdTls::mode),
             ..HandshakeConfig::default()
         },
     );
     let timeout = shared.config.handshake_timeout;
     let outcome = tokio::select! {
-        r = tokio::time::timeout(timeout, negotiate(&mut hs, &mut rd, &mut wr, &mut buf)) => {
+        r = tokio::time::timeout(timeout, handshake(&mut hs, stream, &mut buf, tls, peer)) => {
             r.unwrap_or(Err(NbdError::HandshakeTimeout))
         }
         _ = stop.cancelled() => return Ok(()),
     };
-    let negotiated = match outcome {
-        Ok(Some(n)) => n,
-        Ok(None) => return Ok(()),
-        Err(e) => {
-            // A final error reply (e.g. NBD_REP_ERR_TOO_BIG) may be pending.
-            if hs.has_output() {
-                let out = hs.take_output();
-                let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
-            }
-            return Err(e);
-        }
+    let Some((conn, negotiated)) = outcome? else {
+        return Ok(());
     };
     let Some(export) = shared.exports.get(negotiated.export) else {
         return Ok(());
@@ -193,55 +250,228 @@ async fn handle_connection<D: BlockDevice>(
         export = export.name(),
         size = negotiated.size,
         structured = negotiated.structured_replies,
+        tls = matches!(conn, Conn::Tls(_)),
         "transmission"
     );
     let device = Arc::clone(export.device());
-    let result = transmission(
-        &*device,
-        negotiated,
-        &mut rd,
-        wr.as_ref(),
-        buf,
-        &shared.config,
-        stop,
-    )
-    .await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+    let config = &shared.config;
+    match conn {
+        Conn::Plain(mut stream) => {
+            let (mut rd, wr) = stream.split();
+            let mut wr = PlainWriter(wr);
+            let result =
+                transmission(&*device, negotiated, &mut rd, &mut wr, buf, config, stop).await;
+            wr.close().await;
+            result
+        }
+        Conn::Tls(stream) => {
+            let (mut rd, wr) = tokio::io::split(stream);
+            let mut wr = TlsWriter {
+                wr,
+                unflushed: false,
+            };
+            let result =
+                transmission(&*device, negotiated, &mut rd, &mut wr, buf, config, stop).await;
+            wr.close().await;
+            result
+        }
+    }
+}
+
+/// A connection after the handshake: the socket, or TLS over it.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// How a stretch of negotiation on one stream ended.
+enum Step {
+    /// Transmission starts.
+    Go(Negotiated),
+    /// The client aborted or left cleanly.
+    Closed,
+    /// `STARTTLS` was acknowledged: upgrade the stream.
+    StartTls,
+}
+
+/// The whole handshake: negotiate in plaintext, and over TLS after an
+/// accepted `STARTTLS`. `Ok(None)` when the client aborted or left.
+async fn handshake(
+    hs: &mut Handshake,
+    mut stream: TcpStream,
+    buf: &mut BytesMut,
+    tls: Option<&NbdTls>,
+    peer: SocketAddr,
+) -> Result<Option<(Conn, Negotiated)>, NbdError> {
+    match negotiate(hs, &mut stream, buf).await? {
+        Step::Go(n) => return Ok(Some((Conn::Plain(stream), n))),
+        Step::Closed => {
+            if hs.refused_for_tls() {
+                warn!(%peer, "refused client: TLS is required and it did not start TLS");
+            }
+            return Ok(None);
+        }
+        Step::StartTls => {}
+    }
+    // The state machine acknowledges STARTTLS only when TLS is configured.
+    let Some(tls) = tls else {
+        return Err(NbdError::TlsHandshake("TLS is not configured".into()));
+    };
+    let accepting = tls.server.acceptor().accept(stream);
+    let mut stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accepting).await {
+        Err(_) => {
+            return Err(NbdError::TlsHandshake(format!(
+                "not finished within {TLS_HANDSHAKE_TIMEOUT:?}"
+            )));
+        }
+        Ok(Err(e)) => return Err(NbdError::TlsHandshake(corral_tls::describe(&e))),
+        Ok(Ok(s)) => Box::new(s),
+    };
+    debug!(%peer, "client upgraded to TLS");
+    match negotiate(hs, &mut *stream, buf).await {
+        Ok(Step::Go(n)) => Ok(Some((Conn::Tls(stream), n))),
+        Ok(Step::Closed) => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+            Ok(None)
+        }
+        // The state machine answers a second STARTTLS with ERR_INVALID.
+        Ok(Step::StartTls) => Err(crate::ProtocolError::HandshakeOver.into()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Drive the handshake on one stream until it ends or asks for TLS.
+async fn negotiate<S>(hs: &mut Handshake, s: &mut S, buf: &mut BytesMut) -> Result<Step, NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let result = negotiate_inner(hs, s, buf).await;
+    if result.is_err() && hs.has_output() {
+        // A final error reply (e.g. NBD_REP_ERR_TOO_BIG) may be pending.
+        let out = hs.take_output();
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            s.write_all(&out).await?;
+            s.flush().await
+        })
+        .await;
+    }
     result
 }
 
-/// Drive the handshake; `Ok(None)` when the client aborted or left cleanly.
-async fn negotiate<R, W>(
+async fn negotiate_inner<S>(
     hs: &mut Handshake,
-    rd: &mut R,
-    wr: &mut W,
+    s: &mut S,
     buf: &mut BytesMut,
-) -> Result<Option<Negotiated>, NbdError>
+) -> Result<Step, NbdError>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     loop {
         let status = hs.receive(buf)?;
         if hs.has_output() {
             let out = hs.take_output();
-            wr.write_all(&out).await?;
-            wr.flush().await?;
+            s.write_all(&out).await?;
+            s.flush().await?;
         }
         match status {
             HandshakeStatus::NeedMore => {
                 ensure_spare(buf);
-                if rd.read_buf(buf).await? == 0 {
+                if s.read_buf(buf).await? == 0 {
                     return if buf.is_empty() {
-                        Ok(None)
+                        Ok(Step::Closed)
                     } else {
                         Err(NbdError::UnexpectedEof)
                     };
                 }
             }
-            HandshakeStatus::Transmission(n) => return Ok(Some(n)),
-            HandshakeStatus::Aborted => return Ok(None),
+            HandshakeStatus::Transmission(n) => return Ok(Step::Go(n)),
+            HandshakeStatus::Aborted => return Ok(Step::Closed),
+            HandshakeStatus::StartTls => return Ok(Step::StartTls),
         }
+    }
+}
+
+/// The reply side of a connection in the transmission phase.
+trait ReplyWriter {
+    /// Write what the connection takes now, without waiting.
+    fn write_now(&mut self, out: &mut SendQueue) -> io::Result<()>;
+    /// Whether bytes wait to be written: in the queue, or below it.
+    fn pending(&self, out: &SendQueue) -> bool;
+    /// Wait until writing can make progress, or make it.
+    async fn progress(&mut self, out: &mut SendQueue) -> io::Result<()>;
+    /// Close the write side (bounded; errors ignored: the peer may be gone).
+    async fn close(&mut self);
+}
+
+/// A plain socket: one non-blocking `writev` per loop turn, straight from
+/// the queue.
+struct PlainWriter<'a>(tokio::net::tcp::WriteHalf<'a>);
+
+impl ReplyWriter for PlainWriter<'_> {
+    fn write_now(&mut self, out: &mut SendQueue) -> io::Result<()> {
+        out.write_to(self.0.as_ref())
+    }
+
+    fn pending(&self, out: &SendQueue) -> bool {
+        !out.is_empty()
+    }
+
+    async fn progress(&mut self, _out: &mut SendQueue) -> io::Result<()> {
+        self.0.as_ref().writable().await
+    }
+
+    async fn close(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.0.shutdown()).await;
+    }
+}
+
+/// TLS: the queue goes through rustls, which buffers records until flushed.
+struct TlsWriter<W> {
+    wr: W,
+    /// Bytes were handed to rustls since the last flush.
+    unflushed: bool,
+}
+
+impl<W: AsyncWrite + Unpin> TlsWriter<W> {
+    /// Hand the queue to rustls and flush its records to the socket.
+    /// `Ready` once everything is on the socket (or on error).
+    fn poll_send(&mut self, cx: &mut Context<'_>, out: &mut SendQueue) -> Poll<io::Result<()>> {
+        if !out.is_empty() {
+            // What was taken is gone from the queue even if the writer then
+            // blocks; it waits in rustls until flushed.
+            self.unflushed = true;
+            std::task::ready!(out.poll_write_to(cx, Pin::new(&mut self.wr)))?;
+        }
+        if self.unflushed {
+            std::task::ready!(Pin::new(&mut self.wr).poll_flush(cx))?;
+            self.unflushed = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<W: AsyncWrite + Unpin> ReplyWriter for TlsWriter<W> {
+    fn write_now(&mut self, out: &mut SendQueue) -> io::Result<()> {
+        // A try without a waker: `progress` polls again, with the task's
+        // waker, whenever something is left.
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.poll_send(&mut cx, out) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Ok(()),
+        }
+    }
+
+    fn pending(&self, out: &SendQueue) -> bool {
+        self.unflushed || !out.is_empty()
+    }
+
+    async fn progress(&mut self, out: &mut SendQueue) -> io::Result<()> {
+        poll_fn(|cx| self.poll_send(cx, out)).await
+    }
+
+    async fn close(&mut self) {
+        // Sends TLS close_notify, then shuts the socket down.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.wr.shutdown()).await;
     }
 }
 
@@ -275,11 +505,11 @@ const OUT_HIGH_WATER: usize = 16 << 20;
 /// cannot stall). Requests already running are always driven to completion,
 /// even when the client is gone, so a replicated write is never abandoned
 /// half-way by its frontend.
-async fn transmission<D: BlockDevice>(
+async fn transmission<D: BlockDevice, R: AsyncRead + Unpin, W: ReplyWriter>(
     device: &D,
     negotiated: Negotiated,
-    rd: &mut ReadHalf<'_>,
-    stream: &TcpStream,
+    rd: &mut R,
+    wr: &mut W,
     mut buf: BytesMut,
     config: &ServerConfig,
     stop: Shutdown,
@@ -347,14 +577,14 @@ async fn transmission<D: BlockDevice>(
             queue(&encoder, &reply, &mut out, broken);
         }
         // 3. Write what is queued, as far as the socket takes it.
-        if !broken && let Err(e) = out.write_to(stream) {
+        if !broken && let Err(e) = wr.write_now(&mut out) {
             debug!(error = %e, "writing replies failed");
             broken = true;
             out.clear();
             end(&mut ending, Err(e.into()));
         }
         if inflight.is_empty()
-            && (out.is_empty() || broken)
+            && (broken || !wr.pending(&out))
             && let Some(e) = ending.take()
         {
             return finish(e.result);
@@ -367,7 +597,7 @@ async fn transmission<D: BlockDevice>(
         if accepting {
             ensure_spare(&mut buf);
         }
-        let writing = !broken && !out.is_empty();
+        let writing = !broken && wr.pending(&out);
         let open = ending.is_none();
         let deadline = ending.as_ref().map(|e| e.deadline);
         tokio::select! {
@@ -376,8 +606,9 @@ async fn transmission<D: BlockDevice>(
                 read_bytes -= len;
                 queue(&encoder, &reply, &mut out, broken);
             }
-            r = stream.writable(), if writing => {
+            r = wr.progress(&mut out), if writing => {
                 if let Err(e) = r {
+                    debug!(error = %e, "writing replies failed");
                     broken = true;
                     out.clear();
                     end(&mut ending, Err(e.into()));
@@ -580,7 +811,8 @@ mod tests {
             config: ServerConfig::default(),
         });
         let (mut client, server) = loopback_pair().await;
-        let task = tokio::spawn(handle_connection(server, shared, Shutdown::new()));
+        let peer = client.local_addr().unwrap();
+        let task = tokio::spawn(handle_connection(server, peer, shared, Shutdown::new()));
         client_go(&mut client, "mem").await;
 
         // Pipeline: 8 writes, then a flush, without waiting.
@@ -638,7 +870,8 @@ mod tests {
             config: ServerConfig::default(),
         });
         let (mut client, server) = loopback_pair().await;
-        let task = tokio::spawn(handle_connection(server, shared, Shutdown::new()));
+        let peer = client.local_addr().unwrap();
+        let task = tokio::spawn(handle_connection(server, peer, shared, Shutdown::new()));
         client_go(&mut client, "").await;
         client.write_all(&[0xffu8; 64]).await.unwrap();
         let r = task.await.unwrap();

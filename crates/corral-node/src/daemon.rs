@@ -94,19 +94,17 @@ impl NodeConfig {
 }
 
 /// The frontend address and the replica address a daemon listening on
-/// `listen` uses when not told: `listen`'s own address; for a wildcard
-/// `listen`, 127.0.0.1 for the frontends (engines serve the node they run
-/// on) and the frontend address with `listen`'s port for the replicas.
+/// `listen` uses when not told. Engines serve on loopback (127.0.0.1):
+/// their frontends and control service are for this node's initiators and
+/// daemons, not the network (a node's IP is opt-in, `--frontend-address`).
+/// The replica address is `listen`, or for a wildcard `listen` the frontend
+/// address with `listen`'s port.
 pub fn default_addresses(
     listen: SocketAddr,
     frontend: Option<IpAddr>,
     replica: Option<String>,
 ) -> (IpAddr, String) {
-    let frontend = frontend.unwrap_or(if listen.ip().is_unspecified() {
-        IpAddr::V4(Ipv4Addr::LOCALHOST)
-    } else {
-        listen.ip()
-    });
+    let frontend = frontend.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
     let replica = replica.unwrap_or_else(|| {
         if listen.ip().is_unspecified() {
             SocketAddr::new(frontend, listen.port()).to_string()
@@ -177,7 +175,8 @@ mod tests {
         let specific: SocketAddr = "10.1.2.3:9500".parse().unwrap();
         assert_eq!(
             default_addresses(specific, None, None),
-            ("10.1.2.3".parse().unwrap(), "10.1.2.3:9500".to_string())
+            ("127.0.0.1".parse().unwrap(), "10.1.2.3:9500".to_string()),
+            "engines serve on loopback unless told otherwise"
         );
         let wildcard: SocketAddr = "0.0.0.0:9500".parse().unwrap();
         assert_eq!(

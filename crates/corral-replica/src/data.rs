@@ -116,7 +116,11 @@ impl ReplicaData for DataService {
                     Ok(Some(batch)) => batch,
                     Ok(None) => break,
                     Err(status) => {
+                        // A message over the size limit, or one that does
+                        // not decode: this stream ends with the reason (the
+                        // connection's other streams are untouched).
                         debug!(volume = %hosted.volume, %status, "data stream ended");
+                        let _ = tx.send(Err(status)).await;
                         break;
                     }
                 };
@@ -211,6 +215,24 @@ fn execute_inline(
     Ok(replica
         .inline_io
         .run(|| execute_at(replica, *open, session, batch, metrics)))
+}
+
+/// Execute one batch the way a data stream of open session `session` does
+/// (inline when it is page-cache work only, otherwise holding the epoch
+/// gate, on this thread rather than the blocking pool). An entry point for
+/// fuzzing (`fuzz/`) and tests: the service itself goes through
+/// [`DataService`].
+#[doc(hidden)]
+pub fn execute_stream_batch(
+    replica: &HostedReplica,
+    session: u64,
+    batch: DataRequestBatch,
+    metrics: &ReplicaMetrics,
+) -> DataReplyBatch {
+    match execute_inline(replica, session, batch, metrics) {
+        Ok(replies) => replies,
+        Err(batch) => execute_batch(replica, session, batch, metrics),
+    }
 }
 
 /// Execute one batch in order. Holds the replica's epoch gate for the whole

@@ -35,6 +35,10 @@ pub struct ReplicaServerConfig {
 pub const STREAM_WINDOW: u32 = 16 << 20;
 pub const CONNECTION_WINDOW: u32 = 64 << 20;
 pub const MAX_FRAME: u32 = (1 << 20) - 1;
+/// Streams one client connection may have open at once (an engine uses one
+/// per data connection and a few control calls; the bound keeps a broken
+/// or hostile client from making the daemon hold unbounded stream state).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
 /// A replica that has executed data requests since its last sync is synced in the
 /// background once it has had no data requests for this long...
@@ -236,6 +240,7 @@ async fn serve_registry(
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_routes(extra)

@@ -390,3 +390,74 @@ async fn a_restarted_daemon_not_yet_reopened_is_not_a_newer_engine() {
     drop(control);
     daemon.stop().await;
 }
+
+/// A data stream on `channel` for `volume`.
+async fn stream_on(
+    channel: Channel,
+    volume: &str,
+) -> (
+    mpsc::Sender<DataRequestBatch>,
+    tonic::Streaming<DataReplyBatch>,
+) {
+    let mut client = ReplicaDataClient::new(channel);
+    let (tx, rx) = mpsc::channel(8);
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert(corral_proto::VOLUME_METADATA_KEY, volume.parse().unwrap());
+    let replies = client.stream(req).await.unwrap().into_inner();
+    (tx, replies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_fails_its_own_stream_only() {
+    let daemon = start(tempfile::tempdir().unwrap()).await;
+    let mut control = daemon.control().await;
+    create(&mut control, "vol").await;
+    control
+        .open_replica(OpenReplicaRequest {
+            volume: "vol".into(),
+            epoch: 1,
+        })
+        .await
+        .unwrap();
+    // Two streams on one HTTP/2 connection.
+    let channel = tonic::transport::Endpoint::from_shared(daemon.addr.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx_a, mut rx_a) = stream_on(channel.clone(), "vol").await;
+    let (tx_b, mut rx_b) = stream_on(channel.clone(), "vol").await;
+    let data = vec![5u8; 4096];
+    let crc = crc32c::crc32c(&data);
+    assert!(matches!(
+        one(&tx_b, &mut rx_b, write(1, 1, 0, &data, crc)).await,
+        data_reply::Result::Done(_)
+    ));
+
+    // A message over the daemon's limit on stream A...
+    let huge = vec![0u8; corral_proto::MAX_MESSAGE_BYTES + 4096];
+    tx_a.send(DataRequestBatch {
+        requests: vec![write(2, 1, 0, &huge, crc32c::crc32c(&huge))],
+    })
+    .await
+    .unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), rx_a.message())
+        .await
+        .expect("refused, not hung")
+        .expect_err("an oversized message was taken");
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused}");
+    assert!(refused.message().contains("too large"), "{refused}");
+
+    // ...fails that stream alone: B, on the same connection, goes on, and
+    // the control service answers on it too.
+    match one(&tx_b, &mut rx_b, read(3, 1, 0, 4096)).await {
+        data_reply::Result::Read(r) => assert_eq!(&r.data[..], &data[..]),
+        other => panic!("stream B after A's oversized message: {other:?}"),
+    }
+    ReplicaControlClient::new(channel)
+        .list_replicas(ListReplicasRequest {})
+        .await
+        .unwrap();
+    daemon.stop().await;
+}

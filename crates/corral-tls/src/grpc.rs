@@ -6,11 +6,14 @@
 //! tonic and the services see the same bytes, and a process without TLS
 //! files serves and dials plain TCP exactly as before.
 //!
-//! A listener hands each accepted connection's TLS handshake to a task of
-//! its own, bounded in number ([`MAX_HANDSHAKES`]) and in time
-//! ([`HANDSHAKE_TIMEOUT`]), so a client that connects and says nothing
-//! (or a slow one) never stops others from being served. A refused
-//! handshake is logged with the peer's address and the reason.
+//! A listener serves at most [`MAX_CONNECTIONS`] connections at once and
+//! opens each in a task of its own, bounded in time
+//! ([`HANDSHAKE_TIMEOUT`]: the client's first bytes, and with TLS the
+//! whole handshake), so a client that connects and says nothing (or a
+//! slow one) never stops others from being served. A refused connection is
+//! logged with the peer's address and the reason: a plain-TCP client of a
+//! TLS listener and a TLS client of a plain one are told apart from a
+//! certificate that does not verify.
 
 use std::future::Future;
 use std::io;
@@ -23,33 +26,46 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::{ClientTls, ServerTls, describe};
 
 /// How long a client has to finish its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// TLS handshakes a listener runs at once; further connections wait in the
-/// kernel's accept queue.
-pub const MAX_HANDSHAKES: usize = 64;
+/// Connections a gRPC listener serves at once (opening ones included);
+/// further clients wait in the kernel's accept queue. A replica daemon
+/// holds three per volume an engine has open on it (control and two data
+/// streams), so this is room for over a thousand volumes per node.
+pub const MAX_CONNECTIONS: usize = 4096;
 
-/// One connection a gRPC server serves.
-pub enum ServerIo {
+/// One connection a gRPC server serves. It holds one of the listener's
+/// [`MAX_CONNECTIONS`] places until tonic drops it.
+pub struct ServerIo {
+    stream: Transport,
+    _place: OwnedSemaphorePermit,
+}
+
+enum Transport {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
 impl ServerIo {
     fn tcp(&self) -> &TcpStream {
-        match self {
-            ServerIo::Plain(s) => s,
-            ServerIo::Tls(s) => s.get_ref().0,
+        match &self.stream {
+            Transport::Plain(s) => s,
+            Transport::Tls(s) => s.get_ref().0,
         }
+    }
+
+    /// Whether the connection runs TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.stream, Transport::Tls(_))
     }
 }
 
@@ -70,9 +86,9 @@ impl AsyncRead for ServerIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        match &mut self.get_mut().stream {
+            Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -83,9 +99,9 @@ impl AsyncWrite for ServerIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        match &mut self.get_mut().stream {
+            Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -94,30 +110,30 @@ impl AsyncWrite for ServerIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().stream {
+            Transport::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            ServerIo::Plain(s) => s.is_write_vectored(),
-            ServerIo::Tls(s) => s.is_write_vectored(),
+        match &self.stream {
+            Transport::Plain(s) => s.is_write_vectored(),
+            Transport::Tls(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().stream {
+            Transport::Plain(s) => Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().stream {
+            Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -130,21 +146,55 @@ pub fn incoming(
     listener: TcpListener,
     tls: Option<ServerTls>,
 ) -> impl Stream<Item = io::Result<ServerIo>> + Send + 'static {
+    incoming_with(listener, tls, ListenerLimits::default())
+}
+
+/// A listener's bounds (see the module's docs).
+#[derive(Clone, Copy, Debug)]
+pub struct ListenerLimits {
+    pub max_connections: usize,
+    pub opening_timeout: Duration,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        ListenerLimits {
+            max_connections: MAX_CONNECTIONS,
+            opening_timeout: HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+/// [`incoming`] with bounds of the caller's.
+pub fn incoming_with(
+    listener: TcpListener,
+    tls: Option<ServerTls>,
+    limits: ListenerLimits,
+) -> impl Stream<Item = io::Result<ServerIo>> + Send + 'static {
     let (tx, rx) = mpsc::channel::<io::Result<ServerIo>>(16);
-    tokio::spawn(accept_loop(listener, tls, tx));
+    tokio::spawn(accept_loop(listener, tls, limits, tx));
     ReceiverStream::new(rx)
 }
 
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<ServerTls>,
+    limits: ListenerLimits,
     tx: mpsc::Sender<io::Result<ServerIo>>,
 ) {
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let places = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut full_logged = false;
     loop {
-        let permit = tokio::select! {
+        if places.available_permits() == 0 && !full_logged {
+            warn!(
+                max = limits.max_connections,
+                "gRPC listener at its connection limit: new clients wait in the accept queue"
+            );
+        }
+        full_logged = places.available_permits() == 0;
+        let place = tokio::select! {
             _ = tx.closed() => return,
-            p = Arc::clone(&handshakes).acquire_owned() => match p {
+            p = Arc::clone(&places).acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => return,
             },
@@ -163,49 +213,70 @@ async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
-        match &tls {
-            None => {
-                if tx.send(Ok(ServerIo::Plain(tcp))).await.is_err() {
-                    return;
+        let tls = tls.as_ref().map(ServerTls::grpc_acceptor);
+        let tx = tx.clone();
+        // Each connection opens in a task of its own: a client that says
+        // nothing holds its own place for HANDSHAKE_TIMEOUT, nobody else's.
+        tokio::spawn(async move {
+            let opening = async {
+                let tls_first = first_byte_is_tls(&tcp).await?;
+                match (tls, tls_first) {
+                    (Some(acceptor), true) => acceptor
+                        .accept(tcp)
+                        .await
+                        .map(|s| Transport::Tls(Box::new(s)))
+                        .map_err(|e| Refusal::Loud(describe(&e))),
+                    (Some(_), false) => Err(Refusal::Loud(
+                        "not a TLS client (plain TCP): this listener requires mutual TLS".into(),
+                    )),
+                    (None, true) => Err(Refusal::Loud(
+                        "a TLS client on a plain-TCP listener (start it with --tls-*)".into(),
+                    )),
+                    (None, false) => Ok(Transport::Plain(tcp)),
                 }
-            }
-            Some(tls) => {
-                let acceptor = tls.grpc_acceptor();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let handshake = async {
-                        check_tls_record(&tcp).await?;
-                        acceptor.accept(tcp).await.map_err(|e| describe(&e))
-                    };
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send(Ok(ServerIo::Tls(Box::new(stream)))).await;
-                        }
-                        Ok(Err(why)) => log_refusal(peer, &why),
-                        Err(_) => log_refusal(
-                            peer,
-                            &format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
-                        ),
-                    }
-                });
-            }
-        }
+            };
+            let limit = limits.opening_timeout;
+            let stream = match tokio::time::timeout(limit, opening).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(Refusal::Loud(why))) => return log_refusal(peer, &why),
+                Ok(Err(Refusal::Quiet(why))) => {
+                    return debug!(%peer, reason = %why, "connection closed before it began");
+                }
+                Err(_) => {
+                    return log_refusal(
+                        peer,
+                        &format!("nothing (or no complete TLS handshake) within {limit:?}"),
+                    );
+                }
+            };
+            let _ = tx
+                .send(Ok(ServerIo {
+                    stream,
+                    _place: place,
+                }))
+                .await;
+        });
     }
+}
+
+/// Why a connection was dropped before it was served: a refusal worth a
+/// warning, or a peer that went away on its own (a port probe).
+enum Refusal {
+    Loud(String),
+    Quiet(String),
 }
 
 /// The first byte of a TLS client's first record (a handshake record).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
-/// Refuse, with a reason an operator understands, a client that speaks
-/// plain TCP (a gRPC client without TLS sends `PRI * HTTP/2.0`).
-async fn check_tls_record(tcp: &TcpStream) -> Result<(), String> {
+/// Whether the client's first byte opens a TLS handshake record (a gRPC
+/// client without TLS starts with `PRI * HTTP/2.0`).
+async fn first_byte_is_tls(tcp: &TcpStream) -> Result<bool, Refusal> {
     let mut first = [0u8; 1];
     match tcp.peek(&mut first).await {
-        Ok(0) => Err("closed before a TLS handshake".into()),
-        Ok(_) if first[0] == TLS_HANDSHAKE_RECORD => Ok(()),
-        Ok(_) => Err("not a TLS client (plain TCP): this listener requires mutual TLS".into()),
-        Err(e) => Err(format!("reading the TLS handshake: {e}")),
+        Ok(0) => Err(Refusal::Quiet("closed before sending anything".into())),
+        Ok(_) => Ok(first[0] == TLS_HANDSHAKE_RECORD),
+        Err(e) => Err(Refusal::Quiet(format!("reading its first byte: {e}"))),
     }
 }
 

@@ -322,3 +322,59 @@ fn loopback_identity_is_made_once() {
     ServerTls::new(files.clone()).unwrap();
     ClientTls::new(files).unwrap();
 }
+
+#[tokio::test]
+async fn a_silent_client_holds_its_place_only_until_the_opening_timeout() {
+    let dir = TempDir::new().unwrap();
+    let pki = Pki::new("cluster CA").unwrap();
+    let server = identity(dir.path(), "server", &pki, &["127.0.0.1"], Validity::Days(1));
+    let client = identity(dir.path(), "client", &pki, &["client"], Validity::Days(1));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let limits = grpc::ListenerLimits {
+        max_connections: 1,
+        opening_timeout: Duration::from_millis(300),
+    };
+    let mut conns = Box::pin(grpc::incoming_with(
+        listener,
+        Some(ServerTls::new(server).unwrap()),
+        limits,
+    ));
+    // The only place goes to a client that connects and says nothing.
+    let silent = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let tls = ClientTls::new(client).unwrap();
+    let real = tokio::spawn(async move { grpc::connect_tcp("127.0.0.1", port, &tls).await });
+    // The real client is served once the silent one has timed out.
+    let served = tokio::time::timeout(Duration::from_secs(10), conns.next())
+        .await
+        .expect("served after the silent client's timeout")
+        .unwrap()
+        .unwrap();
+    assert!(served.is_tls());
+    real.await.unwrap().unwrap();
+    // The silent client's connection was closed by the server.
+    let mut silent = silent;
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .expect("closed, not left open");
+    assert!(matches!(n, Ok(0) | Err(_)));
+}
+
+#[tokio::test]
+async fn a_plain_listener_names_a_tls_client() {
+    let dir = TempDir::new().unwrap();
+    let pki = Pki::new("cluster CA").unwrap();
+    let client = identity(dir.path(), "client", &pki, &["client"], Validity::Days(1));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut conns = Box::pin(grpc::incoming(listener, None));
+    let tls = ClientTls::new(client).unwrap();
+    let err = grpc::connect_tcp("127.0.0.1", port, &tls).await.unwrap_err();
+    assert!(!err.to_string().is_empty());
+    // Nothing was handed to the server.
+    let next = tokio::time::timeout(Duration::from_millis(300), conns.next()).await;
+    assert!(next.is_err(), "a TLS client was served as plain TCP");
+}

@@ -37,6 +37,11 @@ pub struct EngineArgs {
     /// must also have the target prove itself: mutual CHAP).
     #[arg(long, value_name = "FILE", requires = "iscsi")]
     pub iscsi_chap: Option<PathBuf>,
+    /// TLS on the NBD frontend (NBD_OPT_STARTTLS with client certificates):
+    /// off, allow (the client's choice) or require. Default: allow when
+    /// --tls-* files are given, else off.
+    #[arg(long, value_enum, requires = "nbd")]
+    pub nbd_tls: Option<crate::tls::NbdTlsMode>,
     /// A replica that does not answer within this goes to ERR.
     #[arg(long, default_value = "8s", value_parser = parse_duration)]
     pub replica_timeout: Duration,
@@ -113,7 +118,9 @@ pub async fn run(args: EngineArgs, tls: crate::tls::TlsArgs) -> anyhow::Result<(
         .await
         .with_context(|| format!("control listener on {}", args.listen))?;
     let chap = args.iscsi_chap.as_deref().map(read_chap_file).transpose()?;
-    let listeners = FrontendListeners::bind(args.nbd, args.iscsi).await?;
+    let listeners = FrontendListeners::bind(args.nbd, args.iscsi)
+        .await?
+        .with_nbd_tls(crate::tls::nbd_tls(args.nbd_tls, server_tls.as_ref())?);
     let metrics = match args.metrics {
         Some(addr) => Some(
             TcpListener::bind(addr)

@@ -10,15 +10,48 @@ use tracing::info;
 
 use crate::frontends::{FrontendListeners, read_chap_file};
 
-pub async fn run(
-    file: PathBuf,
-    size: Option<u64>,
-    nbd: Option<SocketAddr>,
-    iscsi: Option<SocketAddr>,
-    iscsi_chap: Option<PathBuf>,
-    name: Option<String>,
-    block_size: u32,
-) -> anyhow::Result<()> {
+#[derive(clap::Args, Debug)]
+pub struct ServeFileArgs {
+    /// The file to serve (created when missing).
+    #[arg(long)]
+    pub file: PathBuf,
+    /// Size to create or grow the file to (e.g. 1GiB).
+    #[arg(long, value_parser = crate::units::parse_size)]
+    pub size: Option<u64>,
+    /// NBD listen address.
+    #[arg(long)]
+    pub nbd: Option<SocketAddr>,
+    /// iSCSI listen address (target iqn.2026-11.io.corral:<name>, LUN 0).
+    #[arg(long)]
+    pub iscsi: Option<SocketAddr>,
+    /// Require iSCSI CHAP, with the credentials in this file (`user = ...`,
+    /// `secret = ...`; with `mutual_user` and `mutual_secret` too, initiators
+    /// must also have the target prove itself: mutual CHAP).
+    #[arg(long, value_name = "FILE", requires = "iscsi")]
+    pub iscsi_chap: Option<PathBuf>,
+    /// Export name (default: the file name without extension).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Logical block size advertised to initiators (512 or 4096).
+    #[arg(long, default_value_t = 512)]
+    pub block_size: u32,
+    /// TLS on the NBD frontend: off, allow or require (default: allow
+    /// when --tls-* files are given, else off).
+    #[arg(long, value_enum, requires = "nbd")]
+    pub nbd_tls: Option<crate::tls::NbdTlsMode>,
+}
+
+pub async fn run(args: ServeFileArgs, tls: crate::tls::TlsArgs) -> anyhow::Result<()> {
+    let ServeFileArgs {
+        file,
+        size,
+        nbd,
+        iscsi,
+        iscsi_chap,
+        name,
+        block_size,
+        nbd_tls,
+    } = args;
     if nbd.is_none() && iscsi.is_none() {
         bail!("give a frontend to serve on: --nbd ADDR and/or --iscsi ADDR");
     }
@@ -33,7 +66,10 @@ pub async fn run(
     let device = Arc::new(FileDevice::open(&file, size, block_size)?);
     let shutdown = crate::shutdown::install()?;
     let chap = iscsi_chap.as_deref().map(read_chap_file).transpose()?;
-    let listeners = FrontendListeners::bind(nbd, iscsi).await?;
+    let server_tls = tls.install()?;
+    let listeners = FrontendListeners::bind(nbd, iscsi)
+        .await?
+        .with_nbd_tls(crate::tls::nbd_tls(nbd_tls, server_tls.as_ref())?);
     let serving = listeners.serve(&name, Arc::clone(&device), chap, &shutdown)?;
     for uri in &serving.uris {
         info!(file = %file.display(), size = device.size(), "serving {uri}");

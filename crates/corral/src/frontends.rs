@@ -20,6 +20,7 @@ use corral_block::accept::Shutdown;
 pub struct FrontendListeners {
     nbd: Option<TcpListener>,
     iscsi: Option<TcpListener>,
+    nbd_tls: Option<corral_nbd::NbdTls>,
 }
 
 /// Serving frontends: their URIs and the tasks that serve them.
@@ -44,7 +45,14 @@ impl FrontendListeners {
         Ok(FrontendListeners {
             nbd: bind(nbd, "NBD").await?,
             iscsi: bind(iscsi, "iSCSI").await?,
+            nbd_tls: None,
         })
+    }
+
+    /// Offer (or require) TLS on the NBD listener.
+    pub fn with_nbd_tls(mut self, tls: Option<corral_nbd::NbdTls>) -> Self {
+        self.nbd_tls = tls;
+        self
     }
 
     /// Serve `device` as export `name` (NBD) and target
@@ -61,14 +69,23 @@ impl FrontendListeners {
         let mut tasks = Vec::new();
         if let Some(listener) = self.nbd {
             let addr = listener.local_addr()?;
-            uris.push(format!("nbd://{addr}/{name}"));
+            match &self.nbd_tls {
+                Some(tls) if tls.require => uris.push(format!("nbds://{addr}/{name}")),
+                Some(_) => {
+                    uris.push(format!("nbd://{addr}/{name}"));
+                    uris.push(format!("nbds://{addr}/{name}"));
+                }
+                None => uris.push(format!("nbd://{addr}/{name}")),
+            }
             let exports = Arc::new(corral_nbd::Exports::single(
                 name.to_string(),
                 Arc::clone(&device),
             ));
             let stop = shutdown.clone();
+            let server = corral_nbd::NbdServer::new(exports).with_tls(self.nbd_tls);
             tasks.push(tokio::spawn(async move {
-                corral_nbd::serve(listener, exports, stop)
+                server
+                    .run(listener, stop)
                     .await
                     .map_err(anyhow::Error::from)
             }));

@@ -45,7 +45,7 @@ impl Command {
     /// Runtime worker threads when `--io-threads` is not given.
     fn default_io_threads(&self) -> usize {
         match self {
-            Command::Engine(_) | Command::ServeFile { .. } => 1,
+            Command::Engine(_) | Command::ServeFile(_) => 1,
             _ => std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
@@ -75,31 +75,7 @@ enum Command {
     /// Inspect a running engine's volume.
     Volume(cmd_volume::VolumeArgs),
     /// Serve a local file over the frontends, without replication.
-    ServeFile {
-        /// The file to serve (created when missing).
-        #[arg(long)]
-        file: PathBuf,
-        /// Size to create or grow the file to (e.g. 1GiB).
-        #[arg(long, value_parser = units::parse_size)]
-        size: Option<u64>,
-        /// NBD listen address.
-        #[arg(long)]
-        nbd: Option<SocketAddr>,
-        /// iSCSI listen address (target iqn.2026-11.io.corral:<name>, LUN 0).
-        #[arg(long)]
-        iscsi: Option<SocketAddr>,
-        /// Require iSCSI CHAP, with the credentials in this file (`user = ...`,
-        /// `secret = ...`; with `mutual_user` and `mutual_secret` too, initiators
-        /// must also have the target prove itself: mutual CHAP).
-        #[arg(long, value_name = "FILE", requires = "iscsi")]
-        iscsi_chap: Option<PathBuf>,
-        /// Export name (default: the file name without extension).
-        #[arg(long)]
-        name: Option<String>,
-        /// Logical block size advertised to initiators (512 or 4096).
-        #[arg(long, default_value_t = 512)]
-        block_size: u32,
-    },
+    ServeFile(cmd_serve_file::ServeFileArgs),
     /// Start three replica daemons and an engine on loopback.
     Dev(cmd_dev::DevArgs),
 }
@@ -202,15 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tls.install()?;
             cmd_volume::run(args).await
         }
-        Command::ServeFile {
-            file,
-            size,
-            nbd,
-            iscsi,
-            iscsi_chap,
-            name,
-            block_size,
-        } => cmd_serve_file::run(file, size, nbd, iscsi, iscsi_chap, name, block_size).await,
+        Command::ServeFile(args) => cmd_serve_file::run(args, tls).await,
         Command::Dev(args) => cmd_dev::run(args, tls).await,
     }
 }

@@ -6,8 +6,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-use clap::Args;
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
 use corral_tls::{ClientTls, ServerTls, TlsFiles};
 
 #[derive(Args, Debug, Clone, Default)]
@@ -90,4 +90,36 @@ pub fn install_files(files: TlsFiles, server_name: Option<String>) -> anyhow::Re
     let client = ClientTls::new(files.clone())?.with_server_name(server_name);
     corral_client::use_tls(client)?;
     Ok(ServerTls::new(files)?)
+}
+
+/// Whether a process's NBD frontend offers TLS (NBD_OPT_STARTTLS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum NbdTlsMode {
+    /// Plain NBD only.
+    Off,
+    /// Each client chooses (fio, nbdfuse and the kernel client stay plain).
+    Allow,
+    /// Every client must upgrade to TLS with a certificate the CA signed.
+    Require,
+}
+
+/// The NBD frontend's TLS: `mode` (default: `allow` when the process has
+/// TLS files, `off` when not) with the process's files.
+pub fn nbd_tls(
+    mode: Option<NbdTlsMode>,
+    server: Option<&ServerTls>,
+) -> anyhow::Result<Option<corral_nbd::NbdTls>> {
+    let mode = mode.unwrap_or(if server.is_some() {
+        NbdTlsMode::Allow
+    } else {
+        NbdTlsMode::Off
+    });
+    match (mode, server) {
+        (NbdTlsMode::Off, _) => Ok(None),
+        (_, None) => bail!("--nbd-tls allow|require needs --tls-cert, --tls-key and --tls-ca"),
+        (mode, Some(server)) => Ok(Some(corral_nbd::NbdTls::new(
+            server.clone(),
+            mode == NbdTlsMode::Require,
+        ))),
+    }
 }

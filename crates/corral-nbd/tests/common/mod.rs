@@ -13,9 +13,20 @@ use std::time::Duration;
 use corral_block::FileDevice;
 use corral_block::accept::Shutdown;
 use corral_nbd::{Exports, NbdError, NbdServer, ServerConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+
+/// Send the server's log to the test's output (shown for failed tests, or
+/// with `--nocapture`); `RUST_LOG` filters it (default: `corral_nbd=debug`).
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("corral_nbd=debug"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
 
 /// Bound on any single network step in a test.
 pub const STEP: Duration = Duration::from_secs(10);
@@ -148,8 +159,9 @@ pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 
-pub struct RawClient {
-    pub s: TcpStream,
+/// A raw client over a socket, or over TLS after `STARTTLS` ([`RawClient::into_tls`]).
+pub struct RawClient<S = TcpStream> {
+    pub s: S,
 }
 
 /// One structured chunk: (flags, type, cookie, payload).
@@ -167,6 +179,31 @@ impl RawClient {
         c
     }
 
+    /// Full handshake with NBD_OPT_GO; returns (size, transmission flags).
+    pub async fn handshake(
+        addr: SocketAddr,
+        export: &str,
+        structured: bool,
+    ) -> (RawClient, u64, u16) {
+        let mut c = RawClient::connect(addr).await;
+        c.flags(3).await;
+        let (size, flags) = c.go(export, structured).await;
+        (c, size, flags)
+    }
+
+    /// Run the TLS handshake (as a client presenting `tls`'s certificate)
+    /// on this socket, after the server acknowledged `STARTTLS`.
+    pub async fn into_tls(
+        self,
+        tls: &corral_tls::ClientTls,
+    ) -> std::io::Result<RawClient<tokio_rustls::client::TlsStream<TcpStream>>> {
+        let name = tls.server_name_for("127.0.0.1").expect("server name");
+        let s = t(tls.connector().connect(name, self.s)).await?;
+        Ok(RawClient { s })
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     pub async fn read_n(&mut self, n: usize) -> Vec<u8> {
         let mut v = vec![0u8; n];
         t(self.s.read_exact(&mut v)).await.expect("read");
@@ -201,14 +238,10 @@ impl RawClient {
         (opt, typ, data)
     }
 
-    /// Full handshake with NBD_OPT_GO; returns (size, transmission flags).
-    pub async fn handshake(
-        addr: SocketAddr,
-        export: &str,
-        structured: bool,
-    ) -> (RawClient, u64, u16) {
-        let mut c = RawClient::connect(addr).await;
-        c.flags(3).await;
+    /// Negotiate (structured replies if asked) and enter transmission with
+    /// NBD_OPT_GO; returns (size, transmission flags).
+    pub async fn go(&mut self, export: &str, structured: bool) -> (u64, u16) {
+        let c = self;
         if structured {
             c.option(OPT_STRUCTURED_REPLY, &[]).await;
             assert_eq!(c.option_reply().await.1, REP_ACK);
@@ -235,7 +268,7 @@ impl RawClient {
                 flags = u16::from_be_bytes(data[10..12].try_into().unwrap());
             }
         }
-        (c, size.expect("NBD_INFO_EXPORT was sent"), flags)
+        (size.expect("NBD_INFO_EXPORT was sent"), flags)
     }
 
     pub async fn request(
