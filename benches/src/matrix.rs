@@ -8,6 +8,12 @@
 //! write at QD32 and QD1, 1 MiB sequential write and read at QD8. For each:
 //! IOPS, MiB/s, p50/p99/p99.9 completion latency, and the CPU seconds the
 //! serving processes spent per GiB moved.
+//!
+//! With TLS (issue 14): `corral serve-file` with NBD over TLS, and a
+//! 3-replica volume with mutual TLS on every gRPC hop and NBD over TLS,
+//! each compared with its plain row. fio's nbd engine reaches TLS through
+//! libnbd, which takes its certificates from `$HOME/.pki/libnbd` when not
+//! run as root: those rows run fio as `nobody` with a HOME of the bench's.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -34,6 +40,9 @@ pub struct MatrixArgs {
     /// e.g. `--only nbdkit,serve-file`.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Leave out the TLS rows.
+    #[arg(long)]
+    no_tls: bool,
 }
 
 struct Job {
@@ -87,7 +96,60 @@ const JOBS: &[Job] = &[
 enum Target {
     File(PathBuf),
     Nbd(String),
+    /// `nbds://` with libnbd's certificates under `home`/.pki/libnbd.
+    NbdTls {
+        uri: String,
+        home: PathBuf,
+    },
     Iscsi(String),
+}
+
+/// The bench's TLS: one CA and identity for every process, and a HOME
+/// whose `.pki/libnbd` holds them for fio (run as `nobody`).
+struct BenchTls {
+    files: corral_tls::TlsFiles,
+    home: tempfile::TempDir,
+}
+
+impl BenchTls {
+    fn new() -> Result<BenchTls> {
+        use std::os::unix::fs::PermissionsExt;
+        let home = tempfile::Builder::new()
+            .prefix("corral-bench-tls-")
+            .tempdir()?;
+        let libnbd = home.path().join(".pki/libnbd");
+        std::fs::create_dir_all(&libnbd)?;
+        let pki = corral_tls::pki::Pki::new("corral bench CA")?;
+        let files = corral_tls::TlsFiles {
+            cert: libnbd.join("client-cert.pem"),
+            key: libnbd.join("client-key.pem"),
+            ca: libnbd.join("ca-cert.pem"),
+        };
+        pki.issue(
+            "corral bench",
+            corral_tls::pki::LOOPBACK_NAMES,
+            corral_tls::pki::Validity::Days(1),
+        )?
+        .write(&files.cert, &files.key)?;
+        pki.write_ca(&files.ca)?;
+        // fio runs as nobody: it must read its HOME and the throwaway key.
+        for dir in [home.path(), &home.path().join(".pki"), &libnbd] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        }
+        std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o644))?;
+        Ok(BenchTls { files, home })
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--tls-cert".into(),
+            self.files.cert.display().to_string(),
+            "--tls-key".into(),
+            self.files.key.display().to_string(),
+            "--tls-ca".into(),
+            self.files.ca.display().to_string(),
+        ]
+    }
 }
 
 /// One measured job.
@@ -155,6 +217,20 @@ impl Runner {
                 args.push("--ioengine=nbd".into());
                 args.push(format!("--uri={uri}"));
                 self.fio.clone()
+            }
+            Target::NbdTls { uri, home } => {
+                args.push("--ioengine=nbd".into());
+                args.push(format!("--uri={uri}"));
+                let mut wrapped = vec![
+                    "--reuid=nobody".to_string(),
+                    "--regid=nogroup".into(),
+                    "--clear-groups".into(),
+                    "env".into(),
+                    format!("HOME={}", home.display()),
+                    self.fio.display().to_string(),
+                ];
+                wrapped.append(&mut args);
+                return (PathBuf::from("setpriv"), wrapped);
             }
             Target::Iscsi(url) => {
                 args.push("--ioengine=libiscsi".into());
@@ -454,36 +530,49 @@ pub fn run(args: &MatrixArgs) -> Result<()> {
             &mut results,
         )?;
     }
-    for (label, nbd) in [
-        ("corral serve-file (NBD)", true),
-        ("corral serve-file (iSCSI)", false),
+    let tls = if args.no_tls {
+        None
+    } else {
+        Some(BenchTls::new()?)
+    };
+    for (label, nbd, with_tls) in [
+        ("corral serve-file (NBD)", true, false),
+        ("corral serve-file, TLS (NBD)", true, true),
+        ("corral serve-file (iSCSI)", false, false),
     ] {
-        if !wanted(label) {
+        if !wanted(label) || (with_tls && tls.is_none()) {
             continue;
         }
         let file = preallocated(&dir, "serve.img", size_mib)?;
         let addr = free_addr();
         let flag = if nbd { "--nbd" } else { "--iscsi" };
-        let child = Command::new(&corral)
-            .args([
-                "serve-file",
-                "--file",
-                &file.display().to_string(),
-                "--name",
-                "bench",
-                flag,
-                &addr.to_string(),
-            ])
+        let mut command = Command::new(&corral);
+        command.args([
+            "serve-file",
+            "--file",
+            &file.display().to_string(),
+            "--name",
+            "bench",
+            flag,
+            &addr.to_string(),
+        ]);
+        if let (true, Some(tls)) = (with_tls, &tls) {
+            command.args(tls.args()).args(["--nbd-tls", "require"]);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
         let pid = child.id();
         let _d = Daemon(child);
         wait_for_port(addr, Duration::from_secs(10))?;
-        let target = if nbd {
-            Target::Nbd(format!("nbd://{addr}/bench"))
-        } else {
-            Target::Iscsi(iscsi_url(addr, "iqn.2026-11.io.corral:bench"))
+        let target = match (nbd, &tls) {
+            (true, Some(tls)) if with_tls => Target::NbdTls {
+                uri: format!("nbds://{addr}/bench"),
+                home: tls.home.path().to_path_buf(),
+            },
+            (true, _) => Target::Nbd(format!("nbd://{addr}/bench")),
+            (false, _) => Target::Iscsi(iscsi_url(addr, "iqn.2026-11.io.corral:bench")),
         };
         measure(&runner, label, &target, &[pid], &mut results)?;
     }
@@ -492,12 +581,18 @@ pub fn run(args: &MatrixArgs) -> Result<()> {
         let (_tgt, target, pid) = start_tgt(&file)?;
         measure(&runner, "tgt (iSCSI)", &target, &[pid], &mut results)?;
     }
-    for replicas in [1usize, 3] {
-        let nbd_label = format!("corral volume, {replicas} replica(s) (NBD)");
+    for (replicas, with_tls) in [(1usize, false), (3, false), (3, true)] {
+        let what = if with_tls { ", TLS on every hop" } else { "" };
+        let nbd_label = format!("corral volume, {replicas} replica(s){what} (NBD)");
         let iscsi_label = format!("corral volume, {replicas} replica(s) (iSCSI)");
-        if !wanted(&nbd_label) && !wanted(&iscsi_label) {
+        let iscsi_wanted = wanted(&iscsi_label) && !with_tls;
+        if (!wanted(&nbd_label) && !iscsi_wanted) || (with_tls && tls.is_none()) {
             continue;
         }
+        cluster.tls = match (&tls, with_tls) {
+            (Some(tls), true) => tls.args(),
+            _ => Vec::new(),
+        };
         let first = cluster.replicas.len();
         // Three "nodes" share this machine: one I/O thread per daemon, as
         // `corral dev` runs them.
@@ -505,12 +600,15 @@ pub fn run(args: &MatrixArgs) -> Result<()> {
             cluster.start_replica_with(&["--io-threads", "1"])?;
         }
         let idx: Vec<usize> = (first..first + replicas).collect();
-        let volume = format!("bench{replicas}");
+        let volume = format!("bench{replicas}{}", if with_tls { "tls" } else { "" });
         // The engine's own default replica timeout, not the test fixture's
         // short one: a replica whose writeback stalls for 3 s on this shared
         // disk is slow, and the product would not fail it.
-        let spec = EngineSpec::new(&volume, &format!("{size_mib}MiB"), &idx)
+        let mut spec = EngineSpec::new(&volume, &format!("{size_mib}MiB"), &idx)
             .set("--replica-timeout", "8s");
+        if with_tls {
+            spec = spec.arg("--nbd-tls", "require");
+        }
         let e = cluster.start_engine(&spec)?;
         let mut pids: Vec<u32> = idx
             .iter()
@@ -521,11 +619,17 @@ pub fn run(args: &MatrixArgs) -> Result<()> {
             pids.push(p as u32);
         }
         if wanted(&nbd_label) {
-            let t = Target::Nbd(cluster.engines[e].nbd_uri());
+            let t = match (&tls, with_tls) {
+                (Some(tls), true) => Target::NbdTls {
+                    uri: format!("nbds://{}/{volume}", cluster.engines[e].nbd),
+                    home: tls.home.path().to_path_buf(),
+                },
+                _ => Target::Nbd(cluster.engines[e].nbd_uri()),
+            };
             measure(&runner, &nbd_label, &t, &pids, &mut results)
                 .inspect_err(|_| cluster.print_log_tails(60))?;
         }
-        if wanted(&iscsi_label) {
+        if iscsi_wanted {
             let t = Target::Iscsi(iscsi_url(
                 cluster.engines[e].iscsi,
                 &format!("iqn.2026-11.io.corral:{volume}"),
@@ -534,6 +638,7 @@ pub fn run(args: &MatrixArgs) -> Result<()> {
                 .inspect_err(|_| cluster.print_log_tails(60))?;
         }
     }
+    cluster.tls = Vec::new();
     cluster.stop_all()?;
     print_tables(&results, runtime, size_mib);
     Ok(())
@@ -547,6 +652,10 @@ fn find<'a>(results: &'a Results, name: &str) -> Option<&'a Vec<Sample>> {
 fn baseline(name: &str) -> Option<&'static str> {
     Some(match name {
         "corral serve-file (NBD)" => "nbdkit file (NBD)",
+        "corral serve-file, TLS (NBD)" => "corral serve-file (NBD)",
+        "corral volume, 3 replica(s), TLS on every hop (NBD)" => {
+            "corral volume, 3 replica(s) (NBD)"
+        }
         "corral serve-file (iSCSI)" => "tgt (iSCSI)",
         n if n.starts_with("corral volume") && n.ends_with("(NBD)") => "corral serve-file (NBD)",
         n if n.starts_with("corral volume") && n.ends_with("(iSCSI)") => {

@@ -38,6 +38,8 @@ fn the_fio_matrix_runs_every_system_and_job() {
         "corral volume, 1 replica(s) (iSCSI)",
         "corral volume, 3 replica(s) (NBD)",
         "corral volume, 3 replica(s) (iSCSI)",
+        "corral serve-file, TLS (NBD)",
+        "corral volume, 3 replica(s), TLS on every hop (NBD)",
     ];
     let jobs = [
         "randread-4k-qd32",

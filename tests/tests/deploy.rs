@@ -935,11 +935,28 @@ fn the_storage_class_parameters_are_exactly_the_issue_s() {
     );
 }
 
+/// A container's args without its `--tls-* VALUE` pairs (checked on their
+/// own by `every_corral_process_runs_mutual_tls_from_the_cluster_secret`).
+fn args_without_tls(c: &Value) -> Vec<&str> {
+    let all = args(c);
+    let mut kept = Vec::new();
+    let mut i = 0;
+    while i < all.len() {
+        if all[i].starts_with("--tls-") {
+            i += if all[i].contains('=') { 1 } else { 2 };
+            continue;
+        }
+        kept.push(all[i]);
+        i += 1;
+    }
+    kept
+}
+
 #[test]
 fn the_commands_follow_the_command_line_contract() {
     let node = node();
     assert_eq!(
-        args(container(node, "corral-node")),
+        args_without_tls(container(node, "corral-node")),
         [
             "node",
             "--listen",
@@ -957,7 +974,7 @@ fn the_commands_follow_the_command_line_contract() {
         ]
     );
     assert_eq!(
-        args(plugin(node)),
+        args_without_tls(plugin(node)),
         [
             "csi",
             "--endpoint",
@@ -972,7 +989,7 @@ fn the_commands_follow_the_command_line_contract() {
         ]
     );
     assert_eq!(
-        args(plugin(controller())),
+        args_without_tls(plugin(controller())),
         [
             "csi",
             "--endpoint",
@@ -1124,4 +1141,43 @@ fn the_mysql_example_is_a_replicated_stateful_set_on_corral() {
     for template in set["spec"]["volumeClaimTemplates"].as_array().unwrap() {
         assert_eq!(template["spec"]["storageClassName"], "fast");
     }
+}
+
+#[test]
+fn every_corral_process_runs_mutual_tls_from_the_cluster_secret() {
+    // The node daemon (and the engines it starts, which inherit its
+    // flags), the node plugin and the controller plugin: each mounts the
+    // corral-tls Secret and names its three files, and all agree on the
+    // name every server's certificate carries.
+    let workloads = [
+        (node(), "corral-node"),
+        (node(), "corral-csi"),
+        (controller(), "corral-csi"),
+    ];
+    let mut names = BTreeSet::new();
+    for (workload, name) in workloads {
+        let c = container(workload, name);
+        let mount = volume_at(c, "/etc/corral/tls")
+            .unwrap_or_else(|| panic!("{name} does not mount the TLS Secret"));
+        assert_eq!(mount["readOnly"], true, "{name}");
+        let volume = pod_volume(workload, mount["name"].as_str().unwrap());
+        assert_eq!(volume["secret"]["secretName"], "corral-tls", "{name}");
+        for (flag_name, file) in [
+            ("--tls-cert", "tls.crt"),
+            ("--tls-key", "tls.key"),
+            ("--tls-ca", "ca.crt"),
+        ] {
+            assert_eq!(
+                flag(c, flag_name),
+                Some(format!("/etc/corral/tls/{file}").as_str()),
+                "{name} {flag_name}"
+            );
+        }
+        names.insert(flag(c, "--tls-server-name").unwrap_or("(none)"));
+    }
+    assert_eq!(names.len(), 1, "one server name for the cluster: {names:?}");
+    // The name is the headless Service's, which --daemons dials.
+    let daemons = flag(plugin(controller()), "--daemons").unwrap();
+    let name = names.into_iter().next().unwrap();
+    assert!(daemons.starts_with(name), "{daemons} vs {name}");
 }

@@ -327,7 +327,13 @@ fn loopback_identity_is_made_once() {
 async fn a_silent_client_holds_its_place_only_until_the_opening_timeout() {
     let dir = TempDir::new().unwrap();
     let pki = Pki::new("cluster CA").unwrap();
-    let server = identity(dir.path(), "server", &pki, &["127.0.0.1"], Validity::Days(1));
+    let server = identity(
+        dir.path(),
+        "server",
+        &pki,
+        &["127.0.0.1"],
+        Validity::Days(1),
+    );
     let client = identity(dir.path(), "client", &pki, &["client"], Validity::Days(1));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -372,7 +378,9 @@ async fn a_plain_listener_names_a_tls_client() {
     let port = listener.local_addr().unwrap().port();
     let mut conns = Box::pin(grpc::incoming(listener, None));
     let tls = ClientTls::new(client).unwrap();
-    let err = grpc::connect_tcp("127.0.0.1", port, &tls).await.unwrap_err();
+    let err = grpc::connect_tcp("127.0.0.1", port, &tls)
+        .await
+        .unwrap_err();
     assert!(!err.to_string().is_empty());
     // Nothing was handed to the server.
     let next = tokio::time::timeout(Duration::from_millis(300), conns.next()).await;
