@@ -20,5 +20,7 @@ echo "== build"
 cargo build --workspace --bins
 echo "== unit and property tests"
 cargo test --workspace --exclude corral-tests
+echo "== fuzzing (every cargo-fuzz target, 20 s each; docs/fuzzing.md)"
+scripts/fuzz.sh 20
 echo "== end-to-end tests (one at a time: each starts a cluster of processes)"
 cargo test -p corral-tests -- --test-threads=1

@@ -87,9 +87,11 @@ pub fn decode_binary(value: &str) -> Option<Vec<u8>> {
         if h.is_empty() || h.len() % 2 != 0 || h.len() > 2048 {
             return None;
         }
-        (0..h.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&h[i..i + 2], 16).ok())
+        // Byte-wise: the value is untrusted and need not be ASCII.
+        let digit = |b: u8| char::from(b).to_digit(16);
+        h.as_bytes()
+            .chunks_exact(2)
+            .map(|p| Some(((digit(p[0])? << 4) | digit(p[1])?) as u8))
             .collect()
     } else if let Some(b) = value
         .strip_prefix("0b")
@@ -152,5 +154,16 @@ mod tests {
         assert_eq!(decode_binary("0bAQI="), Some(vec![1, 2]));
         assert_eq!(decode_binary("0x0"), None);
         assert_eq!(decode_binary("12"), None);
+    }
+
+    /// Found by the `iscsi_login` fuzz target: a CHAP_R or CHAP_C value with
+    /// a multi-byte character panicked (a str sliced inside a character),
+    /// before the initiator was authenticated.
+    #[test]
+    fn non_ascii_and_signed_hex_values_are_refused() {
+        assert_eq!(decode_binary("0x0123456789abcdef012345678ǡbcdef"), None);
+        assert_eq!(decode_binary("0xǡǡ"), None);
+        assert_eq!(decode_binary("0x+f"), None);
+        assert_eq!(decode_binary("0xAbCd"), Some(vec![0xab, 0xcd]));
     }
 }

@@ -209,6 +209,9 @@ pub struct LoginNegotiation {
     seed: u64,
 }
 
+/// Keys only a target declares; an initiator must not send them.
+const TARGET_DECLARED: [&str; 3] = ["TargetAlias", "TargetPortalGroupTag", "TargetAddress"];
+
 /// Longest login text we accept across continued PDUs.
 const MAX_LOGIN_TEXT: usize = 64 << 10;
 
@@ -383,7 +386,11 @@ impl LoginNegotiation {
                 if self.needs_chap() && self.auth != Auth::Done {
                     return self.fail(login_status::AUTH_FAILURE);
                 }
-                operational::negotiate(&keys, self.config.limits, &mut self.params, &mut reply);
+                if let Err(status) =
+                    operational::negotiate(&keys, self.config.limits, &mut self.params, &mut reply)
+                {
+                    return self.fail(status);
+                }
                 true
             }
             Stage::FullFeature => return self.fail(login_status::INITIATOR_ERROR),
@@ -396,6 +403,10 @@ impl LoginNegotiation {
         if (self.stage == Stage::Operational || going_to_ffp) && !self.sent_declarations {
             self.sent_declarations = true;
             if self.session_type == Some(SessionType::Normal) || going_to_ffp {
+                // An initiator's declaration made in the security stage was
+                // answered NotUnderstood there; our own goes in its place
+                // (a key appears once per PDU).
+                reply.pairs.retain(|(k, _)| k != "MaxRecvDataSegmentLength");
                 reply.push(
                     "MaxRecvDataSegmentLength",
                     self.params.target_max_recv_data_segment.to_string(),
@@ -438,6 +449,11 @@ impl LoginNegotiation {
     /// InitiatorName, SessionType, TargetName: allowed in either stage,
     /// required on the first PDU.
     fn leading_keys(&mut self, keys: &TextParams, reply: &mut TextParams) -> Result<(), (u8, u8)> {
+        // Keys only a target sends (RFC 7143 §13.7, §13.9): our reply
+        // carries them itself, so an initiator's are a protocol error.
+        if TARGET_DECLARED.iter().any(|k| keys.get(k).is_some()) {
+            return Err(login_status::INITIATOR_ERROR);
+        }
         if let Some(n) = keys.get("InitiatorName") {
             if n.is_empty() || n.len() > 223 {
                 return Err(login_status::INITIATOR_ERROR);

@@ -2,7 +2,7 @@
 //! each session and connection key the initiator offers, within our
 //! [`Limits`], and the [`SessionParams`] that result.
 
-use super::{Limits, SessionParams, parse_bool, parse_num, yes_no};
+use super::{Limits, SessionParams, login_status, parse_bool, parse_num, yes_no};
 use crate::text::TextParams;
 
 /// Answer the operational keys of one Login Request into `reply`, updating
@@ -10,12 +10,16 @@ use crate::text::TextParams;
 /// (InitiatorName, SessionType, TargetName) are the caller's; unknown keys
 /// get `NotUnderstood`. Discovery sessions go through the same negotiation
 /// (they carry only text, so only the digests matter to them).
+///
+/// An invalid MaxRecvDataSegmentLength fails the login (`Err` with the
+/// status): it is a declaration, which cannot be answered `Reject` — the
+/// reply already carries the same key for our own declaration.
 pub(super) fn negotiate(
     keys: &TextParams,
     lim: Limits,
     p: &mut SessionParams,
     reply: &mut TextParams,
-) {
+) -> Result<(), (u8, u8)> {
     p.target_max_recv_data_segment = lim.max_recv_data_segment;
     for (k, v) in &keys.pairs {
         let v = v.as_str();
@@ -59,7 +63,7 @@ pub(super) fn negotiate(
             },
             "MaxRecvDataSegmentLength" => match parse_num(v, 512, 0x00ff_ffff) {
                 Some(n) => p.initiator_max_recv_data_segment = n,
-                None => reply.push(k, "Reject"),
+                None => return Err(login_status::INITIATOR_ERROR),
             },
             "MaxBurstLength" => match parse_num(v, 512, 0x00ff_ffff) {
                 Some(n) => {
@@ -121,4 +125,5 @@ pub(super) fn negotiate(
     if p.first_burst > p.max_burst {
         p.first_burst = p.max_burst;
     }
+    Ok(())
 }

@@ -149,3 +149,79 @@ fn wrong_chap_secret_fails() {
     };
     assert_eq!((resp.bhs[36], resp.bhs[37]), login_status::AUTH_FAILURE);
 }
+
+/// Every key of a login response appears once (found by the `iscsi_login`
+/// fuzz target: an invalid MaxRecvDataSegmentLength was answered `Reject`
+/// beside our own declaration of the same key).
+fn assert_well_formed(step: &LoginStep) {
+    let resp = match step {
+        LoginStep::Continue(p) | LoginStep::Complete(p, _) | LoginStep::Failed(p) => p,
+    };
+    if let Err(e) = TextParams::parse(&resp.data) {
+        panic!("response text {:?}: {e}", resp.data);
+    }
+}
+
+#[test]
+fn invalid_max_recv_data_segment_length_fails_the_login() {
+    for bad in ["Reject", "100", "0x1000000", ""] {
+        let mut n = LoginNegotiation::new(config(None), 7);
+        let step = n.receive(&request(
+            0x80 | (1 << 2) | 3,
+            &[
+                ("InitiatorName", "iqn.test:init"),
+                ("TargetName", "iqn.2026-11.io.corral:vol"),
+                ("HeaderDigest", "CRC32C"),
+                ("MaxRecvDataSegmentLength", bad),
+            ],
+        ));
+        assert_well_formed(&step);
+        let LoginStep::Failed(resp) = step else {
+            panic!("{bad:?}: {step:?}")
+        };
+        assert_eq!((resp.bhs[36], resp.bhs[37]), login_status::INITIATOR_ERROR);
+    }
+}
+
+#[test]
+fn a_declaration_in_the_security_stage_is_not_answered_twice() {
+    let mut n = LoginNegotiation::new(config(None), 7);
+    let step = n.receive(&request(
+        0x80 | 3,
+        &[
+            ("InitiatorName", "iqn.test:init"),
+            ("TargetName", "iqn.2026-11.io.corral:vol"),
+            ("AuthMethod", "None"),
+            ("MaxRecvDataSegmentLength", "65536"),
+        ],
+    ));
+    assert_well_formed(&step);
+    let LoginStep::Complete(resp, outcome) = step else {
+        panic!("{step:?}")
+    };
+    let t = TextParams::parse(&resp.data).unwrap();
+    let declared: u32 = t.get("MaxRecvDataSegmentLength").unwrap().parse().unwrap();
+    assert_eq!(declared, outcome.params.target_max_recv_data_segment);
+}
+
+#[test]
+fn target_only_keys_from_the_initiator_fail_the_login() {
+    for key in ["TargetPortalGroupTag", "TargetAlias", "TargetAddress"] {
+        for flags in [0x80 | 1, 0x80 | (1 << 2) | 3] {
+            let mut n = LoginNegotiation::new(config(None), 7);
+            let step = n.receive(&request(
+                flags,
+                &[
+                    ("InitiatorName", "iqn.test:init"),
+                    ("TargetName", "iqn.2026-11.io.corral:vol"),
+                    (key, "1"),
+                ],
+            ));
+            assert_well_formed(&step);
+            let LoginStep::Failed(resp) = step else {
+                panic!("{key}: {step:?}")
+            };
+            assert_eq!((resp.bhs[36], resp.bhs[37]), login_status::INITIATOR_ERROR);
+        }
+    }
+}
