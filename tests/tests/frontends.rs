@@ -148,9 +148,22 @@ fn corral_dev_serves_a_volume_and_a_second_run_reopens_it() {
         Duration::from_secs(60),
     )
     .unwrap();
-    let info = cluster
-        .corral(&["volume", "--engine", &listen, "--json", "info"])
-        .unwrap();
+    // Every gRPC hop runs mutual TLS, with the CA dev made under its dir:
+    // its control service answers a client with those files only.
+    let tls = dir.join("tls");
+    let flags = [
+        "--tls-cert".to_string(),
+        tls.join("corral.pem").display().to_string(),
+        "--tls-key".into(),
+        tls.join("corral-key.pem").display().to_string(),
+        "--tls-ca".into(),
+        tls.join("ca.pem").display().to_string(),
+    ];
+    let mut args = vec!["volume", "--engine", &listen, "--json", "info"];
+    let plain = cluster.corral(&args).unwrap();
+    assert!(!plain.status.success(), "dev's engine served a plain client");
+    args.extend(flags.iter().map(String::as_str));
+    let info = cluster.corral(&args).unwrap();
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(info["replicas_rw"], 3, "{info}");
     stop_dev(dev);

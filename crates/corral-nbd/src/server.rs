@@ -33,6 +33,7 @@
 //! [`ServerConfig::shutdown_grace`]), then sockets close; [`serve`] returns
 //! once every connection is gone.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
@@ -63,10 +64,12 @@ use crate::transmission::{Command, Decoded, Reply, ReplyEncoder, Request, Reques
 pub struct ServerConfig {
     /// Connections served at once; further clients wait in the listen backlog.
     pub max_connections: usize,
-    /// Requests in flight per connection (device I/O or reply not yet written).
+    /// Requests in flight per connection (device I/O or reply not yet
+    /// written to the socket); no further request is read while reached.
     pub max_in_flight: usize,
-    /// Payload bytes (read and write data) in flight per connection; raised to
-    /// at least the 32 MiB payload cap.
+    /// Payload bytes (the data of running reads and writes, plus replies not
+    /// yet written) per connection; raised to at least the 32 MiB payload
+    /// cap.
     pub max_in_flight_bytes: usize,
     /// Time a client has to complete the handshake.
     pub handshake_timeout: Duration,
@@ -499,10 +502,10 @@ const OUT_HIGH_WATER: usize = 16 << 20;
 /// device's own I/O leaves the task), queue each reply as it completes, and
 /// write the queue with one non-blocking `writev` per loop turn.
 ///
-/// Bounds: at most `max_in_flight` requests run at once, and no new request
-/// is taken while the payload bytes of running reads plus queued replies
-/// exceed the byte budget (one request is always allowed, so a maximal read
-/// cannot stall). Requests already running are always driven to completion,
+/// Bounds: at most `max_in_flight` requests run or have a reply not yet
+/// written, and no new request is taken while the payload bytes of running
+/// reads and writes plus queued replies exceed the byte budget (one request
+/// is always allowed, so a maximal request cannot stall). Requests already running are always driven to completion,
 /// even when the client is gone, so a replicated write is never abandoned
 /// half-way by its frontend.
 async fn transmission<D: BlockDevice, R: AsyncRead + Unpin, W: ReplyWriter>(
@@ -521,9 +524,10 @@ async fn transmission<D: BlockDevice, R: AsyncRead + Unpin, W: ReplyWriter>(
         .max_in_flight_bytes
         .max(decoder.max_payload() as usize);
     let mut out = SendQueue::new();
+    let mut unwritten = Unwritten::default();
     let mut inflight = FuturesUnordered::new();
-    // Payload bytes of the reads now running.
-    let mut read_bytes: usize = 0;
+    // Payload bytes of the reads and writes now running.
+    let mut payload_bytes: usize = 0;
     let mut ending: Option<Ending> = None;
     // The socket failed: replies are dropped, requests still finish.
     let mut broken = false;
@@ -537,12 +541,17 @@ async fn transmission<D: BlockDevice, R: AsyncRead + Unpin, W: ReplyWriter>(
     };
     loop {
         // 1. Take the requests the client sent, as far as the bounds allow.
+        // `drained`: every whole request in `buf` was taken.
+        let mut drained = false;
         while ending.is_none()
-            && inflight.len() < max_in_flight
-            && (inflight.is_empty() || read_bytes + out.len() < byte_budget)
+            && inflight.len() + unwritten.count(&out) < max_in_flight
+            && (inflight.is_empty() || payload_bytes + out.len() < byte_budget)
         {
             match decoder.decode(&mut buf) {
-                Ok(None) => break,
+                Ok(None) => {
+                    drained = true;
+                    break;
+                }
                 Ok(Some(Decoded::Disconnect)) => end(&mut ending, Ok(End::Disconnect)),
                 Ok(Some(Decoded::Reject {
                     cookie,
@@ -558,14 +567,14 @@ async fn transmission<D: BlockDevice, R: AsyncRead + Unpin, W: ReplyWriter>(
                         read,
                         message: reason.to_string(),
                     };
-                    queue(&encoder, &reply, &mut out, broken);
+                    queue(&encoder, &reply, &mut out, &mut unwritten, broken);
                     if close {
                         end(&mut ending, Ok(End::Refused));
                     }
                 }
                 Ok(Some(Decoded::Request(req))) => {
-                    let len = read_len(&req);
-                    read_bytes += len;
+                    let len = payload_len(&req);
+                    payload_bytes += len;
                     inflight.push(execute(device, req).map(move |reply| (reply, len)));
                 }
                 Err(e) => end(&mut ending, Err(e.into())),
@@ -573,8 +582,8 @@ async fn transmission<D: BlockDevice, R: AsyncRead + Unpin, W: ReplyWriter>(
         }
         // 2. Queue the replies of requests that have finished.
         while let Some(Some((reply, len))) = inflight.next().now_or_never() {
-            read_bytes -= len;
-            queue(&encoder, &reply, &mut out, broken);
+            payload_bytes -= len;
+            queue(&encoder, &reply, &mut out, &mut unwritten, broken);
         }
         // 3. Write what is queued, as far as the socket takes it.
         if !broken && let Err(e) = wr.write_now(&mut out) {
@@ -592,8 +601,14 @@ async fn transmission<D: BlockDevice, R: AsyncRead + Unpin, W: ReplyWriter>(
         // 4. Wait for something to do.
         let accepting = ending.is_none()
             && out.len() < OUT_HIGH_WATER
-            && inflight.len() < max_in_flight
-            && (inflight.is_empty() || read_bytes + out.len() < byte_budget);
+            && inflight.len() + unwritten.count(&out) < max_in_flight
+            && (inflight.is_empty() || payload_bytes + out.len() < byte_budget);
+        if accepting && !drained {
+            // A bound stopped step 1 and has eased since (replies were
+            // written): take the requests already in `buf` before waiting
+            // for the socket, which may have nothing more to say.
+            continue;
+        }
         if accepting {
             ensure_spare(&mut buf);
         }
@@ -603,8 +618,8 @@ async fn transmission<D: BlockDevice, R: AsyncRead + Unpin, W: ReplyWriter>(
         tokio::select! {
             biased;
             Some((reply, len)) = inflight.next(), if !inflight.is_empty() => {
-                read_bytes -= len;
-                queue(&encoder, &reply, &mut out, broken);
+                payload_bytes -= len;
+                queue(&encoder, &reply, &mut out, &mut unwritten, broken);
             }
             r = wr.progress(&mut out), if writing => {
                 if let Err(e) = r {
@@ -657,19 +672,56 @@ async fn sleep_until_deadline(deadline: Option<Instant>) {
     }
 }
 
-/// Payload bytes a request's reply will carry.
-fn read_len(req: &Request) -> usize {
+/// Payload bytes a request holds while it runs: the data of a write, or
+/// the data its read reply will carry.
+fn payload_len(req: &Request) -> usize {
     match &req.command {
         Command::Read { len, .. } => *len as usize,
+        Command::Write { data, .. } => data.len(),
         _ => 0,
     }
 }
 
+/// The replies in the send queue not yet written to the socket, counted
+/// against `max_in_flight` so that a client that does not read its replies
+/// stops the reading of its requests.
+#[derive(Default)]
+struct Unwritten {
+    /// Bytes ever queued.
+    queued: u64,
+    /// For each reply still (partly) queued, `queued` at its end.
+    ends: VecDeque<u64>,
+}
+
+impl Unwritten {
+    /// A reply was queued; `before`: the queue's length before it.
+    fn push(&mut self, out: &SendQueue, before: usize) {
+        self.queued += out.len().saturating_sub(before) as u64;
+        self.ends.push_back(self.queued);
+    }
+
+    /// Replies not yet wholly written.
+    fn count(&mut self, out: &SendQueue) -> usize {
+        let written = self.queued.saturating_sub(out.len() as u64);
+        while self.ends.front().is_some_and(|&end| end <= written) {
+            self.ends.pop_front();
+        }
+        self.ends.len()
+    }
+}
+
 /// Encode `reply` onto the send queue (or drop it: the socket is gone).
-fn queue(encoder: &ReplyEncoder, reply: &Reply, out: &mut SendQueue, broken: bool) {
+fn queue(
+    encoder: &ReplyEncoder,
+    reply: &Reply,
+    out: &mut SendQueue,
+    unwritten: &mut Unwritten,
+    broken: bool,
+) {
     if broken {
         return;
     }
+    let before = out.len();
     let payload_len = match reply {
         Reply::Data { data, .. } => data.len(),
         _ => 0,
@@ -677,6 +729,7 @@ fn queue(encoder: &ReplyEncoder, reply: &Reply, out: &mut SendQueue, broken: boo
     if let Some(payload) = encoder.encode(reply, out.buf(payload_len)) {
         out.payload(&payload);
     }
+    unwritten.push(out, before);
 }
 
 fn failure(cookie: u64, read: bool, e: &corral_block::BlockError) -> Reply {

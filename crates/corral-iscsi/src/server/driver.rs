@@ -22,9 +22,9 @@ use tracing::{debug, info, warn};
 
 use crate::connection::{
     Action, FullFeature, ScsiCommand, StatusSequencer, TmfRequest, decode_lun, reject,
-    reject_reason, scsi_response_pdus,
+    reject_reason, scsi_response_pdus, sn_lt,
 };
-use crate::pdu::{Pdu, PduCodec, PduError};
+use crate::pdu::{Pdu, PduCodec, PduError, RESERVED_TAG, op};
 use crate::reservation::Nexus;
 use crate::scsi::{ScsiResult, missing_lun};
 use crate::session::{Keepalive, KeepaliveStep, TaskSet, TmfDone};
@@ -59,6 +59,9 @@ pub(super) struct ConnectionDriver<'a, D> {
     /// Commands accepted at once (the CmdSN window).
     window: u32,
     seq: StatusSequencer,
+    /// The MaxCmdSN last advertised (by the login response, then by every
+    /// PDU sent): a non-immediate command numbered beyond it is ignored.
+    max_cmd_sn: u32,
     out: SendQueue,
     /// Commands running, and task management functions waiting for them.
     tasks: TaskSet,
@@ -84,14 +87,18 @@ impl<'a, D: BlockDevice> ConnectionDriver<'a, D> {
         first_stat_sn: u32,
         keepalive: Keepalive,
     ) -> Self {
+        let window = config.limits.command_window.max(1);
+        // What the login response advertised.
+        let max_cmd_sn = ff.exp_cmd_sn().wrapping_add(window - 1);
         ConnectionDriver {
             ff,
             codec,
             target,
             nexus,
             config,
-            window: config.limits.command_window.max(1),
+            window,
             seq: StatusSequencer::new(first_stat_sn),
+            max_cmd_sn,
             out: SendQueue::new(),
             tasks: TaskSet::default(),
             backlog: VecDeque::new(),
@@ -286,8 +293,56 @@ impl<'a, D: BlockDevice> ConnectionDriver<'a, D> {
                     return;
                 }
             };
-            self.backlog.extend(self.ff.receive(pdu));
+            if self.admit(&pdu) {
+                self.backlog.extend(self.ff.receive(pdu));
+            }
         }
+    }
+
+    /// Commands received and not yet answered: running, waiting for a
+    /// window slot, or still collecting their Data-Out.
+    fn outstanding(&self) -> usize {
+        self.tasks.len() + self.backlog.len() + self.ff.collecting()
+    }
+
+    /// Whether a command may enter the session, so that the commands
+    /// outstanding stay within the window (a write collecting its data holds
+    /// a slot too): a non-immediate command numbered beyond the MaxCmdSN we
+    /// advertised is ignored (RFC 7143 §3.2.2.1), an immediate SCSI command
+    /// while the window is full is rejected (§11.17.1, "immediate command
+    /// reject").
+    fn admit(&mut self, pdu: &Pdu) -> bool {
+        let numbered = match pdu.opcode() {
+            op::NOP_OUT => pdu.itt() != RESERVED_TAG,
+            op::SCSI_COMMAND | op::TASK_MGMT_REQUEST | op::TEXT_REQUEST | op::LOGOUT_REQUEST => {
+                true
+            }
+            _ => false,
+        };
+        if !numbered {
+            return true;
+        }
+        if pdu.immediate() {
+            if pdu.opcode() == op::SCSI_COMMAND && self.outstanding() >= self.window as usize {
+                debug!(
+                    itt = pdu.itt(),
+                    "immediate command with a full window rejected"
+                );
+                self.push(reject(pdu, reject_reason::IMMEDIATE_COMMAND_REJECT));
+                return false;
+            }
+            return true;
+        }
+        let cmd_sn = pdu.u32_at(24);
+        if sn_lt(self.max_cmd_sn, cmd_sn) {
+            debug!(
+                cmd_sn,
+                max_cmd_sn = self.max_cmd_sn,
+                "command beyond MaxCmdSN ignored"
+            );
+            return false;
+        }
+        true
     }
 
     /// Carry out one action; gives it back when the command window is full.
@@ -324,8 +379,12 @@ impl<'a, D: BlockDevice> ConnectionDriver<'a, D> {
 
     /// Stamp StatSN/ExpCmdSN/MaxCmdSN (wire order) and queue `p`.
     fn push(&mut self, mut p: Pdu) {
-        let room = self.window.saturating_sub(self.tasks.len() as u32);
+        let room = self.window.saturating_sub(self.outstanding() as u32);
         self.seq.stamp(&mut p, self.ff.exp_cmd_sn(), room);
+        // The initiator may use the highest MaxCmdSN it has seen.
+        if sn_lt(self.max_cmd_sn, p.u32_at(32)) {
+            self.max_cmd_sn = p.u32_at(32);
+        }
         if self.broken {
             return;
         }
