@@ -269,8 +269,11 @@ async fn handle_connection<D: BlockDevice>(
         }
         Conn::Tls(stream) => {
             let (mut rd, wr) = tokio::io::split(stream);
+            // Replies gathered into one buffer per loop turn: rustls makes
+            // a record per write it is handed, and many small replies (16
+            // bytes each for writes) would each cost a record.
             let mut wr = TlsWriter {
-                wr,
+                wr: tokio::io::BufWriter::with_capacity(TLS_WRITE_BUFFER, wr),
                 unflushed: false,
             };
             let result =
@@ -427,6 +430,10 @@ impl ReplyWriter for PlainWriter<'_> {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.0.shutdown()).await;
     }
 }
+
+/// Bytes of replies gathered before they are handed to rustls (four full
+/// TLS records).
+const TLS_WRITE_BUFFER: usize = 64 << 10;
 
 /// TLS: the queue goes through rustls, which buffers records until flushed.
 struct TlsWriter<W> {

@@ -24,7 +24,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::Stream;
@@ -44,7 +44,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 4096;
 
 /// One connection a gRPC server serves. It holds one of the listener's
-/// [`MAX_CONNECTIONS`] places until tonic drops it.
+/// [`MAX_CONNECTIONS`] places until tonic drops it. Over TLS, writes are
+/// gathered until flushed (HTTP/2 flushes after every burst).
 pub struct ServerIo {
     stream: Transport,
     _place: OwnedSemaphorePermit,
@@ -52,14 +53,20 @@ pub struct ServerIo {
 
 enum Transport {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<BufWriter<tokio_rustls::server::TlsStream<TcpStream>>>),
 }
+
+/// Bytes HTTP/2 writes are gathered into before rustls seals them: rustls
+/// makes one record per write it is handed, and HTTP/2 writes frame heads
+/// and payloads as separate pieces; gathered, a burst of small frames costs
+/// a few full records. HTTP/2 flushes after every burst, so nothing waits.
+const TLS_WRITE_BUFFER: usize = 64 << 10;
 
 impl ServerIo {
     fn tcp(&self) -> &TcpStream {
         match &self.stream {
             Transport::Plain(s) => s,
-            Transport::Tls(s) => s.get_ref().0,
+            Transport::Tls(s) => s.get_ref().get_ref().0,
         }
     }
 
@@ -224,7 +231,9 @@ async fn accept_loop(
                     (Some(acceptor), true) => acceptor
                         .accept(tcp)
                         .await
-                        .map(|s| Transport::Tls(Box::new(s)))
+                        .map(|s| {
+                            Transport::Tls(Box::new(BufWriter::with_capacity(TLS_WRITE_BUFFER, s)))
+                        })
                         .map_err(|e| Refusal::Loud(describe(&e))),
                     (Some(_), false) => Err(Refusal::Loud(
                         "not a TLS client (plain TCP): this listener requires mutual TLS".into(),
@@ -286,24 +295,24 @@ fn log_refusal(peer: SocketAddr, why: &str) {
 
 /// Dial `host:port` over TCP and, with `tls`, run the TLS handshake,
 /// checking the server's certificate. Errors say which.
-pub async fn connect_tcp(
-    host: &str,
-    port: u16,
-    tls: &ClientTls,
-) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+pub async fn connect_tcp(host: &str, port: u16, tls: &ClientTls) -> io::Result<ClientIo> {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     let tcp = TcpStream::connect((bare, port)).await?;
     tcp.set_nodelay(true)?;
     let name = tls
         .server_name_for(host)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    tls.connector().connect(name, tcp).await.map_err(|e| {
+    let stream = tls.connector().connect(name, tcp).await.map_err(|e| {
         io::Error::new(
             e.kind(),
             format!("TLS handshake with {host}:{port} failed: {}", describe(&e)),
         )
-    })
+    })?;
+    Ok(BufWriter::with_capacity(TLS_WRITE_BUFFER, stream))
 }
+
+/// A client's TLS connection, writes gathered as a server's are.
+pub type ClientIo = BufWriter<tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// A tonic channel connector that dials over TLS
 /// (`Endpoint::connect_with_connector`).
@@ -318,14 +327,10 @@ impl TlsChannelConnector {
     }
 }
 
-type Connecting = Pin<
-    Box<
-        dyn Future<Output = io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>> + Send,
-    >,
->;
+type Connecting = Pin<Box<dyn Future<Output = io::Result<TokioIo<ClientIo>>> + Send>>;
 
 impl tower::Service<tonic::transport::Uri> for TlsChannelConnector {
-    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Response = TokioIo<ClientIo>;
     type Error = io::Error;
     type Future = Connecting;
 

@@ -38,7 +38,9 @@ async fn echo_server(tls: ServerTls) -> u16 {
             tokio::spawn(async move {
                 let mut buf = [0u8; 64];
                 while let Ok(n) = io.read(&mut buf).await {
-                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                    // Writes are gathered until flushed, as HTTP/2 does.
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() || io.flush().await.is_err()
+                    {
                         break;
                     }
                 }
@@ -55,6 +57,7 @@ async fn round_trip(port: u16, tls: &ClientTls) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?;
         s.write_all(b"ping").await.map_err(|e| e.to_string())?;
+        s.flush().await.map_err(|e| e.to_string())?;
         let mut got = [0u8; 4];
         s.read_exact(&mut got).await.map_err(|e| e.to_string())?;
         if &got != b"ping" {
