@@ -465,6 +465,34 @@ impl Cluster {
         self.wait_engine_ready(i, Duration::from_secs(60))
     }
 
+    /// Copy `file` to engine `engine`'s volume at offset 0 with nbdcopy,
+    /// flushing at the end.
+    pub fn write_flushed(&self, engine: usize, file: &Path) -> Result<()> {
+        tools::run_ok(
+            "nbdcopy",
+            &[
+                "--flush",
+                &file.display().to_string(),
+                &self.engines[engine].nbd_uri(),
+            ],
+            Duration::from_secs(120),
+        )?;
+        Ok(())
+    }
+
+    /// The first `len` bytes of engine `engine`'s volume, read with nbdcopy.
+    pub fn read_back(&self, engine: usize, len: usize) -> Result<Vec<u8>> {
+        let out = self.path().join("readback");
+        tools::run_ok(
+            "nbdcopy",
+            &[&self.engines[engine].nbd_uri(), &out.display().to_string()],
+            Duration::from_secs(120),
+        )?;
+        let mut data = std::fs::read(&out)?;
+        data.truncate(len);
+        Ok(data)
+    }
+
     /// Run `corral` with arguments, bounded in time.
     pub fn corral(&self, args: &[&str]) -> Result<Output> {
         run_bounded(

@@ -4,36 +4,10 @@
 
 use std::time::Duration;
 
-use corral_tests::tools::{random_file, run_ok};
+use corral_tests::tools::random_file;
 use corral_tests::{Cluster, EngineSpec};
 
 const MIB: usize = 1 << 20;
-
-/// Write `data` to the volume at offset 0 with nbdcopy, flushing at the end.
-fn write_flushed(cluster: &Cluster, engine: usize, file: &std::path::Path) {
-    let uri = cluster.engines[engine].nbd_uri();
-    run_ok(
-        "nbdcopy",
-        &["--flush", &file.display().to_string(), &uri],
-        Duration::from_secs(120),
-    )
-    .unwrap();
-}
-
-/// Read the first `len` bytes of the volume.
-fn read_back(cluster: &Cluster, engine: usize, len: usize) -> Vec<u8> {
-    let uri = cluster.engines[engine].nbd_uri();
-    let out = cluster.path().join("readback");
-    run_ok(
-        "nbdcopy",
-        &[&uri, &out.display().to_string()],
-        Duration::from_secs(120),
-    )
-    .unwrap();
-    let mut data = std::fs::read(&out).unwrap();
-    data.truncate(len);
-    data
-}
 
 #[test]
 fn flushed_writes_survive_an_engine_kill9() {
@@ -43,7 +17,7 @@ fn flushed_writes_survive_an_engine_kill9() {
         .unwrap();
     let src = cluster.path().join("src");
     let data = random_file(&src, 32 * MIB, 1).unwrap();
-    write_flushed(&cluster, e, &src);
+    cluster.write_flushed(e, &src).unwrap();
     let epoch_before = cluster.volume_info(e).unwrap()["epoch"].as_u64().unwrap();
 
     cluster.engines[e].process.kill9().unwrap();
@@ -56,7 +30,7 @@ fn flushed_writes_survive_an_engine_kill9() {
     );
     assert_eq!(info["replicas_rw"], 3, "{info}");
     assert!(
-        read_back(&cluster, e, data.len()) == data,
+        cluster.read_back(e, data.len()).unwrap() == data,
         "flushed data reads back"
     );
 }
@@ -69,7 +43,7 @@ fn flushed_writes_survive_killing_every_process() {
         .unwrap();
     let src = cluster.path().join("src");
     let data = random_file(&src, 16 * MIB, 2).unwrap();
-    write_flushed(&cluster, e, &src);
+    cluster.write_flushed(e, &src).unwrap();
 
     cluster.engines[e].process.kill9().unwrap();
     for r in 0..3 {
@@ -82,7 +56,7 @@ fn flushed_writes_survive_killing_every_process() {
 
     assert_eq!(cluster.volume_info(e).unwrap()["replicas_rw"], 3);
     assert!(
-        read_back(&cluster, e, data.len()) == data,
+        cluster.read_back(e, data.len()).unwrap() == data,
         "flushed data reads back"
     );
 }
@@ -94,7 +68,7 @@ fn a_clean_restart_reopens_the_volume_and_refuses_a_size_change() {
     let e = cluster.start_engine(&spec).unwrap();
     let src = cluster.path().join("src");
     let data = random_file(&src, 4 * MIB, 3).unwrap();
-    write_flushed(&cluster, e, &src);
+    cluster.write_flushed(e, &src).unwrap();
     assert!(
         cluster.engines[e]
             .process
@@ -105,7 +79,7 @@ fn a_clean_restart_reopens_the_volume_and_refuses_a_size_change() {
 
     // Same arguments: the data is there.
     cluster.restart_engine(e).unwrap();
-    assert!(read_back(&cluster, e, data.len()) == data);
+    assert!(cluster.read_back(e, data.len()).unwrap() == data);
     assert!(
         cluster.engines[e]
             .process

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use corral_tests::tools::{random_file, run_ok};
+use corral_tests::tools::random_file;
 use corral_tests::{Cluster, EngineSpec, corral_bin, poll, run_bounded};
 use corral_tls::TlsFiles;
 use corral_tls::pki::{Pki, Validity};
@@ -94,35 +94,6 @@ fn nbd_size(uri: &str) -> Result<u64, String> {
     }
 }
 
-fn write_flushed(cluster: &Cluster, engine: usize, file: &Path) {
-    run_ok(
-        "nbdcopy",
-        &[
-            "--flush",
-            &file.display().to_string(),
-            &cluster.engines[engine].nbd_uri(),
-        ],
-        Duration::from_secs(120),
-    )
-    .unwrap();
-}
-
-fn read_back(cluster: &Cluster, engine: usize, len: usize) -> Vec<u8> {
-    let out = cluster.path().join("readback");
-    run_ok(
-        "nbdcopy",
-        &[
-            &cluster.engines[engine].nbd_uri(),
-            &out.display().to_string(),
-        ],
-        Duration::from_secs(120),
-    )
-    .unwrap();
-    let mut data = std::fs::read(&out).unwrap();
-    data.truncate(len);
-    data
-}
-
 #[test]
 fn a_volume_runs_with_mutual_tls_on_every_hop() {
     let (mut cluster, _pki, _files) = tls_cluster(3);
@@ -131,9 +102,9 @@ fn a_volume_runs_with_mutual_tls_on_every_hop() {
         .unwrap();
     let src = cluster.path().join("src");
     let data = random_file(&src, 8 * MIB, 7).unwrap();
-    write_flushed(&cluster, e, &src);
+    cluster.write_flushed(e, &src).unwrap();
     assert!(
-        read_back(&cluster, e, data.len()) == data,
+        cluster.read_back(e, data.len()).unwrap() == data,
         "data reads back"
     );
     let info = cluster.volume_info(e).unwrap();
@@ -241,8 +212,8 @@ fn an_engine_without_a_certificate_cannot_fence_the_serving_one() {
     assert_eq!(info["replicas_rw"], 3, "{info}");
     let src = cluster.path().join("src");
     let data = random_file(&src, 4 * MIB, 11).unwrap();
-    write_flushed(&cluster, a, &src);
-    assert!(read_back(&cluster, a, data.len()) == data);
+    cluster.write_flushed(a, &src).unwrap();
+    assert!(cluster.read_back(a, data.len()).unwrap() == data);
     for r in 0..3 {
         let log = cluster.replicas[r].process.log_text();
         assert!(log.contains("not a TLS client"), "replica-{r}: {log}");
@@ -267,7 +238,7 @@ fn certificates_rotate_under_running_processes() {
     // Open streams keep their sessions: writes go on.
     let src = cluster.path().join("src");
     let data = random_file(&src, 4 * MIB, 3).unwrap();
-    write_flushed(&cluster, e, &src);
+    cluster.write_flushed(e, &src).unwrap();
     // New connections use the new files on both ends, with no restart.
     let info = cluster.volume_info(e).unwrap();
     assert_eq!(info["replicas_rw"], 3, "{info}");
@@ -279,6 +250,6 @@ fn certificates_rotate_under_running_processes() {
     cluster
         .wait_mode(e, 1, "RW", Duration::from_secs(60))
         .unwrap();
-    assert!(read_back(&cluster, e, data.len()) == data);
+    assert!(cluster.read_back(e, data.len()).unwrap() == data);
     cluster.verify(e).expect("the replicas are identical");
 }
