@@ -163,7 +163,7 @@ impl Replica {
             instance_id: "fuzz-1".into(),
         };
         let replica = registry.create(params).expect("create the replica");
-        let session = replica.open_at(Epoch(EPOCH)).expect("open the replica");
+        let session = replica.open_at(Epoch(EPOCH), 0).expect("open the replica");
         Replica {
             dir,
             registry,
@@ -184,7 +184,7 @@ impl Replica {
         drop(registry);
         let registry = ReplicaRegistry::open(dir.path()).expect("reopen the data dir");
         let replica = registry.get("fuzz").expect("the replica is still there");
-        let session = replica.open_at(Epoch(EPOCH)).expect("reopen the replica");
+        let session = replica.open_at(Epoch(EPOCH), 0).expect("reopen the replica");
         Replica {
             dir,
             registry,

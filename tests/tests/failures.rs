@@ -704,3 +704,52 @@ fn a_new_engine_elects_from_what_it_fenced_not_from_an_earlier_look() {
         .verify(e.nbd, &e.volume)
         .expect("B serves every write A acknowledged");
 }
+
+/// Found by the fault campaign: two engines started for a volume at the
+/// same moment both picked "newest epoch seen + 1", both opened the
+/// replicas at it, and both served. An epoch now belongs to the first
+/// engine that opens a replica at it; the other is refused as fenced and
+/// must take a newer one.
+#[test]
+fn two_engines_opening_at_once_never_both_serve_at_one_epoch() {
+    let mut cluster = Cluster::with_replicas(3).unwrap();
+    let spec = EngineSpec::new("race", "16MiB", &[0, 1, 2]);
+    let first = cluster.start_engine(&spec).unwrap();
+    cluster.engines[first].process.kill9().unwrap();
+    for round in 0..6 {
+        let a = cluster.spawn_engine(&spec).unwrap();
+        let b = cluster.spawn_engine(&spec).unwrap();
+        // Until neither is still opening (or 20 s: one may retry for long).
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut epochs = Vec::new();
+        loop {
+            epochs.clear();
+            let mut opening = false;
+            for e in [a, b] {
+                if cluster.engines[e].process.exited().is_some() {
+                    continue;
+                }
+                match cluster.volume_info(e) {
+                    Ok(info) if info["state"] == "serving" => {
+                        epochs.push(info["epoch"].as_u64().unwrap())
+                    }
+                    Ok(info) if info["state"] == "opening" => opening = true,
+                    Ok(_) => {}
+                    Err(_) => opening = true,
+                }
+            }
+            if !opening || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            !(epochs.len() == 2 && epochs[0] == epochs[1]),
+            "round {round}: both engines serve at epoch {}",
+            epochs[0]
+        );
+        for e in [a, b] {
+            let _ = cluster.engines[e].process.kill9();
+        }
+    }
+}

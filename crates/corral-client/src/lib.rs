@@ -260,12 +260,24 @@ impl ReplicaControl {
         .await
     }
 
-    /// Open the replica for an engine at `epoch` (fencing older ones).
+    /// Open the replica at `epoch` (fencing older engines), unnamed.
     pub async fn open(&self, volume: &str, epoch: Epoch) -> Result<ReplicaInfo, ClientError> {
+        self.open_as(volume, epoch, 0).await
+    }
+
+    /// Open the replica for engine `engine_id` at `epoch` (fencing older
+    /// ones). Another engine already open at `epoch` makes this `Fenced`.
+    pub async fn open_as(
+        &self,
+        volume: &str,
+        epoch: Epoch,
+        engine_id: u64,
+    ) -> Result<ReplicaInfo, ClientError> {
         let mut c = self.inner.clone();
         let request = OpenReplicaRequest {
             volume: volume.to_string(),
             epoch: epoch.0,
+            engine_id,
         };
         call(
             &self.addr,

@@ -40,6 +40,21 @@ pub mod supervisor;
 pub mod volume;
 
 pub use config::{EngineConfig, WritePolicy};
+
+/// This engine process's identity when it opens replicas: random, never 0.
+/// A replica open at an epoch refuses that epoch to any other engine, so
+/// two engines that pick the same epoch at once cannot both serve with it
+/// (`OpenReplicaRequest.engine_id`).
+pub fn engine_id() -> u64 {
+    static ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        // std's RandomState is seeded from the OS per process.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish().max(1)
+    })
+}
 pub use engine::{Engine, EngineHandle, EngineOptions, EngineStatus, Frontends, ServingFrontends};
 pub use error::{EngineError, OpenWait};
 pub use volume::Volume;

@@ -366,7 +366,10 @@ pub async fn open_volume(
         let (Some(control), Some(_)) = (controls[i].as_ref(), infos[i].as_ref()) else {
             continue;
         };
-        match control.open(&cfg.volume, epoch).await {
+        match control
+            .open_as(&cfg.volume, epoch, crate::engine_id())
+            .await
+        {
             Ok(info) => infos[i] = Some(info),
             Err(e) => {
                 warn!(replica = %addrs[i], error = %e, "cannot fence replica at epoch {epoch}");

@@ -247,7 +247,10 @@ async fn bring_back(
     // Fence it at our epoch. This also cuts off any data stream of ours it
     // still had from before it failed: nothing queued there can land after
     // the rebuild has compared or copied a chunk.
-    let info = match control.open(volume.name(), set.epoch()).await {
+    let info = match control
+        .open_as(volume.name(), set.epoch(), crate::engine_id())
+        .await
+    {
         Ok(info) => info,
         Err(e @ ClientError::Fenced { .. }) => {
             set.mark_fenced(&e.to_string());

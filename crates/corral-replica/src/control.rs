@@ -144,8 +144,8 @@ impl ReplicaControl for ControlService {
         }
         let hosted = self.registry.get(&req.volume)?;
         let info = blocking(move || {
-            let session = hosted.open_at(Epoch(req.epoch))?;
-            info!(volume = %hosted.volume, epoch = req.epoch, "opened by an engine");
+            let session = hosted.open_at(Epoch(req.epoch), req.engine_id)?;
+            info!(volume = %hosted.volume, epoch = req.epoch, engine = req.engine_id, "opened by an engine");
             Ok(ReplicaInfo {
                 open_session: session,
                 ..replica_info(&hosted)

@@ -27,6 +27,13 @@ pub enum ReplicaError {
         open: corral_store::Epoch,
         given: corral_store::Epoch,
     },
+    #[error(
+        "replica of volume {volume:?} is already open at epoch {epoch} by another engine: a newer epoch is needed"
+    )]
+    EpochTaken {
+        volume: String,
+        epoch: corral_store::Epoch,
+    },
     #[error("data dir {path}: {source}")]
     DataDir {
         path: String,
@@ -53,6 +60,7 @@ impl From<ReplicaError> for tonic::Status {
             ReplicaError::NotFound(_) => tonic::Status::not_found(msg),
             ReplicaError::AlreadyExists(_) => tonic::Status::already_exists(msg),
             ReplicaError::NotOpen { .. } => tonic::Status::unavailable(msg),
+            ReplicaError::EpochTaken { .. } => corral_proto::fenced_status(msg),
             ReplicaError::Store { source, .. } => match source {
                 StoreError::StaleEpoch { .. }
                 | StoreError::StaleGeneration { .. }

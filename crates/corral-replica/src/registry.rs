@@ -25,6 +25,9 @@ pub struct OpenState {
     /// in one of them — a write sent before the failure, delivered late —
     /// lands after the rebuild has compared or copied its chunk.
     pub session: u64,
+    /// The engine that opened it at `epoch` (0: unnamed, or not known since
+    /// the daemon started).
+    pub engine_id: u64,
 }
 
 /// One hosted replica.
@@ -204,10 +207,23 @@ impl HostedReplica {
     /// Open for an engine at `epoch`: persists the epoch (refusing a lower
     /// one), and from now on only requests tagged with it, on streams opened
     /// from now on, are served. Returns the new open session.
-    pub fn open_at(&self, epoch: Epoch) -> Result<u64, ReplicaError> {
+    pub fn open_at(&self, epoch: Epoch, engine_id: u64) -> Result<u64, ReplicaError> {
         let mut open = self.open_state.write().unwrap_or_else(|p| p.into_inner());
         if open.epoch == Epoch(u64::MAX) {
             return Err(ReplicaError::NotFound(self.volume.clone()));
+        }
+        // An epoch is one engine's: the same engine may open again at it
+        // (bringing this replica back), another may not — two engines that
+        // picked the same epoch at once would otherwise both serve.
+        if epoch == open.epoch
+            && engine_id != 0
+            && open.engine_id != 0
+            && engine_id != open.engine_id
+        {
+            return Err(ReplicaError::EpochTaken {
+                volume: self.volume.clone(),
+                epoch,
+            });
         }
         self.store
             .set_epoch(epoch)
@@ -215,6 +231,9 @@ impl HostedReplica {
                 volume: self.volume.clone(),
                 source,
             })?;
+        if epoch > open.epoch || open.engine_id == 0 {
+            open.engine_id = engine_id;
+        }
         open.epoch = epoch;
         open.session += 1;
         Ok(open.session)

@@ -165,6 +165,7 @@ async fn stale_epochs_and_bad_payloads_are_rejected_with_clear_errors() {
     let open = |epoch| OpenReplicaRequest {
         volume: "vol".into(),
         epoch,
+        engine_id: 0,
     };
     control.open_replica(open(2)).await.unwrap();
     let refused = control.open_replica(open(1)).await.unwrap_err();
@@ -275,6 +276,7 @@ async fn reopening_at_the_same_epoch_cuts_off_the_streams_of_before() {
     let open = OpenReplicaRequest {
         volume: "vol".into(),
         epoch: 4,
+        engine_id: 0,
     };
     control.open_replica(open.clone()).await.unwrap();
     let (old_tx, mut old_rx) = daemon.stream("vol").await;
@@ -319,6 +321,7 @@ async fn a_stream_set_up_for_an_earlier_open_is_served_nothing() {
     let open = OpenReplicaRequest {
         volume: "vol".into(),
         epoch: 3,
+        engine_id: 0,
     };
     let first = control
         .open_replica(open.clone())
@@ -362,6 +365,7 @@ async fn a_restarted_daemon_not_yet_reopened_is_not_a_newer_engine() {
         .open_replica(OpenReplicaRequest {
             volume: "vol".into(),
             epoch: 7,
+            engine_id: 0,
         })
         .await
         .unwrap();
@@ -417,6 +421,7 @@ async fn an_oversized_message_fails_its_own_stream_only() {
         .open_replica(OpenReplicaRequest {
             volume: "vol".into(),
             epoch: 1,
+            engine_id: 0,
         })
         .await
         .unwrap();
@@ -459,5 +464,29 @@ async fn an_oversized_message_fails_its_own_stream_only() {
         .list_replicas(ListReplicasRequest {})
         .await
         .unwrap();
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_belongs_to_the_first_engine_that_opens_at_it() {
+    let daemon = start(tempfile::tempdir().unwrap()).await;
+    let mut control = daemon.control().await;
+    create(&mut control, "vol").await;
+    let open = |epoch, engine_id| OpenReplicaRequest {
+        volume: "vol".into(),
+        epoch,
+        engine_id,
+    };
+    // Engines A (1) and B (2) both picked epoch 5: A opens first.
+    control.open_replica(open(5, 1)).await.unwrap();
+    let refused = control.open_replica(open(5, 2)).await.unwrap_err();
+    assert!(corral_proto::is_fenced(&refused), "{refused:?}");
+    assert!(refused.message().contains("another engine"), "{refused:?}");
+    // A may open again at its epoch (bringing the replica back)...
+    control.open_replica(open(5, 1)).await.unwrap();
+    // ...and B, with a newer epoch, fences A.
+    control.open_replica(open(6, 2)).await.unwrap();
+    let stale = control.open_replica(open(5, 1)).await.unwrap_err();
+    assert!(corral_proto::is_fenced(&stale), "{stale:?}");
     daemon.stop().await;
 }
