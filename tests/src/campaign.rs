@@ -1,25 +1,47 @@
 //! A randomized fault campaign, in the manner of Jepsen: real processes,
 //! a seeded schedule of faults, and writers that know what they were told.
 //!
-//! Three replica daemons and an engine serve one volume. Verifying writers
-//! (one lane each, see [`crate::checker`]) write, flush and read back
-//! through NBD the whole time, reconnecting whenever the engine goes away;
+//! Three replica daemons and an engine serve one volume; the engine reaches
+//! each replica through a fault-injecting proxy ([`crate::proxy`]).
+//! Verifying writers (one lane each, see [`crate::checker`]) write, flush
+//! and read back through NBD the whole time, reconnecting whenever the
+//! engine goes away and moving to whichever engine serves the volume now;
 //! the [`Checker`] records per block every acknowledged and every flushed
 //! write and every write whose outcome is unknown. A fault injector driven
-//! by one seeded random generator kills (`-9`) and restarts replica
-//! daemons — at random, the one being rebuilt, the one already out —
-//! pauses them (`SIGSTOP`, shorter and longer than the replica timeout),
-//! replaces a disk (kills a daemon and wipes its data) while the others
-//! are RW, and kills and restarts the engine.
+//! by one seeded random generator
+//!
+//! - kills (`-9`) and restarts replica daemons — at random, the one being
+//!   rebuilt, the one already out — and pauses them (`SIGSTOP`, shorter and
+//!   longer than the replica timeout);
+//! - replaces a disk (kills a daemon and wipes its data) while the others
+//!   are RW;
+//! - kills and restarts the engine, and pauses it;
+//! - cuts the network between the engine and one replica, or a majority of
+//!   them, slows a link (under and past the replica timeout) or makes it
+//!   reset every connection, each healed after a random time shorter or
+//!   longer than the replica timeout;
+//! - has a second engine take the volume over, as a node daemon or the CSI
+//!   plugin moves a volume: a new engine process opens it on the same
+//!   replica daemons at a higher epoch, fencing the old one, which was
+//!   killed first, paused (and resumed once the new one serves), left alive
+//!   (the writers stay on it a while after the new one serves), or left
+//!   alive on the minority side of a partition. The old one is killed a few
+//!   seconds later. Only an engine that serves is taken over from;
+//! - restarts a killed engine and starts a second one at the same moment,
+//!   both opening the volume at once ([`CampaignConfig::racing_opens`]):
+//!   they must not both serve at one epoch.
 //!
 //! Every read-back during the run must return the block's newest
-//! acknowledged write or a later attempted one. At the end every process
-//! is brought back, every replica must return to RW, `corral volume
-//! verify` must find them identical, and every block must hold its newest
-//! acknowledged write (or a later attempted one) — read through the engine
-//! and from each replica's own data file. (Across an engine kill the
-//! contract promises only flushed writes; kill -9 keeps the page cache, so
-//! the campaign holds corral to the stronger rule.)
+//! acknowledged write or a later attempted one, and no write sent to an
+//! engine after a newer one began serving may be acknowledged (the newer
+//! one had fenced a majority of the replicas). At the end every process is
+//! brought back, every replica must return to RW, `corral volume verify`
+//! must find them identical, and every block must hold its newest
+//! acknowledged write (or a later attempted one) — whichever engine
+//! acknowledged it — read through the engine and from each replica's own
+//! data file. (Across an engine kill the contract promises only flushed
+//! writes; kill -9 keeps the page cache, so the campaign holds corral to
+//! the stronger rule.)
 //!
 //! The same seed makes the same schedule of faults; what the processes do
 //! in between varies with timing, so a seed replays a run's faults, not
@@ -28,7 +50,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -38,7 +60,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::checker::{BLOCK, Checker, Load, STRIPE_BLOCKS, pattern};
+use serde_json::Value;
+
 use crate::nbd_raw::{CMD_FLUSH, CMD_READ, CMD_WRITE, RawNbd};
+use crate::proxy::Mode;
 use crate::{Cluster, EngineSpec};
 
 const MIB: u64 = 1 << 20;
@@ -53,6 +78,9 @@ pub struct CampaignConfig {
     pub duration: Duration,
     pub size_mib: u64,
     pub writers: u64,
+    /// Sometimes restart a killed engine and start a second one at the
+    /// same moment, both opening the volume at once (on by default).
+    pub racing_opens: bool,
 }
 
 impl CampaignConfig {
@@ -62,6 +90,7 @@ impl CampaignConfig {
             duration,
             size_mib: 96,
             writers: 4,
+            racing_opens: true,
         }
     }
 }
@@ -74,9 +103,14 @@ pub struct Report {
     pub faults: BTreeMap<&'static str, u64>,
     pub writes_acked: u64,
     pub writes_failed: u64,
+    /// Writes sent to an engine after a newer one had taken over (each
+    /// must fail: the old engine is fenced).
+    pub refused_after_takeover: u64,
     pub flushes_acked: u64,
     pub readbacks: u64,
     pub reconnects: u64,
+    /// Engine processes of the volume (the first and every one that took over).
+    pub engines: usize,
     /// Blocks whose newest acknowledged write was also flushed, of all
     /// blocks with an acknowledged write.
     pub flushed_blocks: (u64, u64),
@@ -91,12 +125,14 @@ impl fmt::Display for Report {
             .collect();
         write!(
             f,
-            "seed {} for {:.0?}: faults: {}; writes acknowledged {}, failed {}; flushes {}; read-backs {}; reconnects {}; blocks flushed {}/{}",
+            "seed {} for {:.0?}: faults: {}; engines {}; writes acknowledged {}, failed {} ({} sent to a superseded engine, all refused); flushes {}; read-backs {}; reconnects {}; blocks flushed {}/{}",
             self.seed,
             self.duration,
             faults.join(", "),
+            self.engines,
             self.writes_acked,
             self.writes_failed,
+            self.refused_after_takeover,
             self.flushes_acked,
             self.readbacks,
             self.reconnects,
@@ -116,13 +152,21 @@ pub fn engine_spec(size_mib: u64) -> EngineSpec {
         .arg("--stale-replica-timeout", "8s")
         .arg("--rebuild-bandwidth", "48MiB")
         .arg("--open-timeout", "600s")
+        .via_proxies()
 }
 
 /// Run one campaign.
 pub fn run(cfg: &CampaignConfig) -> Result<Report> {
     eprintln!(
-        "fault campaign: seed {} for {:?} (replay: CORRAL_CAMPAIGN_SEED={})",
-        cfg.seed, cfg.duration, cfg.seed
+        "fault campaign: seed {} for {:?}{} (replay: CORRAL_CAMPAIGN_SEED={})",
+        cfg.seed,
+        cfg.duration,
+        if cfg.racing_opens {
+            ""
+        } else {
+            ", no racing opens"
+        },
+        cfg.seed
     );
     let mut cluster = Cluster::with_replicas(REPLICAS)?;
     let outcome = run_on(&mut cluster, cfg);
@@ -138,7 +182,8 @@ pub fn run(cfg: &CampaignConfig) -> Result<Report> {
 }
 
 fn run_on(cluster: &mut Cluster, cfg: &CampaignConfig) -> Result<Report> {
-    let e = cluster.start_engine(&engine_spec(cfg.size_mib))?;
+    let spec = engine_spec(cfg.size_mib);
+    let e = cluster.start_engine(&spec)?;
     let size = cfg.size_mib * MIB;
     let checker = Checker::new(size);
     checker
@@ -148,11 +193,12 @@ fn run_on(cluster: &mut Cluster, cfg: &CampaignConfig) -> Result<Report> {
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(Counters::default());
     let violations = Arc::new(Mutex::new(Vec::<String>::new()));
+    let target = Arc::new(Target::new(e, cluster.engines[e].nbd));
     let writers: Vec<JoinHandle<()>> = (0..cfg.writers)
         .map(|lane| {
             let mut w = CampaignWriter {
                 checker: checker.clone(),
-                addr: cluster.engines[e].nbd,
+                target: Arc::clone(&target),
                 lane,
                 lanes: cfg.writers,
                 rng: StdRng::seed_from_u64(cfg.seed ^ (lane + 1).wrapping_mul(0x9E37_79B9)),
@@ -167,15 +213,26 @@ fn run_on(cluster: &mut Cluster, cfg: &CampaignConfig) -> Result<Report> {
         })
         .collect();
 
-    let mut injector = Injector::new(cfg.seed);
+    let mut injector = Injector::new(cfg, e, spec, Arc::clone(&target), Arc::clone(&violations));
     let started = Instant::now();
-    let outcome = injector.run(cluster, e, started + cfg.duration, &violations);
+    let outcome = injector.run(cluster, started + cfg.duration);
     stop.store(true, Ordering::SeqCst);
     for w in writers {
         let _ = w.join();
     }
     outcome?;
-    heal(cluster, e, &mut injector)?;
+    if let Err(e) = heal(cluster, &mut injector) {
+        let found = violations.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if found.is_empty() {
+            return Err(e);
+        }
+        bail!(
+            "{} violation(s) during the run:\n{}\nhealing failed: {e:#}",
+            found.len(),
+            found.join("\n")
+        );
+    }
+    let e = injector.engine;
 
     let mut report = Report {
         seed: cfg.seed,
@@ -183,21 +240,39 @@ fn run_on(cluster: &mut Cluster, cfg: &CampaignConfig) -> Result<Report> {
         faults: injector.counts.clone(),
         writes_acked: counters.acked.load(Ordering::SeqCst),
         writes_failed: counters.failed.load(Ordering::SeqCst),
+        refused_after_takeover: counters.refused_late.load(Ordering::SeqCst),
         flushes_acked: counters.flushes.load(Ordering::SeqCst),
         readbacks: counters.readbacks.load(Ordering::SeqCst),
         reconnects: counters.reconnects.load(Ordering::SeqCst),
+        engines: cluster.engines.len(),
         flushed_blocks: (0, 0),
     };
     let found = std::mem::take(&mut *violations.lock().unwrap_or_else(|p| p.into_inner()));
+    let checked = final_checks(cluster, &checker, e, &mut report);
     if !found.is_empty() {
+        // What the end found too: were acknowledged writes lost?
+        let end = match checked {
+            Ok(()) => "every replica identical, every acknowledged write present".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
         bail!(
-            "{report}\n{} read-back(s) returned lost or wrong data:\n{}",
+            "{report}\n{} violation(s) during the run:\n{}\nat the end: {end}",
             found.len(),
             found.join("\n")
         );
     }
+    checked?;
+    Ok(report)
+}
 
-    // Every replica back to RW and identical; every acknowledged write there.
+/// Every replica back to RW and identical; every acknowledged write there,
+/// through engine `e` and in each replica's own data.
+fn final_checks(
+    cluster: &mut Cluster,
+    checker: &Checker,
+    e: usize,
+    report: &mut Report,
+) -> Result<()> {
     let nbd = cluster.engines[e].nbd;
     checker.flush(nbd, VOLUME).context("final flush")?;
     let verify = cluster.verify(e);
@@ -233,11 +308,12 @@ fn run_on(cluster: &mut Cluster, cfg: &CampaignConfig) -> Result<Report> {
             .verify_image(&cluster.head_file(r, VOLUME))
             .with_context(|| format!("{report}: replica-{r}'s own data"))?;
     }
-    Ok(report)
+    Ok(())
 }
 
 /// Bring every process back and wait until every replica is RW.
-fn heal(cluster: &mut Cluster, e: usize, injector: &mut Injector) -> Result<()> {
+fn heal(cluster: &mut Cluster, injector: &mut Injector) -> Result<()> {
+    cluster.heal();
     for r in 0..REPLICAS {
         if injector.paused[r] {
             cluster.replicas[r].process.resume()?;
@@ -248,6 +324,28 @@ fn heal(cluster: &mut Cluster, e: usize, injector: &mut Injector) -> Result<()> 
         {
             cluster.restart_replica(r)?;
         }
+    }
+    // An engine taking over finishes doing so; every engine it replaces goes.
+    if let Some(t) = injector.takeover.take() {
+        resume_engine(cluster, t.from)?;
+        cluster.wait_engine_ready(t.to, Duration::from_secs(180))?;
+        injector.target.took_over(t.to);
+        injector.engine = t.to;
+        injector.engine_paused = false;
+        injector.engine_down = false;
+        injector.superseded.push(t.from);
+    }
+    for old in std::mem::take(&mut injector.superseded) {
+        cluster.engines[old].process.kill9()?;
+    }
+    let e = injector.engine;
+    // Fenced by an engine that raced it and is gone now: open again.
+    if cluster.volume_info(e).is_ok_and(|i| i["state"] == "fenced") {
+        cluster.engines[e].process.kill9()?;
+    }
+    if injector.engine_paused {
+        resume_engine(cluster, e)?;
+        injector.engine_paused = false;
     }
     if cluster.engines[e].process.exited().is_some() || cluster.engines[e].process.pid().is_none() {
         cluster.engines[e].process.start()?;
@@ -266,11 +364,102 @@ fn heal(cluster: &mut Cluster, e: usize, injector: &mut Injector) -> Result<()> 
         .with_context(|| format!("replicas: {:?}", cluster.replica_ls(e)))
 }
 
+/// SIGCONT to engine `e` if it is running.
+fn resume_engine(cluster: &Cluster, e: usize) -> Result<()> {
+    if cluster.engines[e].process.pid().is_some() {
+        cluster.engines[e].process.resume()?;
+    }
+    Ok(())
+}
+
+/// Where the writers connect, and which engine has taken over last.
+struct Target {
+    /// The engine serving now (index into the cluster's engines) and its
+    /// NBD address: writers connected elsewhere move there.
+    now: Mutex<(usize, SocketAddr)>,
+    /// The newest engine known to serve after taking over — it had fenced
+    /// a majority of the replicas. A write sent to an older engine after
+    /// this was set must never be acknowledged.
+    serving: AtomicUsize,
+}
+
+impl Target {
+    fn new(engine: usize, nbd: SocketAddr) -> Self {
+        Target {
+            now: Mutex::new((engine, nbd)),
+            serving: AtomicUsize::new(engine),
+        }
+    }
+
+    fn now(&self) -> (usize, SocketAddr) {
+        *self.now.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Engine `engine` serves after taking over; writers stay where they
+    /// are until [`Target::follow`].
+    fn took_over(&self, engine: usize) {
+        self.serving.fetch_max(engine, Ordering::SeqCst);
+    }
+
+    /// Writers move to `engine`.
+    fn follow(&self, engine: usize, nbd: SocketAddr) {
+        *self.now.lock().unwrap_or_else(|p| p.into_inner()) = (engine, nbd);
+    }
+
+    /// Has an engine newer than `engine` taken over?
+    fn superseded(&self, engine: usize) -> bool {
+        self.serving.load(Ordering::SeqCst) > engine
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Later {
     Resume(usize),
     Restart(usize),
-    RestartEngine,
+    /// Restart engine `e` (the current one, killed); with `true`, start a
+    /// second engine for the volume at the same moment.
+    RestartEngine(usize, bool),
+    /// SIGCONT to engine `e`.
+    ResumeEngine(usize),
+    /// The network between process `pid` (an engine) and these replicas
+    /// passes again.
+    HealLinks {
+        pid: i32,
+        replicas: [Option<usize>; 2],
+    },
+    /// Writers move to engine `e`.
+    Follow(usize),
+    /// Engine `e`, superseded, is killed.
+    Retire(usize),
+}
+
+/// What happens to the old engine while a new one takes over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Old {
+    /// Killed (-9) first, as when its node dies.
+    Killed,
+    /// Paused (SIGSTOP) until the new one serves, then resumed: it wakes
+    /// with requests in flight into replicas that now refuse it.
+    Paused,
+    /// Left alive and serving: the new one fences it while writers still
+    /// write through it, and they stay a while after.
+    Alive,
+    /// Left alive but cut off from a majority of the replicas (a partition
+    /// with the engine on the minority side).
+    CutOff,
+    /// Restarted a moment before, opening the volume at the same time as
+    /// the new one. Whichever opens last fences the other; they must never
+    /// both serve at one epoch. Writers follow the new one.
+    Opening,
+}
+
+/// A new engine opening the volume to replace `from`.
+#[derive(Clone, Copy, Debug)]
+struct Takeover {
+    from: usize,
+    to: usize,
+    old: Old,
+    next_look: Instant,
 }
 
 /// The fault schedule: one seeded generator decides every fault.
@@ -280,18 +469,45 @@ struct Injector {
     later: Vec<(Instant, Later)>,
     paused: [bool; REPLICAS],
     down: [bool; REPLICAS],
+    /// The engine serving (or to serve) the volume.
+    engine: usize,
+    spec: EngineSpec,
+    target: Arc<Target>,
     engine_down: bool,
+    engine_paused: bool,
+    /// A network fault between the engine and replicas is on.
+    link_fault: bool,
+    takeover: Option<Takeover>,
+    /// Engines replaced by a newer one and still running (fenced).
+    superseded: Vec<usize>,
+    violations: Arc<Mutex<Vec<String>>>,
+    racing_opens: bool,
 }
 
 impl Injector {
-    fn new(seed: u64) -> Self {
+    fn new(
+        cfg: &CampaignConfig,
+        engine: usize,
+        spec: EngineSpec,
+        target: Arc<Target>,
+        violations: Arc<Mutex<Vec<String>>>,
+    ) -> Self {
         Injector {
-            rng: StdRng::seed_from_u64(seed),
+            violations,
+            racing_opens: cfg.racing_opens,
+            rng: StdRng::seed_from_u64(cfg.seed),
             counts: BTreeMap::new(),
             later: Vec::new(),
             paused: [false; REPLICAS],
             down: [false; REPLICAS],
+            engine,
+            spec,
+            target,
             engine_down: false,
+            engine_paused: false,
+            link_fault: false,
+            takeover: None,
+            superseded: Vec::new(),
         }
     }
 
@@ -304,6 +520,12 @@ impl Injector {
         self.later.push((Instant::now() + wait, what));
     }
 
+    /// The engine runs, unpaused, and no other is taking over: it answers
+    /// its control service and may take an engine fault.
+    fn engine_steady(&self) -> bool {
+        !self.engine_down && !self.engine_paused && self.takeover.is_none()
+    }
+
     /// A replica daemon that is up and running.
     fn pick_live(&mut self) -> Option<usize> {
         let live: Vec<usize> = (0..REPLICAS)
@@ -313,7 +535,11 @@ impl Injector {
     }
 
     /// A live replica the engine reports in `mode`.
-    fn pick_in_mode(&mut self, cluster: &Cluster, e: usize, mode: &str) -> Option<usize> {
+    fn pick_in_mode(&mut self, cluster: &Cluster, mode: &str) -> Option<usize> {
+        if !self.engine_steady() {
+            return None;
+        }
+        let e = self.engine;
         let listed = cluster.replica_ls(e).ok()?;
         let matching: Vec<usize> = (0..REPLICAS)
             .filter(|r| !self.down[*r] && !self.paused[*r])
@@ -335,44 +561,35 @@ impl Injector {
         Ok(())
     }
 
-    fn run(
-        &mut self,
-        cluster: &mut Cluster,
-        e: usize,
-        until: Instant,
-        violations: &Mutex<Vec<String>>,
-    ) -> Result<()> {
+    fn run(&mut self, cluster: &mut Cluster, until: Instant) -> Result<()> {
         while Instant::now() < until {
             let nap = self.rng.random_range(200..1500);
             let wake = Instant::now() + Duration::from_millis(nap);
             while Instant::now() < wake {
-                self.due(cluster, e)?;
+                self.due(cluster)?;
                 std::thread::sleep(Duration::from_millis(50));
             }
-            if !violations
+            if !self
+                .violations
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .is_empty()
             {
                 return Ok(()); // stop early: the writers found lost data
             }
-            match self.rng.random_range(0..14) {
+            match self.rng.random_range(0..24) {
                 0..=3 => {
                     if let Some(r) = self.pick_live() {
                         self.kill(cluster, r, "replica killed")?;
                     }
                 }
                 4..=5 => {
-                    if !self.engine_down
-                        && let Some(r) = self.pick_in_mode(cluster, e, "WO")
-                    {
+                    if let Some(r) = self.pick_in_mode(cluster, "WO") {
                         self.kill(cluster, r, "replica killed mid-rebuild")?;
                     }
                 }
                 6 => {
-                    if !self.engine_down
-                        && let Some(r) = self.pick_in_mode(cluster, e, "ERR")
-                    {
+                    if let Some(r) = self.pick_in_mode(cluster, "ERR") {
                         self.kill(cluster, r, "replica killed while out")?;
                     }
                 }
@@ -385,27 +602,228 @@ impl Injector {
                     }
                 }
                 10..=11 => {
-                    if !self.engine_down {
-                        cluster.engines[e].process.kill9()?;
+                    if self.engine_steady() {
+                        cluster.engines[self.engine].process.kill9()?;
                         self.engine_down = true;
                         self.count("engine killed");
-                        self.after(0, 2000, Later::RestartEngine);
+                        // Drawn either way: the same seed, the same schedule.
+                        let race = self.rng.random_range(0..3) == 0 && self.racing_opens;
+                        self.after(0, 2000, Later::RestartEngine(self.engine, race));
                     }
                 }
-                _ => self.replace_disk(cluster, e)?,
+                12 => self.replace_disk(cluster)?,
+                13..=18 => self.network(cluster)?,
+                19 => {
+                    if self.engine_steady() {
+                        cluster.engines[self.engine].process.pause()?;
+                        self.engine_paused = true;
+                        self.count("engine paused");
+                        self.after(300, 4000, Later::ResumeEngine(self.engine));
+                    }
+                }
+                _ => self.take_over(cluster)?,
             }
         }
         Ok(())
     }
 
+    /// A network fault between the engine and replicas, through the
+    /// proxies (for this engine process only): one replica cut off, a
+    /// majority cut off, a slow link (under or past the replica timeout),
+    /// a link that resets every connection. Each heals after a while,
+    /// shorter or longer than the replica timeout.
+    fn network(&mut self, cluster: &mut Cluster) -> Result<()> {
+        if !self.engine_steady() || self.link_fault {
+            return Ok(());
+        }
+        let e = self.engine;
+        let pid = cluster.engines[e]
+            .process
+            .pid()
+            .context("the engine is not running")?;
+        let r = self.rng.random_range(0..REPLICAS);
+        let (mode, replicas, heal_ms, what) = match self.rng.random_range(0..6) {
+            0..=1 => (Mode::BlackHole, [Some(r), None], (300, 6000), "link cut"),
+            2 => {
+                let other = (r + self.rng.random_range(1..REPLICAS)) % REPLICAS;
+                (
+                    Mode::BlackHole,
+                    [Some(r), Some(other)],
+                    (300, 4000),
+                    "majority cut off",
+                )
+            }
+            3 => {
+                let ms = self.rng.random_range(5..=250);
+                (
+                    Mode::Delay(Duration::from_millis(ms)),
+                    [Some(r), None],
+                    (1000, 6000),
+                    "link slow",
+                )
+            }
+            4 => {
+                // Each way: a round trip takes longer than the replica timeout.
+                let ms = self.rng.random_range(1200..=3000);
+                (
+                    Mode::Delay(Duration::from_millis(ms)),
+                    [Some(r), None],
+                    (1000, 6000),
+                    "link slower than the timeout",
+                )
+            }
+            _ => (Mode::Reset, [Some(r), None], (300, 4000), "link reset"),
+        };
+        for r in replicas.into_iter().flatten() {
+            cluster.link(e, r, mode)?;
+        }
+        self.link_fault = true;
+        self.count(what);
+        self.after(heal_ms.0, heal_ms.1, Later::HealLinks { pid, replicas });
+        Ok(())
+    }
+
+    /// A second engine opens the volume on the same replicas, as a node
+    /// daemon or CSI moves a volume: it opens them at a higher epoch,
+    /// fencing the old engine, which is killed, paused, left alive, or
+    /// left alive on the minority side of a partition.
+    fn take_over(&mut self, cluster: &mut Cluster) -> Result<()> {
+        if !self.engine_steady() {
+            return Ok(());
+        }
+        let from = self.engine;
+        // Only from an engine that serves: one still opening may yet open
+        // at a higher epoch than the new one (that race is its own fault,
+        // see Old::Opening).
+        let serving = cluster
+            .volume_info(from)
+            .is_ok_and(|i| i["state"] != "opening");
+        if !serving {
+            return Ok(());
+        }
+        let old = match self.rng.random_range(0..4) {
+            0 => Old::Killed,
+            1 => Old::Paused,
+            2 => Old::Alive,
+            _ => Old::CutOff,
+        };
+        match old {
+            Old::Killed => {
+                cluster.engines[from].process.kill9()?;
+                self.count("takeover, old engine killed");
+            }
+            Old::Paused => {
+                cluster.engines[from].process.pause()?;
+                self.count("takeover, old engine paused");
+            }
+            Old::Alive => self.count("takeover, old engine alive"),
+            Old::Opening => unreachable!("chosen above"),
+            Old::CutOff => {
+                let keep = self.rng.random_range(0..REPLICAS);
+                for r in (0..REPLICAS).filter(|r| *r != keep) {
+                    cluster.link(from, r, Mode::BlackHole)?;
+                }
+                self.count("takeover, old engine cut off");
+            }
+        }
+        let to = cluster.spawn_engine(&self.spec)?;
+        self.takeover = Some(Takeover {
+            from,
+            to,
+            old,
+            next_look: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Has the engine taking over opened the volume? Then it serves.
+    fn look_at_takeover(&mut self, cluster: &mut Cluster) -> Result<()> {
+        let Some(t) = self.takeover else {
+            return Ok(());
+        };
+        if Instant::now() < t.next_look {
+            return Ok(());
+        }
+        if let Some(status) = cluster.engines[t.to].process.exited() {
+            bail!(
+                "engine-{} exited ({status}) while taking over:\n{}",
+                t.to,
+                cluster.engines[t.to].process.log_text()
+            );
+        }
+        let info = cluster
+            .volume_info(t.to)
+            .ok()
+            .filter(|i| i["state"] != "opening");
+        let Some(info) = info else {
+            self.takeover = Some(Takeover {
+                next_look: Instant::now() + Duration::from_millis(250),
+                ..t
+            });
+            return Ok(());
+        };
+        self.takeover = None;
+        self.count("takeover done");
+        if t.old == Old::Opening {
+            return self.after_race(cluster, t, &info);
+        }
+        let nbd = cluster.engines[t.to].nbd;
+        self.target.took_over(t.to);
+        self.engine = t.to;
+        self.superseded.push(t.from);
+        match t.old {
+            Old::Killed => self.target.follow(t.to, nbd),
+            Old::Paused => {
+                self.after(0, 1500, Later::ResumeEngine(t.from));
+                self.after(0, 1500, Later::Follow(t.to));
+            }
+            Old::Alive | Old::CutOff => self.after(300, 3000, Later::Follow(t.to)),
+            Old::Opening => unreachable!("handled by after_race"),
+        }
+        self.after(3000, 6000, Later::Retire(t.from));
+        Ok(())
+    }
+
+    /// Two engines opened the volume at once and the new one serves: they
+    /// must not both serve at one epoch. The old one goes at once (it may
+    /// have opened last and fenced the new one: then the new one opens
+    /// again).
+    fn after_race(&mut self, cluster: &mut Cluster, t: Takeover, to_info: &Value) -> Result<()> {
+        if let Ok(from_info) = cluster.volume_info(t.from)
+            && from_info["state"] != "opening"
+            && from_info["state"] != "fenced"
+            && from_info["epoch"] == to_info["epoch"]
+        {
+            self.violations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(format!(
+                    "engine-{} and engine-{} both serve at epoch {} (engine-{}: {from_info}; engine-{}: {to_info})",
+                    t.from, t.to, to_info["epoch"], t.from, t.to
+                ));
+        }
+        cluster.engines[t.from].process.kill9()?;
+        self.engine = t.to;
+        let fenced = cluster
+            .volume_info(t.to)
+            .is_ok_and(|i| i["state"] == "fenced");
+        if fenced {
+            self.count("new engine fenced by the other, reopened");
+            cluster.engines[t.to].process.kill9()?;
+            cluster.engines[t.to].process.start()?;
+        }
+        self.target.follow(t.to, cluster.engines[t.to].nbd);
+        Ok(())
+    }
+
     /// A disk is replaced — only while every replica is RW, so that the
     /// others keep every acknowledged write.
-    fn replace_disk(&mut self, cluster: &mut Cluster, e: usize) -> Result<()> {
-        if self.engine_down || self.down.iter().chain(&self.paused).any(|b| *b) {
+    fn replace_disk(&mut self, cluster: &mut Cluster) -> Result<()> {
+        if !self.engine_steady() || self.down.iter().chain(&self.paused).any(|b| *b) {
             return Ok(());
         }
         let all_rw = cluster
-            .volume_info(e)
+            .volume_info(self.engine)
             .is_ok_and(|i| i["replicas_rw"] == REPLICAS as u64);
         if !all_rw {
             return Ok(());
@@ -423,7 +841,8 @@ impl Injector {
     }
 
     /// Carry out what was scheduled for now.
-    fn due(&mut self, cluster: &mut Cluster, e: usize) -> Result<()> {
+    fn due(&mut self, cluster: &mut Cluster) -> Result<()> {
+        self.look_at_takeover(cluster)?;
         let now = Instant::now();
         let (ready, rest): (Vec<_>, Vec<_>) = self.later.drain(..).partition(|(t, _)| *t <= now);
         self.later = rest;
@@ -441,10 +860,61 @@ impl Injector {
                         self.down[r] = false;
                     }
                 }
-                Later::RestartEngine => {
-                    if self.engine_down {
+                Later::RestartEngine(e, race) => {
+                    if self.engine_down && e == self.engine {
                         cluster.engines[e].process.start()?;
                         self.engine_down = false;
+                        if race && self.takeover.is_none() {
+                            // Both open the volume at once: the epochs they
+                            // choose must differ (one fences the other).
+                            let to = cluster.spawn_engine(&self.spec)?;
+                            self.count("two engines opening at once");
+                            self.takeover = Some(Takeover {
+                                from: e,
+                                to,
+                                old: Old::Opening,
+                                next_look: Instant::now(),
+                            });
+                        }
+                    }
+                }
+                Later::ResumeEngine(e) => {
+                    resume_engine(cluster, e)?;
+                    if e == self.engine {
+                        self.engine_paused = false;
+                    }
+                }
+                Later::HealLinks { pid, replicas } => {
+                    for r in replicas.into_iter().flatten() {
+                        cluster.proxy(r).set_mode_for(pid, Mode::Pass);
+                    }
+                    self.link_fault = false;
+                }
+                Later::Follow(e) => {
+                    // Unless yet another engine has taken over meanwhile.
+                    if e == self.engine {
+                        self.target.follow(e, cluster.engines[e].nbd);
+                    }
+                }
+                Later::Retire(e) => {
+                    if e != self.engine {
+                        if cluster.engines[e].process.pid().is_some() {
+                            // What the old engine says of itself by now.
+                            let state = cluster
+                                .volume_info(e)
+                                .ok()
+                                .and_then(|i| i["state"].as_str().map(str::to_string));
+                            self.count(match state.as_deref() {
+                                Some("fenced") => "old engine retired: fenced",
+                                Some("unavailable") => "old engine retired: unavailable",
+                                Some("serving") => "old engine retired: serving",
+                                Some("degraded") => "old engine retired: degraded",
+                                Some(_) => "old engine retired: other state",
+                                None => "old engine retired: no answer",
+                            });
+                        }
+                        cluster.engines[e].process.kill9()?;
+                        self.superseded.retain(|s| *s != e);
                     }
                 }
             }
@@ -457,6 +927,7 @@ impl Injector {
 struct Counters {
     acked: AtomicU64,
     failed: AtomicU64,
+    refused_late: AtomicU64,
     flushes: AtomicU64,
     readbacks: AtomicU64,
     reconnects: AtomicU64,
@@ -471,6 +942,8 @@ enum Pending {
         first: u64,
         count: u64,
         stripe: u64,
+        /// Sent after a newer engine than this connection's had taken over.
+        late: bool,
     },
     /// The writes acknowledged before it was sent: (block, tag).
     Flush(Vec<(u64, u64)>),
@@ -479,7 +952,7 @@ enum Pending {
 /// One verifying writer that outlives its connections.
 struct CampaignWriter {
     checker: Checker,
-    addr: SocketAddr,
+    target: Arc<Target>,
     lane: u64,
     lanes: u64,
     rng: StdRng,
@@ -491,9 +964,10 @@ struct CampaignWriter {
 impl CampaignWriter {
     fn run(&mut self) {
         while !self.stop.load(Ordering::SeqCst) {
-            match RawNbd::connect(self.addr, VOLUME) {
+            let (engine, addr) = self.target.now();
+            match RawNbd::connect(addr, VOLUME) {
                 Ok(nbd) => {
-                    if let Err(e) = self.session(nbd) {
+                    if let Err(e) = self.session(nbd, engine) {
                         // The connection broke: whatever was in flight stays
                         // of unknown outcome in the checker.
                         let _ = e;
@@ -512,7 +986,9 @@ impl CampaignWriter {
         s.min(stripes - 1)
     }
 
-    fn session(&mut self, mut nbd: RawNbd) -> Result<()> {
+    /// Write, flush and read back through `nbd`, a connection to engine
+    /// `engine`, until stopped or told to move to another engine.
+    fn session(&mut self, mut nbd: RawNbd, engine: usize) -> Result<()> {
         let depth = 4;
         let mut inflight: HashMap<u64, Pending> = HashMap::new();
         let mut busy: HashSet<u64> = HashSet::new();
@@ -521,6 +997,11 @@ impl CampaignWriter {
         let mut since_flush = 0u32;
         let mut since_readback = 0u32;
         loop {
+            if self.target.now().0 != engine {
+                // Another engine serves: what is in flight here stays of
+                // unknown outcome.
+                return Ok(());
+            }
             let stopping = self.stop.load(Ordering::SeqCst);
             // Every 24 writes, drain and read one block back.
             let draining = since_readback >= 24;
@@ -555,6 +1036,7 @@ impl CampaignWriter {
                         first,
                         count,
                         stripe,
+                        late: self.target.superseded(engine),
                     },
                 );
                 busy.insert(stripe);
@@ -578,8 +1060,22 @@ impl CampaignWriter {
                     first,
                     count,
                     stripe,
+                    late,
                 }) => {
                     busy.remove(&stripe);
+                    if error == 0 && late {
+                        self.violations
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(format!(
+                                "engine-{engine} acknowledged a write (blocks {first}..{}, tag {cookie}) sent after engine-{} had taken over",
+                                first + count,
+                                self.target.serving.load(Ordering::SeqCst)
+                            ));
+                    }
+                    if late && error != 0 {
+                        self.counters.refused_late.fetch_add(1, Ordering::SeqCst);
+                    }
                     if error == 0 {
                         self.checker.acked(first, count, cookie);
                         acked_since_flush.extend((first..first + count).map(|b| (b, cookie)));

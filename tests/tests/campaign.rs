@@ -1,6 +1,8 @@
 //! The randomized fault campaign in the suite: a few fixed seeds (each a
-//! different schedule of kills, pauses, disk replacements and engine
-//! restarts) and one random seed, about two minutes of faults in all. The
+//! different schedule of kills, pauses, disk replacements, engine restarts,
+//! partitions, slow links, takeovers by a second engine and two engines
+//! opening the volume at once) and one random
+//! seed, about two minutes of faults in all. The
 //! seed of every run is printed; `CORRAL_CAMPAIGN_SEED=S` replays the
 //! random one with seed S. A longer run: `scripts/campaign.sh 30`.
 
