@@ -161,7 +161,10 @@ fn corral_dev_serves_a_volume_and_a_second_run_reopens_it() {
     ];
     let mut args = vec!["volume", "--engine", &listen, "--json", "info"];
     let plain = cluster.corral(&args).unwrap();
-    assert!(!plain.status.success(), "dev's engine served a plain client");
+    assert!(
+        !plain.status.success(),
+        "dev's engine served a plain client"
+    );
     args.extend(flags.iter().map(String::as_str));
     let info = cluster.corral(&args).unwrap();
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
