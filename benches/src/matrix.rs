@@ -141,14 +141,7 @@ impl BenchTls {
     }
 
     fn args(&self) -> Vec<String> {
-        vec![
-            "--tls-cert".into(),
-            self.files.cert.display().to_string(),
-            "--tls-key".into(),
-            self.files.key.display().to_string(),
-            "--tls-ca".into(),
-            self.files.ca.display().to_string(),
-        ]
+        self.files.flags()
     }
 }
 

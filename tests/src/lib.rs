@@ -328,14 +328,7 @@ impl Cluster {
     /// From now on every process this cluster starts, and every `corral`
     /// command it runs, uses mutual TLS with `files`.
     pub fn with_tls(&mut self, files: &corral_tls::TlsFiles) {
-        self.tls = vec![
-            "--tls-cert".into(),
-            files.cert.display().to_string(),
-            "--tls-key".into(),
-            files.key.display().to_string(),
-            "--tls-ca".into(),
-            files.ca.display().to_string(),
-        ];
+        self.tls = files.flags();
     }
 
     /// A cluster with `n` replica daemons already up.

@@ -42,17 +42,6 @@ fn tls_cluster(replicas: usize) -> (Cluster, Pki, TlsFiles) {
     (cluster, pki, files)
 }
 
-fn tls_flags(files: &TlsFiles) -> Vec<String> {
-    vec![
-        "--tls-cert".into(),
-        files.cert.display().to_string(),
-        "--tls-key".into(),
-        files.key.display().to_string(),
-        "--tls-ca".into(),
-        files.ca.display().to_string(),
-    ]
-}
-
 /// `corral volume --engine E info` with exactly `flags` (not the
 /// cluster's): its exit status and stderr.
 fn volume_info_with(cluster: &Cluster, engine: usize, flags: &[String]) -> (bool, String) {
@@ -149,13 +138,13 @@ fn every_refusal_is_clear() {
     let mut intruder = identity(&dir, "intruder", &other, Validity::Days(1));
     intruder.ca = good.ca.clone();
     let before = refusals_before(&cluster);
-    let (ok, _) = volume_info_with(&cluster, e, &tls_flags(&intruder));
+    let (ok, _) = volume_info_with(&cluster, e, &TlsFiles::flags(&intruder));
     assert!(!ok, "a certificate of another CA was accepted");
     assert!(refusals_before(&cluster) > before, "the engine logged it");
 
     // An expired certificate of the right CA: refused, and the log says why.
     let expired = identity(&dir, "expired", &pki, Validity::Expired);
-    let (ok, _) = volume_info_with(&cluster, e, &tls_flags(&expired));
+    let (ok, _) = volume_info_with(&cluster, e, &TlsFiles::flags(&expired));
     assert!(!ok, "an expired certificate was accepted");
     let log = cluster.engines[e].process.log_text();
     assert!(log.to_lowercase().contains("expired"), "{log}");
@@ -163,7 +152,7 @@ fn every_refusal_is_clear() {
     // A client that trusts another CA refuses the engine's certificate.
     let mut wary = identity(&dir, "wary", &pki, Validity::Days(1));
     wary.ca = dir.join("intruder-ca.pem");
-    let (ok, stderr) = volume_info_with(&cluster, e, &tls_flags(&wary));
+    let (ok, stderr) = volume_info_with(&cluster, e, &TlsFiles::flags(&wary));
     assert!(!ok, "the client accepted a server of another CA");
     assert!(stderr.contains("UnknownIssuer"), "{stderr}");
 
@@ -177,7 +166,7 @@ fn every_refusal_is_clear() {
     assert!(stderr.contains("--tls-key"), "{stderr}");
 
     // And the cluster's own identity is still served.
-    let (ok, stderr) = volume_info_with(&cluster, e, &tls_flags(&good));
+    let (ok, stderr) = volume_info_with(&cluster, e, &TlsFiles::flags(&good));
     assert!(ok, "{stderr}");
 }
 

@@ -28,14 +28,7 @@ fn node_daemons_and_the_engines_they_start_run_mutual_tls() {
         .unwrap();
     pki.write_ca(&files.ca).unwrap();
     corral_client::use_tls(ClientTls::new(files.clone()).unwrap()).unwrap();
-    let flags: Vec<String> = vec![
-        "--tls-cert".into(),
-        files.cert.display().to_string(),
-        "--tls-key".into(),
-        files.key.display().to_string(),
-        "--tls-ca".into(),
-        files.ca.display().to_string(),
-    ];
+    let flags = files.flags();
     let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
     for _ in 0..3 {
         nodes.start_node(&flag_refs).unwrap();

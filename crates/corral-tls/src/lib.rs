@@ -98,6 +98,19 @@ impl TlsFiles {
         }
     }
 
+    /// The command-line flags that name these files, for a child process
+    /// (`--tls-cert C --tls-key K --tls-ca A`).
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--tls-cert".into(),
+            self.cert.display().to_string(),
+            "--tls-key".into(),
+            self.key.display().to_string(),
+            "--tls-ca".into(),
+            self.ca.display().to_string(),
+        ]
+    }
+
     /// What the files look like now: size and modification time of each
     /// (`None` for one that cannot be looked at).
     fn stamp(&self) -> Stamp {

@@ -28,6 +28,11 @@ fn identity(dir: &Path, tag: &str, pki: &Pki, names: &[&str], validity: Validity
     files
 }
 
+/// A server's identity for 127.0.0.1, signed by `pki`, valid for a day.
+fn server_identity(dir: &Path, pki: &Pki) -> TlsFiles {
+    identity(dir, "server", pki, &["127.0.0.1"], Validity::Days(1))
+}
+
 /// An echo server on 127.0.0.1; returns its port.
 async fn echo_server(tls: ServerTls) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -74,13 +79,7 @@ async fn round_trip(port: u16, tls: &ClientTls) -> Result<(), String> {
 async fn peers_of_one_ca_talk() {
     let dir = TempDir::new().unwrap();
     let pki = Pki::new("test CA").unwrap();
-    let server = identity(
-        dir.path(),
-        "server",
-        &pki,
-        &["127.0.0.1"],
-        Validity::Days(1),
-    );
+    let server = server_identity(dir.path(), &pki);
     let client = identity(dir.path(), "client", &pki, &["client"], Validity::Days(1));
     let port = echo_server(ServerTls::new(server).unwrap()).await;
     round_trip(port, &ClientTls::new(client).unwrap())
@@ -93,13 +92,7 @@ async fn listener_refuses_a_client_of_another_ca() {
     let dir = TempDir::new().unwrap();
     let pki = Pki::new("cluster CA").unwrap();
     let other = Pki::new("someone else's CA").unwrap();
-    let server = identity(
-        dir.path(),
-        "server",
-        &pki,
-        &["127.0.0.1"],
-        Validity::Days(1),
-    );
+    let server = server_identity(dir.path(), &pki);
     // The intruder trusts the cluster's CA but its own certificate is not
     // signed by it.
     let mut intruder = identity(dir.path(), "intruder", &other, &["x"], Validity::Days(1));
@@ -115,13 +108,7 @@ async fn listener_refuses_a_client_of_another_ca() {
 async fn listener_refuses_an_expired_client_certificate() {
     let dir = TempDir::new().unwrap();
     let pki = Pki::new("cluster CA").unwrap();
-    let server = identity(
-        dir.path(),
-        "server",
-        &pki,
-        &["127.0.0.1"],
-        Validity::Days(1),
-    );
+    let server = server_identity(dir.path(), &pki);
     let expired = identity(dir.path(), "old", &pki, &["old"], Validity::Expired);
     let port = echo_server(ServerTls::new(server).unwrap()).await;
     round_trip(port, &ClientTls::new(expired).unwrap())
@@ -133,13 +120,7 @@ async fn listener_refuses_an_expired_client_certificate() {
 async fn listener_refuses_a_client_without_a_certificate() {
     let dir = TempDir::new().unwrap();
     let pki = Pki::new("cluster CA").unwrap();
-    let server = identity(
-        dir.path(),
-        "server",
-        &pki,
-        &["127.0.0.1"],
-        Validity::Days(1),
-    );
+    let server = server_identity(dir.path(), &pki);
     let port = echo_server(ServerTls::new(server.clone()).unwrap()).await;
     // A client that checks the server properly but has no certificate.
     let config = rustls::ClientConfig::builder_with_provider(provider())
@@ -173,13 +154,7 @@ async fn listener_refuses_a_client_without_a_certificate() {
 async fn listener_drops_a_plaintext_client() {
     let dir = TempDir::new().unwrap();
     let pki = Pki::new("cluster CA").unwrap();
-    let server = identity(
-        dir.path(),
-        "server",
-        &pki,
-        &["127.0.0.1"],
-        Validity::Days(1),
-    );
+    let server = server_identity(dir.path(), &pki);
     let port = echo_server(ServerTls::new(server).unwrap()).await;
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -330,13 +305,7 @@ fn loopback_identity_is_made_once() {
 async fn a_silent_client_holds_its_place_only_until_the_opening_timeout() {
     let dir = TempDir::new().unwrap();
     let pki = Pki::new("cluster CA").unwrap();
-    let server = identity(
-        dir.path(),
-        "server",
-        &pki,
-        &["127.0.0.1"],
-        Validity::Days(1),
-    );
+    let server = server_identity(dir.path(), &pki);
     let client = identity(dir.path(), "client", &pki, &["client"], Validity::Days(1));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();

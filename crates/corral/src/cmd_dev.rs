@@ -218,7 +218,7 @@ pub async fn run(args: DevArgs, tls: TlsArgs) -> anyhow::Result<()> {
     let tls_argv = match &tls_files {
         Some(files) => {
             crate::tls::install_files(files.clone(), tls.tls_server_name.clone())?;
-            let mut argv = crate::tls::file_args(files);
+            let mut argv = files.flags();
             if let Some(name) = &tls.tls_server_name {
                 argv.extend(["--tls-server-name".to_string(), name.clone()]);
             }
@@ -291,7 +291,7 @@ pub async fn run(args: DevArgs, tls: TlsArgs) -> anyhow::Result<()> {
             let (tls_line, tls_flags) = match &tls_files {
                 Some(files) => (
                     format!("mutual TLS on every gRPC hop (CA {})", files.ca.display()),
-                    format!(" {}", crate::tls::file_args(files).join(" ")),
+                    format!(" {}", files.flags().join(" ")),
                 ),
                 None => ("off (--no-tls)".to_string(), String::new()),
             };

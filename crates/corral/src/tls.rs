@@ -64,25 +64,13 @@ impl TlsArgs {
         let Some(files) = self.files()? else {
             return Ok(Vec::new());
         };
-        let mut args = file_args(&files);
+        let mut args = files.flags();
         if let Some(name) = &self.tls_server_name {
             args.push("--tls-server-name".into());
             args.push(name.clone());
         }
         Ok(args)
     }
-}
-
-/// `--tls-cert C --tls-key K --tls-ca A` for `files`.
-pub fn file_args(files: &TlsFiles) -> Vec<String> {
-    vec![
-        "--tls-cert".into(),
-        files.cert.display().to_string(),
-        "--tls-key".into(),
-        files.key.display().to_string(),
-        "--tls-ca".into(),
-        files.ca.display().to_string(),
-    ]
 }
 
 /// [`TlsArgs::install`] for files already chosen.
