@@ -294,10 +294,7 @@ mod tests {
             instance_id: "i".into(),
             epoch: corral_types::Epoch(0),
             membership: Membership::default(),
-            layers: vec![LayerInfo {
-                name: "head".into(),
-                read_only: false,
-            }],
+            layers: vec![LayerInfo::new("head".into(), 0, false, 1 << 20)],
             clean: true,
             reservations: None,
         };

@@ -1,18 +1,25 @@
 //! The layer chain: read-only snapshot layers under the writable head,
 //! oldest first, and how a block is found in it.
 //!
-//! Reading block `b` walks from the head down: the first layer whose entry
-//! for `b` is not "never written" decides — written: that layer's data;
-//! discarded: zeroes, whatever the layers below hold. A block no layer has
-//! written reads from the bottom layer (a hole: zeroes). Writes, discards
-//! and flushes go to the head only.
+//! Reading block `b` of the volume: the head's entry for `b` decides if it is
+//! not "never written" — written: the head's data; discarded: zeroes. Else
+//! the extent index (module `index`) names the newest read-only layer that
+//! holds an entry for `b`, and that entry decides the same way. A block no
+//! layer holds reads from the bottom layer (a hole: zeroes). So a read costs
+//! the head's entries plus one owner's, however long the chain.
 //!
-//! Today a store's chain is its head alone (snapshots are the next issue);
-//! the resolution rule is here, and tested on longer chains, so that they
-//! need no change to the read path.
+//! Reading a snapshot (the chain as it was when that layer was frozen) walks
+//! the layers from the snapshot down, newest first, and takes the first entry
+//! that is not "never written" — the same rule, without the index, which
+//! only knows the newest owner. Writes, discards and flushes go to the head.
+//!
+//! Layers may be shorter than the volume (it grew after they were frozen):
+//! past a layer's end, its blocks are "never written".
 
-use crate::entry::{self, BlockState};
+use crate::LayerInfo;
+use crate::entry::{self, BlockState, UNWRITTEN};
 use crate::error::Result;
+use crate::index::{ExtentIndex, LayerId};
 use crate::layer::Layer;
 
 /// Where a run of blocks reads from.
@@ -34,65 +41,179 @@ pub(crate) struct Run<'a> {
     pub(crate) source: Source<'a>,
 }
 
+/// One layer of the chain: its record and its files.
+#[derive(Debug)]
+pub(crate) struct ChainLayer {
+    pub(crate) info: LayerInfo,
+    pub(crate) layer: Layer,
+    /// The layer's length in blocks.
+    pub(crate) blocks: u64,
+}
+
+impl ChainLayer {
+    /// Entries of blocks `first..first + count`, "never written" past the layer's end.
+    pub(crate) fn entries(&self, first: u64, count: usize) -> Result<Vec<u32>> {
+        let inside = self.blocks.saturating_sub(first).min(count as u64) as usize;
+        let mut out = if inside > 0 {
+            self.layer.read_crcs(first, inside)?
+        } else {
+            Vec::with_capacity(count)
+        };
+        out.resize(count, UNWRITTEN);
+        Ok(out)
+    }
+}
+
+/// What decides one block: a layer (by position in the chain) or zeroes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Decider {
+    Layer(usize),
+    Zeroes,
+}
+
 /// Layers oldest first; the last is the writable head.
 #[derive(Debug)]
 pub(crate) struct LayerChain {
-    layers: Vec<Layer>,
+    layers: Vec<ChainLayer>,
+    /// Newest read-only owner of each block.
+    pub(crate) index: ExtentIndex,
 }
 
 impl LayerChain {
-    /// A chain of `layers`, oldest first (at least one: the head).
-    pub(crate) fn new(layers: Vec<Layer>) -> Option<Self> {
-        (!layers.is_empty()).then_some(LayerChain { layers })
+    /// A chain of `layers`, oldest first (at least one: the head), with the
+    /// index of its read-only layers.
+    pub(crate) fn new(layers: Vec<ChainLayer>, index: ExtentIndex) -> Option<Self> {
+        (!layers.is_empty()).then_some(LayerChain { layers, index })
     }
 
     /// The writable head.
-    pub(crate) fn head(&self) -> &Layer {
-        // `new` refuses an empty chain.
+    pub(crate) fn head(&self) -> &ChainLayer {
+        // `new` refuses an empty chain, and nothing removes the head.
         &self.layers[self.layers.len() - 1]
     }
 
     /// Every layer, oldest first.
-    #[cfg(test)]
-    pub(crate) fn layers(&self) -> &[Layer] {
+    pub(crate) fn layers(&self) -> &[ChainLayer] {
         &self.layers
     }
 
-    /// Where blocks `first..first + count` read from, as runs in block order.
-    /// Each layer's entries for the window are read once.
+    /// Every layer, oldest first, to change.
+    pub(crate) fn layers_mut(&mut self) -> &mut Vec<ChainLayer> {
+        &mut self.layers
+    }
+
+    /// Position of layer `id` in the chain.
+    pub(crate) fn position(&self, id: LayerId) -> Option<usize> {
+        self.layers.iter().position(|l| l.info.id == id)
+    }
+
+    /// Where blocks `first..first + count` of the volume read from, as runs
+    /// in block order.
     pub(crate) fn runs(&self, first: u64, count: usize) -> Result<Vec<Run<'_>>> {
-        // Entries of every layer for the window, head first.
-        let mut entries: Vec<Vec<u32>> = Vec::with_capacity(self.layers.len());
-        for layer in self.layers.iter().rev() {
-            entries.push(layer.read_crcs(first, count)?);
+        let head_pos = self.layers.len() - 1;
+        let head = self.head().entries(first, count)?;
+        let mut decided: Vec<(Decider, u32)> = Vec::with_capacity(count);
+        if self.layers.len() == 1 {
+            // No parents: the head decides everything (a hole reads its own zeroes).
+            decided.extend(head.into_iter().map(|e| match entry::state(e) {
+                BlockState::Discarded => (Decider::Zeroes, e),
+                _ => (Decider::Layer(0), e),
+            }));
+            return Ok(self.group(first, decided));
         }
-        // Which layer (depth from the head) decides block `i`; None: zeroes.
-        let decide = |i: usize| -> Option<usize> {
-            for (depth, e) in entries.iter().enumerate() {
-                match entry::state(e[i]) {
-                    BlockState::Unwritten => continue,
-                    BlockState::Discarded => return None,
-                    BlockState::Written => return Some(depth),
+        decided.extend(head.iter().map(|&e| match entry::state(e) {
+            BlockState::Written => (Decider::Layer(head_pos), e),
+            BlockState::Discarded => (Decider::Zeroes, e),
+            // Filled in from the index below.
+            BlockState::Unwritten => (Decider::Zeroes, UNWRITTEN),
+        }));
+        let end = first + count as u64;
+        for (s, e, owner) in self.index.segments(first, end) {
+            let lo = (s - first) as usize;
+            let hi = (e - first) as usize;
+            if head[lo..hi]
+                .iter()
+                .all(|&h| entry::state(h) != BlockState::Unwritten)
+            {
+                continue;
+            }
+            // The owner, or the bottom layer's hole if no read-only layer holds them.
+            let pos = owner.and_then(|id| self.position(id)).unwrap_or_default();
+            let entries = self.layers[pos].entries(s, hi - lo)?;
+            for (i, &oe) in entries.iter().enumerate() {
+                if entry::state(head[lo + i]) != BlockState::Unwritten {
+                    continue;
+                }
+                let beyond = s + i as u64 >= self.layers[pos].blocks;
+                decided[lo + i] = match entry::state(oe) {
+                    BlockState::Discarded => (Decider::Zeroes, oe),
+                    _ if beyond => (Decider::Zeroes, oe),
+                    _ => (Decider::Layer(pos), oe),
+                };
+            }
+        }
+        Ok(self.group(first, decided))
+    }
+
+    /// Where blocks `first..first + count` of the snapshot at chain position
+    /// `top` read from: the layers from `top` down decide, newest first.
+    pub(crate) fn runs_at(&self, top: usize, first: u64, count: usize) -> Result<Vec<Run<'_>>> {
+        if top + 1 == self.layers.len() {
+            return self.runs(first, count);
+        }
+        let mut decided: Vec<Option<(Decider, u32)>> = vec![None; count];
+        let mut open = count;
+        for pos in (0..=top).rev() {
+            if open == 0 {
+                break;
+            }
+            let entries = self.layers[pos].entries(first, count)?;
+            for (d, &e) in decided.iter_mut().zip(&entries) {
+                if d.is_some() {
+                    continue;
+                }
+                match entry::state(e) {
+                    BlockState::Unwritten => {}
+                    BlockState::Discarded => *d = Some((Decider::Zeroes, e)),
+                    BlockState::Written => *d = Some((Decider::Layer(pos), e)),
+                }
+                if d.is_some() {
+                    open -= 1;
                 }
             }
-            // Never written anywhere: the bottom layer's own data (a hole).
-            Some(entries.len() - 1)
-        };
+        }
+        let bottom = &self.layers[0];
+        let decided = decided
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| {
+                d.unwrap_or(if first + (i as u64) < bottom.blocks {
+                    (Decider::Layer(0), UNWRITTEN)
+                } else {
+                    (Decider::Zeroes, UNWRITTEN)
+                })
+            })
+            .collect();
+        Ok(self.group(first, decided))
+    }
+
+    /// Groups per-block decisions into runs.
+    fn group(&self, first: u64, decided: Vec<(Decider, u32)>) -> Vec<Run<'_>> {
         let mut runs = Vec::new();
         let mut i = 0;
-        while i < count {
-            let owner = decide(i);
+        while i < decided.len() {
+            let owner = decided[i].0;
             let start = i;
             i += 1;
-            while i < count && decide(i) == owner {
+            while i < decided.len() && decided[i].0 == owner {
                 i += 1;
             }
             let source = match owner {
-                Some(depth) => Source::Layer(
-                    &self.layers[self.layers.len() - 1 - depth],
-                    entries[depth][start..i].to_vec(),
+                Decider::Layer(pos) => Source::Layer(
+                    &self.layers[pos].layer,
+                    decided[start..i].iter().map(|&(_, e)| e).collect(),
                 ),
-                None => Source::Zeroes,
+                Decider::Zeroes => Source::Zeroes,
             };
             runs.push(Run {
                 first: first + start as u64,
@@ -100,15 +221,15 @@ impl LayerChain {
                 source,
             });
         }
-        Ok(runs)
+        runs
     }
 
     /// What [`crate::ReplicaStore::block_checksums`] reports for `count`
-    /// blocks from `first`: the entry of the layer that decides each block,
-    /// or the zero block's CRC32C.
-    pub(crate) fn reported(&self, first: u64, count: usize) -> Result<Vec<u32>> {
+    /// blocks from `first` of the snapshot at position `top`: the entry of the
+    /// layer that decides each block, or the zero block's CRC32C.
+    pub(crate) fn reported_at(&self, top: usize, first: u64, count: usize) -> Result<Vec<u32>> {
         let mut out = Vec::with_capacity(count);
-        for run in self.runs(first, count)? {
+        for run in self.runs_at(top, first, count)? {
             match run.source {
                 Source::Layer(_, entries) => out.extend(entries.into_iter().map(entry::reported)),
                 Source::Zeroes => out.extend(std::iter::repeat_n(
@@ -119,6 +240,11 @@ impl LayerChain {
         }
         Ok(out)
     }
+
+    /// [`LayerChain::reported_at`] for the volume (the head).
+    pub(crate) fn reported(&self, first: u64, count: usize) -> Result<Vec<u32>> {
+        self.reported_at(self.layers.len() - 1, first, count)
+    }
 }
 
 #[cfg(test)]
@@ -127,13 +253,28 @@ mod tests {
     use crate::entry::{DISCARDED, written};
     use crate::layer::BLOCK;
 
-    /// A chain of `n` layers of 8 blocks in a temporary directory.
-    fn chain(n: usize) -> (tempfile::TempDir, LayerChain) {
+    /// A chain of `n` layers of 8 blocks in a temporary directory, indexed.
+    fn chain(n: usize, fill: impl Fn(&[&Layer])) -> (tempfile::TempDir, LayerChain) {
         let dir = tempfile::tempdir().unwrap();
-        let layers = (0..n)
+        let layers: Vec<Layer> = (0..n)
             .map(|i| Layer::create(dir.path(), &format!("l{i}"), 8 * BLOCK).unwrap())
             .collect();
-        (dir, LayerChain::new(layers).unwrap())
+        fill(&layers.iter().collect::<Vec<_>>());
+        let mut index = ExtentIndex::default();
+        let mut chained = Vec::new();
+        for (i, layer) in layers.into_iter().enumerate() {
+            if i + 1 < n {
+                for (s, e) in layer.written_extents(8).unwrap() {
+                    index.assign(s, e, i as LayerId);
+                }
+            }
+            chained.push(ChainLayer {
+                info: LayerInfo::new(format!("l{i}"), i as LayerId, i + 1 < n, 8 * BLOCK),
+                layer,
+                blocks: 8,
+            });
+        }
+        (dir, LayerChain::new(chained, index).unwrap())
     }
 
     fn write(layer: &Layer, block: u64, byte: u8) {
@@ -153,30 +294,37 @@ mod tests {
 
     #[test]
     fn the_newest_layer_that_wrote_a_block_holds_it() {
-        let (_d, c) = chain(3);
-        let [base, mid, head] = c.layers() else {
-            panic!("three layers")
-        };
-        write(base, 0, 1);
-        write(base, 1, 1);
-        write(mid, 1, 2);
-        write(head, 2, 3);
+        let (_d, c) = chain(3, |l| {
+            write(l[0], 0, 1);
+            write(l[0], 1, 1);
+            write(l[1], 1, 2);
+            write(l[2], 2, 3);
+        });
         assert_eq!(owner(&c, 0), Some("l0.img".into()));
         assert_eq!(owner(&c, 1), Some("l1.img".into()));
         assert_eq!(owner(&c, 2), Some("l2.img".into()));
         // Never written anywhere: the bottom layer's hole.
         assert_eq!(owner(&c, 5), Some("l0.img".into()));
+        // The snapshot at l1 sees l1's and l0's blocks, not the head's.
+        let at = |b: u64| match c.runs_at(1, b, 1).unwrap().remove(0).source {
+            Source::Layer(l, _) => Some(l.data_name().to_string()),
+            Source::Zeroes => None,
+        };
+        assert_eq!(at(1), Some("l1.img".into()));
+        assert_eq!(
+            at(2),
+            Some("l0.img".into()),
+            "the head's block is not in the snapshot"
+        );
     }
 
     #[test]
     fn a_discard_hides_the_parents_but_never_written_falls_through() {
-        let (_d, c) = chain(2);
-        let [base, head] = c.layers() else {
-            panic!("two layers")
-        };
-        write(base, 0, 1);
-        write(base, 1, 1);
-        head.write_crcs(0, &[DISCARDED]).unwrap();
+        let (_d, c) = chain(2, |l| {
+            write(l[0], 0, 1);
+            write(l[0], 1, 1);
+            l[1].write_crcs(0, &[DISCARDED]).unwrap();
+        });
         assert_eq!(owner(&c, 0), None, "discarded in the head: zeroes");
         assert_eq!(
             owner(&c, 1),
@@ -190,15 +338,13 @@ mod tests {
 
     #[test]
     fn runs_end_where_the_owner_changes() {
-        let (_d, c) = chain(2);
-        let [base, head] = c.layers() else {
-            panic!("two layers")
-        };
-        for b in 0..4 {
-            write(base, b, 1);
-        }
-        write(head, 2, 2);
-        head.write_crcs(5, &[DISCARDED, DISCARDED]).unwrap();
+        let (_d, c) = chain(2, |l| {
+            for b in 0..4 {
+                write(l[0], b, 1);
+            }
+            write(l[1], 2, 2);
+            l[1].write_crcs(5, &[DISCARDED, DISCARDED]).unwrap();
+        });
         let runs = c.runs(0, 8).unwrap();
         let shape: Vec<(u64, u64, Option<&str>)> = runs
             .iter()

@@ -71,6 +71,12 @@ pub enum StoreError {
     /// The metadata database failed or holds something we cannot decode.
     #[error("metadata: {0}")]
     Metadata(String),
+    /// No snapshot of that name (or it is being deleted).
+    #[error("no snapshot named {0:?}")]
+    NoSuchSnapshot(String),
+    /// The operation must wait for something in progress (a snapshot delete still merging).
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 impl StoreError {

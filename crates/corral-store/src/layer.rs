@@ -226,6 +226,90 @@ impl Layer {
         Ok(())
     }
 
+    /// Runs of blocks `0..blocks` whose entry is not "never written", in
+    /// order. Holes in the checksum file (never written) are skipped with
+    /// `SEEK_DATA`/`SEEK_HOLE`, so the cost follows what was written.
+    pub(crate) fn written_extents(&self, blocks: u64) -> Result<Vec<crate::index::Extent>> {
+        const PIECE: u64 = 256 * 1024; // entries per read: 1 MiB of the checksum file
+        let end = blocks.saturating_mul(CRC_LEN);
+        let mut out: Vec<crate::index::Extent> = Vec::new();
+        let mut pos = 0u64;
+        while pos < end {
+            let Some(data) = seek(&self.crc, pos, libc::SEEK_DATA)
+                .map_err(|e| io_err(format!("seeking data in {}", self.crc_path.display()), e))?
+            else {
+                break;
+            };
+            if data >= end {
+                break;
+            }
+            let hole = seek(&self.crc, data, libc::SEEK_HOLE)
+                .map_err(|e| io_err(format!("seeking a hole in {}", self.crc_path.display()), e))?
+                .unwrap_or(end)
+                .min(end);
+            // Whole entries from the data segment.
+            let mut b = data / CRC_LEN;
+            let stop = hole.div_ceil(CRC_LEN).min(blocks);
+            while b < stop {
+                let n = PIECE.min(stop - b);
+                for (i, e) in self.read_crcs(b, n as usize)?.into_iter().enumerate() {
+                    if e == crate::entry::UNWRITTEN {
+                        continue;
+                    }
+                    let blk = b + i as u64;
+                    match out.last_mut() {
+                        Some((_, pe)) if *pe == blk => *pe = blk + 1,
+                        _ => out.push((blk, blk + 1)),
+                    }
+                }
+                b += n;
+            }
+            pos = hole.max(pos + 1);
+        }
+        Ok(out)
+    }
+
+    /// Grows both files to hold a volume of `size` bytes (sparse) and makes
+    /// the new lengths durable.
+    pub(crate) fn grow(&self, size: u64) -> Result<()> {
+        let crc_len = (size / BLOCK)
+            .checked_mul(CRC_LEN)
+            .ok_or_else(|| StoreError::Invalid(format!("size {size} is too large")))?;
+        for (f, path, len) in [
+            (&self.data, &self.data_path, size),
+            (&self.crc, &self.crc_path, crc_len),
+        ] {
+            f.set_len(len)
+                .map_err(|e| io_err(format!("growing {} to {len} bytes", path.display()), e))?;
+            f.sync_all()
+                .map_err(|e| io_err(format!("fsync {}", path.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Deallocates the entries of `count` blocks from `first` (they read as
+    /// "never written") where the filesystem can punch holes, else writes them.
+    pub(crate) fn punch_crcs(&self, first: u64, count: u64) -> Result<()> {
+        match punch_hole(&self.crc, first * CRC_LEN, count * CRC_LEN) {
+            Ok(()) => {
+                #[cfg(test)]
+                crate::powercut::punched(&self.crc_path, first * CRC_LEN, count * CRC_LEN);
+                Ok(())
+            }
+            Err(_) => self.fill_crcs(first, count, crate::entry::UNWRITTEN),
+        }
+    }
+
+    /// Bytes the two files occupy on the host filesystem.
+    pub(crate) fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        [&self.data, &self.crc]
+            .iter()
+            .filter_map(|f| f.metadata().ok())
+            .map(|m| m.blocks().saturating_mul(512))
+            .sum()
+    }
+
     /// The data file's name, for messages.
     pub(crate) fn data_name(&self) -> &str {
         &self.data_name
@@ -265,6 +349,37 @@ fn check_len(f: &File, path: &Path, expected: u64) -> Result<()> {
             "{} is {len} bytes, expected {expected} for this volume",
             path.display()
         )));
+    }
+    Ok(())
+}
+
+/// `lseek` with `SEEK_DATA`/`SEEK_HOLE`; None when no data follows `from` (ENXIO).
+fn seek(f: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let off = libc::off_t::try_from(from)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+    // SAFETY: lseek only reads its integer arguments; the descriptor is owned by `f`, which
+    // outlives the call. It moves the file offset, which positional I/O never uses.
+    let rc = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(rc as u64))
+}
+
+/// Removes a layer's two files if they exist.
+pub(crate) fn remove_files(dir: &Path, layer: &str) -> Result<()> {
+    let (d, c) = file_names(layer);
+    for name in [d, c] {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("removing {}", path.display()), e)),
+        }
     }
     Ok(())
 }

@@ -20,10 +20,12 @@ mod bitmap;
 mod chain;
 mod entry;
 mod error;
+mod index;
 mod layer;
 mod meta;
 #[cfg(test)]
 mod powercut;
+mod snapshot;
 mod store;
 
 #[cfg(test)]
@@ -35,6 +37,7 @@ pub use bitmap::DEFAULT_CLEAR_INTERVAL;
 pub use entry::zero_block_crc;
 pub use error::StoreError;
 pub use layer::BLOCK;
+pub use snapshot::MAX_SNAPSHOT_NAME;
 pub use store::{
     CreateParams, MAX_CHECKSUM_RANGE, MAX_CHUNK_SIZE, MAX_IO_LEN, MIN_CHUNK_SIZE, MIN_REGION_SIZE,
     ReplicaStore,
@@ -76,8 +79,68 @@ pub struct ReservationRecord {
 /// One layer of the chain; the head (last) is the writable one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerInfo {
+    /// Stem of the layer's file names (`<name>.img`, `<name>.crc`).
     pub name: String,
     pub read_only: bool,
+    /// Never reused within a store (0 for the head of a store made before snapshots).
+    #[serde(default)]
+    pub id: u32,
+    /// The snapshot this layer is (read-only layers only).
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// When the layer was frozen as a snapshot, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub created_unix_ms: u64,
+    /// Length in bytes (the volume's size when it was frozen; 0 in records
+    /// from before snapshots: the volume's size).
+    #[serde(default)]
+    pub size: u64,
+    /// Deleted by the user; being merged into its child layer.
+    #[serde(default)]
+    pub deleting: bool,
+    /// Merge cursor: blocks below it are already in the child layer.
+    #[serde(default)]
+    pub merged_blocks: u64,
+}
+
+impl LayerInfo {
+    pub(crate) fn new(name: String, id: u32, read_only: bool, size: u64) -> Self {
+        LayerInfo {
+            name,
+            read_only,
+            id,
+            snapshot: None,
+            created_unix_ms: 0,
+            size,
+            deleting: false,
+            merged_blocks: 0,
+        }
+    }
+}
+
+/// A snapshot as [`ReplicaStore::snapshots`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub name: String,
+    /// When it was taken, in milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// The volume's size when it was taken.
+    pub size: u64,
+    /// Bytes its layer occupies on the host filesystem.
+    pub allocated_bytes: u64,
+}
+
+/// Space used by one layer, as [`ReplicaStore::layer_usage`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerUsage {
+    /// The snapshot's name, or None for the writable head.
+    pub snapshot: Option<String>,
+    /// Bytes of the volume the layer can hold.
+    pub provisioned_bytes: u64,
+    /// Bytes its files occupy on the host filesystem.
+    pub allocated_bytes: u64,
+    /// Being merged away after a delete.
+    pub deleting: bool,
 }
 
 /// What [`ReplicaStore::meta`] reports.

@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Result, StoreError, io_err, redb_err};
+use crate::index::{self, Extent, LayerId};
 use crate::{LayerInfo, Membership, ReservationRecord};
 
 /// File name of the metadata database inside the replica directory.
@@ -23,6 +24,8 @@ pub(crate) const META_TMP_FILE: &str = "meta.redb.tmp";
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const DIRTY: TableDefinition<u64, ()> = TableDefinition::new("dirty");
+/// Layer id → that read-only layer's extent list (module `index`).
+const EXTENTS: TableDefinition<u32, &[u8]> = TableDefinition::new("extents");
 
 /// Version of the on-disk format this code writes. Version 2 tells "never written" from
 /// "discarded" in the checksum files (module `entry`).
@@ -325,6 +328,100 @@ impl MetaDb {
         }
         txn.commit()
             .map_err(|e| redb_err(self.ctx("committing dirty regions"), e))
+    }
+
+    /// Every read-only layer's extent list, by layer id.
+    pub(crate) fn load_extents(&self) -> Result<std::collections::HashMap<LayerId, Vec<Extent>>> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| redb_err(self.ctx("beginning a read transaction"), e))?;
+        let mut out = std::collections::HashMap::new();
+        let table = match txn.open_table(EXTENTS) {
+            Ok(t) => t,
+            // A store that never took a snapshot has no such table.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(out),
+            Err(e) => return Err(redb_err(self.ctx("opening table `extents`"), e)),
+        };
+        for entry in table
+            .range::<u32>(..)
+            .map_err(|e| redb_err(self.ctx("listing extents"), e))?
+        {
+            let (k, v) = entry.map_err(|e| redb_err(self.ctx("listing extents"), e))?;
+            let list = index::decode(v.value()).ok_or_else(|| {
+                StoreError::Metadata(
+                    self.ctx(&format!("extent list of layer {} is malformed", k.value())),
+                )
+            })?;
+            out.insert(k.value(), list);
+        }
+        Ok(out)
+    }
+
+    /// One layer's extent list (empty if none is stored).
+    pub(crate) fn layer_extents(&self, id: LayerId) -> Result<Vec<Extent>> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| redb_err(self.ctx("beginning a read transaction"), e))?;
+        let table = match txn.open_table(EXTENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(redb_err(self.ctx("opening table `extents`"), e)),
+        };
+        match table
+            .get(id)
+            .map_err(|e| redb_err(self.ctx(&format!("reading extents of layer {id}")), e))?
+        {
+            Some(v) => index::decode(v.value()).ok_or_else(|| {
+                StoreError::Metadata(self.ctx(&format!("extent list of layer {id} is malformed")))
+            }),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// In one durable transaction: the layer chain, extent lists stored and
+    /// removed, and (if given) the volume size.
+    pub(crate) fn commit_chain(
+        &self,
+        layers: &[LayerInfo],
+        put: &[(LayerId, &[Extent])],
+        delete: &[LayerId],
+        size: Option<u64>,
+    ) -> Result<()> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| redb_err(self.ctx("beginning a write transaction"), e))?;
+        {
+            let mut m = txn
+                .open_table(META)
+                .map_err(|e| redb_err(self.ctx("opening table `meta`"), e))?;
+            let chain = json(key::LAYERS, layers)?;
+            m.insert(key::LAYERS, chain.as_str())
+                .map_err(|e| redb_err(self.ctx("writing key `layers`"), e))?;
+            if let Some(size) = size {
+                let v = json(key::SIZE, &size)?;
+                m.insert(key::SIZE, v.as_str())
+                    .map_err(|e| redb_err(self.ctx("writing key `size`"), e))?;
+            }
+            let mut x = txn
+                .open_table(EXTENTS)
+                .map_err(|e| redb_err(self.ctx("opening table `extents`"), e))?;
+            for (id, list) in put {
+                let raw = index::encode(list);
+                x.insert(*id, raw.as_slice()).map_err(|e| {
+                    redb_err(self.ctx(&format!("writing extents of layer {id}")), e)
+                })?;
+            }
+            for id in delete {
+                x.remove(*id).map_err(|e| {
+                    redb_err(self.ctx(&format!("removing extents of layer {id}")), e)
+                })?;
+            }
+        }
+        txn.commit()
+            .map_err(|e| redb_err(self.ctx("committing the layer chain"), e))
     }
 
     /// Durably marks the store cleanly shut down and empties the dirty table.

@@ -12,9 +12,10 @@ use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use bytes::Bytes;
 
 use crate::bitmap::WriteIntent;
-use crate::chain::{LayerChain, Source};
+use crate::chain::{ChainLayer, LayerChain, Source};
 use crate::entry::{self, DISCARDED};
 use crate::error::{Result, StoreError};
+use crate::index::ExtentIndex;
 use crate::layer::{BLOCK, Layer};
 use crate::meta::{self, MetaDb, Record};
 use crate::{Epoch, LayerInfo, Membership, ReservationRecord, VolumeMeta};
@@ -59,20 +60,24 @@ pub struct CreateParams {
 /// [`ReplicaStore::open`] recovers the dirty regions.
 #[derive(Debug)]
 pub struct ReplicaStore {
-    dir: PathBuf,
-    db: MetaDb,
-    size: u64,
+    pub(crate) dir: PathBuf,
+    pub(crate) db: MetaDb,
+    /// Volume size in bytes; grows with [`ReplicaStore::grow`].
+    size: AtomicU64,
     block_size: u32,
     chunk_size: u32,
     chunk_shift: u32,
     volume: String,
     instance_id: String,
-    layers: Vec<LayerInfo>,
     clean_shutdown: bool,
     /// Epoch and membership; the mutex also orders their commits.
     mutable: Mutex<Mutable>,
-    chain: LayerChain,
-    stripes: Box<[RwLock<()>]>,
+    /// The layers and their index. Every I/O holds it shared (after its
+    /// stripes); changes of the chain hold it exclusively, which drains I/O.
+    pub(crate) chain: RwLock<LayerChain>,
+    /// Orders changes of the chain (snapshot, delete, merge steps, revert, grow).
+    pub(crate) admin: Mutex<()>,
+    pub(crate) stripes: Box<[RwLock<()>]>,
     intent: WriteIntent,
     /// Data syncs asked for so far, and the last ticket a completed sync covered.
     syncs_asked: AtomicU64,
@@ -98,7 +103,7 @@ enum Halves {
     CrcOnly,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -163,6 +168,7 @@ impl ReplicaStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| crate::error::io_err(format!("creating {}", dir.display()), e))?;
         Layer::create(dir, HEAD, p.size)?;
+        let size = p.size;
         let rec = Record {
             volume: p.volume,
             size: p.size,
@@ -172,10 +178,7 @@ impl ReplicaStore {
             instance_id: p.instance_id,
             epoch: Epoch(0),
             membership: Membership::default(),
-            layers: vec![LayerInfo {
-                name: HEAD.into(),
-                read_only: false,
-            }],
+            layers: vec![LayerInfo::new(HEAD.into(), 0, false, size)],
             clean: true,
             reservations: None,
         };
@@ -200,20 +203,34 @@ impl ReplicaStore {
         }
         let (mut db, rec, dirty) = MetaDb::open(dir)?;
         check_record(dir, &rec)?;
-        let head_name = match rec.layers.as_slice() {
-            [only] if !only.read_only => only.name.clone(),
-            _ => {
-                return Err(StoreError::Metadata(format!(
-                    "{}: layer chain {:?} is not a single writable head (snapshot layers are not supported by this version)",
-                    dir.join(meta::META_FILE).display(),
-                    rec.layers
-                        .iter()
-                        .map(|l| l.name.as_str())
-                        .collect::<Vec<_>>()
-                )));
-            }
-        };
-        let head = Layer::open(dir, &head_name, rec.size, true)?;
+        if rec.layers.last().is_none_or(|l| l.read_only) {
+            return Err(StoreError::Metadata(format!(
+                "{}: the layer chain has no writable head",
+                dir.join(meta::META_FILE).display()
+            )));
+        }
+        remove_orphan_layers(dir, &rec.layers)?;
+        let extents = db.load_extents()?;
+        let mut chained = Vec::with_capacity(rec.layers.len());
+        let nlayers = rec.layers.len();
+        for (pos, info) in rec.layers.iter().enumerate() {
+            let is_head = pos + 1 == nlayers;
+            // The head always spans the volume; a snapshot, the volume as it was.
+            let size = if is_head || info.size == 0 {
+                rec.size
+            } else {
+                info.size
+            };
+            let layer = Layer::open(dir, &info.name, size, true)?;
+            chained.push(ChainLayer {
+                info: info.clone(),
+                layer,
+                blocks: size / BLOCK,
+            });
+        }
+        let index = fold_index(&rec.layers, &extents);
+        let chain = LayerChain::new(chained, index)
+            .ok_or_else(|| StoreError::Metadata(format!("{}: no head layer", dir.display())))?;
         let region_shift = rec.region_size.trailing_zeros();
         let nregions = rec.size.div_ceil(rec.region_size);
         let mut recovered: Vec<u64> = dirty.iter().copied().filter(|&r| r < nregions).collect();
@@ -233,18 +250,27 @@ impl ReplicaStore {
                 "recovering checksums of dirty regions"
             );
         }
-        for &r in &recovered {
-            recover_region(&head, r, rec.region_size, rec.size)?;
+        {
+            let head = &chain.head().layer;
+            let has_parent = |b: u64| {
+                nlayers > 1
+                    && chain
+                        .index
+                        .segments(b, b + 1)
+                        .first()
+                        .is_some_and(|&(_, _, o)| o.is_some())
+            };
+            for &r in &recovered {
+                recover_region(head, &has_parent, r, rec.region_size, rec.size)?;
+            }
+            if !recovered.is_empty() {
+                head.sync()?;
+            }
+            if db.format() < meta::FORMAT_VERSION {
+                upgrade_from_v1(dir, head, rec.size)?;
+                db.set_current_format()?;
+            }
         }
-        if !recovered.is_empty() {
-            head.sync()?;
-        }
-        if db.format() < meta::FORMAT_VERSION {
-            upgrade_from_v1(dir, &head, rec.size)?;
-            db.set_current_format()?;
-        }
-        let chain = LayerChain::new(vec![head])
-            .ok_or_else(|| StoreError::Metadata(format!("{}: no head layer", dir.display())))?;
         // From here until `close`, a stop is unclean.
         db.set_clean(false)?;
         let chunk_shift = rec.chunk_size.trailing_zeros();
@@ -252,20 +278,20 @@ impl ReplicaStore {
         Ok(ReplicaStore {
             dir: dir.to_path_buf(),
             db,
-            size: rec.size,
+            size: AtomicU64::new(rec.size),
             block_size: rec.block_size,
             chunk_size: rec.chunk_size,
             chunk_shift,
             volume: rec.volume,
             instance_id: rec.instance_id,
-            layers: rec.layers,
             clean_shutdown: rec.clean,
             mutable: Mutex::new(Mutable {
                 epoch: rec.epoch,
                 membership: rec.membership,
                 reservations: rec.reservations,
             }),
-            chain,
+            chain: RwLock::new(chain),
+            admin: Mutex::new(()),
             stripes,
             intent: WriteIntent::new(region_shift, &recovered),
             syncs_asked: AtomicU64::new(0),
@@ -281,7 +307,56 @@ impl ReplicaStore {
 
     /// Volume size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// The chain, shared (every I/O, after taking its stripes).
+    pub(crate) fn chain(&self) -> RwLockReadGuard<'_, LayerChain> {
+        self.chain.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The chain, exclusive (changes of the chain, under `admin`).
+    pub(crate) fn chain_mut(&self) -> RwLockWriteGuard<'_, LayerChain> {
+        self.chain.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Grows the volume to `new_size` bytes (a multiple of 4096 and of the
+    /// block size). Smaller: [`StoreError::Invalid`]; equal: nothing; larger:
+    /// the head's files are extended (sparse) and the new size recorded
+    /// durably before this returns. Snapshot layers keep their size: past
+    /// their end they hold nothing. Waits for in-flight I/O.
+    pub fn grow(&self, new_size: u64) -> Result<()> {
+        let _admin = lock(&self.admin);
+        let cur = self.size();
+        if new_size < cur {
+            return Err(StoreError::Invalid(format!(
+                "cannot shrink the volume from {cur} to {new_size} bytes"
+            )));
+        }
+        if new_size == cur {
+            return Ok(());
+        }
+        if !new_size.is_multiple_of(BLOCK) || !new_size.is_multiple_of(u64::from(self.block_size)) {
+            return Err(StoreError::Invalid(format!(
+                "size {new_size} is not a multiple of 4096 and of the block size {}",
+                self.block_size
+            )));
+        }
+        if new_size / BLOCK > u64::from(u32::MAX) * 1024 {
+            return Err(StoreError::Invalid(format!("size {new_size} is too large")));
+        }
+        let mut chain = self.chain_mut();
+        let head_pos = chain.layers().len() - 1;
+        chain.head().layer.grow(new_size)?;
+        let mut infos: Vec<LayerInfo> = chain.layers().iter().map(|l| l.info.clone()).collect();
+        infos[head_pos].size = new_size;
+        self.db.commit_chain(&infos, &[], &[], Some(new_size))?;
+        let head = &mut chain.layers_mut()[head_pos];
+        head.info.size = new_size;
+        head.blocks = new_size / BLOCK;
+        self.size.store(new_size, Ordering::Release);
+        tracing::info!(dir = %self.dir.display(), from = cur, to = new_size, "volume grown");
+        Ok(())
     }
 
     /// The newest epoch recorded (by any engine's open).
@@ -294,13 +369,18 @@ impl ReplicaStore {
         let m = lock(&self.mutable);
         VolumeMeta {
             volume: self.volume.clone(),
-            size: self.size,
+            size: self.size(),
             block_size: self.block_size,
             chunk_size: self.chunk_size,
             instance_id: self.instance_id.clone(),
             epoch: m.epoch,
             membership: m.membership.clone(),
-            layers: self.layers.clone(),
+            layers: self
+                .chain()
+                .layers()
+                .iter()
+                .map(|l| l.info.clone())
+                .collect(),
             reservations: m.reservations.clone(),
             clean_shutdown: self.clean_shutdown,
         }
@@ -364,17 +444,17 @@ impl ReplicaStore {
 
     fn check_range(&self, offset: u64, len: u64) -> Result<u64> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(end),
+            Some(end) if end <= self.size() => Ok(end),
             _ => Err(StoreError::OutOfRange {
                 offset,
                 len,
-                size: self.size,
+                size: self.size(),
             }),
         }
     }
 
     /// Indices of the lock stripes covering blocks `first..end` (non-empty), ascending.
-    fn stripe_set(&self, first: u64, end: u64) -> Vec<usize> {
+    pub(crate) fn stripe_set(&self, first: u64, end: u64) -> Vec<usize> {
         let blocks_per_chunk_shift = self.chunk_shift - BLOCK.trailing_zeros();
         let c0 = first >> blocks_per_chunk_shift;
         let c1 = (end - 1) >> blocks_per_chunk_shift;
@@ -387,25 +467,35 @@ impl ReplicaStore {
         v
     }
 
-    fn lock_shared(&self, first: u64, end: u64) -> Vec<RwLockReadGuard<'_, ()>> {
+    pub(crate) fn lock_shared(&self, first: u64, end: u64) -> Vec<RwLockReadGuard<'_, ()>> {
         self.stripe_set(first, end)
             .into_iter()
             .map(|i| self.stripes[i].read().unwrap_or_else(|p| p.into_inner()))
             .collect()
     }
 
-    fn lock_exclusive(&self, first: u64, end: u64) -> Vec<RwLockWriteGuard<'_, ()>> {
+    pub(crate) fn lock_exclusive(&self, first: u64, end: u64) -> Vec<RwLockWriteGuard<'_, ()>> {
         self.stripe_set(first, end)
             .into_iter()
             .map(|i| self.stripes[i].write().unwrap_or_else(|p| p.into_inner()))
             .collect()
     }
 
-    /// Reads whole blocks `first..first + buf.len() / 4096` into `buf`, verifying each
-    /// block's checksum. Caller holds the stripes.
-    fn read_blocks(&self, first: u64, buf: &mut [u8]) -> Result<()> {
+    /// Reads whole blocks `first..first + buf.len() / 4096` of the volume into `buf`,
+    /// verifying each block's checksum. Caller holds the stripes and the chain.
+    fn read_blocks(&self, chain: &LayerChain, first: u64, buf: &mut [u8]) -> Result<()> {
         let total = buf.len() / BLOCK_USIZE;
-        for run in self.chain.runs(first, total)? {
+        self.read_runs(chain.runs(first, total)?, first, buf)
+    }
+
+    /// Copies `runs` (from `first`) into `buf`, verifying each block's checksum.
+    pub(crate) fn read_runs(
+        &self,
+        runs: Vec<crate::chain::Run<'_>>,
+        first: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        for run in runs {
             let lo = ((run.first - first) as usize) * BLOCK_USIZE;
             let hi = lo + (run.len as usize) * BLOCK_USIZE;
             let piece = &mut buf[lo..hi];
@@ -456,7 +546,7 @@ impl ReplicaStore {
         let mut buf = vec![0u8; ((end_block - first) * BLOCK) as usize];
         {
             let _g = self.lock_shared(first, end_block);
-            self.read_blocks(first, &mut buf)?;
+            self.read_blocks(&self.chain(), first, &mut buf)?;
         }
         let lo = (offset - first * BLOCK) as usize;
         Ok(Bytes::from(buf).slice(lo..lo + len as usize))
@@ -501,7 +591,7 @@ impl ReplicaStore {
             return Ok(());
         }
         let covers = self.syncs_asked.load(Ordering::SeqCst);
-        self.chain.head().sync_data_file()?;
+        self.chain().head().layer.sync_data_file()?;
         *synced = covers;
         Ok(())
     }
@@ -526,7 +616,7 @@ impl ReplicaStore {
             let crcs = crcs_of(data);
             let _ticket = self.intent.begin_write(&self.db, offset, end)?;
             let _g = self.lock_exclusive(first, end_block);
-            return self.store_blocks(first, data, &crcs, halves);
+            return self.store_blocks(&self.chain(), first, data, &crcs, halves);
         }
         let mut buf = vec![0u8; (aligned_end - aligned_start) as usize];
         let lo = (offset - aligned_start) as usize;
@@ -538,6 +628,7 @@ impl ReplicaStore {
         }
         let _ticket = self.intent.begin_write(&self.db, offset, end)?;
         let _g = self.lock_exclusive(first, end_block);
+        let chain = self.chain();
         for b in edges {
             let base = b * BLOCK;
             // The part of block `b` this write covers, relative to the block.
@@ -547,19 +638,27 @@ impl ReplicaStore {
                 continue;
             }
             let mut old = [0u8; BLOCK_USIZE];
-            self.read_blocks(b, &mut old)?;
+            self.read_blocks(&chain, b, &mut old)?;
             let i = (b - first) as usize;
             let block = &mut buf[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE];
             block[..c0].copy_from_slice(&old[..c0]);
             block[c1..].copy_from_slice(&old[c1..]);
             crcs[i] = entry::written(entry::block_crc(block));
         }
-        self.store_blocks(first, &buf, &crcs, halves)
+        self.store_blocks(&chain, first, &buf, &crcs, halves)
     }
 
-    /// Writes whole blocks and their entries to the head. Caller holds the stripes.
-    fn store_blocks(&self, first: u64, data: &[u8], entries: &[u32], halves: Halves) -> Result<()> {
-        let head = self.chain.head();
+    /// Writes whole blocks and their entries to the head. Caller holds the stripes and the
+    /// chain.
+    fn store_blocks(
+        &self,
+        chain: &LayerChain,
+        first: u64,
+        data: &[u8],
+        entries: &[u32],
+        halves: Halves,
+    ) -> Result<()> {
+        let head = &chain.head().layer;
         if halves.data() {
             head.write_data(first * BLOCK, data)?;
         }
@@ -581,6 +680,7 @@ impl ReplicaStore {
         let end_block = end.div_ceil(BLOCK);
         let _ticket = self.intent.begin_write(&self.db, offset, end)?;
         let _g = self.lock_exclusive(first, end_block);
+        let chain = self.chain();
 
         // Partial blocks: (block, zero from, zero to) in byte offsets.
         let mut partial: Vec<(u64, u64, u64)> = Vec::new();
@@ -596,18 +696,18 @@ impl ReplicaStore {
         }
         for (b, lo, hi) in partial {
             let mut block = [0u8; BLOCK_USIZE];
-            self.read_blocks(b, &mut block)?;
+            self.read_blocks(&chain, b, &mut block)?;
             let base = b * BLOCK;
             block[(lo - base) as usize..(hi - base) as usize].fill(0);
             let e = entry::written(entry::block_crc(&block));
-            self.store_blocks(b, &block, &[e], Halves::Both)?;
+            self.store_blocks(&chain, b, &block, &[e], Halves::Both)?;
         }
 
         let whole_first = offset.div_ceil(BLOCK);
         let whole_end = end / BLOCK;
         if whole_first < whole_end {
             let n = whole_end - whole_first;
-            let head = self.chain.head();
+            let head = &chain.head().layer;
             head.punch(whole_first * BLOCK, n * BLOCK)?;
             head.fill_crcs(whole_first, n, DISCARDED)?;
         }
@@ -626,7 +726,7 @@ impl ReplicaStore {
     /// the engine's flushes, which follow its acknowledged writes on every replica, may
     /// clear it.
     pub fn sync(&self) -> Result<()> {
-        self.chain.head().sync()
+        self.chain().head().layer.sync()
     }
 
     /// Makes every write that completed before this call durable — one `fdatasync` of the
@@ -638,7 +738,8 @@ impl ReplicaStore {
     pub fn flush(&self) -> Result<()> {
         let seq = self.intent.begin_flush();
         self.sync_data_grouped()?;
-        let head = self.chain.head();
+        let chain = self.chain();
+        let head = &chain.head().layer;
         if let Some(below) = self.intent.clear_threshold(seq, std::time::Instant::now()) {
             head.sync_crc_file()?;
             if let Err(e) = self.intent.clear_idle(&self.db, below) {
@@ -679,10 +780,11 @@ impl ReplicaStore {
         let end_block = end / BLOCK;
         let mut out = Vec::with_capacity((end_block - first) as usize);
         let _g = self.lock_shared(first, end_block);
+        let chain = self.chain();
         let mut block = first;
         while block < end_block {
             let n = (end_block - block).min(1 << 18);
-            out.extend(self.chain.reported(block, n as usize)?);
+            out.extend(chain.reported(block, n as usize)?);
             block += n;
         }
         Ok(out)
@@ -716,7 +818,7 @@ impl ReplicaStore {
     pub fn close(self) -> Result<()> {
         self.flush()?;
         // A clean store's entries are trusted at open: they must be durable.
-        self.chain.head().sync_crc_file()?;
+        self.chain().head().layer.sync_crc_file()?;
         let ReplicaStore { db, dir, .. } = self;
         db.close_clean()?;
         tracing::debug!(dir = %dir.display(), "replica store closed cleanly");
@@ -828,7 +930,17 @@ fn upgrade_from_v1(dir: &Path, head: &Layer, size: u64) -> Result<()> {
 }
 
 /// Recomputes and stores the checksum of every block of region `r` from the data on disk.
-fn recover_region(head: &Layer, r: u64, region_size: u64, size: u64) -> Result<()> {
+///
+/// In a head with parents, a block whose entry says written but whose data reads as zeroes
+/// (the entry reached the disk, the data did not) goes back to "never written" if a parent
+/// holds the block, so it reads as before the torn write rather than as zeroes.
+fn recover_region(
+    head: &Layer,
+    has_parent: &dyn Fn(u64) -> bool,
+    r: u64,
+    region_size: u64,
+    size: u64,
+) -> Result<()> {
     const PIECE: u64 = 1 << 20;
     let start = r * region_size;
     let end = start.saturating_add(region_size).min(size);
@@ -844,7 +956,11 @@ fn recover_region(head: &Layer, r: u64, region_size: u64, size: u64) -> Result<(
         let new: Vec<u32> = piece
             .chunks_exact(BLOCK_USIZE)
             .zip(&stored)
-            .map(|(b, &s)| entry::recovered(b, s))
+            .enumerate()
+            .map(|(i, (b, &s))| match entry::recovered(b, s) {
+                DISCARDED if s != DISCARDED && has_parent(first + i as u64) => entry::UNWRITTEN,
+                e => e,
+            })
             .collect();
         if new != stored {
             fixed += new.iter().zip(&stored).filter(|(a, b)| a != b).count();
@@ -854,6 +970,70 @@ fn recover_region(head: &Layer, r: u64, region_size: u64, size: u64) -> Result<(
     }
     if fixed > 0 {
         tracing::info!(region = r, blocks = fixed, "recovery rewrote checksums");
+    }
+    Ok(())
+}
+
+/// The extent index of a chain: every read-only layer's extent list folded
+/// oldest first (a newer layer's blocks replace an older one's). The part of a
+/// layer being deleted that is already merged (below its cursor) belongs to its
+/// child if the child is read-only; a head child holds those blocks itself.
+pub(crate) fn fold_index(
+    layers: &[LayerInfo],
+    extents: &std::collections::HashMap<crate::index::LayerId, Vec<crate::index::Extent>>,
+) -> ExtentIndex {
+    let mut index = ExtentIndex::default();
+    let n = layers.len();
+    for (pos, info) in layers.iter().enumerate() {
+        if pos + 1 == n {
+            break;
+        }
+        let Some(list) = extents.get(&info.id) else {
+            continue;
+        };
+        let child = &layers[pos + 1];
+        for &(s, e) in list {
+            if info.deleting && s < info.merged_blocks {
+                let cut = e.min(info.merged_blocks);
+                if pos + 2 < n {
+                    index.assign(s, cut, child.id);
+                }
+                if cut < e {
+                    index.assign(cut, e, info.id);
+                }
+            } else {
+                index.assign(s, e, info.id);
+            }
+        }
+    }
+    index
+}
+
+/// Removes layer files that no layer of the chain names: left by a crash
+/// between creating a layer's files and recording it, or between dropping a
+/// layer from the chain and removing its files.
+fn remove_orphan_layers(dir: &Path, layers: &[LayerInfo]) -> Result<()> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| crate::error::io_err(format!("listing {}", dir.display()), e))?;
+    for entry in entries {
+        let entry =
+            entry.map_err(|e| crate::error::io_err(format!("listing {}", dir.display()), e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(stem) = name
+            .strip_suffix(".img")
+            .or_else(|| name.strip_suffix(".crc"))
+        else {
+            continue;
+        };
+        let ours = stem == HEAD
+            || (stem.len() > 1
+                && stem.starts_with('l')
+                && stem[1..].bytes().all(|b| b.is_ascii_digit()));
+        if ours && !layers.iter().any(|l| l.name == stem) {
+            tracing::info!(dir = %dir.display(), file = name, "removing a layer file no chain names");
+            crate::layer::remove_files(dir, stem)?;
+        }
     }
     Ok(())
 }

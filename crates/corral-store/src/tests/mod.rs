@@ -5,6 +5,7 @@
 mod concurrency;
 mod model;
 mod power_loss;
+mod snapshots;
 mod unit;
 mod upgrade;
 

@@ -40,10 +40,7 @@ fn create_open_close_round_trip() {
     assert_eq!(m.membership, Membership::default());
     assert_eq!(
         m.layers,
-        vec![LayerInfo {
-            name: "head".into(),
-            read_only: false
-        }]
+        vec![LayerInfo::new("head".into(), 0, false, 4 * MIB)]
     );
     assert!(m.clean_shutdown);
     assert_eq!(s.region_size(), MIB);

@@ -1,0 +1,245 @@
+//! Snapshots against an in-memory model: random sequences of writes, discards,
+//! snapshot create/delete/revert, merge steps, growth, clean reopens and crashes.
+//!
+//! After every operation the volume reads as the model's head and every live
+//! snapshot reads as the model's copy of it, with no checksum mismatch; the
+//! store lists exactly the model's snapshots.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::{no_mismatch, params, pattern};
+use crate::{BLOCK, ReplicaStore, StoreError};
+
+const SIZE: u64 = 128 * 1024;
+const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write { off: u64, len: u64, seed: u8 },
+    Unmap { off: u64, len: u64 },
+    Flush,
+    Snapshot(usize),
+    Delete(usize),
+    MergeSteps(usize),
+    MergeAll,
+    Revert(usize),
+    Grow(u64),
+    Reopen,
+    Crash,
+}
+
+fn range() -> impl Strategy<Value = (u64, u64)> {
+    (0..SIZE / BLOCK, 1..12u64, 0..3u64).prop_map(|(b, n, skew)| {
+        let off = (b * BLOCK + skew * 1000).min(SIZE - 1);
+        (off, (n * BLOCK).min(SIZE - off))
+    })
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (range(), 1..8u8).prop_map(|((off, len), seed)| Op::Write { off, len, seed }),
+        1 => range().prop_map(|(off, len)| Op::Unmap { off, len }),
+        1 => Just(Op::Flush),
+        3 => (0..NAMES.len()).prop_map(Op::Snapshot),
+        2 => (0..NAMES.len()).prop_map(Op::Delete),
+        2 => (1..4usize).prop_map(Op::MergeSteps),
+        1 => Just(Op::MergeAll),
+        1 => (0..NAMES.len()).prop_map(Op::Revert),
+        1 => (1..4u64).prop_map(|b| Op::Grow(b * 4 * BLOCK)),
+        1 => Just(Op::Reopen),
+        1 => Just(Op::Crash),
+    ]
+}
+
+struct Model {
+    head: Vec<u8>,
+    snaps: BTreeMap<String, Vec<u8>>,
+}
+
+fn check(s: &ReplicaStore, m: &Model, what: &str) -> Result<(), TestCaseError> {
+    prop_assert_eq!(s.size(), m.head.len() as u64, "{}: size", what);
+    let got = no_mismatch(s.read(0, s.size()), what)?;
+    if got[..] != m.head[..] {
+        let first = (0..m.head.len())
+            .find(|&i| got[i] != m.head[i])
+            .unwrap_or(0);
+        return Err(TestCaseError::fail(format!(
+            "{what}: the volume differs from the model, first at byte {first}"
+        )));
+    }
+    let sums = no_mismatch(s.block_checksums(0, s.size()), what)?;
+    let expect: Vec<u32> = m.head.chunks(BLOCK as usize).map(crc32c::crc32c).collect();
+    prop_assert!(sums == expect, "{}: block checksums differ", what);
+    let listed: Vec<String> = s.snapshots().into_iter().map(|i| i.name).collect();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    prop_assert_eq!(
+        sorted,
+        m.snaps.keys().cloned().collect::<Vec<_>>(),
+        "{}: listed",
+        what
+    );
+    for (name, data) in &m.snaps {
+        let got = no_mismatch(s.read_snapshot(name, 0, data.len() as u64), what)?;
+        if got[..] != data[..] {
+            let first = (0..data.len()).find(|&i| got[i] != data[i]).unwrap_or(0);
+            return Err(TestCaseError::fail(format!(
+                "{what}: snapshot {name} differs from the model, first at byte {first}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("replica");
+    let mut store = Some(
+        ReplicaStore::create_with_region_size(&dir, params(SIZE, 4096), 16 * 1024)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?,
+    );
+    let mut m = Model {
+        head: vec![0u8; SIZE as usize],
+        snaps: BTreeMap::new(),
+    };
+    for (i, op) in ops.into_iter().enumerate() {
+        let what = format!("op {i} {op:?}");
+        let s = store.as_ref().unwrap();
+        match op {
+            Op::Write { off, len, seed } => {
+                let data = pattern(seed, len as usize);
+                no_mismatch(s.write(off, &data), &what)?;
+                m.head[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+            Op::Unmap { off, len } => {
+                no_mismatch(s.unmap(off, len), &what)?;
+                m.head[off as usize..(off + len) as usize].fill(0);
+            }
+            Op::Flush => no_mismatch(s.flush(), &what)?,
+            Op::Snapshot(n) => match s.snapshot_create(NAMES[n]) {
+                Ok(info) => {
+                    m.snaps
+                        .entry(NAMES[n].to_string())
+                        .or_insert_with(|| m.head.clone());
+                    prop_assert_eq!(info.size, m.snaps[NAMES[n]].len() as u64);
+                }
+                Err(StoreError::Busy(_)) => prop_assert!(s.merge_pending()),
+                Err(e) => return Err(TestCaseError::fail(format!("{what}: {e}"))),
+            },
+            Op::Delete(n) => match s.snapshot_delete(NAMES[n]) {
+                Ok(()) => {
+                    prop_assert!(m.snaps.remove(NAMES[n]).is_some());
+                }
+                Err(StoreError::NoSuchSnapshot(_)) => {
+                    prop_assert!(!m.snaps.contains_key(NAMES[n]));
+                }
+                Err(e) => return Err(TestCaseError::fail(format!("{what}: {e}"))),
+            },
+            Op::MergeSteps(k) => {
+                for _ in 0..k {
+                    no_mismatch(s.merge_step(), &what)?;
+                }
+            }
+            Op::MergeAll => {
+                let mut steps = 0;
+                while no_mismatch(s.merge_step(), &what)? {
+                    steps += 1;
+                    prop_assert!(steps < 10_000, "{}: merge does not end", what);
+                }
+                prop_assert!(!s.merge_pending());
+            }
+            Op::Revert(n) => match s.snapshot_revert(NAMES[n]) {
+                Ok(()) => {
+                    let snap = &m.snaps[NAMES[n]];
+                    let len = m.head.len();
+                    m.head = snap.clone();
+                    m.head.resize(len, 0);
+                }
+                Err(StoreError::NoSuchSnapshot(_)) => {
+                    prop_assert!(!m.snaps.contains_key(NAMES[n]));
+                }
+                Err(StoreError::Busy(_)) => prop_assert!(s.merge_pending()),
+                Err(e) => return Err(TestCaseError::fail(format!("{what}: {e}"))),
+            },
+            Op::Grow(by) => {
+                let new = s.size() + by;
+                no_mismatch(s.grow(new), &what)?;
+                m.head.resize(new as usize, 0);
+            }
+            Op::Reopen => {
+                no_mismatch(store.take().unwrap().close(), &what)?;
+                store = Some(no_mismatch(ReplicaStore::open(&dir), &what)?);
+            }
+            Op::Crash => {
+                store.take().unwrap().crash();
+                store = Some(no_mismatch(ReplicaStore::open(&dir), &what)?);
+            }
+        }
+        check(store.as_ref().unwrap(), &m, &what)?;
+    }
+    // Every pending merge ends, and leaves everything as it was.
+    let s = store.take().unwrap();
+    let mut steps = 0;
+    while no_mismatch(s.merge_step(), "final merge")? {
+        steps += 1;
+        prop_assert!(steps < 10_000, "the final merge does not end");
+    }
+    check(&s, &m, "after every merge")?;
+    no_mismatch(s.close(), "close")?;
+    let s = no_mismatch(ReplicaStore::open(&dir), "final open")?;
+    check(&s, &m, "after the final reopen")?;
+    // Only the chain's own files are left.
+    let files = std::fs::read_dir(&dir).unwrap().count();
+    let layers = s.meta().layers.len();
+    prop_assert_eq!(files, 2 * layers + 1, "layer files plus meta.redb");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn snapshots_match_the_model(ops in prop::collection::vec(op(), 1..50)) {
+        run(ops)?;
+    }
+}
+
+#[test]
+fn bad_names_are_refused_and_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = ReplicaStore::create(tmp.path(), params(SIZE, 4096)).unwrap();
+    for bad in ["", "-x", ".x", "a/b", "a b", &"n".repeat(65)] {
+        match s.snapshot_create(bad) {
+            Err(StoreError::Invalid(msg)) => assert!(msg.contains("snapshot name"), "{msg}"),
+            other => panic!("{bad:?}: {other:?}"),
+        }
+    }
+    assert!(s.snapshots().is_empty());
+    assert_eq!(s.meta().layers.len(), 1);
+    assert!(matches!(
+        s.snapshot_delete("nope"),
+        Err(StoreError::NoSuchSnapshot(_))
+    ));
+    assert!(matches!(
+        s.snapshot_revert("nope"),
+        Err(StoreError::NoSuchSnapshot(_))
+    ));
+    assert!(matches!(s.grow(SIZE - BLOCK), Err(StoreError::Invalid(_))));
+    assert_eq!(s.size(), SIZE);
+}
+
+#[test]
+fn a_snapshot_is_idempotent_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = ReplicaStore::create(tmp.path(), params(SIZE, 4096)).unwrap();
+    s.write(0, &[7u8; 4096]).unwrap();
+    let first = s.snapshot_create("hourly").unwrap();
+    s.write(0, &[8u8; 4096]).unwrap();
+    let again = s.snapshot_create("hourly").unwrap();
+    assert_eq!(first, again);
+    assert_eq!(s.snapshots().len(), 1);
+    assert_eq!(s.read_snapshot("hourly", 0, 4096).unwrap()[..], [7u8; 4096]);
+    assert_eq!(s.read(0, 4096).unwrap()[..], [8u8; 4096]);
+}
