@@ -98,6 +98,34 @@ impl Ext4OnNbd {
         self.read_back(&written)
     }
 
+    /// mkfs.ext4, mount, write files (pseudo-random from `seed`), unmount:
+    /// what was written, to read back later — also on a later attachment of
+    /// the same export under the same directory (see
+    /// [`Ext4OnNbd::resize_fsck_and_read_back`]).
+    pub fn mkfs_and_write(&mut self, seed: u64) -> Result<Ext4Files> {
+        let dev = self.loop_dev.clone().context("no loop device")?;
+        sh("mkfs.ext4", &["-q", "-F", &dev])?;
+        self.mount()?;
+        let written = self.write_files(seed)?;
+        self.unmount()?;
+        Ok(Ext4Files(written))
+    }
+
+    /// Grow the (unmounted) filesystem to the whole device: `e2fsck -f -y`
+    /// (resize2fs wants a freshly checked filesystem; it must find nothing
+    /// to fix), `resize2fs`, `fsck.ext4 -n -f` (clean), mount, and read
+    /// `files` back. Returns the filesystem's size in bytes afterwards.
+    pub fn resize_fsck_and_read_back(&mut self, files: &Ext4Files) -> Result<u64> {
+        let dev = self.loop_dev.clone().context("no loop device")?;
+        run_ok("e2fsck", &["-f", "-y", &dev], Duration::from_secs(120))?;
+        sh("resize2fs", &[&dev])?;
+        run_ok("fsck.ext4", &["-n", "-f", &dev], Duration::from_secs(120))?;
+        let size = fs_size(&dev)?;
+        self.mount()?;
+        self.read_back(&files.0)?;
+        Ok(size)
+    }
+
     fn mount(&mut self) -> Result<()> {
         let dev = self.loop_dev.as_deref().context("no loop device")?;
         sh("mount", &[dev, &self.mount_dir.display().to_string()])?;
@@ -171,6 +199,21 @@ impl Drop for Ext4OnNbd {
             reap(fuse, Duration::from_secs(10));
         }
     }
+}
+
+/// The files [`Ext4OnNbd::mkfs_and_write`] wrote.
+pub struct Ext4Files(Written);
+
+/// An ext4 filesystem's size in bytes (`dumpe2fs -h`: block count × block size).
+fn fs_size(dev: &str) -> Result<u64> {
+    let text = sh("dumpe2fs", &["-h", dev])?;
+    let field = |name: &str| -> Result<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("dumpe2fs -h {dev}: no {name:?}"))
+    };
+    Ok(field("Block count:")? * field("Block size:")?)
 }
 
 /// Run a tool (bounded), failing unless it exits 0; its trimmed stdout.

@@ -15,11 +15,12 @@
 use std::time::Duration;
 
 use corral_proto::v1::{
-    self as pb, AddReplicaRequest, CreateReplicaRequest, GetReplicaRequest,
-    ListEngineReplicasRequest, OpenReplicaRequest, RebuildStatusRequest, RemoveReplicaRequest,
-    ReplicaInfo, ReplicaStatus, SalvageRequest, SetMembershipRequest, VerifyRequest,
-    VerifyResponse, VolumeInfo, VolumeInfoRequest, engine_control_client::EngineControlClient,
-    engine_manager_client::EngineManagerClient, replica_control_client::ReplicaControlClient,
+    self as pb, AddReplicaRequest, CreateReplicaRequest, ExpandReplicaRequest, ExpandVolumeRequest,
+    ExpandVolumeResponse, GetReplicaRequest, ListEngineReplicasRequest, OpenReplicaRequest,
+    RebuildStatusRequest, RemoveReplicaRequest, ReplicaInfo, ReplicaStatus, SalvageRequest,
+    SetMembershipRequest, VerifyRequest, VerifyResponse, VolumeInfo, VolumeInfoRequest,
+    engine_control_client::EngineControlClient, engine_manager_client::EngineManagerClient,
+    replica_control_client::ReplicaControlClient,
 };
 use std::sync::OnceLock;
 
@@ -311,6 +312,29 @@ impl ReplicaControl {
     }
 
     /// Record a reservation record on the replica, as the engine of `epoch`.
+    /// Grow the replica of `volume` to `size` bytes, as the engine open at
+    /// `epoch` (a replica already at least that large is left as it is).
+    pub async fn expand(
+        &self,
+        volume: &str,
+        epoch: Epoch,
+        size: u64,
+    ) -> Result<ReplicaInfo, ClientError> {
+        let mut c = self.inner.clone();
+        let request = ExpandReplicaRequest {
+            volume: volume.to_string(),
+            epoch: epoch.0,
+            size,
+        };
+        call(
+            &self.addr,
+            "expand replica",
+            self.timeout,
+            c.expand_replica(request),
+        )
+        .await
+    }
+
     pub async fn set_reservations(
         &self,
         volume: &str,
@@ -435,6 +459,18 @@ impl EngineControl {
     }
 
     /// Trust `replica`'s data while the engine waits to open; its message.
+    /// Grow the volume online to `size` bytes.
+    pub async fn expand(&self, size: u64) -> Result<ExpandVolumeResponse, ClientError> {
+        let mut c = self.inner.clone();
+        call(
+            &self.addr,
+            "expand volume",
+            self.timeout,
+            c.expand_volume(ExpandVolumeRequest { size }),
+        )
+        .await
+    }
+
     pub async fn salvage(&self, replica: &str) -> Result<String, ClientError> {
         let mut c = self.inner.clone();
         let request = SalvageRequest {

@@ -137,6 +137,16 @@ impl ChunkBitmap {
         }
     }
 
+    /// Make room for `chunks` chunks (the volume grew); a smaller count
+    /// changes nothing. The new chunks are unmarked.
+    pub fn grow(&mut self, chunks: u64) {
+        if chunks <= self.chunks {
+            return;
+        }
+        self.words.resize(chunks.div_ceil(64) as usize, 0);
+        self.chunks = chunks;
+    }
+
     /// Mark chunk `c` (ignored when out of range).
     pub fn insert(&mut self, c: u64) {
         if c >= self.chunks {
@@ -202,5 +212,19 @@ mod bitmap_tests {
         m.remove(500);
         assert_eq!(m.len(), 2);
         assert_eq!(m.iter().collect::<Vec<_>>(), vec![3, 129]);
+    }
+
+    #[test]
+    fn grows_keeping_what_is_marked() {
+        let mut m = ChunkBitmap::new(60);
+        m.insert(59);
+        m.insert(100);
+        assert!(!m.contains(100));
+        m.grow(130);
+        m.grow(10);
+        m.insert(100);
+        m.insert(129);
+        assert_eq!(m.iter().collect::<Vec<_>>(), vec![59, 100, 129]);
+        assert_eq!(m.len(), 3);
     }
 }

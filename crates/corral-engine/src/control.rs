@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use corral_block::BlockDevice;
 use corral_proto::v1::{
-    AddReplicaRequest, ChunkDifference, ListEngineReplicasRequest, ListEngineReplicasResponse,
-    RebuildStatusRequest, RebuildStatusResponse, RemoveReplicaRequest, ReplicaChangeResponse,
-    ReplicaStatus, SalvageRequest, VerifyRequest, VerifyResponse, VolumeInfo, VolumeInfoRequest,
+    AddReplicaRequest, ChunkDifference, ExpandVolumeRequest, ExpandVolumeResponse,
+    ListEngineReplicasRequest, ListEngineReplicasResponse, RebuildStatusRequest,
+    RebuildStatusResponse, RemoveReplicaRequest, ReplicaChangeResponse, ReplicaStatus,
+    SalvageRequest, VerifyRequest, VerifyResponse, VolumeInfo, VolumeInfoRequest,
     engine_control_server::{EngineControl, EngineControlServer},
 };
 use tokio::net::TcpListener;
@@ -309,6 +310,15 @@ impl EngineControl for ControlService {
         }))
     }
 
+    async fn expand_volume(
+        &self,
+        request: Request<ExpandVolumeRequest>,
+    ) -> Result<Response<ExpandVolumeResponse>, Status> {
+        let volume = self.state.open_volume()?;
+        let size = request.into_inner().size;
+        Ok(Response::new(expand_volume(volume, size).await?))
+    }
+
     async fn salvage(
         &self,
         request: Request<SalvageRequest>,
@@ -332,6 +342,52 @@ impl EngineControl for ControlService {
             ),
         }))
     }
+}
+
+/// The answer to `ExpandVolume`: a refusal of the size is INVALID_ARGUMENT,
+/// a failure to carry it out UNAVAILABLE (the message says what changed).
+pub async fn expand_volume(volume: &Volume, size: u64) -> Result<ExpandVolumeResponse, Status> {
+    let report = volume.expand(size).await.map_err(|e| {
+        if e.is_invalid() {
+            Status::invalid_argument(e.to_string())
+        } else {
+            Status::unavailable(e.to_string())
+        }
+    })?;
+    let message = if report.old_size == report.new_size {
+        format!(
+            "volume {} already has {} bytes: nothing changed",
+            volume.name(),
+            report.new_size
+        )
+    } else if report.failed.is_empty() {
+        format!(
+            "volume {} expanded from {} to {} bytes on {} replica(s) (generation {})",
+            volume.name(),
+            report.old_size,
+            report.new_size,
+            report.grown.len(),
+            report.generation
+        )
+    } else {
+        format!(
+            "volume {} expanded from {} to {} bytes (generation {}); {} replica(s) could not grow and are ERR until they return: {}",
+            volume.name(),
+            report.old_size,
+            report.new_size,
+            report.generation,
+            report.failed.len(),
+            report.failed.join("; ")
+        )
+    };
+    Ok(ExpandVolumeResponse {
+        old_size: report.old_size,
+        new_size: report.new_size,
+        generation: report.generation.0,
+        grown: report.grown,
+        failed: report.failed,
+        message,
+    })
 }
 
 /// Serve the control service on `listener` (over mutual TLS with `tls`)

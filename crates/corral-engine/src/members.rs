@@ -534,6 +534,24 @@ impl Members {
         }
     }
 
+    /// The volume grew to `chunk_count` chunks (a smaller count changes no
+    /// chunk count). What each member may differ in is kept, with room for
+    /// the new chunks: they hold zeroes on every replica until written —
+    /// a replica that missed the expansion is grown before it returns — and
+    /// a write to them is noted like any other. A membership change: the
+    /// caller records the next generation.
+    pub fn expand(&mut self, chunk_count: u64) {
+        if chunk_count > self.chunk_count {
+            self.chunk_count = chunk_count;
+            for m in &mut self.members {
+                if let Divergence::Chunks(set) = &mut m.divergence {
+                    set.grow(chunk_count);
+                }
+            }
+        }
+        self.generation = self.generation.next();
+    }
+
     /// Whom to write the current record to: first the RW members of the
     /// newest effective record, then — once one of those has taken it, or
     /// always under `quorum`, where a majority suffices — the other RW

@@ -211,12 +211,6 @@ pub(crate) fn elect(
         .max_by_key(|i| record_key(i))
         .cloned()
         .ok_or_else(|| open_err(cfg, OpenWait::NoUpToDate))?;
-    if newest.size != cfg.size {
-        return Err(EngineError::Config(format!(
-            "volume {} exists with size {} bytes; --size {} differs (give the volume's size)",
-            cfg.volume, newest.size, cfg.size
-        )));
-    }
     if newest.block_size != cfg.block_size {
         return Err(EngineError::Config(format!(
             "volume {} exists with block size {}; --block-size {} differs",
@@ -264,7 +258,36 @@ pub(crate) fn elect(
         }
         check_policy(cfg, &record, infos, &up_to_date, total, max_generation)?;
     }
+    served_size(cfg, infos, &up_to_date)?;
     Ok((up_to_date, max_generation))
+}
+
+/// The size an existing volume is served at: the smallest among its
+/// up-to-date replicas. Each of them took every expansion recorded before
+/// the record that names it RW; one may be larger still (an expansion cut
+/// short before it was recorded: nothing was written past the smaller size).
+/// `--size` may be smaller — the volume was expanded since the command line
+/// was written (a node daemon or CSI restarting the engine keeps the size it
+/// was created with) — but not larger: growing is `corral volume expand`.
+pub(crate) fn served_size(
+    cfg: &EngineConfig,
+    infos: &[Option<ReplicaInfo>],
+    up_to_date: &[bool],
+) -> Result<u64, EngineError> {
+    let size = infos
+        .iter()
+        .zip(up_to_date)
+        .filter(|(_, ok)| **ok)
+        .filter_map(|(info, _)| info.as_ref().map(|i| i.size))
+        .min()
+        .ok_or_else(|| open_err(cfg, OpenWait::NoUpToDate))?;
+    if cfg.size > size {
+        return Err(EngineError::Config(format!(
+            "volume {} exists with size {size} bytes; --size {} is larger (grow it with `corral volume --engine ADDR expand SIZE`)",
+            cfg.volume, cfg.size
+        )));
+    }
+    Ok(size)
 }
 
 /// Open the volume once; errors of kind `Open` may succeed on a retry.
@@ -416,11 +439,20 @@ pub async fn open_volume(
         clients[i] = Some(Arc::new(client));
     }
 
-    resync_dirty_regions(cfg, epoch, &infos, &clients, chunks).await?;
+    let size = if created {
+        cfg.size
+    } else {
+        served_size(cfg, &infos, &up_to_date)?
+    };
+    if size != cfg.size {
+        info!(volume = %cfg.volume, size, configured = cfg.size,
+            "the volume was expanded since --size was given: serving its size");
+    }
+    resync_dirty_regions(cfg, epoch, size, &infos, &clients, chunks).await?;
 
     let members = members_after_open(
         cfg,
-        chunks,
+        size.div_ceil(chunks.chunk_size()),
         &addrs,
         &infos,
         &problems,
@@ -440,6 +472,7 @@ pub async fn open_volume(
     let set = Arc::new(ReplicaSet::new(
         cfg,
         epoch,
+        size,
         members,
         member_clients,
         reservations,
@@ -465,7 +498,6 @@ pub async fn open_volume(
     );
     Ok(Arc::new(Volume::new(
         cfg.volume.clone(),
-        cfg.size,
         cfg.block_size,
         chunks,
         set,
@@ -479,7 +511,7 @@ pub async fn open_volume(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn members_after_open(
     cfg: &EngineConfig,
-    chunks: ChunkMap,
+    chunk_count: u64,
     addrs: &[String],
     infos: &[Option<ReplicaInfo>],
     problems: &[String],
@@ -489,7 +521,6 @@ pub(crate) fn members_after_open(
     now: std::time::Instant,
 ) -> Members {
     let total = addrs.len();
-    let chunk_count = cfg.size.div_ceil(chunks.chunk_size());
     let newest_record = infos
         .iter()
         .flatten()
@@ -555,6 +586,7 @@ pub(crate) fn members_after_open(
 async fn resync_dirty_regions(
     cfg: &EngineConfig,
     epoch: Epoch,
+    size: u64,
     infos: &[Option<ReplicaInfo>],
     clients: &[Option<Arc<ReplicaClient>>],
     chunks: ChunkMap,
@@ -579,11 +611,12 @@ async fn resync_dirty_regions(
     if regions.is_empty() {
         return Ok(());
     }
+    let volume_size = size;
     let fail = |what: String| open_err(cfg, OpenWait::Resync(what));
     let (source_idx, source) = live[0];
     let mut copied = 0u64;
     for (start, size) in regions {
-        let end = (start + size).min(cfg.size);
+        let end = (start + size).min(volume_size);
         for seg in chunks.split(start, end.saturating_sub(start)) {
             let op = Op::Checksums(pb::ChecksumsOp {
                 offset: seg.offset,
@@ -815,20 +848,38 @@ mod tests {
     }
 
     #[test]
-    fn a_different_size_is_refused_not_waited_for() {
-        let mut wrong = info("a", Some(record(1, 1, [R, R, R])));
-        if let Some(i) = wrong.as_mut() {
-            i.size = 2 * SIZE;
+    fn a_larger_size_than_the_volume_is_refused_not_waited_for() {
+        let mut small = info("a", Some(record(1, 1, [R, R, R])));
+        if let Some(i) = small.as_mut() {
+            i.size = SIZE / 2;
         }
-        assert!(matches!(
-            elect(
-                &cfg(WritePolicy::Quorum),
-                &addrs(),
-                &[wrong, None, None],
-                None
-            ),
-            Err(EngineError::Config(_))
-        ));
+        let refused = elect(
+            &cfg(WritePolicy::Quorum),
+            &addrs(),
+            &[small.clone(), small, None],
+            None,
+        );
+        assert!(
+            matches!(&refused, Err(EngineError::Config(m)) if m.contains("expand")),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn an_expanded_volume_is_served_at_its_size_whatever_size_was_given() {
+        let grown = |addr: &str, size: u64| {
+            info(addr, Some(record(1, 3, [R, R, E]))).map(|mut i| {
+                i.size = size;
+                i
+            })
+        };
+        // c missed the expansion (ERR); b took it but the expansion to 4x
+        // was cut short before it was recorded: the smallest up-to-date size.
+        let infos = vec![grown("a", 2 * SIZE), grown("b", 4 * SIZE), grown("c", SIZE)];
+        let config = cfg(WritePolicy::Quorum);
+        let (up, _) = elect(&config, &addrs(), &infos, None).unwrap();
+        assert_eq!(up, vec![true, true, false]);
+        assert_eq!(served_size(&config, &infos, &up).unwrap(), 2 * SIZE);
     }
 
     #[test]
@@ -843,7 +894,7 @@ mod tests {
         let (up, max) = elect(&config, &addrs(), &infos, None).unwrap();
         let members = members_after_open(
             &config,
-            ChunkMap::new(config.chunk_size).unwrap(),
+            config.size.div_ceil(u64::from(config.chunk_size)),
             &addrs(),
             &infos,
             &[String::new(), String::new(), String::new()],

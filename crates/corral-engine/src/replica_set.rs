@@ -42,6 +42,8 @@ use crate::members::{
 pub use crate::members::{Epoch, Generation, MemberId, Mode};
 use crate::progress::RebuildProgress;
 
+pub mod expand;
+
 /// The id of a member (see [`MemberId`]).
 pub type SlotId = MemberId;
 
@@ -69,6 +71,9 @@ pub enum JoinError {
     Membership(#[from] MembershipError),
     #[error("recording the membership on it: {0}")]
     Record(String),
+    /// The volume grew while it was being brought back: grow it again.
+    #[error("its replica has {replica} bytes, the volume grew to {volume} meanwhile")]
+    TooSmall { replica: u64, volume: u64 },
 }
 
 /// A snapshot of one member, for status output.
@@ -96,6 +101,9 @@ struct SetState {
 pub struct ReplicaSet {
     volume: String,
     epoch: Epoch,
+    /// The volume's size in bytes: changed only by an expansion, which
+    /// holds `io_gate` exclusively and `change` (see [`expand`]).
+    size: AtomicU64,
     timeout: Duration,
     state: RwLock<SetState>,
     /// Serialises membership changes (and their recording on the replicas).
@@ -156,6 +164,7 @@ impl ReplicaSet {
     pub fn new(
         cfg: &crate::config::EngineConfig,
         epoch: Epoch,
+        size: u64,
         members: Members,
         clients: Vec<(SlotId, Arc<ReplicaClient>)>,
         reservations: Option<pb::ReservationRecord>,
@@ -164,6 +173,7 @@ impl ReplicaSet {
         ReplicaSet {
             volume: cfg.volume.clone(),
             epoch,
+            size: AtomicU64::new(size),
             timeout: cfg.replica_timeout,
             state: RwLock::new(SetState {
                 members,
@@ -208,6 +218,11 @@ impl ReplicaSet {
 
     pub fn epoch(&self) -> Epoch {
         self.epoch
+    }
+
+    /// The volume's size in bytes (it only grows, see [`expand`]).
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     pub fn generation(&self) -> Generation {
@@ -673,15 +688,26 @@ impl ReplicaSet {
     /// it ERR — is written to it too. Its rebuild changes its data; without
     /// that record, an engine elected later from an older record that
     /// still names it RW would take it for up to date.
+    ///
+    /// `replica_size` is the size its replica has (grown to the volume's
+    /// before this call): if the volume grew meanwhile, it is refused
+    /// ([`JoinError::TooSmall`]) and tried again.
     pub async fn join_write_set(
         &self,
         id: SlotId,
         client: Arc<ReplicaClient>,
         facts: ReturnFacts,
+        replica_size: u64,
         progress: impl FnOnce(&CatchUpPlan) -> Arc<RebuildProgress>,
     ) -> Result<Admission, JoinError> {
         let _gate = self.io_gate.write().await;
         let _change = self.change.lock().await;
+        if replica_size < self.size() {
+            return Err(JoinError::TooSmall {
+                replica: replica_size,
+                volume: self.size(),
+            });
+        }
         let (record, settled, rw, out) = {
             let members = &self.read_state().members;
             (

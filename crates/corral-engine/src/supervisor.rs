@@ -237,11 +237,11 @@ async fn bring_back(
     let timeout = set.timeout();
     let control = ReplicaControl::connect(address, timeout).await?;
     let (info, created) = get_or_create(volume, &control).await?;
-    if info.size != volume.size() {
+    if info.block_size != volume.block_size() {
         return Err(Refused(format!(
-            "its replica has size {}, the volume {}: not touching it",
-            info.size,
-            volume.size()
+            "its replica has block size {}, the volume {}: not touching it",
+            info.block_size,
+            volume.block_size()
         )));
     }
     // Fence it at our epoch. This also cuts off any data stream of ours it
@@ -258,6 +258,21 @@ async fn bring_back(
         }
         Err(e) => return Err(e.into()),
     };
+    // It missed an expansion: grow it first (a larger one — an expansion
+    // cut short — is left as it is; nothing was written past the volume).
+    let info = if info.size < volume.size() {
+        let grown = control
+            .expand(volume.name(), set.epoch(), volume.size())
+            .await?;
+        info!(volume = %volume.name(), replica = %address, from = info.size, to = grown.size,
+            "grew a returning replica that missed an expansion");
+        ReplicaInfo {
+            open_session: info.open_session,
+            ..grown
+        }
+    } else {
+        info
+    };
     let client = Arc::new(
         ReplicaClient::connect(address, volume.name(), info.open_session, &config.client)
             .await
@@ -270,7 +285,7 @@ async fn bring_back(
     };
     let mut progress = None;
     let admission = set
-        .join_write_set(id, Arc::clone(&client), facts, |plan| {
+        .join_write_set(id, Arc::clone(&client), facts, info.size, |plan| {
             let p = Arc::new(RebuildProgress::new(address, plan.kind));
             progress = Some(Arc::clone(&p));
             p
@@ -287,6 +302,8 @@ async fn bring_back(
         Err(e @ JoinError::Membership(MembershipError::NoSource)) => {
             return Err(Unreachable(e.to_string()));
         }
+        // The volume grew meanwhile: grow it at the next tick.
+        Err(e @ JoinError::TooSmall { .. }) => return Err(Unreachable(e.to_string())),
         Err(e) => return Err(Refused(e.to_string())),
     };
     let Some(progress) = progress else {

@@ -37,7 +37,6 @@ const SEGMENTS_PER_ROUND: usize = 32;
 /// A replicated volume.
 pub struct Volume {
     name: String,
-    size: u64,
     block_size: u32,
     chunks: ChunkMap,
     set: Arc<ReplicaSet>,
@@ -114,16 +113,10 @@ impl Volume {
         )
     }
 
-    pub fn new(
-        name: String,
-        size: u64,
-        block_size: u32,
-        chunks: ChunkMap,
-        set: Arc<ReplicaSet>,
-    ) -> Self {
+    /// A volume over `set`, whose size it takes (see [`ReplicaSet::size`]).
+    pub fn new(name: String, block_size: u32, chunks: ChunkMap, set: Arc<ReplicaSet>) -> Self {
         Volume {
             name,
-            size,
             block_size,
             chunks,
             set,
@@ -161,13 +154,32 @@ impl Volume {
     /// Byte range of a chunk, clipped to the volume: (offset, length).
     pub fn chunk_range(&self, chunk: u64) -> (u64, u64) {
         let size = self.chunks.chunk_size();
-        let offset = chunk.saturating_mul(size).min(self.size);
-        (offset, size.min(self.size - offset))
+        let volume = self.size();
+        let offset = chunk.saturating_mul(size).min(volume);
+        (offset, size.min(volume - offset))
     }
 
     /// Number of chunks.
     pub fn chunk_count(&self) -> u64 {
-        self.size.div_ceil(self.chunks.chunk_size())
+        self.size().div_ceil(self.chunks.chunk_size())
+    }
+
+    /// Grow the volume online to `new_size` bytes: every writable replica,
+    /// then the engine, recorded like a membership change (see
+    /// [`crate::replica_set::expand`]). The frontends see the new size from
+    /// their next command (iSCSI, with a capacity-changed unit attention)
+    /// or connection (NBD).
+    pub async fn expand(
+        &self,
+        new_size: u64,
+    ) -> Result<crate::replica_set::expand::ExpandReport, crate::replica_set::expand::ExpandError>
+    {
+        let report = self
+            .set
+            .expand(new_size, self.block_size, self.chunks)
+            .await?;
+        self.wake.notify_one();
+        Ok(report)
     }
 
     async fn handle_failure(&self, id: SlotId, err: &ReplicaIoError, chunks: &[u64]) {
@@ -536,7 +548,7 @@ impl Volume {
 
 impl BlockDevice for Volume {
     fn size(&self) -> u64 {
-        self.size
+        self.set.size()
     }
 
     fn block_size(&self) -> u32 {
@@ -544,7 +556,7 @@ impl BlockDevice for Volume {
     }
 
     async fn read(&self, offset: u64, len: u32) -> BlockResult<Bytes> {
-        check_range(offset, u64::from(len), self.size)?;
+        check_range(offset, u64::from(len), self.size())?;
         self.set.check_readable()?;
         if len == 0 {
             return Ok(Bytes::new());
@@ -562,7 +574,7 @@ impl BlockDevice for Volume {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()> {
-        check_range(offset, data.len() as u64, self.size)?;
+        check_range(offset, data.len() as u64, self.size())?;
         if data.is_empty() {
             return if fua {
                 self.flush_grouped().await
@@ -590,7 +602,7 @@ impl BlockDevice for Volume {
     }
 
     async fn unmap(&self, offset: u64, len: u64) -> BlockResult<()> {
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         if len == 0 {
             return Ok(());
         }
@@ -604,7 +616,7 @@ impl BlockDevice for Volume {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> BlockResult<()> {
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         if len == 0 {
             return Ok(());
         }

@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use corral_proto::v1::{
     self as pb, CreateReplicaRequest, DeleteReplicaRequest, DeleteReplicaResponse,
-    GetReplicaRequest, ListReplicasRequest, ListReplicasResponse, OpenReplicaRequest, ReplicaInfo,
-    ReservationRecord, SetMembershipRequest, SetReservationsRequest,
-    replica_control_server::ReplicaControl,
+    ExpandReplicaRequest, GetReplicaRequest, ListReplicasRequest, ListReplicasResponse,
+    OpenReplicaRequest, ReplicaInfo, ReservationRecord, SetMembershipRequest,
+    SetReservationsRequest, replica_control_server::ReplicaControl,
 };
 use corral_store::{CreateParams, Epoch, Generation, Member, Membership};
 use tonic::{Request, Response, Status};
@@ -223,6 +223,31 @@ impl ReplicaControl for ControlService {
         let info = blocking(move || {
             with_epoch(&hosted, Epoch(req.epoch), |h| {
                 h.store.set_reservations(record)
+            })
+        })
+        .await?;
+        Ok(Response::new(info))
+    }
+
+    async fn expand_replica(
+        &self,
+        request: Request<ExpandReplicaRequest>,
+    ) -> Result<Response<ReplicaInfo>, Status> {
+        let req = request.into_inner();
+        if req.size == 0 {
+            return Err(Status::invalid_argument("expand: size must be given"));
+        }
+        let hosted = self.registry.get(&req.volume)?;
+        let info = blocking(move || {
+            with_epoch(&hosted, Epoch(req.epoch), |h| {
+                let before = h.store.size();
+                if req.size <= before {
+                    // Already that large: a retried or interrupted expansion.
+                    return Ok(());
+                }
+                h.store.grow(req.size)?;
+                info!(volume = %h.volume, from = before, to = req.size, "replica grown");
+                Ok(())
             })
         })
         .await?;

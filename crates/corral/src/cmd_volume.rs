@@ -38,6 +38,14 @@ pub enum VolumeCommand {
     },
     /// Compare all RW replicas chunk by chunk (by checksum); exit 1 on any difference.
     Verify,
+    /// Grow the volume online to SIZE (e.g. 2GiB): every replica, then the
+    /// engine; iSCSI initiators are told, NBD clients see it on their next
+    /// connection. Shrinking is refused.
+    Expand {
+        /// The new size: a multiple of 4096 and of the block size.
+        #[arg(value_parser = crate::units::parse_size)]
+        size: u64,
+    },
     /// While the engine waits to open the volume: trust this replica's data.
     Salvage {
         /// Required: salvage can lose writes that only the other replicas hold.
@@ -181,6 +189,19 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
             }
             if !r.differences.is_empty() {
                 anyhow::bail!("replicas differ in {} chunk(s)", r.differences.len());
+            }
+        }
+        VolumeCommand::Expand { size } => {
+            let r = client.expand(size).await?;
+            if args.json {
+                println!(
+                    "{}",
+                    json!({"old_size": r.old_size, "new_size": r.new_size,
+                        "generation": r.generation, "grown": r.grown, "failed": r.failed,
+                        "message": r.message})
+                );
+            } else {
+                println!("{}", r.message);
             }
         }
         VolumeCommand::Salvage { force, replica } => {

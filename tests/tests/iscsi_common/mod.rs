@@ -247,6 +247,60 @@ impl RawInitiator {
         }
     }
 
+    /// Like [`RawInitiator::command`], also returning the sense data of a
+    /// CHECK CONDITION (empty otherwise): (status, Data-In, sense).
+    pub fn command_sense(
+        &mut self,
+        cdb: &[u8],
+        data_out: &[u8],
+        read_len: u32,
+    ) -> (u8, Vec<u8>, Vec<u8>) {
+        let mut flags = 0x80 | 0x01;
+        if read_len > 0 {
+            flags |= 0x40;
+        }
+        if !data_out.is_empty() {
+            flags |= 0x20;
+        }
+        let mut h = bhs(0x01, flags);
+        self.itt += 1;
+        h[16..20].copy_from_slice(&self.itt.to_be_bytes());
+        let edtl = if data_out.is_empty() {
+            read_len
+        } else {
+            data_out.len() as u32
+        };
+        h[20..24].copy_from_slice(&edtl.to_be_bytes());
+        h[24..28].copy_from_slice(&self.cmd_sn.to_be_bytes());
+        self.cmd_sn = self.cmd_sn.wrapping_add(1);
+        h[32..32 + cdb.len()].copy_from_slice(cdb);
+        self.stream.write_all(&with_data(h, data_out)).unwrap();
+        let mut data_in = Vec::new();
+        loop {
+            let (resp, data) = self.read_pdu().unwrap();
+            match resp[0] & 0x3f {
+                0x25 => {
+                    data_in.extend_from_slice(&data);
+                    if resp[1] & 0x01 != 0 {
+                        return (resp[3], data_in, Vec::new());
+                    }
+                }
+                // SCSI Response: sense data behind a 2-byte length.
+                0x21 => {
+                    let sense = if data.len() >= 2 {
+                        let n = usize::from(u16::from_be_bytes([data[0], data[1]]));
+                        data[2..(2 + n).min(data.len())].to_vec()
+                    } else {
+                        Vec::new()
+                    };
+                    return (resp[3], data_in, sense);
+                }
+                0x20 | 0x32 => continue,
+                other => panic!("unexpected PDU opcode {other:#04x} in reply to a command"),
+            }
+        }
+    }
+
     pub fn read_pdu(&mut self) -> std::io::Result<([u8; 48], Vec<u8>)> {
         let mut h = [0u8; 48];
         self.stream.read_exact(&mut h)?;

@@ -28,7 +28,6 @@ use corral_proto::v1::{self as pb, ReplicaInfo};
 use proptest::prelude::*;
 
 use super::*;
-use crate::chunk::ChunkMap;
 use crate::config::{EngineConfig, WritePolicy};
 
 fn opened(address: &str, state: OpenedState) -> OpenedMember {
@@ -86,6 +85,33 @@ fn a_timeout_never_drops_the_last_rw_members_the_policy_needs() {
         FailDecision::Moved { previous: Mode::Rw }
     );
     assert_eq!(m.rw_count(), 1);
+}
+
+#[test]
+fn an_expansion_is_a_membership_change_and_writes_past_the_old_end_are_noted() {
+    let now = Instant::now();
+    let mut m = three(WritePolicy::Quorum);
+    // b is out before the volume grows from 16 to 40 chunks.
+    m.fail(2, FailureKind::Lost, &[3], "gone", now);
+    let before = m.generation();
+    m.expand(40);
+    assert_eq!(m.chunk_count(), 40);
+    assert!(m.generation() > before);
+    // A smaller count changes no chunk count (still a recorded change).
+    m.expand(20);
+    assert_eq!(m.chunk_count(), 40);
+    // Chunks in the new range written while b is away are caught up too.
+    m.note_written(&[17, 39, 40]);
+    assert!(m.claim(2));
+    let plan = rebuild(m.join(2, facts("b-1")));
+    assert_eq!(plan.kind, RebuildKind::Partial);
+    assert_eq!(plan.chunks, vec![3, 17, 39]);
+    // A replica rebuilt in full walks every chunk of the grown volume.
+    m.fail(3, FailureKind::Lost, &[], "gone", now);
+    assert!(m.claim(3));
+    let full = rebuild(m.join(3, facts("c-2")));
+    assert_eq!(full.kind, RebuildKind::Full);
+    assert_eq!(full.chunks.len(), 40);
 }
 
 #[test]
@@ -772,7 +798,7 @@ impl World {
         self.adopt(live[0]);
         let members = crate::open::members_after_open(
             &self.cfg,
-            ChunkMap::new(CHUNK as u32).expect("valid chunk size"),
+            CHUNKS,
             &self.addrs,
             &infos,
             &problems,

@@ -168,6 +168,9 @@ pub struct ScsiLun<D> {
     pr_turn: tokio::sync::Mutex<()>,
     /// Commands executed (statistics).
     executed: AtomicU64,
+    /// The device's size as last seen: when the device reports another (an
+    /// online expansion), every nexus gets CAPACITY DATA HAS CHANGED.
+    seen_size: AtomicU64,
 }
 
 fn fnv1a(data: &[u8]) -> u64 {
@@ -182,6 +185,7 @@ fn fnv1a(data: &[u8]) -> u64 {
 impl<D: BlockDevice> ScsiLun<D> {
     pub fn new(device: std::sync::Arc<D>, identity: LunIdentity) -> Self {
         let block_size = device.block_size();
+        let size = device.size();
         let hash = fnv1a(identity.volume.as_bytes());
         let hash2 = fnv1a(identity.target_name.as_bytes());
         // NAA 6 (IEEE registered extended): locally chosen OUI-like prefix.
@@ -209,6 +213,7 @@ impl<D: BlockDevice> ScsiLun<D> {
             atomic: tokio::sync::RwLock::new(()),
             pr_turn: tokio::sync::Mutex::new(()),
             executed: AtomicU64::new(0),
+            seen_size: AtomicU64::new(size),
         }
     }
 
@@ -275,6 +280,25 @@ impl<D: BlockDevice> ScsiLun<D> {
         }
     }
 
+    /// Notice a change of the device's size (SBC-4 4.10: the capacity may
+    /// change while the LUN serves): every nexus known then gets one CAPACITY
+    /// DATA HAS CHANGED unit attention (2Ah/09h), and READ CAPACITY reports
+    /// the new size from now on. The device's size is its own change
+    /// counter: a size only grows, and reading it is one atomic load, so
+    /// this runs at every command, which is when an attention is delivered.
+    fn notice_capacity_change(&self) {
+        let seen = self.seen_size.load(Ordering::Acquire);
+        let now = self.device.size();
+        if now != seen
+            && self
+                .seen_size
+                .compare_exchange(seen, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.unit_attention_all(Sense::CAPACITY_CHANGED);
+        }
+    }
+
     fn sense_bytes(&self, sense: Sense) -> Bytes {
         let desc = self.lock().mode.descriptor_sense;
         Bytes::from(sense.encode(desc))
@@ -308,6 +332,7 @@ impl<D: BlockDevice> ScsiLun<D> {
         if cdb.len() < len {
             return self.check(Sense::INVALID_FIELD_IN_CDB);
         }
+        self.notice_capacity_change();
         // Unit attentions: reported once to each nexus, except to INQUIRY,
         // REPORT LUNS and REQUEST SENSE.
         if !info.is_some_and(|i| i.unit_attention_exempt) {

@@ -242,3 +242,142 @@ fn a_missing_lun_answers_inquiry_and_report_luns_only() {
     let r = missing_lun(&[opcode::TEST_UNIT_READY, 0, 0, 0, 0, 0]);
     assert_eq!(sense_of(&r), (5, 0x25, 0));
 }
+
+/// A file device that can be grown while the LUN serves it, as a volume
+/// is by an online expansion.
+struct Growing {
+    file: FileDevice,
+    size: std::sync::atomic::AtomicU64,
+}
+
+impl BlockDevice for Growing {
+    fn size(&self) -> u64 {
+        self.size.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn block_size(&self) -> u32 {
+        self.file.block_size()
+    }
+    async fn read(&self, offset: u64, len: u32) -> corral_block::BlockResult<Bytes> {
+        corral_block::check_range(offset, u64::from(len), self.size())?;
+        self.file.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> corral_block::BlockResult<()> {
+        corral_block::check_range(offset, data.len() as u64, self.size())?;
+        self.file.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> corral_block::BlockResult<()> {
+        self.file.flush().await
+    }
+    async fn unmap(&self, offset: u64, len: u64) -> corral_block::BlockResult<()> {
+        self.file.unmap(offset, len).await
+    }
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> corral_block::BlockResult<()> {
+        self.file.write_zeroes(offset, len, fua).await
+    }
+    async fn load_reservations(&self) -> corral_block::BlockResult<Option<Bytes>> {
+        self.file.load_reservations().await
+    }
+    async fn save_reservations(&self, state: Bytes) -> corral_block::BlockResult<()> {
+        self.file.save_reservations(state).await
+    }
+}
+
+fn read_capacity_16() -> [u8; 16] {
+    let mut cdb = [0u8; 16];
+    cdb[0] = opcode::SERVICE_ACTION_IN_16;
+    cdb[1] = service_action::READ_CAPACITY_16;
+    cdb[13] = 32;
+    cdb
+}
+
+/// (last LBA, block size) of a READ CAPACITY(16) answer.
+fn capacity_of(r: &ScsiResult) -> (u64, u32) {
+    let d = &r.data_in;
+    (
+        u64::from_be_bytes(d[0..8].try_into().unwrap()),
+        u32::from_be_bytes(d[8..12].try_into().unwrap()),
+    )
+}
+
+#[tokio::test]
+async fn a_grown_device_raises_capacity_changed_once_per_nexus() {
+    let dir = tempfile::tempdir().unwrap();
+    // The file is 2 MiB; the device shows 1 MiB of it, then all of it.
+    let file = FileDevice::open(&dir.path().join("d"), Some(2 << 20), 512).unwrap();
+    let dev = Arc::new(Growing {
+        file,
+        size: (1u64 << 20).into(),
+    });
+    let lun = ScsiLun::new(
+        Arc::clone(&dev),
+        LunIdentity {
+            target_name: "iqn.2026-11.io.corral:t".into(),
+            volume: "t".into(),
+        },
+    );
+    let a = nexus();
+    let b = Nexus {
+        initiator: "iqn.other".into(),
+        isid: [0, 0, 0, 0, 0, 1],
+    };
+    let tur = [opcode::TEST_UNIT_READY, 0, 0, 0, 0, 0];
+    for n in [&a, &b] {
+        lun.nexus_added(n);
+        // The power-on attention first.
+        let r = lun.execute(n, &tur, Bytes::new()).await;
+        assert_eq!(sense_of(&r), (6, 0x29, 0x00));
+    }
+    let r = lun.execute(&a, &read_capacity_16(), Bytes::new()).await;
+    assert_eq!(capacity_of(&r), ((1 << 20) / 512 - 1, 512));
+    // Past the end: refused.
+    let mut read = [0u8; 10];
+    read[0] = opcode::READ_10;
+    read[2..6].copy_from_slice(&((1u32 << 20) / 512).to_be_bytes());
+    read[8] = 1;
+    let r = lun.execute(&a, &read, Bytes::new()).await;
+    assert_eq!(sense_of(&r), (5, 0x21, 0x00));
+
+    dev.size.store(2 << 20, std::sync::atomic::Ordering::SeqCst);
+    // INQUIRY does not consume it; the next other command of each nexus
+    // gets it, once; then READ CAPACITY shows the new size.
+    let mut inquiry = [0u8; 6];
+    inquiry[0] = opcode::INQUIRY;
+    inquiry[4] = 36;
+    assert_eq!(
+        lun.execute(&a, &inquiry, Bytes::new()).await.status,
+        status::GOOD
+    );
+    for n in [&a, &b] {
+        let r = lun.execute(n, &read_capacity_16(), Bytes::new()).await;
+        assert_eq!(r.status, status::CHECK_CONDITION);
+        assert_eq!(sense_of(&r), (6, 0x2a, 0x09));
+        let r = lun.execute(n, &read_capacity_16(), Bytes::new()).await;
+        assert_eq!(r.status, status::GOOD);
+        assert_eq!(capacity_of(&r), ((2 << 20) / 512 - 1, 512));
+    }
+    let mut rc10 = [0u8; 10];
+    rc10[0] = opcode::READ_CAPACITY_10;
+    let r = lun.execute(&b, &rc10, Bytes::new()).await;
+    assert_eq!(
+        u32::from_be_bytes(r.data_in[0..4].try_into().unwrap()),
+        (2 << 20) / 512 - 1
+    );
+    // The new blocks are readable now.
+    let r = lun.execute(&a, &read, Bytes::new()).await;
+    assert_eq!(r.status, status::GOOD);
+    // A nexus that logs in after the change sees only its power-on attention.
+    let c = Nexus {
+        initiator: "iqn.late".into(),
+        isid: [0; 6],
+    };
+    lun.nexus_added(&c);
+    let r = lun.execute(&c, &tur, Bytes::new()).await;
+    assert_eq!(sense_of(&r), (6, 0x29, 0x00));
+    let r = lun.execute(&c, &tur, Bytes::new()).await;
+    assert_eq!(r.status, status::GOOD);
+}
