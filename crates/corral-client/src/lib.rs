@@ -311,7 +311,6 @@ impl ReplicaControl {
         .await
     }
 
-    /// Record a reservation record on the replica, as the engine of `epoch`.
     /// Grow the replica of `volume` to `size` bytes, as the engine open at
     /// `epoch` (a replica already at least that large is left as it is).
     pub async fn expand(
@@ -335,6 +334,71 @@ impl ReplicaControl {
         .await
     }
 
+    /// Take snapshot `name` of the replica of `volume`, as the engine open at
+    /// `epoch` (idempotent by name).
+    pub async fn create_snapshot(
+        &self,
+        volume: &str,
+        epoch: Epoch,
+        name: &str,
+    ) -> Result<pb::SnapshotInfo, ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::SnapshotRequest {
+            volume: volume.to_string(),
+            epoch: epoch.0,
+            name: name.to_string(),
+        };
+        call(
+            &self.addr,
+            "create snapshot",
+            self.timeout,
+            c.create_snapshot(request),
+        )
+        .await
+    }
+
+    /// Delete snapshot `name` of the replica of `volume`, as the engine open
+    /// at `epoch`; the replica merges it away in the background.
+    pub async fn delete_snapshot(
+        &self,
+        volume: &str,
+        epoch: Epoch,
+        name: &str,
+    ) -> Result<pb::ListSnapshotsResponse, ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::SnapshotRequest {
+            volume: volume.to_string(),
+            epoch: epoch.0,
+            name: name.to_string(),
+        };
+        call(
+            &self.addr,
+            "delete snapshot",
+            self.timeout,
+            c.delete_snapshot(request),
+        )
+        .await
+    }
+
+    /// The snapshots and layers of the replica of `volume`.
+    pub async fn list_snapshots(
+        &self,
+        volume: &str,
+    ) -> Result<pb::ListSnapshotsResponse, ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::ListSnapshotsRequest {
+            volume: volume.to_string(),
+        };
+        call(
+            &self.addr,
+            "list snapshots",
+            self.timeout,
+            c.list_snapshots(request),
+        )
+        .await
+    }
+
+    /// Record a reservation record on the replica, as the engine of `epoch`.
     pub async fn set_reservations(
         &self,
         volume: &str,
@@ -458,7 +522,6 @@ impl EngineControl {
         .await
     }
 
-    /// Trust `replica`'s data while the engine waits to open; its message.
     /// Grow the volume online to `size` bytes.
     pub async fn expand(&self, size: u64) -> Result<ExpandVolumeResponse, ClientError> {
         let mut c = self.inner.clone();
@@ -471,6 +534,55 @@ impl EngineControl {
         .await
     }
 
+    /// Take snapshot `name` of the volume on every RW replica.
+    pub async fn create_snapshot(
+        &self,
+        name: &str,
+    ) -> Result<pb::VolumeSnapshotResponse, ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::VolumeSnapshotRequest {
+            name: name.to_string(),
+        };
+        call(
+            &self.addr,
+            "create snapshot",
+            self.timeout,
+            c.create_snapshot(request),
+        )
+        .await
+    }
+
+    /// Delete snapshot `name` (merged away in the background).
+    pub async fn delete_snapshot(
+        &self,
+        name: &str,
+    ) -> Result<pb::VolumeSnapshotResponse, ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::VolumeSnapshotRequest {
+            name: name.to_string(),
+        };
+        call(
+            &self.addr,
+            "delete snapshot",
+            self.timeout,
+            c.delete_snapshot(request),
+        )
+        .await
+    }
+
+    /// The volume's snapshots and layers.
+    pub async fn list_snapshots(&self) -> Result<pb::ListSnapshotsResponse, ClientError> {
+        let mut c = self.inner.clone();
+        call(
+            &self.addr,
+            "list snapshots",
+            self.timeout,
+            c.list_snapshots(pb::VolumeListSnapshotsRequest {}),
+        )
+        .await
+    }
+
+    /// Trust `replica`'s data while the engine waits to open; its message.
     pub async fn salvage(&self, replica: &str) -> Result<String, ClientError> {
         let mut c = self.inner.clone();
         let request = SalvageRequest {

@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use corral_block::BlockDevice;
 use corral_proto::v1::{
     AddReplicaRequest, ChunkDifference, ExpandVolumeRequest, ExpandVolumeResponse,
-    ListEngineReplicasRequest, ListEngineReplicasResponse, RebuildStatusRequest,
-    RebuildStatusResponse, RemoveReplicaRequest, ReplicaChangeResponse, ReplicaStatus,
-    SalvageRequest, VerifyRequest, VerifyResponse, VolumeInfo, VolumeInfoRequest,
+    ListEngineReplicasRequest, ListEngineReplicasResponse, ListSnapshotsResponse,
+    RebuildStatusRequest, RebuildStatusResponse, RemoveReplicaRequest, ReplicaChangeResponse,
+    ReplicaStatus, SalvageRequest, VerifyRequest, VerifyResponse, VolumeInfo, VolumeInfoRequest,
+    VolumeListSnapshotsRequest, VolumeSnapshotRequest, VolumeSnapshotResponse,
     engine_control_server::{EngineControl, EngineControlServer},
 };
 use tokio::net::TcpListener;
@@ -319,6 +320,47 @@ impl EngineControl for ControlService {
         Ok(Response::new(expand_volume(volume, size).await?))
     }
 
+    async fn create_snapshot(
+        &self,
+        request: Request<VolumeSnapshotRequest>,
+    ) -> Result<Response<VolumeSnapshotResponse>, Status> {
+        let volume = self.state.open_volume()?;
+        let name = request.into_inner().name;
+        let report = volume
+            .replica_set()
+            .snapshot_create(&name)
+            .await
+            .map_err(snapshot_status)?;
+        Ok(Response::new(snapshot_response("taken", &name, report)))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<VolumeSnapshotRequest>,
+    ) -> Result<Response<VolumeSnapshotResponse>, Status> {
+        let volume = self.state.open_volume()?;
+        let name = request.into_inner().name;
+        let report = volume
+            .replica_set()
+            .snapshot_delete(&name)
+            .await
+            .map_err(snapshot_status)?;
+        Ok(Response::new(snapshot_response("deleted", &name, report)))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _request: Request<VolumeListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        let volume = self.state.open_volume()?;
+        let listed = volume
+            .replica_set()
+            .snapshot_list()
+            .await
+            .map_err(snapshot_status)?;
+        Ok(Response::new(listed))
+    }
+
     async fn salvage(
         &self,
         request: Request<SalvageRequest>,
@@ -341,6 +383,30 @@ impl EngineControl for ControlService {
                 "trusting {replica}: the engine opens the volume from it; the other replicas will be rebuilt"
             ),
         }))
+    }
+}
+
+/// A snapshot error as a gRPC status: a bad name INVALID_ARGUMENT, an
+/// unknown snapshot NOT_FOUND, a failure UNAVAILABLE.
+fn snapshot_status(e: crate::replica_set::snapshot::SnapshotError) -> Status {
+    use crate::replica_set::snapshot::SnapshotError;
+    match e {
+        SnapshotError::BadName(_) => Status::invalid_argument(e.to_string()),
+        SnapshotError::NotFound { .. } => Status::not_found(e.to_string()),
+        SnapshotError::Failed(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+fn snapshot_response(
+    what: &str,
+    name: &str,
+    r: crate::replica_set::snapshot::SnapshotReport,
+) -> VolumeSnapshotResponse {
+    VolumeSnapshotResponse {
+        message: format!("snapshot {name:?} {what} on {} replica(s)", r.done.len()),
+        snapshot: r.snapshot,
+        done: r.done,
+        failed: r.failed,
     }
 }
 

@@ -43,6 +43,7 @@ pub use crate::members::{Epoch, Generation, MemberId, Mode};
 use crate::progress::RebuildProgress;
 
 pub mod expand;
+pub mod snapshot;
 
 /// The id of a member (see [`MemberId`]).
 pub type SlotId = MemberId;

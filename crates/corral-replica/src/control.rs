@@ -5,8 +5,9 @@ use std::sync::Arc;
 use corral_proto::v1::{
     self as pb, CreateReplicaRequest, DeleteReplicaRequest, DeleteReplicaResponse,
     ExpandReplicaRequest, GetReplicaRequest, ListReplicasRequest, ListReplicasResponse,
-    OpenReplicaRequest, ReplicaInfo, ReservationRecord, SetMembershipRequest,
-    SetReservationsRequest, replica_control_server::ReplicaControl,
+    ListSnapshotsRequest, ListSnapshotsResponse, OpenReplicaRequest, ReplicaInfo,
+    ReservationRecord, SetMembershipRequest, SetReservationsRequest, SnapshotRequest,
+    replica_control_server::ReplicaControl,
 };
 use corral_store::{CreateParams, Epoch, Generation, Member, Membership};
 use tonic::{Request, Response, Status};
@@ -252,6 +253,85 @@ impl ReplicaControl for ControlService {
         })
         .await?;
         Ok(Response::new(info))
+    }
+
+    async fn create_snapshot(
+        &self,
+        request: Request<SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotInfo>, Status> {
+        let req = request.into_inner();
+        let hosted = self.registry.get(&req.volume)?;
+        let taken = blocking(move || {
+            let mut taken = None;
+            with_epoch(&hosted, Epoch(req.epoch), |h| {
+                taken = Some(h.store.snapshot_create(&req.name)?);
+                Ok(())
+            })?;
+            taken.ok_or_else(|| ReplicaError::NotFound(req.volume.clone()))
+        })
+        .await?;
+        Ok(Response::new(snapshot_to_pb(&taken)))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<SnapshotRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        let req = request.into_inner();
+        let hosted = self.registry.get(&req.volume)?;
+        let listed = blocking(move || {
+            with_epoch(&hosted, Epoch(req.epoch), |h| {
+                h.store.snapshot_delete(&req.name)
+            })?;
+            hosted.start_merging();
+            Ok(list_snapshots(&hosted))
+        })
+        .await?;
+        Ok(Response::new(listed))
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        let req = request.into_inner();
+        let hosted = self.registry.get(&req.volume)?;
+        let listed = blocking(move || Ok(list_snapshots(&hosted))).await?;
+        Ok(Response::new(listed))
+    }
+}
+
+/// Store snapshot record → protobuf.
+fn snapshot_to_pb(s: &corral_store::SnapshotInfo) -> pb::SnapshotInfo {
+    pb::SnapshotInfo {
+        name: s.name.clone(),
+        created_unix_ms: s.created_unix_ms,
+        size: s.size,
+        allocated_bytes: s.allocated_bytes,
+    }
+}
+
+/// Every snapshot and layer of a replica.
+pub fn list_snapshots(hosted: &HostedReplica) -> ListSnapshotsResponse {
+    ListSnapshotsResponse {
+        snapshots: hosted
+            .store
+            .snapshots()
+            .iter()
+            .map(snapshot_to_pb)
+            .collect(),
+        layers: hosted
+            .store
+            .layer_usage()
+            .into_iter()
+            .map(|l| pb::LayerUsage {
+                snapshot: l.snapshot.unwrap_or_default(),
+                provisioned_bytes: l.provisioned_bytes,
+                allocated_bytes: l.allocated_bytes,
+                deleting: l.deleting,
+            })
+            .collect(),
+        merge_pending: hosted.store.merge_pending(),
     }
 }
 

@@ -69,6 +69,8 @@ impl From<ReplicaError> for tonic::Status {
                     tonic::Status::invalid_argument(msg)
                 }
                 StoreError::NoSpace { .. } => tonic::Status::resource_exhausted(msg),
+                StoreError::NoSuchSnapshot(_) => tonic::Status::not_found(msg),
+                StoreError::Busy(_) => tonic::Status::failed_precondition(msg),
                 _ => tonic::Status::internal(msg),
             },
             _ => tonic::Status::internal(msg),

@@ -4,7 +4,7 @@
 use corral_block::inline_io::InlineGate;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use corral_store::{CreateParams, Epoch, ReplicaStore, StoreError};
@@ -43,6 +43,8 @@ pub struct HostedReplica {
     /// Data batches executed so far; the background flusher reads it to
     /// tell a busy replica from an idle one.
     pub batches: AtomicU64,
+    /// A thread is merging deleted snapshots away.
+    merging: AtomicBool,
 }
 
 /// All replicas of this daemon.
@@ -95,7 +97,9 @@ impl ReplicaRegistry {
                         clean = meta.clean_shutdown,
                         "opened replica"
                     );
-                    replicas.insert(name.clone(), Arc::new(HostedReplica::new(name, store)));
+                    let hosted = Arc::new(HostedReplica::new(name.clone(), store));
+                    hosted.start_merging();
+                    replicas.insert(name, hosted);
                 }
                 Err(e) => warn!(volume = %name, error = %e, "cannot open replica; leaving it out"),
             }
@@ -201,6 +205,41 @@ impl HostedReplica {
             open_state: RwLock::new(OpenState::default()),
             inline_io: InlineGate::default(),
             batches: AtomicU64::new(0),
+            merging: AtomicBool::new(false),
+        }
+    }
+
+    /// Merges deleted snapshots away in the background, one granule at a
+    /// time, unless a merge thread already runs. Called after a delete and
+    /// when the daemon opens a replica with a merge left by a crash. A
+    /// failing step (a full disk, an I/O error) stops the thread with a
+    /// warning; the merge resumes at its cursor on the next call.
+    pub fn start_merging(self: &Arc<Self>) {
+        if !self.store.merge_pending() || self.merging.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name(format!("merge-{}", self.volume))
+            .spawn(move || {
+                loop {
+                    match me.store.merge_step() {
+                        Ok(true) => continue,
+                        Ok(false) => {
+                            info!(volume = %me.volume, "deleted snapshots merged away");
+                            break;
+                        }
+                        Err(e) => {
+                            warn!(volume = %me.volume, error = %e, "snapshot merge stopped; it resumes at the next delete or restart");
+                            break;
+                        }
+                    }
+                }
+                me.merging.store(false, Ordering::Release);
+            });
+        if let Err(e) = spawned {
+            warn!(volume = %self.volume, error = %e, "cannot start the snapshot merge thread");
+            self.merging.store(false, Ordering::Release);
         }
     }
 

@@ -46,6 +46,11 @@ pub enum VolumeCommand {
         #[arg(value_parser = crate::units::parse_size)]
         size: u64,
     },
+    /// Snapshots of the volume: create, ls, rm.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
     /// While the engine waits to open the volume: trust this replica's data.
     Salvage {
         /// Required: salvage can lose writes that only the other replicas hold.
@@ -54,6 +59,17 @@ pub enum VolumeCommand {
         /// The replica daemon address to trust.
         replica: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Take a snapshot on every RW replica (writes pause for about one round
+    /// trip). Idempotent by name.
+    Create { name: String },
+    /// The snapshots, oldest first, and the space each layer takes.
+    Ls,
+    /// Delete a snapshot; the replicas merge it away in the background.
+    Rm { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -204,6 +220,82 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                 println!("{}", r.message);
             }
         }
+        VolumeCommand::Snapshot { command } => match command {
+            SnapshotCommand::Create { name } => {
+                let r = client.create_snapshot(&name).await?;
+                if args.json {
+                    let s = r.snapshot.unwrap_or_default();
+                    println!(
+                        "{}",
+                        json!({"name": s.name, "created_unix_ms": s.created_unix_ms,
+                            "size": s.size, "replicas": r.done, "failed": r.failed})
+                    );
+                } else {
+                    println!("{}", r.message);
+                    for f in &r.failed {
+                        println!("  failed (now ERR): {f}");
+                    }
+                }
+            }
+            SnapshotCommand::Rm { name } => {
+                let r = client.delete_snapshot(&name).await?;
+                if args.json {
+                    println!("{}", json!({"name": name, "replicas": r.done}));
+                } else {
+                    println!("{}", r.message);
+                }
+            }
+            SnapshotCommand::Ls => {
+                let r = client.list_snapshots().await?;
+                if args.json {
+                    let snaps: Vec<_> = r
+                        .snapshots
+                        .iter()
+                        .map(|s| {
+                            json!({"name": s.name, "created_unix_ms": s.created_unix_ms,
+                            "size": s.size, "allocated_bytes": s.allocated_bytes})
+                        })
+                        .collect();
+                    let layers: Vec<_> = r
+                        .layers
+                        .iter()
+                        .map(|l| {
+                            json!({"snapshot": (!l.snapshot.is_empty()).then_some(&l.snapshot),
+                            "provisioned_bytes": l.provisioned_bytes,
+                            "allocated_bytes": l.allocated_bytes, "deleting": l.deleting})
+                        })
+                        .collect();
+                    println!(
+                        "{}",
+                        json!({"snapshots": snaps, "layers": layers, "merge_pending": r.merge_pending})
+                    );
+                } else {
+                    println!(
+                        "{:<32} {:>14} {:>14} {:>14}",
+                        "LAYER", "CREATED(ms)", "SIZE", "ALLOCATED"
+                    );
+                    for l in &r.layers {
+                        let created = r
+                            .snapshots
+                            .iter()
+                            .find(|s| s.name == l.snapshot)
+                            .map(|s| s.created_unix_ms.to_string())
+                            .unwrap_or_else(|| "-".into());
+                        let name = if l.snapshot.is_empty() {
+                            "(head)".to_string()
+                        } else if l.deleting {
+                            format!("{} (merging)", l.snapshot)
+                        } else {
+                            l.snapshot.clone()
+                        };
+                        println!(
+                            "{:<32} {:>14} {:>14} {:>14}",
+                            name, created, l.provisioned_bytes, l.allocated_bytes
+                        );
+                    }
+                }
+            }
+        },
         VolumeCommand::Salvage { force, replica } => {
             if !force {
                 anyhow::bail!(

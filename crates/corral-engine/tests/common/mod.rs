@@ -47,6 +47,12 @@ impl TestReplica {
         }));
     }
 
+    /// The daemon's data directory (a volume's store is `<dir>/<volume>`).
+    #[allow(dead_code)]
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     /// Stop the daemon (its streams end, its port closes).
     pub async fn stop(&mut self) {
         self.stop.cancel();

@@ -1,0 +1,215 @@
+//! Snapshots across the replica set (DESIGN.md, "Snapshots, clones,
+//! expansion"; docs/snapshots.md).
+//!
+//! Create: with every write drained and none starting (`io_gate` held
+//! exclusively), every RW replica freezes its head at the same point of the
+//! write stream (its store syncs the head first, so no separate flush round
+//! is needed); then writes resume. The pause is one control round trip plus
+//! the slowest replica's sync. A replica that fails is moved to ERR as for
+//! a failed write, so every replica left RW holds the snapshot
+//! (all-or-nothing among the RW set); if none took it, the call fails.
+//! Idempotent by name on each replica.
+//!
+//! Delete: every RW replica marks the layer deleted and merges it away in
+//! the background; I/O is not paused. List: from the first RW replica that
+//! answers.
+
+use corral_client::ClientError;
+use corral_proto::v1 as pb;
+use futures::future::join_all;
+use tracing::{info, warn};
+
+use super::{Mode, ReplicaSet, SlotId};
+use crate::error::ReplicaIoError;
+
+/// Longest snapshot name (as the replica store's).
+pub const MAX_NAME: usize = 64;
+
+/// Why a snapshot operation was refused or failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(
+        "snapshot name {0:?} must be 1 to {MAX_NAME} bytes of letters, digits, '.', '_' and '-', not starting with '.' or '-'"
+    )]
+    BadName(String),
+    #[error("volume {volume} has no snapshot named {name:?}")]
+    NotFound { volume: String, name: String },
+    /// The replicas could not carry it out; the message says what changed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Checks a snapshot name by the replica store's rule, so a bad one is
+/// refused before any replica is asked.
+pub fn check_name(name: &str) -> Result<(), SnapshotError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with(['.', '-'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(SnapshotError::BadName(name.to_string()))
+    }
+}
+
+/// What a snapshot operation did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotReport {
+    /// The snapshot as the first replica that took it reports it (create).
+    pub snapshot: Option<pb::SnapshotInfo>,
+    /// Replicas that carried it out.
+    pub done: Vec<String>,
+    /// Replicas that could not ("address: why"); after a create, now ERR.
+    pub failed: Vec<String>,
+}
+
+impl ReplicaSet {
+    /// Take snapshot `name` on every RW replica (see the module documentation).
+    pub async fn snapshot_create(&self, name: &str) -> Result<SnapshotReport, SnapshotError> {
+        check_name(name)?;
+        self.check_writable()
+            .map_err(|e| SnapshotError::Failed(e.to_string()))?;
+        let started = std::time::Instant::now();
+        let _gate = self.io_gate.write().await;
+        let drained = started.elapsed();
+        let targets: Vec<_> = self
+            .write_targets()
+            .into_iter()
+            .filter(|(_, _, mode)| *mode == Mode::Rw)
+            .collect();
+        let calls = targets.iter().map(|(id, client, _)| async move {
+            let result = client
+                .control()
+                .create_snapshot(&self.volume, self.epoch, name)
+                .await;
+            (*id, client.addr().to_string(), result)
+        });
+        let mut report = SnapshotReport::default();
+        let mut failed: Vec<(SlotId, String, ReplicaIoError)> = Vec::new();
+        for (id, address, result) in join_all(calls).await {
+            let err = match result {
+                Ok(info) => {
+                    report.snapshot.get_or_insert(info);
+                    report.done.push(address);
+                    continue;
+                }
+                Err(e @ ClientError::Fenced { .. }) => {
+                    self.mark_fenced(&e.to_string());
+                    return Err(SnapshotError::Failed(format!(
+                        "volume {}: {e}",
+                        self.volume
+                    )));
+                }
+                Err(ClientError::TimedOut { after, .. }) => ReplicaIoError::Timeout(after),
+                Err(e) => ReplicaIoError::Io(format!("snapshot {name}: {e}")),
+            };
+            failed.push((id, address, err));
+        }
+        report.failed = failed
+            .iter()
+            .map(|(_, address, err)| format!("{address}: {err}"))
+            .collect();
+        if report.done.is_empty() {
+            return Err(SnapshotError::Failed(format!(
+                "volume {}: no RW replica took snapshot {name:?} ({})",
+                self.volume,
+                report.failed.join("; ")
+            )));
+        }
+        // Like a failed write: a replica without the snapshot leaves the RW set.
+        for (id, address, err) in &failed {
+            warn!(volume = %self.volume, replica = %address, error = %err,
+                "replica could not take the snapshot: moving it to ERR");
+            self.handle_failure(*id, err, &[])
+                .await
+                .map_err(|e| SnapshotError::Failed(format!("volume {}: {e}", self.volume)))?;
+        }
+        info!(volume = %self.volume, snapshot = name, replicas = report.done.len(),
+            drained_us = drained.as_micros() as u64,
+            paused_us = started.elapsed().as_micros() as u64, "snapshot taken");
+        Ok(report)
+    }
+
+    /// Delete snapshot `name` on every RW replica; each merges it away in
+    /// the background. A replica that no longer has it counts as done.
+    pub async fn snapshot_delete(&self, name: &str) -> Result<SnapshotReport, SnapshotError> {
+        check_name(name)?;
+        let targets: Vec<_> = self
+            .write_targets()
+            .into_iter()
+            .filter(|(_, _, mode)| *mode == Mode::Rw)
+            .collect();
+        let calls = targets.iter().map(|(_, client, _)| async move {
+            let result = client
+                .control()
+                .delete_snapshot(&self.volume, self.epoch, name)
+                .await;
+            (client.addr().to_string(), result)
+        });
+        let mut report = SnapshotReport::default();
+        let mut missing = 0usize;
+        for (address, result) in join_all(calls).await {
+            match result {
+                Ok(_) => report.done.push(address),
+                Err(ClientError::NotFound { .. }) => {
+                    missing += 1;
+                    report.done.push(address);
+                }
+                Err(e) => report.failed.push(format!("{address}: {e}")),
+            }
+        }
+        if missing > 0 && missing == report.done.len() && report.failed.is_empty() {
+            return Err(SnapshotError::NotFound {
+                volume: self.volume.clone(),
+                name: name.to_string(),
+            });
+        }
+        if !report.failed.is_empty() {
+            return Err(SnapshotError::Failed(format!(
+                "volume {}: snapshot {name:?} deleted on {} replica(s), not on: {}; delete it again",
+                self.volume,
+                report.done.len(),
+                report.failed.join("; ")
+            )));
+        }
+        info!(volume = %self.volume, snapshot = name, "snapshot deleted");
+        Ok(report)
+    }
+
+    /// The snapshots and layers, as the first RW replica that answers lists them.
+    pub async fn snapshot_list(&self) -> Result<pb::ListSnapshotsResponse, SnapshotError> {
+        let mut errors = Vec::new();
+        for (_, client, mode) in self.write_targets() {
+            if mode != Mode::Rw {
+                continue;
+            }
+            match client.control().list_snapshots(&self.volume).await {
+                Ok(listed) => return Ok(listed),
+                Err(e) => errors.push(format!("{}: {e}", client.addr())),
+            }
+        }
+        Err(SnapshotError::Failed(format!(
+            "volume {}: no RW replica listed its snapshots ({})",
+            self.volume,
+            errors.join("; ")
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_store_rule() {
+        for good in ["a", "hourly-2026.11.30_17", &"n".repeat(64)] {
+            assert_eq!(check_name(good), Ok(()), "{good}");
+        }
+        for bad in ["", "-a", ".a", "a/b", "a b", "é", &"n".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
