@@ -13,10 +13,15 @@
 //! the protocol's handler together with the token; once cancelled it stops
 //! accepting, closes the listener and waits until every handler has
 //! returned (handlers finish what is in flight on their own terms).
+//!
+//! [`live_connections`] counts the frontend connections open in this
+//! process: an engine serves one volume, so it is the number of clients
+//! attached to it (snapshot revert refuses while it is not zero).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -25,6 +30,30 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, warn};
 
 pub use tokio_util::sync::CancellationToken as Shutdown;
+
+/// Frontend connections being served in this process, all servers together.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// Frontend (NBD, iSCSI) connections open in this process now.
+pub fn live_connections() -> usize {
+    LIVE.load(Ordering::Acquire)
+}
+
+/// Counts one live connection while it exists.
+struct LiveConnection;
+
+impl LiveConnection {
+    fn new() -> Self {
+        LIVE.fetch_add(1, Ordering::AcqRel);
+        LiveConnection
+    }
+}
+
+impl Drop for LiveConnection {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Serve connections accepted on `listener` with `handler` until `stop` is
 /// cancelled, then wait for the handlers to finish. `what` names the server
@@ -71,10 +100,12 @@ pub async fn serve_connections<F, Fut>(
         if let Err(e) = stream.set_nodelay(true) {
             debug!(%peer, error = %e, "cannot set TCP_NODELAY");
         }
+        let live = LiveConnection::new();
         let served = handler(stream, peer, stop.clone());
         conns.spawn(
             async move {
                 let _permit = permit;
+                let _live = live;
                 served.await;
             }
             .instrument(tracing::info_span!("conn", kind = span, %peer)),

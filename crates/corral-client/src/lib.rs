@@ -380,6 +380,29 @@ impl ReplicaControl {
         .await
     }
 
+    /// Revert the replica of `volume` to snapshot `name`, as the engine open
+    /// at `epoch`.
+    pub async fn revert_snapshot(
+        &self,
+        volume: &str,
+        epoch: Epoch,
+        name: &str,
+    ) -> Result<ReplicaInfo, ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::SnapshotRequest {
+            volume: volume.to_string(),
+            epoch: epoch.0,
+            name: name.to_string(),
+        };
+        call(
+            &self.addr,
+            "revert snapshot",
+            self.timeout,
+            c.revert_snapshot(request),
+        )
+        .await
+    }
+
     /// The snapshots and layers of the replica of `volume`.
     pub async fn list_snapshots(
         &self,
@@ -566,6 +589,24 @@ impl EngineControl {
             "delete snapshot",
             self.timeout,
             c.delete_snapshot(request),
+        )
+        .await
+    }
+
+    /// Revert the volume to snapshot `name` (no client may be attached).
+    pub async fn revert_snapshot(
+        &self,
+        name: &str,
+    ) -> Result<pb::VolumeSnapshotResponse, ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::VolumeSnapshotRequest {
+            name: name.to_string(),
+        };
+        call(
+            &self.addr,
+            "revert snapshot",
+            self.timeout,
+            c.revert_snapshot(request),
         )
         .await
     }

@@ -348,6 +348,25 @@ impl EngineControl for ControlService {
         Ok(Response::new(snapshot_response("deleted", &name, report)))
     }
 
+    async fn revert_snapshot(
+        &self,
+        request: Request<VolumeSnapshotRequest>,
+    ) -> Result<Response<VolumeSnapshotResponse>, Status> {
+        let volume = self.state.open_volume()?;
+        let name = request.into_inner().name;
+        let attached = corral_block::accept::live_connections();
+        let report = volume
+            .replica_set()
+            .snapshot_revert(&name, attached, volume.chunk_count())
+            .await
+            .map_err(snapshot_status)?;
+        Ok(Response::new(snapshot_response(
+            "reverted to",
+            &name,
+            report,
+        )))
+    }
+
     async fn list_snapshots(
         &self,
         _request: Request<VolumeListSnapshotsRequest>,
@@ -393,6 +412,7 @@ fn snapshot_status(e: crate::replica_set::snapshot::SnapshotError) -> Status {
     match e {
         SnapshotError::BadName(_) => Status::invalid_argument(e.to_string()),
         SnapshotError::NotFound { .. } => Status::not_found(e.to_string()),
+        SnapshotError::Precondition(_) => Status::failed_precondition(e.to_string()),
         SnapshotError::Failed(_) => Status::unavailable(e.to_string()),
     }
 }

@@ -204,3 +204,65 @@ async fn wait_merged(addr: &str) {
     }
     panic!("{addr}: a deleted snapshot is still merging after 15 s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revert_brings_the_snapshot_back_and_keeps_later_snapshots() {
+    let reps = replicas(3).await;
+    let cfg = config(&reps);
+    let (volume, _stop) = start(&cfg).await;
+    let set = Arc::clone(volume.replica_set());
+    let chunks = volume.chunk_count();
+    for i in 0..64 {
+        volume
+            .write(i * BLOCK, block_of(i as usize), false)
+            .await
+            .unwrap();
+    }
+    set.snapshot_create("base").await.unwrap();
+    for i in 16..80 {
+        volume
+            .write(i * BLOCK, block_of(i as usize + 5000), false)
+            .await
+            .unwrap();
+    }
+    set.snapshot_create("later").await.unwrap();
+    volume.write(0, block_of(9999), false).await.unwrap();
+
+    // Refused while a client is attached, or for an unknown snapshot: nothing changes.
+    let err = set.snapshot_revert("base", 1, chunks).await.unwrap_err();
+    assert!(matches!(err, SnapshotError::Precondition(_)), "{err}");
+    assert!(err.to_string().contains("attached"), "{err}");
+    let err = set.snapshot_revert("nope", 0, chunks).await.unwrap_err();
+    assert!(matches!(err, SnapshotError::NotFound { .. }), "{err}");
+    assert_eq!(
+        &volume.read(0, BLOCK as u32).await.unwrap()[..],
+        &block_of(9999)[..]
+    );
+
+    let report = set.snapshot_revert("base", 0, chunks).await.unwrap();
+    assert_eq!(report.done.len(), 3, "{report:?}");
+    let got = volume.read(0, (96 * BLOCK) as u32).await.unwrap();
+    for i in 0..96usize {
+        let block = &got[i * BLOCK as usize..(i + 1) * BLOCK as usize];
+        if i < 64 {
+            assert_eq!(block, &block_of(i)[..], "block {i} after revert");
+        } else {
+            assert!(
+                block.iter().all(|&b| b == 0),
+                "block {i} after revert: written after the snapshot"
+            );
+        }
+    }
+    // Both snapshots are still there, and the replicas agree.
+    let listed = set.snapshot_list().await.unwrap();
+    let names: Vec<_> = listed.snapshots.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["base", "later"]);
+    let verify = volume.verify().await.unwrap();
+    assert!(verify.differences.is_empty(), "{verify:?}");
+    // And the volume takes writes again.
+    volume.write(0, block_of(7), false).await.unwrap();
+    assert_eq!(
+        &volume.read(0, BLOCK as u32).await.unwrap()[..],
+        &block_of(7)[..]
+    );
+}

@@ -290,6 +290,23 @@ impl ReplicaControl for ControlService {
         Ok(Response::new(listed))
     }
 
+    async fn revert_snapshot(
+        &self,
+        request: Request<SnapshotRequest>,
+    ) -> Result<Response<ReplicaInfo>, Status> {
+        let req = request.into_inner();
+        let hosted = self.registry.get(&req.volume)?;
+        let info = blocking(move || {
+            with_epoch(&hosted, Epoch(req.epoch), |h| {
+                h.store.snapshot_revert(&req.name)?;
+                info!(volume = %h.volume, snapshot = %req.name, "replica reverted to snapshot");
+                Ok(())
+            })
+        })
+        .await?;
+        Ok(Response::new(info))
+    }
+
     async fn list_snapshots(
         &self,
         request: Request<ListSnapshotsRequest>,

@@ -70,6 +70,10 @@ pub enum SnapshotCommand {
     Ls,
     /// Delete a snapshot; the replicas merge it away in the background.
     Rm { name: String },
+    /// Make the volume's contents the snapshot's again (what was written
+    /// since is dropped; later snapshots stay). No client may be attached and
+    /// every replica must be RW.
+    Revert { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -234,6 +238,20 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                     println!("{}", r.message);
                     for f in &r.failed {
                         println!("  failed (now ERR): {f}");
+                    }
+                }
+            }
+            SnapshotCommand::Revert { name } => {
+                let r = client.revert_snapshot(&name).await?;
+                if args.json {
+                    println!(
+                        "{}",
+                        json!({"name": name, "replicas": r.done, "failed": r.failed})
+                    );
+                } else {
+                    println!("{}", r.message);
+                    for f in &r.failed {
+                        println!("  failed (now ERR, copied in full when it returns): {f}");
                     }
                 }
             }

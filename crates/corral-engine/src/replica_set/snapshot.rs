@@ -13,6 +13,13 @@
 //! Delete: every RW replica marks the layer deleted and merges it away in
 //! the background; I/O is not paused. List: from the first RW replica that
 //! answers.
+//!
+//! Revert: only with no client attached (the caller counts the frontend
+//! connections), every replica RW (a rebuild or a catch-up would mix
+//! contents from before and after) and no merge pending; checked on every
+//! replica before any is changed. Then, with writes held, every replica
+//! reverts. One that fails is moved to ERR with every chunk marked changed,
+//! so it is copied in full when it returns.
 
 use corral_client::ClientError;
 use corral_proto::v1 as pb;
@@ -34,6 +41,9 @@ pub enum SnapshotError {
     BadName(String),
     #[error("volume {volume} has no snapshot named {name:?}")]
     NotFound { volume: String, name: String },
+    /// Not now: a client is attached, a replica is not RW, a delete is merging.
+    #[error("{0}")]
+    Precondition(String),
     /// The replicas could not carry it out; the message says what changed.
     #[error("{0}")]
     Failed(String),
@@ -176,6 +186,108 @@ impl ReplicaSet {
             )));
         }
         info!(volume = %self.volume, snapshot = name, "snapshot deleted");
+        Ok(report)
+    }
+
+    /// Revert the volume to snapshot `name` (see the module documentation).
+    /// `attached`: frontend clients connected now; `chunk_count`: the
+    /// volume's chunks (a replica that fails is marked changed in all).
+    pub async fn snapshot_revert(
+        &self,
+        name: &str,
+        attached: usize,
+        chunk_count: u64,
+    ) -> Result<SnapshotReport, SnapshotError> {
+        check_name(name)?;
+        if attached > 0 {
+            return Err(SnapshotError::Precondition(format!(
+                "volume {}: {attached} client(s) attached; detach (unmount, log out) before reverting",
+                self.volume
+            )));
+        }
+        let _gate = self.io_gate.write().await;
+        let _change = self.change.lock().await;
+        if self.rw_count() != self.total() {
+            return Err(SnapshotError::Precondition(format!(
+                "volume {}: only {} of {} replicas are RW; revert when every replica is healthy",
+                self.volume,
+                self.rw_count(),
+                self.total()
+            )));
+        }
+        let targets = self.write_targets();
+        // Every replica must have it and no merge under way, before any changes.
+        for (_, client, _) in &targets {
+            let listed = client
+                .control()
+                .list_snapshots(&self.volume)
+                .await
+                .map_err(|e| {
+                    SnapshotError::Failed(format!("volume {}: {e}; nothing changed", self.volume))
+                })?;
+            if !listed.snapshots.iter().any(|s| s.name == name) {
+                return Err(SnapshotError::NotFound {
+                    volume: self.volume.clone(),
+                    name: name.to_string(),
+                });
+            }
+            if listed.merge_pending {
+                return Err(SnapshotError::Precondition(format!(
+                    "volume {}: a deleted snapshot is still merging on {}; revert when it is done",
+                    self.volume,
+                    client.addr()
+                )));
+            }
+        }
+        let calls = targets.iter().map(|(id, client, _)| async move {
+            let result = client
+                .control()
+                .revert_snapshot(&self.volume, self.epoch, name)
+                .await;
+            (*id, client.addr().to_string(), result)
+        });
+        let mut report = SnapshotReport::default();
+        let mut failed: Vec<(SlotId, String, ReplicaIoError)> = Vec::new();
+        for (id, address, result) in join_all(calls).await {
+            let err = match result {
+                Ok(_) => {
+                    report.done.push(address);
+                    continue;
+                }
+                Err(e @ ClientError::Fenced { .. }) => {
+                    self.mark_fenced(&e.to_string());
+                    return Err(SnapshotError::Failed(format!(
+                        "volume {}: {e}",
+                        self.volume
+                    )));
+                }
+                Err(ClientError::TimedOut { after, .. }) => ReplicaIoError::Timeout(after),
+                Err(e) => ReplicaIoError::Io(format!("revert to {name}: {e}")),
+            };
+            failed.push((id, address, err));
+        }
+        report.failed = failed
+            .iter()
+            .map(|(_, address, err)| format!("{address}: {err}"))
+            .collect();
+        drop(_change);
+        // A replica that may not have reverted differs anywhere: copy it whole.
+        let every_chunk: Vec<u64> = (0..chunk_count).collect();
+        for (id, address, err) in &failed {
+            warn!(volume = %self.volume, replica = %address, error = %err,
+                "replica could not revert: moving it to ERR for a full copy");
+            self.handle_failure(*id, err, &every_chunk)
+                .await
+                .map_err(|e| SnapshotError::Failed(format!("volume {}: {e}", self.volume)))?;
+        }
+        if report.done.is_empty() {
+            return Err(SnapshotError::Failed(format!(
+                "volume {}: no replica reverted to {name:?} ({})",
+                self.volume,
+                report.failed.join("; ")
+            )));
+        }
+        info!(volume = %self.volume, snapshot = name, replicas = report.done.len(), "volume reverted to snapshot");
         Ok(report)
     }
 
