@@ -260,6 +260,18 @@ impl ReplicaStore {
             let Some(pos) = pick else { return Ok(false) };
             (pos, layers[pos].info.merged_blocks, layers[pos].blocks)
         };
+        // Skip what the layer does not hold: its extent list is exact (taken
+        // when it was frozen, extended when a merge into it ended).
+        let id = self.chain().layers()[pos].info.id;
+        let cursor = match self
+            .db
+            .layer_extents(id)?
+            .iter()
+            .find(|&&(_, e)| e > cursor)
+        {
+            Some(&(s, _)) => s.max(cursor).min(blocks),
+            None => blocks,
+        };
         if cursor >= blocks {
             self.finish_merge(pos)?;
             return Ok(self.merge_pending());
