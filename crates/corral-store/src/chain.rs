@@ -102,9 +102,11 @@ impl LayerChain {
         &mut self.layers
     }
 
-    /// Position of layer `id` in the chain.
+    /// Position of layer `id` in the chain. Ids grow along the chain (a new
+    /// layer, frozen or reverted head, always gets a larger id than every
+    /// layer under it), so this is a binary search.
     pub(crate) fn position(&self, id: LayerId) -> Option<usize> {
-        self.layers.iter().position(|l| l.info.id == id)
+        self.layers.binary_search_by_key(&id, |l| l.info.id).ok()
     }
 
     /// Where blocks `first..first + count` of the volume read from, as runs

@@ -209,6 +209,12 @@ impl ReplicaStore {
                 dir.join(meta::META_FILE).display()
             )));
         }
+        if rec.layers.windows(2).any(|w| w[0].id >= w[1].id) {
+            return Err(StoreError::Metadata(format!(
+                "{}: layer ids do not grow along the chain",
+                dir.join(meta::META_FILE).display()
+            )));
+        }
         remove_orphan_layers(dir, &rec.layers)?;
         let extents = db.load_extents()?;
         let mut chained = Vec::with_capacity(rec.layers.len());
