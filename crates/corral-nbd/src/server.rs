@@ -24,8 +24,11 @@
 //! go on over the TLS stream. The transmission loop is generic over the
 //! connection's halves (`ReplyWriter`): the plaintext path keeps its
 //! non-blocking `writev` straight to the socket, the TLS path writes the
-//! same queue through rustls (which copies into its records anyway). A
-//! refused TLS client is logged with its address and rustls's reason.
+//! same queue through rustls (which copies into its records anyway). The
+//! TLS stream is [`corral_tls::io::TlsIo`]: the socket is read up to 64 KiB
+//! per system call below rustls (rustls alone reads 4 KiB per call), and
+//! replies are gathered into full records and flushed once per loop turn.
+//! A refused TLS client is logged with its address and rustls's reason.
 //!
 //! Shutdown: when the [`Shutdown`] token is cancelled the server stops
 //! accepting, connections stop reading new requests, in-flight requests
@@ -46,11 +49,11 @@ use bytes::BytesMut;
 use corral_block::BlockDevice;
 use corral_block::accept::{Shutdown, serve_connections};
 use corral_block::send_queue::SendQueue;
+use corral_tls::io::ServerStream;
 use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::server::TlsStream;
 use tracing::{debug, warn};
 
 use crate::error::NbdError;
@@ -268,12 +271,12 @@ async fn handle_connection<D: BlockDevice>(
             result
         }
         Conn::Tls(stream) => {
-            let (mut rd, wr) = tokio::io::split(stream);
-            // Replies gathered into one buffer per loop turn: rustls makes
-            // a record per write it is handed, and many small replies (16
-            // bytes each for writes) would each cost a record.
+            let (mut rd, wr) = tokio::io::split(*stream);
+            // The stream gathers the replies of a loop turn until flushed:
+            // rustls makes a record per write it is handed, and many small
+            // replies (16 bytes each for writes) would each cost a record.
             let mut wr = TlsWriter {
-                wr: tokio::io::BufWriter::with_capacity(TLS_WRITE_BUFFER, wr),
+                wr,
                 unflushed: false,
             };
             let result =
@@ -287,7 +290,7 @@ async fn handle_connection<D: BlockDevice>(
 /// A connection after the handshake: the socket, or TLS over it.
 enum Conn {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<ServerStream>),
 }
 
 /// How a stretch of negotiation on one stream ended.
@@ -323,7 +326,7 @@ async fn handshake(
     let Some(tls) = tls else {
         return Err(NbdError::TlsHandshake("TLS is not configured".into()));
     };
-    let accepting = tls.server.acceptor().accept(stream);
+    let accepting = tls.server.accept(stream);
     let mut stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accepting).await {
         Err(_) => {
             return Err(NbdError::TlsHandshake(format!(
@@ -431,11 +434,8 @@ impl ReplyWriter for PlainWriter<'_> {
     }
 }
 
-/// Bytes of replies gathered before they are handed to rustls (four full
-/// TLS records).
-const TLS_WRITE_BUFFER: usize = 64 << 10;
-
-/// TLS: the queue goes through rustls, which buffers records until flushed.
+/// TLS: the queue goes through the stream's write buffer and rustls, which
+/// hold bytes until flushed.
 struct TlsWriter<W> {
     wr: W,
     /// Bytes were handed to rustls since the last flush.

@@ -4,7 +4,9 @@
 //!
 //! The data path does not change: TLS wraps the TCP stream below HTTP/2,
 //! tonic and the services see the same bytes, and a process without TLS
-//! files serves and dials plain TCP exactly as before.
+//! files serves and dials plain TCP exactly as before. Both ends read and
+//! write TLS through [`crate::io::TlsIo`] (buffered reads under rustls,
+//! gathered writes and drained reads above it).
 //!
 //! A listener serves at most [`MAX_CONNECTIONS`] connections at once and
 //! opens each in a task of its own, bounded in time
@@ -24,7 +26,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::Stream;
@@ -32,6 +34,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::{debug, warn};
 
+use crate::io::{ClientStream, ServerStream, TlsIo, buffered};
 use crate::{ClientTls, ServerTls, describe};
 
 /// How long a client has to finish its TLS handshake.
@@ -45,7 +48,8 @@ pub const MAX_CONNECTIONS: usize = 4096;
 
 /// One connection a gRPC server serves. It holds one of the listener's
 /// [`MAX_CONNECTIONS`] places until tonic drops it. Over TLS, writes are
-/// gathered until flushed (HTTP/2 flushes after every burst).
+/// gathered until flushed (HTTP/2 flushes after every burst; see
+/// [`crate::io`]).
 pub struct ServerIo {
     stream: Transport,
     _place: OwnedSemaphorePermit,
@@ -53,20 +57,14 @@ pub struct ServerIo {
 
 enum Transport {
     Plain(TcpStream),
-    Tls(Box<BufWriter<tokio_rustls::server::TlsStream<TcpStream>>>),
+    Tls(Box<ServerStream>),
 }
-
-/// Bytes HTTP/2 writes are gathered into before rustls seals them: rustls
-/// makes one record per write it is handed, and HTTP/2 writes frame heads
-/// and payloads as separate pieces; gathered, a burst of small frames costs
-/// a few full records. HTTP/2 flushes after every burst, so nothing waits.
-const TLS_WRITE_BUFFER: usize = 64 << 10;
 
 impl ServerIo {
     fn tcp(&self) -> &TcpStream {
         match &self.stream {
             Transport::Plain(s) => s,
-            Transport::Tls(s) => s.get_ref().get_ref().0,
+            Transport::Tls(s) => s.tcp(),
         }
     }
 
@@ -229,11 +227,9 @@ async fn accept_loop(
                 let tls_first = first_byte_is_tls(&tcp).await?;
                 match (tls, tls_first) {
                     (Some(acceptor), true) => acceptor
-                        .accept(tcp)
+                        .accept(buffered(tcp))
                         .await
-                        .map(|s| {
-                            Transport::Tls(Box::new(BufWriter::with_capacity(TLS_WRITE_BUFFER, s)))
-                        })
+                        .map(|s| Transport::Tls(Box::new(TlsIo::new(s))))
                         .map_err(|e| Refusal::Loud(describe(&e))),
                     (Some(_), false) => Err(Refusal::Loud(
                         "not a TLS client (plain TCP): this listener requires mutual TLS".into(),
@@ -302,17 +298,21 @@ pub async fn connect_tcp(host: &str, port: u16, tls: &ClientTls) -> io::Result<C
     let name = tls
         .server_name_for(host)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let stream = tls.connector().connect(name, tcp).await.map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("TLS handshake with {host}:{port} failed: {}", describe(&e)),
-        )
-    })?;
-    Ok(BufWriter::with_capacity(TLS_WRITE_BUFFER, stream))
+    let stream = tls
+        .connector()
+        .connect(name, buffered(tcp))
+        .await
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("TLS handshake with {host}:{port} failed: {}", describe(&e)),
+            )
+        })?;
+    Ok(TlsIo::new(stream))
 }
 
-/// A client's TLS connection, writes gathered as a server's are.
-pub type ClientIo = BufWriter<tokio_rustls::client::TlsStream<TcpStream>>;
+/// A client's TLS connection, shaped as a server's is ([`crate::io`]).
+pub type ClientIo = ClientStream;
 
 /// A tonic channel connector that dials over TLS
 /// (`Endpoint::connect_with_connector`).
