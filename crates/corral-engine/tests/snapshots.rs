@@ -3,7 +3,9 @@
 //! exactly a prefix of the writer's acknowledged writes — the same prefix on
 //! each, so the replicas took it at one point of the write stream; deleting
 //! it merges it away on every replica and leaves the volume as it was; bad
-//! names and unknown snapshots are refused.
+//! names and unknown snapshots are refused; revert gives a snapshot back;
+//! 300 snapshots created and deleted in random order between writes and
+//! discards keep their data on every replica.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -265,4 +267,93 @@ async fn revert_brings_the_snapshot_back_and_keeps_later_snapshots() {
         &volume.read(0, BLOCK as u32).await.unwrap()[..],
         &block_of(7)[..]
     );
+}
+
+/// A small deterministic generator (xorshift) for the random story.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_snapshots_created_and_deleted_in_random_order_keep_their_data() {
+    const BLOCKS: u64 = 256; // 1 MiB of the volume is written
+    let mut reps = replicas(3).await;
+    let cfg = config(&reps);
+    let (volume, stop) = start(&cfg).await;
+    let set = Arc::clone(volume.replica_set());
+    let mut model = vec![0u8; (BLOCKS * BLOCK) as usize];
+    let mut live: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut deleted = 0usize;
+    for i in 0..300usize {
+        // A few writes (some discards) between snapshots.
+        for _ in 0..1 + rng.below(4) {
+            let b = rng.below(BLOCKS - 4);
+            let n = 1 + rng.below(4);
+            if rng.below(8) == 0 {
+                volume.unmap(b * BLOCK, n * BLOCK).await.unwrap();
+                model[(b * BLOCK) as usize..((b + n) * BLOCK) as usize].fill(0);
+            } else {
+                let data: Vec<u8> = (0..n * BLOCK)
+                    .map(|k| (i as u64 * 31 + k / 64 + b) as u8)
+                    .collect();
+                volume
+                    .write(b * BLOCK, Bytes::from(data.clone()), false)
+                    .await
+                    .unwrap();
+                model[(b * BLOCK) as usize..((b + n) * BLOCK) as usize].copy_from_slice(&data);
+            }
+        }
+        let name = format!("s{i}");
+        set.snapshot_create(&name).await.unwrap();
+        live.push((name, model.clone()));
+        // Now and then delete a random live one (the newest included).
+        if rng.below(3) == 0 && !live.is_empty() {
+            let k = rng.below(live.len() as u64) as usize;
+            let (gone, _) = live.remove(k);
+            set.snapshot_delete(&gone).await.unwrap();
+            deleted += 1;
+        }
+    }
+    assert!(deleted > 50, "the story deletes a good share ({deleted})");
+    for r in &reps {
+        wait_merged(&r.addr).await;
+    }
+    let listed = set.snapshot_list().await.unwrap();
+    let names: Vec<&str> = listed.snapshots.iter().map(|s| s.name.as_str()).collect();
+    let want: Vec<&str> = live.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, want, "the live snapshots, oldest first");
+    let head = volume.read(0, (BLOCKS * BLOCK) as u32).await.unwrap();
+    assert!(head[..] == model[..], "the volume after every merge");
+
+    // Every remaining snapshot, on every replica, holds what it held when taken.
+    drop(stop);
+    drop(volume);
+    drop(set);
+    for r in reps.iter_mut() {
+        r.stop().await;
+        let mut store = None;
+        for _ in 0..100 {
+            match corral_store::ReplicaStore::open(&r.data_dir().join("vol")) {
+                Ok(s) => {
+                    store = Some(s);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let store = store.expect("the stopped daemon's store opens within 5 s");
+        for (name, data) in &live {
+            let got = store.read_snapshot(name, 0, BLOCKS * BLOCK).unwrap();
+            assert!(got[..] == data[..], "{}: snapshot {name} differs", r.addr);
+        }
+        store.close().unwrap();
+    }
 }
