@@ -64,6 +64,20 @@ fn snapshot_revert_and_delete_through_the_command_line() {
         .collect();
     assert_eq!(names, ["before-upgrade", "after-upgrade"]);
     assert_eq!(listed["layers"].as_array().map(Vec::len), Some(3));
+    // `volume info` shows actual against provisioned bytes per layer.
+    let info = c.volume_info(e).unwrap();
+    let layers = info["layers"].as_array().expect("layers in volume info");
+    assert_eq!(layers.len(), 3, "{info}");
+    assert_eq!(layers[0]["snapshot"], "before-upgrade");
+    assert!(layers[2]["snapshot"].is_null(), "the head last: {info}");
+    for l in layers {
+        assert_eq!(l["provisioned_bytes"], 16 * MIB as u64, "{l}");
+    }
+    let first_alloc = layers[0]["allocated_bytes"].as_u64().unwrap();
+    assert!(
+        first_alloc >= 4 * MIB as u64 && first_alloc < 8 * MIB as u64,
+        "the first layer holds the 4 MiB written before it: {first_alloc}"
+    );
 
     // Bad input: one-line errors, nothing changes.
     for (args, what) in [

@@ -190,6 +190,14 @@ impl EngineControl for ControlService {
         let set = volume.replica_set();
         let rw = set.rw_count();
         let total = set.total();
+        // Best effort: a slow or unreachable replica must not hold up `info`.
+        let layers =
+            match tokio::time::timeout(std::time::Duration::from_millis(500), set.snapshot_list())
+                .await
+            {
+                Ok(Ok(listed)) => listed.layers,
+                _ => Vec::new(),
+            };
         Ok(Response::new(VolumeInfo {
             name: volume.name().to_string(),
             size: volume.size(),
@@ -207,6 +215,7 @@ impl EngineControl for ControlService {
             rebuilds: rebuilds(volume),
             open_reason: String::new(),
             stale_replica_timeout_ms: cfg.stale_replica_timeout.as_millis() as u64,
+            layers,
         }))
     }
 

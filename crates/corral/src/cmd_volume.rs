@@ -112,6 +112,11 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                     "repaired_blocks": v.repaired_blocks, "open_reason": v.open_reason,
                     "stale_replica_timeout_ms": v.stale_replica_timeout_ms,
                     "rebuilds": v.rebuilds.iter().map(rebuild_json).collect::<Vec<_>>(),
+                    "layers": v.layers.iter().map(|l| json!({
+                        "snapshot": (!l.snapshot.is_empty()).then_some(&l.snapshot),
+                        "provisioned_bytes": l.provisioned_bytes,
+                        "allocated_bytes": l.allocated_bytes, "deleting": l.deleting,
+                    })).collect::<Vec<_>>(),
                 });
                 println!("{out}");
             } else {
@@ -132,6 +137,19 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                 }
                 for r in &v.rebuilds {
                     println!("rebuild:      {}", rebuild_line(r));
+                }
+                for l in &v.layers {
+                    let name = if l.snapshot.is_empty() {
+                        "(head)"
+                    } else {
+                        l.snapshot.as_str()
+                    };
+                    println!(
+                        "layer:        {name}: {} of {} bytes allocated{}",
+                        l.allocated_bytes,
+                        l.provisioned_bytes,
+                        if l.deleting { " (merging away)" } else { "" }
+                    );
                 }
             }
         }
