@@ -3,7 +3,10 @@
 //! engine: data written over NBD, a snapshot, more data, a second snapshot;
 //! revert is refused while an NBD client is attached and works once it
 //! leaves, giving back the first snapshot's data; the later snapshot stays
-//! and can be deleted; bad names and unknown snapshots get one-line errors.
+//! and can be deleted; bad names and unknown snapshots get one-line errors;
+//! `volume info` shows each layer's space. A delete followed at once by
+//! kill -9 of a replica daemon and of the engine (mid-merge or just after)
+//! finishes after they restart, on every replica, with the data intact.
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -153,4 +156,81 @@ fn snapshot_revert_and_delete_through_the_command_line() {
     assert_eq!(layers, 2, "the deleted snapshot's layer is merged away");
     let back = c.read_back(e, 4 * MIB).unwrap();
     assert!(back == pattern(1, 4 * MIB), "the data after the merge");
+}
+
+/// Lists the snapshots of `volume` on the replica daemon at `addr` directly.
+fn replica_listing(addr: &str, volume: &str) -> corral_proto::v1::ListSnapshotsResponse {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let control = corral_client::ReplicaControl::connect(addr, Duration::from_secs(5))
+            .await
+            .expect("connect to the replica daemon");
+        control
+            .list_snapshots(volume)
+            .await
+            .expect("list snapshots")
+    })
+}
+
+#[test]
+fn a_delete_interrupted_by_kill_9_of_a_replica_and_the_engine_resumes() {
+    let mut c = Cluster::with_replicas(3).expect("cluster");
+    let e = c
+        .start_engine(&EngineSpec::new("mergevol", "64MiB", &[0, 1, 2]))
+        .expect("engine");
+    let control = c.engines[e].control.to_string();
+    // The snapshot holds 24 MiB the head never overwrites: its merge copies
+    // them all into the head (six granules per replica).
+    let old = c.path().join("old");
+    std::fs::write(&old, pattern(3, 24 * MIB)).unwrap();
+    c.write_flushed(e, &old).unwrap();
+    ok_json(snapshot(&c, &control, &["create", "nightly"]));
+    let newer = c.path().join("newer");
+    std::fs::write(&newer, pattern(4, 4 * MIB)).unwrap();
+    c.write_flushed(e, &newer).unwrap();
+
+    ok_json(snapshot(&c, &control, &["rm", "nightly"]));
+    // At once: kill -9 a replica daemon and the engine, mid-merge or just after.
+    c.replicas[0].process.kill9().unwrap();
+    c.engines[e].process.kill9().unwrap();
+    c.restart_replica(0).unwrap();
+    c.restart_engine(e).unwrap();
+
+    // Every replica finishes the merge, and its chain is the head alone.
+    for r in 0..3 {
+        let addr = c.replicas[r].addr.to_string();
+        let mut listed = replica_listing(&addr, "mergevol");
+        for _ in 0..100 {
+            if !listed.merge_pending {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            listed = replica_listing(&addr, "mergevol");
+        }
+        assert!(
+            !listed.merge_pending,
+            "replica {r}: still merging after 10 s"
+        );
+        assert_eq!(listed.layers.len(), 1, "replica {r}: {listed:?}");
+        assert!(listed.snapshots.is_empty(), "replica {r}: {listed:?}");
+    }
+    c.wait_until(Duration::from_secs(60), "every replica RW again", |c| {
+        c.volume_info(e)
+            .map(|v| v["replicas_rw"] == 3)
+            .unwrap_or(false)
+    })
+    .unwrap();
+    let mut want = pattern(3, 24 * MIB);
+    want[..4 * MIB].copy_from_slice(&pattern(4, 4 * MIB));
+    let back = c.read_back(e, 24 * MIB).unwrap();
+    assert!(back == want, "the volume after the interrupted merge");
+    let verify = c.verify(e).unwrap();
+    assert_eq!(
+        verify["differences"].as_array().map(Vec::len),
+        Some(0),
+        "{verify}"
+    );
 }
