@@ -52,6 +52,7 @@ pub fn controller_capabilities() -> Vec<csi::ControllerServiceCapability> {
         Type::ListVolumesPublishedNodes,
         Type::GetCapacity,
         Type::SingleNodeMultiWriter,
+        Type::ExpandVolume,
     ]
     .into_iter()
     .map(|t| csi::ControllerServiceCapability {
@@ -69,6 +70,7 @@ pub fn node_capabilities() -> Vec<csi::NodeServiceCapability> {
         Type::GetVolumeStats,
         Type::VolumeCondition,
         Type::SingleNodeMultiWriter,
+        Type::ExpandVolume,
     ]
     .into_iter()
     .map(|t| csi::NodeServiceCapability {
@@ -79,9 +81,12 @@ pub fn node_capabilities() -> Vec<csi::NodeServiceCapability> {
     .collect()
 }
 
-/// The plugin's services: the controller's only when it runs one.
+/// The plugin's services: the controller's only when it runs one; and
+/// online volume expansion (a volume grows while its engine runs; a
+/// detached volume cannot be expanded).
 pub fn plugin_capabilities(controller: bool) -> Vec<csi::PluginCapability> {
     use csi::plugin_capability::service::Type;
+    use csi::plugin_capability::volume_expansion::Type as Expansion;
     let mut types = vec![Type::VolumeAccessibilityConstraints];
     if controller {
         types.insert(0, Type::ControllerService);
@@ -93,6 +98,13 @@ pub fn plugin_capabilities(controller: bool) -> Vec<csi::PluginCapability> {
                 csi::plugin_capability::Service { r#type: t as i32 },
             )),
         })
+        .chain(std::iter::once(csi::PluginCapability {
+            r#type: Some(csi::plugin_capability::Type::VolumeExpansion(
+                csi::plugin_capability::VolumeExpansion {
+                    r#type: Expansion::Online as i32,
+                },
+            )),
+        }))
         .collect()
 }
 
@@ -129,5 +141,36 @@ mod tests {
         let mut no_type = cap(Mode::SingleNodeWriter, None);
         no_type.access_type = None;
         assert!(check_capabilities(&[no_type]).is_err());
+    }
+
+    #[test]
+    fn expansion_is_advertised_online_by_controller_node_and_plugin() {
+        use csi::controller_service_capability::rpc::Type as C;
+        use csi::node_service_capability::rpc::Type as N;
+        let controller: Vec<i32> = controller_capabilities()
+            .iter()
+            .filter_map(|c| c.r#type.as_ref())
+            .map(|csi::controller_service_capability::Type::Rpc(r)| r.r#type)
+            .collect();
+        assert!(controller.contains(&(C::ExpandVolume as i32)));
+        let node: Vec<i32> = node_capabilities()
+            .iter()
+            .filter_map(|c| c.r#type.as_ref())
+            .map(|csi::node_service_capability::Type::Rpc(r)| r.r#type)
+            .collect();
+        assert!(node.contains(&(N::ExpandVolume as i32)));
+        for with_controller in [true, false] {
+            let expansion: Vec<i32> = plugin_capabilities(with_controller)
+                .iter()
+                .filter_map(|c| match &c.r#type {
+                    Some(csi::plugin_capability::Type::VolumeExpansion(e)) => Some(e.r#type),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(
+                expansion,
+                [csi::plugin_capability::volume_expansion::Type::Online as i32]
+            );
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! consumer's node (a new epoch, which fences any older engine), and
 //! unpublished by stopping it — or, when that node is unreachable, by
 //! fencing the volume through its replicas, so a lost node cannot hold a
-//! volume hostage (no stuck Multi-Attach, no split brain).
+//! volume hostage (no stuck Multi-Attach, no split brain). Volumes grow
+//! online only, through their running engine ([`expansion_size`]).
 //!
 //! Stateless: parameters travel in the volume context; membership lives on
 //! the replicas; every call asks the daemons ([`Daemons::view`]).
@@ -393,6 +394,144 @@ impl ControllerService {
     }
 }
 
+/// The unit a volume of `block_size`-byte blocks grows by: a multiple of
+/// both [`SIZE_UNIT`] and the block size (0: the default, 512).
+pub fn expansion_unit(block_size: u32) -> u64 {
+    let block = u64::from(block_size).max(1);
+    let (mut a, mut b) = (SIZE_UNIT, block);
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    SIZE_UNIT / a * block
+}
+
+/// The size to grow to from a ControllerExpandVolume (or NodeExpandVolume)
+/// capacity range: `required_bytes` rounded up to `unit`, within
+/// `limit_bytes` (OUT_OF_RANGE past it). The range is required and must
+/// ask for something.
+pub fn expansion_size(range: Option<&csi::CapacityRange>, unit: u64) -> Result<u64, Status> {
+    let range = range.ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
+    let (required, limit) = (range.required_bytes, range.limit_bytes);
+    if required < 0 || limit < 0 {
+        return Err(Status::invalid_argument(
+            "capacity_range: required_bytes and limit_bytes must not be negative",
+        ));
+    }
+    let (required, limit) = (required as u64, limit as u64);
+    if required == 0 {
+        return Err(Status::invalid_argument(
+            "capacity_range.required_bytes is required to expand a volume",
+        ));
+    }
+    if limit != 0 && required > limit {
+        return Err(Status::invalid_argument(format!(
+            "capacity_range: required_bytes {required} exceeds limit_bytes {limit}"
+        )));
+    }
+    let unit = unit.max(1);
+    let size = required
+        .checked_next_multiple_of(unit)
+        .filter(|s| limit == 0 || *s <= limit)
+        .ok_or_else(|| {
+            Status::out_of_range(format!(
+                "capacity_range: {required} bytes rounded up to a multiple of {unit} \
+                 exceeds limit_bytes {limit}"
+            ))
+        })?;
+    Ok(size)
+}
+
+/// Whether the node must act after an expansion: always, since the
+/// device itself only shows the new size once the node refreshes it (an
+/// iSCSI rescan), and a filesystem grows there as well.
+const NODE_EXPANSION_REQUIRED: bool = true;
+
+impl ControllerService {
+    /// ControllerExpandVolume: grow a published volume online through its
+    /// engine. A volume already at or above the size is left as it is (0
+    /// OK); one without a running engine is FAILED_PRECONDITION (corral
+    /// expands online only).
+    async fn expand(
+        &self,
+        req: csi::ControllerExpandVolumeRequest,
+    ) -> Result<csi::ControllerExpandVolumeResponse, Status> {
+        let id = required(&req.volume_id, "volume_id")?;
+        if req.capacity_range.is_none() {
+            return Err(Status::invalid_argument("capacity_range is required"));
+        }
+        if let Some(cap) = &req.volume_capability {
+            check_capabilities(std::slice::from_ref(cap)).map_err(Status::invalid_argument)?;
+        }
+        let view = self.daemons.view().await;
+        let holders = view.holders(id);
+        let Some(replica) = holders
+            .iter()
+            .filter_map(|n| n.replica(id))
+            .max_by_key(|r| r.size)
+        else {
+            if let Some((addr, e)) = view.unreachable.first() {
+                return Err(Status::unavailable(format!(
+                    "volume {id} not found on the reachable node daemons; \
+                     {addr} is unreachable ({e}) and may hold it"
+                )));
+            }
+            return Err(Status::not_found(format!("volume {id} does not exist")));
+        };
+        let size = expansion_size(
+            req.capacity_range.as_ref(),
+            expansion_unit(replica.block_size),
+        )?;
+        let done = |capacity: u64| csi::ControllerExpandVolumeResponse {
+            capacity_bytes: capacity.min(i64::MAX as u64) as i64,
+            node_expansion_required: NODE_EXPANSION_REQUIRED,
+        };
+        // CSI: a volume already at or above the requested capacity is 0 OK.
+        // The replicas say so for a detached volume; a running engine says
+        // what it serves (a replica may be larger after an expansion cut
+        // short, or smaller if it missed one).
+        let Some(node) = view.engines_of(id).into_iter().next() else {
+            if replica.size >= size {
+                return Ok(done(replica.size));
+            }
+            return Err(Status::failed_precondition(format!(
+                "volume {id} is not published: corral expands volumes online only, \
+                 through their running engine; attach it to a node (start a pod using it) \
+                 and expand again"
+            )));
+        };
+        let Some(engine) = node.engine(id) else {
+            return Err(Status::internal(format!("volume {id}: engine vanished")));
+        };
+        let control = match corral_client::EngineControl::connect(
+            &engine.control_address,
+            self.daemons.engine_timeout(),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(corral_client::ClientError::Unreachable { addr, why }) => {
+                // Engines listen on their node's loopback unless the
+                // daemon has --frontend-address: the node plugin, on
+                // the engine's node, grows it in NodeExpandVolume.
+                tracing::info!(volume = %id, node = node.node_id(), control = %addr, why, size,
+                        "engine control unreachable from the controller: the node plugin expands it");
+                return Ok(done(replica.size.max(size)));
+            }
+            Err(e) => return Err(client_status(&e)),
+        };
+        let serving = control.info().await.map_err(|e| client_status(&e))?.size;
+        if serving >= size {
+            return Ok(done(serving));
+        }
+        let grown = control.expand(size).await.map_err(|e| client_status(&e))?;
+        if !grown.failed.is_empty() {
+            tracing::warn!(volume = %id, failed = ?grown.failed, "replicas not grown yet (grown when they return)");
+        }
+        tracing::info!(volume = %id, node = node.node_id(), old = grown.old_size, new = grown.new_size, "expanded");
+        Ok(done(grown.new_size.max(size)))
+    }
+}
+
 #[tonic::async_trait]
 impl csi::controller_server::Controller for ControllerService {
     async fn create_volume(
@@ -585,11 +724,10 @@ impl csi::controller_server::Controller for ControllerService {
 
     async fn controller_expand_volume(
         &self,
-        _request: Request<csi::ControllerExpandVolumeRequest>,
+        request: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "expansion arrives with the snapshot issue",
-        ))
+        let response = self.expand(request.into_inner()).await?;
+        Ok(Response::new(response))
     }
 }
 
@@ -639,6 +777,71 @@ mod tests {
         assert_eq!(provisionable(&[1000, 10], 3), 0);
         assert_eq!(provisionable(&[7, 5], 1), 12);
         assert_eq!(provisionable(&[], 3), 0);
+    }
+
+    #[test]
+    fn expansion_rounds_up_to_the_unit_and_respects_the_limit() {
+        assert_eq!(expansion_unit(512), 4096);
+        assert_eq!(expansion_unit(4096), 4096);
+        assert_eq!(expansion_unit(0), 4096);
+        assert_eq!(expansion_unit(8192), 8192);
+        let unit = 4096;
+        assert_eq!(expansion_size(range(5000, 0).as_ref(), unit).unwrap(), 8192);
+        assert_eq!(
+            expansion_size(range(1 << 30, 1 << 30).as_ref(), unit).unwrap(),
+            1 << 30
+        );
+        let over = expansion_size(range(5000, 6000).as_ref(), unit).unwrap_err();
+        assert_eq!(over.code(), tonic::Code::OutOfRange);
+        for bad in [
+            None,
+            range(0, 0),
+            range(0, 1 << 20),
+            range(-1, 0),
+            range(2, 1),
+        ] {
+            let err = expansion_size(bad.as_ref(), unit).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
+    }
+
+    fn controller() -> ControllerService {
+        ControllerService::new(Daemons::new(Vec::new(), std::time::Duration::from_secs(1)))
+    }
+
+    fn expand_request(
+        id: &str,
+        range: Option<csi::CapacityRange>,
+    ) -> csi::ControllerExpandVolumeRequest {
+        csi::ControllerExpandVolumeRequest {
+            volume_id: id.into(),
+            capacity_range: range,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn expanding_checks_its_arguments_then_finds_the_volume() {
+        use csi::controller_server::Controller;
+        let c = controller();
+        let cases = [
+            (
+                expand_request("", range(1 << 20, 0)),
+                tonic::Code::InvalidArgument,
+            ),
+            (expand_request("pvc-1", None), tonic::Code::InvalidArgument),
+            (
+                expand_request("pvc-1", range(1 << 20, 0)),
+                tonic::Code::NotFound,
+            ),
+        ];
+        for (req, code) in cases {
+            let err = c
+                .controller_expand_volume(Request::new(req.clone()))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), code, "{req:?}: {err}");
+        }
     }
 
     #[test]

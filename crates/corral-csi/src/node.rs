@@ -12,9 +12,10 @@ use tonic::{Request, Response, Status};
 
 use crate::attach::Frontend;
 use crate::capabilities::{check_capabilities, node_capabilities};
-use crate::controller::publish_keys;
+use crate::controller::{expansion_size, expansion_unit, publish_keys};
 use crate::ids::TOPOLOGY_NODE_KEY;
 use crate::staging::{Access, NodeError, NodeVolumes, Publication, device_size, fs_usage};
+use crate::status::client_status;
 
 /// The node service.
 pub struct NodeService {
@@ -146,6 +147,36 @@ async fn condition(control: Option<&str>) -> Option<csi::VolumeCondition> {
             message: format!("engine unreachable: {e}"),
         },
     })
+}
+
+/// Grow the volume's engine at `control` to `range` (rounded up to the
+/// volume's unit) unless it is that large already; the size it serves.
+/// An engine that does not answer at the address recorded when the volume
+/// was staged (restarted elsewhere since) is left to the controller: the
+/// size asked for is then only what the device must show.
+async fn grow_engine(control: &str, range: &csi::CapacityRange) -> Result<u64, Status> {
+    let engine = match corral_client::EngineControl::connect(control, Duration::from_secs(60)).await
+    {
+        Ok(engine) => engine,
+        Err(e @ corral_client::ClientError::Unreachable { .. }) => {
+            tracing::warn!(control, error = %e, "engine unreachable: not growing it from the node");
+            return expansion_size(Some(range), expansion_unit(0));
+        }
+        Err(e) => return Err(client_status(&e)),
+    };
+    let info = engine.info().await.map_err(|e| client_status(&e))?;
+    let size = expansion_size(Some(range), expansion_unit(info.block_size))?;
+    if info.size >= size {
+        return Ok(info.size);
+    }
+    let grown = engine.expand(size).await.map_err(|e| client_status(&e))?;
+    tracing::info!(
+        control,
+        old = grown.old_size,
+        new = grown.new_size,
+        "engine expanded by the node plugin"
+    );
+    Ok(grown.new_size.max(size))
 }
 
 #[tonic::async_trait]
@@ -293,11 +324,43 @@ impl csi::node_server::Node for NodeService {
 
     async fn node_expand_volume(
         &self,
-        _request: Request<csi::NodeExpandVolumeRequest>,
+        request: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "expansion arrives with the snapshot issue",
-        ))
+        let req = request.into_inner();
+        let id = required(&req.volume_id, "volume_id")?.to_string();
+        let path = PathBuf::from(required(&req.volume_path, "volume_path")?);
+        if let Some(cap) = &req.volume_capability {
+            check_capabilities(std::slice::from_ref(cap)).map_err(Status::invalid_argument)?;
+        }
+        let volumes = Arc::clone(&self.volumes);
+        let lookup = id.clone();
+        let Some(record) = blocking(move || volumes.record(&lookup)).await? else {
+            return Err(Status::not_found(format!(
+                "volume {id} is not staged on this node"
+            )));
+        };
+        let recorded =
+            path == record.staging_path || record.publications.iter().any(|p| p.target == path);
+        if !recorded {
+            return Err(Status::not_found(format!(
+                "volume {id} is not staged or published at {}",
+                path.display()
+            )));
+        }
+        // The engine runs on this node: make sure it serves the size asked
+        // for (the controller could not reach it if it listens on this
+        // node's loopback; growing it again to its size changes nothing).
+        let wanted = match (&req.capacity_range, record.control_address.as_deref()) {
+            (Some(range), Some(addr)) if range.required_bytes > 0 => {
+                Some(grow_engine(addr, range).await?)
+            }
+            _ => None,
+        };
+        let volumes = Arc::clone(&self.volumes);
+        let capacity = blocking(move || volumes.expand(&id, wanted)).await?;
+        Ok(Response::new(csi::NodeExpandVolumeResponse {
+            capacity_bytes: capacity.min(i64::MAX as u64) as i64,
+        }))
     }
 
     async fn node_get_capabilities(
@@ -320,5 +383,49 @@ impl csi::node_server::Node for NodeService {
             max_volumes_per_node: 0,
             accessible_topology: Some(csi::Topology { segments }),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attach::AttachMethod;
+    use crate::host::{Host, RecordingHost};
+    use csi::node_server::Node;
+
+    #[tokio::test]
+    async fn node_expansion_checks_its_arguments_and_finds_the_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Arc::new(RecordingHost::new());
+        let service = NodeService::new(
+            "node-0".into(),
+            NodeVolumes::new(
+                Arc::clone(&host) as Arc<dyn Host>,
+                dir.path().join("state"),
+                AttachMethod::Iscsi,
+            ),
+        );
+        let request = |id: &str, path: &str| csi::NodeExpandVolumeRequest {
+            volume_id: id.into(),
+            volume_path: path.into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 1 << 30,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        };
+        let cases = [
+            (request("", "/stage/pvc-1"), tonic::Code::InvalidArgument),
+            (request("pvc-1", ""), tonic::Code::InvalidArgument),
+            (request("pvc-1", "/stage/pvc-1"), tonic::Code::NotFound),
+        ];
+        for (req, code) in cases {
+            let err = service
+                .node_expand_volume(Request::new(req.clone()))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), code, "{req:?}: {err}");
+        }
+        assert!(host.commands().is_empty(), "{:?}", host.commands());
     }
 }

@@ -386,6 +386,69 @@ impl NodeVolumes {
     }
 }
 
+impl NodeVolumes {
+    /// NodeExpandVolume, once the engine serves `wanted` bytes (if known):
+    /// make the device show the new size (an iSCSI rescan; an NBD or fuse
+    /// attachment keeps the size it connected with), then grow a mounted
+    /// filesystem online — `resize2fs DEVICE` for ext4, `xfs_growfs
+    /// STAGING` for xfs. A block volume only gets the rescan. Returns the
+    /// device's size (`wanted` when it cannot be read). Safe to repeat.
+    pub fn expand(&self, volume_id: &str, wanted: Option<u64>) -> Result<u64, NodeError> {
+        let host = self.host.as_ref();
+        let Some(record) = self.record(volume_id)? else {
+            return Err(NodeError::NotFound(format!(
+                "volume {volume_id} is not staged on this node"
+            )));
+        };
+        let device = record.attachment.device();
+        let dev = device.display().to_string();
+        if let Attachment::Iscsi { portal, target, .. } = &record.attachment {
+            host.run_ok(
+                "iscsiadm",
+                &["-m", "node", "-T", target, "-p", portal, "--rescan"],
+            )?;
+        }
+        let size = host
+            .run_ok("blockdev", &["--getsize64", &dev])
+            .ok()
+            .and_then(|o| o.stdout.trim().parse::<u64>().ok());
+        if let (Some(size), Some(wanted)) = (size, wanted)
+            && size < wanted
+        {
+            return Err(NodeError::FailedPrecondition(match record.attachment {
+                Attachment::Iscsi { .. } => {
+                    format!("{dev} still has {size} bytes after a rescan, not {wanted}; try again")
+                }
+                Attachment::Nbd { .. } | Attachment::Fuse { .. } => format!(
+                    "{dev} has {size} bytes, not {wanted}: an NBD attachment keeps the size \
+                     it connected with; the volume shows its new size when it is staged \
+                     again (restart the pod using it), and its filesystem grows then"
+                ),
+            }));
+        }
+        if let Access::Mount { fs_type, .. } = &record.access {
+            let table = MountTable::read(host)?;
+            if !table.is_mount_point(&record.staging_path) {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "volume {volume_id} is not mounted at its staging path {}",
+                    record.staging_path.display()
+                )));
+            }
+            match fs_type.as_str() {
+                "xfs" => {
+                    let staging = record.staging_path.display().to_string();
+                    host.run_ok("xfs_growfs", &[&staging])?;
+                }
+                _ => {
+                    host.run_ok("resize2fs", &[&dev])?;
+                }
+            }
+        }
+        tracing::info!(volume_id, device = %dev, ?size, "expanded on the node");
+        Ok(size.or(wanted).unwrap_or(0))
+    }
+}
+
 /// Bytes and inodes of a mounted filesystem (`statvfs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FsUsage {

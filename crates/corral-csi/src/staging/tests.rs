@@ -315,3 +315,122 @@ fn a_corrupt_record_is_a_clear_error() {
     let err = volumes.record("pvc-1").unwrap_err();
     assert!(err.to_string().contains("corrupt record"), "{err}");
 }
+
+/// A staged ext4 or xfs volume on /dev/sdc, mounted at its staging path.
+fn staged(fs: &str) -> (Arc<RecordingHost>, NodeVolumes, tempfile::TempDir) {
+    let (host, volumes, d) = setup();
+    let access = Access::Mount {
+        fs_type: fs.into(),
+        flags: vec![],
+    };
+    let staging = Path::new("/stage/pvc-1");
+    volumes
+        .stage("pvc-1", &frontend(), &access, staging, None)
+        .unwrap();
+    mounted(&host, &[("/stage/pvc-1", "/dev/sdc", "rw")]);
+    host.answer(
+        "blockdev",
+        &["--getsize64"],
+        vec![CommandOutput::ok("134217728\n")],
+    );
+    host.clear();
+    (host, volumes, d)
+}
+
+#[test]
+fn expanding_ext4_rescans_the_session_and_runs_resize2fs_on_the_device() {
+    let (host, volumes, _d) = staged("ext4");
+    assert_eq!(volumes.expand("pvc-1", Some(128 << 20)).unwrap(), 128 << 20);
+    let expected = [
+        format!("iscsiadm -m node -T {IQN} -p {PORTAL} --rescan"),
+        "blockdev --getsize64 /dev/sdc".to_string(),
+        "resize2fs /dev/sdc".to_string(),
+    ];
+    assert_eq!(host.commands(), expected);
+    // Again: the same commands, nothing refused (resize2fs of a grown
+    // filesystem changes nothing).
+    host.clear();
+    volumes.expand("pvc-1", Some(128 << 20)).unwrap();
+    assert_eq!(host.commands(), expected);
+}
+
+#[test]
+fn expanding_xfs_runs_xfs_growfs_on_the_staging_mount() {
+    let (host, volumes, _d) = staged("xfs");
+    volumes.expand("pvc-1", None).unwrap();
+    let cmds = host.commands();
+    assert_eq!(cmds.last().unwrap(), "xfs_growfs /stage/pvc-1");
+    assert!(!cmds.iter().any(|c| c.starts_with("resize2fs")), "{cmds:?}");
+}
+
+#[test]
+fn expanding_a_block_volume_only_rescans() {
+    let (host, volumes, _d) = setup();
+    volumes
+        .stage(
+            "pvc-1",
+            &frontend(),
+            &Access::Block,
+            Path::new("/stage/pvc-1"),
+            None,
+        )
+        .unwrap();
+    host.clear();
+    host.answer(
+        "blockdev",
+        &["--getsize64"],
+        vec![CommandOutput::ok("134217728\n")],
+    );
+    assert_eq!(volumes.expand("pvc-1", Some(64 << 20)).unwrap(), 128 << 20);
+    assert_eq!(
+        host.commands(),
+        [
+            format!("iscsiadm -m node -T {IQN} -p {PORTAL} --rescan"),
+            "blockdev --getsize64 /dev/sdc".to_string(),
+        ]
+    );
+}
+
+#[test]
+fn an_nbd_device_that_kept_its_old_size_is_refused_until_restaged() {
+    let (host, volumes, _d) = setup();
+    volumes
+        .save(&StageRecord {
+            volume_id: "pvc-1".into(),
+            staging_path: "/stage/pvc-1".into(),
+            access: ext4(),
+            attachment: Attachment::Nbd {
+                device: "/dev/nbd1".into(),
+            },
+            control_address: None,
+            publications: vec![],
+        })
+        .unwrap();
+    mounted(&host, &[("/stage/pvc-1", "/dev/nbd1", "rw")]);
+    host.answer(
+        "blockdev",
+        &["--getsize64"],
+        vec![
+            CommandOutput::ok("67108864\n"),
+            CommandOutput::ok("134217728\n"),
+        ],
+    );
+    let err = volumes.expand("pvc-1", Some(128 << 20)).unwrap_err();
+    assert!(matches!(err, NodeError::FailedPrecondition(_)), "{err}");
+    assert!(err.to_string().contains("staged again"), "{err}");
+    assert_eq!(host.commands(), ["blockdev --getsize64 /dev/nbd1"]);
+    // Once the device is as large (restaged), the filesystem grows.
+    host.clear();
+    volumes.expand("pvc-1", Some(128 << 20)).unwrap();
+    assert_eq!(
+        host.commands(),
+        ["blockdev --getsize64 /dev/nbd1", "resize2fs /dev/nbd1"]
+    );
+}
+
+#[test]
+fn expanding_a_volume_not_staged_here_is_not_found() {
+    let (_host, volumes, _d) = setup();
+    let err = volumes.expand("pvc-9", Some(1 << 20)).unwrap_err();
+    assert!(matches!(err, NodeError::NotFound(_)), "{err}");
+}
