@@ -23,6 +23,7 @@ mod floor;
 mod matrix;
 mod memory;
 mod rebuild;
+mod snapshots;
 
 use clap::{Parser, Subcommand};
 
@@ -47,6 +48,8 @@ enum Command {
     Floor(floor::FloorArgs),
     /// Durable writes (a flush after each) against the disk's own rate.
     Durable(durable::DurableArgs),
+    /// Snapshot create latency under load, reads through a chain, delete speed.
+    Snapshots(snapshots::SnapshotArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,5 +60,6 @@ fn main() -> anyhow::Result<()> {
         Command::Csi(args) => csi::run(&args),
         Command::Floor(args) => floor::run(&args),
         Command::Durable(args) => durable::run(&args),
+        Command::Snapshots(args) => snapshots::run(&args),
     }
 }

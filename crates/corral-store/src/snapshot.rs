@@ -95,28 +95,49 @@ impl ReplicaStore {
     pub fn snapshot_create(&self, name: &str) -> Result<SnapshotInfo> {
         validate_name(name)?;
         let _admin = lock(&self.admin);
-        let mut chain = self.chain_mut();
-        if let Some(pos) = find(&chain, name) {
-            return Ok(self.snapshot_info(&chain, pos));
-        }
-        if chain
-            .layers()
-            .iter()
-            .any(|l| l.info.snapshot.as_deref() == Some(name))
         {
-            return Err(StoreError::Busy(format!(
-                "snapshot {name:?} is still being deleted"
-            )));
+            let chain = self.chain();
+            if let Some(pos) = find(&chain, name) {
+                return Ok(self.snapshot_info(&chain, pos));
+            }
+            if chain
+                .layers()
+                .iter()
+                .any(|l| l.info.snapshot.as_deref() == Some(name))
+            {
+                return Err(StoreError::Busy(format!(
+                    "snapshot {name:?} is still being deleted"
+                )));
+            }
         }
-        let head = chain.head();
-        head.layer.sync()?;
-        let extents = head.layer.written_extents(head.blocks)?;
-        let frozen_id = head.info.id;
-        let id = next_id(&chain);
+        // While I/O goes on: sync the head, so the sync under the exclusive
+        // lock below only covers what arrived in between, and make the next
+        // head's files (their fsyncs commit the filesystem's journal, which
+        // on ext4 writes back every dirty block it orders).
+        self.chain().head().layer.sync()?;
+        let id = next_id(&self.chain());
         let file = format!("l{id}");
         let size = self.size();
         let new_head = Layer::create(&self.dir, &file, size)?;
         meta::sync_dir(&self.dir)?;
+        // `admin` is held: the chain changed only by I/O since the checks above.
+        let mut chain = self.chain_mut();
+        let head = chain.head();
+        let frozen = (|| {
+            head.layer.sync()?;
+            head.layer.written_extents(head.blocks)
+        })();
+        let extents = match frozen {
+            Ok(extents) => extents,
+            Err(e) => {
+                drop(new_head);
+                if let Err(e2) = remove_files(&self.dir, &file) {
+                    tracing::warn!(error = %e2, "could not remove the files of an unrecorded layer");
+                }
+                return Err(e);
+            }
+        };
+        let frozen_id = head.info.id;
         let mut recs = infos(&chain);
         let hp = recs.len() - 1;
         recs[hp].read_only = true;
@@ -341,13 +362,17 @@ impl ReplicaStore {
             }
         }
         {
-            let mut chain = self.chain_mut();
-            let mut recs = infos(&chain);
+            // The cursor is committed without the chain lock (only `admin`
+            // changes the chain, and the granule's stripes keep its readers
+            // out), so I/O elsewhere does not wait for the metadata sync; the
+            // lock is taken for the in-memory update alone.
+            let mut recs = infos(&self.chain());
             recs[pos].merged_blocks = end;
             self.db.commit_chain(&recs, &[], &[], None)?;
             let from_id = recs[pos].id;
             let into_id = recs[pos + 1].id;
             let into_is_head = pos + 2 == recs.len();
+            let mut chain = self.chain_mut();
             chain.layers_mut()[pos].info = recs[pos].clone();
             chain
                 .index
