@@ -279,7 +279,7 @@ fn bad_specs_are_refused_and_an_engine_that_cannot_start_leaves_nothing_behind()
         .unwrap_err();
     assert_eq!(code(&e), Some(tonic::Code::FailedPrecondition), "{e}");
     assert!(
-        e.to_string().contains("differs"),
+        e.to_string().contains("--size 67108864 is larger"),
         "quotes the engine's log: {e}"
     );
     assert!(nodes.block_on(manager.list_engines()).unwrap().is_empty());
