@@ -76,7 +76,41 @@ pub struct SnapshotReport {
     pub failed: Vec<String>,
 }
 
+/// Replicas that did it (address, answer), and those that failed (slot, address, why).
+type Outcomes<T> = (Vec<(String, T)>, Vec<(SlotId, String, ReplicaIoError)>);
+
 impl ReplicaSet {
+    /// Sorts the answers of a fan-out that changes every replica: a fenced
+    /// answer ends the operation (a newer engine owns the volume); other
+    /// failures are returned for the caller to move those replicas to ERR.
+    fn sort_outcomes<T>(
+        &self,
+        what: &str,
+        results: Vec<(SlotId, String, Result<T, ClientError>)>,
+    ) -> Result<Outcomes<T>, SnapshotError> {
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        for (id, address, result) in results {
+            let err = match result {
+                Ok(answer) => {
+                    done.push((address, answer));
+                    continue;
+                }
+                Err(e @ ClientError::Fenced { .. }) => {
+                    self.mark_fenced(&e.to_string());
+                    return Err(SnapshotError::Failed(format!(
+                        "volume {}: {e}",
+                        self.volume
+                    )));
+                }
+                Err(ClientError::TimedOut { after, .. }) => ReplicaIoError::Timeout(after),
+                Err(e) => ReplicaIoError::Io(format!("{what}: {e}")),
+            };
+            failed.push((id, address, err));
+        }
+        Ok((done, failed))
+    }
+
     /// Take snapshot `name` on every RW replica (see the module documentation).
     pub async fn snapshot_create(&self, name: &str) -> Result<SnapshotReport, SnapshotError> {
         check_name(name)?;
@@ -97,26 +131,12 @@ impl ReplicaSet {
                 .await;
             (*id, client.addr().to_string(), result)
         });
+        let (done, failed) =
+            self.sort_outcomes(&format!("snapshot {name}"), join_all(calls).await)?;
         let mut report = SnapshotReport::default();
-        let mut failed: Vec<(SlotId, String, ReplicaIoError)> = Vec::new();
-        for (id, address, result) in join_all(calls).await {
-            let err = match result {
-                Ok(info) => {
-                    report.snapshot.get_or_insert(info);
-                    report.done.push(address);
-                    continue;
-                }
-                Err(e @ ClientError::Fenced { .. }) => {
-                    self.mark_fenced(&e.to_string());
-                    return Err(SnapshotError::Failed(format!(
-                        "volume {}: {e}",
-                        self.volume
-                    )));
-                }
-                Err(ClientError::TimedOut { after, .. }) => ReplicaIoError::Timeout(after),
-                Err(e) => ReplicaIoError::Io(format!("snapshot {name}: {e}")),
-            };
-            failed.push((id, address, err));
+        for (address, info) in done {
+            report.snapshot.get_or_insert(info);
+            report.done.push(address);
         }
         report.failed = failed
             .iter()
@@ -246,26 +266,12 @@ impl ReplicaSet {
                 .await;
             (*id, client.addr().to_string(), result)
         });
-        let mut report = SnapshotReport::default();
-        let mut failed: Vec<(SlotId, String, ReplicaIoError)> = Vec::new();
-        for (id, address, result) in join_all(calls).await {
-            let err = match result {
-                Ok(_) => {
-                    report.done.push(address);
-                    continue;
-                }
-                Err(e @ ClientError::Fenced { .. }) => {
-                    self.mark_fenced(&e.to_string());
-                    return Err(SnapshotError::Failed(format!(
-                        "volume {}: {e}",
-                        self.volume
-                    )));
-                }
-                Err(ClientError::TimedOut { after, .. }) => ReplicaIoError::Timeout(after),
-                Err(e) => ReplicaIoError::Io(format!("revert to {name}: {e}")),
-            };
-            failed.push((id, address, err));
-        }
+        let (done, failed) =
+            self.sort_outcomes(&format!("revert to {name}"), join_all(calls).await)?;
+        let mut report = SnapshotReport {
+            done: done.into_iter().map(|(address, _)| address).collect(),
+            ..Default::default()
+        };
         report.failed = failed
             .iter()
             .map(|(_, address, err)| format!("{address}: {err}"))
