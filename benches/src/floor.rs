@@ -269,6 +269,7 @@ async fn caller(
                     data: payload.clone(),
                     crc32c,
                     fua: false,
+                    ..Default::default()
                 })),
             };
             let stream = &streams[(chunk % streams.len() as u64) as usize];

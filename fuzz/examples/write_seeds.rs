@@ -634,8 +634,7 @@ fn write_op(offset: u64, data: &[u8], fua: bool) -> Op {
         offset,
         data: Bytes::copy_from_slice(data),
         crc32c: 0,
-        fua,
-    })
+        fua, ..Default::default() })
 }
 
 fn replica_data_batch() {
@@ -654,8 +653,7 @@ fn replica_data_batch() {
                         0,
                         Op::Read(ReadOp {
                             offset: 0,
-                            length: 8192,
-                        }),
+                            length: 8192, ..Default::default() }),
                     ),
                 ],
                 vec![
@@ -664,8 +662,7 @@ fn replica_data_batch() {
                         0,
                         Op::Read(ReadOp {
                             offset: (1 << 20) - 3,
-                            length: 1010,
-                        }),
+                            length: 1010, ..Default::default() }),
                     ),
                     req(5, 0, Op::Flush(FlushOp {})),
                 ],
@@ -702,24 +699,21 @@ fn replica_data_batch() {
                     0,
                     Op::Checksums(ChecksumsOp {
                         offset: 0,
-                        length: 16384,
-                    }),
+                        length: 16384, ..Default::default() }),
                 ),
                 req(
                     5,
                     0,
                     Op::Checksums(ChecksumsOp {
                         offset: 10,
-                        length: 4096,
-                    }),
+                        length: 4096, ..Default::default() }),
                 ),
                 req(
                     6,
                     0,
                     Op::Read(ReadOp {
                         offset: 4096,
-                        length: 8192,
-                    }),
+                        length: 8192, ..Default::default() }),
                 ),
             ]],
         ),
@@ -732,24 +726,21 @@ fn replica_data_batch() {
                     3,
                     Op::Read(ReadOp {
                         offset: 0,
-                        length: 1,
-                    }),
+                        length: 1, ..Default::default() }),
                 ),
                 req(
                     2,
                     9,
                     Op::Read(ReadOp {
                         offset: 0,
-                        length: 1,
-                    }),
+                        length: 1, ..Default::default() }),
                 ),
                 req(
                     3,
                     0,
                     Op::Read(ReadOp {
                         offset: 8 << 20,
-                        length: 1,
-                    }),
+                        length: 1, ..Default::default() }),
                 ),
                 req(
                     4,
@@ -766,8 +757,7 @@ fn replica_data_batch() {
                         offset: 0,
                         data: Bytes::from_static(b"bad"),
                         crc32c: 1,
-                        fua: false,
-                    }),
+                        fua: false, ..Default::default() }),
                 ),
                 DataRequest {
                     id: 6,
@@ -779,16 +769,14 @@ fn replica_data_batch() {
                     0,
                     Op::Checksums(ChecksumsOp {
                         offset: 0,
-                        length: u64::MAX,
-                    }),
+                        length: u64::MAX, ..Default::default() }),
                 ),
                 req(
                     8,
                     0,
                     Op::Read(ReadOp {
                         offset: 0,
-                        length: u32::MAX,
-                    }),
+                        length: u32::MAX, ..Default::default() }),
                 ),
             ]],
         ),

@@ -254,8 +254,7 @@ fuzz_target!(|data: &[u8]| {
                     epoch: EPOCH,
                     op: Some(data_request::Op::Read(ReadOp {
                         offset: i << 20,
-                        length: 1 << 20,
-                    })),
+                        length: 1 << 20, ..Default::default() })),
                 })
                 .collect(),
         };

@@ -74,6 +74,19 @@ pub struct EngineConfig {
     pub rebuild_concurrency: usize,
     /// Bytes per second a rebuild may copy (None: unlimited).
     pub rebuild_bandwidth: Option<u64>,
+    /// A new volume made from another: where its data comes from (see
+    /// [`CloneSource`]). Ignored once the replicas record the fill as done.
+    pub clone: Option<CloneSource>,
+}
+
+/// The source of a clone: a snapshot of the volume served by the engine at
+/// `engine` (its control address), or, without `snapshot`, that volume as it
+/// is when the clone starts (the clone takes a snapshot of it named
+/// `clone-<clone's volume>` and deletes it once filled).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloneSource {
+    pub engine: String,
+    pub snapshot: Option<String>,
 }
 
 impl EngineConfig {
@@ -94,6 +107,7 @@ impl EngineConfig {
             retry_interval: Duration::from_secs(5),
             rebuild_concurrency: 8,
             rebuild_bandwidth: None,
+            clone: None,
         }
     }
 }

@@ -621,6 +621,7 @@ async fn resync_dirty_regions(
             let op = Op::Checksums(pb::ChecksumsOp {
                 offset: seg.offset,
                 length: seg.len,
+                ..Default::default()
             });
             let mut sums = Vec::new();
             for (_, client) in &live {
@@ -640,6 +641,7 @@ async fn resync_dirty_regions(
                 let read = Op::Read(pb::ReadOp {
                     offset,
                     length: BLOCK as u32,
+                    ..Default::default()
                 });
                 let data = match source.call(seg.chunk, epoch, read).await {
                     Ok(DataOutcome::Read(d)) => d,
@@ -656,6 +658,7 @@ async fn resync_dirty_regions(
                         data: data.clone(),
                         crc32c: crc,
                         fua: false,
+                        ..Default::default()
                     });
                     client
                         .call(seg.chunk, epoch, write)

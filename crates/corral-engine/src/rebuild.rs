@@ -186,6 +186,7 @@ async fn group_checksums(
         let op = Op::Checksums(pb::ChecksumsOp {
             offset: c.offset,
             length: c.len,
+            ..Default::default()
         });
         client.call(c.chunk, epoch, op)
     });
@@ -212,6 +213,7 @@ async fn read_runs(
             offset: r.offset,
             // A run lies inside one chunk, and chunk sizes are u32.
             length: r.len as u32,
+            ..Default::default()
         });
         source.call(r.chunk, epoch, op)
     });
@@ -240,6 +242,7 @@ async fn write_runs(
             data,
             crc32c,
             fua: false,
+            ..Default::default()
         });
         target.call(r.chunk, epoch, op)
     });

@@ -315,6 +315,7 @@ impl Volume {
             let op = Op::Read(pb::ReadOp {
                 offset: seg.offset,
                 length: seg.len as u32,
+                ..Default::default()
             });
             match client.call(seg.chunk, epoch, op).await {
                 Ok(DataOutcome::Read(data)) if data.len() as u64 == seg.len => {
@@ -388,6 +389,7 @@ impl Volume {
                     Op::Read(pb::ReadOp {
                         offset: at,
                         length: BLOCK as u32,
+                        ..Default::default()
                     }),
                 )
                 .await
@@ -401,6 +403,7 @@ impl Volume {
                 data,
                 crc32c: crc,
                 fua: true,
+                ..Default::default()
             });
             if let Err(e) = bad.call(chunk, epoch, write).await {
                 self.handle_failure(bad_id, &e, &[chunk]).await;
@@ -412,6 +415,7 @@ impl Volume {
             let check = Op::Read(pb::ReadOp {
                 offset: start,
                 length: len as u32,
+                ..Default::default()
             });
             if let Err(ReplicaIoError::Checksum { offset, .. }) =
                 bad.call(chunk, epoch, check).await
@@ -511,6 +515,7 @@ impl Volume {
             let op = Op::Checksums(pb::ChecksumsOp {
                 offset,
                 length: len,
+                ..Default::default()
             });
             let sums = join_all(
                 targets
@@ -592,6 +597,7 @@ impl BlockDevice for Volume {
                 data: piece,
                 crc32c: crc,
                 fua,
+                ..Default::default()
             })
         })
         .await

@@ -47,6 +47,7 @@ async fn read_from_each(volume: &Volume, len: u64) -> Vec<Vec<u8>> {
             let op = Op::Read(pb::ReadOp {
                 offset: at,
                 length: n as u32,
+                ..Default::default()
             });
             match client.call(at >> 16, epoch, op).await.unwrap() {
                 DataOutcome::Read(d) => data.extend_from_slice(&d),

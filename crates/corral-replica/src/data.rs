@@ -19,7 +19,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use corral_proto::v1::{
     DataError, DataErrorCode, DataReply, DataReplyBatch, DataRequest, DataRequestBatch, Done,
-    ReadResult, data_reply, data_request, replica_data_server::ReplicaData,
+    ReadOp, ReadResult, data_reply, data_request, replica_data_server::ReplicaData,
 };
 use corral_store::{Epoch, StoreError};
 use futures::Stream;
@@ -172,7 +172,7 @@ fn store_error_reply(id: u64, e: StoreError) -> DataReply {
         StoreError::ChecksumMismatch { offset, .. } => (DataErrorCode::Checksum, *offset),
         StoreError::OutOfRange { .. } => (DataErrorCode::OutOfRange, 0),
         StoreError::NoSpace { .. } => (DataErrorCode::NoSpace, 0),
-        StoreError::Invalid(_) => (DataErrorCode::Invalid, 0),
+        StoreError::Invalid(_) | StoreError::NoSuchSnapshot(_) => (DataErrorCode::Invalid, 0),
         StoreError::StaleEpoch { .. } => (DataErrorCode::StaleEpoch, 0),
         _ => (DataErrorCode::Io, 0),
     };
@@ -351,7 +351,7 @@ fn execute(replica: &HostedReplica, req: DataRequest) -> DataReply {
         );
     };
     let outcome = match op {
-        data_request::Op::Read(r) => match store.read(r.offset, u64::from(r.length)) {
+        data_request::Op::Read(r) => match read(store, &r) {
             Ok(data) => {
                 let crc = crc32c::crc32c(&data);
                 return DataReply {
@@ -377,7 +377,11 @@ fn execute(replica: &HostedReplica, req: DataRequest) -> DataReply {
                     w.offset,
                 );
             }
-            write(store, w.offset, &w.data, w.fua)
+            if w.fill {
+                store.fill(w.offset, &w.data).map(|_| ())
+            } else {
+                write(store, w.offset, &w.data, w.fua)
+            }
         }
         data_request::Op::Flush(_) => store.flush(),
         data_request::Op::Unmap(u) => store.unmap(u.offset, u.length),
@@ -386,7 +390,7 @@ fn execute(replica: &HostedReplica, req: DataRequest) -> DataReply {
         data_request::Op::WriteZeroes(z) => store
             .write_zeroes(z.offset, z.length)
             .and_then(|()| if z.fua { store.sync() } else { Ok(()) }),
-        data_request::Op::Checksums(c) => match store.block_checksums(c.offset, c.length) {
+        data_request::Op::Checksums(c) => match checksums(store, &c) {
             Ok(crcs) => {
                 return DataReply {
                     id,
@@ -401,6 +405,27 @@ fn execute(replica: &HostedReplica, req: DataRequest) -> DataReply {
     match outcome {
         Ok(()) => done(id),
         Err(e) => store_error_reply(id, e),
+    }
+}
+
+/// A read of the volume, or of a snapshot's view when the op names one.
+fn read(store: &corral_store::ReplicaStore, r: &ReadOp) -> Result<Bytes, StoreError> {
+    if r.snapshot.is_empty() {
+        store.read(r.offset, u64::from(r.length))
+    } else {
+        store.read_snapshot(&r.snapshot, r.offset, u64::from(r.length))
+    }
+}
+
+/// Stored checksums of the volume, or of a snapshot's view when the op names one.
+fn checksums(
+    store: &corral_store::ReplicaStore,
+    c: &corral_proto::v1::ChecksumsOp,
+) -> Result<Vec<u32>, StoreError> {
+    if c.snapshot.is_empty() {
+        store.block_checksums(c.offset, c.length)
+    } else {
+        store.snapshot_checksums(&c.snapshot, c.offset, c.length)
     }
 }
 

@@ -102,6 +102,7 @@ fn write(id: u64, epoch: u64, offset: u64, data: &[u8], crc: u32) -> DataRequest
             data: Bytes::copy_from_slice(data),
             crc32c: crc,
             fua: false,
+            ..Default::default()
         })),
     }
 }
@@ -113,6 +114,7 @@ fn read(id: u64, epoch: u64, offset: u64, length: u32) -> DataRequest {
         op: Some(data_request::Op::Read(corral_proto::v1::ReadOp {
             offset,
             length,
+            ..Default::default()
         })),
     }
 }

@@ -243,6 +243,37 @@ impl LayerChain {
         Ok(out)
     }
 
+    /// For each of blocks `first..first + count`: true when no layer of the
+    /// chain has ever written or discarded it (a clone's fill may write it).
+    pub(crate) fn never_written(&self, first: u64, count: usize) -> Result<Vec<bool>> {
+        let head = self.head().entries(first, count)?;
+        let mut out: Vec<bool> = head
+            .iter()
+            .map(|&e| entry::state(e) == BlockState::Unwritten)
+            .collect();
+        if self.layers.len() == 1 || !out.iter().any(|&u| u) {
+            return Ok(out);
+        }
+        let end = first + count as u64;
+        for (s, e, owner) in self.index.segments(first, end) {
+            let Some(pos) = owner.and_then(|id| self.position(id)) else {
+                continue;
+            };
+            let lo = (s - first) as usize;
+            let hi = (e - first) as usize;
+            if !out[lo..hi].iter().any(|&u| u) {
+                continue;
+            }
+            let entries = self.layers[pos].entries(s, hi - lo)?;
+            for (i, &oe) in entries.iter().enumerate() {
+                if entry::state(oe) != BlockState::Unwritten {
+                    out[lo + i] = false;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// [`LayerChain::reported_at`] for the volume (the head).
     pub(crate) fn reported(&self, first: u64, count: usize) -> Result<Vec<u32>> {
         self.reported_at(self.layers.len() - 1, first, count)

@@ -245,6 +245,39 @@ impl ReplicaStore {
         Ok(bytes::Bytes::from(buf).slice(lo..lo + len as usize))
     }
 
+    /// [`ReplicaStore::block_checksums`] of snapshot `name`'s view.
+    pub fn snapshot_checksums(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u32>> {
+        let size = {
+            let chain = self.chain();
+            let pos = find(&chain, name).ok_or_else(|| StoreError::NoSuchSnapshot(name.into()))?;
+            chain.layers()[pos].blocks * BLOCK
+        };
+        let end = match offset.checked_add(len) {
+            Some(end) if end <= size => end,
+            _ => return Err(StoreError::OutOfRange { offset, len, size }),
+        };
+        if !offset.is_multiple_of(BLOCK) || !len.is_multiple_of(BLOCK) {
+            return Err(StoreError::Invalid(format!(
+                "checksum range offset {offset} length {len} is not 4096-byte aligned"
+            )));
+        }
+        if len > crate::MAX_CHECKSUM_RANGE {
+            return Err(StoreError::Invalid(format!(
+                "checksum range of {len} bytes exceeds the {}-byte limit",
+                crate::MAX_CHECKSUM_RANGE
+            )));
+        }
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let first = offset / BLOCK;
+        let end_block = end / BLOCK;
+        let _g = self.lock_shared(first, end_block);
+        let chain = self.chain();
+        let top = find(&chain, name).ok_or_else(|| StoreError::NoSuchSnapshot(name.into()))?;
+        chain.reported_at(top, first, (end_block - first) as usize)
+    }
+
     /// Deletes snapshot `name`: it disappears from [`ReplicaStore::snapshots`] at once
     /// and its layer is merged into its child by [`ReplicaStore::merge_step`].
     pub fn snapshot_delete(&self, name: &str) -> Result<()> {

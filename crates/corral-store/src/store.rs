@@ -564,6 +564,63 @@ impl ReplicaStore {
         self.write_impl(offset, data, Halves::Both)
     }
 
+    /// A clone's fill: writes the 4 KiB blocks of `data` at `offset` whose
+    /// block no layer of this replica has ever written or discarded, and
+    /// leaves every other block as it is, so a fill that arrives after the
+    /// clone's own write (or that is repeated after a restart) changes nothing
+    /// the clone wrote. Returns how many blocks it wrote. `offset` and the
+    /// length must be 4096-byte aligned. Not durable until a flush.
+    pub fn fill(&self, offset: u64, data: &[u8]) -> Result<u64> {
+        let len = data.len() as u64;
+        let end = self.check_range(offset, len)?;
+        if !offset.is_multiple_of(BLOCK) || !len.is_multiple_of(BLOCK) {
+            return Err(StoreError::Invalid(format!(
+                "fill at offset {offset} of {len} bytes is not 4096-byte aligned"
+            )));
+        }
+        if len == 0 {
+            return Ok(0);
+        }
+        if len > MAX_IO_LEN {
+            return Err(StoreError::Invalid(format!(
+                "fill of {len} bytes at offset {offset} exceeds the {MAX_IO_LEN}-byte limit"
+            )));
+        }
+        let first = offset / BLOCK;
+        let end_block = end / BLOCK;
+        let count = (end_block - first) as usize;
+        let crcs: Vec<u32> = data
+            .chunks_exact(BLOCK_USIZE)
+            .map(|b| entry::written(entry::block_crc(b)))
+            .collect();
+        let _ticket = self.intent.begin_write(&self.db, offset, end)?;
+        let _g = self.lock_exclusive(first, end_block);
+        let chain = self.chain();
+        let open = chain.never_written(first, count)?;
+        let mut written = 0u64;
+        let mut i = 0;
+        while i < count {
+            if !open[i] {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < count && open[i] {
+                i += 1;
+            }
+            let bytes = start * BLOCK_USIZE..i * BLOCK_USIZE;
+            self.store_blocks(
+                &chain,
+                first + start as u64,
+                &data[bytes],
+                &crcs[start..i],
+                Halves::Both,
+            )?;
+            written += (i - start) as u64;
+        }
+        Ok(written)
+    }
+
     /// True when a (non-FUA) write of `len` bytes at `offset` needs no
     /// metadata commit now: the range is valid and every write-intent region
     /// it touches is already marked dirty. Such a write is page-cache work
