@@ -421,6 +421,28 @@ impl ReplicaControl {
         .await
     }
 
+    /// Record a clone's fill progress on the replica, as the engine of `epoch`.
+    pub async fn set_clone(
+        &self,
+        volume: &str,
+        epoch: Epoch,
+        record: pb::CloneRecord,
+    ) -> Result<ReplicaInfo, ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::SetCloneRequest {
+            volume: volume.to_string(),
+            epoch: epoch.0,
+            record: Some(record),
+        };
+        call(
+            &self.addr,
+            "record clone progress",
+            self.timeout,
+            c.set_clone(request),
+        )
+        .await
+    }
+
     /// Record a reservation record on the replica, as the engine of `epoch`.
     pub async fn set_reservations(
         &self,
@@ -458,7 +480,7 @@ impl EngineControl {
         let channel = connect(addr, timeout.min(Duration::from_secs(5))).await?;
         Ok(EngineControl {
             addr: addr.to_string(),
-            inner: EngineControlClient::new(channel),
+            inner: EngineControlClient::new(channel).max_decoding_message_size(8 << 20),
             timeout,
         })
     }
@@ -565,6 +587,7 @@ impl EngineControl {
         let mut c = self.inner.clone();
         let request = pb::VolumeSnapshotRequest {
             name: name.to_string(),
+            ..Default::default()
         };
         call(
             &self.addr,
@@ -583,6 +606,27 @@ impl EngineControl {
         let mut c = self.inner.clone();
         let request = pb::VolumeSnapshotRequest {
             name: name.to_string(),
+            ..Default::default()
+        };
+        call(
+            &self.addr,
+            "delete snapshot",
+            self.timeout,
+            c.delete_snapshot(request),
+        )
+        .await
+    }
+
+    /// Delete snapshot `name`, taken for a clone that is now filled (it
+    /// skips the minute a snapshot read by a clone is kept for).
+    pub async fn delete_clone_snapshot(
+        &self,
+        name: &str,
+    ) -> Result<pb::VolumeSnapshotResponse, ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::VolumeSnapshotRequest {
+            name: name.to_string(),
+            clone_filled: true,
         };
         call(
             &self.addr,
@@ -601,6 +645,7 @@ impl EngineControl {
         let mut c = self.inner.clone();
         let request = pb::VolumeSnapshotRequest {
             name: name.to_string(),
+            ..Default::default()
         };
         call(
             &self.addr,
@@ -609,6 +654,39 @@ impl EngineControl {
             c.revert_snapshot(request),
         )
         .await
+    }
+
+    /// `length` bytes (at most 4 MiB) at `offset` of snapshot `name`'s view,
+    /// checked against the CRC32C the engine sent with them.
+    pub async fn read_snapshot(
+        &self,
+        name: &str,
+        offset: u64,
+        length: u32,
+    ) -> Result<bytes::Bytes, ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::ReadSnapshotRequest {
+            name: name.to_string(),
+            offset,
+            length,
+        };
+        let reply = call(
+            &self.addr,
+            "read snapshot",
+            self.timeout,
+            c.read_snapshot(request),
+        )
+        .await?;
+        if reply.data.len() != length as usize || crc32c::crc32c(&reply.data) != reply.crc32c {
+            return Err(ClientError::from_status(
+                &self.addr,
+                &tonic::Status::data_loss(format!(
+                    "snapshot {name} read at {offset}: {} bytes whose CRC32C does not match the sender's",
+                    reply.data.len()
+                )),
+            ));
+        }
+        Ok(reply.data)
     }
 
     /// The volume's snapshots and layers.

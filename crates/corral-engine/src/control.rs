@@ -11,9 +11,10 @@ use corral_block::BlockDevice;
 use corral_proto::v1::{
     AddReplicaRequest, ChunkDifference, ExpandVolumeRequest, ExpandVolumeResponse,
     ListEngineReplicasRequest, ListEngineReplicasResponse, ListSnapshotsResponse,
-    RebuildStatusRequest, RebuildStatusResponse, RemoveReplicaRequest, ReplicaChangeResponse,
-    ReplicaStatus, SalvageRequest, VerifyRequest, VerifyResponse, VolumeInfo, VolumeInfoRequest,
-    VolumeListSnapshotsRequest, VolumeSnapshotRequest, VolumeSnapshotResponse,
+    ReadSnapshotRequest, ReadSnapshotResponse, RebuildStatusRequest, RebuildStatusResponse,
+    RemoveReplicaRequest, ReplicaChangeResponse, ReplicaStatus, SalvageRequest, VerifyRequest,
+    VerifyResponse, VolumeInfo, VolumeInfoRequest, VolumeListSnapshotsRequest,
+    VolumeSnapshotRequest, VolumeSnapshotResponse,
     engine_control_server::{EngineControl, EngineControlServer},
 };
 use tokio::net::TcpListener;
@@ -32,7 +33,12 @@ pub struct EngineState {
     waiting_for: Mutex<String>,
     salvage: Mutex<Option<String>>,
     frontends: Mutex<String>,
+    /// Snapshots a clone has read lately (name → when): not deletable.
+    snapshot_readers: Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
+
+/// A snapshot read by a clone within this is its clone's source still.
+const CLONE_SOURCE_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -46,6 +52,7 @@ impl EngineState {
             waiting_for: Mutex::new("starting".into()),
             salvage: Mutex::new(None),
             frontends: Mutex::new(String::new()),
+            snapshot_readers: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -216,6 +223,7 @@ impl EngineControl for ControlService {
             open_reason: String::new(),
             stale_replica_timeout_ms: cfg.stale_replica_timeout.as_millis() as u64,
             layers,
+            clone: volume.clone_status(),
         }))
     }
 
@@ -335,6 +343,7 @@ impl EngineControl for ControlService {
     ) -> Result<Response<VolumeSnapshotResponse>, Status> {
         let volume = self.state.open_volume()?;
         let name = request.into_inner().name;
+        refuse_while_filling(volume, "snapshot")?;
         // Flush first, while writes go on, so that the sync each replica
         // makes with writes held covers only what arrived since: the pause
         // is then about a round trip, not the page cache's backlog.
@@ -354,7 +363,19 @@ impl EngineControl for ControlService {
         request: Request<VolumeSnapshotRequest>,
     ) -> Result<Response<VolumeSnapshotResponse>, Status> {
         let volume = self.state.open_volume()?;
-        let name = request.into_inner().name;
+        let request = request.into_inner();
+        let name = request.name;
+        if request.clone_filled {
+            lock(&self.state.snapshot_readers).remove(&name);
+        }
+        if let Some(at) = lock(&self.state.snapshot_readers).get(&name)
+            && at.elapsed() < CLONE_SOURCE_LEASE
+        {
+            return Err(Status::failed_precondition(format!(
+                "snapshot {name} is the source of a clone still filling (read {}s ago); delete it once the clone is done",
+                at.elapsed().as_secs()
+            )));
+        }
         let report = volume
             .replica_set()
             .snapshot_delete(&name)
@@ -369,6 +390,7 @@ impl EngineControl for ControlService {
     ) -> Result<Response<VolumeSnapshotResponse>, Status> {
         let volume = self.state.open_volume()?;
         let name = request.into_inner().name;
+        refuse_while_filling(volume, "revert")?;
         let attached = corral_block::accept::live_connections();
         let report = volume
             .replica_set()
@@ -393,6 +415,30 @@ impl EngineControl for ControlService {
             .await
             .map_err(snapshot_status)?;
         Ok(Response::new(listed))
+    }
+
+    async fn read_snapshot(
+        &self,
+        request: Request<ReadSnapshotRequest>,
+    ) -> Result<Response<ReadSnapshotResponse>, Status> {
+        let volume = self.state.open_volume()?;
+        let req = request.into_inner();
+        if req.length > 4 << 20 {
+            return Err(Status::invalid_argument(format!(
+                "read snapshot: {} bytes is more than the 4 MiB a call may read",
+                req.length
+            )));
+        }
+        lock(&self.state.snapshot_readers).insert(req.name.clone(), std::time::Instant::now());
+        let data = volume
+            .read_snapshot(&req.name, req.offset, req.length)
+            .await
+            .map_err(|e| match e {
+                corral_block::BlockError::Invalid(m) => Status::invalid_argument(m),
+                other => Status::unavailable(other.to_string()),
+            })?;
+        let crc32c = crc32c::crc32c(&data);
+        Ok(Response::new(ReadSnapshotResponse { data, crc32c }))
     }
 
     async fn salvage(
@@ -510,6 +556,22 @@ pub async fn serve_control(
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
     Ok(())
+}
+
+/// A clone still filling refuses what would freeze or replace its head: a
+/// snapshot taken now would lack the blocks filled after it.
+fn refuse_while_filling(volume: &Volume, what: &str) -> Result<(), Status> {
+    match volume.clone_status() {
+        Some(s) if !s.done => Err(Status::failed_precondition(format!(
+            "{what}: volume {} is a clone still filling from snapshot {} of {} ({} of {} bytes); wait for `corral volume clone status --wait`",
+            volume.name(),
+            s.snapshot,
+            s.source_engine,
+            s.filled_bytes,
+            s.total_bytes
+        ))),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

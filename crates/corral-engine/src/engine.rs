@@ -248,6 +248,14 @@ async fn run(
         crate::supervisor::SupervisorConfig::of(&config),
         stop.clone(),
     ));
+    let filler = volume.clone_filling().map(|fill| {
+        tokio::spawn(crate::clone::run_filler(
+            Arc::clone(&volume),
+            Arc::clone(fill),
+            config.retry_interval,
+            stop.clone(),
+        ))
+    });
     let idle_flush = tokio::spawn(crate::supervisor::flush_when_idle(
         Arc::clone(&volume),
         idle_flush_period,
@@ -274,6 +282,9 @@ async fn run(
     let control_result = finish_control(control_task).await;
     let _ = supervisor.await;
     let _ = idle_flush.await;
+    if let Some(filler) = filler {
+        let _ = filler.await;
+    }
     // Make everything acknowledged durable before leaving.
     if let Err(e) = volume.flush().await {
         warn!(error = %e, "final flush failed");

@@ -71,6 +71,9 @@ pub enum OpenWait {
     Replica { replica: String, what: String },
     #[error("resync: {0}")]
     Resync(String),
+    /// A clone waits for its source engine.
+    #[error("waiting for the clone's source: {0}")]
+    CloneSource(String),
 }
 
 /// Why one data request to one replica failed.

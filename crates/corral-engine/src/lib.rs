@@ -25,6 +25,7 @@
 
 pub mod chunk;
 pub mod client;
+pub mod clone;
 pub mod config;
 pub mod control;
 pub mod engine;

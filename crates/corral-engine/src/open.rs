@@ -24,6 +24,7 @@ use crate::chunk::ChunkMap;
 /// The unit of the replicas' checksums (and of a resync copy).
 const BLOCK: u64 = corral_proto::CHECKSUM_BLOCK;
 use crate::client::{ClientSettings, DataOutcome, ReplicaClient, connect_control};
+use crate::clone::{CloneError, CloneFill};
 use crate::config::{EngineConfig, WritePolicy};
 use crate::error::{EngineError, OpenWait};
 use crate::members::{Epoch, Generation, Members, OpenedMember, OpenedState};
@@ -448,7 +449,8 @@ pub async fn open_volume(
         info!(volume = %cfg.volume, size, configured = cfg.size,
             "the volume was expanded since --size was given: serving its size");
     }
-    resync_dirty_regions(cfg, epoch, size, &infos, &clients, chunks).await?;
+    let clone = open_clone(cfg, epoch, size, &infos, &clients, chunks).await?;
+    resync_dirty_regions(cfg, epoch, size, &infos, &clients, chunks, clone.as_deref()).await?;
 
     let members = members_after_open(
         cfg,
@@ -496,12 +498,72 @@ pub async fn open_volume(
         rw = set.rw_count(), total, policy = cfg.write_policy.as_str(),
         "volume open"
     );
-    Ok(Arc::new(Volume::new(
-        cfg.volume.clone(),
-        cfg.block_size,
-        chunks,
-        set,
-    )))
+    let volume = Arc::new(Volume::new(cfg.volume.clone(), cfg.block_size, chunks, set));
+    if let Some(fill) = clone {
+        volume.set_clone_fill(fill);
+    }
+    Ok(volume)
+}
+
+/// A clone's fill as the replicas record it, or a new one for
+/// `--clone-from` on a volume that has never been served; None for a volume
+/// that is not a clone, or whose fill is done.
+async fn open_clone(
+    cfg: &EngineConfig,
+    epoch: Epoch,
+    size: u64,
+    infos: &[Option<ReplicaInfo>],
+    clients: &[Option<Arc<ReplicaClient>>],
+    chunks: ChunkMap,
+) -> Result<Option<Arc<CloneFill>>, EngineError> {
+    let recorded = infos
+        .iter()
+        .flatten()
+        .filter_map(|i| i.clone.clone())
+        .max_by_key(|r| (r.done, r.filled_below));
+    let timeout = cfg.replica_timeout;
+    let waiting = |e: CloneError| match e {
+        CloneError::Config(m) => EngineError::Config(m),
+        other => open_err(cfg, OpenWait::CloneSource(other.to_string())),
+    };
+    let fill = match (recorded, &cfg.clone) {
+        (Some(r), _) if r.done => return Ok(None),
+        (Some(r), source) => {
+            let address = source.as_ref().map(|s| s.engine.as_str());
+            CloneFill::resume(&cfg.volume, r, address, chunks, timeout)
+                .await
+                .map_err(waiting)?
+        }
+        (None, Some(source)) => {
+            let served = infos
+                .iter()
+                .flatten()
+                .any(|i| i.membership.as_ref().is_some_and(|m| m.generation > 0));
+            if served {
+                return Err(EngineError::Config(format!(
+                    "volume {} has been served before and is not a clone: --clone-from makes a new volume",
+                    cfg.volume
+                )));
+            }
+            let fill = CloneFill::start(&cfg.volume, size, source, chunks, timeout)
+                .await
+                .map_err(waiting)?;
+            for client in clients.iter().flatten() {
+                client
+                    .control()
+                    .set_clone(&cfg.volume, epoch, fill.record())
+                    .await
+                    .map_err(|e| {
+                        replica_err(cfg, client.addr(), format!("recording the clone: {e}"))
+                    })?;
+            }
+            info!(volume = %cfg.volume, source = %source.engine, snapshot = %fill.record().snapshot,
+                "new clone: serving while it fills from its source");
+            fill
+        }
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(Arc::new(fill)))
 }
 
 /// The members as an engine that has just fenced and elected finds them:
@@ -590,6 +652,7 @@ async fn resync_dirty_regions(
     infos: &[Option<ReplicaInfo>],
     clients: &[Option<Arc<ReplicaClient>>],
     chunks: ChunkMap,
+    clone: Option<&CloneFill>,
 ) -> Result<(), EngineError> {
     let live: Vec<(usize, &Arc<ReplicaClient>)> = clients
         .iter()
@@ -618,6 +681,26 @@ async fn resync_dirty_regions(
     for (start, size) in regions {
         let end = (start + size).min(volume_size);
         for seg in chunks.split(start, end.saturating_sub(start)) {
+            // A clone's chunk is filled on every replica before they are
+            // compared (see crate::clone).
+            if let Some(fill) = clone
+                && !fill.is_filled(seg.chunk)
+            {
+                let source = fill
+                    .read_source(seg.chunk)
+                    .await
+                    .map_err(|e| open_err(cfg, OpenWait::CloneSource(e.to_string())))?;
+                if let Some((offset, data)) = source {
+                    let op = CloneFill::fill_op(offset, data);
+                    for (_, client) in &live {
+                        client
+                            .call(seg.chunk, epoch, op.clone())
+                            .await
+                            .map_err(|e| fail(format!("{}: clone fill: {e}", client.addr())))?;
+                    }
+                }
+                fill.mark_filled(seg.chunk);
+            }
             let op = Op::Checksums(pb::ChecksumsOp {
                 offset: seg.offset,
                 length: seg.len,

@@ -357,7 +357,16 @@ pub async fn run(
                         }
                     }
                     let _locks = volume.chunk_locks().exclusive_many(&group).await;
-                    let outcome = copy_group(volume, target, id, &group, target_empty).await;
+                    // A clone still filling: fill the chunks first, and
+                    // compare rather than trust the source's zeroes
+                    // (crate::clone explains why).
+                    let filling = volume.clone_filling().is_some();
+                    let outcome = match volume.fill_locked(&group).await {
+                        Ok(()) => {
+                            copy_group(volume, target, id, &group, target_empty && !filling).await
+                        }
+                        Err(e) => Err(RebuildError::NoSource(format!("clone fill: {e}"))),
+                    };
                     if outcome.is_ok() {
                         // Under the locks: from here on writes to these
                         // chunks reach the target as well.

@@ -23,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::chunk::{ChunkMap, Segment};
 use crate::client::{DataOutcome, ReplicaClient};
+use crate::clone::CloneFill;
 use crate::error::ReplicaIoError;
 use crate::locks::ChunkLocks;
 use crate::replica_set::{ReplicaSet, SlotId};
@@ -52,6 +53,8 @@ pub struct Volume {
     flush_round: tokio::sync::Mutex<FlushRound>,
     /// Wakes the supervisor (a replica was added, or failed).
     pub wake: tokio::sync::Notify,
+    /// Set when the volume is a clone (see [`crate::clone`]).
+    clone: std::sync::OnceLock<Arc<CloneFill>>,
 }
 
 /// What `verify` found.
@@ -127,7 +130,118 @@ impl Volume {
             flushes_asked: AtomicU64::new(0),
             flush_round: tokio::sync::Mutex::new(FlushRound::default()),
             wake: tokio::sync::Notify::new(),
+            clone: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Make this volume a clone filling from `fill` (once).
+    pub fn set_clone_fill(&self, fill: Arc<CloneFill>) {
+        let _ = self.clone.set(fill);
+    }
+
+    /// The clone's fill, while it is not done.
+    pub fn clone_filling(&self) -> Option<&Arc<CloneFill>> {
+        self.clone.get().filter(|f| !f.is_done())
+    }
+
+    /// The clone's fill progress (None: not a clone).
+    pub fn clone_status(&self) -> Option<pb::CloneStatus> {
+        self.clone.get().map(|f| f.status())
+    }
+
+    /// Fill `chunks` from the clone's source where not filled yet, taking
+    /// their exclusive locks.
+    pub async fn fill_chunks(&self, chunks: &[u64]) -> BlockResult<()> {
+        let Some(fill) = self.clone_filling() else {
+            return Ok(());
+        };
+        let open: Vec<u64> = chunks
+            .iter()
+            .copied()
+            .filter(|c| !fill.is_filled(*c))
+            .collect();
+        if open.is_empty() {
+            return Ok(());
+        }
+        let _locks = self.locks.exclusive_many(&open).await;
+        self.fill_locked(&open).await
+    }
+
+    /// [`Volume::fill_chunks`] for a caller that holds the chunks' exclusive
+    /// locks already (a rebuild).
+    pub async fn fill_locked(&self, chunks: &[u64]) -> BlockResult<()> {
+        let Some(fill) = self.clone_filling() else {
+            return Ok(());
+        };
+        for &chunk in chunks {
+            if fill.is_filled(chunk) {
+                continue;
+            }
+            let source = fill.read_source(chunk).await.map_err(|e| {
+                BlockError::Unavailable(format!(
+                    "volume {} is a clone still filling from its source: {e}",
+                    self.name
+                ))
+            })?;
+            if let Some((offset, data)) = source {
+                let seg = Segment {
+                    chunk,
+                    offset,
+                    len: data.len() as u64,
+                    request_offset: 0,
+                };
+                self.set.check_writable()?;
+                self.send_round(vec![(seg, CloneFill::fill_op(offset, data))], vec![chunk])
+                    .await?;
+            }
+            fill.mark_filled(chunk);
+        }
+        Ok(())
+    }
+
+    /// `len` bytes at `offset` of snapshot `name`'s view, from the first RW
+    /// replica that answers (what a clone of this volume fills from).
+    pub async fn read_snapshot(&self, name: &str, offset: u64, len: u32) -> BlockResult<Bytes> {
+        let epoch = self.set.epoch();
+        let chunk = self.chunks.chunk_of(offset);
+        let mut last = None;
+        for (_, client) in self.set.read_targets() {
+            let op = Op::Read(pb::ReadOp {
+                offset,
+                length: len,
+                snapshot: name.to_string(),
+            });
+            match client.call(chunk, epoch, op).await {
+                Ok(DataOutcome::Read(data)) if data.len() == len as usize => return Ok(data),
+                Ok(_) => last = Some(format!("{}: read reply of the wrong shape", client.addr())),
+                Err(ReplicaIoError::Rejected(m)) => return Err(BlockError::Invalid(m)),
+                Err(e) => last = Some(format!("{}: {e}", client.addr())),
+            }
+        }
+        Err(BlockError::Unavailable(format!(
+            "volume {}: no replica could read snapshot {name} at {offset}: {}",
+            self.name,
+            last.unwrap_or_else(|| "no RW replica".into())
+        )))
+    }
+
+    /// Before a write that covers only part of a 4 KiB block at either end:
+    /// fill the chunks of those ends (the replica merges a partial block
+    /// with what it holds, which must be the source's data).
+    async fn fill_partial_edges(&self, offset: u64, len: u64) -> BlockResult<()> {
+        if self.clone_filling().is_none() {
+            return Ok(());
+        }
+        let mut edges = Vec::new();
+        if !offset.is_multiple_of(BLOCK) {
+            edges.push(self.chunks.chunk_of(offset));
+        }
+        let end = offset + len;
+        if !end.is_multiple_of(BLOCK) {
+            edges.push(self.chunks.chunk_of(end - 1));
+        }
+        edges.dedup();
+        self.fill_chunks(&edges).await
     }
 
     pub fn name(&self) -> &str {
@@ -213,6 +327,16 @@ impl Volume {
         let chunk_ids: Vec<u64> = segments.iter().map(|(s, _)| s.chunk).collect();
         let _gate = self.set.write_gate().await;
         let _locks = self.locks.shared(chunk_ids.iter().copied()).await;
+        self.send_round(segments, chunk_ids).await
+    }
+
+    /// Send a round to every write target and handle the outcome; the
+    /// caller holds the chunks' locks.
+    async fn send_round(
+        &self,
+        segments: Vec<(Segment, Op)>,
+        chunk_ids: Vec<u64>,
+    ) -> BlockResult<()> {
         let targets = self.set.write_targets();
         let epoch = self.set.epoch();
         // Room on every target's streams first (this may wait)...
@@ -308,6 +432,7 @@ impl Volume {
     }
 
     async fn read_segment(&self, seg: Segment) -> BlockResult<Bytes> {
+        self.fill_chunks(&[seg.chunk]).await?;
         let epoch = self.set.epoch();
         let mut last: Option<ReplicaIoError> = None;
         let mut corrupt: Vec<(SlotId, Arc<ReplicaClient>, u64)> = Vec::new();
@@ -588,6 +713,7 @@ impl BlockDevice for Volume {
             };
         }
         let len = data.len() as u64;
+        self.fill_partial_edges(offset, len).await?;
         self.fan_out(offset, len, |seg| {
             let start = seg.request_offset as usize;
             let piece = data.slice(start..start + seg.len as usize);
@@ -612,6 +738,7 @@ impl BlockDevice for Volume {
         if len == 0 {
             return Ok(());
         }
+        self.fill_partial_edges(offset, len).await?;
         self.fan_out(offset, len, |seg| {
             Op::Unmap(pb::UnmapOp {
                 offset: seg.offset,
@@ -626,6 +753,7 @@ impl BlockDevice for Volume {
         if len == 0 {
             return Ok(());
         }
+        self.fill_partial_edges(offset, len).await?;
         self.fan_out(offset, len, |seg| {
             Op::WriteZeroes(pb::WriteZeroesOp {
                 offset: seg.offset,

@@ -93,6 +93,14 @@ pub fn replica_info(hosted: &HostedReplica) -> ReplicaInfo {
             state: r.state.into(),
         }),
         open_session: open.session,
+        clone: meta.clone.map(|c| pb::CloneRecord {
+            source_engine: c.source_engine,
+            snapshot: c.snapshot,
+            auto_snapshot: c.auto_snapshot,
+            source_size: c.source_size,
+            filled_below: c.filled_below,
+            done: c.done,
+        }),
     }
 }
 
@@ -315,6 +323,29 @@ impl ReplicaControl for ControlService {
         let hosted = self.registry.get(&req.volume)?;
         let listed = blocking(move || Ok(list_snapshots(&hosted))).await?;
         Ok(Response::new(listed))
+    }
+
+    async fn set_clone(
+        &self,
+        request: Request<pb::SetCloneRequest>,
+    ) -> Result<Response<ReplicaInfo>, Status> {
+        let req = request.into_inner();
+        let r = req
+            .record
+            .ok_or_else(|| Status::invalid_argument("clone record missing"))?;
+        let record = corral_store::CloneRecord {
+            source_engine: r.source_engine,
+            snapshot: r.snapshot,
+            auto_snapshot: r.auto_snapshot,
+            source_size: r.source_size,
+            filled_below: r.filled_below,
+            done: r.done,
+        };
+        let hosted = self.registry.get(&req.volume)?;
+        let info =
+            blocking(move || with_epoch(&hosted, Epoch(req.epoch), |h| h.store.set_clone(record)))
+                .await?;
+        Ok(Response::new(info))
     }
 }
 

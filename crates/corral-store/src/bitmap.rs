@@ -297,6 +297,7 @@ mod tests {
             layers: vec![LayerInfo::new("head".into(), 0, false, 1 << 20)],
             clean: true,
             reservations: None,
+            clone: None,
         };
         MetaDb::create(dir, &rec).unwrap()
     }

@@ -76,6 +76,18 @@ pub struct ReservationRecord {
     pub state: Vec<u8>,
 }
 
+/// A clone's fill progress, kept for the engine (which gives it meaning);
+/// records order by (done, filled_below).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneRecord {
+    pub source_engine: String,
+    pub snapshot: String,
+    pub auto_snapshot: bool,
+    pub source_size: u64,
+    pub filled_below: u64,
+    pub done: bool,
+}
+
 /// One layer of the chain; the head (last) is the writable one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerInfo {
@@ -156,6 +168,8 @@ pub struct VolumeMeta {
     pub layers: Vec<LayerInfo>,
     /// The last reservation record saved (None: never).
     pub reservations: Option<ReservationRecord>,
+    /// A clone's fill progress (None: not a clone).
+    pub clone: Option<CloneRecord>,
     /// Whether the previous stop was clean (as found at open; true for a new store).
     pub clean_shutdown: bool,
 }

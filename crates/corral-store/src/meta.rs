@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Result, StoreError, io_err, redb_err};
 use crate::index::{self, Extent, LayerId};
-use crate::{LayerInfo, Membership, ReservationRecord};
+use crate::{CloneRecord, LayerInfo, Membership, ReservationRecord};
 
 /// File name of the metadata database inside the replica directory.
 pub(crate) const META_FILE: &str = "meta.redb";
@@ -50,6 +50,7 @@ mod key {
     pub const LAYERS: &str = "layers";
     pub const CLEAN: &str = "clean";
     pub const RESERVATIONS: &str = "reservations";
+    pub const CLONE: &str = "clone";
 }
 
 /// Everything recorded in the `meta` table.
@@ -67,6 +68,8 @@ pub(crate) struct Record {
     pub clean: bool,
     /// Absent until the first save (and in stores from before reservations were kept).
     pub reservations: Option<ReservationRecord>,
+    /// Absent unless the volume is a clone.
+    pub clone: Option<CloneRecord>,
 }
 
 /// An open `meta.redb`.
@@ -235,6 +238,13 @@ impl MetaDb {
                 Some(v) => Some(self.decode(key::RESERVATIONS, v.value())?),
                 None => None,
             },
+            clone: match meta
+                .get(key::CLONE)
+                .map_err(|e| redb_err(self.ctx("reading key `clone`"), e))?
+            {
+                Some(v) => Some(self.decode(key::CLONE, v.value())?),
+                None => None,
+            },
         };
         let dirty_table = txn
             .open_table(DIRTY)
@@ -290,6 +300,10 @@ impl MetaDb {
 
     pub(crate) fn set_reservations(&self, r: &ReservationRecord) -> Result<()> {
         self.put_value(key::RESERVATIONS, r)
+    }
+
+    pub(crate) fn set_clone(&self, r: &CloneRecord) -> Result<()> {
+        self.put_value(key::CLONE, r)
     }
 
     pub(crate) fn set_clean(&self, clean: bool) -> Result<()> {

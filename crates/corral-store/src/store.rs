@@ -18,7 +18,7 @@ use crate::error::{Result, StoreError};
 use crate::index::ExtentIndex;
 use crate::layer::{BLOCK, Layer};
 use crate::meta::{self, MetaDb, Record};
-use crate::{Epoch, LayerInfo, Membership, ReservationRecord, VolumeMeta};
+use crate::{CloneRecord, Epoch, LayerInfo, Membership, ReservationRecord, VolumeMeta};
 
 const BLOCK_USIZE: usize = BLOCK as usize;
 
@@ -90,6 +90,7 @@ struct Mutable {
     epoch: Epoch,
     membership: Membership,
     reservations: Option<ReservationRecord>,
+    clone: Option<CloneRecord>,
 }
 
 /// Which halves of a write actually reach the disk: `Both` in production; tests simulate a
@@ -181,6 +182,7 @@ impl ReplicaStore {
             layers: vec![LayerInfo::new(HEAD.into(), 0, false, size)],
             clean: true,
             reservations: None,
+            clone: None,
         };
         // meta.redb appears (atomically) last: until it does, `exists` is false and a retry
         // of `create` starts over.
@@ -295,6 +297,7 @@ impl ReplicaStore {
                 epoch: rec.epoch,
                 membership: rec.membership,
                 reservations: rec.reservations,
+                clone: rec.clone,
             }),
             chain: RwLock::new(chain),
             admin: Mutex::new(()),
@@ -388,6 +391,7 @@ impl ReplicaStore {
                 .map(|l| l.info.clone())
                 .collect(),
             reservations: m.reservations.clone(),
+            clone: m.clone.clone(),
             clean_shutdown: self.clean_shutdown,
         }
     }
@@ -427,6 +431,22 @@ impl ReplicaStore {
         if m.reservations.as_ref() != Some(&new) {
             self.db.set_reservations(&new)?;
             m.reservations = Some(new);
+        }
+        Ok(())
+    }
+
+    /// Durably records a clone's fill progress; one behind the recorded one
+    /// by (done, filled_below) changes nothing (an engine never moves it back).
+    pub fn set_clone(&self, new: CloneRecord) -> Result<()> {
+        let mut m = lock(&self.mutable);
+        if let Some(cur) = &m.clone
+            && (new.done, new.filled_below) < (cur.done, cur.filled_below)
+        {
+            return Ok(());
+        }
+        if m.clone.as_ref() != Some(&new) {
+            self.db.set_clone(&new)?;
+            m.clone = Some(new);
         }
         Ok(())
     }

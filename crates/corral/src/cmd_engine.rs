@@ -75,6 +75,16 @@ pub struct EngineArgs {
     /// Most bytes per second a rebuild copies (e.g. 100MiB; default unlimited).
     #[arg(long, value_parser = parse_size)]
     pub rebuild_bandwidth: Option<u64>,
+    /// Make a new volume a clone of the volume served by the engine at this
+    /// control address: it serves I/O at once while its data is filled in
+    /// behind it (`corral volume clone status`). Without --clone-snapshot the
+    /// clone takes a snapshot named clone-VOLUME of the source, deleted once
+    /// the clone is filled. Ignored once the replicas record the fill done.
+    #[arg(long, value_name = "ENGINE_ADDR")]
+    pub clone_from: Option<String>,
+    /// The source's snapshot to clone (with --clone-from).
+    #[arg(long, value_name = "NAME", requires = "clone_from")]
+    pub clone_snapshot: Option<String>,
 }
 
 impl EngineArgs {
@@ -104,6 +114,13 @@ impl EngineArgs {
         cfg.retry_interval = self.replica_retry_interval;
         cfg.rebuild_concurrency = self.rebuild_concurrency;
         cfg.rebuild_bandwidth = self.rebuild_bandwidth;
+        cfg.clone = self
+            .clone_from
+            .as_ref()
+            .map(|engine| corral_engine::CloneSource {
+                engine: engine.clone(),
+                snapshot: self.clone_snapshot.clone(),
+            });
         corral_engine::open::validate(&cfg)?;
         Ok(cfg)
     }

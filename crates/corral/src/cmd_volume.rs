@@ -51,6 +51,12 @@ pub enum VolumeCommand {
         #[command(subcommand)]
         command: SnapshotCommand,
     },
+    /// A clone's fill (the volume was started with `corral engine
+    /// --clone-from`): how far it is, and whether it still needs its source.
+    Clone {
+        #[command(subcommand)]
+        command: CloneCommand,
+    },
     /// While the engine waits to open the volume: trust this replica's data.
     Salvage {
         /// Required: salvage can lose writes that only the other replicas hold.
@@ -74,6 +80,17 @@ pub enum SnapshotCommand {
     /// since is dropped; later snapshots stay). No client may be attached and
     /// every replica must be RW.
     Revert { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CloneCommand {
+    /// Source, snapshot, bytes filled of the total, done or not; exit 1 for
+    /// a volume that is not a clone.
+    Status {
+        /// Wait until the fill is done (printing progress), at most this long (e.g. 10m).
+        #[arg(long, value_parser = crate::units::parse_duration)]
+        wait: Option<Duration>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -112,6 +129,7 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                     "repaired_blocks": v.repaired_blocks, "open_reason": v.open_reason,
                     "stale_replica_timeout_ms": v.stale_replica_timeout_ms,
                     "rebuilds": v.rebuilds.iter().map(rebuild_json).collect::<Vec<_>>(),
+                    "clone": v.clone.as_ref().map(clone_json),
                     "layers": v.layers.iter().map(|l| json!({
                         "snapshot": (!l.snapshot.is_empty()).then_some(&l.snapshot),
                         "provisioned_bytes": l.provisioned_bytes,
@@ -137,6 +155,9 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                 }
                 for r in &v.rebuilds {
                     println!("rebuild:      {}", rebuild_line(r));
+                }
+                if let Some(c) = &v.clone {
+                    println!("clone:        {}", clone_line(c));
                 }
                 for l in &v.layers {
                     let name = if l.snapshot.is_empty() {
@@ -227,6 +248,37 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
             }
             if !r.differences.is_empty() {
                 anyhow::bail!("replicas differ in {} chunk(s)", r.differences.len());
+            }
+        }
+        VolumeCommand::Clone {
+            command: CloneCommand::Status { wait },
+        } => {
+            let deadline = wait.map(|w| std::time::Instant::now() + w);
+            loop {
+                let v = client.info().await?;
+                let Some(c) = v.clone else {
+                    anyhow::bail!(
+                        "volume {} is not a clone (or its fill finished before this engine started)",
+                        v.name
+                    );
+                };
+                if args.json {
+                    println!("{}", clone_json(&c));
+                } else {
+                    println!("{}", clone_line(&c));
+                }
+                match deadline {
+                    None => break,
+                    Some(_) if c.done => break,
+                    Some(d) if std::time::Instant::now() >= d => {
+                        anyhow::bail!(
+                            "the clone is not filled yet ({} of {} bytes)",
+                            c.filled_bytes,
+                            c.total_bytes
+                        )
+                    }
+                    Some(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
             }
         }
         VolumeCommand::Expand { size } => {
@@ -428,4 +480,22 @@ fn progress_bar(r: &RebuildStatus) -> String {
         "-".repeat(WIDTH - filled),
         rebuild_line(r)
     )
+}
+
+fn clone_json(c: &corral_proto::v1::CloneStatus) -> serde_json::Value {
+    json!({"source_engine": c.source_engine, "snapshot": c.snapshot,
+        "filled_bytes": c.filled_bytes, "total_bytes": c.total_bytes, "done": c.done,
+        "error": (!c.error.is_empty()).then_some(&c.error)})
+}
+
+fn clone_line(c: &corral_proto::v1::CloneStatus) -> String {
+    let state = if c.done { "done" } else { "filling" };
+    let mut line = format!(
+        "{state}: {} of {} bytes from snapshot {} of {}",
+        c.filled_bytes, c.total_bytes, c.snapshot, c.source_engine
+    );
+    if !c.error.is_empty() {
+        line.push_str(&format!(" (last error: {})", c.error));
+    }
+    line
 }

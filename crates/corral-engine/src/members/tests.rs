@@ -449,6 +449,7 @@ impl Store {
             open: true,
             reservations: None,
             open_session: 0,
+            clone: None,
         }
     }
 }

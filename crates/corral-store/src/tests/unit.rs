@@ -690,3 +690,54 @@ fn reservation_records_persist_and_refuse_older_ones() {
     assert_eq!(s.meta().reservations, Some(rec(3, 6, b"six")));
     s.close().unwrap();
 }
+
+/// A clone's fill lands only on blocks no layer has written or discarded:
+/// blocks written in the head, in a snapshot under it, or discarded keep
+/// what they hold; the rest take the fill; a second fill changes nothing;
+/// and all of it survives a reopen.
+#[test]
+fn a_fill_only_lands_on_blocks_never_written_in_any_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 16 * BLOCK;
+    let store = ReplicaStore::create(dir.path(), super::params(size, 65536)).unwrap();
+    let old = vec![0x11u8; BLOCK as usize];
+    let new = vec![0x22u8; BLOCK as usize];
+    store.write(BLOCK, &old).unwrap(); // block 1: in the snapshot
+    store.snapshot_create("s").unwrap();
+    store.write(2 * BLOCK, &new).unwrap(); // block 2: in the head
+    store.unmap(3 * BLOCK, BLOCK).unwrap(); // block 3: discarded
+    store.write(4 * BLOCK, &vec![0u8; BLOCK as usize]).unwrap(); // block 4: written zeroes
+    let fill = vec![0xF1u8; 8 * BLOCK as usize];
+    assert_eq!(store.fill(0, &fill).unwrap(), 4, "blocks 0, 5, 6, 7");
+    let again = vec![0xF2u8; 8 * BLOCK as usize];
+    assert_eq!(store.fill(0, &again).unwrap(), 0, "nothing is left to fill");
+    let check = |store: &ReplicaStore| {
+        let data = store.read(0, 8 * BLOCK).unwrap();
+        let block = |i: usize| &data[i * BLOCK as usize..(i + 1) * BLOCK as usize];
+        assert!(block(0).iter().all(|&b| b == 0xF1));
+        assert_eq!(block(1), &old[..]);
+        assert_eq!(block(2), &new[..]);
+        assert!(block(3).iter().all(|&b| b == 0));
+        assert!(block(4).iter().all(|&b| b == 0));
+        for i in 5..8 {
+            assert!(block(i).iter().all(|&b| b == 0xF1), "block {i}");
+        }
+        // The snapshot's view is untouched by the fill.
+        let snap = store.read_snapshot("s", 0, 8 * BLOCK).unwrap();
+        assert!(snap[..BLOCK as usize].iter().all(|&b| b == 0));
+        assert_eq!(&snap[BLOCK as usize..2 * BLOCK as usize], &old[..]);
+    };
+    check(&store);
+    assert!(store.fill(100, &fill[..4096]).is_err(), "unaligned");
+    assert!(
+        store.fill(15 * BLOCK, &fill[..8192]).is_err(),
+        "past the end"
+    );
+    store.flush().unwrap();
+    store.close().unwrap();
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    check(&store);
+    let sums = store.snapshot_checksums("s", 0, 8 * BLOCK).unwrap();
+    assert_eq!(sums.len(), 8);
+    assert!(store.snapshot_checksums("nope", 0, BLOCK).is_err());
+}
