@@ -20,9 +20,12 @@
 //! - [`volume`]: the data path (fan-out writes, failover and repair on
 //!   read, flush, verify); [`locks`]: per-chunk ordering with copiers;
 //! - [`rebuild`]: the copier that brings a WO replica up to date;
+//!   [`chain_sync`]: the snapshots a returning replica missed, replayed
+//!   before it joins;
 //! - [`supervisor`]: pings, stale-replica expiry, bringing replicas back;
 //! - [`control`]: the engine's control gRPC service; [`metrics`]: Prometheus.
 
+pub mod chain_sync;
 pub mod chunk;
 pub mod client;
 pub mod clone;

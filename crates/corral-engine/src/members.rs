@@ -32,7 +32,7 @@
 //! missed no acknowledged write since may return as RW directly when no RW
 //! member is left ([`Members::join`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use crate::chunk::ChunkBitmap;
@@ -138,6 +138,10 @@ pub struct Member {
     /// any is left (another replica's flush would clear the write-intent
     /// bits that let a new engine find the difference).
     pub unconfirmed: BTreeMap<u64, u32>,
+    /// Snapshots deleted while it was out of the write set (it may still
+    /// hold them, or hold an older snapshot of the same name); None: not
+    /// known (it was out when this engine started, or was added by address).
+    pub missed_deletes: Option<BTreeSet<String>>,
     /// Changes at every join: a rebuild's progress counts only in its own.
     session: u64,
 }
@@ -329,6 +333,7 @@ impl Members {
                 retry_at: None,
                 holds_every_ack: false,
                 unconfirmed: BTreeMap::new(),
+                missed_deletes: (mode == Mode::Rw).then(BTreeSet::new),
                 session: 0,
             });
         }
@@ -444,6 +449,7 @@ impl Members {
                 m.last_error = why.to_string();
                 m.failed_at = Some(now);
                 if previous == Mode::Rw {
+                    m.missed_deletes = Some(BTreeSet::new());
                     let mut missed = ChunkBitmap::new(chunk_count);
                     for c in std::mem::take(&mut m.unconfirmed).into_keys() {
                         missed.insert(c);
@@ -532,6 +538,33 @@ impl Members {
         for m in self.members.iter_mut().filter(|m| m.mode == Mode::Err) {
             m.holds_every_ack = false;
         }
+    }
+
+    /// A snapshot was taken on the RW members: no ERR member holds the
+    /// volume's whole state any more (it lacks the snapshot), so none may
+    /// return as RW without being caught up (see [`Member::holds_every_ack`]).
+    pub fn note_snapshot_created(&mut self) {
+        for m in self.members.iter_mut().filter(|m| m.mode == Mode::Err) {
+            m.holds_every_ack = false;
+        }
+    }
+
+    /// Snapshot `name` was deleted on the RW and WO members: every ERR
+    /// member may still hold it (or an older snapshot of that name), which
+    /// its return deletes; and none holds the volume's whole state any more.
+    pub fn note_snapshot_deleted(&mut self, name: &str) {
+        for m in self.members.iter_mut().filter(|m| m.mode == Mode::Err) {
+            m.holds_every_ack = false;
+            if let Some(missed) = &mut m.missed_deletes {
+                missed.insert(name.to_string());
+            }
+        }
+    }
+
+    /// The snapshots deleted while member `id` was out (see
+    /// [`Member::missed_deletes`]); None: not known.
+    pub fn missed_deletes(&self, id: MemberId) -> Option<BTreeSet<String>> {
+        self.get(id).and_then(|m| m.missed_deletes.clone())
     }
 
     /// The volume grew to `chunk_count` chunks (a smaller count changes no
@@ -748,6 +781,7 @@ impl Members {
             m.divergence = Divergence::InSync;
             m.interrupted = false;
             m.holds_every_ack = false;
+            m.missed_deletes = Some(BTreeSet::new());
             m.unconfirmed.clear();
             m.last_error = String::new();
             m.failed_at = None;
@@ -769,6 +803,9 @@ impl Members {
         }
         m.mode = Mode::Wo;
         m.instance_id = facts.instance_id;
+        // Its chain was made the RW set's before it joined (see
+        // `crate::chain_sync`); from now on deletes reach it too.
+        m.missed_deletes = Some(BTreeSet::new());
         m.divergence = Divergence::Chunks(pending);
         m.unconfirmed.clear();
         m.last_error = String::new();
@@ -862,6 +899,7 @@ impl Members {
             retry_at: None,
             holds_every_ack: false,
             unconfirmed: BTreeMap::new(),
+            missed_deletes: None,
             session: 0,
         });
         self.generation = self.generation.next();

@@ -98,18 +98,18 @@ pub enum RebuildError {
 
 /// One chunk of a group: its index and byte range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ChunkRange {
-    chunk: u64,
-    offset: u64,
-    len: u64,
+pub(crate) struct ChunkRange {
+    pub chunk: u64,
+    pub offset: u64,
+    pub len: u64,
 }
 
 /// Consecutive blocks to copy, inside one chunk (byte offset and length).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Run {
-    chunk: u64,
-    offset: u64,
-    len: u64,
+pub(crate) struct Run {
+    pub chunk: u64,
+    pub offset: u64,
+    pub len: u64,
 }
 
 /// Runs of consecutive indices in `0..n` for which `copy` holds: (first, count).
@@ -142,7 +142,7 @@ fn written_runs(sums: &[u32]) -> Vec<(usize, usize)> {
 
 /// The runs of `group` to copy, given the source's checksums per chunk and,
 /// unless the target is known empty, the target's.
-fn runs_to_copy(
+pub(crate) fn runs_to_copy(
     group: &[ChunkRange],
     source: &[Vec<u32>],
     target: Option<&[Vec<u32>]>,
@@ -175,18 +175,20 @@ fn wrong_shape(client: &ReplicaClient, what: &str) -> ReplicaIoError {
     ))
 }
 
-/// The stored block checksums of every chunk of `group` on `client`: one
-/// request per chunk, on that chunk's stream, all queued back to back.
-async fn group_checksums(
+/// The stored block checksums of every chunk of `group` on `client`, of
+/// `snapshot`'s view (empty: the head's): one request per chunk, on that
+/// chunk's stream, all queued back to back.
+pub(crate) async fn group_checksums(
     client: &ReplicaClient,
     epoch: Epoch,
     group: &[ChunkRange],
+    snapshot: &str,
 ) -> Result<Vec<Vec<u32>>, ReplicaIoError> {
     let calls = group.iter().map(|c| {
         let op = Op::Checksums(pb::ChecksumsOp {
             offset: c.offset,
             length: c.len,
-            ..Default::default()
+            snapshot: snapshot.to_string(),
         });
         client.call(c.chunk, epoch, op)
     });
@@ -201,19 +203,20 @@ async fn group_checksums(
         .collect()
 }
 
-/// Read every run from `source`, each on its chunk's stream, all queued back
-/// to back.
-async fn read_runs(
+/// Read every run from `source` (of `snapshot`'s view; empty: the head's),
+/// each on its chunk's stream, all queued back to back.
+pub(crate) async fn read_runs(
     source: &ReplicaClient,
     epoch: Epoch,
     runs: &[Run],
+    snapshot: &str,
 ) -> Result<Vec<Bytes>, ReplicaIoError> {
     let calls = runs.iter().map(|r| {
         let op = Op::Read(pb::ReadOp {
             offset: r.offset,
             // A run lies inside one chunk, and chunk sizes are u32.
             length: r.len as u32,
-            ..Default::default()
+            snapshot: snapshot.to_string(),
         });
         source.call(r.chunk, epoch, op)
     });
@@ -229,7 +232,7 @@ async fn read_runs(
 
 /// Write `data[i]` at `runs[i]` on `target`, each on its chunk's stream, all
 /// queued back to back; waits for every reply.
-async fn write_runs(
+pub(crate) async fn write_runs(
     target: &ReplicaClient,
     epoch: Epoch,
     runs: &[Run],
@@ -282,18 +285,18 @@ async fn copy_group(
             continue;
         }
         let source_sums = if target_empty || target_sums.is_some() {
-            group_checksums(&source, epoch, &ranges).await
+            group_checksums(&source, epoch, &ranges, "").await
         } else {
             let (s, t) = futures::join!(
-                group_checksums(&source, epoch, &ranges),
-                group_checksums(target, epoch, &ranges)
+                group_checksums(&source, epoch, &ranges, ""),
+                group_checksums(target, epoch, &ranges, "")
             );
             target_sums = Some(t.map_err(RebuildError::Target)?);
             s
         };
         let fetched = async {
             let runs = runs_to_copy(&ranges, &source_sums?, target_sums.as_deref());
-            let data = read_runs(&source, epoch, &runs).await?;
+            let data = read_runs(&source, epoch, &runs, "").await?;
             Ok::<_, ReplicaIoError>((runs, data))
         }
         .await;

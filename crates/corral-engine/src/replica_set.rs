@@ -75,6 +75,19 @@ pub enum JoinError {
     /// The volume grew while it was being brought back: grow it again.
     #[error("its replica has {replica} bytes, the volume grew to {volume} meanwhile")]
     TooSmall { replica: u64, volume: u64 },
+    /// A snapshot was created or deleted after its chain was reconciled
+    /// (see [`crate::chain_sync`]): reconcile it again.
+    #[error("the snapshot chain changed while it was being reconciled")]
+    ChainChanged,
+}
+
+/// See [`ReplicaSet::chain_change`].
+struct ChainChange<'a>(&'a AtomicU64);
+
+impl Drop for ChainChange<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// A snapshot of one member, for status output.
@@ -121,6 +134,11 @@ pub struct ReplicaSet {
     authorities: AtomicUsize,
     /// Replicas moved to ERR since the engine started.
     failures: AtomicU64,
+    /// Bumped at the start and end of every snapshot create (under
+    /// `io_gate` held exclusively) and delete (under `io_gate` held shared,
+    /// which joins exclude): a returning replica whose chain was reconciled
+    /// at one version joins only at that version.
+    chain_version: AtomicU64,
     /// The reservation record in force, and the last sequence sent. A short
     /// lock, never held across an await.
     reservations: Mutex<ReservationState>,
@@ -188,6 +206,7 @@ impl ReplicaSet {
             tracking: AtomicUsize::new(tracking),
             authorities: AtomicUsize::new(0),
             failures: AtomicU64::new(0),
+            chain_version: AtomicU64::new(0),
             reservations: Mutex::new(ReservationState {
                 last_sequence: reservations.as_ref().map_or(0, |r| r.sequence),
                 in_force: reservations,
@@ -245,6 +264,35 @@ impl ReplicaSet {
     /// Replicas moved to ERR since the engine started.
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
+    }
+
+    /// How many snapshot creates and deletes this engine has begun (see
+    /// [`Self::join_write_set`]).
+    pub fn chain_version(&self) -> u64 {
+        self.chain_version.load(Ordering::Acquire)
+    }
+
+    /// Marks a snapshot create or delete under way: the chain version is
+    /// bumped now and again when the guard drops, so a replica whose chain
+    /// was read at any point in between does not join at that version.
+    fn chain_change(&self) -> ChainChange<'_> {
+        self.chain_version.fetch_add(1, Ordering::AcqRel);
+        ChainChange(&self.chain_version)
+    }
+
+    /// The chunks in which ERR member `id`'s head may differ from the RW
+    /// set's, were it to return with `facts`, and whether it is known
+    /// empty (see [`Members::plan`]); None if it is not a member.
+    pub fn catch_up_preview(&self, id: SlotId, facts: &ReturnFacts) -> Option<(Vec<u64>, bool)> {
+        self.read_state()
+            .members
+            .plan(id, facts)
+            .map(|(_, chunks, empty)| (chunks, empty))
+    }
+
+    /// Snapshots deleted while member `id` was out (None: not known).
+    pub fn missed_deletes(&self, id: SlotId) -> Option<std::collections::BTreeSet<String>> {
+        self.read_state().members.missed_deletes(id)
     }
 
     pub fn is_fenced(&self) -> bool {
@@ -692,13 +740,19 @@ impl ReplicaSet {
     ///
     /// `replica_size` is the size its replica has (grown to the volume's
     /// before this call): if the volume grew meanwhile, it is refused
-    /// ([`JoinError::TooSmall`]) and tried again.
+    /// ([`JoinError::TooSmall`]) and tried again. `chain_version` is
+    /// [`Self::chain_version`] as it was before its snapshot chain was made
+    /// the RW set's ([`crate::chain_sync`]): if a snapshot was created or
+    /// deleted since, it is refused ([`JoinError::ChainChanged`]). From
+    /// the join on, every delete reaches it and every create puts it out.
+    #[allow(clippy::too_many_arguments)]
     pub async fn join_write_set(
         &self,
         id: SlotId,
         client: Arc<ReplicaClient>,
         facts: ReturnFacts,
         replica_size: u64,
+        chain_version: u64,
         progress: impl FnOnce(&CatchUpPlan) -> Arc<RebuildProgress>,
     ) -> Result<Admission, JoinError> {
         let _gate = self.io_gate.write().await;
@@ -708,6 +762,9 @@ impl ReplicaSet {
                 replica: replica_size,
                 volume: self.size(),
             });
+        }
+        if chain_version != self.chain_version() {
+            return Err(JoinError::ChainChanged);
         }
         let (record, settled, rw, out) = {
             let members = &self.read_state().members;
@@ -762,8 +819,11 @@ impl ReplicaSet {
         self.write_state().members.copied(ticket, chunks);
     }
 
-    /// A finished rebuild: WO → RW, recorded.
+    /// A finished rebuild: WO → RW, recorded. Not while a snapshot is
+    /// being taken (`io_gate`, shared as writes take it): a create puts
+    /// every WO member out, so none turns RW without it.
     pub async fn finish_rebuild(&self, ticket: RebuildTicket) -> Result<(), MembershipError> {
+        let _gate = self.io_gate.read().await;
         let _change = self.change.lock().await;
         self.with_members(|m| m.finish_rebuild(ticket))?;
         self.record_membership().await;

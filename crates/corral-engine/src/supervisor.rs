@@ -9,7 +9,8 @@
 //!   timeout (they will be compared in full);
 //! - tries to bring every ERR replica back: reconnect, create the replica if
 //!   its daemon lost it, fence it at our epoch (which also ends whatever
-//!   data streams of ours it still had), join it to the write set in WO mode
+//!   data streams of ours it still had), give it the snapshots it missed
+//!   ([`crate::chain_sync`]), join it to the write set in WO mode
 //!   and run the rebuild that [`crate::members::Members::join`] plans. A daemon that does not answer
 //!   is tried again at the next retry; one that answers and then fails
 //!   backs off (see [`crate::members::Members::release`]).
@@ -23,6 +24,7 @@ use corral_proto::v1::{CreateReplicaRequest, ReplicaInfo};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::chain_sync::{self, ChainSyncError};
 use crate::client::{ClientSettings, ReplicaClient};
 use crate::config::EngineConfig;
 use crate::error::ReplicaIoError;
@@ -278,18 +280,55 @@ async fn bring_back(
             .await
             .map_err(|e| Unreachable(e.to_string()))?,
     );
-    let facts = ReturnFacts {
+    let mut facts = ReturnFacts {
         instance_id: info.instance_id.clone(),
         created,
         dirty_chunks: dirty_chunks(volume, &info),
     };
+    // The snapshots it missed (or all, for a new replica), before it takes
+    // any write: the join below is refused if the chain changes meanwhile.
+    let chain_version = set.chain_version();
+    if let Some((chunks, empty)) = set.catch_up_preview(id, &facts) {
+        let missed = set.missed_deletes(id);
+        let report = chain_sync::reconcile(
+            volume,
+            &client,
+            &chunks,
+            empty,
+            missed.as_ref(),
+            config.rebuild.concurrency,
+        )
+        .await
+        .map_err(|e| match e {
+            ChainSyncError::Target(_) | ChainSyncError::Fenced(_) => {
+                Refused(format!("snapshot chain: {e}"))
+            }
+            // Not its fault: try again at the next tick.
+            ChainSyncError::NoSource(_) | ChainSyncError::Source { .. } => {
+                Unreachable(format!("snapshot chain: {e}"))
+            }
+        })?;
+        // A new replica that was given snapshots holds data now: its
+        // rebuild must compare, not assume it empty (a block the head has
+        // since discarded would be left as the snapshot had it).
+        if !report.replayed.is_empty() {
+            facts.created = false;
+        }
+    }
     let mut progress = None;
     let admission = set
-        .join_write_set(id, Arc::clone(&client), facts, info.size, |plan| {
-            let p = Arc::new(RebuildProgress::new(address, plan.kind));
-            progress = Some(Arc::clone(&p));
-            p
-        })
+        .join_write_set(
+            id,
+            Arc::clone(&client),
+            facts,
+            info.size,
+            chain_version,
+            |plan| {
+                let p = Arc::new(RebuildProgress::new(address, plan.kind));
+                progress = Some(Arc::clone(&p));
+                p
+            },
+        )
         .await;
     let plan = match admission {
         Ok(Admission::Rebuild(plan)) => plan,
@@ -304,6 +343,8 @@ async fn bring_back(
         }
         // The volume grew meanwhile: grow it at the next tick.
         Err(e @ JoinError::TooSmall { .. }) => return Err(Unreachable(e.to_string())),
+        // A snapshot was taken or deleted meanwhile: reconcile at the next tick.
+        Err(e @ JoinError::ChainChanged) => return Err(Unreachable(e.to_string())),
         Err(e) => return Err(Refused(e.to_string())),
     };
     let Some(progress) = progress else {

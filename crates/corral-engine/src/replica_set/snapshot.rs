@@ -8,11 +8,16 @@
 //! the slowest replica's sync. A replica that fails is moved to ERR as for
 //! a failed write, so every replica left RW holds the snapshot
 //! (all-or-nothing among the RW set); if none took it, the call fails.
-//! Idempotent by name on each replica.
+//! Idempotent by name on each replica. A replica being rebuilt (WO) cannot
+//! take it — its head is not the RW set's yet — so it is moved to ERR too,
+//! and gets the snapshot replayed when it returns ([`crate::chain_sync`]):
+//! no replica turns RW without a snapshot the RW set has.
 //!
-//! Delete: every RW replica marks the layer deleted and merges it away in
-//! the background; I/O is not paused. List: from the first RW replica that
-//! answers.
+//! Delete: every RW and WO replica marks the layer deleted and merges it
+//! away in the background; I/O is not paused. A replica that fails it goes
+//! to ERR, as for a create, so the write set always agrees on the chain;
+//! ERR replicas are noted as having missed it and have it deleted when
+//! they return. List: from the first RW replica that answers.
 //!
 //! Revert: only with no client attached (the caller counts the frontend
 //! connections), every replica RW (a rebuild or a catch-up would mix
@@ -119,11 +124,13 @@ impl ReplicaSet {
         let started = std::time::Instant::now();
         let _gate = self.io_gate.write().await;
         let drained = started.elapsed();
-        let targets: Vec<_> = self
+        // A replica reconciled before or during this does not join (see
+        // `ReplicaSet::join_write_set`).
+        let _change = self.chain_change();
+        let (targets, rebuilding): (Vec<_>, Vec<_>) = self
             .write_targets()
             .into_iter()
-            .filter(|(_, _, mode)| *mode == Mode::Rw)
-            .collect();
+            .partition(|(_, _, mode)| *mode == Mode::Rw);
         let calls = targets.iter().map(|(id, client, _)| async move {
             let result = client
                 .control()
@@ -149,11 +156,27 @@ impl ReplicaSet {
                 report.failed.join("; ")
             )));
         }
+        // No ERR member holds the whole volume now (see `Member::holds_every_ack`).
+        self.with_members(|m| m.note_snapshot_created());
         // Like a failed write: a replica without the snapshot leaves the RW set.
         for (id, address, err) in &failed {
             warn!(volume = %self.volume, replica = %address, error = %err,
                 "replica could not take the snapshot: moving it to ERR");
             self.handle_failure(*id, err, &[])
+                .await
+                .map_err(|e| SnapshotError::Failed(format!("volume {}: {e}", self.volume)))?;
+        }
+        // A replica being rebuilt cannot take it: its head is not the RW
+        // set's yet. It leaves the write set, keeping what its rebuild had
+        // left to copy; its return replays this snapshot into it first
+        // (`crate::chain_sync`), so it never turns RW without it.
+        for (id, client, _) in &rebuilding {
+            let err = ReplicaIoError::Io(format!(
+                "missed snapshot {name:?} while being rebuilt: its chain is replayed when it returns"
+            ));
+            warn!(volume = %self.volume, replica = %client.addr(), snapshot = name,
+                "replica was being rebuilt during a snapshot: moving it to ERR");
+            self.handle_failure(*id, &err, &[])
                 .await
                 .map_err(|e| SnapshotError::Failed(format!("volume {}: {e}", self.volume)))?;
         }
@@ -163,41 +186,61 @@ impl ReplicaSet {
         Ok(report)
     }
 
-    /// Delete snapshot `name` on every RW replica; each merges it away in
-    /// the background. A replica that no longer has it counts as done.
+    /// Delete snapshot `name` on every RW and WO replica; each merges it
+    /// away in the background. A replica that no longer has it counts as
+    /// done. Like a create, all-or-nothing among the write set: a replica
+    /// that fails it is moved to ERR, and ERR replicas — those too — have
+    /// it deleted when they return (`crate::chain_sync`).
     pub async fn snapshot_delete(&self, name: &str) -> Result<SnapshotReport, SnapshotError> {
         check_name(name)?;
-        let targets: Vec<_> = self
-            .write_targets()
-            .into_iter()
-            .filter(|(_, _, mode)| *mode == Mode::Rw)
-            .collect();
-        let calls = targets.iter().map(|(_, client, _)| async move {
-            let result = client
+        // Shared with writes, exclusive with joins, for the whole fan-out
+        // (each replica only marks the layer deleted): a replica joins
+        // before it and is a target, or after it, and then one whose chain
+        // was read before the delete had reached every replica sees the
+        // version change and is reconciled again.
+        let _gate = self.io_gate.read().await;
+        let _change = self.chain_change();
+        let targets = self.write_targets();
+        let calls = targets.iter().map(|(id, client, _)| async move {
+            let result = match client
                 .control()
                 .delete_snapshot(&self.volume, self.epoch, name)
-                .await;
-            (client.addr().to_string(), result)
+                .await
+            {
+                Ok(_) => Ok(false),
+                Err(ClientError::NotFound { .. }) => Ok(true),
+                Err(e) => Err(e),
+            };
+            (*id, client.addr().to_string(), result)
         });
-        let mut report = SnapshotReport::default();
-        let mut missing = 0usize;
-        for (address, result) in join_all(calls).await {
-            match result {
-                Ok(_) => report.done.push(address),
-                Err(ClientError::NotFound { .. }) => {
-                    missing += 1;
-                    report.done.push(address);
-                }
-                Err(e) => report.failed.push(format!("{address}: {e}")),
+        let (done, failed) =
+            self.sort_outcomes(&format!("deleting snapshot {name}"), join_all(calls).await)?;
+        let missing = done.iter().filter(|(_, missing)| *missing).count();
+        let mut report = SnapshotReport {
+            done: done.into_iter().map(|(address, _)| address).collect(),
+            ..Default::default()
+        };
+        report.failed = failed
+            .iter()
+            .map(|(_, address, err)| format!("{address}: {err}"))
+            .collect();
+        let mut kept = Vec::new();
+        for (id, address, err) in &failed {
+            warn!(volume = %self.volume, replica = %address, snapshot = name, error = %err,
+                "replica could not delete the snapshot: moving it to ERR");
+            if self.handle_failure(*id, err, &[]).await.is_err()
+                && self
+                    .read_state()
+                    .members
+                    .get(*id)
+                    .is_some_and(|m| m.mode != Mode::Err)
+            {
+                kept.push(address.clone());
             }
         }
-        if missing > 0 && missing == report.done.len() && report.failed.is_empty() {
-            return Err(SnapshotError::NotFound {
-                volume: self.volume.clone(),
-                name: name.to_string(),
-            });
-        }
-        if !report.failed.is_empty() {
+        // ERR members (those just moved too) delete it when they return.
+        self.with_members(|m| m.note_snapshot_deleted(name));
+        if !kept.is_empty() || report.done.is_empty() {
             return Err(SnapshotError::Failed(format!(
                 "volume {}: snapshot {name:?} deleted on {} replica(s), not on: {}; delete it again",
                 self.volume,
@@ -205,7 +248,14 @@ impl ReplicaSet {
                 report.failed.join("; ")
             )));
         }
-        info!(volume = %self.volume, snapshot = name, "snapshot deleted");
+        if missing == report.done.len() {
+            return Err(SnapshotError::NotFound {
+                volume: self.volume.clone(),
+                name: name.to_string(),
+            });
+        }
+        info!(volume = %self.volume, snapshot = name, replicas = report.done.len(),
+            "snapshot deleted");
         Ok(report)
     }
 
