@@ -40,6 +40,12 @@ pub enum NodeError {
         exit: String,
         log_tail: String,
     },
+    /// An engine started for a call did not serve in time.
+    #[error("the engine of volume {volume:?} started but did not serve within {after:?}")]
+    NotServing {
+        volume: String,
+        after: std::time::Duration,
+    },
     /// The engine did not stop in time.
     #[error("the engine of volume {0:?} did not stop in time")]
     StopTimedOut(String),
@@ -102,7 +108,8 @@ impl From<NodeError> for tonic::Status {
             NodeError::EngineFailed { .. } => tonic::Status::failed_precondition(msg),
             NodeError::EngineRestarting { .. }
             | NodeError::ShuttingDown
-            | NodeError::StopTimedOut(_) => tonic::Status::unavailable(msg),
+            | NodeError::StopTimedOut(_)
+            | NodeError::NotServing { .. } => tonic::Status::unavailable(msg),
             NodeError::Replica(e) => e.into(),
             NodeError::Engine(e) => match e {
                 corral_client::ClientError::Refused { code, .. } => tonic::Status::new(code, msg),

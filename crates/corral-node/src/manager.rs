@@ -43,6 +43,9 @@ pub struct ManagerConfig {
 
 /// Bound on a call relayed to an engine's control service.
 const ENGINE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on a snapshot relayed to an engine: it drains writes and syncs
+/// every replica, which takes seconds under a heavy write load.
+const SNAPSHOT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The engines of this node.
 pub struct EngineManager {
@@ -52,6 +55,8 @@ pub struct EngineManager {
     engines: Mutex<BTreeMap<String, Arc<EngineSupervisor>>>,
     /// Start and stop of one volume take turns.
     turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Volumes whose engine runs for one call only ([`EngineManager::snapshot`]).
+    transient: Mutex<BTreeSet<String>>,
 }
 
 impl EngineManager {
@@ -68,8 +73,14 @@ impl EngineManager {
             registry,
             engines: Mutex::new(BTreeMap::new()),
             turns: Mutex::new(HashMap::new()),
+            transient: Mutex::new(BTreeSet::new()),
         });
         for (volume, record) in manager.context.book.engines().await {
+            if record.transient {
+                // The call it ran for ended with the daemon: stop it.
+                manager.end_transient(&volume, &record).await;
+                continue;
+            }
             let alive = record
                 .pid
                 .filter(|pid| is_our_engine(*pid, &volume, record.addresses.control));
@@ -118,6 +129,16 @@ impl EngineManager {
         let spec = EngineSpec::from_pb(spec)?;
         let turn = self.turn(&spec.volume);
         let _turn = turn.lock().await;
+        self.start_in_turn(spec, false).await
+    }
+
+    /// [`Self::start`], the volume's turn held; a `transient` engine is
+    /// recorded as such.
+    async fn start_in_turn(
+        &self,
+        spec: EngineSpec,
+        transient: bool,
+    ) -> Result<pb::EngineStatus, NodeError> {
         if self.context.shutdown.is_cancelled() {
             return Err(NodeError::ShuttingDown);
         }
@@ -134,8 +155,11 @@ impl EngineManager {
             }
             return self.until_serving(&running, false).await;
         }
-        let addresses = self.record_new(&spec).await?;
-        info!(volume = %spec.volume, control = %addresses.control, nbd = ?addresses.nbd, iscsi = ?addresses.iscsi, "starting engine");
+        let addresses = self.record_new(&spec, transient).await?;
+        if transient {
+            self.transients().insert(spec.volume.clone());
+        }
+        info!(volume = %spec.volume, transient, control = %addresses.control, nbd = ?addresses.nbd, iscsi = ?addresses.iscsi, "starting engine");
         let supervisor = Arc::new(EngineSupervisor::start(
             self.context.clone(),
             spec.clone(),
@@ -157,7 +181,11 @@ impl EngineManager {
     }
 
     /// Give a new engine its ports and record it.
-    async fn record_new(&self, spec: &EngineSpec) -> Result<EngineAddresses, NodeError> {
+    async fn record_new(
+        &self,
+        spec: &EngineSpec,
+        transient: bool,
+    ) -> Result<EngineAddresses, NodeError> {
         let range = self.config.engine_ports;
         let ip = self.config.frontend_ip;
         self.context
@@ -181,6 +209,7 @@ impl EngineManager {
                         addresses,
                         pid: None,
                         epoch: None,
+                        transient,
                     },
                 );
                 Ok(addresses)
@@ -274,6 +303,7 @@ impl EngineManager {
             Err(_) => return Err(NodeError::StopTimedOut(volume.to_string())),
         }
         self.lock().remove(volume);
+        self.transients().remove(volume);
         self.context
             .book
             .update(|engines| {
@@ -290,8 +320,16 @@ impl EngineManager {
         let supervisor = self
             .supervisor(volume)
             .ok_or_else(|| NodeError::NotFound(volume.to_string()))?;
+        self.control_of(&supervisor, ENGINE_CALL_TIMEOUT).await
+    }
+
+    async fn control_of(
+        &self,
+        supervisor: &EngineSupervisor,
+        timeout: Duration,
+    ) -> Result<EngineControl, NodeError> {
         let addr = supervisor.addresses.control.to_string();
-        Ok(EngineControl::connect(&addr, ENGINE_CALL_TIMEOUT).await?)
+        Ok(EngineControl::connect(&addr, timeout).await?)
     }
 
     /// The engine's replicas as it sees them.
@@ -378,7 +416,123 @@ impl EngineManager {
             },
             restarts: seen.restarts,
             last_exit: seen.last_exit.unwrap_or_default(),
+            transient: self.transients().contains(&spec.volume),
         }
+    }
+
+    fn transients(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        // Single inserts and removes: a poisoned set is whole.
+        self.transient.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A transient engine found in the record at start: its call ended with
+    /// the daemon that started it, so it is stopped (SIGTERM: it flushes and
+    /// exits) and forgotten, never brought back.
+    async fn end_transient(&self, volume: &str, record: &EngineRecord) {
+        if let Some(pid) = record
+            .pid
+            .filter(|pid| is_our_engine(*pid, volume, record.addresses.control))
+        {
+            info!(volume = %volume, pid, "stopping a transient engine left by the previous daemon");
+            // SAFETY: a signal to a process checked to be that engine.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+        if let Err(e) = self.context.book.remove(volume).await {
+            warn!(volume = %volume, error = %e, "cannot forget a transient engine");
+        }
+    }
+
+    /// Take (`create`) or delete snapshot `name` of `volume` through its
+    /// engine on this node: the running one, or, when none runs here and
+    /// `spec` is given, a transient one started from it without frontends
+    /// and stopped after the call. The volume's turn is held throughout, so
+    /// a start or stop of it here waits for the snapshot.
+    pub async fn snapshot(
+        &self,
+        volume: &str,
+        name: &str,
+        spec: Option<&pb::EngineSpec>,
+        create: bool,
+    ) -> Result<pb::VolumeSnapshotResponse, NodeError> {
+        let spec = spec
+            .map(|s| {
+                let mut spec = EngineSpec::from_pb(s)?;
+                if spec.volume != volume {
+                    return Err(NodeError::bad_spec(
+                        "volume",
+                        format!("{:?} is not the volume {volume:?}", spec.volume),
+                    ));
+                }
+                // It serves no client.
+                spec.nbd = false;
+                spec.iscsi = false;
+                Ok(spec)
+            })
+            .transpose()?;
+        let turn = self.turn(volume);
+        let _turn = turn.lock().await;
+        let run = |control: EngineControl| async move {
+            if create {
+                control.create_snapshot(name).await
+            } else {
+                control.delete_snapshot(name).await
+            }
+        };
+        if let Some(running) = self.supervisor(volume) {
+            if running.snapshot().phase != Phase::Running {
+                self.until_serving(&running, false).await?;
+            }
+            let control = self.control_of(&running, SNAPSHOT_CALL_TIMEOUT).await?;
+            return Ok(run(control).await?);
+        }
+        let Some(spec) = spec else {
+            return Err(NodeError::NotFound(volume.to_string()));
+        };
+        let started = self.start_in_turn(spec, true).await?;
+        let outcome = async {
+            if started.state != pb::EngineState::Running as i32 {
+                return Err(NodeError::NotServing {
+                    volume: volume.to_string(),
+                    after: self.config.start_timeout,
+                });
+            }
+            let running = self
+                .supervisor(volume)
+                .ok_or_else(|| NodeError::NotFound(volume.to_string()))?;
+            let control = self.control_of(&running, SNAPSHOT_CALL_TIMEOUT).await?;
+            Ok(run(control).await?)
+        }
+        .await;
+        if let Some(supervisor) = self.supervisor(volume)
+            && let Err(e) = self.stop_and_forget(volume, &supervisor).await
+        {
+            warn!(volume = %volume, error = %e, "cannot stop the transient engine");
+        }
+        outcome
+    }
+
+    /// The snapshots of the replicas hosted here: of `volume`, or of all
+    /// when it is empty.
+    pub async fn hosted_snapshots(
+        &self,
+        volume: &str,
+    ) -> Result<Vec<pb::HostedSnapshots>, NodeError> {
+        let hosted: Vec<_> = if volume.is_empty() {
+            self.registry.all()
+        } else {
+            vec![self.registry.get(volume)?]
+        };
+        tokio::task::spawn_blocking(move || {
+            hosted
+                .iter()
+                .map(|h| pb::HostedSnapshots {
+                    volume: h.volume.clone(),
+                    snapshots: corral_replica::control::list_snapshots(h).snapshots,
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| NodeError::Task(e.to_string()))
     }
 
     /// The node: identity, room, addresses.
@@ -470,6 +624,7 @@ mod tests {
             registry,
             engines: Mutex::new(BTreeMap::new()),
             turns: Mutex::new(HashMap::new()),
+            transient: Mutex::new(BTreeSet::new()),
         })
     }
 

@@ -28,6 +28,11 @@ pub struct EngineRecord {
     /// volume over since, and this one must not come back.
     #[serde(default)]
     pub epoch: Option<u64>,
+    /// Started for one call (a snapshot of a volume attached nowhere) and
+    /// stopped after it: a restarted daemon stops it instead of bringing it
+    /// back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transient: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -224,6 +229,7 @@ mod tests {
             spec,
             addresses,
             pid,
+            transient: false,
         }
     }
 

@@ -100,4 +100,39 @@ impl EngineManagerRpc for EngineManagerService {
             .await?;
         Ok(Response::new(pb::ReplicaChangeResponse { message }))
     }
+
+    async fn create_engine_snapshot(
+        &self,
+        request: Request<pb::EngineSnapshotRequest>,
+    ) -> Result<Response<pb::VolumeSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let done = self
+            .manager
+            .snapshot(&req.volume, &req.name, req.spec.as_ref(), true)
+            .await?;
+        Ok(Response::new(done))
+    }
+
+    async fn delete_engine_snapshot(
+        &self,
+        request: Request<pb::EngineSnapshotRequest>,
+    ) -> Result<Response<pb::VolumeSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let done = self
+            .manager
+            .snapshot(&req.volume, &req.name, req.spec.as_ref(), false)
+            .await?;
+        Ok(Response::new(done))
+    }
+
+    async fn list_hosted_snapshots(
+        &self,
+        request: Request<pb::ListHostedSnapshotsRequest>,
+    ) -> Result<Response<pb::ListHostedSnapshotsResponse>, Status> {
+        let volumes = self
+            .manager
+            .hosted_snapshots(&request.into_inner().volume)
+            .await?;
+        Ok(Response::new(pb::ListHostedSnapshotsResponse { volumes }))
+    }
 }
