@@ -29,19 +29,24 @@
 //!
 //! Cases left out, because corral does not advertise the capability they
 //! need (csi-sanity skips them for the same reason):
-//! - CreateVolume "should create volume from an existing source snapshot",
-//!   "should fail when the volume source snapshot is not found"
-//!   (CREATE_DELETE_SNAPSHOT); "should create volume from an existing source
-//!   volume", "should fail when the volume source volume is not found"
+//! - CreateVolume "should create volume from an existing source volume",
+//!   "should fail when the volume source volume is not found"
 //!   (CLONE_VOLUME); "should create volume with a volume attribute class",
 //!   "should not create volume with an invalid volume attribute class"
 //!   (MODIFY_VOLUME).
 //! - ControllerPublishVolume "should fail when the volume is already
 //!   published but is incompatible" (PUBLISH_READONLY).
-//! - Every case of "ListSnapshots", "GetSnapshot", "DeleteSnapshot",
-//!   "CreateSnapshot" (CREATE_DELETE_SNAPSHOT, LIST_SNAPSHOTS, GET_SNAPSHOT),
-//!   "ModifyVolume" (MODIFY_VOLUME), and groupcontroller.go
+//! - "ModifyVolume" (MODIFY_VOLUME), and groupcontroller.go
 //!   (GROUP_CONTROLLER_SERVICE).
+//!
+//! Every case of "ListSnapshots", "GetSnapshot", "DeleteSnapshot" and
+//! "CreateSnapshot" is ported and runs (CREATE_DELETE_SNAPSHOT,
+//! LIST_SNAPSHOTS and GET_SNAPSHOT are advertised), and so is CreateVolume
+//! "should fail when the volume source snapshot is not found". CreateVolume
+//! "should create volume from an existing source snapshot" is ported but
+//! `#[ignore]`d — reported as ignored, never as passed — until the CSI
+//! plugin makes volumes from snapshots (clones, issue 11); csi-sanity would
+//! run it and see it fail.
 //!
 //! Not ported yet, although EXPAND_VOLUME is now advertised:
 //! "ExpandVolume [Controller Server]" and Node "NodeExpandVolume". Their
@@ -234,6 +239,33 @@ fn create_request(name: &str) -> csi::CreateVolumeRequest {
     }
 }
 
+/// `MakeCreateSnapshotReq` (no `TestSnapshotParameters`).
+fn create_snapshot_request(name: &str, source_volume_id: &str) -> csi::CreateSnapshotRequest {
+    csi::CreateSnapshotRequest {
+        name: name.to_string(),
+        source_volume_id: source_volume_id.to_string(),
+        ..Default::default()
+    }
+}
+
+/// `verifySnapshotInfo`.
+#[track_caller]
+fn verify_snapshot_info(snapshot: &csi::Snapshot) {
+    assert!(!snapshot.snapshot_id.is_empty(), "{snapshot:?}");
+    assert!(!snapshot.source_volume_id.is_empty(), "{snapshot:?}");
+    let t = snapshot.creation_time.as_ref().expect("no creation time");
+    assert!(t.seconds != 0 || t.nanos != 0, "zero creation time");
+}
+
+/// `DefaultIDGenerator.GenerateUniqueValidVolumeID`.
+fn unique_valid_volume_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("fake-vol-id-{:010x}", nanos & 0xff_ffff_ffff)
+}
+
 /// `ExpectErrorCode`: an error, with this code.
 #[track_caller]
 fn expect_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) {
@@ -253,8 +285,16 @@ struct Sanity<'a> {
     target_path: PathBuf,
     /// `sc.StagingPath`.
     staging_path: PathBuf,
-    /// Registered volumes, oldest first: (volume id, node it was published on).
-    resources: Vec<(String, Option<String>)>,
+    /// Registered volumes and snapshots, oldest first.
+    resources: Vec<Registered>,
+}
+
+/// A resource a test made, to clean up after it (`resourceInfo`).
+enum Registered {
+    /// A volume id, and the node it was published on.
+    Volume(String, Option<String>),
+    /// A snapshot id.
+    Snapshot(String),
 }
 
 /// Run one ported case: set up, run `body`, clean up (always), tear down.
@@ -410,7 +450,7 @@ impl<'a> Sanity<'a> {
             .map(|r| r.volume.as_ref().map(|v| &v.volume_id))
             && let Some(id) = id.filter(|id| !id.is_empty())
         {
-            self.resources.push((id.clone(), None));
+            self.resources.push(Registered::Volume(id.clone(), None));
         }
         res
     }
@@ -439,7 +479,10 @@ impl<'a> Sanity<'a> {
             }))
             .map(|r| r.into_inner());
         if res.is_ok()
-            && let Some(i) = self.resources.iter().position(|(id, _)| id == volume_id)
+            && let Some(i) = self
+                .resources
+                .iter()
+                .position(|r| matches!(r, Registered::Volume(id, _) if id == volume_id))
         {
             self.resources.remove(i);
         }
@@ -456,7 +499,7 @@ impl<'a> Sanity<'a> {
             .block_on(self.controller().controller_publish_volume(req))
             .map(|r| r.into_inner());
         if res.is_ok() && !volume.is_empty() && !node.is_empty() {
-            self.resources.push((volume, Some(node)));
+            self.resources.push(Registered::Volume(volume, Some(node)));
         }
         res
     }
@@ -471,6 +514,88 @@ impl<'a> Sanity<'a> {
             .unwrap_or_else(|e| panic!("controller publish volume failed: {e}"))
     }
 
+    /// `Resources.CreateSnapshot`: registers the snapshot.
+    fn create_snapshot(
+        &mut self,
+        req: csi::CreateSnapshotRequest,
+    ) -> Result<csi::CreateSnapshotResponse, Status> {
+        let res = self
+            .block_on(self.controller().create_snapshot(req))
+            .map(|r| r.into_inner());
+        if let Ok(id) = res
+            .as_ref()
+            .map(|r| r.snapshot.as_ref().map(|s| &s.snapshot_id))
+            && let Some(id) = id.filter(|id| !id.is_empty())
+        {
+            self.resources.push(Registered::Snapshot(id.clone()));
+        }
+        res
+    }
+
+    /// `Resources.MustCreateSnapshot`.
+    #[track_caller]
+    fn must_create_snapshot(&mut self, req: csi::CreateSnapshotRequest) -> csi::Snapshot {
+        let snapshot = self
+            .create_snapshot(req)
+            .unwrap_or_else(|e| panic!("create snapshot failed: {e}"))
+            .snapshot
+            .expect("snapshot in response is nil");
+        verify_snapshot_info(&snapshot);
+        snapshot
+    }
+
+    /// `Resources.MustCreateSnapshotFromVolumeRequest`.
+    #[track_caller]
+    fn must_create_snapshot_from_volume_request(
+        &mut self,
+        req: csi::CreateVolumeRequest,
+        snapshot_name: &str,
+    ) -> (csi::Snapshot, csi::Volume) {
+        let vol = self.must_create_volume(req);
+        let snap =
+            self.must_create_snapshot(create_snapshot_request(snapshot_name, &vol.volume_id));
+        (snap, vol)
+    }
+
+    /// `Resources.DeleteSnapshot`: unregisters on success.
+    fn delete_snapshot(
+        &mut self,
+        snapshot_id: &str,
+    ) -> Result<csi::DeleteSnapshotResponse, Status> {
+        let res = self
+            .block_on(
+                self.controller()
+                    .delete_snapshot(csi::DeleteSnapshotRequest {
+                        snapshot_id: snapshot_id.to_string(),
+                        ..Default::default()
+                    }),
+            )
+            .map(|r| r.into_inner());
+        if res.is_ok()
+            && let Some(i) = self
+                .resources
+                .iter()
+                .position(|r| matches!(r, Registered::Snapshot(id) if id == snapshot_id))
+        {
+            self.resources.remove(i);
+        }
+        res
+    }
+
+    fn list_snapshots(&self, req: csi::ListSnapshotsRequest) -> csi::ListSnapshotsResponse {
+        self.block_on(self.controller().list_snapshots(req))
+            .expect("ListSnapshots")
+            .into_inner()
+    }
+
+    fn get_snapshot(&self, snapshot_id: &str) -> Result<csi::GetSnapshotResponse, Status> {
+        self.block_on(self.controller().get_snapshot(csi::GetSnapshotRequest {
+            snapshot_id: snapshot_id.to_string(),
+            ..Default::default()
+        }))
+        .map(|r| r.into_inner())
+    }
+
     /// `Resources.Cleanup`: newest first; what fails is reported.
     fn cleanup(&mut self) -> Vec<String> {
         let relevant = |r: Result<(), Status>| match r {
@@ -480,7 +605,25 @@ impl<'a> Sanity<'a> {
         let mut errors = Vec::new();
         let target = Self::path(&self.target());
         let staging = Self::path(&self.staging_path);
-        for (volume_id, node_id) in std::mem::take(&mut self.resources).into_iter().rev() {
+        for resource in std::mem::take(&mut self.resources).into_iter().rev() {
+            let (volume_id, node_id) = match resource {
+                Registered::Volume(volume_id, node_id) => (volume_id, node_id),
+                Registered::Snapshot(snapshot_id) => {
+                    // `cleanupSnapshot`.
+                    let res = self.block_on(self.controller().delete_snapshot(
+                        csi::DeleteSnapshotRequest {
+                            snapshot_id: snapshot_id.clone(),
+                            ..Default::default()
+                        },
+                    ));
+                    if let Err(e) = res {
+                        errors.push(format!(
+                            "DeleteSnapshot for snapshot ID {snapshot_id} failed: {e}"
+                        ));
+                    }
+                    continue;
+                }
+            };
             let unpublished = self.block_on(self.node().node_unpublish_volume(
                 csi::NodeUnpublishVolumeRequest {
                     volume_id: volume_id.clone(),
@@ -1001,6 +1144,54 @@ fn controller_create_volume_should_not_fail_when_creating_volume_with_maximum_le
     });
 }
 
+/// CreateVolume: "should create volume from an existing source snapshot".
+/// corral cannot make a volume from a snapshot until clones land in the
+/// engine: ignored, so that it is counted as not run, never as passed.
+#[test]
+#[ignore = "a volume from a snapshot needs clones (issue 11), not wired into the CSI plugin yet"]
+fn controller_create_volume_should_create_volume_from_an_existing_source_snapshot() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::CreateDeleteSnapshot);
+        let vol1 = s.must_create_volume(create_request(&unique("sanity-controller-source-vol")));
+        let snap = s.must_create_snapshot(create_snapshot_request(
+            &unique("sanity-controller-snap-from-vol"),
+            &vol1.volume_id,
+        ));
+        // csi-sanity polls every 5 s until ready; corral's are ready at once.
+        assert!(snap.ready_to_use, "{snap:?}");
+        let mut req = create_request(&unique("sanity-controller-vol-from-snap"));
+        req.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(
+                csi::volume_content_source::SnapshotSource {
+                    snapshot_id: snap.snapshot_id.clone(),
+                },
+            )),
+        });
+        let vol = s.create_volume(req).expect("CreateVolume from a snapshot");
+        assert!(
+            vol.volume.and_then(|v| v.content_source).is_some(),
+            "no content source in the answer"
+        );
+    });
+}
+
+/// CreateVolume: "should fail when the volume source snapshot is not found".
+#[test]
+fn controller_create_volume_should_fail_when_the_volume_source_snapshot_is_not_found() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::CreateDeleteSnapshot);
+        let mut req = create_request(&unique("sanity-controller-vol-from-snap"));
+        req.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(
+                csi::volume_content_source::SnapshotSource {
+                    snapshot_id: "non-existing-snapshot-id".into(),
+                },
+            )),
+        });
+        expect_code(s.create_volume(req), Code::NotFound);
+    });
+}
+
 /// DeleteVolume: "should fail when no volume id is provided".
 #[test]
 fn controller_delete_volume_should_fail_when_no_volume_id_is_provided() {
@@ -1303,6 +1494,315 @@ fn controller_unpublish_volume_should_fail_when_no_volume_id_is_provided() {
             ),
             Code::InvalidArgument,
         );
+    });
+}
+
+// ===========================================================================
+// ListSnapshots [Controller Server] (controller.go)
+
+fn list_all() -> csi::ListSnapshotsRequest {
+    csi::ListSnapshotsRequest::default()
+}
+
+/// ListSnapshots: "should return appropriate values (no optional values added)".
+#[test]
+fn list_snapshots_should_return_appropriate_values_no_optional_values_added() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::ListSnapshots);
+        for entry in s.list_snapshots(list_all()).entries {
+            verify_snapshot_info(
+                entry
+                    .snapshot
+                    .as_ref()
+                    .expect("an entry without a snapshot"),
+            );
+        }
+    });
+}
+
+/// Three snapshots of three volumes, the second the target: (target, its
+/// volume's id).
+fn three_snapshots(s: &mut Sanity, volume: &str, snapshot: &str) -> csi::Snapshot {
+    s.must_create_snapshot_from_volume_request(
+        create_request(&unique(&format!("{volume}-unrelated-1"))),
+        &unique(&format!("{snapshot}-unrelated-1")),
+    );
+    let (target, _) = s.must_create_snapshot_from_volume_request(
+        create_request(&unique(&format!("{volume}-target"))),
+        &unique(&format!("{snapshot}-target")),
+    );
+    s.must_create_snapshot_from_volume_request(
+        create_request(&unique(&format!("{volume}-unrelated-2"))),
+        &unique(&format!("{snapshot}-unrelated-2")),
+    );
+    target
+}
+
+/// ListSnapshots: "should return snapshots that match the specified snapshot id".
+#[test]
+fn list_snapshots_should_return_snapshots_that_match_the_specified_snapshot_id() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::ListSnapshots);
+        let target = three_snapshots(s, "listSnapshots-volume-s", "listSnapshots-snapshot-s");
+        let res = s.list_snapshots(csi::ListSnapshotsRequest {
+            snapshot_id: target.snapshot_id.clone(),
+            ..Default::default()
+        });
+        assert_eq!(res.entries.len(), 1, "{res:?}");
+        let snapshot = res.entries[0].snapshot.as_ref().unwrap();
+        verify_snapshot_info(snapshot);
+        assert_eq!(snapshot.snapshot_id, target.snapshot_id);
+    });
+}
+
+/// ListSnapshots: "should return empty when the specified snapshot id does not exist".
+#[test]
+fn list_snapshots_should_return_empty_when_the_specified_snapshot_id_does_not_exist() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::ListSnapshots);
+        let res = s.list_snapshots(csi::ListSnapshotsRequest {
+            snapshot_id: "none-exist-id".into(),
+            ..Default::default()
+        });
+        assert!(res.entries.is_empty(), "{res:?}");
+    });
+}
+
+/// ListSnapshots: "should return snapshots that match the specified source volume id".
+#[test]
+fn list_snapshots_should_return_snapshots_that_match_the_specified_source_volume_id() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::ListSnapshots);
+        let target = three_snapshots(s, "listSnapshots-volume-v", "listSnapshots-snapshot-v");
+        let res = s.list_snapshots(csi::ListSnapshotsRequest {
+            source_volume_id: target.source_volume_id.clone(),
+            ..Default::default()
+        });
+        assert_eq!(res.entries.len(), 1, "{res:?}");
+        let snapshot = res.entries[0].snapshot.as_ref().unwrap();
+        verify_snapshot_info(snapshot);
+        assert_eq!(snapshot.source_volume_id, target.source_volume_id);
+    });
+}
+
+/// ListSnapshots: "should return empty when the specified source volume id does not exist".
+#[test]
+fn list_snapshots_should_return_empty_when_the_specified_source_volume_id_does_not_exist() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::ListSnapshots);
+        let res = s.list_snapshots(csi::ListSnapshotsRequest {
+            source_volume_id: unique_valid_volume_id(),
+            ..Default::default()
+        });
+        assert!(res.entries.is_empty(), "{res:?}");
+    });
+}
+
+/// ListSnapshots: "check the presence of new snapshots in the snapshot list".
+#[test]
+fn list_snapshots_check_the_presence_of_new_snapshots_in_the_snapshot_list() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::ListSnapshots);
+        let total = s.list_snapshots(list_all()).entries.len();
+        let (snapshot, _) = s.must_create_snapshot_from_volume_request(
+            create_request(&unique("listSnapshots-volume-3")),
+            &unique("listSnapshots-snapshot-3"),
+        );
+        verify_snapshot_info(&snapshot);
+        assert_eq!(s.list_snapshots(list_all()).entries.len(), total + 1);
+        s.delete_snapshot(&snapshot.snapshot_id)
+            .expect("DeleteSnapshot");
+        assert_eq!(s.list_snapshots(list_all()).entries.len(), total);
+    });
+}
+
+/// ListSnapshots: "should return next token when a limited number of
+/// entries are requested".
+#[test]
+fn list_snapshots_should_return_next_token_when_a_limited_number_of_entries_are_requested() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::ListSnapshots);
+        let min_snapshot_count = 5;
+        let max_entries = 2;
+        let initial = s.list_snapshots(list_all()).entries.len();
+        let mut current = initial;
+        if initial < min_snapshot_count {
+            let required = min_snapshot_count - initial;
+            for i in 1..=required {
+                let (snapshot, _) = s.must_create_snapshot_from_volume_request(
+                    create_request(&unique(&format!("volume{i}"))),
+                    &unique(&format!("snapshot{i}")),
+                );
+                verify_snapshot_info(&snapshot);
+            }
+            current += required;
+        }
+        let first = s.list_snapshots(csi::ListSnapshotsRequest {
+            max_entries: max_entries as i32,
+            ..Default::default()
+        });
+        assert_eq!(first.entries.len(), max_entries, "{first:?}");
+        let rest = s.list_snapshots(csi::ListSnapshotsRequest {
+            starting_token: first.next_token.clone(),
+            ..Default::default()
+        });
+        assert_eq!(rest.entries.len(), current - max_entries, "{rest:?}");
+    });
+}
+
+// ===========================================================================
+// GetSnapshot [Controller Server] (controller.go)
+
+/// GetSnapshot: "should return an error".
+#[test]
+fn get_snapshot_should_return_an_error() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::GetSnapshot);
+        assert!(s.get_snapshot("").is_err());
+    });
+}
+
+/// GetSnapshot: "should return snapshot that match the specified snapshot id".
+#[test]
+fn get_snapshot_should_return_snapshot_that_match_the_specified_snapshot_id() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::GetSnapshot);
+        let target = three_snapshots(s, "getSnapshot-volume-s", "getSnapshot-snapshot-s");
+        let res = s.get_snapshot(&target.snapshot_id).expect("GetSnapshot");
+        let snapshot = res.snapshot.expect("no snapshot");
+        verify_snapshot_info(&snapshot);
+        assert_eq!(snapshot.snapshot_id, target.snapshot_id);
+    });
+}
+
+/// GetSnapshot: "should return an error when the specified snapshot id does not exist".
+#[test]
+fn get_snapshot_should_return_an_error_when_the_specified_snapshot_id_does_not_exist() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::GetSnapshot);
+        // corral: NOT_FOUND, as the spec says.
+        expect_code(s.get_snapshot("none-exist-id"), Code::NotFound);
+    });
+}
+
+// ===========================================================================
+// DeleteSnapshot [Controller Server] (controller.go)
+
+/// DeleteSnapshot: "should fail when no snapshot id is provided".
+#[test]
+fn delete_snapshot_should_fail_when_no_snapshot_id_is_provided() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::CreateDeleteSnapshot);
+        expect_code(s.delete_snapshot(""), Code::InvalidArgument);
+    });
+}
+
+/// DeleteSnapshot: "should succeed when an invalid snapshot id is used".
+#[test]
+fn delete_snapshot_should_succeed_when_an_invalid_snapshot_id_is_used() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::CreateDeleteSnapshot);
+        s.delete_snapshot("reallyfakesnapshotid")
+            .expect("DeleteSnapshot");
+    });
+}
+
+/// DeleteSnapshot: "should return appropriate values (no optional values added)".
+#[test]
+fn delete_snapshot_should_return_appropriate_values_no_optional_values_added() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::CreateDeleteSnapshot);
+        let volume = s
+            .create_volume(create_request(&unique("DeleteSnapshot-volume-1")))
+            .expect("CreateVolume")
+            .volume
+            .expect("no volume");
+        s.must_create_snapshot(create_snapshot_request(
+            &unique("DeleteSnapshot-snapshot-1"),
+            &volume.volume_id,
+        ));
+        // The cleanup deletes it, and must succeed.
+    });
+}
+
+// ===========================================================================
+// CreateSnapshot [Controller Server] (controller.go)
+
+/// CreateSnapshot: "should fail when no name is provided".
+#[test]
+fn create_snapshot_should_fail_when_no_name_is_provided() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::CreateDeleteSnapshot);
+        expect_code(
+            s.create_snapshot(csi::CreateSnapshotRequest {
+                source_volume_id: "testId".into(),
+                ..Default::default()
+            }),
+            Code::InvalidArgument,
+        );
+    });
+}
+
+/// CreateSnapshot: "should fail when no source volume id is provided".
+#[test]
+fn create_snapshot_should_fail_when_no_source_volume_id_is_provided() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::CreateDeleteSnapshot);
+        expect_code(
+            s.create_snapshot(csi::CreateSnapshotRequest {
+                name: "name".into(),
+                ..Default::default()
+            }),
+            Code::InvalidArgument,
+        );
+    });
+}
+
+/// CreateSnapshot: "should succeed when requesting to create a snapshot
+/// with already existing name and same source volume ID".
+#[test]
+fn create_snapshot_should_succeed_with_already_existing_name_and_same_source_volume_id() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::CreateDeleteSnapshot);
+        let volume = s.must_create_volume(create_request(&unique("CreateSnapshot-volume-1")));
+        let req = create_snapshot_request(&unique("CreateSnapshot-snapshot-1"), &volume.volume_id);
+        let first = s.must_create_snapshot(req.clone());
+        let second = s.must_create_snapshot(req);
+        // corral: the same snapshot, as the spec asks of a retry.
+        assert_eq!(first, second);
+    });
+}
+
+/// CreateSnapshot: "should fail when requesting to create a snapshot with
+/// already existing name and different source volume ID".
+#[test]
+fn create_snapshot_should_fail_with_already_existing_name_and_different_source_volume_id() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::CreateDeleteSnapshot);
+        let name = unique("CreateSnapshot-snapshot-2");
+        s.must_create_snapshot_from_volume_request(
+            create_request(&unique("CreateSnapshot-volume-2")),
+            &name,
+        );
+        let volume2 = s.must_create_volume(create_request(&unique("CreateSnapshot-volume-3")));
+        expect_code(
+            s.create_snapshot(create_snapshot_request(&name, &volume2.volume_id)),
+            Code::AlreadyExists,
+        );
+    });
+}
+
+/// CreateSnapshot: "should succeed when creating snapshot with maximum-length name".
+#[test]
+fn create_snapshot_should_succeed_when_creating_snapshot_with_maximum_length_name() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::CreateDeleteSnapshot);
+        let volume =
+            s.must_create_volume(create_request(&unique("CreateSnapshot-volume-maxlen-name")));
+        let name = unique_with_length("CreateSnapshot-snapshot-maxlen", MAX_NAME_LENGTH);
+        let req = create_snapshot_request(&name, &volume.volume_id);
+        s.must_create_snapshot(req.clone());
+        s.must_create_snapshot(req);
     });
 }
 
@@ -1849,5 +2349,280 @@ fn corral_a_staged_volume_is_published_at_several_targets_only_when_multi_writer
         // The first target again, with another access mode.
         let req = s.node_publish_request(&vol, &ctx, &single, &s.target());
         expect_code(s.node_publish(req), Code::AlreadyExists);
+    });
+}
+
+/// The engines every node daemon of the fixture runs, as (node, volume,
+/// transient).
+fn engines_running(s: &Sanity) -> Vec<(String, String, bool)> {
+    let mut out = Vec::new();
+    for n in &s.f.cluster.nodes.nodes {
+        let engines = s
+            .block_on(async {
+                let m = corral_client::EngineManager::connect(
+                    &n.addr.to_string(),
+                    std::time::Duration::from_secs(5),
+                )
+                .await?;
+                m.list_engines().await
+            })
+            .unwrap_or_else(|e| panic!("ListEngines on {}: {e}", n.id));
+        for e in engines {
+            let volume = e.spec.map(|s| s.volume).unwrap_or_default();
+            out.push((n.id.clone(), volume, e.transient));
+        }
+    }
+    out
+}
+
+/// CreateSnapshot, ListSnapshots and DeleteSnapshot as the external
+/// snapshotter drives them (docs/kubernetes.md, "Snapshots"): with the
+/// parameters `--extra-create-metadata` adds, on a volume a pod uses (the
+/// engine on its node takes it, I/O going on) and on one attached nowhere
+/// (a transient engine takes it and is gone after); ready at once, the
+/// same answer to a retry, found by id as the snapshotter checks a
+/// pre-provisioned content; a volume with snapshots is not deleted
+/// (FAILED_PRECONDITION: they live in its replicas).
+#[test]
+fn corral_snapshots_as_the_external_snapshotter_takes_them() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::CreateDeleteSnapshot);
+        let cap = writer();
+        let (vol, _) = s.staged_and_published(&unique("sanity-snapshotter"), &cap);
+        std::fs::write(s.target().join("before"), b"in the snapshot").unwrap();
+        let node_id = s.node_info().node_id;
+        let metadata = |name: &str| -> HashMap<String, String> {
+            [
+                ("csi.storage.k8s.io/volumesnapshot/name", name),
+                ("csi.storage.k8s.io/volumesnapshot/namespace", "default"),
+                (
+                    "csi.storage.k8s.io/volumesnapshotcontent/name",
+                    &format!("snapcontent-{name}"),
+                ),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+        };
+        let name = format!("snapshot-{}", &unique("a")[2..]).to_lowercase();
+        let mut req = create_snapshot_request(&name, &vol.volume_id);
+        req.parameters = metadata("attached");
+        let attached = s.must_create_snapshot(req.clone());
+        assert!(attached.ready_to_use, "{attached:?}");
+        assert_eq!(attached.size_bytes, TEST_VOLUME_SIZE);
+        assert_eq!(attached.source_volume_id, vol.volume_id);
+        assert_eq!(attached.snapshot_id, format!("{}@{name}", vol.volume_id));
+        // The snapshotter retries a CreateSnapshot whose answer it lost.
+        assert_eq!(s.must_create_snapshot(req.clone()), attached);
+        // Still attached where it was, through the same engine; no other.
+        assert_eq!(
+            engines_running(s)
+                .into_iter()
+                .filter(|(_, v, _)| *v == vol.volume_id)
+                .collect::<Vec<_>>(),
+            [(node_id.clone(), vol.volume_id.clone(), false)]
+        );
+        std::fs::write(s.target().join("after"), b"not in the snapshot").unwrap();
+        // A pre-provisioned VolumeSnapshotContent is checked by id.
+        let found = s.list_snapshots(csi::ListSnapshotsRequest {
+            snapshot_id: attached.snapshot_id.clone(),
+            ..Default::default()
+        });
+        assert_eq!(found.entries.len(), 1);
+        assert_eq!(found.entries[0].snapshot.as_ref(), Some(&attached));
+        // A class parameter corral does not know.
+        let mut odd = req.clone();
+        odd.name = format!("{name}-odd");
+        odd.parameters.insert("incremental".into(), "true".into());
+        expect_code(s.create_snapshot(odd), Code::InvalidArgument);
+
+        // Detach it (the pod is gone): node unpublish, unstage, controller unpublish.
+        s.block_on(
+            s.node()
+                .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                    volume_id: vol.volume_id.clone(),
+                    target_path: Sanity::path(&s.target()),
+                }),
+        )
+        .expect("NodeUnpublishVolume");
+        s.block_on(s.node().node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            staging_target_path: Sanity::path(&s.staging_path),
+        }))
+        .expect("NodeUnstageVolume");
+        s.block_on(s.controller().controller_unpublish_volume(
+            csi::ControllerUnpublishVolumeRequest {
+                volume_id: vol.volume_id.clone(),
+                node_id: node_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .expect("ControllerUnpublishVolume");
+        for r in s.resources.iter_mut() {
+            if let Registered::Volume(id, node) = r
+                && *id == vol.volume_id
+            {
+                *node = None;
+            }
+        }
+        // Its snapshots live in its replicas: it is not deleted under them.
+        let refused = s.block_on(s.controller().delete_volume(csi::DeleteVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            ..Default::default()
+        }));
+        match refused {
+            Err(e) => {
+                assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+                assert!(e.message().contains(&name), "{}", e.message());
+            }
+            Ok(_) => panic!("a volume with snapshots was deleted"),
+        }
+
+        // A snapshot of the detached volume: a transient engine takes it.
+        let started = std::time::Instant::now();
+        let mut req2 = create_snapshot_request(&format!("{name}-detached"), &vol.volume_id);
+        req2.parameters = metadata("detached");
+        let detached = s.must_create_snapshot(req2);
+        eprintln!("snapshot of a detached volume: {:?}", started.elapsed());
+        assert!(detached.ready_to_use);
+        assert!(
+            detached
+                .creation_time
+                .as_ref()
+                .map(|t| (t.seconds, t.nanos))
+                >= attached
+                    .creation_time
+                    .as_ref()
+                    .map(|t| (t.seconds, t.nanos))
+        );
+        assert!(
+            !engines_running(s)
+                .iter()
+                .any(|(_, v, _)| *v == vol.volume_id),
+            "an engine is left: {:?}",
+            engines_running(s)
+        );
+        let listed = s.list_snapshots(csi::ListSnapshotsRequest {
+            source_volume_id: vol.volume_id.clone(),
+            ..Default::default()
+        });
+        let ids: Vec<&str> = listed
+            .entries
+            .iter()
+            .filter_map(|e| e.snapshot.as_ref())
+            .map(|s| s.snapshot_id.as_str())
+            .collect();
+        assert_eq!(
+            ids,
+            [detached.snapshot_id.as_str(), attached.snapshot_id.as_str()]
+                .into_iter()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>(),
+            "sorted by id"
+        );
+        let published = s
+            .list_volumes(0, "")
+            .entries
+            .into_iter()
+            .find(|e| {
+                e.volume
+                    .as_ref()
+                    .is_some_and(|v| v.volume_id == vol.volume_id)
+            })
+            .and_then(|e| e.status)
+            .map(|st| st.published_node_ids)
+            .unwrap_or_default();
+        assert!(published.is_empty(), "published on {published:?}");
+
+        // Deleted (again: OK), through transient engines; then the volume goes.
+        for snapshot in [&attached, &detached] {
+            s.delete_snapshot(&snapshot.snapshot_id)
+                .expect("DeleteSnapshot");
+            s.delete_snapshot(&snapshot.snapshot_id)
+                .expect("DeleteSnapshot again");
+            expect_code(s.get_snapshot(&snapshot.snapshot_id), Code::NotFound);
+        }
+        assert!(
+            s.list_snapshots(csi::ListSnapshotsRequest {
+                source_volume_id: vol.volume_id.clone(),
+                ..Default::default()
+            })
+            .entries
+            .is_empty()
+        );
+        assert!(
+            !engines_running(s)
+                .iter()
+                .any(|(_, v, _)| *v == vol.volume_id)
+        );
+        s.delete_volume(&vol.volume_id).expect("DeleteVolume");
+    });
+}
+
+/// ListSnapshots "MUST NOT return more entries than" `max_entries`; with
+/// tokens keyed on the last id, paging while snapshots are taken between
+/// pages returns every snapshot that existed throughout exactly once; a
+/// token the plugin did not make is ABORTED; a negative `max_entries`
+/// INVALID_ARGUMENT.
+#[test]
+fn corral_list_snapshots_pages_see_every_snapshot_once_while_snapshots_are_taken() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::ListSnapshots);
+        let list = |s: &Sanity, max_entries, token: &str| {
+            s.block_on(s.controller().list_snapshots(csi::ListSnapshotsRequest {
+                max_entries,
+                starting_token: token.to_string(),
+                ..Default::default()
+            }))
+        };
+        expect_code(list(s, -1, ""), Code::InvalidArgument);
+        expect_code(list(s, 0, "invalid-token"), Code::Aborted);
+        let vol = s.must_create_volume(create_request(&unique("sanity-snapshot-pages")));
+        for i in 0..4 {
+            s.must_create_snapshot(create_snapshot_request(
+                &unique(&format!("m{i}")),
+                &vol.volume_id,
+            ));
+        }
+        let before: BTreeSet<String> = s
+            .list_snapshots(list_all())
+            .entries
+            .into_iter()
+            .map(|e| e.snapshot.unwrap().snapshot_id)
+            .collect();
+        assert!(before.len() >= 4);
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        for page in 0..20 {
+            let res = list(s, 2, &token).expect("ListSnapshots").into_inner();
+            assert!(res.entries.len() <= 2);
+            seen.extend(
+                res.entries
+                    .into_iter()
+                    .map(|e| e.snapshot.unwrap().snapshot_id),
+            );
+            if res.next_token.is_empty() {
+                break;
+            }
+            assert!(page < 19, "paging does not end");
+            token = res.next_token;
+            if page < 2 {
+                for prefix in ["a", "z"] {
+                    s.must_create_snapshot(create_snapshot_request(
+                        &unique(&format!("{prefix}{page}")),
+                        &vol.volume_id,
+                    ));
+                }
+            }
+        }
+        let distinct: BTreeSet<&String> = seen.iter().collect();
+        assert_eq!(distinct.len(), seen.len(), "listed twice: {seen:?}");
+        for id in &before {
+            assert!(
+                seen.contains(id),
+                "{id} existed throughout but was not listed"
+            );
+        }
     });
 }

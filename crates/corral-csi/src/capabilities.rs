@@ -53,6 +53,9 @@ pub fn controller_capabilities() -> Vec<csi::ControllerServiceCapability> {
         Type::GetCapacity,
         Type::SingleNodeMultiWriter,
         Type::ExpandVolume,
+        Type::CreateDeleteSnapshot,
+        Type::ListSnapshots,
+        Type::GetSnapshot,
     ]
     .into_iter()
     .map(|t| csi::ControllerServiceCapability {

@@ -5,11 +5,14 @@
 //! fencing the volume through its replicas, so a lost node cannot hold a
 //! volume hostage (no stuck Multi-Attach, no split brain). Volumes grow
 //! online only, through their running engine ([`expansion_size`]).
+//! Snapshots are taken through the volume's engine by way of its node
+//! daemon ([`crate::snapshots`]; the RPCs in `controller/snapshots.rs`).
 //!
 //! Stateless: parameters travel in the volume context; membership lives on
 //! the replicas; every call asks the daemons ([`Daemons::view`]).
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use corral_proto::csi::v1 as csi;
 use corral_proto::v1 as pb;
@@ -37,14 +40,36 @@ pub mod publish_keys {
     pub const CONTROL: &str = "controlAddress";
 }
 
+mod snapshots;
+
 /// The controller.
 pub struct ControllerService {
     daemons: Daemons,
+    /// Calls that start or stop a volume's engine (publish, unpublish,
+    /// snapshots, delete, expand) take turns per volume: a snapshot of a
+    /// detached volume starts a transient engine, which must not race a
+    /// publish (the newer engine fences the older one). One controller runs
+    /// per cluster (its sidecars elect a leader), so a lock here is enough.
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl ControllerService {
     pub fn new(daemons: Daemons) -> Self {
-        ControllerService { daemons }
+        ControllerService {
+            daemons,
+            turns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Wait for `volume`'s turn; it ends when the guard is dropped.
+    async fn turn(&self, volume: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+            // Forget the turns nobody waits for, so the map stays small.
+            turns.retain(|_, l| Arc::strong_count(l) > 1);
+            Arc::clone(turns.entry(volume.to_string()).or_default())
+        };
+        lock.lock_owned().await
     }
 }
 
@@ -183,10 +208,8 @@ impl ControllerService {
             return Err(Status::invalid_argument("volume_capabilities is required"));
         }
         check_capabilities(&req.volume_capabilities).map_err(Status::invalid_argument)?;
-        if req.volume_content_source.is_some() {
-            return Err(Status::invalid_argument(
-                "volume_content_source: snapshots and clones are not supported by this release",
-            ));
+        if let Some(source) = &req.volume_content_source {
+            return Err(self.unsupported_source(source).await);
         }
         let params = VolumeParams::parse(&req.parameters)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -256,6 +279,7 @@ impl ControllerService {
 
     async fn delete(&self, volume_id: &str) -> Result<(), Status> {
         let id = required(volume_id, "volume_id")?;
+        let _turn = self.turn(id).await;
         let view = self.daemons.view().await;
         if let Some((addr, e)) = view.unreachable.first() {
             // It may hold a replica: deleting without it would leave one
@@ -264,13 +288,34 @@ impl ControllerService {
                 "node daemon {addr} is unreachable ({e}); it may hold a replica of {id}"
             )));
         }
-        if let Some(n) = view.engines_of(id).first() {
+        if let Some(n) = view.attached_on(id).first() {
             // Kubernetes deletes only detached volumes; a published one is
             // in use, and stopping its engine would pull a disk from a pod.
             return Err(Status::failed_precondition(format!(
                 "volume {id} is in use: published on node {}; unpublish it first",
                 n.node_id()
             )));
+        }
+        if let Some(n) = view.engines_of(id).first() {
+            return Err(Status::unavailable(format!(
+                "volume {id}: a snapshot call is running through a transient engine on node {}",
+                n.node_id()
+            )));
+        }
+        if !view.holders(id).is_empty() {
+            // Snapshots live in the volume's replicas: deleting it would
+            // take them along, and leave the CO's snapshot objects naming
+            // nothing (CSI: "has snapshots and the plugin doesn't treat
+            // them as independent entities").
+            let catalog = crate::snapshots::Catalog::gather(&view, Some(id)).await;
+            let names: Vec<&str> = catalog.of(id).map(|s| s.name.as_str()).collect();
+            if !names.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "volume {id} has {} snapshot(s) ({}); delete them first",
+                    names.len(),
+                    names.join(", ")
+                )));
+            }
         }
         for n in view.holders(id) {
             match n.control.delete(id).await {
@@ -293,6 +338,7 @@ impl ControllerService {
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
         check_capabilities(std::slice::from_ref(cap)).map_err(Status::invalid_argument)?;
+        let _turn = self.turn(id).await;
         let view = self.daemons.view().await;
         let holders = view.holders(id);
         let Some(replica) = holders.first().and_then(|n| n.replica(id)) else {
@@ -308,6 +354,12 @@ impl ControllerService {
             .into_iter()
             .find(|n| n.node_id() != node_id)
         {
+            if other.attached(id).is_none() {
+                return Err(Status::unavailable(format!(
+                    "volume {id}: a snapshot call is running through a transient engine on node {}; retry",
+                    other.node_id()
+                )));
+            }
             return Err(Status::failed_precondition(format!(
                 "volume {id} is published on node {}; unpublish it there first",
                 other.node_id()
@@ -330,7 +382,9 @@ impl ControllerService {
             nbd: true,
             iscsi: true,
         };
-        let status = match node.engine(id) {
+        // A transient engine (a snapshot call) is not an attachment: the
+        // daemon starts the real one once that call is done.
+        let status = match node.attached(id) {
             Some(running) => running.clone(),
             None => node
                 .manager
@@ -358,6 +412,7 @@ impl ControllerService {
     async fn unpublish(&self, req: csi::ControllerUnpublishVolumeRequest) -> Result<(), Status> {
         let id = required(&req.volume_id, "volume_id")?;
         let node_id = required(&req.node_id, "node_id")?;
+        let _turn = self.turn(id).await;
         let view = self.daemons.view().await;
         if let Some(node) = view.node(node_id) {
             node.manager
@@ -462,6 +517,7 @@ impl ControllerService {
         if let Some(cap) = &req.volume_capability {
             check_capabilities(std::slice::from_ref(cap)).map_err(Status::invalid_argument)?;
         }
+        let _turn = self.turn(id).await;
         let view = self.daemons.view().await;
         let holders = view.holders(id);
         let Some(replica) = holders
@@ -623,7 +679,7 @@ impl csi::controller_server::Controller for ControllerService {
                 }),
                 status: Some(csi::list_volumes_response::VolumeStatus {
                     published_node_ids: view
-                        .engines_of(id)
+                        .attached_on(id)
                         .iter()
                         .map(|n| n.node_id().to_string())
                         .collect(),
@@ -688,38 +744,42 @@ impl csi::controller_server::Controller for ControllerService {
 
     async fn create_snapshot(
         &self,
-        _request: Request<csi::CreateSnapshotRequest>,
+        request: Request<csi::CreateSnapshotRequest>,
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
-        Err(Status::unimplemented(
-            "snapshots arrive with the snapshot issue",
-        ))
+        let snapshot = self.take_snapshot(request.into_inner()).await?;
+        Ok(Response::new(csi::CreateSnapshotResponse {
+            snapshot: Some(snapshot),
+        }))
     }
 
     async fn delete_snapshot(
         &self,
-        _request: Request<csi::DeleteSnapshotRequest>,
+        request: Request<csi::DeleteSnapshotRequest>,
     ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
-        Err(Status::unimplemented(
-            "snapshots arrive with the snapshot issue",
-        ))
+        self.remove_snapshot(&request.into_inner().snapshot_id)
+            .await?;
+        Ok(Response::new(csi::DeleteSnapshotResponse {}))
     }
 
     async fn list_snapshots(
         &self,
-        _request: Request<csi::ListSnapshotsRequest>,
+        request: Request<csi::ListSnapshotsRequest>,
     ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
-        Err(Status::unimplemented(
-            "snapshots arrive with the snapshot issue",
+        Ok(Response::new(
+            self.snapshots_page(request.into_inner()).await?,
         ))
     }
 
     async fn get_snapshot(
         &self,
-        _request: Request<csi::GetSnapshotRequest>,
+        request: Request<csi::GetSnapshotRequest>,
     ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
-        Err(Status::unimplemented(
-            "snapshots arrive with the snapshot issue",
-        ))
+        let snapshot = self
+            .find_snapshot(&request.into_inner().snapshot_id)
+            .await?;
+        Ok(Response::new(csi::GetSnapshotResponse {
+            snapshot: Some(snapshot),
+        }))
     }
 
     async fn controller_expand_volume(

@@ -11,6 +11,7 @@ use std::time::Duration;
 use corral_client::{ClientError, EngineManager, ReplicaControl};
 use corral_proto::v1 as pb;
 use futures::future::join_all;
+use tonic::transport::Channel;
 
 use crate::placement::NodeRoom;
 
@@ -23,6 +24,8 @@ pub struct NodeView {
     pub engines: Vec<pb::EngineStatus>,
     pub manager: EngineManager,
     pub control: ReplicaControl,
+    /// The daemon's channel, for calls the client wrappers lack.
+    pub channel: Channel,
 }
 
 impl NodeView {
@@ -48,6 +51,12 @@ impl NodeView {
             .iter()
             .find(|e| e.spec.as_ref().is_some_and(|s| s.volume == volume))
     }
+
+    /// The volume's engine here if it is an attachment (not a transient
+    /// engine running for one snapshot call).
+    pub fn attached(&self, volume: &str) -> Option<&pb::EngineStatus> {
+        self.engine(volume).filter(|e| !e.transient)
+    }
 }
 
 /// Every daemon, as seen now.
@@ -70,7 +79,16 @@ impl ClusterView {
             .collect()
     }
 
-    /// The nodes running `volume`'s engine.
+    /// The nodes where `volume` is attached: running its engine, not for
+    /// one snapshot call only.
+    pub fn attached_on(&self, volume: &str) -> Vec<&NodeView> {
+        self.nodes
+            .iter()
+            .filter(|n| n.attached(volume).is_some())
+            .collect()
+    }
+
+    /// The nodes running `volume`'s engine (attached or transient).
     pub fn engines_of(&self, volume: &str) -> Vec<&NodeView> {
         self.nodes
             .iter()
@@ -190,6 +208,7 @@ impl Daemons {
         let channel = corral_client::connect(&addr, self.timeout)
             .await
             .map_err(fail)?;
+        let channel_for_calls = channel.clone();
         let manager = EngineManager::on(&addr, channel.clone(), self.engine_timeout());
         let quick = EngineManager::on(&addr, channel.clone(), self.timeout);
         let control = ReplicaControl::on(&addr, channel, self.timeout);
@@ -202,6 +221,7 @@ impl Daemons {
             addr: addr.clone(),
             manager,
             control,
+            channel: channel_for_calls,
         })
     }
 }

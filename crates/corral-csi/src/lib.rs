@@ -14,6 +14,7 @@ pub mod params;
 pub mod placement;
 pub mod reconcile;
 pub mod server;
+pub mod snapshots;
 pub mod staging;
 pub mod status;
 
