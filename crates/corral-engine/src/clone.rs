@@ -158,7 +158,10 @@ impl CloneFill {
             .await
             .map_err(|e| src(format!("listing snapshots: {e}")))?;
         let Some(info) = listed.snapshots.iter().find(|s| s.name == snapshot) else {
-            return Err(src(format!("it has no snapshot named {snapshot:?}")));
+            return Err(CloneError::Config(format!(
+                "clone source {}: it has no snapshot named {snapshot:?}",
+                source.engine
+            )));
         };
         if info.size > size {
             return Err(CloneError::Config(format!(
