@@ -346,9 +346,19 @@ impl EngineControl for ControlService {
         refuse_while_filling(volume, "snapshot")?;
         // Flush first, while writes go on, so that the sync each replica
         // makes with writes held covers only what arrived since: the pause
-        // is then about a round trip, not the page cache's backlog.
-        if let Err(e) = volume.flush_replicas().await {
-            warn!(volume = %volume.name(), error = %e, "flush before the snapshot failed; taking it anyway");
+        // is then about a round trip, not the page cache's backlog. Under a
+        // heavy write load one flush leaves what arrived during it (as much
+        // as its own sync took): flush again while that is large, at most
+        // three times.
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            if let Err(e) = volume.flush_replicas().await {
+                warn!(volume = %volume.name(), error = %e, "flush before the snapshot failed; taking it anyway");
+                break;
+            }
+            if started.elapsed() < std::time::Duration::from_millis(20) {
+                break;
+            }
         }
         let report = volume
             .replica_set()

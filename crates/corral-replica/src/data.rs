@@ -124,35 +124,90 @@ impl ReplicaData for DataService {
                         break;
                     }
                 };
-                let replies = match execute_inline(&hosted, session, batch, &metrics) {
-                    Ok(replies) => Ok(replies),
-                    Err(batch) => {
+                // A flush covers the requests before it; those after it
+                // need not wait for its sync (which under a write load can
+                // take seconds): it runs on its own, its reply comes when
+                // it is done, and the stream goes on.
+                let mut rest = Some(batch);
+                let mut ended = false;
+                while let Some(mut batch) = rest.take() {
+                    if let Some(k) = batch
+                        .requests
+                        .iter()
+                        .position(|r| matches!(r.op, Some(data_request::Op::Flush(_))))
+                    {
+                        let mut after = batch.requests.split_off(k);
+                        let flush = after.remove(0);
+                        rest = Some(DataRequestBatch { requests: after });
                         let replica = Arc::clone(&hosted);
                         let m = metrics.clone();
-                        tokio::task::spawn_blocking(move || {
-                            execute_batch(&replica, session, batch, &m)
-                        })
-                        .await
-                    }
-                };
-                let replies = match replies {
-                    Ok(r) => r,
-                    Err(e) => {
-                        warn!(volume = %hosted.volume, error = %e, "batch execution failed");
-                        let _ = tx
-                            .send(Err(Status::internal(format!(
-                                "batch execution failed: {e}"
-                            ))))
+                        let flush_tx = tx.clone();
+                        let flush_batch = DataRequestBatch {
+                            requests: vec![flush],
+                        };
+                        if !batch.requests.is_empty()
+                            && !run_batch(&hosted, session, batch, &metrics, &tx).await
+                        {
+                            ended = true;
+                            break;
+                        }
+                        tokio::spawn(async move {
+                            let replies = tokio::task::spawn_blocking(move || {
+                                execute_batch(&replica, session, flush_batch, &m)
+                            })
                             .await;
+                            let sent = match replies {
+                                Ok(r) => Ok(r),
+                                Err(e) => Err(Status::internal(format!("flush failed: {e}"))),
+                            };
+                            let _ = flush_tx.send(sent).await;
+                        });
+                        continue;
+                    }
+                    if !batch.requests.is_empty()
+                        && !run_batch(&hosted, session, batch, &metrics, &tx).await
+                    {
+                        ended = true;
                         break;
                     }
-                };
-                if tx.send(Ok(replies)).await.is_err() {
+                }
+                if ended {
                     break;
                 }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Execute `batch` (inline when it is page-cache work only, else on the
+/// blocking pool) and send its replies; false when the stream must end.
+async fn run_batch(
+    hosted: &Arc<HostedReplica>,
+    session: u64,
+    batch: DataRequestBatch,
+    metrics: &ReplicaMetrics,
+    tx: &mpsc::Sender<Result<DataReplyBatch, Status>>,
+) -> bool {
+    let replies = match execute_inline(hosted, session, batch, metrics) {
+        Ok(replies) => Ok(replies),
+        Err(batch) => {
+            let replica = Arc::clone(hosted);
+            let m = metrics.clone();
+            tokio::task::spawn_blocking(move || execute_batch(&replica, session, batch, &m)).await
+        }
+    };
+    match replies {
+        Ok(r) => tx.send(Ok(r)).await.is_ok(),
+        Err(e) => {
+            warn!(volume = %hosted.volume, error = %e, "batch execution failed");
+            let _ = tx
+                .send(Err(Status::internal(format!(
+                    "batch execution failed: {e}"
+                ))))
+                .await;
+            false
+        }
     }
 }
 
