@@ -361,6 +361,7 @@ fn snapshot_to_pb(s: &corral_store::SnapshotInfo) -> pb::SnapshotInfo {
 
 /// Every snapshot and layer of a replica.
 pub fn list_snapshots(hosted: &HostedReplica) -> ListSnapshotsResponse {
+    let merge_pending = hosted.store.merge_pending();
     ListSnapshotsResponse {
         snapshots: hosted
             .store
@@ -379,7 +380,12 @@ pub fn list_snapshots(hosted: &HostedReplica) -> ListSnapshotsResponse {
                 deleting: l.deleting,
             })
             .collect(),
-        merge_pending: hosted.store.merge_pending(),
+        merge_pending,
+        merge_error: if merge_pending {
+            hosted.merge_error().unwrap_or_default()
+        } else {
+            String::new()
+        },
     }
 }
 

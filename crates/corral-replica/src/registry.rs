@@ -5,10 +5,11 @@ use corral_block::inline_io::InlineGate;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use corral_store::{CreateParams, Epoch, ReplicaStore, StoreError};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::ReplicaError;
 
@@ -45,6 +46,82 @@ pub struct HostedReplica {
     pub batches: AtomicU64,
     /// A thread is merging deleted snapshots away.
     merging: AtomicBool,
+    /// The replica is closing or deleted: no merge thread may run.
+    merge_stopped: AtomicBool,
+    /// Why the merge is stuck, until a step succeeds.
+    merge_error: Mutex<Option<String>>,
+}
+
+/// Pause before the first retry of a failed merge step.
+pub const MERGE_RETRY_FIRST: Duration = Duration::from_millis(100);
+/// Longest pause between retries of a failed merge step.
+pub const MERGE_RETRY_MAX: Duration = Duration::from_secs(5);
+
+fn lock_ignoring_poison<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The merge thread's body: steps until no merge is left, retrying a failed
+/// step after a growing pause. Holds the replica only during a step, so a
+/// replica dropped meanwhile ends it.
+fn merge_loop(weak: Weak<HostedReplica>) {
+    let mut pause = MERGE_RETRY_FIRST;
+    loop {
+        let Some(me) = weak.upgrade() else { return };
+        if me.merge_stopped.load(Ordering::Acquire) {
+            me.merging.store(false, Ordering::Release);
+            return;
+        }
+        match me.store.merge_step() {
+            Ok(more) => {
+                if lock_ignoring_poison(&me.merge_error).take().is_some() {
+                    info!(volume = %me.volume, "snapshot merge resumed");
+                }
+                pause = MERGE_RETRY_FIRST;
+                if more {
+                    continue;
+                }
+                info!(volume = %me.volume, "deleted snapshots merged away");
+                me.merging.store(false, Ordering::Release);
+                // A delete that came after the last step but saw this
+                // thread still running left its merge to it: take it on.
+                if me.merge_stopped.load(Ordering::Acquire)
+                    || !me.store.merge_pending()
+                    || me.merging.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
+            }
+            Err(e) => {
+                let error = e.to_string();
+                let repeated = {
+                    let mut last = lock_ignoring_poison(&me.merge_error);
+                    let repeated = last.as_deref() == Some(error.as_str());
+                    *last = Some(error);
+                    repeated
+                };
+                if repeated {
+                    debug!(volume = %me.volume, error = %e, retry_in_ms = pause.as_millis() as u64, "snapshot merge still stuck");
+                } else {
+                    warn!(volume = %me.volume, error = %e, retry_in_ms = pause.as_millis() as u64, "snapshot merge stuck; the deleted snapshot stays until it can go on, and the step is retried");
+                }
+                drop(me);
+                let until = Instant::now() + pause;
+                while Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(50).min(pause));
+                    match weak.upgrade() {
+                        Some(me) if !me.merge_stopped.load(Ordering::Acquire) => {}
+                        Some(me) => {
+                            me.merging.store(false, Ordering::Release);
+                            return;
+                        }
+                        None => return,
+                    }
+                }
+                pause = (pause * 2).min(MERGE_RETRY_MAX);
+            }
+        }
+    }
 }
 
 /// All replicas of this daemon.
@@ -160,6 +237,7 @@ impl ReplicaRegistry {
             .remove(volume)
             .ok_or_else(|| ReplicaError::NotFound(volume.to_string()))?;
         // Fence whatever engine still streams to it before the files go.
+        removed.stop_merging();
         removed
             .open_state
             .write()
@@ -179,6 +257,7 @@ impl ReplicaRegistry {
     pub fn close_all(&self) {
         let replicas = std::mem::take(&mut *self.lock());
         for (volume, hosted) in replicas {
+            hosted.stop_merging();
             match Arc::try_unwrap(hosted) {
                 Ok(hosted) => {
                     if let Err(e) = hosted.store.close() {
@@ -206,40 +285,52 @@ impl HostedReplica {
             inline_io: InlineGate::default(),
             batches: AtomicU64::new(0),
             merging: AtomicBool::new(false),
+            merge_stopped: AtomicBool::new(false),
+            merge_error: Mutex::new(None),
         }
     }
 
     /// Merges deleted snapshots away in the background, one granule at a
     /// time, unless a merge thread already runs. Called after a delete and
-    /// when the daemon opens a replica with a merge left by a crash. A
-    /// failing step (a full disk, an I/O error) stops the thread with a
-    /// warning; the merge resumes at its cursor on the next call.
+    /// when the daemon opens a replica with a merge left by a crash. A step
+    /// that fails (a full disk, an I/O error) changes nothing the volume
+    /// shows: the thread records why ([`HostedReplica::merge_error`], logged
+    /// once per distinct error) and tries the step again after a pause that
+    /// doubles from [`MERGE_RETRY_FIRST`] to [`MERGE_RETRY_MAX`], so a merge
+    /// stuck on a full disk resumes by itself once space is freed, without
+    /// spinning meanwhile. It ends when no merge is left or the replica is
+    /// closed or deleted ([`HostedReplica::stop_merging`]).
     pub fn start_merging(self: &Arc<Self>) {
-        if !self.store.merge_pending() || self.merging.swap(true, Ordering::AcqRel) {
+        if self.merge_stopped.load(Ordering::Acquire)
+            || !self.store.merge_pending()
+            || self.merging.swap(true, Ordering::AcqRel)
+        {
             return;
         }
-        let me = Arc::clone(self);
+        let me = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
             .name(format!("merge-{}", self.volume))
-            .spawn(move || {
-                loop {
-                    match me.store.merge_step() {
-                        Ok(true) => continue,
-                        Ok(false) => {
-                            info!(volume = %me.volume, "deleted snapshots merged away");
-                            break;
-                        }
-                        Err(e) => {
-                            warn!(volume = %me.volume, error = %e, "snapshot merge stopped; it resumes at the next delete or restart");
-                            break;
-                        }
-                    }
-                }
-                me.merging.store(false, Ordering::Release);
-            });
+            .spawn(move || merge_loop(me));
         if let Err(e) = spawned {
             warn!(volume = %self.volume, error = %e, "cannot start the snapshot merge thread");
             self.merging.store(false, Ordering::Release);
+        }
+    }
+
+    /// Why the background merge is stuck: the last failed step's error,
+    /// until a step succeeds. None while a merge goes on or none is pending.
+    pub fn merge_error(&self) -> Option<String> {
+        lock_ignoring_poison(&self.merge_error).clone()
+    }
+
+    /// Ends the merge thread (closing or deleting the replica) and waits,
+    /// up to a few seconds, for the step it runs to end. A merge left
+    /// pending resumes at its cursor when the replica is opened again.
+    pub fn stop_merging(&self) {
+        self.merge_stopped.store(true, Ordering::Release);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.merging.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
 
