@@ -46,6 +46,17 @@ pub enum NodeError {
         volume: String,
         after: std::time::Duration,
     },
+    /// The volume's engine runs here already (a fill needs a new one).
+    #[error("an engine of volume {0:?} runs on this node already")]
+    InUse(String),
+    /// A clone's fill stopped making progress.
+    #[error("the clone {volume:?} stopped filling at {filled} of {total} bytes: {why}")]
+    CloneStuck {
+        volume: String,
+        filled: u64,
+        total: u64,
+        why: String,
+    },
     /// The engine did not stop in time.
     #[error("the engine of volume {0:?} did not stop in time")]
     StopTimedOut(String),
@@ -105,7 +116,10 @@ impl From<NodeError> for tonic::Status {
             NodeError::SpecDiffers { .. } => tonic::Status::already_exists(msg),
             NodeError::NotFound(_) => tonic::Status::not_found(msg),
             NodeError::NoPorts { .. } => tonic::Status::resource_exhausted(msg),
-            NodeError::EngineFailed { .. } => tonic::Status::failed_precondition(msg),
+            NodeError::EngineFailed { .. } | NodeError::InUse(_) => {
+                tonic::Status::failed_precondition(msg)
+            }
+            NodeError::CloneStuck { .. } => tonic::Status::unavailable(msg),
             NodeError::EngineRestarting { .. }
             | NodeError::ShuttingDown
             | NodeError::StopTimedOut(_)

@@ -43,6 +43,8 @@ pub struct ManagerConfig {
 
 /// Bound on a call relayed to an engine's control service.
 const ENGINE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A clone's fill that makes no progress for this long is given up.
+pub const CLONE_STUCK_AFTER: Duration = Duration::from_secs(60);
 /// Bound on a snapshot relayed to an engine: it drains writes and syncs
 /// every replica, which takes seconds under a heavy write load.
 const SNAPSHOT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -503,12 +505,139 @@ impl EngineManager {
             Ok(run(control).await?)
         }
         .await;
+        self.stop_transient(volume).await;
+        outcome
+    }
+
+    /// Fill the new volume of `clone` from snapshot `snapshot` of the volume
+    /// of `source` (or from that volume as it is, for an empty `snapshot`),
+    /// both engines on this node, where the clone's can reach the source's
+    /// control service: the source's running engine or a transient one from
+    /// `source`, and a transient engine of the clone. Answers once the
+    /// clone's engine says it is filled (its replicas record it done); a
+    /// fill that makes no progress for [`CLONE_STUCK_AFTER`] is an error.
+    /// Both volumes' turns are held throughout.
+    pub async fn fill_clone(
+        &self,
+        clone: &pb::EngineSpec,
+        source: &pb::EngineSpec,
+        snapshot: &str,
+    ) -> Result<pb::FillCloneResponse, NodeError> {
+        let mut clone = EngineSpec::from_pb(clone)?;
+        let mut source = EngineSpec::from_pb(source)?;
+        if clone.volume == source.volume {
+            return Err(NodeError::bad_spec(
+                "clone",
+                "a volume cannot be its own clone",
+            ));
+        }
+        (clone.nbd, clone.iscsi) = (false, false);
+        (source.nbd, source.iscsi) = (false, false);
+        (source.clone_from, source.clone_snapshot) = (String::new(), String::new());
+        let started = std::time::Instant::now();
+        // Both turns, in name order: two fills never wait for each other.
+        let (first, second) = if clone.volume < source.volume {
+            (self.turn(&clone.volume), self.turn(&source.volume))
+        } else {
+            (self.turn(&source.volume), self.turn(&clone.volume))
+        };
+        let _first = first.lock().await;
+        let _second = second.lock().await;
+        if self.supervisor(&clone.volume).is_some() {
+            return Err(NodeError::InUse(clone.volume));
+        }
+        let (source_control, source_transient) = match self.supervisor(&source.volume) {
+            Some(running) => {
+                if running.snapshot().phase != Phase::Running {
+                    self.until_serving(&running, false).await?;
+                }
+                (running.addresses.control.to_string(), false)
+            }
+            None => {
+                let status = self.start_in_turn(source.clone(), true).await?;
+                if status.state != pb::EngineState::Running as i32 {
+                    self.stop_transient(&source.volume).await;
+                    return Err(NodeError::NotServing {
+                        volume: source.volume,
+                        after: self.config.start_timeout,
+                    });
+                }
+                (status.control_address, true)
+            }
+        };
+        clone.clone_from = source_control;
+        clone.clone_snapshot = snapshot.to_string();
+        let volume = clone.volume.clone();
+        let outcome = async {
+            let status = self.start_in_turn(clone, true).await?;
+            if status.state != pb::EngineState::Running as i32 {
+                return Err(NodeError::NotServing {
+                    volume: volume.clone(),
+                    after: self.config.start_timeout,
+                });
+            }
+            let control =
+                EngineControl::connect(&status.control_address, ENGINE_CALL_TIMEOUT).await?;
+            let mut progress = (0u64, tokio::time::Instant::now());
+            loop {
+                let Some(fill) = control.info().await?.clone else {
+                    // Not filling: the replicas record the fill done.
+                    return Ok(progress.0);
+                };
+                if fill.done {
+                    if snapshot.is_empty() {
+                        // The clone deletes the snapshot it took of the
+                        // source once done, just after saying so: delete
+                        // it here too (whoever is second finds nothing),
+                        // before the source's engine may be stopped.
+                        let source =
+                            EngineControl::connect(&fill.source_engine, SNAPSHOT_CALL_TIMEOUT)
+                                .await?;
+                        match source.delete_clone_snapshot(&fill.snapshot).await {
+                            Ok(_) | Err(corral_client::ClientError::NotFound { .. }) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    return Ok(fill.filled_bytes);
+                }
+                if fill.filled_bytes > progress.0 {
+                    progress = (fill.filled_bytes, tokio::time::Instant::now());
+                } else if progress.1.elapsed() > CLONE_STUCK_AFTER {
+                    return Err(NodeError::CloneStuck {
+                        volume: volume.clone(),
+                        filled: fill.filled_bytes,
+                        total: fill.total_bytes,
+                        why: fill.error,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        .await;
+        self.stop_transient(&volume).await;
+        if source_transient {
+            self.stop_transient(&source.volume).await;
+        }
+        let filled_bytes = outcome?;
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        info!(volume = %volume, source = %source.volume, snapshot, filled_bytes, elapsed_ms, "clone filled");
+        Ok(pb::FillCloneResponse {
+            filled_bytes,
+            elapsed_ms,
+        })
+    }
+
+    /// Stop `volume`'s engine if it is a transient one of this daemon's
+    /// (the caller holds the volume's turn).
+    async fn stop_transient(&self, volume: &str) {
+        if !self.transients().contains(volume) {
+            return;
+        }
         if let Some(supervisor) = self.supervisor(volume)
             && let Err(e) = self.stop_and_forget(volume, &supervisor).await
         {
             warn!(volume = %volume, error = %e, "cannot stop the transient engine");
         }
-        outcome
     }
 
     /// The snapshots of the replicas hosted here: of `volume`, or of all

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use corral_proto::v1::{self as pb, engine_manager_server::EngineManager as EngineManagerRpc};
 use tonic::{Request, Response, Status};
 
+use crate::error::NodeError;
 use crate::manager::EngineManager;
 
 /// Implements `corral.v1.EngineManager`.
@@ -106,10 +107,15 @@ impl EngineManagerRpc for EngineManagerService {
         request: Request<pb::EngineSnapshotRequest>,
     ) -> Result<Response<pb::VolumeSnapshotResponse>, Status> {
         let req = request.into_inner();
-        let done = self
-            .manager
-            .snapshot(&req.volume, &req.name, req.spec.as_ref(), true)
-            .await?;
+        // Carried out to the end even if the caller goes away: a transient
+        // engine must be stopped, not left behind by a cancelled call.
+        let manager = Arc::clone(&self.manager);
+        let done = finish(async move {
+            manager
+                .snapshot(&req.volume, &req.name, req.spec.as_ref(), true)
+                .await
+        })
+        .await?;
         Ok(Response::new(done))
     }
 
@@ -118,10 +124,13 @@ impl EngineManagerRpc for EngineManagerService {
         request: Request<pb::EngineSnapshotRequest>,
     ) -> Result<Response<pb::VolumeSnapshotResponse>, Status> {
         let req = request.into_inner();
-        let done = self
-            .manager
-            .snapshot(&req.volume, &req.name, req.spec.as_ref(), false)
-            .await?;
+        let manager = Arc::clone(&self.manager);
+        let done = finish(async move {
+            manager
+                .snapshot(&req.volume, &req.name, req.spec.as_ref(), false)
+                .await
+        })
+        .await?;
         Ok(Response::new(done))
     }
 
@@ -135,4 +144,31 @@ impl EngineManagerRpc for EngineManagerService {
             .await?;
         Ok(Response::new(pb::ListHostedSnapshotsResponse { volumes }))
     }
+
+    async fn fill_clone(
+        &self,
+        request: Request<pb::FillCloneRequest>,
+    ) -> Result<Response<pb::FillCloneResponse>, Status> {
+        let req = request.into_inner();
+        let clone = req
+            .clone
+            .ok_or_else(|| Status::invalid_argument("invalid engine spec: clone: missing"))?;
+        let source = req
+            .source
+            .ok_or_else(|| Status::invalid_argument("invalid engine spec: source: missing"))?;
+        let manager = Arc::clone(&self.manager);
+        let done =
+            finish(async move { manager.fill_clone(&clone, &source, &req.snapshot).await }).await?;
+        Ok(Response::new(done))
+    }
+}
+
+/// Run `work` in a task of its own, to its end whether or not the caller
+/// waits for it (tonic drops a handler whose client has gone).
+async fn finish<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, NodeError>> + Send + 'static,
+) -> Result<T, NodeError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| NodeError::Task(e.to_string()))?
 }

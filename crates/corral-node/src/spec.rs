@@ -28,6 +28,12 @@ pub struct EngineSpec {
     pub chunk_size: u32,
     pub nbd: bool,
     pub iscsi: bool,
+    /// `--clone-from` (empty: not a clone).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub clone_from: String,
+    /// `--clone-snapshot` (empty: none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub clone_snapshot: String,
 }
 
 impl EngineSpec {
@@ -88,6 +94,18 @@ impl EngineSpec {
                 ),
             ));
         }
+        if spec.clone_from.chars().any(char::is_whitespace) {
+            return Err(NodeError::bad_spec(
+                "clone_from",
+                format!("{:?} is not a HOST:PORT", spec.clone_from),
+            ));
+        }
+        if !spec.clone_snapshot.is_empty() && spec.clone_from.is_empty() {
+            return Err(NodeError::bad_spec(
+                "clone_snapshot",
+                "needs clone_from (the source's engine)",
+            ));
+        }
         Ok(EngineSpec {
             volume: spec.volume.clone(),
             size: spec.size,
@@ -99,6 +117,8 @@ impl EngineSpec {
             chunk_size: spec.chunk_size,
             nbd: spec.nbd,
             iscsi: spec.iscsi,
+            clone_from: spec.clone_from.clone(),
+            clone_snapshot: spec.clone_snapshot.clone(),
         })
     }
 
@@ -114,6 +134,8 @@ impl EngineSpec {
             chunk_size: self.chunk_size,
             nbd: self.nbd,
             iscsi: self.iscsi,
+            clone_from: self.clone_from.clone(),
+            clone_snapshot: self.clone_snapshot.clone(),
         }
     }
 
@@ -141,6 +163,11 @@ impl EngineSpec {
         check(self.chunk_size == other.chunk_size, "chunk_size");
         check(self.nbd == other.nbd, "nbd");
         check(self.iscsi == other.iscsi, "iscsi");
+        check(self.clone_from == other.clone_from, "clone_from");
+        check(
+            self.clone_snapshot == other.clone_snapshot,
+            "clone_snapshot",
+        );
         d
     }
 
@@ -260,6 +287,12 @@ pub fn engine_command_line(
     }
     if spec.chunk_size > 0 {
         set.push(("--chunk-size", spec.chunk_size.to_string()));
+    }
+    if !spec.clone_from.is_empty() {
+        set.push(("--clone-from", spec.clone_from.clone()));
+    }
+    if !spec.clone_snapshot.is_empty() {
+        set.push(("--clone-snapshot", spec.clone_snapshot.clone()));
     }
     for (flag, value) in &set {
         args.push((*flag).to_string());
@@ -444,5 +477,35 @@ mod tests {
                 "{other}"
             );
         }
+    }
+
+    #[test]
+    fn a_clone_carries_its_source_on_the_command_line() {
+        let mut clone = good();
+        clone.clone_from = "127.0.0.1:10001".into();
+        clone.clone_snapshot = "snapshot-1".into();
+        let spec = EngineSpec::from_pb(&clone).unwrap();
+        assert_eq!(spec.to_pb(), clone);
+        let addrs =
+            EngineAddresses::assign("127.0.0.1".parse().unwrap(), &spec, &[10002, 10003]).unwrap();
+        let argv = engine_command_line(&spec, &addrs, &[]);
+        let joined = argv.join(" ");
+        assert!(
+            joined.contains("--clone-from 127.0.0.1:10001 --clone-snapshot snapshot-1"),
+            "{joined}"
+        );
+        assert_eq!(
+            spec.differences(&EngineSpec::from_pb(&good()).unwrap()),
+            ["clone_from", "clone_snapshot"]
+        );
+        let mut orphan = good();
+        orphan.clone_snapshot = "snapshot-1".into();
+        assert!(matches!(
+            EngineSpec::from_pb(&orphan),
+            Err(NodeError::BadSpec {
+                field: "clone_snapshot",
+                ..
+            })
+        ));
     }
 }
