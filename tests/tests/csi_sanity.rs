@@ -29,9 +29,7 @@
 //!
 //! Cases left out, because corral does not advertise the capability they
 //! need (csi-sanity skips them for the same reason):
-//! - CreateVolume "should create volume from an existing source volume",
-//!   "should fail when the volume source volume is not found"
-//!   (CLONE_VOLUME); "should create volume with a volume attribute class",
+//! - CreateVolume "should create volume with a volume attribute class",
 //!   "should not create volume with an invalid volume attribute class"
 //!   (MODIFY_VOLUME).
 //! - ControllerPublishVolume "should fail when the volume is already
@@ -41,12 +39,8 @@
 //!
 //! Every case of "ListSnapshots", "GetSnapshot", "DeleteSnapshot" and
 //! "CreateSnapshot" is ported and runs (CREATE_DELETE_SNAPSHOT,
-//! LIST_SNAPSHOTS and GET_SNAPSHOT are advertised), and so is CreateVolume
-//! "should fail when the volume source snapshot is not found". CreateVolume
-//! "should create volume from an existing source snapshot" is ported but
-//! `#[ignore]`d — reported as ignored, never as passed — until the CSI
-//! plugin makes volumes from snapshots (clones, issue 11); csi-sanity would
-//! run it and see it fail.
+//! LIST_SNAPSHOTS, GET_SNAPSHOT and CLONE_VOLUME are advertised), and so
+//! are CreateVolume's cases from a source snapshot and a source volume.
 //!
 //! Not ported yet, although EXPAND_VOLUME is now advertised:
 //! "ExpandVolume [Controller Server]" and Node "NodeExpandVolume". Their
@@ -774,13 +768,60 @@ impl<'a> Sanity<'a> {
         cap: &csi::VolumeCapability,
     ) -> (csi::Volume, HashMap<String, String>) {
         let vol = self.create_volume_with_capability(name, cap);
+        let ctx = self.stage_and_publish(&vol, cap);
+        (vol, ctx)
+    }
+
+    /// Controller-publish, stage and publish (at `target`) an existing
+    /// volume on the node plugin's node.
+    fn stage_and_publish(
+        &mut self,
+        vol: &csi::Volume,
+        cap: &csi::VolumeCapability,
+    ) -> HashMap<String, String> {
         let node_id = self.node_info().node_id;
-        let ctx = self.controller_publish_with_capability(&vol, &node_id, cap);
-        self.node_stage_with_capability(&vol, &ctx, cap);
-        let req = self.node_publish_request(&vol, &ctx, cap, &self.target());
+        let ctx = self.controller_publish_with_capability(vol, &node_id, cap);
+        self.node_stage_with_capability(vol, &ctx, cap);
+        let req = self.node_publish_request(vol, &ctx, cap, &self.target());
         self.node_publish(req)
             .unwrap_or_else(|e| panic!("NodePublishVolume: {e}"));
-        (vol, ctx)
+        ctx
+    }
+
+    /// Undo [`Self::stage_and_publish`]: unpublish, unstage, controller-unpublish.
+    fn unpublish_and_unstage(&mut self, volume_id: &str) {
+        let node_id = self.node_info().node_id;
+        self.block_on(
+            self.node()
+                .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                    volume_id: volume_id.to_string(),
+                    target_path: Self::path(&self.target()),
+                }),
+        )
+        .expect("NodeUnpublishVolume");
+        self.block_on(
+            self.node()
+                .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                    volume_id: volume_id.to_string(),
+                    staging_target_path: Self::path(&self.staging_path),
+                }),
+        )
+        .expect("NodeUnstageVolume");
+        self.block_on(self.controller().controller_unpublish_volume(
+            csi::ControllerUnpublishVolumeRequest {
+                volume_id: volume_id.to_string(),
+                node_id,
+                ..Default::default()
+            },
+        ))
+        .expect("ControllerUnpublishVolume");
+        for r in self.resources.iter_mut() {
+            if let Registered::Volume(id, node) = r
+                && id == volume_id
+            {
+                *node = None;
+            }
+        }
     }
 }
 
@@ -1145,10 +1186,7 @@ fn controller_create_volume_should_not_fail_when_creating_volume_with_maximum_le
 }
 
 /// CreateVolume: "should create volume from an existing source snapshot".
-/// corral cannot make a volume from a snapshot until clones land in the
-/// engine: ignored, so that it is counted as not run, never as passed.
 #[test]
-#[ignore = "a volume from a snapshot needs clones (issue 11), not wired into the CSI plugin yet"]
 fn controller_create_volume_should_create_volume_from_an_existing_source_snapshot() {
     sanity(|s| {
         s.require_controller(ControllerCap::CreateDeleteSnapshot);
@@ -1173,6 +1211,49 @@ fn controller_create_volume_should_create_volume_from_an_existing_source_snapsho
             "no content source in the answer"
         );
     });
+}
+
+/// CreateVolume: "should create volume from an existing source volume".
+#[test]
+fn controller_create_volume_should_create_volume_from_an_existing_source_volume() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::CloneVolume);
+        let volume1 = s.must_create_volume(create_request(&unique("sanity-controller-source-vol")));
+        let mut req = create_request(&unique("sanity-controller-vol-from-vol"));
+        req.volume_content_source = Some(volume_source(&volume1.volume_id));
+        s.create_volume(req).expect("CreateVolume from a volume");
+    });
+}
+
+/// CreateVolume: "should fail when the volume source volume is not found".
+#[test]
+fn controller_create_volume_should_fail_when_the_volume_source_volume_is_not_found() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::CloneVolume);
+        let mut req = create_request(&unique("sanity-controller-vol-from-snap"));
+        req.volume_content_source = Some(volume_source(&unique_valid_volume_id()));
+        expect_code(s.create_volume(req), Code::NotFound);
+    });
+}
+
+fn volume_source(volume_id: &str) -> csi::VolumeContentSource {
+    csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Volume(
+            csi::volume_content_source::VolumeSource {
+                volume_id: volume_id.to_string(),
+            },
+        )),
+    }
+}
+
+fn snapshot_source(snapshot_id: &str) -> csi::VolumeContentSource {
+    csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource {
+                snapshot_id: snapshot_id.to_string(),
+            },
+        )),
+    }
 }
 
 /// CreateVolume: "should fail when the volume source snapshot is not found".
@@ -2624,5 +2705,109 @@ fn corral_list_snapshots_pages_see_every_snapshot_once_while_snapshots_are_taken
                 "{id} existed throughout but was not listed"
             );
         }
+    });
+}
+
+/// syncfs(2) of the filesystem mounted at `dir`.
+fn sync_filesystem(dir: &Path) {
+    let f = std::fs::File::open(dir).unwrap_or_else(|e| panic!("open {}: {e}", dir.display()));
+    // SAFETY: syncfs on a descriptor that stays open for the call.
+    let rc = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) };
+    assert_eq!(rc, 0, "syncfs {}", dir.display());
+}
+
+/// A PVC from a VolumeSnapshot and a PVC cloned from a PVC hold what their
+/// source held: a file written before the snapshot is in the volume made
+/// from it, one written after is not; a clone of the volume has both. The
+/// source is attached (its engine fills the volume from a snapshot) and
+/// then detached (transient engines fill the clone); a size smaller than
+/// the source is OUT_OF_RANGE; a snapshot read by a clone can be deleted
+/// once the clone is made, and then the source volume.
+#[test]
+fn corral_volumes_from_a_snapshot_and_from_a_volume_hold_their_source_data() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::CloneVolume);
+        let cap = writer();
+        let (source, _) = s.staged_and_published(&unique("sanity-clone-source"), &cap);
+        std::fs::write(s.target().join("before"), b"in the snapshot").unwrap();
+        // What the filesystem holds reaches the volume before the snapshot.
+        sync_filesystem(&s.target());
+        let snap = s.must_create_snapshot(create_snapshot_request(
+            &unique("sanity-clone-snap"),
+            &source.volume_id,
+        ));
+        std::fs::write(s.target().join("after"), b"after the snapshot").unwrap();
+        sync_filesystem(&s.target());
+
+        // From the snapshot, while the source is attached.
+        let mut req = create_request(&unique("sanity-from-snap"));
+        req.capacity_range = None;
+        req.volume_content_source = Some(snapshot_source(&snap.snapshot_id));
+        let started = std::time::Instant::now();
+        let from_snap = s.must_create_volume(req.clone());
+        eprintln!("volume from a snapshot: {:?}", started.elapsed());
+        assert_eq!(from_snap.capacity_bytes, TEST_VOLUME_SIZE);
+        assert_eq!(from_snap.content_source, req.volume_content_source);
+        // Idempotent: the same volume again, at once.
+        assert_eq!(
+            s.must_create_volume(req.clone()).volume_id,
+            from_snap.volume_id
+        );
+        let mut small = req.clone();
+        small.name = unique("sanity-from-snap-small");
+        small.capacity_range = Some(csi::CapacityRange {
+            required_bytes: TEST_VOLUME_SIZE / 2,
+            limit_bytes: 0,
+        });
+        expect_code(s.create_volume(small), Code::OutOfRange);
+
+        s.unpublish_and_unstage(&source.volume_id);
+        // A clone of the source, detached now.
+        let mut req = create_request(&unique("sanity-from-vol"));
+        req.volume_content_source = Some(volume_source(&source.volume_id));
+        let from_vol = s.must_create_volume(req);
+        // The snapshot the clone took of its source is gone with the fill.
+        let left = s.list_snapshots(csi::ListSnapshotsRequest {
+            source_volume_id: source.volume_id.clone(),
+            ..Default::default()
+        });
+        assert_eq!(left.entries.len(), 1, "{left:?}");
+        assert!(
+            !engines_running(s)
+                .iter()
+                .any(|(_, v, _)| *v == source.volume_id
+                    || *v == from_snap.volume_id
+                    || *v == from_vol.volume_id),
+            "engines left: {:?}",
+            engines_running(s)
+        );
+
+        for (vol, expect_after) in [(&from_snap, false), (&from_vol, true)] {
+            s.stage_and_publish(vol, &cap);
+            assert_eq!(
+                std::fs::read(s.target().join("before")).unwrap(),
+                b"in the snapshot",
+                "{}",
+                vol.volume_id
+            );
+            assert_eq!(
+                s.target().join("after").exists(),
+                expect_after,
+                "{}",
+                vol.volume_id
+            );
+            if expect_after {
+                assert_eq!(
+                    std::fs::read(s.target().join("after")).unwrap(),
+                    b"after the snapshot"
+                );
+            }
+            s.unpublish_and_unstage(&vol.volume_id);
+        }
+        // The volumes made stand alone: the snapshot and the source go.
+        s.delete_snapshot(&snap.snapshot_id)
+            .expect("DeleteSnapshot");
+        s.delete_volume(&source.volume_id)
+            .expect("DeleteVolume of the source");
     });
 }

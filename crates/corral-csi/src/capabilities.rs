@@ -56,6 +56,7 @@ pub fn controller_capabilities() -> Vec<csi::ControllerServiceCapability> {
         Type::CreateDeleteSnapshot,
         Type::ListSnapshots,
         Type::GetSnapshot,
+        Type::CloneVolume,
     ]
     .into_iter()
     .map(|t| csi::ControllerServiceCapability {

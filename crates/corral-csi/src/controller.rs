@@ -40,7 +40,10 @@ pub mod publish_keys {
     pub const CONTROL: &str = "controlAddress";
 }
 
+mod clones;
 mod snapshots;
+
+use clones::clone_size;
 
 /// The controller.
 pub struct ControllerService {
@@ -59,6 +62,14 @@ impl ControllerService {
             daemons,
             turns: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Wait for the turns of two volumes, in name order (so that two calls
+    /// never wait for each other).
+    async fn turns(&self, a: &str, b: &str) -> [tokio::sync::OwnedMutexGuard<()>; 2] {
+        let (first, second) = if a <= b { (a, b) } else { (b, a) };
+        let first = self.turn(first).await;
+        [first, self.turn(second).await]
     }
 
     /// Wait for `volume`'s turn; it ends when the guard is dropped.
@@ -208,13 +219,22 @@ impl ControllerService {
             return Err(Status::invalid_argument("volume_capabilities is required"));
         }
         check_capabilities(&req.volume_capabilities).map_err(Status::invalid_argument)?;
-        if let Some(source) = &req.volume_content_source {
-            return Err(self.unsupported_source(source).await);
-        }
         let params = VolumeParams::parse(&req.parameters)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let size = volume_size(req.capacity_range.as_ref())?;
         let id = ids::volume_id(name);
+        let source = match &req.volume_content_source {
+            Some(s) => Some(self.clone_source(s, &id).await?),
+            None => None,
+        };
+        let size = match &source {
+            Some(src) => clone_size(req.capacity_range.as_ref(), src.size)?,
+            None => volume_size(req.capacity_range.as_ref())?,
+        };
+        // A clone holds its source's turn too while it fills from it.
+        let _turns = match &source {
+            Some(src) => Some(self.turns(&id, &src.volume).await),
+            None => None,
+        };
         let view = self.daemons.view().await;
         let holders: Vec<_> = view.holders(&id);
         if let Some(existing) = holders.first().and_then(|n| n.replica(&id))
@@ -266,13 +286,16 @@ impl ControllerService {
             }
             tracing::info!(volume = %id, name, size, nodes = ?chosen, "created");
         }
+        if let Some(src) = &source {
+            self.fill_clone(&id, src).await?;
+        }
         let mut context = params.to_context();
         context.insert("name".into(), name.to_string());
         Ok(csi::Volume {
             capacity_bytes: size as i64,
             volume_id: id,
             volume_context: context,
-            content_source: None,
+            content_source: source.and(req.volume_content_source),
             accessible_topology: Vec::new(),
         })
     }
@@ -381,6 +404,8 @@ impl ControllerService {
             chunk_size: replica.chunk_size,
             nbd: true,
             iscsi: true,
+            clone_from: String::new(),
+            clone_snapshot: String::new(),
         };
         // A transient engine (a snapshot call) is not an attachment: the
         // daemon starts the real one once that call is done.

@@ -231,6 +231,8 @@ pub fn transient_spec(
         chunk_size: replica.chunk_size,
         nbd: false,
         iscsi: false,
+        clone_from: String::new(),
+        clone_snapshot: String::new(),
     }
 }
 

@@ -193,26 +193,4 @@ impl ControllerService {
             .map(|s| to_csi(volume, s))
             .ok_or_else(not_found)
     }
-
-    /// Why CreateVolume cannot make a volume from `source`: NOT_FOUND for
-    /// a snapshot that does not exist; INVALID_ARGUMENT ("source not
-    /// supported") otherwise, until clones are wired in.
-    pub(super) async fn unsupported_source(&self, source: &csi::VolumeContentSource) -> Status {
-        use csi::volume_content_source::Type;
-        match &source.r#type {
-            Some(Type::Snapshot(s)) => {
-                if let Err(e) = self.find_snapshot(&s.snapshot_id).await {
-                    return e;
-                }
-                Status::invalid_argument(
-                    "volume_content_source: a volume from a snapshot needs clones, \
-                     which this release of the plugin does not make yet",
-                )
-            }
-            Some(Type::Volume(_)) => Status::invalid_argument(
-                "volume_content_source: cloning volumes is not supported by this release",
-            ),
-            None => Status::invalid_argument("volume_content_source: no source given"),
-        }
-    }
 }
