@@ -198,13 +198,16 @@ impl Reconciler {
     }
 }
 
-/// Every running engine with its replicas.
+/// Every running engine of an attached volume, with its replicas.
 async fn engines(view: &ClusterView) -> Vec<EngineView> {
     let mut out = Vec::new();
     for n in &view.nodes {
         for status in &n.engines {
             let Some(spec) = &status.spec else { continue };
-            if status.state != pb::EngineState::Running as i32 {
+            // A transient engine (a snapshot or a clone's fill) lives for
+            // one call: the repairs wait for the volume's own engine, with
+            // its own stale-replica timeout (a transient one has none set).
+            if status.state != pb::EngineState::Running as i32 || status.transient {
                 continue;
             }
             match n.manager.engine_replicas(&spec.volume).await {
