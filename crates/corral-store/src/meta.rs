@@ -9,6 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -73,8 +76,18 @@ pub(crate) struct Record {
 }
 
 /// An open `meta.redb`.
+///
+/// redb fails every operation after one I/O error ("previous I/O error")
+/// until the database is closed and opened again; a commit that ran out of
+/// space would leave the metadata unwritable, even once space is freed,
+/// until the daemon restarts. So after any failed operation the database is
+/// closed and opened again before the next one (redb recovers its last
+/// commit; what failed is not recorded, as the caller was told).
 pub(crate) struct MetaDb {
-    db: Database,
+    /// None only while a reopen fails (the next call tries again).
+    db: RwLock<Option<Database>>,
+    /// An operation failed: reopen before the next.
+    failed: AtomicBool,
     path: PathBuf,
     /// The format version recorded in the file.
     format: u64,
@@ -106,17 +119,13 @@ impl MetaDb {
             let db = builder()
                 .create(&tmp)
                 .map_err(|e| redb_err(format!("creating {}", tmp.display()), e))?;
-            let this = MetaDb {
-                db,
-                path: tmp.clone(),
-                format: FORMAT_VERSION,
-            };
+            let this = MetaDb::with(db, &tmp);
             let mut kv = vec![(key::FORMAT, json(key::FORMAT, &FORMAT_VERSION)?)];
             kv.extend(Self::record_kv(rec)?);
             this.put(&kv)?;
             // Make sure the dirty table exists so that readers never see it missing.
             this.update_dirty(&[], &[], false)?;
-            this.db
+            this.into_db()?
                 .close()
                 .map_err(|e| redb_err(format!("closing {}", tmp.display()), e))?;
         }
@@ -145,7 +154,62 @@ impl MetaDb {
         ])
     }
 
+    fn with(db: Database, path: &Path) -> Self {
+        MetaDb {
+            db: RwLock::new(Some(db)),
+            failed: AtomicBool::new(false),
+            path: path.to_path_buf(),
+            format: FORMAT_VERSION,
+        }
+    }
+
     fn open_file(path: &Path) -> Result<Self> {
+        Ok(Self::with(Self::open_db(path)?, path))
+    }
+
+    /// The database, for closing it.
+    fn into_db(self) -> Result<Database> {
+        let ctx = self.ctx("closing");
+        self.db
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .ok_or_else(|| StoreError::Metadata(format!("{ctx}: the database is not open")))
+    }
+
+    /// Runs `f` on the database, reopening it first if an operation failed
+    /// since (see [`MetaDb`]). `f` must not call back into `self`.
+    fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+        if self.failed.load(Ordering::Acquire) {
+            self.reopen()?;
+        }
+        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let Some(open) = db.as_ref() else {
+            self.failed.store(true, Ordering::Release);
+            return Err(StoreError::Metadata(
+                self.ctx("not open (reopening it after an I/O error failed)"),
+            ));
+        };
+        let r = f(open);
+        if r.is_err() {
+            self.failed.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    /// Closes the database and opens it again (after a failed operation).
+    fn reopen(&self) -> Result<()> {
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if !self.failed.load(Ordering::Acquire) {
+            return Ok(()); // another caller did it
+        }
+        drop(db.take());
+        *db = Some(Self::open_db(&self.path)?);
+        self.failed.store(false, Ordering::Release);
+        tracing::info!(path = %self.path.display(), "metadata database reopened after a failed operation");
+        Ok(())
+    }
+
+    fn open_db(path: &Path) -> Result<Database> {
         #[cfg(test)]
         if crate::powercut::watched(path) {
             // The power-cut model journals what redb writes and syncs.
@@ -156,23 +220,13 @@ impl MetaDb {
                 .map_err(|e| io_err(format!("opening {}", path.display()), e))?;
             let backend = crate::powercut::JournaledBackend::new(file, path)
                 .map_err(|e| redb_err(format!("opening {}", path.display()), e))?;
-            let db = builder()
+            return builder()
                 .create_with_backend(backend)
-                .map_err(|e| redb_err(format!("opening {}", path.display()), e))?;
-            return Ok(MetaDb {
-                db,
-                path: path.to_path_buf(),
-                format: FORMAT_VERSION,
-            });
+                .map_err(|e| redb_err(format!("opening {}", path.display()), e));
         }
-        let db = builder()
+        builder()
             .open(path)
-            .map_err(|e| redb_err(format!("opening {}", path.display()), e))?;
-        Ok(MetaDb {
-            db,
-            path: path.to_path_buf(),
-            format: FORMAT_VERSION,
-        })
+            .map_err(|e| redb_err(format!("opening {}", path.display()), e))
     }
 
     /// Opens `dir/meta.redb` and reads the record and the dirty region indices.
@@ -200,64 +254,64 @@ impl MetaDb {
     }
 
     fn load(&self) -> Result<(u64, Record, Vec<u64>)> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| redb_err(self.ctx("beginning a read transaction"), e))?;
-        let meta = txn
-            .open_table(META)
-            .map_err(|e| redb_err(self.ctx("opening table `meta`"), e))?;
-        let get = |k: &str| -> Result<String> {
-            let v = meta
-                .get(k)
-                .map_err(|e| redb_err(self.ctx(&format!("reading key `{k}`")), e))?
-                .ok_or_else(|| StoreError::Metadata(self.ctx(&format!("key `{k}` is missing"))))?;
-            Ok(v.value().to_string())
-        };
-        let format: u64 = self.decode(key::FORMAT, &get(key::FORMAT)?)?;
-        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&format) {
-            return Err(StoreError::Metadata(self.ctx(&format!(
-                "unsupported format version {format} (this build reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})"
-            ))));
-        }
-        let rec = Record {
-            volume: self.decode(key::VOLUME, &get(key::VOLUME)?)?,
-            size: self.decode(key::SIZE, &get(key::SIZE)?)?,
-            block_size: self.decode(key::BLOCK_SIZE, &get(key::BLOCK_SIZE)?)?,
-            chunk_size: self.decode(key::CHUNK_SIZE, &get(key::CHUNK_SIZE)?)?,
-            region_size: self.decode(key::REGION_SIZE, &get(key::REGION_SIZE)?)?,
-            instance_id: self.decode(key::INSTANCE_ID, &get(key::INSTANCE_ID)?)?,
-            epoch: self.decode(key::EPOCH, &get(key::EPOCH)?)?,
-            membership: self.decode(key::MEMBERSHIP, &get(key::MEMBERSHIP)?)?,
-            layers: self.decode(key::LAYERS, &get(key::LAYERS)?)?,
-            clean: self.decode(key::CLEAN, &get(key::CLEAN)?)?,
-            reservations: match meta
-                .get(key::RESERVATIONS)
-                .map_err(|e| redb_err(self.ctx("reading key `reservations`"), e))?
+        self.with_db(|db| {
+            let txn = db.begin_read()
+                .map_err(|e| redb_err(self.ctx("beginning a read transaction"), e))?;
+            let meta = txn
+                .open_table(META)
+                .map_err(|e| redb_err(self.ctx("opening table `meta`"), e))?;
+            let get = |k: &str| -> Result<String> {
+                let v = meta
+                    .get(k)
+                    .map_err(|e| redb_err(self.ctx(&format!("reading key `{k}`")), e))?
+                    .ok_or_else(|| StoreError::Metadata(self.ctx(&format!("key `{k}` is missing"))))?;
+                Ok(v.value().to_string())
+            };
+            let format: u64 = self.decode(key::FORMAT, &get(key::FORMAT)?)?;
+            if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&format) {
+                return Err(StoreError::Metadata(self.ctx(&format!(
+                    "unsupported format version {format} (this build reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})"
+                ))));
+            }
+            let rec = Record {
+                volume: self.decode(key::VOLUME, &get(key::VOLUME)?)?,
+                size: self.decode(key::SIZE, &get(key::SIZE)?)?,
+                block_size: self.decode(key::BLOCK_SIZE, &get(key::BLOCK_SIZE)?)?,
+                chunk_size: self.decode(key::CHUNK_SIZE, &get(key::CHUNK_SIZE)?)?,
+                region_size: self.decode(key::REGION_SIZE, &get(key::REGION_SIZE)?)?,
+                instance_id: self.decode(key::INSTANCE_ID, &get(key::INSTANCE_ID)?)?,
+                epoch: self.decode(key::EPOCH, &get(key::EPOCH)?)?,
+                membership: self.decode(key::MEMBERSHIP, &get(key::MEMBERSHIP)?)?,
+                layers: self.decode(key::LAYERS, &get(key::LAYERS)?)?,
+                clean: self.decode(key::CLEAN, &get(key::CLEAN)?)?,
+                reservations: match meta
+                    .get(key::RESERVATIONS)
+                    .map_err(|e| redb_err(self.ctx("reading key `reservations`"), e))?
+                {
+                    Some(v) => Some(self.decode(key::RESERVATIONS, v.value())?),
+                    None => None,
+                },
+                clone: match meta
+                    .get(key::CLONE)
+                    .map_err(|e| redb_err(self.ctx("reading key `clone`"), e))?
+                {
+                    Some(v) => Some(self.decode(key::CLONE, v.value())?),
+                    None => None,
+                },
+            };
+            let dirty_table = txn
+                .open_table(DIRTY)
+                .map_err(|e| redb_err(self.ctx("opening table `dirty`"), e))?;
+            let mut dirty = Vec::new();
+            for entry in dirty_table
+                .range::<u64>(..)
+                .map_err(|e| redb_err(self.ctx("listing dirty regions"), e))?
             {
-                Some(v) => Some(self.decode(key::RESERVATIONS, v.value())?),
-                None => None,
-            },
-            clone: match meta
-                .get(key::CLONE)
-                .map_err(|e| redb_err(self.ctx("reading key `clone`"), e))?
-            {
-                Some(v) => Some(self.decode(key::CLONE, v.value())?),
-                None => None,
-            },
-        };
-        let dirty_table = txn
-            .open_table(DIRTY)
-            .map_err(|e| redb_err(self.ctx("opening table `dirty`"), e))?;
-        let mut dirty = Vec::new();
-        for entry in dirty_table
-            .range::<u64>(..)
-            .map_err(|e| redb_err(self.ctx("listing dirty regions"), e))?
-        {
-            let (k, _) = entry.map_err(|e| redb_err(self.ctx("listing dirty regions"), e))?;
-            dirty.push(k.value());
-        }
-        Ok((format, rec, dirty))
+                let (k, _) = entry.map_err(|e| redb_err(self.ctx("listing dirty regions"), e))?;
+                dirty.push(k.value());
+            }
+            Ok((format, rec, dirty))
+        })
     }
 
     fn decode<T: DeserializeOwned>(&self, key: &str, raw: &str) -> Result<T> {
@@ -268,21 +322,22 @@ impl MetaDb {
 
     /// Durably stores key/value pairs in one transaction.
     pub(crate) fn put(&self, kv: &[(&str, String)]) -> Result<()> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| redb_err(self.ctx("beginning a write transaction"), e))?;
-        {
-            let mut t = txn
-                .open_table(META)
-                .map_err(|e| redb_err(self.ctx("opening table `meta`"), e))?;
-            for (k, v) in kv {
-                t.insert(*k, v.as_str())
-                    .map_err(|e| redb_err(self.ctx(&format!("writing key `{k}`")), e))?;
+        self.with_db(|db| {
+            let txn = db
+                .begin_write()
+                .map_err(|e| redb_err(self.ctx("beginning a write transaction"), e))?;
+            {
+                let mut t = txn
+                    .open_table(META)
+                    .map_err(|e| redb_err(self.ctx("opening table `meta`"), e))?;
+                for (k, v) in kv {
+                    t.insert(*k, v.as_str())
+                        .map_err(|e| redb_err(self.ctx(&format!("writing key `{k}`")), e))?;
+                }
             }
-        }
-        txn.commit()
-            .map_err(|e| redb_err(self.ctx("committing metadata"), e))
+            txn.commit()
+                .map_err(|e| redb_err(self.ctx("committing metadata"), e))
+        })
     }
 
     /// Durably stores one typed value.
@@ -313,85 +368,91 @@ impl MetaDb {
     /// In one durable transaction: marks `set` dirty, clears `clear`, and if `clear_all`
     /// empties the table first.
     pub(crate) fn update_dirty(&self, set: &[u64], clear: &[u64], clear_all: bool) -> Result<()> {
-        let mut txn = self
-            .db
-            .begin_write()
-            .map_err(|e| redb_err(self.ctx("beginning a write transaction"), e))?;
-        if set.is_empty() && !clear.is_empty() {
-            // Clearing only: no sync of its own. Lost with power, the regions are merely
-            // dirty a while longer; the next durable commit (a mark) persists it.
-            txn.set_durability(redb::Durability::None)
-                .map_err(|e| StoreError::Metadata(self.ctx(&format!("durability: {e}"))))?;
-        }
-        {
-            let mut t = txn
-                .open_table(DIRTY)
-                .map_err(|e| redb_err(self.ctx("opening table `dirty`"), e))?;
-            if clear_all {
-                t.retain(|_, _| false)
-                    .map_err(|e| redb_err(self.ctx("clearing dirty regions"), e))?;
+        self.with_db(|db| {
+            let mut txn = db
+                .begin_write()
+                .map_err(|e| redb_err(self.ctx("beginning a write transaction"), e))?;
+            if set.is_empty() && !clear.is_empty() {
+                // Clearing only: no sync of its own. Lost with power, the regions are merely
+                // dirty a while longer; the next durable commit (a mark) persists it.
+                txn.set_durability(redb::Durability::None)
+                    .map_err(|e| StoreError::Metadata(self.ctx(&format!("durability: {e}"))))?;
             }
-            for r in clear {
-                t.remove(*r)
-                    .map_err(|e| redb_err(self.ctx(&format!("clearing dirty region {r}")), e))?;
+            {
+                let mut t = txn
+                    .open_table(DIRTY)
+                    .map_err(|e| redb_err(self.ctx("opening table `dirty`"), e))?;
+                if clear_all {
+                    t.retain(|_, _| false)
+                        .map_err(|e| redb_err(self.ctx("clearing dirty regions"), e))?;
+                }
+                for r in clear {
+                    t.remove(*r).map_err(|e| {
+                        redb_err(self.ctx(&format!("clearing dirty region {r}")), e)
+                    })?;
+                }
+                for r in set {
+                    t.insert(*r, ())
+                        .map_err(|e| redb_err(self.ctx(&format!("marking region {r} dirty")), e))?;
+                }
             }
-            for r in set {
-                t.insert(*r, ())
-                    .map_err(|e| redb_err(self.ctx(&format!("marking region {r} dirty")), e))?;
-            }
-        }
-        txn.commit()
-            .map_err(|e| redb_err(self.ctx("committing dirty regions"), e))
+            txn.commit()
+                .map_err(|e| redb_err(self.ctx("committing dirty regions"), e))
+        })
     }
 
     /// Every read-only layer's extent list, by layer id.
     pub(crate) fn load_extents(&self) -> Result<std::collections::HashMap<LayerId, Vec<Extent>>> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| redb_err(self.ctx("beginning a read transaction"), e))?;
-        let mut out = std::collections::HashMap::new();
-        let table = match txn.open_table(EXTENTS) {
-            Ok(t) => t,
-            // A store that never took a snapshot has no such table.
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(out),
-            Err(e) => return Err(redb_err(self.ctx("opening table `extents`"), e)),
-        };
-        for entry in table
-            .range::<u32>(..)
-            .map_err(|e| redb_err(self.ctx("listing extents"), e))?
-        {
-            let (k, v) = entry.map_err(|e| redb_err(self.ctx("listing extents"), e))?;
-            let list = index::decode(v.value()).ok_or_else(|| {
-                StoreError::Metadata(
-                    self.ctx(&format!("extent list of layer {} is malformed", k.value())),
-                )
-            })?;
-            out.insert(k.value(), list);
-        }
-        Ok(out)
+        self.with_db(|db| {
+            let txn = db
+                .begin_read()
+                .map_err(|e| redb_err(self.ctx("beginning a read transaction"), e))?;
+            let mut out = std::collections::HashMap::new();
+            let table = match txn.open_table(EXTENTS) {
+                Ok(t) => t,
+                // A store that never took a snapshot has no such table.
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(out),
+                Err(e) => return Err(redb_err(self.ctx("opening table `extents`"), e)),
+            };
+            for entry in table
+                .range::<u32>(..)
+                .map_err(|e| redb_err(self.ctx("listing extents"), e))?
+            {
+                let (k, v) = entry.map_err(|e| redb_err(self.ctx("listing extents"), e))?;
+                let list = index::decode(v.value()).ok_or_else(|| {
+                    StoreError::Metadata(
+                        self.ctx(&format!("extent list of layer {} is malformed", k.value())),
+                    )
+                })?;
+                out.insert(k.value(), list);
+            }
+            Ok(out)
+        })
     }
 
     /// One layer's extent list (empty if none is stored).
     pub(crate) fn layer_extents(&self, id: LayerId) -> Result<Vec<Extent>> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| redb_err(self.ctx("beginning a read transaction"), e))?;
-        let table = match txn.open_table(EXTENTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(redb_err(self.ctx("opening table `extents`"), e)),
-        };
-        match table
-            .get(id)
-            .map_err(|e| redb_err(self.ctx(&format!("reading extents of layer {id}")), e))?
-        {
-            Some(v) => index::decode(v.value()).ok_or_else(|| {
-                StoreError::Metadata(self.ctx(&format!("extent list of layer {id} is malformed")))
-            }),
-            None => Ok(Vec::new()),
-        }
+        self.with_db(|db| {
+            let txn = db
+                .begin_read()
+                .map_err(|e| redb_err(self.ctx("beginning a read transaction"), e))?;
+            let table = match txn.open_table(EXTENTS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(redb_err(self.ctx("opening table `extents`"), e)),
+            };
+            match table
+                .get(id)
+                .map_err(|e| redb_err(self.ctx(&format!("reading extents of layer {id}")), e))?
+            {
+                Some(v) => index::decode(v.value()).ok_or_else(|| {
+                    StoreError::Metadata(
+                        self.ctx(&format!("extent list of layer {id} is malformed")),
+                    )
+                }),
+                None => Ok(Vec::new()),
+            }
+        })
     }
 
     /// In one durable transaction: the layer chain, extent lists stored and
@@ -403,63 +464,65 @@ impl MetaDb {
         delete: &[LayerId],
         size: Option<u64>,
     ) -> Result<()> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| redb_err(self.ctx("beginning a write transaction"), e))?;
-        {
-            let mut m = txn
-                .open_table(META)
-                .map_err(|e| redb_err(self.ctx("opening table `meta`"), e))?;
-            let chain = json(key::LAYERS, layers)?;
-            m.insert(key::LAYERS, chain.as_str())
-                .map_err(|e| redb_err(self.ctx("writing key `layers`"), e))?;
-            if let Some(size) = size {
-                let v = json(key::SIZE, &size)?;
-                m.insert(key::SIZE, v.as_str())
-                    .map_err(|e| redb_err(self.ctx("writing key `size`"), e))?;
+        self.with_db(|db| {
+            let txn = db
+                .begin_write()
+                .map_err(|e| redb_err(self.ctx("beginning a write transaction"), e))?;
+            {
+                let mut m = txn
+                    .open_table(META)
+                    .map_err(|e| redb_err(self.ctx("opening table `meta`"), e))?;
+                let chain = json(key::LAYERS, layers)?;
+                m.insert(key::LAYERS, chain.as_str())
+                    .map_err(|e| redb_err(self.ctx("writing key `layers`"), e))?;
+                if let Some(size) = size {
+                    let v = json(key::SIZE, &size)?;
+                    m.insert(key::SIZE, v.as_str())
+                        .map_err(|e| redb_err(self.ctx("writing key `size`"), e))?;
+                }
+                let mut x = txn
+                    .open_table(EXTENTS)
+                    .map_err(|e| redb_err(self.ctx("opening table `extents`"), e))?;
+                for (id, list) in put {
+                    let raw = index::encode(list);
+                    x.insert(*id, raw.as_slice()).map_err(|e| {
+                        redb_err(self.ctx(&format!("writing extents of layer {id}")), e)
+                    })?;
+                }
+                for id in delete {
+                    x.remove(*id).map_err(|e| {
+                        redb_err(self.ctx(&format!("removing extents of layer {id}")), e)
+                    })?;
+                }
             }
-            let mut x = txn
-                .open_table(EXTENTS)
-                .map_err(|e| redb_err(self.ctx("opening table `extents`"), e))?;
-            for (id, list) in put {
-                let raw = index::encode(list);
-                x.insert(*id, raw.as_slice()).map_err(|e| {
-                    redb_err(self.ctx(&format!("writing extents of layer {id}")), e)
-                })?;
-            }
-            for id in delete {
-                x.remove(*id).map_err(|e| {
-                    redb_err(self.ctx(&format!("removing extents of layer {id}")), e)
-                })?;
-            }
-        }
-        txn.commit()
-            .map_err(|e| redb_err(self.ctx("committing the layer chain"), e))
+            txn.commit()
+                .map_err(|e| redb_err(self.ctx("committing the layer chain"), e))
+        })
     }
 
     /// Durably marks the store cleanly shut down and empties the dirty table.
     pub(crate) fn close_clean(self) -> Result<()> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| redb_err(self.ctx("beginning a write transaction"), e))?;
-        {
-            let mut d = txn
-                .open_table(DIRTY)
-                .map_err(|e| redb_err(self.ctx("opening table `dirty`"), e))?;
-            d.retain(|_, _| false)
-                .map_err(|e| redb_err(self.ctx("clearing dirty regions"), e))?;
-            let mut m = txn
-                .open_table(META)
-                .map_err(|e| redb_err(self.ctx("opening table `meta`"), e))?;
-            m.insert(key::CLEAN, "true")
-                .map_err(|e| redb_err(self.ctx("writing key `clean`"), e))?;
-        }
-        txn.commit()
-            .map_err(|e| redb_err(self.ctx("committing clean shutdown"), e))?;
+        self.with_db(|db| {
+            let txn = db
+                .begin_write()
+                .map_err(|e| redb_err(self.ctx("beginning a write transaction"), e))?;
+            {
+                let mut d = txn
+                    .open_table(DIRTY)
+                    .map_err(|e| redb_err(self.ctx("opening table `dirty`"), e))?;
+                d.retain(|_, _| false)
+                    .map_err(|e| redb_err(self.ctx("clearing dirty regions"), e))?;
+                let mut m = txn
+                    .open_table(META)
+                    .map_err(|e| redb_err(self.ctx("opening table `meta`"), e))?;
+                m.insert(key::CLEAN, "true")
+                    .map_err(|e| redb_err(self.ctx("writing key `clean`"), e))?;
+            }
+            txn.commit()
+                .map_err(|e| redb_err(self.ctx("committing clean shutdown"), e))
+        })?;
         let ctx = self.ctx("closing");
-        self.db.close().map_err(|e| redb_err(ctx, e))
+        self.into_db()?.close().map_err(|e| redb_err(ctx, e))
     }
 }
 
