@@ -355,7 +355,8 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                         .collect();
                     println!(
                         "{}",
-                        json!({"snapshots": snaps, "layers": layers, "merge_pending": r.merge_pending})
+                        json!({"snapshots": snaps, "layers": layers, "merge_pending": r.merge_pending,
+                        "merge_error": (!r.merge_error.is_empty()).then_some(&r.merge_error)})
                     );
                 } else {
                     println!(
@@ -380,6 +381,9 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                             "{:<32} {:>14} {:>14} {:>14}",
                             name, created, l.provisioned_bytes, l.allocated_bytes
                         );
+                    }
+                    if !r.merge_error.is_empty() {
+                        println!("merge stuck (retried until it goes on): {}", r.merge_error);
                     }
                 }
             }
