@@ -2,10 +2,11 @@
 //! merged away.
 //!
 //! A replica daemon (its real gRPC services on 127.0.0.1) keeps its data dir
-//! on a 24 MiB tmpfs. The volume has a snapshot holding data, a later
-//! snapshot, and writes after both; a filler file then takes all but a few
-//! hundred KiB of the filesystem and the older snapshot is deleted, so the
-//! background merge runs out of space after its first granule. Then:
+//! on a 24 MiB tmpfs (and again on a 32 MiB loop-mounted ext4). The volume
+//! has a snapshot holding data, a later snapshot, and writes after both; a
+//! filler file then takes all but a few hundred KiB of the filesystem and
+//! the older snapshot is deleted, so the background merge runs out of space
+//! after its first granule. Then:
 //!
 //! - no acknowledged write is lost: the head and the remaining snapshot read
 //!   back exactly what was written, while full and after;
@@ -16,8 +17,8 @@
 //!   within a bounded wait, the data still exact, and the metadata database
 //!   still takes commits (a snapshot is taken, the daemon restarts).
 //!
-//! Needs root (it mounts a tmpfs), like the README's test command: it fails,
-//! rather than skips, without it.
+//! Needs root (it mounts filesystems), like the README's test command: it
+//! fails, rather than skips, without it.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -41,37 +42,65 @@ const MIB: u64 = 1024 * KIB;
 const VOLUME_SIZE: u64 = 16 * MIB;
 const EPOCH: u64 = 1;
 
-/// A tmpfs mounted for the test, unmounted (lazily, so it always goes) on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
+/// A small filesystem mounted for the test (a tmpfs, or ext4 on a loop
+/// device over an image file), unmounted (lazily, so it always goes) on drop.
+struct SmallFs {
+    mnt: tempfile::TempDir,
+    /// Holds the ext4 image.
+    _image: Option<tempfile::TempDir>,
 }
 
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount")
+impl SmallFs {
+    fn tmpfs(size: &str) -> SmallFs {
+        let mnt = tempfile::tempdir().unwrap();
+        run(Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "mount -t tmpfs failed: this test needs root: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs { dir }
+            .arg(mnt.path()));
+        SmallFs { mnt, _image: None }
+    }
+
+    /// ext4 of `mib` MiB: a real block filesystem, where punching a hole
+    /// gives blocks back to the allocator and the root reserve is usable.
+    fn ext4(mib: u64) -> SmallFs {
+        let image_dir = tempfile::tempdir().unwrap();
+        let image = image_dir.path().join("fs.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(mib * MIB)
+            .unwrap();
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+        let mnt = tempfile::tempdir().unwrap();
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(mnt.path()));
+        SmallFs {
+            mnt,
+            _image: Some(image_dir),
+        }
     }
 
     fn path(&self) -> &Path {
-        self.dir.path()
+        self.mnt.path()
     }
 }
 
-impl Drop for Tmpfs {
+/// Runs a setup command (mount, mkfs); fails the test when it fails.
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("run a setup command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed (this test needs root to mount): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Drop for SmallFs {
     fn drop(&mut self) {
+        // -d: a loop device set up by mount goes with it.
         let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
+            .args(["-l", "-d"])
+            .arg(self.mnt.path())
             .status();
     }
 }
@@ -276,7 +305,17 @@ fn fill_up(path: &Path, leave: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merge_that_runs_out_of_space_loses_nothing_says_why_and_finishes_when_space_returns() {
-    let fs = Tmpfs::mount("24m");
+    story(SmallFs::tmpfs("24m")).await;
+}
+
+/// The same on ext4, whose punched holes and allocator are a real block
+/// filesystem's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_on_ext4() {
+    story(SmallFs::ext4(32)).await;
+}
+
+async fn story(fs: SmallFs) {
     let data_dir = fs.path().join("data");
     let filler = fs.path().join("filler");
     let daemon = start(data_dir.clone()).await;
