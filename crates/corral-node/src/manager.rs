@@ -826,6 +826,54 @@ mod tests {
         m.stop("v").await.unwrap();
     }
 
+    #[tokio::test]
+    async fn a_snapshot_through_an_engine_that_never_serves_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(dir.path(), "exec sleep 30");
+        let e = m.snapshot("v", "s", None, true).await.unwrap_err();
+        assert!(
+            matches!(e, NodeError::NotFound(_)),
+            "no engine, no spec: {e}"
+        );
+        let e = m.snapshot("v", "s", Some(&spec()), true).await.unwrap_err();
+        assert!(matches!(e, NodeError::NotServing { .. }), "{e}");
+        assert!(m.list().is_empty(), "the transient engine is stopped");
+        assert!(m.context.book.engines().await.is_empty());
+        let mut other = spec();
+        other.volume = "w".into();
+        let e = m.snapshot("v", "s", Some(&other), false).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                NodeError::BadSpec {
+                    field: "volume",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_restarted_daemon_forgets_a_transient_engine_instead_of_restarting_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(dir.path(), "exec sleep 30");
+        let mut transient = EngineSpec::from_pb(&spec()).unwrap();
+        transient.nbd = false;
+        let status = {
+            let turn = m.turn("v");
+            let _turn = turn.lock().await;
+            m.start_in_turn(transient, true).await.unwrap()
+        };
+        assert!(status.transient && status.pid != 0, "{status:?}");
+        assert!(m.context.book.engines().await["v"].transient);
+        let again =
+            EngineManager::open(m.config.clone(), m.context.clone(), Arc::clone(&m.registry)).await;
+        assert!(again.list().is_empty(), "not brought back");
+        assert!(again.context.book.engines().await.is_empty(), "forgotten");
+        m.stop("v").await.unwrap();
+    }
+
     #[test]
     fn the_filesystem_of_a_directory_has_room() {
         let dir = tempfile::tempdir().unwrap();
