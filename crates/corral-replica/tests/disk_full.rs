@@ -285,6 +285,17 @@ async fn snapshot(control: &mut ReplicaControlClient<Channel>, name: &str) {
         .unwrap();
 }
 
+/// CPU time (user and system) this process has used, in seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name, which ends with the last ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
 /// Writes `path` until the filesystem is full, then gives back `leave` bytes.
 fn fill_up(path: &Path, leave: u64) {
     let mut f = std::fs::File::create(path).unwrap();
@@ -315,7 +326,11 @@ async fn the_same_on_ext4() {
     story(SmallFs::ext4(32)).await;
 }
 
+/// The stories run one at a time: one measures the process's CPU time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn story(fs: SmallFs) {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let data_dir = fs.path().join("data");
     let filler = fs.path().join("filler");
     let daemon = start(data_dir.clone()).await;
@@ -413,6 +428,17 @@ async fn story(fs: SmallFs) {
             .any(|l| l.snapshot == "old" && l.deleting),
         "the layer stays, marked deleting: {stuck:?}"
     );
+    // Stuck, it waits between tries rather than spinning: this process (the
+    // daemon's threads) uses a small part of one core meanwhile.
+    let cpu = cpu_seconds();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = cpu_seconds() - cpu;
+    assert!(
+        used < 0.75,
+        "{used:.2} s of CPU in 3 s while the merge is stuck"
+    );
+    let l = list(&mut control).await;
+    assert!(l.merge_pending && !l.merge_error.is_empty(), "{l:?}");
 
     // A foreground write into space nothing holds yet is refused as out of
     // space, not as an I/O error (and not a panic).
