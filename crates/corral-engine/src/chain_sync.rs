@@ -452,6 +452,83 @@ pub async fn reconcile(
     Ok(report)
 }
 
+/// Which replicas hold a chain other than the RW set's, given each one's
+/// chain (names, oldest first): the chain most of them hold is the RW
+/// set's (ties: the longer, then the first listed); the indices of the
+/// others are returned.
+pub(crate) fn outliers(chains: &[Vec<String>]) -> Vec<usize> {
+    let Some(reference) = chains
+        .iter()
+        .enumerate()
+        .max_by(|(i, a), (j, b)| {
+            let count = |c: &Vec<String>| chains.iter().filter(|x| *x == c).count();
+            count(a)
+                .cmp(&count(b))
+                .then(a.len().cmp(&b.len()))
+                .then(j.cmp(i))
+        })
+        .map(|(_, c)| c)
+    else {
+        return Vec::new();
+    };
+    (0..chains.len())
+        .filter(|&i| chains[i] != *reference)
+        .collect()
+}
+
+/// Check that the RW replicas hold one chain. They can differ only if an
+/// engine stopped in the middle of a snapshot create or delete, before a
+/// replica that missed it was moved out; those that differ from the chain
+/// most hold are moved to ERR, with every chunk marked changed (their
+/// head is in sync but any snapshot view may differ anywhere), and are
+/// reconciled when they return. Returns false if it could not tell (a
+/// replica did not answer, or a snapshot was being created or deleted):
+/// the caller tries again.
+pub async fn check_rw_chains(volume: &Volume) -> bool {
+    let set = volume.replica_set();
+    let version = set.chain_version();
+    let targets = set.read_targets();
+    let lists = futures::future::join_all(
+        targets
+            .iter()
+            .map(|(_, client)| client.control().list_snapshots(set.volume())),
+    )
+    .await;
+    let mut chains = Vec::new();
+    for list in lists {
+        match list {
+            Ok(list) => chains.push(listed(&list).into_iter().map(|s| s.name).collect()),
+            Err(_) => return false,
+        }
+    }
+    if set.chain_version() != version {
+        return false;
+    }
+    let out = outliers(&chains);
+    if out.is_empty() {
+        return true;
+    }
+    // Not below what the write policy needs: a volume that serves with
+    // two chains beats one that does not serve.
+    if chains.len() - out.len() < set.min_rw().max(1) {
+        tracing::warn!(volume = %set.volume(), chains = ?chains,
+            "the RW replicas hold different snapshot chains, and too few hold the same one to move the others out");
+        return true;
+    }
+    let every_chunk: Vec<u64> = (0..volume.chunk_count()).collect();
+    for i in out {
+        let (id, client) = &targets[i];
+        tracing::warn!(volume = %set.volume(), replica = %client.addr(), chain = ?chains[i],
+            "replica's snapshot chain differs from the RW set's (a create or delete was cut short): moving it to ERR to reconcile it");
+        let err = ReplicaIoError::Io(format!(
+            "its snapshot chain {:?} differs from the RW set's",
+            chains[i]
+        ));
+        let _ = set.handle_failure(*id, &err, &every_chunk).await;
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,6 +572,23 @@ mod tests {
             plan_chain(&["a", "c", "b"], &["a", "b", "c"], Some(&none)),
             (vec!["b".to_string(), "c".to_string()], vec![0])
         );
+    }
+
+    #[test]
+    fn the_chain_most_replicas_hold_wins() {
+        let c = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(outliers(&[]), Vec::<usize>::new());
+        assert_eq!(outliers(&[c(&["a"]), c(&["a"])]), Vec::<usize>::new());
+        // A create cut short on one of three.
+        assert_eq!(
+            outliers(&[c(&["a"]), c(&["a", "b"]), c(&["a", "b"])]),
+            vec![0]
+        );
+        // A delete cut short on one of three.
+        assert_eq!(outliers(&[c(&["a", "b"]), c(&["a"]), c(&["a"])]), vec![0]);
+        // A tie: the longer chain.
+        assert_eq!(outliers(&[c(&["a"]), c(&["a", "b"])]), vec![0]);
+        assert_eq!(outliers(&[c(&["a", "b"]), c(&["a"])]), vec![1]);
     }
 
     #[test]

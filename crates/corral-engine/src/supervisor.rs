@@ -5,6 +5,8 @@
 //! an operator adds a replica) it:
 //! - pings every RW and WO replica (a control call bounded by the replica
 //!   timeout), so a dead or partitioned replica is noticed even when idle;
+//! - once, at the start: checks that the RW replicas hold one snapshot
+//!   chain ([`crate::chain_sync::check_rw_chains`]);
 //! - forgets what ERR replicas missed once they are past the stale-replica
 //!   timeout (they will be compared in full);
 //! - tries to bring every ERR replica back: reconnect, create the replica if
@@ -96,6 +98,8 @@ pub async fn flush_when_idle(volume: Arc<Volume>, period: Duration, shutdown: Ca
 
 /// Run until `shutdown`.
 pub async fn run(volume: Arc<Volume>, config: SupervisorConfig, shutdown: CancellationToken) {
+    // Whether the RW replicas are known to hold one snapshot chain.
+    let mut chains_checked = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(config.retry_interval) => {}
@@ -107,6 +111,9 @@ pub async fn run(volume: Arc<Volume>, config: SupervisorConfig, shutdown: Cancel
             continue;
         }
         ping_all(&volume).await;
+        if !chains_checked {
+            chains_checked = chain_sync::check_rw_chains(&volume).await;
+        }
         set.expire_stale(config.stale_replica_timeout);
         for (id, address) in set.returnable() {
             if !set.claim(id) {

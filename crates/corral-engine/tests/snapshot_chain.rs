@@ -432,3 +432,53 @@ async fn a_snapshot_deleted_and_taken_again_while_a_replica_was_away_is_replaced
     let all = contents(&mut reps).await;
     assert_chains(&all, &[("first", &first), ("daily", &daily)], &model.bytes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_cut_short_by_an_engine_crash_is_made_whole_by_the_next_engine() {
+    let mut reps = replicas(3).await;
+    let cfg = config(&reps);
+    let mut model = Model::new();
+    let (volume, stop) = start(&cfg).await;
+    let set = Arc::clone(volume.replica_set());
+    scatter(&volume, &mut model, 60, 20).await;
+    set.snapshot_create("whole").await.unwrap();
+    let whole = model.bytes.clone();
+    scatter(&volume, &mut model, 61, 20).await;
+    drop(stop);
+    drop(set);
+    drop(volume);
+    // An engine without a supervisor (it fences the one above, whose last
+    // tick may still run) takes "cut" on two replicas and dies before the
+    // third (and before moving it to ERR): the membership names all RW.
+    let fencing = corral_engine::open::open_volume(&cfg, None).await.unwrap();
+    let epoch = fencing.replica_set().epoch();
+    for r in &reps[..2] {
+        let control = ReplicaControl::connect(&r.addr, Duration::from_secs(5))
+            .await
+            .unwrap();
+        control.create_snapshot("vol", epoch, "cut").await.unwrap();
+    }
+    let cut = model.bytes.clone();
+    drop(fencing);
+
+    // The next engine finds the third replica's chain short, moves it out
+    // and replays the snapshot into it.
+    let (volume, stop) = start(&cfg).await;
+    let set = Arc::clone(volume.replica_set());
+    common::wait_until(
+        Duration::from_secs(30),
+        "the short chain to be noticed",
+        || set.failures() > 0,
+        || format!("{:?}", set.status()),
+    )
+    .await;
+    scatter(&volume, &mut model, 62, 6).await;
+    wait_all_rw(&volume, Duration::from_secs(30)).await;
+    scatter(&volume, &mut model, 63, 4).await;
+
+    drop(stop);
+    drop(set);
+    drop(volume);
+    let all = contents(&mut reps).await;
+    assert_chains(&all, &[("whole", &whole), ("cut", &cut)], &model.bytes);
+}
