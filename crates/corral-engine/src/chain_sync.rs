@@ -26,6 +26,8 @@
 //!    copying the runs that differ; then S is taken on the target.
 //!
 //! Blocks past S's size (the volume grew after S) are made to read zero.
+//! The copy is paced like the rebuild's (`--rebuild-concurrency`,
+//! `--rebuild-bandwidth`).
 //! Nothing here needs chunk locks: S's view never changes, and the target
 //! takes no writes until it joins. The caller then joins it at the chain
 //! version it read before step 1 ([`crate::replica_set::ReplicaSet::join_write_set`]):
@@ -33,7 +35,8 @@
 //! attempt reconciles again (chunks already equal cost a checksum each).
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use corral_client::ClientError;
@@ -45,7 +48,8 @@ use crate::client::ReplicaClient;
 use crate::error::ReplicaIoError;
 use crate::members::Epoch;
 use crate::rebuild::{
-    ChunkRange, GROUP_CHUNKS, Run, group_checksums, read_runs, runs_to_copy, write_runs,
+    ChunkRange, GROUP_CHUNKS, RebuildSettings, Run, group_checksums, read_runs, runs_to_copy,
+    write_runs,
 };
 use crate::replica_set::ReplicaSet;
 use crate::volume::Volume;
@@ -198,15 +202,18 @@ async fn replay_view(
     size: u64,
     chunks: &[u64],
     empty: bool,
-    concurrency: usize,
+    pace: &Pace,
 ) -> Result<(u64, u64), ChainSyncError> {
     let set = volume.replica_set();
     let epoch = set.epoch();
     let (inside, beyond) = split_at_size(volume, chunks, size);
-    let group_size = concurrency.clamp(1, GROUP_CHUNKS);
-    let in_flight = (concurrency / group_size).max(1);
+    let group_size = pace.concurrency.clamp(1, GROUP_CHUNKS);
+    let in_flight = (pace.concurrency / group_size).max(1);
     let copies = futures::stream::iter(inside.chunks(group_size).map(<[ChunkRange]>::to_vec))
-        .map(|group| copy_view_group(set, epoch, source, target, snapshot, group, empty))
+        .map(|group| async move {
+            pace.wait().await;
+            copy_view_group(set, epoch, source, target, snapshot, group, empty).await
+        })
         .buffer_unordered(in_flight);
     futures::pin_mut!(copies);
     let (mut compared, mut copied) = (0u64, 0u64);
@@ -214,6 +221,7 @@ async fn replay_view(
         let (c, w) = outcome?;
         compared += c;
         copied += w;
+        pace.copied.fetch_add(w, Ordering::Relaxed);
     }
     if !empty {
         let zeroes = futures::stream::iter(beyond.chunks(group_size).map(<[ChunkRange]>::to_vec))
@@ -225,6 +233,38 @@ async fn replay_view(
         }
     }
     Ok((compared, copied))
+}
+
+/// How fast a reconciliation copies: the rebuild's settings
+/// (`--rebuild-concurrency`, `--rebuild-bandwidth`), over all its views.
+struct Pace {
+    concurrency: usize,
+    bandwidth: Option<u64>,
+    started: Instant,
+    copied: AtomicU64,
+}
+
+impl Pace {
+    fn new(settings: &RebuildSettings) -> Self {
+        Pace {
+            concurrency: settings.concurrency,
+            bandwidth: settings.bandwidth.filter(|b| *b > 0),
+            started: Instant::now(),
+            copied: AtomicU64::new(0),
+        }
+    }
+
+    /// Wait until what was copied so far is within the bandwidth.
+    async fn wait(&self) {
+        if let Some(bw) = self.bandwidth {
+            let copied = self.copied.load(Ordering::Relaxed);
+            let due = Duration::from_secs_f64(copied as f64 / bw as f64);
+            let spent = self.started.elapsed();
+            if due > spent {
+                tokio::time::sleep(due - spent).await;
+            }
+        }
+    }
 }
 
 /// One group of [`replay_view`] inside the snapshot's size.
@@ -349,8 +389,9 @@ pub async fn reconcile(
     chunks: &[u64],
     empty: bool,
     missed: Option<&BTreeSet<String>>,
-    concurrency: usize,
+    settings: &RebuildSettings,
 ) -> Result<ChainReport, ChainSyncError> {
+    let pace = Pace::new(settings);
     let set = volume.replica_set();
     let name = set.volume();
     let epoch = set.epoch();
@@ -421,14 +462,7 @@ pub async fn reconcile(
     let mut head_empty = empty && target_chain.is_empty();
     for s in replay {
         let (compared, copied) = replay_view(
-            volume,
-            &source,
-            target,
-            &s.name,
-            s.size,
-            chunks,
-            head_empty,
-            concurrency,
+            volume, &source, target, &s.name, s.size, chunks, head_empty, &pace,
         )
         .await?;
         target

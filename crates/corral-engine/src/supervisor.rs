@@ -303,7 +303,7 @@ async fn bring_back(
             &chunks,
             empty,
             missed.as_ref(),
-            config.rebuild.concurrency,
+            &config.rebuild,
         )
         .await
         .map_err(|e| match e {

@@ -313,7 +313,7 @@ async fn a_snapshot_taken_during_a_rebuild_reaches_the_rebuilt_replica() {
     let (volume, stop) = start(&cfg).await;
     let set = Arc::clone(volume.replica_set());
     let mut model = Model::new();
-    model.write(&volume, 0, SIZE as usize, 30).await;
+    model.write(&volume, 0, SIZE as usize / 2, 30).await;
     set.snapshot_create("old").await.unwrap();
     let old = model.bytes.clone();
     scatter(&volume, &mut model, 31, 10).await;
