@@ -345,20 +345,11 @@ impl EngineControl for ControlService {
         let name = request.into_inner().name;
         refuse_while_filling(volume, "snapshot")?;
         // Flush first, while writes go on, so that the sync each replica
-        // makes with writes held covers only what arrived since: the pause
-        // is then about a round trip, not the page cache's backlog. Under a
-        // heavy write load one flush leaves what arrived during it (as much
-        // as its own sync took): flush again while that is large, at most
-        // three times.
-        for _ in 0..3 {
-            let started = std::time::Instant::now();
-            if let Err(e) = volume.flush_replicas().await {
-                warn!(volume = %volume.name(), error = %e, "flush before the snapshot failed; taking it anyway");
-                break;
-            }
-            if started.elapsed() < std::time::Duration::from_millis(20) {
-                break;
-            }
+        // makes with writes held covers only what arrived since. (Under a
+        // sustained write load that is still what arrived during this
+        // flush: repeating it does not converge — measured, docs/benchmarks.md.)
+        if let Err(e) = volume.flush_replicas().await {
+            warn!(volume = %volume.name(), error = %e, "flush before the snapshot failed; taking it anyway");
         }
         let report = volume
             .replica_set()
