@@ -456,6 +456,44 @@ impl EngineManager {
         spec: Option<&pb::EngineSpec>,
         create: bool,
     ) -> Result<pb::VolumeSnapshotResponse, NodeError> {
+        self.through_engine(volume, spec, |control: EngineControl| async move {
+            if create {
+                control.create_snapshot(name).await
+            } else {
+                control.delete_snapshot(name).await
+            }
+        })
+        .await
+    }
+
+    /// Grow `volume` to `size` bytes through its engine on this node: the
+    /// running one, or a transient one from `spec` (a volume attached
+    /// nowhere), as [`Self::snapshot`].
+    pub async fn expand(
+        &self,
+        volume: &str,
+        size: u64,
+        spec: Option<&pb::EngineSpec>,
+    ) -> Result<pb::ExpandVolumeResponse, NodeError> {
+        self.through_engine(volume, spec, |control: EngineControl| async move {
+            control.expand(size).await
+        })
+        .await
+    }
+
+    /// Run `call` on `volume`'s engine here: the running one, or a
+    /// transient one started from `spec` without frontends and stopped
+    /// after the call. The volume's turn is held throughout, so a start or
+    /// stop of it here waits for the call.
+    async fn through_engine<T, F>(
+        &self,
+        volume: &str,
+        spec: Option<&pb::EngineSpec>,
+        call: impl FnOnce(EngineControl) -> F,
+    ) -> Result<T, NodeError>
+    where
+        F: std::future::Future<Output = Result<T, corral_client::ClientError>>,
+    {
         let spec = spec
             .map(|s| {
                 let mut spec = EngineSpec::from_pb(s)?;
@@ -473,19 +511,12 @@ impl EngineManager {
             .transpose()?;
         let turn = self.turn(volume);
         let _turn = turn.lock().await;
-        let run = |control: EngineControl| async move {
-            if create {
-                control.create_snapshot(name).await
-            } else {
-                control.delete_snapshot(name).await
-            }
-        };
         if let Some(running) = self.supervisor(volume) {
             if running.snapshot().phase != Phase::Running {
                 self.until_serving(&running, false).await?;
             }
             let control = self.control_of(&running, SNAPSHOT_CALL_TIMEOUT).await?;
-            return Ok(run(control).await?);
+            return Ok(call(control).await?);
         }
         let Some(spec) = spec else {
             return Err(NodeError::NotFound(volume.to_string()));
@@ -502,7 +533,7 @@ impl EngineManager {
                 .supervisor(volume)
                 .ok_or_else(|| NodeError::NotFound(volume.to_string()))?;
             let control = self.control_of(&running, SNAPSHOT_CALL_TIMEOUT).await?;
-            Ok(run(control).await?)
+            Ok(call(control).await?)
         }
         .await;
         self.stop_transient(volume).await;

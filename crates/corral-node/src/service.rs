@@ -145,6 +145,21 @@ impl EngineManagerRpc for EngineManagerService {
         Ok(Response::new(pb::ListHostedSnapshotsResponse { volumes }))
     }
 
+    async fn expand_engine(
+        &self,
+        request: Request<pb::ExpandEngineRequest>,
+    ) -> Result<Response<pb::ExpandVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let manager = Arc::clone(&self.manager);
+        let done = finish(async move {
+            manager
+                .expand(&req.volume, req.size, req.spec.as_ref())
+                .await
+        })
+        .await?;
+        Ok(Response::new(done))
+    }
+
     async fn fill_clone(
         &self,
         request: Request<pb::FillCloneRequest>,
