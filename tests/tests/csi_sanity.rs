@@ -42,13 +42,10 @@
 //! LIST_SNAPSHOTS, GET_SNAPSHOT and CLONE_VOLUME are advertised), and so
 //! are CreateVolume's cases from a source snapshot and a source volume.
 //!
-//! Not ported yet, although EXPAND_VOLUME is now advertised:
-//! "ExpandVolume [Controller Server]" and Node "NodeExpandVolume". Their
-//! argument checks (no volume id, no capacity range, no volume path,
-//! unknown volume) are unit tests in corral-csi, and the expansion itself
-//! is `tests/tests/csi_expand.rs`; csi-sanity's "should work" expands a
-//! volume that is not published, which corral refuses (it advertises
-//! `VolumeExpansion: ONLINE` only).
+//! "ExpandVolume [Controller Server]" and Node "NodeExpandVolume" are
+//! ported and run: a volume attached nowhere is grown through a transient
+//! engine, so their "should work" cases expand detached volumes as
+//! csi-sanity does (`TestVolumeExpandSize`: `TestVolumeSize` + 1 GiB).
 //!
 //! One case csi-sanity marks pending (`XIt`, "fragile" for plugins whose
 //! tokens are positions) is ported and runs: ListVolumes "pagination should
@@ -1888,6 +1885,70 @@ fn create_snapshot_should_succeed_when_creating_snapshot_with_maximum_length_nam
 }
 
 // ===========================================================================
+// ExpandVolume [Controller Server] (controller.go)
+
+/// csi-sanity's `TestVolumeExpandSize`: `TestVolumeSize` + 1 GiB.
+const TEST_VOLUME_EXPAND_SIZE: i64 = TEST_VOLUME_SIZE + (1 << 30);
+
+fn controller_expand(
+    s: &Sanity,
+    req: csi::ControllerExpandVolumeRequest,
+) -> Result<csi::ControllerExpandVolumeResponse, Status> {
+    s.block_on(s.controller().controller_expand_volume(req))
+        .map(|r| r.into_inner())
+}
+
+/// `MakeExpandVolumeReq`.
+fn expand_request(volume_id: &str) -> csi::ControllerExpandVolumeRequest {
+    csi::ControllerExpandVolumeRequest {
+        volume_id: volume_id.to_string(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: TEST_VOLUME_EXPAND_SIZE,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(writer()),
+        ..Default::default()
+    }
+}
+
+/// ExpandVolume: "should fail if no volume id is given".
+#[test]
+fn expand_volume_should_fail_if_no_volume_id_is_given() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::ExpandVolume);
+        expect_code(
+            controller_expand(s, expand_request("")),
+            Code::InvalidArgument,
+        );
+    });
+}
+
+/// ExpandVolume: "should fail if no capacity range is given".
+#[test]
+fn expand_volume_should_fail_if_no_capacity_range_is_given() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::ExpandVolume);
+        expect_code(
+            controller_expand(s, csi::ControllerExpandVolumeRequest::default()),
+            Code::InvalidArgument,
+        );
+    });
+}
+
+/// ExpandVolume: "should work" (a volume attached nowhere: a transient
+/// engine grows it).
+#[test]
+fn expand_volume_should_work() {
+    sanity(|s| {
+        s.require_controller(ControllerCap::ExpandVolume);
+        let vol = s.must_create_volume(create_request(&unique("sanity-expand-volume")));
+        let res =
+            controller_expand(s, expand_request(&vol.volume_id)).expect("ControllerExpandVolume");
+        assert_eq!(res.capacity_bytes, TEST_VOLUME_EXPAND_SIZE);
+    });
+}
+
+// ===========================================================================
 // Node Service (node.go)
 
 /// NodeGetCapabilities: "should return appropriate capabilities".
@@ -2221,6 +2282,111 @@ fn node_get_volume_stats_should_fail_when_volume_does_not_exist_on_the_specified
 #[test]
 fn node_get_volume_stats_should_fail_when_volume_does_not_exist_on_the_specified_path_block() {
     sanity(|s| stats_on_another_path(s, true));
+}
+
+fn node_expand(
+    s: &Sanity,
+    req: csi::NodeExpandVolumeRequest,
+) -> Result<csi::NodeExpandVolumeResponse, Status> {
+    s.block_on(s.node().node_expand_volume(req))
+        .map(|r| r.into_inner())
+}
+
+/// NodeExpandVolume: "should fail when no volume id is provided".
+#[test]
+fn node_expand_volume_should_fail_when_no_volume_id_is_provided() {
+    sanity(|s| {
+        s.require_node(NodeCap::ExpandVolume);
+        expect_code(
+            node_expand(
+                s,
+                csi::NodeExpandVolumeRequest {
+                    volume_path: Sanity::path(&s.target_path),
+                    volume_capability: Some(writer()),
+                    ..Default::default()
+                },
+            ),
+            Code::InvalidArgument,
+        );
+    });
+}
+
+/// NodeExpandVolume: "should fail when no volume path is provided".
+#[test]
+fn node_expand_volume_should_fail_when_no_volume_path_is_provided() {
+    sanity(|s| {
+        s.require_node(NodeCap::ExpandVolume);
+        let vol = s.must_create_volume(create_request(&unique(
+            "sanity-node-expand-volume-valid-id",
+        )));
+        expect_code(
+            node_expand(
+                s,
+                csi::NodeExpandVolumeRequest {
+                    volume_id: vol.volume_id,
+                    volume_capability: Some(writer()),
+                    ..Default::default()
+                },
+            ),
+            Code::InvalidArgument,
+        );
+    });
+}
+
+/// NodeExpandVolume: "should fail when volume is not found".
+#[test]
+fn node_expand_volume_should_fail_when_volume_is_not_found() {
+    sanity(|s| {
+        s.require_node(NodeCap::ExpandVolume);
+        expect_code(
+            node_expand(
+                s,
+                csi::NodeExpandVolumeRequest {
+                    volume_id: unique_valid_volume_id(),
+                    volume_path: "some/path".into(),
+                    ..Default::default()
+                },
+            ),
+            Code::NotFound,
+        );
+    });
+}
+
+/// NodeExpandVolume: "should work if node-expand is called after node-publish".
+#[test]
+fn node_expand_volume_should_work_if_node_expand_is_called_after_node_publish() {
+    sanity(|s| {
+        s.require_node(NodeCap::ExpandVolume);
+        s.require_controller(ControllerCap::ExpandVolume);
+        let vol = s.must_create_volume(create_request(&unique("sanity-node-expand-volume")));
+        let res = controller_expand(
+            s,
+            csi::ControllerExpandVolumeRequest {
+                volume_id: vol.volume_id.clone(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: TEST_VOLUME_EXPAND_SIZE,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            },
+        )
+        .expect("ControllerExpandVolume");
+        assert_eq!(res.capacity_bytes, TEST_VOLUME_EXPAND_SIZE);
+        s.stage_and_publish(&vol, &writer());
+        node_expand(
+            s,
+            csi::NodeExpandVolumeRequest {
+                volume_id: vol.volume_id.clone(),
+                volume_path: Sanity::path(&s.target()),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: TEST_VOLUME_EXPAND_SIZE,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            },
+        )
+        .expect("while expanding volume on node");
+    });
 }
 
 /// csi-sanity's `runControllerTest`: create (the node's topology as

@@ -87,7 +87,7 @@ pub fn node_capabilities() -> Vec<csi::NodeServiceCapability> {
 
 /// The plugin's services: the controller's only when it runs one; and
 /// online volume expansion (a volume grows while its engine runs; a
-/// detached volume cannot be expanded).
+/// detached one through a transient engine).
 pub fn plugin_capabilities(controller: bool) -> Vec<csi::PluginCapability> {
     use csi::plugin_capability::service::Type;
     use csi::plugin_capability::volume_expansion::Type as Expansion;

@@ -4,7 +4,8 @@
 //! unpublished by stopping it — or, when that node is unreachable, by
 //! fencing the volume through its replicas, so a lost node cannot hold a
 //! volume hostage (no stuck Multi-Attach, no split brain). Volumes grow
-//! online only, through their running engine ([`expansion_size`]).
+//! through their running engine ([`expansion_size`]), or a transient one
+//! when attached nowhere.
 //! Snapshots are taken through the volume's engine by way of its node
 //! daemon ([`crate::snapshots`]; the RPCs in `controller/snapshots.rs`).
 //!
@@ -521,6 +522,57 @@ pub fn expansion_size(range: Option<&csi::CapacityRange>, unit: u64) -> Result<u
     Ok(size)
 }
 
+impl ControllerService {
+    /// Grow a volume attached nowhere through a transient engine, started
+    /// by a daemon holding one of its replicas with the smallest replica's
+    /// size (an engine serves its up-to-date replicas' smallest size and
+    /// refuses a larger `--size`). The size it has now.
+    async fn expand_detached(
+        &self,
+        view: &crate::daemons::ClusterView,
+        id: &str,
+        size: u64,
+    ) -> Result<u64, Status> {
+        let holders = view.holders(id);
+        let (node, smallest) = holders
+            .iter()
+            .filter_map(|n| n.replica(id).map(|r| (*n, r)))
+            .min_by_key(|(_, r)| r.size)
+            .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
+        let request = pb::ExpandEngineRequest {
+            volume: id.to_string(),
+            size,
+            spec: Some(crate::snapshots::transient_spec(view, id, smallest)),
+        };
+        let mut client = pb::engine_manager_client::EngineManagerClient::new(node.channel.clone());
+        let grown = match tokio::time::timeout(
+            crate::snapshots::SNAPSHOT_CALL_TIMEOUT,
+            client.expand_engine(request),
+        )
+        .await
+        {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => {
+                return Err(client_status(&corral_client::ClientError::from_status(
+                    &node.addr, &status,
+                )));
+            }
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "volume {id}: expansion through node {} did not answer",
+                    node.node_id()
+                )));
+            }
+        };
+        if !grown.failed.is_empty() {
+            tracing::warn!(volume = %id, failed = ?grown.failed, "replicas not grown yet (grown when they return)");
+        }
+        tracing::info!(volume = %id, node = node.node_id(), old = grown.old_size, new = grown.new_size,
+            "expanded while attached nowhere, through a transient engine");
+        Ok(grown.new_size.max(size))
+    }
+}
+
 /// Whether the node must act after an expansion: always, since the
 /// device itself only shows the new size once the node refreshes it (an
 /// iSCSI rescan), and a filesystem grows there as well.
@@ -528,9 +580,8 @@ const NODE_EXPANSION_REQUIRED: bool = true;
 
 impl ControllerService {
     /// ControllerExpandVolume: grow a published volume online through its
-    /// engine. A volume already at or above the size is left as it is (0
-    /// OK); one without a running engine is FAILED_PRECONDITION (corral
-    /// expands online only).
+    /// engine, a detached one through a transient engine. A volume already
+    /// at or above the size is left as it is (0 OK).
     async fn expand(
         &self,
         req: csi::ControllerExpandVolumeRequest,
@@ -574,11 +625,10 @@ impl ControllerService {
             if replica.size >= size {
                 return Ok(done(replica.size));
             }
-            return Err(Status::failed_precondition(format!(
-                "volume {id} is not published: corral expands volumes online only, \
-                 through their running engine; attach it to a node (start a pod using it) \
-                 and expand again"
-            )));
+            // Attached nowhere: a transient engine on a node holding a
+            // replica grows it (every replica, recorded like a membership
+            // change), and is stopped after.
+            return self.expand_detached(&view, id, size).await.map(done);
         };
         let Some(engine) = node.engine(id) else {
             return Err(Status::internal(format!("volume {id}: engine vanished")));
