@@ -305,7 +305,8 @@ pub async fn run_filler(
     info!(volume = %volume.name(), source = %fill.source().addr(),
         snapshot = %fill.record().snapshot, bytes = fill.record().source_size, "clone fill started");
     let mut unrecorded = 0u64;
-    let mut chunk = 0u64;
+    // Below the recorded mark everything is filled and durable already.
+    let mut chunk = (fill.record().filled_below / chunk_size).min(total);
     while chunk < total {
         if stop.is_cancelled() {
             return;
@@ -341,8 +342,10 @@ pub async fn run_filler(
             unrecorded = 0;
         }
     }
-    if total == 0
-        && let Err(e) = record_progress(&volume, &fill, 0, true).await
+    // Nothing was left to fill (an empty source, or an engine that stopped
+    // just after its last progress record): record it done.
+    if !fill.record().done
+        && let Err(e) = record_progress(&volume, &fill, total * chunk_size, true).await
     {
         warn!(volume = %volume.name(), error = %e, "clone fill: recording done failed");
         return;
