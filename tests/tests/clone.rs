@@ -87,18 +87,19 @@ fn a_snapshot_under_load_read_back_bit_exact_through_a_clone_and_a_clone_of_it()
                 }
                 // One 4 KiB request at a time, in order: a snapshot taken
                 // mid-pass holds a prefix of the pass.
-                let ok = Command::new("nbdcopy")
-                    .args([
+                let file = files[pass % 2].display().to_string();
+                corral_tests::tools::run_ok(
+                    "nbdcopy",
+                    &[
                         "--connections=1",
                         "--requests=1",
                         "--request-size=4096",
-                        &files[pass % 2].display().to_string(),
+                        &file,
                         &uri,
-                    ])
-                    .status()
-                    .expect("nbdcopy")
-                    .success();
-                assert!(ok, "the writer's nbdcopy failed");
+                    ],
+                    Duration::from_secs(120),
+                )
+                .expect("the writer's nbdcopy");
             }
             40
         })
@@ -160,7 +161,10 @@ fn a_snapshot_under_load_read_back_bit_exact_through_a_clone_and_a_clone_of_it()
         .expect("nbdcopy");
     let seen = c.read_back(clone, SIZE).unwrap();
     assert!(seen == snap, "the clone, read at once, is not the snapshot");
-    assert!(mover.wait().unwrap().success());
+    let moved =
+        corral_tests::wait_exit(&mut mover, Duration::from_secs(120), "the source's writer")
+            .expect("the source's writer ends");
+    assert!(moved.success());
     let status = ok_json(
         c.corral(&[
             "volume",

@@ -603,18 +603,7 @@ impl EngineControl {
         &self,
         name: &str,
     ) -> Result<pb::VolumeSnapshotResponse, ClientError> {
-        let mut c = self.inner.clone();
-        let request = pb::VolumeSnapshotRequest {
-            name: name.to_string(),
-            ..Default::default()
-        };
-        call(
-            &self.addr,
-            "delete snapshot",
-            self.timeout,
-            c.delete_snapshot(request),
-        )
-        .await
+        self.delete_snapshot_as(name, false).await
     }
 
     /// Delete snapshot `name`, taken for a clone that is now filled (it
@@ -623,10 +612,18 @@ impl EngineControl {
         &self,
         name: &str,
     ) -> Result<pb::VolumeSnapshotResponse, ClientError> {
+        self.delete_snapshot_as(name, true).await
+    }
+
+    async fn delete_snapshot_as(
+        &self,
+        name: &str,
+        clone_filled: bool,
+    ) -> Result<pb::VolumeSnapshotResponse, ClientError> {
         let mut c = self.inner.clone();
         let request = pb::VolumeSnapshotRequest {
             name: name.to_string(),
-            clone_filled: true,
+            clone_filled,
         };
         call(
             &self.addr,
