@@ -395,14 +395,14 @@ impl LoginNegotiation {
             }
             Stage::FullFeature => return self.fail(login_status::INITIATOR_ERROR),
         };
-        if self.stage == Stage::Operational || (transit && can_transit && nsg == 1) {
-            // Declare our receive limit once, in the operational stage or
-            // on the way into it.
-        }
+        // Declare our receive limit once: in a normal session's operational
+        // stage, and in any session on its way into full feature phase if
+        // not yet declared (a discovery session's operational PDUs before
+        // the last do not declare it, so the last one must).
         let going_to_ffp = transit && can_transit && nsg == 3;
         if (self.stage == Stage::Operational || going_to_ffp) && !self.sent_declarations {
-            self.sent_declarations = true;
             if self.session_type == Some(SessionType::Normal) || going_to_ffp {
+                self.sent_declarations = true;
                 // An initiator's declaration made in the security stage was
                 // answered NotUnderstood there; our own goes in its place
                 // (a key appears once per PDU).

@@ -204,6 +204,41 @@ fn a_declaration_in_the_security_stage_is_not_answered_twice() {
     assert_eq!(declared, outcome.params.target_max_recv_data_segment);
 }
 
+/// A discovery session that spends more than one PDU in the operational
+/// stage still declares the receive limit it logs in with (found by the
+/// `iscsi_login` fuzz target: the first operational PDU used up the
+/// declaration without sending it, and the session then received with our
+/// limit while the initiator assumed the default 8192).
+#[test]
+fn a_discovery_session_declares_its_limit_on_the_way_to_full_feature() {
+    let mut n = LoginNegotiation::new(config(None), 7);
+    let step = n.receive(&request(
+        1 << 2,
+        &[
+            ("InitiatorName", "iqn.test:init"),
+            ("SessionType", "Discovery"),
+            ("HeaderDigest", "None"),
+        ],
+    ));
+    assert_well_formed(&step);
+    let LoginStep::Continue(resp) = step else {
+        panic!("{step:?}")
+    };
+    let first = TextParams::parse(&resp.data).unwrap();
+    let step = n.receive(&request(0x80 | (1 << 2) | 3, &[("DataDigest", "None")]));
+    assert_well_formed(&step);
+    let LoginStep::Complete(resp, outcome) = step else {
+        panic!("{step:?}")
+    };
+    let last = TextParams::parse(&resp.data).unwrap();
+    let declared = first
+        .get("MaxRecvDataSegmentLength")
+        .or(last.get("MaxRecvDataSegmentLength"))
+        .map(|v| v.parse::<u32>().unwrap())
+        .unwrap_or(8192);
+    assert_eq!(declared, outcome.params.target_max_recv_data_segment);
+}
+
 #[test]
 fn target_only_keys_from_the_initiator_fail_the_login() {
     for key in ["TargetPortalGroupTag", "TargetAlias", "TargetAddress"] {
