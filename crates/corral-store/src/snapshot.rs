@@ -465,6 +465,15 @@ impl ReplicaStore {
                 "a deleted snapshot is still being merged; revert when it is done".into(),
             ));
         }
+        // The index as the durable extent lists give it: a merge into the
+        // head forgets the merged blocks' owners in memory (the head holds
+        // them), also where an older layer holds them too, and the head is
+        // about to be replaced.
+        let mut extents = std::collections::HashMap::new();
+        for l in &chain.layers()[..chain.layers().len() - 1] {
+            extents.insert(l.info.id, self.db.layer_extents(l.info.id)?);
+        }
+        chain.index = crate::store::fold_index(&infos(&chain), &extents);
         let size = self.size();
         let blocks = size / BLOCK;
         let id = next_id(&chain);
