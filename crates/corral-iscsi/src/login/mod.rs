@@ -400,18 +400,19 @@ impl LoginNegotiation {
         // not yet declared (a discovery session's operational PDUs before
         // the last do not declare it, so the last one must).
         let going_to_ffp = transit && can_transit && nsg == 3;
-        if (self.stage == Stage::Operational || going_to_ffp) && !self.sent_declarations {
-            if self.session_type == Some(SessionType::Normal) || going_to_ffp {
-                self.sent_declarations = true;
-                // An initiator's declaration made in the security stage was
-                // answered NotUnderstood there; our own goes in its place
-                // (a key appears once per PDU).
-                reply.pairs.retain(|(k, _)| k != "MaxRecvDataSegmentLength");
-                reply.push(
-                    "MaxRecvDataSegmentLength",
-                    self.params.target_max_recv_data_segment.to_string(),
-                );
-            }
+        if (self.stage == Stage::Operational || going_to_ffp)
+            && !self.sent_declarations
+            && (self.session_type == Some(SessionType::Normal) || going_to_ffp)
+        {
+            self.sent_declarations = true;
+            // An initiator's declaration made in the security stage was
+            // answered NotUnderstood there; our own goes in its place (a key
+            // appears once per PDU).
+            reply.pairs.retain(|(k, _)| k != "MaxRecvDataSegmentLength");
+            reply.push(
+                "MaxRecvDataSegmentLength",
+                self.params.target_max_recv_data_segment.to_string(),
+            );
         }
         let stage = self.stage as u8;
         if transit && can_transit {
