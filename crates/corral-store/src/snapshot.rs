@@ -60,6 +60,17 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A snapshot switched to in memory whose record is not committed yet: the
+/// chain's records with the frozen layer read-only and the new head, and the
+/// frozen layer's extents.
+#[derive(Debug)]
+pub(crate) struct PendingLayerCommit {
+    frozen_id: LayerId,
+    head_id: LayerId,
+    recs: Vec<LayerInfo>,
+    extents: Vec<index::Extent>,
+}
+
 /// The chain's layer records, oldest first.
 fn infos(chain: &LayerChain) -> Vec<LayerInfo> {
     chain.layers().iter().map(|l| l.info.clone()).collect()
@@ -91,14 +102,38 @@ impl ReplicaStore {
 
     /// Takes snapshot `name`: every write that completed before the call is in it, none
     /// that starts after. Idempotent: a snapshot of that name already there is returned
-    /// as is.
+    /// as is. Returns once the snapshot is durable.
     pub fn snapshot_create(&self, name: &str) -> Result<SnapshotInfo> {
+        self.snapshot_create_then(name, |_| {})
+    }
+
+    /// [`ReplicaStore::snapshot_create`], calling `switched` as soon as the snapshot is
+    /// taken in memory — I/O flows again from then on, new writes going to the new head —
+    /// and before the frozen layer is synced and its record committed. Until that commit
+    /// [`ReplicaStore::flush`] waits for it (the new head's writes are durable only once
+    /// the chain that names the new head is), and so does another snapshot call of any
+    /// name (it takes `admin`, held here to the end). So a caller may let writes go on at
+    /// `switched` and learn that the snapshot is durable from this call's return, or from
+    /// a later flush or repeated create. If the commit fails (a full disk), this returns
+    /// the error but the snapshot stays taken in memory: the commit is retried by the next
+    /// flush and the next change of the chain, each of which fails until it succeeds (so
+    /// nothing durable rests on a head the metadata does not name), and a retried create
+    /// of the same name returns once it has.
+    pub fn snapshot_create_then(
+        &self,
+        name: &str,
+        switched: impl FnOnce(&SnapshotInfo),
+    ) -> Result<SnapshotInfo> {
         validate_name(name)?;
         let _admin = lock(&self.admin);
+        self.check_layer_commit()?;
+        let started = std::time::Instant::now();
         {
             let chain = self.chain();
             if let Some(pos) = find(&chain, name) {
-                return Ok(self.snapshot_info(&chain, pos));
+                let info = self.snapshot_info(&chain, pos);
+                switched(&info);
+                return Ok(info);
             }
             if chain
                 .layers()
@@ -110,26 +145,27 @@ impl ReplicaStore {
                 )));
             }
         }
-        // While I/O goes on: sync the head, so the sync under the exclusive
-        // lock below only covers what arrived in between, and make the next
-        // head's files (their fsyncs commit the filesystem's journal, which
-        // on ext4 writes back every dirty block it orders).
-        self.chain().head().layer.sync()?;
+        // The next head's files, made durable (with the directory) only in
+        // the commit below, after I/O flows again; a crash before that
+        // commit leaves them unnamed, and the next open removes them.
         let id = next_id(&self.chain());
         let file = format!("l{id}");
         let size = self.size();
-        let new_head = Layer::create(&self.dir, &file, size)?;
-        meta::sync_dir(&self.dir)?;
+        let new_head = Layer::create_unsynced(&self.dir, &file, size)?;
+        let created_us = started.elapsed().as_micros() as u64;
         // `admin` is held: the chain changed only by I/O since the checks above.
+        // With I/O drained (`chain_mut`), only the frozen head's extents are
+        // read (from the page cache) and the heads switched in memory; its
+        // sync and the metadata commit come after I/O flows again, with
+        // flushes waiting on `layer_commit` meanwhile.
+        let mut commit_gate = lock(&self.layer_commit);
         let mut chain = self.chain_mut();
+        let locked_us = started.elapsed().as_micros() as u64;
         let head = chain.head();
-        let frozen = (|| {
-            head.layer.sync()?;
-            head.layer.written_extents(head.blocks)
-        })();
-        let extents = match frozen {
+        let extents = match head.layer.written_extents(head.blocks) {
             Ok(extents) => extents,
             Err(e) => {
+                drop(chain);
                 drop(new_head);
                 if let Err(e2) = remove_files(&self.dir, &file) {
                     tracing::warn!(error = %e2, "could not remove the files of an unrecorded layer");
@@ -145,16 +181,7 @@ impl ReplicaStore {
         recs[hp].created_unix_ms = now_ms();
         recs[hp].size = size;
         recs.push(LayerInfo::new(file.clone(), id, false, size));
-        if let Err(e) = self
-            .db
-            .commit_chain(&recs, &[(frozen_id, &extents)], &[], None)
-        {
-            drop(new_head);
-            if let Err(e2) = remove_files(&self.dir, &file) {
-                tracing::warn!(error = %e2, "could not remove the files of an unrecorded layer");
-            }
-            return Err(e);
-        }
+        let scanned_us = started.elapsed().as_micros() as u64;
         for &(s, e) in &extents {
             chain.index.assign(s, e, frozen_id);
         }
@@ -165,14 +192,74 @@ impl ReplicaStore {
             layer: new_head,
             blocks: size / BLOCK,
         });
+        let info = self.snapshot_info(&chain, hp);
+        drop(chain);
+        let extents_len = extents.len();
+        *commit_gate = Some(PendingLayerCommit {
+            frozen_id,
+            head_id: id,
+            recs,
+            extents,
+        });
+        let switched_at = std::time::Instant::now();
+        let switch_us = started.elapsed().as_micros() as u64;
+        switched(&info);
+        // I/O flows again. Make the frozen layer durable, then record it and
+        // the new head in one commit.
+        if let Err(e) = self.commit_pending(&mut commit_gate) {
+            tracing::warn!(dir = %self.dir.display(), snapshot = name, error = %e,
+                "snapshot taken but not recorded yet: flushes fail until its record is committed");
+            return Err(e);
+        }
+        drop(commit_gate);
         tracing::info!(
             dir = %self.dir.display(),
             snapshot = name,
-            extents = extents.len(),
-            index_extents = chain.index.len(),
+            index_extents = self.chain().index.len(),
+            created_us,
+            locked_us,
+            scanned_us,
+            frozen_extents = extents_len,
+            switch_us,
+            commit_us = switched_at.elapsed().as_micros() as u64,
             "snapshot taken"
         );
-        Ok(self.snapshot_info(&chain, hp))
+        Ok(info)
+    }
+
+    /// Commits the record of a snapshot switched in memory but not yet
+    /// recorded (see [`ReplicaStore::snapshot_create_then`]), waiting for
+    /// one under way. Every flush and every change of the chain calls it
+    /// first.
+    pub(crate) fn check_layer_commit(&self) -> Result<()> {
+        let mut pending = lock(&self.layer_commit);
+        self.commit_pending(&mut pending)
+    }
+
+    pub(crate) fn commit_pending(&self, pending: &mut Option<PendingLayerCommit>) -> Result<()> {
+        let Some(p) = pending.as_ref() else {
+            return Ok(());
+        };
+        {
+            // The frozen layer's data and entries, and the new head's files
+            // and directory entries, before the record that names them.
+            let chain = self.chain();
+            for id in [p.frozen_id, p.head_id] {
+                let layer = chain
+                    .layers()
+                    .iter()
+                    .find(|l| l.info.id == id)
+                    .ok_or_else(|| {
+                        StoreError::Invalid(format!("layer {id} is not in the chain"))
+                    })?;
+                layer.layer.sync()?;
+            }
+        }
+        meta::sync_dir(&self.dir)?;
+        self.db
+            .commit_chain(&p.recs, &[(p.frozen_id, &p.extents)], &[], None)?;
+        *pending = None;
+        Ok(())
     }
 
     /// The snapshots, oldest first (not those being deleted).
@@ -282,6 +369,7 @@ impl ReplicaStore {
     /// and its layer is merged into its child by [`ReplicaStore::merge_step`].
     pub fn snapshot_delete(&self, name: &str) -> Result<()> {
         let _admin = lock(&self.admin);
+        self.check_layer_commit()?;
         let mut chain = self.chain_mut();
         let pos = find(&chain, name).ok_or_else(|| StoreError::NoSuchSnapshot(name.into()))?;
         let mut recs = infos(&chain);
@@ -303,6 +391,7 @@ impl ReplicaStore {
     /// a crash, the merge goes on from its last committed granule.
     pub fn merge_step(&self) -> Result<bool> {
         let _admin = lock(&self.admin);
+        self.check_layer_commit()?;
         // A merge under way first (its child must not change under it), else the oldest.
         let (pos, cursor, blocks) = {
             let chain = self.chain();
@@ -458,6 +547,7 @@ impl ReplicaStore {
     /// first ([`StoreError::Busy`] while one is pending).
     pub fn snapshot_revert(&self, name: &str) -> Result<()> {
         let _admin = lock(&self.admin);
+        self.check_layer_commit()?;
         let mut chain = self.chain_mut();
         let top = find(&chain, name).ok_or_else(|| StoreError::NoSuchSnapshot(name.into()))?;
         if chain.layers().iter().any(|l| l.info.deleting) {

@@ -77,6 +77,10 @@ pub struct ReplicaStore {
     pub(crate) chain: RwLock<LayerChain>,
     /// Orders changes of the chain (snapshot, delete, merge steps, revert, grow).
     pub(crate) admin: Mutex<()>,
+    /// Held by a snapshot from switching heads in memory until the new chain
+    /// is committed (flushes wait for it); holds that commit if it failed, for
+    /// the next flush or change of the chain to retry.
+    pub(crate) layer_commit: Mutex<Option<crate::snapshot::PendingLayerCommit>>,
     pub(crate) stripes: Box<[RwLock<()>]>,
     intent: WriteIntent,
     /// Data syncs asked for so far, and the last ticket a completed sync covered.
@@ -301,6 +305,7 @@ impl ReplicaStore {
             }),
             chain: RwLock::new(chain),
             admin: Mutex::new(()),
+            layer_commit: Mutex::new(None),
             stripes,
             intent: WriteIntent::new(region_shift, &recovered),
             syncs_asked: AtomicU64::new(0),
@@ -336,6 +341,7 @@ impl ReplicaStore {
     /// their end they hold nothing. Waits for in-flight I/O.
     pub fn grow(&self, new_size: u64) -> Result<()> {
         let _admin = lock(&self.admin);
+        self.check_layer_commit()?;
         let cur = self.size();
         if new_size < cur {
             return Err(StoreError::Invalid(format!(
@@ -674,7 +680,10 @@ impl ReplicaStore {
             return Ok(());
         }
         let covers = self.syncs_asked.load(Ordering::SeqCst);
-        self.chain().head().layer.sync_data_file()?;
+        // Not under the chain's lock: a snapshot switching heads meanwhile
+        // is waited for by the caller (`check_layer_commit`).
+        let head = self.chain().head().layer.try_clone()?;
+        head.sync_data_file()?;
         *synced = covers;
         Ok(())
     }
@@ -809,7 +818,8 @@ impl ReplicaStore {
     /// the engine's flushes, which follow its acknowledged writes on every replica, may
     /// clear it.
     pub fn sync(&self) -> Result<()> {
-        self.chain().head().layer.sync()
+        let head = self.chain().head().layer.try_clone()?;
+        head.sync()
     }
 
     /// Makes every write that completed before this call durable — one `fdatasync` of the
@@ -821,9 +831,14 @@ impl ReplicaStore {
     pub fn flush(&self) -> Result<()> {
         let seq = self.intent.begin_flush();
         self.sync_data_grouped()?;
-        let chain = self.chain();
-        let head = &chain.head().layer;
+        // Writes that went to a head a snapshot has just frozen, or to the
+        // new head it made, are durable once that snapshot's commit is. The
+        // guard stays held while regions are cleared below, so that no
+        // snapshot freezes, unsynced, the entries of a region being cleared.
+        let mut pending = lock(&self.layer_commit);
+        self.commit_pending(&mut pending)?;
         if let Some(below) = self.intent.clear_threshold(seq, std::time::Instant::now()) {
+            let head = self.chain().head().layer.try_clone()?;
             head.sync_crc_file()?;
             if let Err(e) = self.intent.clear_idle(&self.db, below) {
                 // The data is durable; the regions merely stay dirty a while longer.

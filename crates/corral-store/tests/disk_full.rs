@@ -100,18 +100,30 @@ fn a_metadata_commit_that_runs_out_of_space_fails_clearly_and_the_store_recovers
             .snapshot_create(&name)
             .and_then(|_| store.snapshot_delete(&name));
         if let Err(e) = r {
-            failed = Some(e);
+            failed = Some((name, e));
             break;
         }
     }
-    let failed = failed.expect("a metadata commit ran out of space within 500 snapshots");
+    let (stuck, failed) = failed.expect("a metadata commit ran out of space within 500 snapshots");
     assert!(
         matches!(&failed, StoreError::NoSpace { context } if context.contains("meta.redb")),
         "the error says the disk is full, and where: {failed}"
     );
 
-    // Space comes back: the metadata takes commits again at once.
+    // While it is full, the snapshot taken in memory but not recorded keeps
+    // flushes failing (nothing is acknowledged durable on a head the
+    // metadata does not name).
+    assert!(
+        store.flush().is_err(),
+        "a flush fails while the record is not committed"
+    );
+
+    // Space comes back: the metadata takes commits again at once, starting
+    // with that record (a retried create of the same name returns it).
     std::fs::remove_file(&filler).unwrap();
+    store
+        .snapshot_create(&stuck)
+        .expect("the stuck snapshot is recorded once space returns");
     while store.merge_step().expect("merges go on") {}
     assert!(!store.merge_pending());
     store
@@ -133,7 +145,15 @@ fn a_metadata_commit_that_runs_out_of_space_fails_clearly_and_the_store_recovers
             .iter()
             .map(|s| &s.name)
             .collect::<Vec<_>>(),
-        ["after"]
+        [stuck.as_str(), "after"]
+    );
+    assert!(
+        store.read_snapshot(&stuck, 0, want.len() as u64).unwrap()
+            == want[..MIB]
+                .iter()
+                .chain(&vec![0u8; 3 * MIB])
+                .copied()
+                .collect::<Vec<_>>()[..]
     );
     assert!(store.read(0, want.len() as u64).unwrap() == want[..]);
     assert!(

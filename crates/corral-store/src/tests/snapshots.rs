@@ -17,10 +17,20 @@ const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { off: u64, len: u64, seed: u8 },
-    Unmap { off: u64, len: u64 },
+    Write {
+        off: u64,
+        len: u64,
+        seed: u8,
+    },
+    Unmap {
+        off: u64,
+        len: u64,
+    },
     Flush,
     Snapshot(usize),
+    /// A snapshot with a write issued as soon as the heads are switched,
+    /// before the frozen layer is synced and recorded: not in the snapshot.
+    SnapshotThenWrite(usize, u64, u64, u8),
     Delete(usize),
     MergeSteps(usize),
     MergeAll,
@@ -43,6 +53,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => range().prop_map(|(off, len)| Op::Unmap { off, len }),
         1 => Just(Op::Flush),
         3 => (0..NAMES.len()).prop_map(Op::Snapshot),
+        2 => (0..NAMES.len(), range(), 1..8u8)
+            .prop_map(|(n, (off, len), seed)| Op::SnapshotThenWrite(n, off, len, seed)),
         2 => (0..NAMES.len()).prop_map(Op::Delete),
         2 => (1..4usize).prop_map(Op::MergeSteps),
         1 => Just(Op::MergeAll),
@@ -128,6 +140,25 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 Err(StoreError::Busy(_)) => prop_assert!(s.merge_pending()),
                 Err(e) => return Err(TestCaseError::fail(format!("{what}: {e}"))),
             },
+            Op::SnapshotThenWrite(n, off, len, seed) => {
+                let data = pattern(seed, len as usize);
+                let mut wrote = None;
+                let taken = s.snapshot_create_then(NAMES[n], |_| wrote = Some(s.write(off, &data)));
+                match taken {
+                    Ok(info) => {
+                        m.snaps
+                            .entry(NAMES[n].to_string())
+                            .or_insert_with(|| m.head.clone());
+                        prop_assert_eq!(info.size, m.snaps[NAMES[n]].len() as u64);
+                    }
+                    Err(StoreError::Busy(_)) => prop_assert!(s.merge_pending()),
+                    Err(e) => return Err(TestCaseError::fail(format!("{what}: {e}"))),
+                }
+                if let Some(w) = wrote {
+                    no_mismatch(w, &what)?;
+                    m.head[off as usize..(off + len) as usize].copy_from_slice(&data);
+                }
+            }
             Op::Delete(n) => match s.snapshot_delete(NAMES[n]) {
                 Ok(()) => {
                     prop_assert!(m.snaps.remove(NAMES[n]).is_some());
