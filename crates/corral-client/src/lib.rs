@@ -335,23 +335,64 @@ impl ReplicaControl {
     }
 
     /// Take snapshot `name` of the replica of `volume`, as the engine open at
-    /// `epoch` (idempotent by name).
+    /// `epoch` (idempotent by name); answers once the snapshot is durable.
     pub async fn create_snapshot(
         &self,
         volume: &str,
         epoch: Epoch,
         name: &str,
     ) -> Result<pb::SnapshotInfo, ClientError> {
+        self.snapshot_call(volume, epoch, name, false, self.timeout)
+            .await
+    }
+
+    /// [`ReplicaControl::create_snapshot`] with its own time limit: after a
+    /// [`ReplicaControl::switch_snapshot`], the answer comes once the replica
+    /// has synced everything the frozen layer took, which may take longer
+    /// than a write.
+    pub async fn commit_snapshot(
+        &self,
+        volume: &str,
+        epoch: Epoch,
+        name: &str,
+        within: Duration,
+    ) -> Result<pb::SnapshotInfo, ClientError> {
+        self.snapshot_call(volume, epoch, name, false, within).await
+    }
+
+    /// Like [`ReplicaControl::create_snapshot`], but answers as soon
+    /// as the replica has switched heads in memory: writes sent after the
+    /// answer are not in the snapshot. It is durable once the replica's next
+    /// flush, or a repeated `create_snapshot`, succeeds.
+    pub async fn switch_snapshot(
+        &self,
+        volume: &str,
+        epoch: Epoch,
+        name: &str,
+    ) -> Result<pb::SnapshotInfo, ClientError> {
+        self.snapshot_call(volume, epoch, name, true, self.timeout)
+            .await
+    }
+
+    async fn snapshot_call(
+        &self,
+        volume: &str,
+        epoch: Epoch,
+        name: &str,
+        answer_when_switched: bool,
+        within: Duration,
+    ) -> Result<pb::SnapshotInfo, ClientError> {
         let mut c = self.inner.clone();
         let request = pb::SnapshotRequest {
             volume: volume.to_string(),
             epoch: epoch.0,
             name: name.to_string(),
+            answer_when_switched,
         };
         call(
             &self.addr,
             "create snapshot",
-            self.timeout,
+            within,
             c.create_snapshot(request),
         )
         .await
@@ -370,6 +411,7 @@ impl ReplicaControl {
             volume: volume.to_string(),
             epoch: epoch.0,
             name: name.to_string(),
+            answer_when_switched: false,
         };
         call(
             &self.addr,
@@ -393,6 +435,7 @@ impl ReplicaControl {
             volume: volume.to_string(),
             epoch: epoch.0,
             name: name.to_string(),
+            answer_when_switched: false,
         };
         call(
             &self.addr,

@@ -269,15 +269,44 @@ impl ReplicaControl for ControlService {
     ) -> Result<Response<pb::SnapshotInfo>, Status> {
         let req = request.into_inner();
         let hosted = self.registry.get(&req.volume)?;
-        let taken = blocking(move || {
+        // The answer goes out when the store has switched heads (with
+        // `answer_when_switched`) or when the snapshot is durable; in the
+        // first case the blocking task carries on with the commit, and the
+        // replica's flushes wait for it.
+        let early = req.answer_when_switched;
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut answer = Some(answer);
             let mut taken = None;
-            with_epoch(&hosted, Epoch(req.epoch), |h| {
-                taken = Some(h.store.snapshot_create(&req.name)?);
+            let result = with_epoch(&hosted, Epoch(req.epoch), |h| {
+                let info = h.store.snapshot_create_then(&req.name, |info| {
+                    if early && let Some(a) = answer.take() {
+                        let _ = a.send(Ok(info.clone()));
+                    }
+                })?;
+                taken = Some(info);
                 Ok(())
-            })?;
-            taken.ok_or_else(|| ReplicaError::NotFound(req.volume.clone()))
-        })
-        .await?;
+            })
+            .and_then(|_| taken.ok_or_else(|| ReplicaError::NotFound(req.volume.clone())));
+            match answer.take() {
+                Some(a) => {
+                    let _ = a.send(result);
+                }
+                None => {
+                    if let Err(e) = result {
+                        tracing::error!(volume = %req.volume, snapshot = %req.name, error = %e,
+                            "snapshot switched but not recorded");
+                    }
+                }
+            }
+        });
+        let taken = match answered.await {
+            Ok(result) => result.map_err(Status::from)?,
+            Err(_) => {
+                let e = task.await.err();
+                return Err(Status::internal(format!("snapshot task failed: {e:?}")));
+            }
+        };
         Ok(Response::new(snapshot_to_pb(&taken)))
     }
 

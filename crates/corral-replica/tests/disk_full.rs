@@ -280,6 +280,7 @@ async fn snapshot(control: &mut ReplicaControlClient<Channel>, name: &str) {
             volume: "vol".into(),
             epoch: EPOCH,
             name: name.into(),
+            answer_when_switched: false,
         })
         .await
         .unwrap();
@@ -388,6 +389,7 @@ async fn story(fs: SmallFs) {
             volume: "vol".into(),
             epoch: EPOCH,
             name: "old".into(),
+            answer_when_switched: false,
         })
         .await
         .expect("the delete itself is one small commit")
