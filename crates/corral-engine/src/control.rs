@@ -344,13 +344,8 @@ impl EngineControl for ControlService {
         let volume = self.state.open_volume()?;
         let name = request.into_inner().name;
         refuse_while_filling(volume, "snapshot")?;
-        // Flush first, while writes go on, so that the sync each replica
-        // makes with writes held covers only what arrived since. (Under a
-        // sustained write load that is still what arrived during this
-        // flush: repeating it does not converge — measured, docs/benchmarks.md.)
-        if let Err(e) = volume.flush_replicas().await {
-            warn!(volume = %volume.name(), error = %e, "flush before the snapshot failed; taking it anyway");
-        }
+        // Writes are held only while the replicas switch heads; each syncs
+        // the frozen layer afterwards (`ReplicaSet::snapshot_create`).
         let report = volume
             .replica_set()
             .snapshot_create(&name)

@@ -17,7 +17,8 @@
 //! - a replica that rejects our epoch means a newer engine owns the volume:
 //!   this engine is fenced and serves nothing from then on.
 //!
-//! Lock order: `io_gate` (writes shared, a joining member exclusive), then
+//! Lock order: `snapshot_commit` (flushes shared, a snapshot create
+//! exclusive), then `io_gate` (writes shared, a joining member exclusive), then
 //! `change` (one membership change at a time — or one flush, which must not
 //! complete while a change is unrecorded), then the short `state` lock,
 //! never held across an await.
@@ -126,6 +127,12 @@ pub struct ReplicaSet {
     /// set takes it exclusively, so no write that left it out is still in
     /// flight (and unnoted in what it missed) when it joins.
     io_gate: tokio::sync::RwLock<()>,
+    /// Flushes hold this shared; a snapshot create holds it exclusively from
+    /// before it holds writes until every replica has recorded the snapshot.
+    /// A replica's flush waits for its snapshot commit (a sync of what the
+    /// frozen head holds), which may take longer than the replica timeout
+    /// under load: flushes wait here instead, untimed.
+    snapshot_commit: tokio::sync::RwLock<()>,
     fenced: AtomicBool,
     next_read: AtomicUsize,
     /// ERR members whose missed chunks are noted, and ERR members that hold
@@ -201,6 +208,7 @@ impl ReplicaSet {
             }),
             change: tokio::sync::Mutex::new(()),
             io_gate: tokio::sync::RwLock::new(()),
+            snapshot_commit: tokio::sync::RwLock::new(()),
             fenced: AtomicBool::new(false),
             next_read: AtomicUsize::new(0),
             tracking: AtomicUsize::new(tracking),
@@ -302,6 +310,12 @@ impl ReplicaSet {
     /// Held shared by every write while it is in flight.
     pub async fn write_gate(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
         self.io_gate.read().await
+    }
+
+    /// Held by a flush from before it drains writes until its replies are
+    /// in: no snapshot is being recorded on the replicas meanwhile.
+    pub async fn no_snapshot_commit(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.snapshot_commit.read().await
     }
 
     /// Held by a flush while it sends: every write in flight has had its

@@ -554,6 +554,9 @@ impl Volume {
     async fn flush_all(&self) -> BlockResult<()> {
         self.set.check_writable()?;
         let epoch = self.set.epoch();
+        // After a snapshot's commit on every replica, not during it (see
+        // `ReplicaSet::snapshot_create`).
+        let _no_snapshot_commit = self.set.no_snapshot_commit().await;
         let results = {
             // A flush lets replicas clear write-intent bits, which are also
             // how a newly elected engine finds where replicas may differ. So

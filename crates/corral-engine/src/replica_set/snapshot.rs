@@ -1,13 +1,18 @@
 //! Snapshots across the replica set (DESIGN.md, "Snapshots, clones,
 //! expansion"; docs/snapshots.md).
 //!
-//! Create: with every write drained and none starting (`io_gate` held
-//! exclusively), every RW replica freezes its head at the same point of the
-//! write stream (its store syncs the head first, so no separate flush round
-//! is needed); then writes resume. The pause is one control round trip plus
-//! the slowest replica's sync. A replica that fails is moved to ERR as for
-//! a failed write, so every replica left RW holds the snapshot
-//! (all-or-nothing among the RW set); if none took it, the call fails.
+//! Create, in two phases: with every write drained and none starting
+//! (`io_gate` held exclusively), every RW replica switches to a new head in
+//! memory at the same point of the write stream (`switch_snapshot`); then
+//! writes resume, and every replica that switched is asked again
+//! (`create_snapshot`, idempotent), which answers once it has synced the
+//! frozen layer and committed its record. So the pause is the drain plus
+//! one control round trip, not a sync. A replica that fails either phase
+//! is moved to ERR as for a failed write, so every replica left RW holds
+//! the snapshot (all-or-nothing among the RW set); one that failed the
+//! second phase may have lost writes it took after switching (its store
+//! refuses flushes from then on), so it is marked for a full copy. If none
+//! took it, the call fails.
 //! Idempotent by name on each replica. A replica being rebuilt (WO) cannot
 //! take it — its head is not the RW set's yet — so it is moved to ERR too,
 //! and gets the snapshot replayed when it returns ([`crate::chain_sync`]):
@@ -33,6 +38,10 @@ use tracing::{info, warn};
 
 use super::{Mode, ReplicaSet, SlotId};
 use crate::error::ReplicaIoError;
+
+/// The least time a replica is given to record a snapshot it has switched
+/// to (four replica timeouts, at least this).
+const COMMIT_TIMEOUT_FLOOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Longest snapshot name (as the replica store's).
 pub const MAX_NAME: usize = 64;
@@ -122,6 +131,10 @@ impl ReplicaSet {
         self.check_writable()
             .map_err(|e| SnapshotError::Failed(e.to_string()))?;
         let started = std::time::Instant::now();
+        // Flushes wait until every replica has recorded the snapshot: a
+        // replica's flush waits for that commit, which under load can take
+        // longer than the replica timeout a flush is held to.
+        let _commits = self.snapshot_commit.write().await;
         let _gate = self.io_gate.write().await;
         let drained = started.elapsed();
         // A replica reconciled before or during this does not join (see
@@ -134,7 +147,7 @@ impl ReplicaSet {
         let calls = targets.iter().map(|(id, client, _)| async move {
             let result = client
                 .control()
-                .create_snapshot(&self.volume, self.epoch, name)
+                .switch_snapshot(&self.volume, self.epoch, name)
                 .await;
             (*id, client.addr().to_string(), result)
         });
@@ -180,9 +193,51 @@ impl ReplicaSet {
                 .await
                 .map_err(|e| SnapshotError::Failed(format!("volume {}: {e}", self.volume)))?;
         }
+        let paused = started.elapsed();
+        drop(_change);
+        drop(_gate);
+        // Writes flow again. The second phase: every replica that switched
+        // answers once the snapshot is durable on it.
+        let switched: Vec<_> = targets
+            .iter()
+            .filter(|(_, client, _)| report.done.iter().any(|a| a == client.addr()))
+            .collect();
+        // A sync of everything the frozen head took since the last flush:
+        // allowed longer than a write.
+        let within = self.timeout.saturating_mul(4).max(COMMIT_TIMEOUT_FLOOR);
+        let calls = switched.iter().map(|(id, client, _)| async move {
+            let result = client
+                .control()
+                .commit_snapshot(&self.volume, self.epoch, name, within)
+                .await;
+            (*id, client.addr().to_string(), result)
+        });
+        let (_, unrecorded) =
+            self.sort_outcomes(&format!("snapshot {name}"), join_all(calls).await)?;
+        if !unrecorded.is_empty() {
+            // It acknowledged writes into a head its metadata may not name.
+            let every_chunk: Vec<u64> = (0..self.chunk_count()).collect();
+            for (id, address, err) in &unrecorded {
+                warn!(volume = %self.volume, replica = %address, error = %err,
+                    "replica could not record the snapshot: moving it to ERR for a full copy");
+                report.done.retain(|a| a != address);
+                report.failed.push(format!("{address}: {err}"));
+                self.handle_failure(*id, err, &every_chunk)
+                    .await
+                    .map_err(|e| SnapshotError::Failed(format!("volume {}: {e}", self.volume)))?;
+            }
+            if report.done.is_empty() {
+                return Err(SnapshotError::Failed(format!(
+                    "volume {}: no RW replica recorded snapshot {name:?} ({})",
+                    self.volume,
+                    report.failed.join("; ")
+                )));
+            }
+        }
         info!(volume = %self.volume, snapshot = name, replicas = report.done.len(),
             drained_us = drained.as_micros() as u64,
-            paused_us = started.elapsed().as_micros() as u64, "snapshot taken");
+            paused_us = paused.as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64, "snapshot taken");
         Ok(report)
     }
 
