@@ -715,6 +715,12 @@ impl BlockDevice for Volume {
                 Ok(())
             };
         }
+        // A FUA write waits on a replica for a snapshot's commit, like a
+        // flush: it waits here instead (see `flush_all`).
+        let _no_snapshot_commit = match fua {
+            true => Some(self.set.no_snapshot_commit().await),
+            false => None,
+        };
         let len = data.len() as u64;
         self.fill_partial_edges(offset, len).await?;
         self.fan_out(offset, len, |seg| {
@@ -756,6 +762,10 @@ impl BlockDevice for Volume {
         if len == 0 {
             return Ok(());
         }
+        let _no_snapshot_commit = match fua {
+            true => Some(self.set.no_snapshot_commit().await),
+            false => None,
+        };
         self.fill_partial_edges(offset, len).await?;
         self.fan_out(offset, len, |seg| {
             Op::WriteZeroes(pb::WriteZeroesOp {

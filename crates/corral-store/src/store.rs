@@ -666,6 +666,9 @@ impl ReplicaStore {
         self.write_impl(offset, data, Halves::Both)?;
         if !data.is_empty() {
             self.sync_data_grouped()?;
+            // Durable once the chain naming the head it went to is (a
+            // snapshot may have switched heads before or after it).
+            self.check_layer_commit()?;
         }
         Ok(())
     }
@@ -819,7 +822,10 @@ impl ReplicaStore {
     /// clear it.
     pub fn sync(&self) -> Result<()> {
         let head = self.chain().head().layer.try_clone()?;
-        head.sync()
+        head.sync()?;
+        // A snapshot that switched heads before or after the sync: its
+        // frozen layer and new head are durable once it is recorded.
+        self.check_layer_commit()
     }
 
     /// Makes every write that completed before this call durable — one `fdatasync` of the
