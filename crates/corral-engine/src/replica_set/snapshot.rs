@@ -11,8 +11,9 @@
 //! is moved to ERR as for a failed write, so every replica left RW holds
 //! the snapshot (all-or-nothing among the RW set); one that failed the
 //! second phase may have lost writes it took after switching (its store
-//! refuses flushes from then on), so it is marked for a full copy. If none
-//! took it, the call fails.
+//! refuses flushes until the record is committed), so it is marked for a
+//! full copy. If none took it, the call fails. Flushes and FUA writes wait
+//! in the engine until the second phase ends (`snapshot_commit`).
 //! Idempotent by name on each replica. A replica being rebuilt (WO) cannot
 //! take it — its head is not the RW set's yet — so it is moved to ERR too,
 //! and gets the snapshot replayed when it returns ([`crate::chain_sync`]):
