@@ -262,8 +262,13 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                         v.name
                     );
                 };
+                // With --json, one document: the status the wait ended on
+                // (the text form prints a progress line per poll).
+                let last = deadline.is_none() || c.done;
                 if args.json {
-                    println!("{}", clone_json(&c));
+                    if last {
+                        println!("{}", clone_json(&c));
+                    }
                 } else {
                     println!("{}", clone_line(&c));
                 }
