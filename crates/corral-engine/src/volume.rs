@@ -551,6 +551,15 @@ impl Volume {
     }
 
     /// Flush every write target; the RW ones must all succeed (or be ERR).
+    /// A FUA write waits on a replica for a snapshot's commit, like a flush:
+    /// it waits here instead, before it is sent (see `flush_all`).
+    async fn fua_gate(&self, fua: bool) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
+        match fua {
+            true => Some(self.set.no_snapshot_commit().await),
+            false => None,
+        }
+    }
+
     async fn flush_all(&self) -> BlockResult<()> {
         self.set.check_writable()?;
         let epoch = self.set.epoch();
@@ -715,12 +724,7 @@ impl BlockDevice for Volume {
                 Ok(())
             };
         }
-        // A FUA write waits on a replica for a snapshot's commit, like a
-        // flush: it waits here instead (see `flush_all`).
-        let _no_snapshot_commit = match fua {
-            true => Some(self.set.no_snapshot_commit().await),
-            false => None,
-        };
+        let _no_snapshot_commit = self.fua_gate(fua).await;
         let len = data.len() as u64;
         self.fill_partial_edges(offset, len).await?;
         self.fan_out(offset, len, |seg| {
@@ -762,10 +766,7 @@ impl BlockDevice for Volume {
         if len == 0 {
             return Ok(());
         }
-        let _no_snapshot_commit = match fua {
-            true => Some(self.set.no_snapshot_commit().await),
-            false => None,
-        };
+        let _no_snapshot_commit = self.fua_gate(fua).await;
         self.fill_partial_edges(offset, len).await?;
         self.fan_out(offset, len, |seg| {
             Op::WriteZeroes(pb::WriteZeroesOp {
