@@ -270,15 +270,17 @@ impl Handshake {
                     }
                     input.advance(OPTION_HEADER_LEN);
                     let data = input.split_to(len as usize);
+                    let replied_before = self.out.len();
                     match self.option(option, &data) {
                         Ok(None) => {}
                         Ok(Some(HandshakeStatus::StartTls)) => {
                             // The client may not send anything until it has
                             // seen the ACK; whatever it did send came in
                             // plaintext and must not be taken as if it had
-                            // come over TLS.
+                            // come over TLS. Only the ACK is withdrawn: the
+                            // greeting and earlier replies stand.
                             if !input.is_empty() {
-                                self.out.clear();
+                                self.out.truncate(replied_before);
                                 return self.fail(ProtocolError::DataAfterStartTls(input.len()));
                             }
                             return Ok(HandshakeStatus::StartTls);
@@ -1034,6 +1036,33 @@ mod tests {
         );
         // No ACK goes out: the client is not told to start TLS.
         assert!(!hs.has_output() && hs.is_over());
+    }
+
+    #[test]
+    fn plaintext_after_starttls_withdraws_only_the_ack() {
+        // The greeting and an earlier option's reply are still unsent when
+        // STARTTLS arrives with plaintext behind it (found by proptest):
+        // they stay; only the ACK is taken back.
+        let mut hs = Handshake::new(
+            exports(),
+            HandshakeConfig {
+                tls: TlsMode::Allowed,
+                ..HandshakeConfig::default()
+            },
+        );
+        let mut input = BytesMut::from(&BOTH.to_be_bytes()[..]);
+        input.extend_from_slice(&option(opt::STRUCTURED_REPLY, &[]));
+        input.extend_from_slice(&option(opt::STARTTLS, &[]));
+        input.extend_from_slice(&option(opt::LIST, &[]));
+        assert!(matches!(
+            hs.receive(&mut input),
+            Err(ProtocolError::DataAfterStartTls(_))
+        ));
+        let out = hs.take_output();
+        assert_eq!(&out[..GREETING_LEN], &greeting()[..]);
+        let replies = parse_replies(&out[GREETING_LEN..]);
+        assert_eq!(replies.len(), 1);
+        assert_eq!(replies[0].1, rep::ACK);
     }
 
     /// The whole client side of a session: flags, LIST, INFO, STRUCTURED, GO.
