@@ -536,7 +536,11 @@ pub(crate) fn outliers(chains: &[Vec<String>]) -> Vec<usize> {
 /// the caller tries again.
 pub async fn check_rw_chains(volume: &Volume) -> bool {
     let set = volume.replica_set();
-    let version = set.chain_version();
+    // Not while a create or delete is under way: its replicas' chains
+    // differ until it ends.
+    let Some(version) = set.quiet_chain_version() else {
+        return false;
+    };
     let targets = set.read_targets();
     let lists = futures::future::join_all(
         targets
@@ -551,7 +555,7 @@ pub async fn check_rw_chains(volume: &Volume) -> bool {
             Err(_) => return false,
         }
     }
-    if set.chain_version() != version {
+    if set.quiet_chain_version() != Some(version) {
         return false;
     }
     let out = outliers(&chains);

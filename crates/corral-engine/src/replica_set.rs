@@ -83,11 +83,17 @@ pub enum JoinError {
 }
 
 /// See [`ReplicaSet::chain_change`].
-struct ChainChange<'a>(&'a AtomicU64);
+struct ChainChange<'a> {
+    version: &'a AtomicU64,
+    under_way: &'a AtomicUsize,
+}
 
 impl Drop for ChainChange<'_> {
     fn drop(&mut self) {
-        self.0.fetch_add(1, Ordering::AcqRel);
+        // The version first: a reader that then finds none under way has
+        // read a version this change can no longer leave unchanged.
+        self.version.fetch_add(1, Ordering::SeqCst);
+        self.under_way.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -146,6 +152,10 @@ pub struct ReplicaSet {
     /// which joins exclude): a returning replica whose chain was reconciled
     /// at one version joins only at that version.
     chain_version: AtomicU64,
+    /// Snapshot creates and deletes under way: while one is, the replicas'
+    /// chains may differ (some have taken it, some not yet), so none is
+    /// compared or joined ([`Self::quiet_chain_version`]).
+    chain_changes_under_way: AtomicUsize,
     /// The reservation record in force, and the last sequence sent. A short
     /// lock, never held across an await.
     reservations: Mutex<ReservationState>,
@@ -215,6 +225,7 @@ impl ReplicaSet {
             authorities: AtomicUsize::new(0),
             failures: AtomicU64::new(0),
             chain_version: AtomicU64::new(0),
+            chain_changes_under_way: AtomicUsize::new(0),
             reservations: Mutex::new(ReservationState {
                 last_sequence: reservations.as_ref().map_or(0, |r| r.sequence),
                 in_force: reservations,
@@ -280,12 +291,27 @@ impl ReplicaSet {
         self.chain_version.load(Ordering::Acquire)
     }
 
+    /// [`Self::chain_version`] if no snapshot create or delete is under
+    /// way; None while one is. Chains listed after this returned `Some(v)`
+    /// are those of one moment if the version is still `v` once they are
+    /// all listed: a change that began after this call bumped it, and none
+    /// was under way before.
+    pub fn quiet_chain_version(&self) -> Option<u64> {
+        let version = self.chain_version.load(Ordering::SeqCst);
+        (self.chain_changes_under_way.load(Ordering::SeqCst) == 0).then_some(version)
+    }
+
     /// Marks a snapshot create or delete under way: the chain version is
     /// bumped now and again when the guard drops, so a replica whose chain
-    /// was read at any point in between does not join at that version.
+    /// was read at any point in between does not join at that version, and
+    /// [`Self::quiet_chain_version`] is None until the guard drops.
     fn chain_change(&self) -> ChainChange<'_> {
-        self.chain_version.fetch_add(1, Ordering::AcqRel);
-        ChainChange(&self.chain_version)
+        self.chain_changes_under_way.fetch_add(1, Ordering::SeqCst);
+        self.chain_version.fetch_add(1, Ordering::SeqCst);
+        ChainChange {
+            version: &self.chain_version,
+            under_way: &self.chain_changes_under_way,
+        }
     }
 
     /// The chunks in which ERR member `id`'s head may differ from the RW
@@ -777,7 +803,7 @@ impl ReplicaSet {
                 volume: self.size(),
             });
         }
-        if chain_version != self.chain_version() {
+        if self.quiet_chain_version() != Some(chain_version) {
             return Err(JoinError::ChainChanged);
         }
         let (record, settled, rw, out) = {
