@@ -6,7 +6,10 @@
 //! the extent index (module `index`) names the newest read-only layer that
 //! holds an entry for `b`, and that entry decides the same way. A block no
 //! layer holds reads from the bottom layer (a hole: zeroes). So a read costs
-//! the head's entries plus one owner's, however long the chain.
+//! the head's entries plus one owner's, however long the chain — and, for
+//! the moment between a snapshot's switch of heads and its commit, the
+//! entries of the layer it froze, which the index takes only in the commit
+//! (so that the switch, during which writes are held, does not wait for it).
 //!
 //! Reading a snapshot (the chain as it was when that layer was frozen) walks
 //! the layers from the snapshot down, newest first, and takes the first entry
@@ -20,7 +23,7 @@ use crate::LayerInfo;
 use crate::entry::{self, BlockState, UNWRITTEN};
 use crate::error::Result;
 use crate::index::{ExtentIndex, LayerId};
-use crate::layer::Layer;
+use crate::layer::{Fetch, Layer};
 
 /// Where a run of blocks reads from.
 #[derive(Debug)]
@@ -53,9 +56,14 @@ pub(crate) struct ChainLayer {
 impl ChainLayer {
     /// Entries of blocks `first..first + count`, "never written" past the layer's end.
     pub(crate) fn entries(&self, first: u64, count: usize) -> Result<Vec<u32>> {
+        self.entries_with(first, count, Fetch::MayWait)
+    }
+
+    /// [`ChainLayer::entries`], from the page cache only if `fetch` says so.
+    pub(crate) fn entries_with(&self, first: u64, count: usize, fetch: Fetch) -> Result<Vec<u32>> {
         let inside = self.blocks.saturating_sub(first).min(count as u64) as usize;
         let mut out = if inside > 0 {
-            self.layer.read_crcs(first, inside)?
+            self.layer.read_crcs_with(first, inside, fetch)?
         } else {
             Vec::with_capacity(count)
         };
@@ -71,19 +79,68 @@ enum Decider {
     Zeroes,
 }
 
+/// A block's decider and the entry it decided with.
+type Decision = (Decider, u32);
+
 /// Layers oldest first; the last is the writable head.
 #[derive(Debug)]
 pub(crate) struct LayerChain {
     layers: Vec<ChainLayer>,
-    /// Newest read-only owner of each block.
+    /// Newest read-only owner of each block, for every read-only layer but
+    /// [`LayerChain::unindexed`].
     pub(crate) index: ExtentIndex,
+    /// The layer just frozen by a snapshot whose extents the index has not
+    /// taken yet (always the newest read-only layer): reads ask its own
+    /// entries between the head's and the index's. The switch to a new head
+    /// sets it, so that writes are held only for the switch itself; the
+    /// snapshot's commit clears it with the updated index
+    /// (`ReplicaStore::commit_pending`). Nothing else changes the index
+    /// while it is set: every change of the chain commits the snapshot first.
+    pub(crate) unindexed: Option<LayerId>,
 }
 
 impl LayerChain {
     /// A chain of `layers`, oldest first (at least one: the head), with the
     /// index of its read-only layers.
     pub(crate) fn new(layers: Vec<ChainLayer>, index: ExtentIndex) -> Option<Self> {
-        (!layers.is_empty()).then_some(LayerChain { layers, index })
+        (!layers.is_empty()).then_some(LayerChain {
+            layers,
+            index,
+            unindexed: None,
+        })
+    }
+
+    /// For blocks `first..first + count` still `open` (no newer layer
+    /// decided them): the decision of the [`LayerChain::unindexed`] layer,
+    /// if there is one and it holds an entry for the block (None when there
+    /// is none, or no block is open). Each block it decides is closed in
+    /// `open`.
+    fn unindexed_decisions(
+        &self,
+        first: u64,
+        open: &mut [bool],
+        fetch: Fetch,
+    ) -> Result<Option<Vec<Option<Decision>>>> {
+        let Some(pos) = self.unindexed.and_then(|id| self.position(id)) else {
+            return Ok(None);
+        };
+        if !open.iter().any(|&o| o) {
+            return Ok(None);
+        }
+        let mut out = vec![None; open.len()];
+        let entries = self.layers[pos].entries_with(first, open.len(), fetch)?;
+        for ((d, o), &e) in out.iter_mut().zip(open.iter_mut()).zip(&entries) {
+            if !*o {
+                continue;
+            }
+            *d = match entry::state(e) {
+                BlockState::Unwritten => continue,
+                BlockState::Discarded => Some((Decider::Zeroes, e)),
+                BlockState::Written => Some((Decider::Layer(pos), e)),
+            };
+            *o = false;
+        }
+        Ok(Some(out))
     }
 
     /// The writable head.
@@ -110,10 +167,10 @@ impl LayerChain {
     }
 
     /// Where blocks `first..first + count` of the volume read from, as runs
-    /// in block order.
-    pub(crate) fn runs(&self, first: u64, count: usize) -> Result<Vec<Run<'_>>> {
+    /// in block order, reading entries as `fetch` allows.
+    pub(crate) fn runs(&self, first: u64, count: usize, fetch: Fetch) -> Result<Vec<Run<'_>>> {
         let head_pos = self.layers.len() - 1;
-        let head = self.head().entries(first, count)?;
+        let head = self.head().entries_with(first, count, fetch)?;
         let mut decided: Vec<(Decider, u32)> = Vec::with_capacity(count);
         if self.layers.len() == 1 {
             // No parents: the head decides everything (a hole reads its own zeroes).
@@ -126,24 +183,32 @@ impl LayerChain {
         decided.extend(head.iter().map(|&e| match entry::state(e) {
             BlockState::Written => (Decider::Layer(head_pos), e),
             BlockState::Discarded => (Decider::Zeroes, e),
-            // Filled in from the index below.
+            // Filled in below.
             BlockState::Unwritten => (Decider::Zeroes, UNWRITTEN),
         }));
+        let mut open: Vec<bool> = head
+            .iter()
+            .map(|&e| entry::state(e) == BlockState::Unwritten)
+            .collect();
+        if let Some(found) = self.unindexed_decisions(first, &mut open, fetch)? {
+            for (d, u) in decided.iter_mut().zip(found) {
+                if let Some(u) = u {
+                    *d = u;
+                }
+            }
+        }
         let end = first + count as u64;
         for (s, e, owner) in self.index.segments(first, end) {
             let lo = (s - first) as usize;
             let hi = (e - first) as usize;
-            if head[lo..hi]
-                .iter()
-                .all(|&h| entry::state(h) != BlockState::Unwritten)
-            {
+            if !open[lo..hi].iter().any(|&o| o) {
                 continue;
             }
             // The owner, or the bottom layer's hole if no read-only layer holds them.
             let pos = owner.and_then(|id| self.position(id)).unwrap_or_default();
-            let entries = self.layers[pos].entries(s, hi - lo)?;
+            let entries = self.layers[pos].entries_with(s, hi - lo, fetch)?;
             for (i, &oe) in entries.iter().enumerate() {
-                if entry::state(head[lo + i]) != BlockState::Unwritten {
+                if !open[lo + i] {
                     continue;
                 }
                 let beyond = s + i as u64 >= self.layers[pos].blocks;
@@ -159,9 +224,15 @@ impl LayerChain {
 
     /// Where blocks `first..first + count` of the snapshot at chain position
     /// `top` read from: the layers from `top` down decide, newest first.
-    pub(crate) fn runs_at(&self, top: usize, first: u64, count: usize) -> Result<Vec<Run<'_>>> {
+    pub(crate) fn runs_at(
+        &self,
+        top: usize,
+        first: u64,
+        count: usize,
+        fetch: Fetch,
+    ) -> Result<Vec<Run<'_>>> {
         if top + 1 == self.layers.len() {
-            return self.runs(first, count);
+            return self.runs(first, count, fetch);
         }
         let mut decided: Vec<Option<(Decider, u32)>> = vec![None; count];
         let mut open = count;
@@ -169,7 +240,7 @@ impl LayerChain {
             if open == 0 {
                 break;
             }
-            let entries = self.layers[pos].entries(first, count)?;
+            let entries = self.layers[pos].entries_with(first, count, fetch)?;
             for (d, &e) in decided.iter_mut().zip(&entries) {
                 if d.is_some() {
                     continue;
@@ -231,7 +302,7 @@ impl LayerChain {
     /// layer that decides each block, or the zero block's CRC32C.
     pub(crate) fn reported_at(&self, top: usize, first: u64, count: usize) -> Result<Vec<u32>> {
         let mut out = Vec::with_capacity(count);
-        for run in self.runs_at(top, first, count)? {
+        for run in self.runs_at(top, first, count, Fetch::MayWait)? {
             match run.source {
                 Source::Layer(_, entries) => out.extend(entries.into_iter().map(entry::reported)),
                 Source::Zeroes => out.extend(std::iter::repeat_n(
@@ -254,6 +325,8 @@ impl LayerChain {
         if self.layers.len() == 1 || !out.iter().any(|&u| u) {
             return Ok(out);
         }
+        // Blocks the unindexed layer holds are closed in `out` by the call.
+        self.unindexed_decisions(first, &mut out, Fetch::MayWait)?;
         let end = first + count as u64;
         for (s, e, owner) in self.index.segments(first, end) {
             let Some(pos) = owner.and_then(|id| self.position(id)) else {
@@ -319,7 +392,7 @@ mod tests {
     }
 
     fn owner(c: &LayerChain, block: u64) -> Option<String> {
-        match c.runs(block, 1).unwrap().remove(0).source {
+        match c.runs(block, 1, Fetch::MayWait).unwrap().remove(0).source {
             Source::Layer(l, _) => Some(l.data_name().to_string()),
             Source::Zeroes => None,
         }
@@ -339,7 +412,7 @@ mod tests {
         // Never written anywhere: the bottom layer's hole.
         assert_eq!(owner(&c, 5), Some("l0.img".into()));
         // The snapshot at l1 sees l1's and l0's blocks, not the head's.
-        let at = |b: u64| match c.runs_at(1, b, 1).unwrap().remove(0).source {
+        let at = |b: u64| match c.runs_at(1, b, 1, Fetch::MayWait).unwrap().remove(0).source {
             Source::Layer(l, _) => Some(l.data_name().to_string()),
             Source::Zeroes => None,
         };
@@ -378,7 +451,7 @@ mod tests {
             write(l[1], 2, 2);
             l[1].write_crcs(5, &[DISCARDED, DISCARDED]).unwrap();
         });
-        let runs = c.runs(0, 8).unwrap();
+        let runs = c.runs(0, 8, Fetch::MayWait).unwrap();
         let shape: Vec<(u64, u64, Option<&str>)> = runs
             .iter()
             .map(|r| {
@@ -401,6 +474,83 @@ mod tests {
                 (5, 2, None),
                 (7, 1, Some("l0.img")),
             ]
+        );
+    }
+
+    /// Runs as comparable values: (first, len, file or zeroes, entries).
+    fn shape(runs: Vec<Run<'_>>) -> Vec<(u64, u64, Option<String>, Vec<u32>)> {
+        runs.into_iter()
+            .map(|r| match r.source {
+                Source::Layer(l, e) => (r.first, r.len, Some(l.data_name().to_string()), e),
+                Source::Zeroes => (r.first, r.len, None, vec![]),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_frozen_layer_not_yet_indexed_reads_as_if_it_were() {
+        let fill = |l: &[&Layer]| {
+            write(l[0], 0, 1);
+            write(l[0], 1, 1);
+            write(l[0], 2, 1);
+            write(l[1], 2, 2);
+            write(l[1], 3, 2);
+            // The newest read-only layer: overwrites, discards, and leaves
+            // blocks to the older layers.
+            write(l[2], 1, 3);
+            l[2].write_crcs(3, &[DISCARDED]).unwrap();
+            write(l[2], 6, 3);
+            // The head.
+            write(l[3], 6, 4);
+            l[3].write_crcs(0, &[DISCARDED]).unwrap();
+        };
+        let (_d, indexed) = chain(4, fill);
+        // The same files, with l2 left out of the index.
+        let mut index = ExtentIndex::default();
+        let mut layers = Vec::new();
+        for (i, l) in indexed.layers().iter().enumerate() {
+            if i < 2 {
+                for (s, e) in l.layer.written_extents(8).unwrap() {
+                    index.assign(s, e, i as LayerId);
+                }
+            }
+            layers.push(ChainLayer {
+                info: l.info.clone(),
+                layer: l.layer.try_clone().unwrap(),
+                blocks: l.blocks,
+            });
+        }
+        let mut pending = LayerChain::new(layers, index).unwrap();
+        pending.unindexed = Some(2);
+        for first in 0..8u64 {
+            for count in 1..=(8 - first) as usize {
+                assert_eq!(
+                    shape(pending.runs(first, count, Fetch::MayWait).unwrap()),
+                    shape(indexed.runs(first, count, Fetch::MayWait).unwrap()),
+                    "runs of {count} blocks from {first}"
+                );
+                assert_eq!(
+                    pending.never_written(first, count).unwrap(),
+                    indexed.never_written(first, count).unwrap(),
+                    "never written, {count} blocks from {first}"
+                );
+            }
+        }
+        assert_eq!(
+            shape(pending.runs(0, 8, Fetch::MayWait).unwrap())
+                .iter()
+                .map(|r| r.2.clone())
+                .collect::<Vec<_>>(),
+            vec![
+                None,
+                Some("l2.img".into()),
+                Some("l1.img".into()),
+                None,
+                Some("l0.img".into()),
+                Some("l3.img".into()),
+                Some("l0.img".into()),
+            ],
+            "the head's discard, l2's write, l1, l2's discard, the hole, the head's write, the hole"
         );
     }
 }

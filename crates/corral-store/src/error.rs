@@ -77,6 +77,10 @@ pub enum StoreError {
     /// The operation must wait for something in progress (a snapshot delete still merging).
     #[error("busy: {0}")]
     Busy(String),
+    /// A read asked to be served from the page cache only needs the disk
+    /// (internal: `ReplicaStore::read_cached` answers it as `None`).
+    #[error("the data is not in the page cache")]
+    NotCached,
 }
 
 impl StoreError {
@@ -93,6 +97,14 @@ impl StoreError {
     /// True if the error is a checksum mismatch (the data on this replica is corrupt).
     pub fn is_checksum_mismatch(&self) -> bool {
         matches!(self, StoreError::ChecksumMismatch { .. })
+    }
+}
+
+/// A cache-only read's outcome: `None` where it missed the page cache.
+pub(crate) fn unless_not_cached<T>(r: Result<T>) -> Result<Option<T>> {
+    match r {
+        Err(StoreError::NotCached) => Ok(None),
+        other => other.map(Some),
     }
 }
 

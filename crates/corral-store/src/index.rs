@@ -23,7 +23,7 @@ pub(crate) type LayerId = u32;
 pub(crate) type Extent = (u64, u64);
 
 /// Block → newest read-only owner, as extents.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct ExtentIndex {
     /// start → (end, owner); extents never overlap.
     map: BTreeMap<u64, (u64, LayerId)>,
@@ -60,6 +60,71 @@ impl ExtentIndex {
             e = ne;
         }
         self.map.insert(s, (e, owner));
+    }
+
+    /// [`ExtentIndex::assign`] of every extent of `extents` to `owner`, in
+    /// one pass over the index and the list (a layer frozen by a snapshot
+    /// may hold tens of thousands of extents). `extents` is expected sorted
+    /// and disjoint, as `Layer::written_extents` and [`decode`] give it; any
+    /// other list is taken one extent at a time.
+    pub(crate) fn assign_sorted(&mut self, extents: &[Extent], owner: LayerId) {
+        let sorted =
+            extents.iter().all(|&(s, e)| s < e) && extents.windows(2).all(|w| w[0].1 <= w[1].0);
+        if !sorted {
+            for &(s, e) in extents {
+                self.assign(s, e, owner);
+            }
+            return;
+        }
+        if extents.is_empty() {
+            return;
+        }
+        let mut out: Vec<(u64, (u64, LayerId))> =
+            Vec::with_capacity(self.map.len() + 2 * extents.len());
+        // Appends an extent, merged with the last one if they touch and share an owner.
+        let push = |out: &mut Vec<(u64, (u64, LayerId))>, s: u64, e: u64, o: LayerId| {
+            if s >= e {
+                return;
+            }
+            match out.last_mut() {
+                Some((_, (le, lo))) if *le == s && *lo == o => *le = e,
+                _ => out.push((s, (e, o))),
+            }
+        };
+        let mut olds = std::mem::take(&mut self.map).into_iter();
+        let mut old = olds.next();
+        for &(ns, ne) in extents {
+            // What the index holds before the new extent.
+            while let Some((os, (oe, oo))) = old {
+                if os >= ns {
+                    break;
+                }
+                push(&mut out, os, oe.min(ns), oo);
+                if oe > ns {
+                    old = Some((ns, (oe, oo)));
+                    break;
+                }
+                old = olds.next();
+            }
+            push(&mut out, ns, ne, owner);
+            // What the new extent replaces; a tail past its end stays.
+            while let Some((os, (oe, oo))) = old {
+                if os >= ne {
+                    break;
+                }
+                if oe > ne {
+                    old = Some((ne, (oe, oo)));
+                    break;
+                }
+                old = olds.next();
+            }
+        }
+        while let Some((os, (oe, oo))) = old {
+            push(&mut out, os, oe, oo);
+            old = olds.next();
+        }
+        // Sorted input: the map is built in one pass.
+        self.map = out.into_iter().collect();
     }
 
     /// Forgets any owner of blocks `start..end`.
@@ -110,26 +175,21 @@ impl ExtentIndex {
         if start >= end {
             return out;
         }
-        let mut pos = start;
-        let first = self
-            .map
-            .range(..=start)
-            .next_back()
-            .filter(|(_, (e, _))| *e > start)
-            .map(|(&s, &v)| (s, v));
-        let rest = self
-            .map
-            .range(start.saturating_add(1)..end)
-            .map(|(&s, &v)| (s, v));
-        for (s, (e, o)) in first.into_iter().chain(rest) {
-            let s = s.max(start);
-            if s >= end {
+        // The extents that start before `end`, walked back to the one that
+        // covers `start`: one search of the map per read (a read of one
+        // block, the common case, visits one extent).
+        let mut hits: Vec<(u64, u64, LayerId)> = Vec::new();
+        for (&s, &(e, o)) in self.map.range(..end).rev() {
+            if e <= start {
                 break;
             }
+            hits.push((s.max(start), e.min(end), o));
+        }
+        let mut pos = start;
+        for &(s, e, o) in hits.iter().rev() {
             if s > pos {
                 out.push((pos, s, None));
             }
-            let e = e.min(end);
             out.push((s, e, Some(o)));
             pos = e;
         }
@@ -205,6 +265,19 @@ mod tests {
         Reassign(u64, u64, LayerId, Option<LayerId>),
     }
 
+    /// An index after `ops`.
+    fn built(ops: Vec<Op>) -> ExtentIndex {
+        let mut ix = ExtentIndex::default();
+        for op in ops {
+            match op {
+                Op::Assign(s, e, o) => ix.assign(s, e, o),
+                Op::Remove(s, e) => ix.remove(s, e),
+                Op::Reassign(s, e, f, t) => ix.reassign(s, e, f, t),
+            }
+        }
+        ix
+    }
+
     fn op() -> impl Strategy<Value = Op> {
         let range = (0u64..64, 0u64..64).prop_map(|(a, b)| (a.min(b), a.max(b)));
         prop_oneof![
@@ -244,6 +317,52 @@ mod tests {
                     prop_assert!(!(w[0].1 == w[1].0 && w[0].2 == w[1].2), "unmerged {:?}", w);
                 }
             }
+        }
+
+        #[test]
+        fn segments_of_any_range_match_the_model(ops in prop::collection::vec(op(), 1..30)) {
+            let ix = built(ops);
+            let whole = flat(&ix, 64);
+            for a in 0..64u64 {
+                for b in a..=64u64 {
+                    let segs = ix.segments(a, b);
+                    let mut pos = a;
+                    let mut got = Vec::new();
+                    for (s, e, o) in segs {
+                        prop_assert_eq!(s, pos, "segments of {}..{} leave a gap or overlap", a, b);
+                        prop_assert!(s < e, "an empty segment in {}..{}", a, b);
+                        got.extend(std::iter::repeat_n(o, (e - s) as usize));
+                        pos = e;
+                    }
+                    prop_assert_eq!(pos, b);
+                    prop_assert_eq!(&got[..], &whole[a as usize..b as usize]);
+                }
+            }
+        }
+
+        #[test]
+        fn assign_sorted_matches_one_assign_per_extent(
+            before in prop::collection::vec(op(), 0..20),
+            list in prop::collection::vec((0u64..6, 1u64..6), 0..12),
+            owner in 1u32..4,
+            shuffled in any::<bool>(),
+        ) {
+            let mut one_pass = built(before);
+            let mut each = one_pass.clone();
+            let mut pos = 0;
+            let mut exts = Vec::new();
+            for (gap, len) in list {
+                exts.push((pos + gap, pos + gap + len));
+                pos += gap + len;
+            }
+            if shuffled {
+                exts.reverse();
+            }
+            for &(s, e) in &exts {
+                each.assign(s, e, owner);
+            }
+            one_pass.assign_sorted(&exts, owner);
+            prop_assert_eq!(&one_pass.map, &each.map);
         }
 
         #[test]

@@ -24,6 +24,17 @@ pub(crate) fn file_names(layer: &str) -> (String, String) {
     (format!("{layer}.img"), format!("{layer}.crc"))
 }
 
+/// Whether a read may wait for the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fetch {
+    /// From the page cache or, where it misses, the disk.
+    MayWait,
+    /// From the page cache only (`RWF_NOWAIT`): a read that would wait for
+    /// the disk fails with [`StoreError::NotCached`] instead. For a caller on
+    /// an async runtime thread, which must not park on the disk.
+    CachedOnly,
+}
+
 /// A data file and its checksum file.
 #[derive(Debug)]
 pub(crate) struct Layer {
@@ -89,6 +100,14 @@ impl Layer {
 
     /// Reads `buf.len()` bytes of data at byte `offset`.
     pub(crate) fn read_data(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_data_with(offset, buf, Fetch::MayWait)
+    }
+
+    /// [`Layer::read_data`], from the page cache only if `fetch` says so.
+    pub(crate) fn read_data_with(&self, offset: u64, buf: &mut [u8], fetch: Fetch) -> Result<()> {
+        if fetch == Fetch::CachedOnly {
+            return read_cached(&self.data, buf, offset);
+        }
         self.data.read_exact_at(buf, offset).map_err(|e| {
             io_err(
                 format!(
@@ -119,18 +138,32 @@ impl Layer {
 
     /// Reads the stored checksums of `count` blocks starting at block `first`.
     pub(crate) fn read_crcs(&self, first: u64, count: usize) -> Result<Vec<u32>> {
+        self.read_crcs_with(first, count, Fetch::MayWait)
+    }
+
+    /// [`Layer::read_crcs`], from the page cache only if `fetch` says so.
+    pub(crate) fn read_crcs_with(
+        &self,
+        first: u64,
+        count: usize,
+        fetch: Fetch,
+    ) -> Result<Vec<u32>> {
         let mut raw = vec![0u8; count.saturating_mul(CRC_LEN as usize)];
         let pos = first.saturating_mul(CRC_LEN);
-        self.crc.read_exact_at(&mut raw, pos).map_err(|e| {
-            io_err(
-                format!(
-                    "reading checksums of blocks {first}..{} from {}",
-                    first.saturating_add(count as u64),
-                    self.crc_path.display()
-                ),
-                e,
-            )
-        })?;
+        if fetch == Fetch::CachedOnly {
+            read_cached(&self.crc, &mut raw, pos)?;
+        } else {
+            self.crc.read_exact_at(&mut raw, pos).map_err(|e| {
+                io_err(
+                    format!(
+                        "reading checksums of blocks {first}..{} from {}",
+                        first.saturating_add(count as u64),
+                        self.crc_path.display()
+                    ),
+                    e,
+                )
+            })?;
+        }
         Ok(raw
             .chunks_exact(CRC_LEN as usize)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -399,6 +432,29 @@ fn seek(f: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
         return Err(e);
     }
     Ok(Some(rc as u64))
+}
+
+/// Reads exactly `buf.len()` bytes at `offset` if the page cache holds them
+/// all (`preadv2` with `RWF_NOWAIT`). Anything else — a miss (`EAGAIN`), a
+/// short read, a kernel or filesystem without `RWF_NOWAIT`, an error — is
+/// [`StoreError::NotCached`]: the caller reads again the blocking way, which
+/// reports a real error with its context.
+fn read_cached(f: &File, buf: &mut [u8], offset: u64) -> Result<()> {
+    let Ok(off) = libc::off_t::try_from(offset) else {
+        return Err(StoreError::NotCached);
+    };
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: `iov` describes `buf`, valid for writes of its length for the
+    // whole call; the descriptor is owned by `f`, which outlives the call.
+    let n = unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+    if usize::try_from(n).ok() == Some(buf.len()) {
+        Ok(())
+    } else {
+        Err(StoreError::NotCached)
+    }
 }
 
 /// Removes a layer's two files if they exist.

@@ -2,10 +2,13 @@
 //! merge) and revert.
 //!
 //! - **Create** freezes the head as a read-only layer and starts an empty
-//!   head: it waits for in-flight I/O (the chain lock), syncs the head, records
-//!   the frozen layer's extent list and the new chain in one metadata commit.
-//!   Nothing is copied; the cost is one sync plus a scan of what the head
-//!   holds (its checksum file, holes skipped).
+//!   head in two steps. The switch, with in-flight I/O drained (the chain
+//!   lock), only makes the head read-only and pushes a new one whose files
+//!   were made before; the frozen layer stays out of the extent index
+//!   (`LayerChain::unindexed`). The commit, with I/O flowing, scans the
+//!   frozen layer's checksum file (holes skipped) for its extents, takes
+//!   them into the index, syncs it and records its extent list and the new
+//!   chain in one metadata commit. Nothing is copied.
 //! - **Delete** marks the layer deleting (one commit) and returns;
 //!   [`ReplicaStore::merge_step`] then merges it into its child one granule
 //!   (4 MiB of volume) at a time: blocks the child has never written are
@@ -23,7 +26,7 @@ use crate::chain::LayerChain;
 use crate::entry::{self, BlockState, DISCARDED, UNWRITTEN};
 use crate::error::{Result, StoreError};
 use crate::index::{self, LayerId};
-use crate::layer::{BLOCK, Layer, remove_files};
+use crate::layer::{BLOCK, Fetch, Layer, remove_files};
 use crate::meta;
 use crate::store::lock;
 use crate::{LayerInfo, LayerUsage, ReplicaStore, SnapshotInfo};
@@ -62,13 +65,13 @@ fn now_ms() -> u64 {
 
 /// A snapshot switched to in memory whose record is not committed yet: the
 /// chain's records with the frozen layer read-only and the new head, and the
-/// frozen layer's extents.
+/// frozen layer's extents once they are read.
 #[derive(Debug)]
 pub(crate) struct PendingLayerCommit {
     frozen_id: LayerId,
     head_id: LayerId,
     recs: Vec<LayerInfo>,
-    extents: Vec<index::Extent>,
+    extents: Option<Vec<index::Extent>>,
 }
 
 /// The chain's layer records, oldest first.
@@ -125,9 +128,10 @@ impl ReplicaStore {
         switched: impl FnOnce(&SnapshotInfo),
     ) -> Result<SnapshotInfo> {
         validate_name(name)?;
+        let started = std::time::Instant::now();
         let _admin = lock(&self.admin);
         self.check_layer_commit()?;
-        let started = std::time::Instant::now();
+        let admitted_us = started.elapsed().as_micros() as u64;
         {
             let chain = self.chain();
             if let Some(pos) = find(&chain, name) {
@@ -154,26 +158,15 @@ impl ReplicaStore {
         let new_head = Layer::create_unsynced(&self.dir, &file, size)?;
         let created_us = started.elapsed().as_micros() as u64;
         // `admin` is held: the chain changed only by I/O since the checks above.
-        // With I/O drained (`chain_mut`), only the frozen head's extents are
-        // read (from the page cache) and the heads switched in memory; its
-        // sync and the metadata commit come after I/O flows again, with
-        // flushes waiting on `layer_commit` meanwhile.
+        // With I/O drained (`chain_mut`), the heads are only switched in
+        // memory, the frozen head left out of the index (`unindexed`). Its
+        // extents are read and taken into the index, it is synced and the
+        // metadata committed after I/O flows again, with flushes waiting on
+        // `layer_commit` meanwhile.
         let mut commit_gate = lock(&self.layer_commit);
         let mut chain = self.chain_mut();
         let locked_us = started.elapsed().as_micros() as u64;
-        let head = chain.head();
-        let extents = match head.layer.written_extents(head.blocks) {
-            Ok(extents) => extents,
-            Err(e) => {
-                drop(chain);
-                drop(new_head);
-                if let Err(e2) = remove_files(&self.dir, &file) {
-                    tracing::warn!(error = %e2, "could not remove the files of an unrecorded layer");
-                }
-                return Err(e);
-            }
-        };
-        let frozen_id = head.info.id;
+        let frozen_id = chain.head().info.id;
         let mut recs = infos(&chain);
         let hp = recs.len() - 1;
         recs[hp].read_only = true;
@@ -181,10 +174,6 @@ impl ReplicaStore {
         recs[hp].created_unix_ms = now_ms();
         recs[hp].size = size;
         recs.push(LayerInfo::new(file.clone(), id, false, size));
-        let scanned_us = started.elapsed().as_micros() as u64;
-        for &(s, e) in &extents {
-            chain.index.assign(s, e, frozen_id);
-        }
         let layers = chain.layers_mut();
         layers[hp].info = recs[hp].clone();
         layers.push(crate::chain::ChainLayer {
@@ -192,34 +181,37 @@ impl ReplicaStore {
             layer: new_head,
             blocks: size / BLOCK,
         });
+        chain.unindexed = Some(frozen_id);
         let info = self.snapshot_info(&chain, hp);
         drop(chain);
-        let extents_len = extents.len();
         *commit_gate = Some(PendingLayerCommit {
             frozen_id,
             head_id: id,
             recs,
-            extents,
+            extents: None,
         });
         let switched_at = std::time::Instant::now();
         let switch_us = started.elapsed().as_micros() as u64;
         switched(&info);
-        // I/O flows again. Make the frozen layer durable, then record it and
-        // the new head in one commit.
-        if let Err(e) = self.commit_pending(&mut commit_gate) {
-            tracing::warn!(dir = %self.dir.display(), snapshot = name, error = %e,
-                "snapshot taken but not recorded yet: flushes fail until its record is committed");
-            return Err(e);
-        }
+        // I/O flows again. Index the frozen layer, make it durable, then
+        // record it and the new head in one commit.
+        let frozen_extents = match self.commit_pending(&mut commit_gate) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), snapshot = name, error = %e,
+                    "snapshot taken but not recorded yet: flushes fail until its record is committed");
+                return Err(e);
+            }
+        };
         drop(commit_gate);
         tracing::info!(
             dir = %self.dir.display(),
             snapshot = name,
             index_extents = self.chain().index.len(),
+            admitted_us,
             created_us,
             locked_us,
-            scanned_us,
-            frozen_extents = extents_len,
+            frozen_extents,
             switch_us,
             commit_us = switched_at.elapsed().as_micros() as u64,
             "snapshot taken"
@@ -233,33 +225,65 @@ impl ReplicaStore {
     /// first.
     pub(crate) fn check_layer_commit(&self) -> Result<()> {
         let mut pending = lock(&self.layer_commit);
-        self.commit_pending(&mut pending)
+        self.commit_pending(&mut pending).map(|_| ())
     }
 
-    pub(crate) fn commit_pending(&self, pending: &mut Option<PendingLayerCommit>) -> Result<()> {
-        let Some(p) = pending.as_ref() else {
-            return Ok(());
+    /// Finishes `pending`, if any: reads the frozen layer's extents (once),
+    /// takes them into the index (once), syncs the frozen layer, the new head
+    /// and the directory, and commits the chain's record. Returns how many
+    /// extents the frozen layer holds (0 if nothing was pending). The index
+    /// is updated on a copy, with I/O flowing, and swapped in with I/O
+    /// drained for a moment. Only one caller at a time (it holds
+    /// `layer_commit`), and nothing else changes the index meanwhile: every
+    /// change of the chain calls [`ReplicaStore::check_layer_commit`] first.
+    pub(crate) fn commit_pending(&self, pending: &mut Option<PendingLayerCommit>) -> Result<usize> {
+        let Some(p) = pending.as_mut() else {
+            return Ok(0);
         };
-        {
-            // The frozen layer's data and entries, and the new head's files
-            // and directory entries, before the record that names them.
+        let layer_of = |chain: &LayerChain, id: LayerId| -> Result<Layer> {
+            let l = chain
+                .layers()
+                .iter()
+                .find(|l| l.info.id == id)
+                .ok_or_else(|| StoreError::Invalid(format!("layer {id} is not in the chain")))?;
+            l.layer.try_clone()
+        };
+        let (frozen, frozen_blocks, head, index) = {
             let chain = self.chain();
-            for id in [p.frozen_id, p.head_id] {
-                let layer = chain
-                    .layers()
-                    .iter()
-                    .find(|l| l.info.id == id)
-                    .ok_or_else(|| {
-                        StoreError::Invalid(format!("layer {id} is not in the chain"))
-                    })?;
-                layer.layer.sync()?;
-            }
+            let frozen_blocks = chain
+                .position(p.frozen_id)
+                .map(|pos| chain.layers()[pos].blocks)
+                .unwrap_or(0);
+            // A copy of the index to update, while it still lacks the layer.
+            let index = (chain.unindexed == Some(p.frozen_id)).then(|| chain.index.clone());
+            (
+                layer_of(&chain, p.frozen_id)?,
+                frozen_blocks,
+                layer_of(&chain, p.head_id)?,
+                index,
+            )
+        };
+        // The frozen layer takes no more writes: its entries are final.
+        if p.extents.is_none() {
+            p.extents = Some(frozen.written_extents(frozen_blocks)?);
         }
+        let extents = p.extents.as_deref().unwrap_or_default();
+        if let Some(mut index) = index {
+            index.assign_sorted(extents, p.frozen_id);
+            let mut chain = self.chain_mut();
+            chain.index = index;
+            chain.unindexed = None;
+        }
+        // The frozen layer's data and entries, and the new head's files
+        // and directory entries, before the record that names them.
+        frozen.sync()?;
+        head.sync()?;
         meta::sync_dir(&self.dir)?;
         self.db
-            .commit_chain(&p.recs, &[(p.frozen_id, &p.extents)], &[], None)?;
+            .commit_chain(&p.recs, &[(p.frozen_id, extents)], &[], None)?;
+        let n = extents.len();
         *pending = None;
-        Ok(())
+        Ok(n)
     }
 
     /// The snapshots, oldest first (not those being deleted).
@@ -297,6 +321,33 @@ impl ReplicaStore {
 
     /// Reads `len` bytes at `offset` of snapshot `name`, verified like [`ReplicaStore::read`].
     pub fn read_snapshot(&self, name: &str, offset: u64, len: u64) -> Result<bytes::Bytes> {
+        self.read_snapshot_with(name, offset, len, Fetch::MayWait)
+    }
+
+    /// [`ReplicaStore::read_snapshot`] if the page cache holds everything it
+    /// needs; `Ok(None)` when some of it would have to come from the disk
+    /// (as [`ReplicaStore::read_cached`]).
+    pub fn read_snapshot_cached(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<bytes::Bytes>> {
+        crate::error::unless_not_cached(self.read_snapshot_with(
+            name,
+            offset,
+            len,
+            Fetch::CachedOnly,
+        ))
+    }
+
+    fn read_snapshot_with(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        fetch: Fetch,
+    ) -> Result<bytes::Bytes> {
         let (top, size) = {
             let chain = self.chain();
             let pos = find(&chain, name).ok_or_else(|| StoreError::NoSuchSnapshot(name.into()))?;
@@ -325,8 +376,8 @@ impl ReplicaStore {
             let top = find(&chain, name)
                 .filter(|&p| p == top || chain.layers()[p].blocks * BLOCK == size)
                 .ok_or_else(|| StoreError::NoSuchSnapshot(name.into()))?;
-            let runs = chain.runs_at(top, first, (end_block - first) as usize)?;
-            self.read_runs(runs, first, &mut buf)?;
+            let runs = chain.runs_at(top, first, (end_block - first) as usize, fetch)?;
+            self.read_runs(runs, first, &mut buf, fetch)?;
         }
         let lo = (offset - first * BLOCK) as usize;
         Ok(bytes::Bytes::from(buf).slice(lo..lo + len as usize))
@@ -584,7 +635,7 @@ impl ReplicaStore {
                     let n = GRANULE.min(e - b);
                     let mut entries = vec![DISCARDED; n as usize];
                     let mut buf = vec![0u8; (n * BLOCK) as usize];
-                    let runs = chain.runs_at(top, b, n as usize)?;
+                    let runs = chain.runs_at(top, b, n as usize, Fetch::MayWait)?;
                     for run in &runs {
                         if let crate::chain::Source::Layer(_, es) = &run.source {
                             let lo = (run.first - b) as usize;
@@ -597,7 +648,7 @@ impl ReplicaStore {
                             }
                         }
                     }
-                    self.read_runs(runs, b, &mut buf)?;
+                    self.read_runs(runs, b, &mut buf, Fetch::MayWait)?;
                     new_head.write_data(b * BLOCK, &buf)?;
                     new_head.write_crcs(b, &entries)?;
                     b += n;

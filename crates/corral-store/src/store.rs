@@ -16,7 +16,7 @@ use crate::chain::{ChainLayer, LayerChain, Source};
 use crate::entry::{self, DISCARDED};
 use crate::error::{Result, StoreError};
 use crate::index::ExtentIndex;
-use crate::layer::{BLOCK, Layer};
+use crate::layer::{BLOCK, Fetch, Layer};
 use crate::meta::{self, MetaDb, Record};
 use crate::{CloneRecord, Epoch, LayerInfo, Membership, ReservationRecord, VolumeMeta};
 
@@ -515,9 +515,15 @@ impl ReplicaStore {
 
     /// Reads whole blocks `first..first + buf.len() / 4096` of the volume into `buf`,
     /// verifying each block's checksum. Caller holds the stripes and the chain.
-    fn read_blocks(&self, chain: &LayerChain, first: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_blocks(
+        &self,
+        chain: &LayerChain,
+        first: u64,
+        buf: &mut [u8],
+        fetch: Fetch,
+    ) -> Result<()> {
         let total = buf.len() / BLOCK_USIZE;
-        self.read_runs(chain.runs(first, total)?, first, buf)
+        self.read_runs(chain.runs(first, total, fetch)?, first, buf, fetch)
     }
 
     /// Copies `runs` (from `first`) into `buf`, verifying each block's checksum.
@@ -526,6 +532,7 @@ impl ReplicaStore {
         runs: Vec<crate::chain::Run<'_>>,
         first: u64,
         buf: &mut [u8],
+        fetch: Fetch,
     ) -> Result<()> {
         for run in runs {
             let lo = ((run.first - first) as usize) * BLOCK_USIZE;
@@ -538,7 +545,7 @@ impl ReplicaStore {
                     continue;
                 }
             };
-            layer.read_data(run.first * BLOCK, piece)?;
+            layer.read_data_with(run.first * BLOCK, piece, fetch)?;
             for (i, (data, &stored)) in piece.chunks_exact(BLOCK_USIZE).zip(&entries).enumerate() {
                 if let Err(computed) = entry::verify(data, stored) {
                     let offset = (run.first + i as u64) * BLOCK;
@@ -564,6 +571,19 @@ impl ReplicaStore {
     /// Reads `len` bytes at `offset`. Every 4 KiB block touched is checksum-verified;
     /// a corrupt block fails the whole read with [`StoreError::ChecksumMismatch`].
     pub fn read(&self, offset: u64, len: u64) -> Result<Bytes> {
+        self.read_with(offset, len, Fetch::MayWait)
+    }
+
+    /// [`ReplicaStore::read`] if the page cache holds everything it needs
+    /// (data and checksums); `Ok(None)` when some of it would have to come
+    /// from the disk. For a caller on an async runtime thread, which then
+    /// reads again with [`ReplicaStore::read`] elsewhere: a miss costs it one
+    /// try, never a wait.
+    pub fn read_cached(&self, offset: u64, len: u64) -> Result<Option<Bytes>> {
+        crate::error::unless_not_cached(self.read_with(offset, len, Fetch::CachedOnly))
+    }
+
+    fn read_with(&self, offset: u64, len: u64, fetch: Fetch) -> Result<Bytes> {
         let end = self.check_range(offset, len)?;
         if len == 0 {
             return Ok(Bytes::new());
@@ -578,7 +598,7 @@ impl ReplicaStore {
         let mut buf = vec![0u8; ((end_block - first) * BLOCK) as usize];
         {
             let _g = self.lock_shared(first, end_block);
-            self.read_blocks(&self.chain(), first, &mut buf)?;
+            self.read_blocks(&self.chain(), first, &mut buf, fetch)?;
         }
         let lo = (offset - first * BLOCK) as usize;
         Ok(Bytes::from(buf).slice(lo..lo + len as usize))
@@ -733,7 +753,7 @@ impl ReplicaStore {
                 continue;
             }
             let mut old = [0u8; BLOCK_USIZE];
-            self.read_blocks(&chain, b, &mut old)?;
+            self.read_blocks(&chain, b, &mut old, Fetch::MayWait)?;
             let i = (b - first) as usize;
             let block = &mut buf[i * BLOCK_USIZE..(i + 1) * BLOCK_USIZE];
             block[..c0].copy_from_slice(&old[..c0]);
@@ -791,7 +811,7 @@ impl ReplicaStore {
         }
         for (b, lo, hi) in partial {
             let mut block = [0u8; BLOCK_USIZE];
-            self.read_blocks(&chain, b, &mut block)?;
+            self.read_blocks(&chain, b, &mut block, Fetch::MayWait)?;
             let base = b * BLOCK;
             block[(lo - base) as usize..(hi - base) as usize].fill(0);
             let e = entry::written(entry::block_crc(&block));

@@ -81,6 +81,14 @@ fn check(s: &ReplicaStore, m: &Model, what: &str) -> Result<(), TestCaseError> {
             "{what}: the volume differs from the model, first at byte {first}"
         )));
     }
+    // Just read, so all in the page cache: the cache-only path must find it
+    // all and agree (what a replica's inline reads go through).
+    let cached = no_mismatch(s.read_cached(0, s.size()), what)?;
+    prop_assert!(
+        cached.as_deref() == Some(&m.head[..]),
+        "{}: the cache-only read differs from the model (or missed the cache)",
+        what
+    );
     let sums = no_mismatch(s.block_checksums(0, s.size()), what)?;
     let expect: Vec<u32> = m.head.chunks(BLOCK as usize).map(crc32c::crc32c).collect();
     prop_assert!(sums == expect, "{}: block checksums differ", what);
@@ -101,6 +109,13 @@ fn check(s: &ReplicaStore, m: &Model, what: &str) -> Result<(), TestCaseError> {
                 "{what}: snapshot {name} differs from the model, first at byte {first}"
             )));
         }
+        let cached = no_mismatch(s.read_snapshot_cached(name, 0, data.len() as u64), what)?;
+        prop_assert!(
+            cached.as_deref() == Some(&data[..]),
+            "{}: the cache-only read of snapshot {} differs from the model (or missed)",
+            what,
+            name
+        );
     }
     Ok(())
 }
@@ -143,7 +158,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::SnapshotThenWrite(n, off, len, seed) => {
                 let data = pattern(seed, len as usize);
                 let mut wrote = None;
-                let taken = s.snapshot_create_then(NAMES[n], |_| wrote = Some(s.write(off, &data)));
+                let mut seen = None;
+                // The write, then the whole volume read, between the switch
+                // of heads and the commit (the frozen layer not indexed yet).
+                let taken = s.snapshot_create_then(NAMES[n], |_| {
+                    wrote = Some(s.write(off, &data));
+                    seen = Some((s.read(0, s.size()), s.block_checksums(0, s.size())));
+                });
                 match taken {
                     Ok(info) => {
                         m.snaps
@@ -157,6 +178,22 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 if let Some(w) = wrote {
                     no_mismatch(w, &what)?;
                     m.head[off as usize..(off + len) as usize].copy_from_slice(&data);
+                }
+                if let Some((read, sums)) = seen {
+                    let read = no_mismatch(read, &what)?;
+                    prop_assert!(
+                        read[..] == m.head[..],
+                        "{}: read before the commit differs",
+                        what
+                    );
+                    let sums = no_mismatch(sums, &what)?;
+                    let expect: Vec<u32> =
+                        m.head.chunks(BLOCK as usize).map(crc32c::crc32c).collect();
+                    prop_assert!(
+                        sums == expect,
+                        "{}: checksums before the commit differ",
+                        what
+                    );
                 }
             }
             Op::Delete(n) => match s.snapshot_delete(NAMES[n]) {
@@ -310,4 +347,59 @@ fn revert_after_a_merge_into_the_head_hides_every_newer_layer() {
         Op::Revert(1),
     ];
     run(ops).unwrap();
+}
+
+/// Drops the clean page-cache pages of every file in `dir`.
+fn evict_page_cache(dir: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let f = std::fs::File::open(entry.unwrap().path()).unwrap();
+        // SAFETY: fadvise only reads its integer arguments; `f` owns the descriptor.
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+    }
+}
+
+#[test]
+fn a_cache_only_read_misses_what_is_on_disk_only_and_never_waits_for_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = ReplicaStore::create(tmp.path(), params(SIZE, 4096)).unwrap();
+    s.write(0, &pattern(1, SIZE as usize)).unwrap();
+    s.snapshot_create("base").unwrap();
+    s.write(3 * BLOCK, &[9u8; 4096]).unwrap();
+    s.flush().unwrap();
+    evict_page_cache(tmp.path());
+    // The head's block and the snapshot's, each behind a miss.
+    assert!(s.read_cached(3 * BLOCK, BLOCK).unwrap().is_none());
+    assert!(s.read_cached(5 * BLOCK, BLOCK).unwrap().is_none());
+    assert!(s.read_snapshot_cached("base", 0, BLOCK).unwrap().is_none());
+    // Read the blocking way once, and the cache-only read finds the same.
+    for (off, expect) in [
+        (3 * BLOCK, vec![9u8; 4096]),
+        (
+            5 * BLOCK,
+            pattern(1, SIZE as usize)[5 * 4096..6 * 4096].to_vec(),
+        ),
+    ] {
+        assert_eq!(s.read(off, BLOCK).unwrap()[..], expect[..]);
+        assert_eq!(
+            s.read_cached(off, BLOCK).unwrap().as_deref(),
+            Some(&expect[..])
+        );
+    }
+    let base = s.read_snapshot("base", 0, BLOCK).unwrap();
+    assert_eq!(base[..], pattern(1, SIZE as usize)[..4096]);
+    assert_eq!(
+        s.read_snapshot_cached("base", 0, BLOCK).unwrap(),
+        Some(base)
+    );
+    // Bad input is still an error, not a miss.
+    assert!(matches!(
+        s.read_cached(SIZE, BLOCK),
+        Err(StoreError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        s.read_snapshot_cached("nope", 0, BLOCK),
+        Err(StoreError::NoSuchSnapshot(_))
+    ));
 }
