@@ -275,13 +275,18 @@ impl ReplicaControl for ControlService {
         // replica's flushes wait for it.
         let early = req.answer_when_switched;
         let (answer, answered) = tokio::sync::oneshot::channel();
+        let asked = std::time::Instant::now();
         let task = tokio::task::spawn_blocking(move || {
+            let queued_us = asked.elapsed().as_micros() as u64;
             let mut answer = Some(answer);
             let mut taken = None;
             let result = with_epoch(&hosted, Epoch(req.epoch), |h| {
                 let info = h.store.snapshot_create_then(&req.name, |info| {
                     if early && let Some(a) = answer.take() {
                         let _ = a.send(Ok(info.clone()));
+                        tracing::info!(volume = %req.volume, snapshot = %req.name, queued_us,
+                            switched_us = asked.elapsed().as_micros() as u64,
+                            "snapshot switched; answered");
                     }
                 })?;
                 taken = Some(info);
@@ -307,6 +312,12 @@ impl ReplicaControl for ControlService {
                 return Err(Status::internal(format!("snapshot task failed: {e:?}")));
             }
         };
+        if early {
+            // With the "switched" line above: when the answer, back on a
+            // runtime thread, leaves for the engine.
+            tracing::info!(snapshot = %taken.name,
+                handler_us = asked.elapsed().as_micros() as u64, "snapshot switch answer leaving");
+        }
         Ok(Response::new(snapshot_to_pb(&taken)))
     }
 

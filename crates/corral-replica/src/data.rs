@@ -6,9 +6,11 @@
 //! stream, so per-chunk order holds end to end. A batch of reads and writes
 //! that is only page-cache work (writes into regions already marked dirty,
 //! no FUA, small) runs inline on the stream's task while that stays fast
-//! (see `corral_block::inline_io`); flushes, FUA writes, unmaps, writes that
-//! must commit a write-intent mark, and large batches run on tokio's blocking
-//! pool.
+//! (see `corral_block::inline_io`), its reads from the page cache only
+//! (`ReplicaStore::read_cached`): a read that would wait for the disk, and
+//! the rest of its batch, go to tokio's blocking pool, as do flushes, FUA
+//! writes, unmaps, writes that must commit a write-intent mark, and large
+//! batches.
 //! Every request must carry the epoch the replica is open at (fencing) and
 //! writes carry a CRC32C of their payload, checked before anything is stored.
 
@@ -190,11 +192,16 @@ async fn run_batch(
     tx: &mpsc::Sender<Result<DataReplyBatch, Status>>,
 ) -> bool {
     let replies = match execute_inline(hosted, session, batch, metrics) {
-        Ok(replies) => Ok(replies),
-        Err(batch) => {
+        Inline::Done(replies) => Ok(replies),
+        Inline::Rest(mut done, rest) => {
             let replica = Arc::clone(hosted);
             let m = metrics.clone();
-            tokio::task::spawn_blocking(move || execute_batch(&replica, session, batch, &m)).await
+            tokio::task::spawn_blocking(move || execute_batch(&replica, session, rest, &m))
+                .await
+                .map(|rest| {
+                    done.replies.extend(rest.replies);
+                    done
+                })
         }
     };
     match replies {
@@ -237,14 +244,30 @@ fn store_error_reply(id: u64, e: StoreError) -> DataReply {
     error_reply(id, code, e.to_string(), offset)
 }
 
-/// Execute `batch` on the calling thread if it is page-cache work only and
-/// nothing it needs is busy; otherwise hand it back for the blocking pool.
+/// What running a batch inline came to.
+enum Inline {
+    /// Every request was executed.
+    Done(DataReplyBatch),
+    /// The replies of the requests executed inline (maybe none), and the
+    /// rest of the batch, in order, for the blocking pool: the batch was not
+    /// page-cache work only, or a read missed the page cache.
+    Rest(DataReplyBatch, DataRequestBatch),
+}
+
+/// Execute `batch` on the calling thread while it is page-cache work only
+/// and nothing it needs is busy; hand what is left to the blocking pool.
+/// Reads are served from the page cache only: one that misses it, and
+/// every request after it, go to the pool without closing the gate (a miss
+/// waits for the disk there, not on this thread).
 fn execute_inline(
     replica: &HostedReplica,
     session: u64,
     batch: DataRequestBatch,
     metrics: &ReplicaMetrics,
-) -> Result<DataReplyBatch, DataRequestBatch> {
+) -> Inline {
+    let none = || DataReplyBatch {
+        replies: Vec::new(),
+    };
     let mut bytes = 0usize;
     let light = batch.requests.iter().all(|req| match &req.op {
         Some(data_request::Op::Read(r)) => {
@@ -258,18 +281,22 @@ fn execute_inline(
         _ => false,
     });
     if !light || !replica.inline_io.allows(bytes) {
-        return Err(batch);
+        return Inline::Rest(none(), batch);
     }
     // An open at a newer epoch holds the gate while it commits: do not wait
     // for that on a runtime thread.
     let open = match replica.open_state.try_read() {
         Ok(open) => open,
         Err(TryLockError::Poisoned(p)) => p.into_inner(),
-        Err(TryLockError::WouldBlock) => return Err(batch),
+        Err(TryLockError::WouldBlock) => return Inline::Rest(none(), batch),
     };
-    Ok(replica
+    let (done, rest) = replica
         .inline_io
-        .run(|| execute_at(replica, *open, session, batch, metrics)))
+        .run(|| execute_at(replica, *open, session, batch, metrics, Reads::CachedOnly));
+    match rest {
+        Some(rest) => Inline::Rest(done, rest),
+        None => Inline::Done(done),
+    }
 }
 
 /// Execute one batch the way a data stream of open session `session` does
@@ -285,8 +312,12 @@ pub fn execute_stream_batch(
     metrics: &ReplicaMetrics,
 ) -> DataReplyBatch {
     match execute_inline(replica, session, batch, metrics) {
-        Ok(replies) => replies,
-        Err(batch) => execute_batch(replica, session, batch, metrics),
+        Inline::Done(replies) => replies,
+        Inline::Rest(mut done, rest) => {
+            let rest = execute_batch(replica, session, rest, metrics);
+            done.replies.extend(rest.replies);
+            done
+        }
     }
 }
 
@@ -299,65 +330,104 @@ fn execute_batch(
     metrics: &ReplicaMetrics,
 ) -> DataReplyBatch {
     let open = replica.open_state.read().unwrap_or_else(|p| p.into_inner());
-    execute_at(replica, *open, session, batch, metrics)
+    let (replies, _) = execute_at(replica, *open, session, batch, metrics, Reads::MayWait);
+    replies
+}
+
+/// How [`execute_at`] reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reads {
+    /// From the page cache or the disk (on the blocking pool).
+    MayWait,
+    /// From the page cache only (inline on a runtime thread): a read that
+    /// would wait for the disk stops the batch there.
+    CachedOnly,
 }
 
 /// Execute one batch in order against a replica open as `open`, on a
 /// stream of open session `session` (the caller holds the epoch gate).
+/// With [`Reads::CachedOnly`], the first read that misses the page cache
+/// ends it: the replies so far, and that read with every request after it.
 fn execute_at(
     replica: &HostedReplica,
     open: OpenState,
     session: u64,
     batch: DataRequestBatch,
     metrics: &ReplicaMetrics,
-) -> DataReplyBatch {
+    reads: Reads,
+) -> (DataReplyBatch, Option<DataRequestBatch>) {
     replica
         .batches
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let replies = batch
-        .requests
-        .into_iter()
-        .map(|req| {
-            let epoch = Epoch(req.epoch);
-            if open.epoch == Epoch(0) || epoch != open.epoch {
-                let code = if epoch < open.epoch {
-                    DataErrorCode::StaleEpoch
-                } else {
-                    DataErrorCode::NotOpen
-                };
-                return error_reply(
-                    req.id,
-                    code,
-                    format!(
-                        "volume {} is open at epoch {}, request carries epoch {}",
-                        replica.volume, open.epoch, req.epoch
-                    ),
-                    0,
-                );
-            }
-            if session != open.session {
-                return error_reply(
-                    req.id,
-                    DataErrorCode::NotOpen,
-                    format!(
-                        "volume {}: this data stream predates the replica's latest open; reconnect",
-                        replica.volume
-                    ),
-                    0,
-                );
-            }
-            let started = Instant::now();
-            let (op, bytes) = describe(&req);
-            let reply = execute(replica, req);
-            let result = match &reply.result {
-                Some(data_reply::Result::Error(e)) => error_name(e.code),
-                _ => "ok",
+    let mut replies = Vec::with_capacity(batch.requests.len());
+    let mut requests = batch.requests.into_iter();
+    while let Some(req) = requests.next() {
+        let epoch = Epoch(req.epoch);
+        if open.epoch == Epoch(0) || epoch != open.epoch {
+            let code = if epoch < open.epoch {
+                DataErrorCode::StaleEpoch
+            } else {
+                DataErrorCode::NotOpen
             };
-            metrics.record(op, result, bytes, started);
-            reply
-        })
-        .collect();
-    DataReplyBatch { replies }
+            replies.push(error_reply(
+                req.id,
+                code,
+                format!(
+                    "volume {} is open at epoch {}, request carries epoch {}",
+                    replica.volume, open.epoch, req.epoch
+                ),
+                0,
+            ));
+            continue;
+        }
+        if session != open.session {
+            replies.push(error_reply(
+                req.id,
+                DataErrorCode::NotOpen,
+                format!(
+                    "volume {}: this data stream predates the replica's latest open; reconnect",
+                    replica.volume
+                ),
+                0,
+            ));
+            continue;
+        }
+        let started = Instant::now();
+        let (op, bytes) = describe(&req);
+        let reply = match (&req.op, reads) {
+            (Some(data_request::Op::Read(r)), Reads::CachedOnly) => {
+                match read_cached(&replica.store, r) {
+                    Ok(Some(data)) => read_reply(req.id, data),
+                    Ok(None) => {
+                        let mut rest = vec![req];
+                        rest.extend(requests);
+                        return (
+                            DataReplyBatch { replies },
+                            Some(DataRequestBatch { requests: rest }),
+                        );
+                    }
+                    Err(e) => store_error_reply(req.id, e),
+                }
+            }
+            _ => execute(replica, req),
+        };
+        let result = match &reply.result {
+            Some(data_reply::Result::Error(e)) => error_name(e.code),
+            _ => "ok",
+        };
+        metrics.record(op, result, bytes, started);
+        replies.push(reply);
+    }
+    (DataReplyBatch { replies }, None)
+}
+
+/// A read's reply, with the CRC32C of its data.
+fn read_reply(id: u64, data: Bytes) -> DataReply {
+    let crc = crc32c::crc32c(&data);
+    DataReply {
+        id,
+        result: Some(data_reply::Result::Read(ReadResult { data, crc32c: crc })),
+    }
 }
 
 /// The operation's name and payload size, for metrics.
@@ -407,13 +477,7 @@ fn execute(replica: &HostedReplica, req: DataRequest) -> DataReply {
     };
     let outcome = match op {
         data_request::Op::Read(r) => match read(store, &r) {
-            Ok(data) => {
-                let crc = crc32c::crc32c(&data);
-                return DataReply {
-                    id,
-                    result: Some(data_reply::Result::Read(ReadResult { data, crc32c: crc })),
-                };
-            }
+            Ok(data) => return read_reply(id, data),
             Err(e) => Err(e),
         },
         data_request::Op::Write(w) => {
@@ -472,6 +536,18 @@ fn read(store: &corral_store::ReplicaStore, r: &ReadOp) -> Result<Bytes, StoreEr
     }
 }
 
+/// [`read`] from the page cache only; `Ok(None)` when it would wait for the disk.
+fn read_cached(
+    store: &corral_store::ReplicaStore,
+    r: &ReadOp,
+) -> Result<Option<Bytes>, StoreError> {
+    if r.snapshot.is_empty() {
+        store.read_cached(r.offset, u64::from(r.length))
+    } else {
+        store.read_snapshot_cached(&r.snapshot, r.offset, u64::from(r.length))
+    }
+}
+
 /// Stored checksums of the volume, or of a snapshot's view when the op names one.
 fn checksums(
     store: &corral_store::ReplicaStore,
@@ -494,5 +570,107 @@ fn write(
         store.write_fua(offset, data)
     } else {
         store.write(offset, data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_proto::v1::WriteOp;
+    use corral_store::CreateParams;
+    use std::os::fd::AsRawFd;
+
+    const BLOCK: u64 = 4096;
+    const EPOCH: u64 = 3;
+
+    fn req(id: u64, op: data_request::Op) -> DataRequest {
+        DataRequest {
+            id,
+            epoch: EPOCH,
+            op: Some(op),
+        }
+    }
+
+    fn read_op(offset: u64) -> data_request::Op {
+        data_request::Op::Read(ReadOp {
+            offset,
+            length: BLOCK as u32,
+            ..Default::default()
+        })
+    }
+
+    fn read_data(reply: &DataReply) -> &[u8] {
+        match &reply.result {
+            Some(data_reply::Result::Read(r)) => &r.data,
+            other => panic!("reply {} is not a read: {other:?}", reply.id),
+        }
+    }
+
+    /// Drops the clean page-cache pages of every file in `dir`.
+    fn evict_page_cache(dir: &std::path::Path) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let f = std::fs::File::open(entry.unwrap().path()).unwrap();
+            // SAFETY: fadvise only reads its integer arguments; `f` owns the descriptor.
+            let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(rc, 0);
+        }
+    }
+
+    #[test]
+    fn a_read_that_misses_the_page_cache_sends_the_rest_of_its_batch_to_the_pool_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let registry = ReplicaRegistry::open(tmp.path()).unwrap();
+        let replica = registry
+            .create(CreateParams {
+                volume: "inline".into(),
+                size: 64 * BLOCK,
+                block_size: 512,
+                chunk_size: 16 * BLOCK as u32,
+                instance_id: "inline-1".into(),
+            })
+            .unwrap();
+        let session = replica.open_at(Epoch(EPOCH), 0).unwrap();
+        for b in [0u8, 1, 2, 3, 40] {
+            replica
+                .store
+                .write(u64::from(b) * BLOCK, &[b; BLOCK as usize])
+                .unwrap();
+        }
+        replica.store.flush().unwrap();
+        evict_page_cache(replica.store.dir());
+        // Block 1 back in the cache (with its neighbours, read ahead);
+        // block 40, past any read-ahead window, on disk only.
+        replica.store.read(BLOCK, BLOCK).unwrap();
+        // A write into a region already marked dirty is light (inline) work.
+        let data = Bytes::from(vec![0xabu8; BLOCK as usize]);
+        let write = data_request::Op::Write(WriteOp {
+            offset: 3 * BLOCK,
+            crc32c: crc32c::crc32c(&data),
+            data,
+            ..Default::default()
+        });
+        let batch = DataRequestBatch {
+            requests: vec![
+                req(10, read_op(BLOCK)),
+                req(11, read_op(40 * BLOCK)),
+                req(12, write),
+                req(13, read_op(3 * BLOCK)),
+            ],
+        };
+        let metrics = ReplicaMetrics::default();
+        let replies = execute_stream_batch(&replica, session, batch, &metrics).replies;
+        let ids: Vec<u64> = replies.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [10, 11, 12, 13]);
+        assert_eq!(read_data(&replies[0]), [1u8; BLOCK as usize]);
+        assert_eq!(read_data(&replies[1]), [40u8; BLOCK as usize]);
+        assert!(matches!(
+            replies[2].result,
+            Some(data_reply::Result::Done(_))
+        ));
+        // The write ran once, before the read after it.
+        assert_eq!(read_data(&replies[3]), [0xabu8; BLOCK as usize]);
+        // The miss did not close the gate: it waits for the disk on the
+        // pool, not on a runtime thread.
+        assert!(replica.inline_io.allows(BLOCK as usize));
     }
 }
