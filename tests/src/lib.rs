@@ -384,17 +384,37 @@ impl Cluster {
 
     /// Start an engine; returns its index once its control service answers.
     pub fn start_engine(&mut self, spec: &EngineSpec) -> Result<usize> {
-        let i = self.spawn_engine(spec)?;
-        self.wait_engine_ready(i, Duration::from_secs(60))?;
-        Ok(i)
+        // A port picked free can be taken by another process before the
+        // engine binds it: start again on new ports (a few times at most).
+        for _ in 0..3 {
+            let i = self.spawn_engine(spec)?;
+            match self.wait_engine_ready(i, Duration::from_secs(60)) {
+                Ok(()) => return Ok(i),
+                Err(e) if e.to_string().contains("Address already in use") => {
+                    self.engines.pop();
+                    let _ = std::fs::remove_file(self.path().join(format!("engine-{i}.log")));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        bail!(
+            "engine for {}: its ports were taken three times",
+            spec.volume
+        )
     }
 
     /// Start an engine process without waiting for it to serve.
     pub fn spawn_engine(&mut self, spec: &EngineSpec) -> Result<usize> {
         let i = self.engines.len();
-        let control = free_addr();
-        let nbd = free_addr();
-        let iscsi = free_addr();
+        // Held until the engine starts, so that nothing this fixture binds
+        // meanwhile (a proxy) is given one of them.
+        let bind = || TcpListener::bind("127.0.0.1:0");
+        let held = [bind()?, bind()?, bind()?];
+        let (control, nbd, iscsi) = (
+            held[0].local_addr()?,
+            held[1].local_addr()?,
+            held[2].local_addr()?,
+        );
         let mut args: Vec<String> = vec![
             "engine".into(),
             "--volume".into(),
@@ -422,6 +442,7 @@ impl Cluster {
         args.extend(spec.extra.iter().cloned());
         args.extend(self.tls.iter().cloned());
         let log = self.path().join(format!("engine-{i}.log"));
+        drop(held);
         let process = Process::spawn(&format!("engine-{i}"), args, log)?;
         self.engines.push(Engine {
             volume: spec.volume.clone(),
