@@ -306,7 +306,7 @@ fn parse_stat(stat: &str) -> Option<(String, u64)> {
 }
 
 /// CPU seconds of a process.
-fn process_cpu_s(pid: i32) -> Result<f64> {
+pub(crate) fn process_cpu_s(pid: i32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("/proc/{pid}/stat"))?;
     let (_, ticks) = parse_stat(&stat).with_context(|| format!("parse /proc/{pid}/stat"))?;

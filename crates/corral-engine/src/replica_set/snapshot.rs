@@ -32,6 +32,8 @@
 //! reverts. One that fails is moved to ERR with every chunk marked changed,
 //! so it is copied in full when it returns.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use corral_client::ClientError;
 use corral_proto::v1 as pb;
 use futures::future::join_all;
@@ -145,12 +147,21 @@ impl ReplicaSet {
             .write_targets()
             .into_iter()
             .partition(|(_, _, mode)| *mode == Mode::Rw);
-        let calls = targets.iter().map(|(id, client, _)| async move {
-            let result = client
-                .control()
-                .switch_snapshot(&self.volume, self.epoch, name)
-                .await;
-            (*id, client.addr().to_string(), result)
+        let asked = std::time::Instant::now();
+        let slowest_switch = AtomicU64::new(0);
+        let fastest_switch = AtomicU64::new(u64::MAX);
+        let calls = targets.iter().map(|(id, client, _)| {
+            let (slowest_switch, fastest_switch) = (&slowest_switch, &fastest_switch);
+            async move {
+                let result = client
+                    .control()
+                    .switch_snapshot(&self.volume, self.epoch, name)
+                    .await;
+                let took = asked.elapsed().as_micros() as u64;
+                slowest_switch.fetch_max(took, Ordering::Relaxed);
+                fastest_switch.fetch_min(took, Ordering::Relaxed);
+                (*id, client.addr().to_string(), result)
+            }
         });
         let (done, failed) =
             self.sort_outcomes(&format!("snapshot {name}"), join_all(calls).await)?;
@@ -237,6 +248,8 @@ impl ReplicaSet {
         }
         info!(volume = %self.volume, snapshot = name, replicas = report.done.len(),
             drained_us = drained.as_micros() as u64,
+            fastest_switch_us = fastest_switch.load(Ordering::Relaxed),
+            slowest_switch_us = slowest_switch.load(Ordering::Relaxed),
             paused_us = paused.as_micros() as u64,
             total_us = started.elapsed().as_micros() as u64, "snapshot taken");
         Ok(report)
