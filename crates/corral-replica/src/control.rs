@@ -19,6 +19,11 @@ use crate::registry::{HostedReplica, ReplicaRegistry};
 /// Default chunk size when a create request leaves it 0.
 pub const DEFAULT_CHUNK_SIZE: u32 = 256 << 10;
 
+/// A snapshot switched at an engine's request but not yet committed by its
+/// second call is committed by the replica itself after this long (the
+/// engine's call normally comes within milliseconds).
+pub const UNCLAIMED_SNAPSHOT_COMMIT_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Implements `corral.v1.ReplicaControl`.
 pub struct ControlService {
     registry: Arc<ReplicaRegistry>,
@@ -269,54 +274,50 @@ impl ReplicaControl for ControlService {
     ) -> Result<Response<pb::SnapshotInfo>, Status> {
         let req = request.into_inner();
         let hosted = self.registry.get(&req.volume)?;
-        // The answer goes out when the store has switched heads (with
-        // `answer_when_switched`) or when the snapshot is durable; in the
-        // first case the blocking task carries on with the commit, and the
-        // replica's flushes wait for it.
+        // With `answer_when_switched` the answer goes out once the store has
+        // switched heads in memory, its record left pending: the engine's
+        // second call (the same create without it) commits it, once the
+        // engine has let writes flow again, so that the commit's work does
+        // not compete with the other replicas' switches for the CPU. Until
+        // then this replica's flushes and FUA writes commit it first.
         let early = req.answer_when_switched;
-        let (answer, answered) = tokio::sync::oneshot::channel();
         let asked = std::time::Instant::now();
-        let task = tokio::task::spawn_blocking(move || {
+        let weak = Arc::downgrade(&hosted);
+        let taken = blocking(move || {
             let queued_us = asked.elapsed().as_micros() as u64;
-            let mut answer = Some(answer);
             let mut taken = None;
-            let result = with_epoch(&hosted, Epoch(req.epoch), |h| {
-                let info = h.store.snapshot_create_then(&req.name, |info| {
-                    if early && let Some(a) = answer.take() {
-                        let _ = a.send(Ok(info.clone()));
-                        tracing::info!(volume = %req.volume, snapshot = %req.name, queued_us,
-                            switched_us = asked.elapsed().as_micros() as u64,
-                            "snapshot switched; answered");
-                    }
-                })?;
-                taken = Some(info);
+            with_epoch(&hosted, Epoch(req.epoch), |h| {
+                taken = Some(if early {
+                    h.store.snapshot_switch(&req.name)?
+                } else {
+                    h.store.snapshot_create(&req.name)?
+                });
                 Ok(())
-            })
-            .and_then(|_| taken.ok_or_else(|| ReplicaError::NotFound(req.volume.clone())));
-            match answer.take() {
-                Some(a) => {
-                    let _ = a.send(result);
-                }
-                None => {
-                    if let Err(e) = result {
-                        tracing::error!(volume = %req.volume, snapshot = %req.name, error = %e,
-                            "snapshot switched but not recorded");
-                    }
-                }
+            })?;
+            if early {
+                tracing::info!(volume = %req.volume, snapshot = %req.name, queued_us,
+                    switched_us = asked.elapsed().as_micros() as u64, "snapshot switched");
             }
-        });
-        let taken = match answered.await {
-            Ok(result) => result.map_err(Status::from)?,
-            Err(_) => {
-                let e = task.await.err();
-                return Err(Status::internal(format!("snapshot task failed: {e:?}")));
-            }
-        };
+            taken.ok_or_else(|| ReplicaError::NotFound(req.volume.clone()))
+        })
+        .await?;
         if early {
-            // With the "switched" line above: when the answer, back on a
-            // runtime thread, leaves for the engine.
             tracing::info!(snapshot = %taken.name,
                 handler_us = asked.elapsed().as_micros() as u64, "snapshot switch answer leaving");
+            // An engine lost before its second call leaves the record to
+            // this replica: committed a little later all the same.
+            tokio::spawn(async move {
+                tokio::time::sleep(UNCLAIMED_SNAPSHOT_COMMIT_AFTER).await;
+                let Some(hosted) = weak.upgrade() else { return };
+                let volume = hosted.volume.clone();
+                let result =
+                    tokio::task::spawn_blocking(move || hosted.store.commit_pending_snapshot())
+                        .await;
+                if let Ok(Err(e)) = result {
+                    tracing::warn!(volume = %volume, error = %e,
+                        "could not commit a switched snapshot's record; flushes retry it");
+                }
+            });
         }
         Ok(Response::new(snapshot_to_pb(&taken)))
     }
@@ -463,4 +464,76 @@ fn with_epoch(
     })?;
     drop(open);
     Ok(replica_info(hosted))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A switch (the engine's first call) leaves the record pending; the
+    /// engine's second call commits it; without one, the replica commits it
+    /// itself after [`UNCLAIMED_SNAPSHOT_COMMIT_AFTER`].
+    #[tokio::test]
+    async fn a_switched_snapshot_waits_for_the_second_call_or_is_committed_unclaimed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let registry = Arc::new(ReplicaRegistry::open(tmp.path()).unwrap());
+        let control = ControlService::new(Arc::clone(&registry));
+        control
+            .create_replica(Request::new(CreateReplicaRequest {
+                volume: "v".into(),
+                size: 1 << 20,
+                block_size: 4096,
+                chunk_size: DEFAULT_CHUNK_SIZE,
+            }))
+            .await
+            .unwrap();
+        control
+            .open_replica(Request::new(OpenReplicaRequest {
+                volume: "v".into(),
+                epoch: 1,
+                engine_id: 7,
+            }))
+            .await
+            .unwrap();
+        let hosted = registry.get("v").unwrap();
+        let ask = |name: &str, early: bool| SnapshotRequest {
+            volume: "v".into(),
+            epoch: 1,
+            name: name.into(),
+            answer_when_switched: early,
+        };
+        control
+            .create_snapshot(Request::new(ask("claimed", true)))
+            .await
+            .unwrap();
+        assert!(hosted.store.snapshot_record_pending());
+        let second = control
+            .create_snapshot(Request::new(ask("claimed", false)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(second.name, "claimed");
+        assert!(!hosted.store.snapshot_record_pending());
+
+        control
+            .create_snapshot(Request::new(ask("unclaimed", true)))
+            .await
+            .unwrap();
+        assert!(hosted.store.snapshot_record_pending());
+        let deadline = std::time::Instant::now() + UNCLAIMED_SNAPSHOT_COMMIT_AFTER * 5;
+        while hosted.store.snapshot_record_pending() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the replica never committed the unclaimed snapshot"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let names: Vec<String> = hosted
+            .store
+            .snapshots()
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        assert_eq!(names, ["claimed", "unclaimed"]);
+    }
 }

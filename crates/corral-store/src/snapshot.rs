@@ -72,6 +72,8 @@ pub(crate) struct PendingLayerCommit {
     head_id: LayerId,
     recs: Vec<LayerInfo>,
     extents: Option<Vec<index::Extent>>,
+    /// When the heads were switched (for the log of the commit).
+    switched_at: std::time::Instant,
 }
 
 /// The chain's layer records, oldest first.
@@ -107,26 +109,24 @@ impl ReplicaStore {
     /// that starts after. Idempotent: a snapshot of that name already there is returned
     /// as is. Returns once the snapshot is durable.
     pub fn snapshot_create(&self, name: &str) -> Result<SnapshotInfo> {
-        self.snapshot_create_then(name, |_| {})
+        let info = self.snapshot_switch(name)?;
+        self.commit_pending_snapshot()?;
+        Ok(info)
     }
 
-    /// [`ReplicaStore::snapshot_create`], calling `switched` as soon as the snapshot is
-    /// taken in memory — I/O flows again from then on, new writes going to the new head —
-    /// and before the frozen layer is synced and its record committed. Until that commit
-    /// [`ReplicaStore::flush`] waits for it (the new head's writes are durable only once
-    /// the chain that names the new head is), and so does another snapshot call of any
-    /// name (it takes `admin`, held here to the end). So a caller may let writes go on at
-    /// `switched` and learn that the snapshot is durable from this call's return, or from
-    /// a later flush or repeated create. If the commit fails (a full disk), this returns
-    /// the error but the snapshot stays taken in memory: the commit is retried by the next
-    /// flush and the next change of the chain, each of which fails until it succeeds (so
-    /// nothing durable rests on a head the metadata does not name), and a retried create
-    /// of the same name returns once it has.
-    pub fn snapshot_create_then(
-        &self,
-        name: &str,
-        switched: impl FnOnce(&SnapshotInfo),
-    ) -> Result<SnapshotInfo> {
+    /// The first half of [`ReplicaStore::snapshot_create`]: takes snapshot `name` in
+    /// memory only and returns — I/O flows again from then on, new writes going to the
+    /// new head — leaving the frozen layer's index update, its sync and the record of
+    /// the chain pending. The next [`ReplicaStore::flush`], [`ReplicaStore::sync`],
+    /// FUA write, change of the chain (a create of any name, a delete, a merge step, a
+    /// revert, a growth), [`ReplicaStore::commit_pending_snapshot`] or clean close
+    /// commits it first (the new head's writes are durable only once the chain that
+    /// names the new head is); so does a repeated create of the same name, which then
+    /// returns once it is durable. A crash before that commit loses the snapshot and
+    /// every write made after the switch (none of them was flushed). If the commit
+    /// fails (a full disk), each of those calls fails until it succeeds, so nothing
+    /// durable rests on a head the metadata does not name.
+    pub fn snapshot_switch(&self, name: &str) -> Result<SnapshotInfo> {
         validate_name(name)?;
         let started = std::time::Instant::now();
         let _admin = lock(&self.admin);
@@ -135,9 +135,7 @@ impl ReplicaStore {
         {
             let chain = self.chain();
             if let Some(pos) = find(&chain, name) {
-                let info = self.snapshot_info(&chain, pos);
-                switched(&info);
-                return Ok(info);
+                return Ok(self.snapshot_info(&chain, pos));
             }
             if chain
                 .layers()
@@ -149,9 +147,9 @@ impl ReplicaStore {
                 )));
             }
         }
-        // The next head's files, made durable (with the directory) only in
-        // the commit below, after I/O flows again; a crash before that
-        // commit leaves them unnamed, and the next open removes them.
+        // The next head's files, made durable (with the directory) only by
+        // the commit, after I/O flows again; a crash before that commit
+        // leaves them unnamed, and the next open removes them.
         let id = next_id(&self.chain());
         let file = format!("l{id}");
         let size = self.size();
@@ -161,8 +159,7 @@ impl ReplicaStore {
         // With I/O drained (`chain_mut`), the heads are only switched in
         // memory, the frozen head left out of the index (`unindexed`). Its
         // extents are read and taken into the index, it is synced and the
-        // metadata committed after I/O flows again, with flushes waiting on
-        // `layer_commit` meanwhile.
+        // metadata committed later, with I/O flowing (`commit_pending`).
         let mut commit_gate = lock(&self.layer_commit);
         let mut chain = self.chain_mut();
         let locked_us = started.elapsed().as_micros() as u64;
@@ -189,38 +186,35 @@ impl ReplicaStore {
             head_id: id,
             recs,
             extents: None,
+            switched_at: std::time::Instant::now(),
         });
-        let switched_at = std::time::Instant::now();
-        let switch_us = started.elapsed().as_micros() as u64;
-        switched(&info);
-        // I/O flows again. Index the frozen layer, make it durable, then
-        // record it and the new head in one commit.
-        let frozen_extents = match self.commit_pending(&mut commit_gate) {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!(dir = %self.dir.display(), snapshot = name, error = %e,
-                    "snapshot taken but not recorded yet: flushes fail until its record is committed");
-                return Err(e);
-            }
-        };
-        drop(commit_gate);
         tracing::info!(
             dir = %self.dir.display(),
             snapshot = name,
-            index_extents = self.chain().index.len(),
             admitted_us,
             created_us,
             locked_us,
-            frozen_extents,
-            switch_us,
-            commit_us = switched_at.elapsed().as_micros() as u64,
-            "snapshot taken"
+            switch_us = started.elapsed().as_micros() as u64,
+            "snapshot switched; its record is pending"
         );
         Ok(info)
     }
 
+    /// Commits the record of a snapshot switched in memory but not yet recorded
+    /// ([`ReplicaStore::snapshot_switch`]), waiting for a commit under way; nothing if
+    /// none is pending.
+    pub fn commit_pending_snapshot(&self) -> Result<()> {
+        self.check_layer_commit()
+    }
+
+    /// Whether a snapshot is switched in memory but its record not yet
+    /// committed (waits for a commit under way).
+    pub fn snapshot_record_pending(&self) -> bool {
+        lock(&self.layer_commit).is_some()
+    }
+
     /// Commits the record of a snapshot switched in memory but not yet
-    /// recorded (see [`ReplicaStore::snapshot_create_then`]), waiting for
+    /// recorded (see [`ReplicaStore::snapshot_switch`]), waiting for
     /// one under way. Every flush and every change of the chain calls it
     /// first.
     pub(crate) fn check_layer_commit(&self) -> Result<()> {
@@ -240,6 +234,7 @@ impl ReplicaStore {
         let Some(p) = pending.as_mut() else {
             return Ok(0);
         };
+        let started = std::time::Instant::now();
         let layer_of = |chain: &LayerChain, id: LayerId| -> Result<Layer> {
             let l = chain
                 .layers()
@@ -282,6 +277,14 @@ impl ReplicaStore {
         self.db
             .commit_chain(&p.recs, &[(p.frozen_id, extents)], &[], None)?;
         let n = extents.len();
+        tracing::info!(
+            dir = %self.dir.display(),
+            frozen_extents = n,
+            index_extents = self.chain().index.len(),
+            commit_us = started.elapsed().as_micros() as u64,
+            since_switch_us = p.switched_at.elapsed().as_micros() as u64,
+            "snapshot recorded"
+        );
         *pending = None;
         Ok(n)
     }

@@ -5,9 +5,10 @@
 //! (`io_gate` held exclusively), every RW replica switches to a new head in
 //! memory at the same point of the write stream (`switch_snapshot`); then
 //! writes resume, and every replica that switched is asked again
-//! (`create_snapshot`, idempotent), which answers once it has synced the
-//! frozen layer and committed its record. So the pause is the drain plus
-//! one control round trip, not a sync. A replica that fails either phase
+//! (`create_snapshot`, idempotent), which only then indexes and syncs the
+//! frozen layer and commits its record, and answers. So the pause is the
+//! drain plus one control round trip, not a sync — and no replica's commit
+//! competes for the CPU with another's switch. A replica that fails either phase
 //! is moved to ERR as for a failed write, so every replica left RW holds
 //! the snapshot (all-or-nothing among the RW set); one that failed the
 //! second phase may have lost writes it took after switching (its store

@@ -28,9 +28,13 @@ enum Op {
     },
     Flush,
     Snapshot(usize),
-    /// A snapshot with a write issued as soon as the heads are switched,
-    /// before the frozen layer is synced and recorded: not in the snapshot.
-    SnapshotThenWrite(usize, u64, u64, u8),
+    /// Only the switch of a snapshot, with a write (and a read of the whole
+    /// volume) issued at once, before the frozen layer is indexed, synced
+    /// and recorded: the write is not in the snapshot. The record stays
+    /// pending until an operation that commits it (any but a write or a
+    /// discard); a crash before that loses the snapshot and what was
+    /// written since the switch.
+    SwitchThenWrite(usize, u64, u64, u8),
     Delete(usize),
     MergeSteps(usize),
     MergeAll,
@@ -54,7 +58,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Flush),
         3 => (0..NAMES.len()).prop_map(Op::Snapshot),
         2 => (0..NAMES.len(), range(), 1..8u8)
-            .prop_map(|(n, (off, len), seed)| Op::SnapshotThenWrite(n, off, len, seed)),
+            .prop_map(|(n, (off, len), seed)| Op::SwitchThenWrite(n, off, len, seed)),
         2 => (0..NAMES.len()).prop_map(Op::Delete),
         2 => (1..4usize).prop_map(Op::MergeSteps),
         1 => Just(Op::MergeAll),
@@ -68,6 +72,9 @@ fn op() -> impl Strategy<Value = Op> {
 struct Model {
     head: Vec<u8>,
     snaps: BTreeMap<String, Vec<u8>>,
+    /// A snapshot switched but not recorded yet, and the head as it was
+    /// at its switch (what a crash goes back to).
+    pending: Option<(String, Vec<u8>)>,
 }
 
 fn check(s: &ReplicaStore, m: &Model, what: &str) -> Result<(), TestCaseError> {
@@ -130,10 +137,18 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut m = Model {
         head: vec![0u8; SIZE as usize],
         snaps: BTreeMap::new(),
+        pending: None,
     };
     for (i, op) in ops.into_iter().enumerate() {
         let what = format!("op {i} {op:?}");
         let s = store.as_ref().unwrap();
+        // Every operation but a write or a discard commits a pending
+        // snapshot first (a crash loses it instead; a switch commits the
+        // earlier one and may leave its own).
+        let commits = !matches!(
+            op,
+            Op::Write { .. } | Op::Unmap { .. } | Op::SwitchThenWrite(..)
+        );
         match op {
             Op::Write { off, len, seed } => {
                 let data = pattern(seed, len as usize);
@@ -155,46 +170,38 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 Err(StoreError::Busy(_)) => prop_assert!(s.merge_pending()),
                 Err(e) => return Err(TestCaseError::fail(format!("{what}: {e}"))),
             },
-            Op::SnapshotThenWrite(n, off, len, seed) => {
+            Op::SwitchThenWrite(n, off, len, seed) => {
                 let data = pattern(seed, len as usize);
-                let mut wrote = None;
-                let mut seen = None;
-                // The write, then the whole volume read, between the switch
-                // of heads and the commit (the frozen layer not indexed yet).
-                let taken = s.snapshot_create_then(NAMES[n], |_| {
-                    wrote = Some(s.write(off, &data));
-                    seen = Some((s.read(0, s.size()), s.block_checksums(0, s.size())));
-                });
-                match taken {
+                // The switch commits an earlier pending snapshot first.
+                m.pending = None;
+                match s.snapshot_switch(NAMES[n]) {
                     Ok(info) => {
-                        m.snaps
-                            .entry(NAMES[n].to_string())
-                            .or_insert_with(|| m.head.clone());
+                        if !m.snaps.contains_key(NAMES[n]) {
+                            m.snaps.insert(NAMES[n].to_string(), m.head.clone());
+                            m.pending = Some((NAMES[n].to_string(), m.head.clone()));
+                        }
                         prop_assert_eq!(info.size, m.snaps[NAMES[n]].len() as u64);
                     }
                     Err(StoreError::Busy(_)) => prop_assert!(s.merge_pending()),
                     Err(e) => return Err(TestCaseError::fail(format!("{what}: {e}"))),
                 }
-                if let Some(w) = wrote {
-                    no_mismatch(w, &what)?;
-                    m.head[off as usize..(off + len) as usize].copy_from_slice(&data);
-                }
-                if let Some((read, sums)) = seen {
-                    let read = no_mismatch(read, &what)?;
-                    prop_assert!(
-                        read[..] == m.head[..],
-                        "{}: read before the commit differs",
-                        what
-                    );
-                    let sums = no_mismatch(sums, &what)?;
-                    let expect: Vec<u32> =
-                        m.head.chunks(BLOCK as usize).map(crc32c::crc32c).collect();
-                    prop_assert!(
-                        sums == expect,
-                        "{}: checksums before the commit differ",
-                        what
-                    );
-                }
+                // The write and a whole read before the record is committed
+                // (the frozen layer not indexed yet).
+                no_mismatch(s.write(off, &data), &what)?;
+                m.head[off as usize..(off + len) as usize].copy_from_slice(&data);
+                let read = no_mismatch(s.read(0, s.size()), &what)?;
+                prop_assert!(
+                    read[..] == m.head[..],
+                    "{}: read before the commit differs",
+                    what
+                );
+                let sums = no_mismatch(s.block_checksums(0, s.size()), &what)?;
+                let expect: Vec<u32> = m.head.chunks(BLOCK as usize).map(crc32c::crc32c).collect();
+                prop_assert!(
+                    sums == expect,
+                    "{}: checksums before the commit differ",
+                    what
+                );
             }
             Op::Delete(n) => match s.snapshot_delete(NAMES[n]) {
                 Ok(()) => {
@@ -243,7 +250,16 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Crash => {
                 store.take().unwrap().crash();
                 store = Some(no_mismatch(ReplicaStore::open(&dir), &what)?);
+                // An unrecorded snapshot is gone, and with it every write
+                // since its switch (none of them flushed).
+                if let Some((name, head)) = m.pending.take() {
+                    m.snaps.remove(&name);
+                    m.head = head;
+                }
             }
+        }
+        if commits {
+            m.pending = None;
         }
         check(store.as_ref().unwrap(), &m, &what)?;
     }
@@ -296,6 +312,46 @@ fn bad_names_are_refused_and_change_nothing() {
     ));
     assert!(matches!(s.grow(SIZE - BLOCK), Err(StoreError::Invalid(_))));
     assert_eq!(s.size(), SIZE);
+}
+
+#[test]
+fn a_switched_snapshot_is_durable_once_a_flush_or_a_repeated_create_commits_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("replica");
+    let s = ReplicaStore::create(&dir, params(SIZE, 4096)).unwrap();
+    s.write(0, &[1u8; 4096]).unwrap();
+    s.snapshot_switch("early").unwrap();
+    s.write(0, &[2u8; 4096]).unwrap();
+    assert_eq!(s.snapshots().len(), 1, "listed from the switch on");
+    // A crash before the commit loses the snapshot and the write after it.
+    s.crash();
+    let s = ReplicaStore::open(&dir).unwrap();
+    assert!(s.snapshots().is_empty());
+    assert_eq!(s.read(0, 4096).unwrap()[..], [1u8; 4096]);
+    // Committed by a flush.
+    s.snapshot_switch("flushed").unwrap();
+    s.write(0, &[3u8; 4096]).unwrap();
+    s.flush().unwrap();
+    // Committed by the same name asked again.
+    s.snapshot_switch("asked-again").unwrap();
+    s.write(0, &[4u8; 4096]).unwrap();
+    assert_eq!(
+        s.snapshot_create("asked-again").unwrap().name,
+        "asked-again"
+    );
+    s.crash();
+    let s = ReplicaStore::open(&dir).unwrap();
+    let names: Vec<String> = s.snapshots().into_iter().map(|i| i.name).collect();
+    assert_eq!(names, ["flushed", "asked-again"]);
+    assert_eq!(
+        s.read_snapshot("flushed", 0, 4096).unwrap()[..],
+        [1u8; 4096]
+    );
+    assert_eq!(
+        s.read_snapshot("asked-again", 0, 4096).unwrap()[..],
+        [3u8; 4096]
+    );
+    assert_eq!(s.read(0, 4096).unwrap()[..], [4u8; 4096]);
 }
 
 #[test]
