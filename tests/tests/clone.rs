@@ -46,6 +46,14 @@ fn read_snapshot(control: &str, name: &str) -> Vec<u8> {
         let c = corral_client::EngineControl::connect(control, Duration::from_secs(30))
             .await
             .expect("connect to the source engine");
+        // Past the end: refused as out of range, not taken for an outage.
+        match c.read_snapshot(name, SIZE as u64 - 4096, 8192).await {
+            Err(corral_client::ClientError::Refused { code, message, .. }) => {
+                assert_eq!(code, tonic::Code::OutOfRange, "{message}");
+                assert!(message.contains("outside the device"), "{message}");
+            }
+            other => panic!("a read past the end: {other:?}"),
+        }
         let mut out = Vec::with_capacity(SIZE);
         for at in (0..SIZE).step_by(1 << 20) {
             out.extend_from_slice(

@@ -431,6 +431,9 @@ impl EngineControl for ControlService {
             .await
             .map_err(|e| match e {
                 corral_block::BlockError::Invalid(m) => Status::invalid_argument(m),
+                e @ corral_block::BlockError::OutOfRange { .. } => {
+                    Status::out_of_range(format!("read snapshot {}: {e}", req.name))
+                }
                 other => Status::unavailable(other.to_string()),
             })?;
         let crc32c = crc32c::crc32c(&data);

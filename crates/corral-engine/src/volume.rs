@@ -202,6 +202,17 @@ impl Volume {
     /// `len` bytes at `offset` of snapshot `name`'s view, from the first RW
     /// replica that answers (what a clone of this volume fills from).
     pub async fn read_snapshot(&self, name: &str, offset: u64, len: u32) -> BlockResult<Bytes> {
+        let size = self.set.size();
+        if offset
+            .checked_add(u64::from(len))
+            .is_none_or(|end| end > size)
+        {
+            return Err(BlockError::OutOfRange {
+                offset,
+                len: u64::from(len),
+                size,
+            });
+        }
         let epoch = self.set.epoch();
         let chunk = self.chunks.chunk_of(offset);
         let mut last = None;
