@@ -417,29 +417,84 @@ impl ReplicaSet {
         Ok(report)
     }
 
-    /// The snapshots and layers, as the first RW replica that answers lists them.
+    /// The snapshots and layers as the first RW replica lists them; a merge
+    /// is pending if it is on any RW replica, and `merge_error` says why it
+    /// is stuck on each replica where it is.
     pub async fn snapshot_list(&self) -> Result<pb::ListSnapshotsResponse, SnapshotError> {
-        let mut errors = Vec::new();
-        for (_, client, mode) in self.write_targets() {
-            if mode != Mode::Rw {
-                continue;
-            }
-            match client.control().list_snapshots(&self.volume).await {
-                Ok(listed) => return Ok(listed),
-                Err(e) => errors.push(format!("{}: {e}", client.addr())),
-            }
-        }
-        Err(SnapshotError::Failed(format!(
-            "volume {}: no RW replica listed its snapshots ({})",
-            self.volume,
-            errors.join("; ")
-        )))
+        let rw: Vec<_> = self
+            .write_targets()
+            .into_iter()
+            .filter(|(_, _, mode)| *mode == Mode::Rw)
+            .collect();
+        let listed = join_all(rw.iter().map(|(_, client, _)| async move {
+            let listed = client.control().list_snapshots(&self.volume).await;
+            (client.addr().to_string(), listed.map_err(|e| e.to_string()))
+        }))
+        .await;
+        merge_listings(listed).map_err(|errors| {
+            SnapshotError::Failed(format!(
+                "volume {}: no RW replica listed its snapshots ({errors})",
+                self.volume
+            ))
+        })
     }
+}
+
+/// One listing from the replicas' (address, listing) answers, in the order
+/// asked: the first that answered, with `merge_pending` of any and the
+/// `merge_error` of each, prefixed by its address. Err: every call failed
+/// (their errors joined).
+fn merge_listings(
+    listed: Vec<(String, Result<pb::ListSnapshotsResponse, String>)>,
+) -> Result<pb::ListSnapshotsResponse, String> {
+    let mut merged: Option<pb::ListSnapshotsResponse> = None;
+    let mut stuck = Vec::new();
+    let mut errors = Vec::new();
+    for (address, result) in listed {
+        match result {
+            Ok(l) => {
+                if !l.merge_error.is_empty() {
+                    stuck.push(format!("{address}: {}", l.merge_error));
+                }
+                let pending = l.merge_pending;
+                let m = merged.get_or_insert(l);
+                m.merge_pending |= pending;
+            }
+            Err(e) => errors.push(format!("{address}: {e}")),
+        }
+    }
+    let mut merged = merged.ok_or_else(|| errors.join("; "))?;
+    merged.merge_error = stuck.join("; ");
+    Ok(merged)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listing_reports_a_merge_stuck_on_any_replica() {
+        let listing = |pending: bool, error: &str| pb::ListSnapshotsResponse {
+            merge_pending: pending,
+            merge_error: error.into(),
+            ..Default::default()
+        };
+        let merged = merge_listings(vec![
+            ("a".into(), Ok(listing(false, ""))),
+            ("b".into(), Err("unreachable".into())),
+            ("c".into(), Ok(listing(true, "no space left on device"))),
+        ])
+        .unwrap();
+        assert!(merged.merge_pending);
+        assert_eq!(merged.merge_error, "c: no space left on device");
+        let none = merge_listings(vec![("a".into(), Ok(listing(false, "")))]).unwrap();
+        assert!(!none.merge_pending && none.merge_error.is_empty());
+        let failed = merge_listings(vec![
+            ("a".into(), Err("x".into())),
+            ("b".into(), Err("y".into())),
+        ]);
+        assert_eq!(failed, Err("a: x; b: y".into()));
+    }
 
     #[test]
     fn names_follow_the_store_rule() {
