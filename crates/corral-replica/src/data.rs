@@ -578,7 +578,6 @@ mod tests {
     use super::*;
     use corral_proto::v1::WriteOp;
     use corral_store::CreateParams;
-    use std::os::fd::AsRawFd;
 
     const BLOCK: u64 = 4096;
     const EPOCH: u64 = 3;
@@ -606,16 +605,6 @@ mod tests {
         }
     }
 
-    /// Drops the clean page-cache pages of every file in `dir`.
-    fn evict_page_cache(dir: &std::path::Path) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let f = std::fs::File::open(entry.unwrap().path()).unwrap();
-            // SAFETY: fadvise only reads its integer arguments; `f` owns the descriptor.
-            let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-            assert_eq!(rc, 0);
-        }
-    }
-
     #[test]
     fn a_read_that_misses_the_page_cache_sends_the_rest_of_its_batch_to_the_pool_in_order() {
         let tmp = tempfile::tempdir().unwrap();
@@ -637,7 +626,7 @@ mod tests {
                 .unwrap();
         }
         replica.store.flush().unwrap();
-        evict_page_cache(replica.store.dir());
+        replica.store.drop_page_cache().unwrap();
         // Block 1 back in the cache (with its neighbours, read ahead);
         // block 40, past any read-ahead window, on disk only.
         replica.store.read(BLOCK, BLOCK).unwrap();

@@ -279,6 +279,23 @@ impl Layer {
     }
 
     /// `fdatasync` of the checksum file only.
+    /// Asks the kernel to drop this layer's pages from the page cache (for
+    /// tests of reads that miss it).
+    pub(crate) fn drop_page_cache(&self) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        for (f, path) in [(&self.data, &self.data_path), (&self.crc, &self.crc_path)] {
+            // SAFETY: fadvise only reads its integer arguments; `f` owns the descriptor.
+            let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            if rc != 0 {
+                return Err(io_err(
+                    format!("posix_fadvise DONTNEED {}", path.display()),
+                    std::io::Error::from_raw_os_error(rc),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn sync_crc_file(&self) -> Result<()> {
         self.crc
             .sync_data()

@@ -949,6 +949,17 @@ impl ReplicaStore {
         Ok(())
     }
 
+    /// Drops the pages of every layer from the page cache, as memory
+    /// pressure would: the next reads of them go to the disk. For tests of
+    /// the cache-only read path, here and in the crates above.
+    #[doc(hidden)]
+    pub fn drop_page_cache(&self) -> Result<()> {
+        for l in self.chain().layers() {
+            l.layer.drop_page_cache()?;
+        }
+        Ok(())
+    }
+
     /// Drops the store without the clean-shutdown path, as a crash would (the page cache is
     /// kept, as after `kill -9`). For tests of recovery, here and in the crates above.
     #[doc(hidden)]

@@ -405,17 +405,6 @@ fn revert_after_a_merge_into_the_head_hides_every_newer_layer() {
     run(ops).unwrap();
 }
 
-/// Drops the clean page-cache pages of every file in `dir`.
-fn evict_page_cache(dir: &std::path::Path) {
-    use std::os::fd::AsRawFd;
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let f = std::fs::File::open(entry.unwrap().path()).unwrap();
-        // SAFETY: fadvise only reads its integer arguments; `f` owns the descriptor.
-        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        assert_eq!(rc, 0);
-    }
-}
-
 #[test]
 fn a_cache_only_read_misses_what_is_on_disk_only_and_never_waits_for_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -424,7 +413,7 @@ fn a_cache_only_read_misses_what_is_on_disk_only_and_never_waits_for_it() {
     s.snapshot_create("base").unwrap();
     s.write(3 * BLOCK, &[9u8; 4096]).unwrap();
     s.flush().unwrap();
-    evict_page_cache(tmp.path());
+    s.drop_page_cache().unwrap();
     // The head's block and the snapshot's, each behind a miss.
     assert!(s.read_cached(3 * BLOCK, BLOCK).unwrap().is_none());
     assert!(s.read_cached(5 * BLOCK, BLOCK).unwrap().is_none());
