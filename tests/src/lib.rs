@@ -376,10 +376,46 @@ impl Cluster {
     }
 
     /// Restart a stopped replica daemon on the same address and data dir.
+    /// Its port, freed by the stop, can be taken meanwhile (by another
+    /// test's connection): a daemon that exits at once is started again a
+    /// few times, as the holder lets it go.
     pub fn restart_replica(&mut self, i: usize) -> Result<()> {
         let r = &mut self.replicas[i];
-        r.process.start()?;
-        wait_for_port(r.addr, Duration::from_secs(20))
+        let mut tries = 0;
+        loop {
+            let logged = r.process.log_text().len();
+            r.process.start()?;
+            let serving = poll(
+                Duration::from_secs(20),
+                &format!("replica-{i} to listen on {}", r.addr),
+                || {
+                    if let Some(status) = r.process.exited() {
+                        bail!("replica-{i} exited ({status}) before listening");
+                    }
+                    Ok(
+                        TcpStream::connect_timeout(&r.addr, Duration::from_millis(200))
+                            .is_ok()
+                            .then_some(()),
+                    )
+                },
+            );
+            match serving {
+                Err(e)
+                    if e.to_string().contains("before listening")
+                        && r.process
+                            .log_text()
+                            .get(logged..)
+                            .unwrap_or_default()
+                            .contains("Address already in use")
+                        && tries < 5 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => bail!("{e}:\n{}", r.process.log_text()),
+                Ok(()) => return Ok(()),
+            }
+        }
     }
 
     /// Start an engine; returns its index once its control service answers.
@@ -473,10 +509,31 @@ impl Cluster {
         })
     }
 
-    /// Restart engine `i` with the same arguments (same ports).
+    /// Restart engine `i` with the same arguments (same ports: the story's
+    /// clients know them). A port freed by the stop can be taken meanwhile
+    /// (by another test's connection): tried again a few times, as the
+    /// holder lets it go.
     pub fn restart_engine(&mut self, i: usize) -> Result<()> {
-        self.engines[i].process.start()?;
-        self.wait_engine_ready(i, Duration::from_secs(60))
+        let mut tries = 0;
+        loop {
+            let logged = self.engines[i].process.log_text().len();
+            self.engines[i].process.start()?;
+            match self.wait_engine_ready(i, Duration::from_secs(60)) {
+                Err(_)
+                    if self.engines[i]
+                        .process
+                        .log_text()
+                        .get(logged..)
+                        .unwrap_or_default()
+                        .contains("Address already in use")
+                        && tries < 5 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Copy `file` to engine `engine`'s volume at offset 0 with nbdcopy,
