@@ -614,8 +614,10 @@ impl ReplicaStore {
     /// block no layer of this replica has ever written or discarded, and
     /// leaves every other block as it is, so a fill that arrives after the
     /// clone's own write (or that is repeated after a restart) changes nothing
-    /// the clone wrote. Returns how many blocks it wrote. `offset` and the
-    /// length must be 4096-byte aligned. Not durable until a flush.
+    /// the clone wrote. Blocks of zeroes are not written (a never-written
+    /// block reads as zeroes), so a sparse source makes a sparse clone. Returns
+    /// how many blocks it wrote. `offset` and the length must be 4096-byte
+    /// aligned. Not durable until a flush.
     pub fn fill(&self, offset: u64, data: &[u8]) -> Result<u64> {
         let len = data.len() as u64;
         let end = self.check_range(offset, len)?;
@@ -642,7 +644,12 @@ impl ReplicaStore {
         let _ticket = self.intent.begin_write(&self.db, offset, end)?;
         let _g = self.lock_exclusive(first, end_block);
         let chain = self.chain();
-        let open = chain.never_written(first, count)?;
+        let mut open = chain.never_written(first, count)?;
+        // A block of zeroes need not be written: one never written reads
+        // as zeroes already (a clone has nothing under its own layers).
+        for (o, block) in open.iter_mut().zip(data.chunks_exact(BLOCK_USIZE)) {
+            *o = *o && block.iter().any(|&b| b != 0);
+        }
         let mut written = 0u64;
         let mut i = 0;
         while i < count {

@@ -691,6 +691,26 @@ fn reservation_records_persist_and_refuse_older_ones() {
     s.close().unwrap();
 }
 
+/// A fill's blocks of zeroes take no space: the clone of a sparse source
+/// stays sparse, and reads the same.
+#[test]
+fn a_fill_skips_blocks_of_zeroes() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 * BLOCK;
+    let store = ReplicaStore::create(dir.path(), super::params(size, 65536)).unwrap();
+    let mut fill = vec![0u8; 64 * BLOCK as usize];
+    fill[5 * BLOCK as usize + 17] = 0xAB; // one block with a single byte set
+    assert_eq!(store.fill(0, &fill).unwrap(), 1, "only block 5");
+    store.flush().unwrap();
+    assert_eq!(store.read(0, size).unwrap()[..], fill[..]);
+    let head = store.layer_usage().pop().unwrap();
+    assert!(
+        head.allocated_bytes < 16 * BLOCK,
+        "{} bytes allocated for one block of data",
+        head.allocated_bytes
+    );
+}
+
 /// A clone's fill lands only on blocks no layer has written or discarded:
 /// blocks written in the head, in a snapshot under it, or discarded keep
 /// what they hold; the rest take the fill; a second fill changes nothing;
