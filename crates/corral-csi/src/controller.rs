@@ -539,10 +539,27 @@ impl ControllerService {
             .filter_map(|n| n.replica(id).map(|r| (*n, r)))
             .min_by_key(|(_, r)| r.size)
             .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
+        let spec = crate::snapshots::transient_spec(view, id, smallest);
+        let grown = self.expand_through(node, id, size, Some(spec)).await?;
+        tracing::info!(volume = %id, node = node.node_id(), old = grown.old_size, new = grown.new_size,
+            "expanded while attached nowhere, through a transient engine");
+        Ok(grown.new_size.max(size))
+    }
+
+    /// ExpandEngine on `node`'s daemon: its running engine of `id`, or a
+    /// transient one from `spec`. Replicas that could not be grown are
+    /// logged (they are grown when they return).
+    async fn expand_through(
+        &self,
+        node: &crate::daemons::NodeView,
+        id: &str,
+        size: u64,
+        spec: Option<pb::EngineSpec>,
+    ) -> Result<pb::ExpandVolumeResponse, Status> {
         let request = pb::ExpandEngineRequest {
             volume: id.to_string(),
             size,
-            spec: Some(crate::snapshots::transient_spec(view, id, smallest)),
+            spec,
         };
         let mut client = pb::engine_manager_client::EngineManagerClient::new(node.channel.clone());
         let grown = match tokio::time::timeout(
@@ -567,9 +584,7 @@ impl ControllerService {
         if !grown.failed.is_empty() {
             tracing::warn!(volume = %id, failed = ?grown.failed, "replicas not grown yet (grown when they return)");
         }
-        tracing::info!(volume = %id, node = node.node_id(), old = grown.old_size, new = grown.new_size,
-            "expanded while attached nowhere, through a transient engine");
-        Ok(grown.new_size.max(size))
+        Ok(grown)
     }
 }
 
@@ -630,34 +645,9 @@ impl ControllerService {
             // change), and is stopped after.
             return self.expand_detached(&view, id, size).await.map(done);
         };
-        let Some(engine) = node.engine(id) else {
-            return Err(Status::internal(format!("volume {id}: engine vanished")));
-        };
-        let control = match corral_client::EngineControl::connect(
-            &engine.control_address,
-            self.daemons.engine_timeout(),
-        )
-        .await
-        {
-            Ok(c) => c,
-            Err(corral_client::ClientError::Unreachable { addr, why }) => {
-                // Engines listen on their node's loopback unless the
-                // daemon has --frontend-address: the node plugin, on
-                // the engine's node, grows it in NodeExpandVolume.
-                tracing::info!(volume = %id, node = node.node_id(), control = %addr, why, size,
-                        "engine control unreachable from the controller: the node plugin expands it");
-                return Ok(done(replica.size.max(size)));
-            }
-            Err(e) => return Err(client_status(&e)),
-        };
-        let serving = control.info().await.map_err(|e| client_status(&e))?.size;
-        if serving >= size {
-            return Ok(done(serving));
-        }
-        let grown = control.expand(size).await.map_err(|e| client_status(&e))?;
-        if !grown.failed.is_empty() {
-            tracing::warn!(volume = %id, failed = ?grown.failed, "replicas not grown yet (grown when they return)");
-        }
+        // Through the node daemon, which reaches the engine on its node's
+        // loopback (where engines listen unless told otherwise).
+        let grown = self.expand_through(node, id, size, None).await?;
         tracing::info!(volume = %id, node = node.node_id(), old = grown.old_size, new = grown.new_size, "expanded");
         Ok(done(grown.new_size.max(size)))
     }

@@ -468,7 +468,8 @@ impl EngineManager {
 
     /// Grow `volume` to `size` bytes through its engine on this node: the
     /// running one, or a transient one from `spec` (a volume attached
-    /// nowhere), as [`Self::snapshot`].
+    /// nowhere), as [`Self::snapshot`]. A volume already at least that large
+    /// is left as it is (its size in both fields of the answer).
     pub async fn expand(
         &self,
         volume: &str,
@@ -476,6 +477,17 @@ impl EngineManager {
         spec: Option<&pb::EngineSpec>,
     ) -> Result<pb::ExpandVolumeResponse, NodeError> {
         self.through_engine(volume, spec, |control: EngineControl| async move {
+            // Already that large (a retried call, or a smaller size than it
+            // has): nothing to do, rather than a refused shrink.
+            let serving = control.info().await?.size;
+            if serving >= size {
+                return Ok(pb::ExpandVolumeResponse {
+                    old_size: serving,
+                    new_size: serving,
+                    message: format!("volume {volume} already has {serving} bytes"),
+                    ..Default::default()
+                });
+            }
             control.expand(size).await
         })
         .await
