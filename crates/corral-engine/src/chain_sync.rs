@@ -476,7 +476,11 @@ pub async fn reconcile(
         wait_merged(set, target).await?;
     }
     let mut head_empty = empty && target_chain.is_empty();
+    let shown = (!replay.is_empty()).then(|| set.show_replay(target.addr(), replay.len()));
     for s in replay {
+        if let Some(shown) = &shown {
+            shown.progress().replaying(&s.name);
+        }
         let (compared, copied) = replay_view(
             volume, &source, target, &s.name, s.size, chunks, head_empty, &pace,
         )
@@ -490,6 +494,9 @@ pub async fn reconcile(
         report.compared_bytes += compared;
         report.copied_bytes += copied;
         report.replayed.push(s.name.clone());
+        if let Some(shown) = &shown {
+            shown.progress().replayed(compared, copied);
+        }
         info!(volume = %name, replica = %target.addr(), snapshot = %s.name, compared, copied,
             "replayed a missed snapshot into a returning replica");
     }

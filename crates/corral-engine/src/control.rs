@@ -165,12 +165,14 @@ pub fn writability(rw: usize, total: usize, min_rw: usize, policy: &str) -> Stri
 }
 
 fn rebuilds(volume: &Volume) -> Vec<corral_proto::v1::RebuildStatus> {
-    volume
-        .replica_set()
-        .status()
-        .iter()
-        .filter_map(|s| s.rebuild.as_ref().map(|r| r.to_pb()))
-        .collect()
+    let set = volume.replica_set();
+    let mut list = set.replays();
+    list.extend(
+        set.status()
+            .iter()
+            .filter_map(|s| s.rebuild.as_ref().map(|r| r.to_pb())),
+    );
+    list
 }
 
 #[tonic::async_trait]

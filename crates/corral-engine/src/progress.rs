@@ -1,8 +1,9 @@
 //! The progress of a rebuild, as the control service and the metrics see
-//! it: what it walks, how far it has come, how it ended.
+//! it: what it walks, how far it has come, how it ended; and of the
+//! snapshot replay that comes before a returning replica's rebuild.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use corral_proto::v1 as pb;
@@ -99,6 +100,73 @@ impl RebuildProgress {
             elapsed_ms: elapsed.as_millis() as u64,
             eta_ms,
             error,
+            ..Default::default()
+        }
+    }
+}
+
+/// The replay of the snapshots a returning replica lacks
+/// ([`crate::chain_sync::reconcile`]), shown with the rebuilds while it
+/// runs (kind "snapshot replay").
+#[derive(Debug)]
+pub struct ReplayProgress {
+    pub address: String,
+    pub snapshots_total: u32,
+    pub snapshots_done: AtomicU32,
+    pub compared_bytes: AtomicU64,
+    pub copied_bytes: AtomicU64,
+    current: Mutex<String>,
+    started: Instant,
+}
+
+impl ReplayProgress {
+    pub fn new(address: &str, snapshots_total: usize) -> Self {
+        ReplayProgress {
+            address: address.to_string(),
+            snapshots_total: u32::try_from(snapshots_total).unwrap_or(u32::MAX),
+            snapshots_done: AtomicU32::new(0),
+            compared_bytes: AtomicU64::new(0),
+            copied_bytes: AtomicU64::new(0),
+            current: Mutex::new(String::new()),
+            started: Instant::now(),
+        }
+    }
+
+    /// Snapshot `name` is being replayed now.
+    pub fn replaying(&self, name: &str) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = name.to_string();
+    }
+
+    /// The snapshot being replayed is done: `compared` bytes were compared,
+    /// `copied` of them sent.
+    pub fn replayed(&self, compared: u64, copied: u64) {
+        self.compared_bytes.fetch_add(compared, Ordering::Relaxed);
+        self.copied_bytes.fetch_add(copied, Ordering::Relaxed);
+        self.snapshots_done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// For `corral volume rebuild-status` and `info`.
+    pub fn to_pb(&self) -> pb::RebuildStatus {
+        let compared = self.compared_bytes.load(Ordering::Relaxed);
+        let copied = self.copied_bytes.load(Ordering::Relaxed);
+        pb::RebuildStatus {
+            address: self.address.clone(),
+            kind: "snapshot replay".to_string(),
+            state: RebuildState::Running.as_str().to_string(),
+            total_bytes: 0,
+            done_bytes: compared,
+            copied_bytes: copied,
+            skipped_bytes: compared.saturating_sub(copied),
+            elapsed_ms: self.started.elapsed().as_millis() as u64,
+            eta_ms: 0,
+            error: String::new(),
+            snapshots_total: self.snapshots_total,
+            snapshots_done: self.snapshots_done.load(Ordering::Relaxed),
+            snapshot: self
+                .current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 }

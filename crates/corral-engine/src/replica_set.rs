@@ -41,7 +41,7 @@ use crate::members::{
     ReturnFacts, ReturnFailure,
 };
 pub use crate::members::{Epoch, Generation, MemberId, Mode};
-use crate::progress::RebuildProgress;
+use crate::progress::{RebuildProgress, ReplayProgress};
 
 pub mod expand;
 pub mod snapshot;
@@ -116,6 +116,31 @@ struct SetState {
     members: Members,
     clients: HashMap<SlotId, Arc<ReplicaClient>>,
     rebuilds: HashMap<SlotId, Arc<RebuildProgress>>,
+    /// Snapshot replays under way into returning replicas (before they
+    /// join), shown with the rebuilds.
+    replays: Vec<Arc<ReplayProgress>>,
+}
+
+/// Keeps a snapshot replay listed ([`ReplicaSet::show_replay`]) until it
+/// drops.
+pub struct ReplayShown<'a> {
+    set: &'a ReplicaSet,
+    progress: Arc<ReplayProgress>,
+}
+
+impl ReplayShown<'_> {
+    pub fn progress(&self) -> &ReplayProgress {
+        &self.progress
+    }
+}
+
+impl Drop for ReplayShown<'_> {
+    fn drop(&mut self) {
+        self.set
+            .write_state()
+            .replays
+            .retain(|p| !Arc::ptr_eq(p, &self.progress));
+    }
 }
 
 /// The replicas of one volume and their membership record.
@@ -215,6 +240,7 @@ impl ReplicaSet {
                 members,
                 clients: clients.into_iter().collect(),
                 rebuilds: HashMap::new(),
+                replays: Vec::new(),
             }),
             change: tokio::sync::Mutex::new(()),
             io_gate: tokio::sync::RwLock::new(()),
@@ -467,6 +493,27 @@ impl ReplicaSet {
             )));
         }
         Ok(())
+    }
+
+    /// Lists a replay of `snapshots` snapshots into the replica at
+    /// `address` with the rebuilds ([`Self::replays`]) until the returned
+    /// guard drops.
+    pub fn show_replay(&self, address: &str, snapshots: usize) -> ReplayShown<'_> {
+        let progress = Arc::new(ReplayProgress::new(address, snapshots));
+        self.write_state().replays.push(Arc::clone(&progress));
+        ReplayShown {
+            set: self,
+            progress,
+        }
+    }
+
+    /// The snapshot replays under way, for the rebuild status.
+    pub fn replays(&self) -> Vec<pb::RebuildStatus> {
+        self.read_state()
+            .replays
+            .iter()
+            .map(|p| p.to_pb())
+            .collect()
     }
 
     /// Status of every member.

@@ -254,6 +254,8 @@ async fn a_replica_rebuilt_from_scratch_gets_every_remaining_snapshot() {
     let mut reps = replicas(3).await;
     let mut cfg = config(&reps);
     cfg.stale_replica_timeout = Duration::from_millis(1);
+    // Paced, so that the replay is seen in the rebuild status below.
+    cfg.rebuild_bandwidth = Some(8 << 20);
     let (volume, stop) = start(&cfg).await;
     let set = Arc::clone(volume.replica_set());
     let mut model = Model::new();
@@ -274,6 +276,19 @@ async fn a_replica_rebuilt_from_scratch_gets_every_remaining_snapshot() {
 
     // Replica 2 loses everything: a new, empty replica at its address.
     let old = set.instance_of(set.status()[2].id).unwrap();
+    // What an operator's `rebuild-status` shows meanwhile.
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let (set, watching) = (Arc::clone(&set), Arc::clone(&watching));
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while watching.load(std::sync::atomic::Ordering::SeqCst) {
+                seen.extend(set.replays());
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            seen
+        })
+    };
     reps[2].wipe().await;
     scatter(&volume, &mut model, 21, 5).await;
     common::wait_until(
@@ -286,6 +301,16 @@ async fn a_replica_rebuilt_from_scratch_gets_every_remaining_snapshot() {
         || format!("{:?}", set.status()[2].last_error),
     )
     .await;
+    watching.store(false, std::sync::atomic::Ordering::SeqCst);
+    let seen = watcher.await.unwrap();
+    assert!(
+        seen.iter().any(|r| r.kind == "snapshot replay"
+            && r.address.contains(&reps[2].addr)
+            && r.snapshots_total == 3
+            && ["s0", "s2", "s3"].contains(&r.snapshot.as_str())),
+        "the replay was never shown: {seen:?}"
+    );
+    assert!(set.replays().is_empty(), "a finished replay is still shown");
     let r = last_rebuild(&volume, &reps[2].addr).await;
     assert_eq!(r.kind, "full", "{r:?}");
     assert_eq!(r.state, "done", "{r:?}");

@@ -446,10 +446,27 @@ fn rebuild_json(r: &RebuildStatus) -> serde_json::Value {
         "total_bytes": r.total_bytes, "done_bytes": r.done_bytes,
         "copied_bytes": r.copied_bytes, "skipped_bytes": r.skipped_bytes,
         "elapsed_ms": r.elapsed_ms, "eta_ms": r.eta_ms, "error": r.error,
+        "snapshots_total": r.snapshots_total, "snapshots_done": r.snapshots_done,
+        "snapshot": r.snapshot,
     })
 }
 
 fn rebuild_line(r: &RebuildStatus) -> String {
+    if r.snapshots_total > 0 {
+        // A snapshot replay, before the rebuild: counted in snapshots.
+        return format!(
+            "{} {} {}: snapshot {} of {} ({}), {:.1} MiB compared, {:.1} MiB copied, {:.1}s",
+            r.address,
+            r.kind,
+            r.state,
+            (r.snapshots_done + 1).min(r.snapshots_total),
+            r.snapshots_total,
+            r.snapshot,
+            mib(r.done_bytes),
+            mib(r.copied_bytes),
+            r.elapsed_ms as f64 / 1000.0
+        );
+    }
     let pct = if r.total_bytes == 0 {
         100.0
     } else {
@@ -477,7 +494,9 @@ fn rebuild_line(r: &RebuildStatus) -> String {
 
 fn progress_bar(r: &RebuildStatus) -> String {
     const WIDTH: usize = 30;
-    let frac = if r.total_bytes == 0 {
+    let frac = if r.snapshots_total > 0 {
+        f64::from(r.snapshots_done) / f64::from(r.snapshots_total)
+    } else if r.total_bytes == 0 {
         1.0
     } else {
         r.done_bytes as f64 / r.total_bytes as f64
