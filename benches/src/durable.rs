@@ -9,10 +9,13 @@
 //!   machine): fio `--rw=randwrite --bs=4k --iodepth=1 --fsync=1` over NBD
 //!   (NBD_CMD_FLUSH after every write), one client, then `--clients`
 //!   clients at once; and buffered writes (QD32, no flush), to see they did
-//!   not get slower. Not over iSCSI: fio's libiscsi engine sends
+//!   not get slower. The same over iSCSI, one session and `--clients`
+//!   sessions, each a WRITE(10) of 4 KiB at a random block then a
+//!   SYNCHRONIZE CACHE(10) of the whole LUN, driven by this bench's own
+//!   initiator ([`corral_tests::iscsi_raw`]): fio's libiscsi engine sends
 //!   SYNCHRONIZE CACHE(16) with the LUN's size in *bytes* as its block
 //!   count, which a target following SBC-4 (corral) refuses as out of
-//!   range, so fio would time writes without flushes;
+//!   range, so fio cannot time it;
 //! - **syscalls per durable write** on one replica daemon: `strace -c -f`
 //!   attached to it during a shorter single-client run, its `fdatasync`,
 //!   `fsync`, `pwrite64` and `pwritev` calls divided by the writes fio
@@ -22,11 +25,13 @@
 //! run. Latencies are fio's completion latencies of the writes and of the
 //! flushes (`sync` in fio's JSON), 99th percentile.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use corral_tests::iscsi_raw::RawInitiator;
 use corral_tests::tools::run_ok;
 use corral_tests::{Cluster, EngineSpec};
 use serde_json::Value;
@@ -151,6 +156,102 @@ fn durable(uri: &str, args: &DurableArgs, clients: u32, seconds: u64) -> Result<
     )
 }
 
+/// `clients` iSCSI sessions to `volume` at `portal`, each at QD1: a 4 KiB
+/// WRITE(10) at a random block, then SYNCHRONIZE CACHE(10) of the whole
+/// LUN, for `seconds`. The write and flush latencies are this initiator's
+/// (send to status), 99th percentile over all sessions.
+fn iscsi_durable(portal: SocketAddr, volume: &str, clients: u32, seconds: u64) -> Result<Run> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let sessions: Vec<_> = (0..clients)
+        .map(|i| {
+            let volume = volume.to_string();
+            std::thread::spawn(move || -> Result<(Vec<u32>, Vec<u32>)> {
+                let mut s = RawInitiator::login_as(
+                    portal,
+                    &volume,
+                    &format!("iqn.2026-12.io.corral:bench-{i}"),
+                    i as u8,
+                );
+                // READ CAPACITY(16): the LUN's last block and block length.
+                let mut cdb = [0u8; 16];
+                cdb[0] = 0x9e;
+                cdb[1] = 0x10;
+                cdb[13] = 32;
+                // The first command of a new session meets the target's
+                // POWER ON OCCURRED unit attention: asked again.
+                let mut answer = s.command(&cdb, &[], 32);
+                for _ in 0..2 {
+                    if answer.0 != 2 {
+                        break;
+                    }
+                    answer = s.command(&cdb, &[], 32);
+                }
+                let (status, cap) = answer;
+                if status != 0 || cap.len() < 12 {
+                    bail!("READ CAPACITY(16): status {status:#04x}");
+                }
+                let last = u64::from_be_bytes(cap[0..8].try_into()?);
+                let block = u64::from(u32::from_be_bytes(cap[8..12].try_into()?));
+                if block == 0 || 4096 % block != 0 {
+                    bail!("LUN block length {block}: not a divisor of 4096");
+                }
+                let per = 4096 / block;
+                let slots = (last + 1) / per;
+                let data = vec![0x5au8; 4096];
+                let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(i);
+                let (mut writes, mut syncs) = (Vec::new(), Vec::new());
+                while Instant::now() < deadline {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    let lba = (rng % slots) * per;
+                    let mut write = [0u8; 10];
+                    write[0] = 0x2a;
+                    write[2..6].copy_from_slice(&u32::try_from(lba)?.to_be_bytes());
+                    write[7..9].copy_from_slice(&u16::try_from(per)?.to_be_bytes());
+                    let t = Instant::now();
+                    let (status, _) = s.command(&write, &data, 0);
+                    writes.push(t.elapsed().as_micros() as u32);
+                    if status != 0 {
+                        bail!("WRITE(10) at {lba}: status {status:#04x}");
+                    }
+                    // Block 0, no count: the whole LUN.
+                    let t = Instant::now();
+                    let (status, _) = s.command(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 0);
+                    syncs.push(t.elapsed().as_micros() as u32);
+                    if status != 0 {
+                        bail!("SYNCHRONIZE CACHE(10): status {status:#04x}");
+                    }
+                }
+                Ok((writes, syncs))
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let (mut writes, mut syncs) = (Vec::new(), Vec::new());
+    for s in sessions {
+        let (w, f) = s
+            .join()
+            .map_err(|_| anyhow::anyhow!("an iSCSI session failed (see above)"))??;
+        writes.extend(w);
+        syncs.extend(f);
+    }
+    let elapsed = started.elapsed().as_secs_f64().max(1e-3);
+    if writes.is_empty() {
+        bail!("no iSCSI write completed");
+    }
+    let p99 = |v: &mut Vec<u32>| {
+        v.sort_unstable();
+        f64::from(v[(v.len() * 99 / 100).min(v.len() - 1)])
+    };
+    Ok(Run {
+        iops: writes.len() as f64 / elapsed,
+        writes: writes.len() as u64,
+        write_p99_us: p99(&mut writes),
+        sync_p99_us: p99(&mut syncs),
+    })
+}
+
 /// Calls of `name` in `strace -c` output (its summary table).
 fn strace_calls(summary: &str, name: &str) -> u64 {
     summary
@@ -168,6 +269,9 @@ struct System {
     name: String,
     one: Run,
     many: Run,
+    /// The same over iSCSI (SYNCHRONIZE CACHE after each write).
+    iscsi_one: Run,
+    iscsi_many: Run,
     /// Buffered writes (no flush), QD32: "no slower than before".
     buffered: Run,
     /// Per durable write on one replica daemon: (syncs, positional writes),
@@ -215,11 +319,16 @@ fn measure(name: &str, bin: &Path, args: &DurableArgs) -> Result<System> {
     let logs = |c: &Cluster| c.print_log_tails(60);
     let one = durable(&uri, args, 1, args.seconds).inspect_err(|_| logs(&cluster))?;
     let many = durable(&uri, args, args.clients, args.seconds).inspect_err(|_| logs(&cluster))?;
+    let portal = cluster.engines[e].iscsi;
+    let iscsi_one =
+        iscsi_durable(portal, "durable", 1, args.seconds).inspect_err(|_| logs(&cluster))?;
+    let iscsi_many = iscsi_durable(portal, "durable", args.clients, args.seconds)
+        .inspect_err(|_| logs(&cluster))?;
     let buffered =
         nbd(&uri, args, args.seconds, &["--iodepth=32".into()]).inspect_err(|_| logs(&cluster))?;
     eprintln!(
-        "durable: {name}: {:.0} / {:.0} durable writes/s (1 / {} clients); buffered {:.0} writes/s",
-        one.iops, many.iops, args.clients, buffered.iops
+        "durable: {name}: {:.0} / {:.0} durable writes/s (1 / {} clients), over iSCSI {:.0} / {:.0}; buffered {:.0} writes/s",
+        one.iops, many.iops, args.clients, iscsi_one.iops, iscsi_many.iops, buffered.iops
     );
 
     // Syscalls of one replica daemon per durable write.
@@ -238,6 +347,8 @@ fn measure(name: &str, bin: &Path, args: &DurableArgs) -> Result<System> {
         name: name.to_string(),
         one,
         many,
+        iscsi_one,
+        iscsi_many,
         buffered,
         syscalls,
         syscalls_many,
@@ -262,7 +373,7 @@ pub fn run(args: &DurableArgs) -> Result<()> {
     systems.push(measure("corral", &current, args)?);
 
     println!(
-        "### Durable 4 KiB random writes over NBD, {} s per row, {} MiB volume\n",
+        "### Durable 4 KiB random writes over NBD and iSCSI, {} s per row, {} MiB volume\n",
         args.seconds, args.size_mib
     );
     println!("| run | durable writes/s | % of disk | write p99 | flush p99 |");
@@ -284,17 +395,26 @@ pub fn run(args: &DurableArgs) -> Result<()> {
             &format!("{n}: {c} clients, flush after each write"),
             &s.many,
         );
+        row(
+            &format!("{n}: 1 iSCSI session, SYNCHRONIZE CACHE after each write"),
+            &s.iscsi_one,
+        );
+        row(
+            &format!("{n}: {c} iSCSI sessions, SYNCHRONIZE CACHE after each write"),
+            &s.iscsi_many,
+        );
     }
     let c = args.clients;
     println!(
-        "\n| build | {c} clients ÷ 1 | syncs per durable write, 1 client | positional writes per durable write, 1 client | syncs per durable write, {c} clients | buffered 4 KiB writes/s, QD32 |"
+        "\n| build | {c} clients ÷ 1 | {c} iSCSI sessions ÷ 1 | syncs per durable write, 1 client | positional writes per durable write, 1 client | syncs per durable write, {c} clients | buffered 4 KiB writes/s, QD32 |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for s in &systems {
         println!(
-            "| {} | {:.2}× | {:.2} | {:.2} | {:.2} | {:.0} |",
+            "| {} | {:.2}× | {:.2}× | {:.2} | {:.2} | {:.2} | {:.0} |",
             s.name,
             s.many.iops / s.one.iops,
+            s.iscsi_many.iops / s.iscsi_one.iops,
             s.syscalls.0,
             s.syscalls.1,
             s.syscalls_many.0,

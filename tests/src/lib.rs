@@ -17,6 +17,7 @@ pub mod campaign;
 pub mod checker;
 pub mod csi;
 pub mod ext4;
+pub mod iscsi_raw;
 pub mod nbd_raw;
 pub mod node;
 pub mod proxy;
