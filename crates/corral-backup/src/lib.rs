@@ -1,0 +1,85 @@
+//! The backup format (docs/backups.md), with no I/O: what a backup writes
+//! to an object store and how it is read back and checked.
+//!
+//! - [`block`]: a volume is backed up in 64 KiB blocks, each named by its
+//!   BLAKE3-256 ([`BlockHash`]) and lz4-compressed.
+//! - [`pack`]: compressed blocks are packed into large objects, each ending
+//!   with an index of its blocks and a checksummed trailer ([`PackBuilder`],
+//!   [`PackTrailer`]).
+//! - [`page`]: the block map of one GiB of a volume ([`Page`]): per block,
+//!   zero or where its data lies.
+//! - [`manifest`]: one backup ([`Manifest`]): the volume, its size, the
+//!   snapshot, the parent backup, and the page of each GiB.
+//! - [`layout`]: the object names under a target's prefix.
+//!
+//! Every decoder takes bytes that come from an object store, which anyone
+//! with access to the bucket may have changed: it checks lengths, counts
+//! and checksums and answers [`FormatError`], never a panic
+//! (property-tested).
+
+pub mod block;
+pub mod layout;
+pub mod manifest;
+pub mod pack;
+pub mod page;
+
+pub use block::{BLOCK_SIZE, BlockHash};
+pub use manifest::Manifest;
+pub use pack::{PackBuilder, PackEntry, PackTrailer};
+pub use page::{BlockRef, PAGE_BLOCKS, Page};
+
+/// Bytes that are not what the format says they must be.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FormatError {
+    #[error("{what}: truncated ({len} bytes, {need} needed)")]
+    Truncated {
+        what: &'static str,
+        len: usize,
+        need: usize,
+    },
+    #[error("{what}: bad magic or version")]
+    BadMagic { what: &'static str },
+    #[error("{what}: checksum mismatch")]
+    Checksum { what: &'static str },
+    #[error("{what}: {why}")]
+    Invalid { what: &'static str, why: String },
+}
+
+/// `what`'s bytes `at..at + len`, or [`FormatError::Truncated`].
+pub(crate) fn slice<'a>(
+    bytes: &'a [u8],
+    at: usize,
+    len: usize,
+    what: &'static str,
+) -> Result<&'a [u8], FormatError> {
+    at.checked_add(len)
+        .and_then(|end| bytes.get(at..end))
+        .ok_or(FormatError::Truncated {
+            what,
+            len: bytes.len(),
+            need: at.saturating_add(len),
+        })
+}
+
+pub(crate) fn u32_at(bytes: &[u8], at: usize, what: &'static str) -> Result<u32, FormatError> {
+    let b = slice(bytes, at, 4, what)?;
+    Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+pub(crate) fn u64_at(bytes: &[u8], at: usize, what: &'static str) -> Result<u64, FormatError> {
+    let b = slice(bytes, at, 8, what)?;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    Ok(u64::from_be_bytes(a))
+}
+
+pub(crate) fn hash_at(
+    bytes: &[u8],
+    at: usize,
+    what: &'static str,
+) -> Result<[u8; 32], FormatError> {
+    let b = slice(bytes, at, 32, what)?;
+    let mut a = [0u8; 32];
+    a.copy_from_slice(b);
+    Ok(a)
+}
