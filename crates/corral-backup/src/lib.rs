@@ -1,5 +1,6 @@
-//! The backup format (docs/backups.md), with no I/O: what a backup writes
-//! to an object store and how it is read back and checked.
+//! Backups (docs/backups.md): the format — what a backup writes to an
+//! object store and how it is read back and checked, with no I/O — and the
+//! targets it is written to.
 //!
 //! - [`block`]: a volume is backed up in 64 KiB blocks, each named by its
 //!   BLAKE3-256 ([`BlockHash`]) and lz4-compressed.
@@ -11,6 +12,8 @@
 //! - [`manifest`]: one backup ([`Manifest`]): the volume, its size, the
 //!   snapshot, the parent backup, and the page of each GiB.
 //! - [`layout`]: the object names under a target's prefix.
+//! - [`target`]: where backups are kept (`file://`, `s3://`), through
+//!   `object_store`, every object put create-if-absent.
 //!
 //! Every decoder takes bytes that come from an object store, which anyone
 //! with access to the bucket may have changed: it checks lengths, counts
@@ -22,6 +25,7 @@ pub mod layout;
 pub mod manifest;
 pub mod pack;
 pub mod page;
+pub mod target;
 
 pub use block::{BLOCK_SIZE, BlockHash};
 pub use manifest::Manifest;
