@@ -14,6 +14,8 @@
 //! - [`layout`]: the object names under a target's prefix.
 //! - [`target`]: where backups are kept (`file://`, `s3://`), through
 //!   `object_store`, every object put create-if-absent.
+//! - [`transfer`]: writing a backup from a source of blocks and restoring
+//!   one into a sink, with deduplication and ranged reads.
 //!
 //! Every decoder takes bytes that come from an object store, which anyone
 //! with access to the bucket may have changed: it checks lengths, counts
@@ -26,6 +28,7 @@ pub mod manifest;
 pub mod pack;
 pub mod page;
 pub mod target;
+pub mod transfer;
 
 pub use block::{BLOCK_SIZE, BlockHash};
 pub use manifest::Manifest;

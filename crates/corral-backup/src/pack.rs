@@ -10,9 +10,10 @@
 //! All integers big-endian. A reader fetches the trailer (the last
 //! [`PackTrailer::LEN`] bytes), then the footer, which the trailer's hash
 //! checks, then any block by its range; a block is checked by its own hash
-//! when decompressed ([`crate::block::decompress`]). A pack is named by the
-//! BLAKE3 of all its bytes, so an upload repeated after an interruption
-//! puts the same object under the same name.
+//! when decompressed ([`crate::block::decompress`]). A backup names a pack
+//! when it starts it (docs/backups.md), so that pages can refer to it
+//! while it fills; [`PackBuilder::finish`] also gives the BLAKE3 of the
+//! whole object, for a caller that wants a content name.
 
 use crate::{BlockHash, FormatError, hash_at, slice, u32_at, u64_at};
 
@@ -60,8 +61,7 @@ impl PackBuilder {
         self.entries.is_empty()
     }
 
-    /// The finished object, its name (the BLAKE3 of all of it), and its
-    /// entries.
+    /// The finished object's BLAKE3, its bytes, and its entries.
     pub fn finish(mut self) -> (BlockHash, Vec<u8>, Vec<PackEntry>) {
         let footer_offset = self.bytes.len() as u64;
         let mut footer = Vec::with_capacity(self.entries.len() * ENTRY_LEN);
@@ -201,7 +201,7 @@ mod tests {
     }
 
     #[test]
-    fn a_pack_reads_back_block_by_block_and_is_named_by_its_bytes() {
+    fn a_pack_reads_back_block_by_block_and_hashes_the_same_every_time() {
         let blocks: Vec<Vec<u8>> = (1..=5).map(block).collect();
         let mut b = PackBuilder::new();
         for data in &blocks {
