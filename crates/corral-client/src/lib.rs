@@ -464,6 +464,53 @@ impl ReplicaControl {
         .await
     }
 
+    /// Where snapshot `to`'s view may differ from snapshot `from`'s (None:
+    /// from an empty volume): sorted `(offset, length)` byte ranges, from
+    /// the layers' entries (what an incremental backup reads). Each message
+    /// of the answer is bounded by the call's timeout.
+    pub async fn changed_extents(
+        &self,
+        volume: &str,
+        from: Option<&str>,
+        to: &str,
+    ) -> Result<Vec<(u64, u64)>, ClientError> {
+        let mut c = self.inner.clone();
+        let request = pb::ChangedExtentsRequest {
+            volume: volume.to_string(),
+            from_snapshot: from.unwrap_or_default().to_string(),
+            to_snapshot: to.to_string(),
+        };
+        let mut stream = call(
+            &self.addr,
+            "changed extents",
+            self.timeout,
+            c.changed_extents(request),
+        )
+        .await?;
+        let mut out = Vec::new();
+        loop {
+            let next = tokio::time::timeout(self.timeout, stream.message())
+                .await
+                .map_err(|_| ClientError::TimedOut {
+                    addr: self.addr.clone(),
+                    what: "changed extents",
+                    after: self.timeout,
+                })?
+                .map_err(|status| ClientError::from_status(&self.addr, &status))?;
+            let Some(chunk) = next else {
+                return Ok(out);
+            };
+            if chunk.ranges.len() % 2 != 0 {
+                return Err(ClientError::Refused {
+                    addr: self.addr.clone(),
+                    code: tonic::Code::DataLoss,
+                    message: "changed extents: an odd number of values".into(),
+                });
+            }
+            out.extend(chunk.ranges.chunks_exact(2).map(|p| (p[0], p[1])));
+        }
+    }
+
     /// Record a clone's fill progress on the replica, as the engine of `epoch`.
     pub async fn set_clone(
         &self,

@@ -355,6 +355,44 @@ fn a_switched_snapshot_is_durable_once_a_flush_or_a_repeated_create_commits_it()
 }
 
 #[test]
+fn changed_extents_are_what_the_layers_between_two_snapshots_wrote_or_discarded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = ReplicaStore::create(tmp.path(), params(SIZE, 4096)).unwrap();
+    s.write(0, &[1u8; 8192]).unwrap(); // blocks 0-1
+    s.write(10 * BLOCK, &[1u8; 4096]).unwrap(); // block 10
+    s.snapshot_create("a").unwrap();
+    s.write(BLOCK, &[2u8; 8192]).unwrap(); // blocks 1-2
+    s.unmap(10 * BLOCK, BLOCK).unwrap(); // block 10, discarded
+    s.snapshot_create("mid").unwrap();
+    s.write(20 * BLOCK, &[3u8; 4096]).unwrap(); // block 20
+    s.snapshot_create("b").unwrap();
+    s.write(30 * BLOCK, &[4u8; 4096]).unwrap(); // the head: in no snapshot
+    assert_eq!(
+        s.changed_extents(None, "a").unwrap(),
+        [(0, 2 * BLOCK), (10 * BLOCK, BLOCK)]
+    );
+    let since_a = vec![(BLOCK, 2 * BLOCK), (10 * BLOCK, BLOCK), (20 * BLOCK, BLOCK)];
+    assert_eq!(s.changed_extents(Some("a"), "b").unwrap(), since_a);
+    // A snapshot deleted in between changes nothing: its layer merges
+    // into the next one, still in the range.
+    s.snapshot_delete("mid").unwrap();
+    while s.merge_step().unwrap() {}
+    assert_eq!(s.changed_extents(Some("a"), "b").unwrap(), since_a);
+    assert!(matches!(
+        s.changed_extents(Some("b"), "a"),
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        s.changed_extents(Some("mid"), "b"),
+        Err(StoreError::NoSuchSnapshot(_))
+    ));
+    assert!(matches!(
+        s.changed_extents(None, "nope"),
+        Err(StoreError::NoSuchSnapshot(_))
+    ));
+}
+
+#[test]
 fn a_snapshot_is_idempotent_by_name() {
     let tmp = tempfile::tempdir().unwrap();
     let s = ReplicaStore::create(tmp.path(), params(SIZE, 4096)).unwrap();
