@@ -23,8 +23,10 @@
 //!   [`chain_sync`]: the snapshots a returning replica missed, replayed
 //!   before it joins;
 //! - [`supervisor`]: pings, stale-replica expiry, bringing replicas back;
-//! - [`control`]: the engine's control gRPC service; [`metrics`]: Prometheus.
+//! - [`control`]: the engine's control gRPC service; [`metrics`]: Prometheus;
+//! - [`backup`]: backing a snapshot up to a target (issue 12, in progress).
 
+pub mod backup;
 pub mod chain_sync;
 pub mod chunk;
 pub mod client;
