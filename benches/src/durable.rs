@@ -422,7 +422,7 @@ pub fn run(args: &DurableArgs) -> Result<()> {
         );
     }
     println!(
-        "\n(syscalls: strace -c -f on one replica daemon during {} s runs of their own)",
+        "\n(syscalls: strace -c -f on one replica daemon during {} s runs of their own; iSCSI latencies: this bench's initiator, send to status)",
         args.strace_seconds
     );
     Ok(())
