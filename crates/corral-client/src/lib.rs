@@ -688,6 +688,24 @@ impl EngineControl {
         .await
     }
 
+    /// Back a snapshot of the volume up to a target (see
+    /// `CreateBackupRequest`); bounded by `within`, not the call timeout:
+    /// a backup lasts as long as its data takes to read and put.
+    pub async fn create_backup(
+        &self,
+        request: pb::CreateBackupRequest,
+        within: Duration,
+    ) -> Result<pb::CreateBackupResponse, ClientError> {
+        let mut c = self.inner.clone();
+        call(
+            &self.addr,
+            "create backup",
+            within,
+            c.create_backup(request),
+        )
+        .await
+    }
+
     /// Delete snapshot `name` (merged away in the background).
     pub async fn delete_snapshot(
         &self,

@@ -175,6 +175,34 @@ fn rebuilds(volume: &Volume) -> Vec<corral_proto::v1::RebuildStatus> {
     list
 }
 
+/// [`crate::backup::create_backup`], its errors as gRPC statuses.
+async fn corral_engine_backup(
+    volume: &Arc<Volume>,
+    target: &corral_backup::target::Target,
+    name: &str,
+    snapshot: &str,
+) -> Result<corral_backup::transfer::BackupReport, Status> {
+    use corral_backup::target::TargetError;
+    use corral_backup::transfer::TransferError;
+    crate::backup::create_backup(volume, target, name, snapshot)
+        .await
+        .map_err(|e| match &e {
+            crate::backup::BackupError::Transfer(TransferError::Exists { .. }) => {
+                Status::already_exists(e.to_string())
+            }
+            crate::backup::BackupError::Transfer(TransferError::Format(_)) => {
+                Status::invalid_argument(e.to_string())
+            }
+            crate::backup::BackupError::Transfer(TransferError::Target(
+                TargetError::Credentials(_) | TargetError::BadUrl { .. },
+            )) => Status::invalid_argument(e.to_string()),
+            crate::backup::BackupError::Volume { why, .. } if why.starts_with("no snapshot") => {
+                Status::not_found(e.to_string())
+            }
+            _ => Status::unavailable(e.to_string()),
+        })
+}
+
 #[tonic::async_trait]
 impl EngineControl for ControlService {
     async fn get_volume_info(
@@ -440,6 +468,59 @@ impl EngineControl for ControlService {
             })?;
         let crc32c = crc32c::crc32c(&data);
         Ok(Response::new(ReadSnapshotResponse { data, crc32c }))
+    }
+
+    async fn create_backup(
+        &self,
+        request: Request<corral_proto::v1::CreateBackupRequest>,
+    ) -> Result<Response<corral_proto::v1::CreateBackupResponse>, Status> {
+        let volume = self.state.open_volume()?;
+        let req = request.into_inner();
+        refuse_while_filling(volume, "backup")?;
+        let settings = corral_backup::target::S3Settings {
+            endpoint: (!req.s3_endpoint.is_empty()).then(|| req.s3_endpoint.clone()),
+            credentials_file: None,
+        };
+        let target = corral_backup::target::Target::open(&req.target, &settings)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let snapshot = if req.snapshot.is_empty() {
+            let ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0);
+            let name = format!("backup-{ms}");
+            volume
+                .replica_set()
+                .snapshot_create(&name)
+                .await
+                .map_err(snapshot_status)?;
+            name
+        } else {
+            req.snapshot.clone()
+        };
+        let name = if req.name.is_empty() {
+            snapshot.clone()
+        } else {
+            req.name.clone()
+        };
+        let report = corral_engine_backup(volume, &target, &name, &snapshot).await?;
+        let parent = report
+            .manifest
+            .as_ref()
+            .and_then(|m| m.parent.clone())
+            .unwrap_or_default();
+        Ok(Response::new(corral_proto::v1::CreateBackupResponse {
+            name,
+            snapshot,
+            parent,
+            blocks_read: report.blocks_read,
+            blocks_stored: report.blocks_stored,
+            blocks_deduplicated: report.blocks_deduplicated,
+            zero_blocks: report.zero_blocks,
+            bytes_put: report.bytes_put,
+            packs_put: report.packs_put,
+            pages_put: report.pages_put,
+        }))
     }
 
     async fn salvage(

@@ -51,6 +51,11 @@ pub enum VolumeCommand {
         #[command(subcommand)]
         command: SnapshotCommand,
     },
+    /// Backups of the volume to a target (docs/backups.md).
+    Backup {
+        #[command(subcommand)]
+        command: BackupCommand,
+    },
     /// A clone's fill (the volume was started with `corral engine
     /// --clone-from`): how far it is, and whether it still needs its source.
     Clone {
@@ -80,6 +85,30 @@ pub enum SnapshotCommand {
     /// since is dropped; later snapshots stay). No client may be attached and
     /// every replica must be RW.
     Revert { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCommand {
+    /// Back a snapshot up (taking one if none is named), incremental
+    /// against the newest older backup of the volume on the target. S3
+    /// keys come from the engine's environment, never the command line.
+    Create {
+        /// `file:///DIR` or `s3://BUCKET/PREFIX`.
+        #[arg(long)]
+        target: String,
+        /// The snapshot to back up (default: take one now).
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// The backup's name (default: the snapshot's).
+        #[arg(long)]
+        name: Option<String>,
+        /// An S3-compatible endpoint, e.g. http://127.0.0.1:9000.
+        #[arg(long)]
+        s3_endpoint: Option<String>,
+        /// Give up after this long (e.g. 2h).
+        #[arg(long, default_value = "24h", value_parser = crate::units::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -297,6 +326,51 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                 );
             } else {
                 println!("{}", r.message);
+            }
+        }
+        VolumeCommand::Backup {
+            command:
+                BackupCommand::Create {
+                    target,
+                    snapshot,
+                    name,
+                    s3_endpoint,
+                    timeout,
+                },
+        } => {
+            let request = corral_proto::v1::CreateBackupRequest {
+                target,
+                snapshot: snapshot.unwrap_or_default(),
+                name: name.unwrap_or_default(),
+                s3_endpoint: s3_endpoint.unwrap_or_default(),
+            };
+            let r = client.create_backup(request, timeout).await?;
+            if args.json {
+                println!(
+                    "{}",
+                    json!({"name": r.name, "snapshot": r.snapshot,
+                        "parent": (!r.parent.is_empty()).then_some(&r.parent),
+                        "blocks_read": r.blocks_read, "blocks_stored": r.blocks_stored,
+                        "blocks_deduplicated": r.blocks_deduplicated,
+                        "zero_blocks": r.zero_blocks, "bytes_put": r.bytes_put,
+                        "packs_put": r.packs_put, "pages_put": r.pages_put})
+                );
+            } else {
+                let kind = if r.parent.is_empty() {
+                    "full".to_string()
+                } else {
+                    format!("incremental on {}", r.parent)
+                };
+                println!(
+                    "backup {} of snapshot {} ({kind}): {} blocks of 64 KiB read, {} stored, {} already there, {} zero; {:.1} MiB put",
+                    r.name,
+                    r.snapshot,
+                    r.blocks_read,
+                    r.blocks_stored,
+                    r.blocks_deduplicated,
+                    r.zero_blocks,
+                    r.bytes_put as f64 / (1 << 20) as f64
+                );
             }
         }
         VolumeCommand::Snapshot { command } => match command {
