@@ -175,8 +175,8 @@ fn rebuilds(volume: &Volume) -> Vec<corral_proto::v1::RebuildStatus> {
     list
 }
 
-/// [`crate::backup::create_backup`], its errors as gRPC statuses.
-async fn corral_engine_backup(
+/// [`crate::backup::create_backup`], its errors turned into gRPC statuses.
+async fn backup_or_status(
     volume: &Arc<Volume>,
     target: &corral_backup::target::Target,
     name: &str,
@@ -503,7 +503,7 @@ impl EngineControl for ControlService {
         } else {
             req.name.clone()
         };
-        let report = corral_engine_backup(volume, &target, &name, &snapshot).await?;
+        let report = backup_or_status(volume, &target, &name, &snapshot).await?;
         let parent = report
             .manifest
             .as_ref()
