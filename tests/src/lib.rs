@@ -200,6 +200,15 @@ impl Process {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Whether the log, past its first `from` bytes, says "Address already
+    /// in use" (a start since then found its port taken).
+    fn port_taken_since(&self, from: usize) -> bool {
+        self.log_text()
+            .get(from..)
+            .unwrap_or_default()
+            .contains("Address already in use")
+    }
 }
 
 impl Drop for Process {
@@ -403,11 +412,7 @@ impl Cluster {
             match serving {
                 Err(e)
                     if e.to_string().contains("before listening")
-                        && r.process
-                            .log_text()
-                            .get(logged..)
-                            .unwrap_or_default()
-                            .contains("Address already in use")
+                        && r.process.port_taken_since(logged)
                         && tries < 5 =>
                 {
                     tries += 1;
@@ -520,15 +525,7 @@ impl Cluster {
             let logged = self.engines[i].process.log_text().len();
             self.engines[i].process.start()?;
             match self.wait_engine_ready(i, Duration::from_secs(60)) {
-                Err(_)
-                    if self.engines[i]
-                        .process
-                        .log_text()
-                        .get(logged..)
-                        .unwrap_or_default()
-                        .contains("Address already in use")
-                        && tries < 5 =>
-                {
+                Err(_) if self.engines[i].process.port_taken_since(logged) && tries < 5 => {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(500));
                 }

@@ -505,13 +505,9 @@ fn with_epoch(
 mod tests {
     use super::*;
 
-    /// A switch (the engine's first call) leaves the record pending; the
-    /// engine's second call commits it; without one, the replica commits it
-    /// itself after [`UNCLAIMED_SNAPSHOT_COMMIT_AFTER`].
-    #[tokio::test]
-    async fn a_switched_snapshot_waits_for_the_second_call_or_is_committed_unclaimed() {
-        let tmp = tempfile::tempdir().unwrap();
-        let registry = Arc::new(ReplicaRegistry::open(tmp.path()).unwrap());
+    /// A registry in `dir` holding a 1 MiB replica "v", and its service.
+    async fn one_replica(dir: &std::path::Path) -> (Arc<ReplicaRegistry>, ControlService) {
+        let registry = Arc::new(ReplicaRegistry::open(dir).unwrap());
         let control = ControlService::new(Arc::clone(&registry));
         control
             .create_replica(Request::new(CreateReplicaRequest {
@@ -522,6 +518,16 @@ mod tests {
             }))
             .await
             .unwrap();
+        (registry, control)
+    }
+
+    /// A switch (the engine's first call) leaves the record pending; the
+    /// engine's second call commits it; without one, the replica commits it
+    /// itself after [`UNCLAIMED_SNAPSHOT_COMMIT_AFTER`].
+    #[tokio::test]
+    async fn a_switched_snapshot_waits_for_the_second_call_or_is_committed_unclaimed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (registry, control) = one_replica(tmp.path()).await;
         control
             .open_replica(Request::new(OpenReplicaRequest {
                 volume: "v".into(),
@@ -578,17 +584,7 @@ mod tests {
     async fn changed_extents_come_from_the_store_as_byte_ranges() {
         use futures::StreamExt;
         let tmp = tempfile::tempdir().unwrap();
-        let registry = Arc::new(ReplicaRegistry::open(tmp.path()).unwrap());
-        let control = ControlService::new(Arc::clone(&registry));
-        control
-            .create_replica(Request::new(CreateReplicaRequest {
-                volume: "v".into(),
-                size: 1 << 20,
-                block_size: 4096,
-                chunk_size: DEFAULT_CHUNK_SIZE,
-            }))
-            .await
-            .unwrap();
+        let (registry, control) = one_replica(tmp.path()).await;
         let hosted = registry.get("v").unwrap();
         hosted.store.write(0, &[1u8; 4096]).unwrap();
         hosted.store.snapshot_create("a").unwrap();
