@@ -43,3 +43,35 @@ if [ "$("$CORRAL_VENV/bin/kubernetes-validate" --version 2>/dev/null)" != "$KUBE
     $SUDO "$CORRAL_VENV/bin/pip" install -q "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
 fi
 # ---- end of the Kubernetes manifests section -------------------------------
+
+# ---- s3s-fs (tests/tests/backup_s3.rs) -------------------------------------
+# The backup tests run a real S3 server on loopback: s3s-fs, built from
+# crates.io into $CORRAL_S3S_ROOT (the tests run $CORRAL_S3S_ROOT/bin/s3s-fs
+# from the default root, another binary with CORRAL_S3S_FS). Pinned to
+# 0.14.1: later versions need rustc 1.96. Built only when the binary there
+# is missing or another version (--force: also over a different version
+# cargo still tracks there).
+CORRAL_S3S_ROOT="${CORRAL_S3S_ROOT:-/opt/corral-s3s}"
+S3S_FS_VERSION=0.14.1
+if [ "$("$CORRAL_S3S_ROOT/bin/s3s-fs" --version 2>/dev/null)" != "s3s-fs $S3S_FS_VERSION" ]; then
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "s3s-fs: cargo is needed to build it (install Rust, e.g. with rustup)" >&2
+        exit 1
+    fi
+    echo "installing: s3s-fs $S3S_FS_VERSION into $CORRAL_S3S_ROOT"
+    S3S_INSTALL=(install --locked --force s3s-fs --version "$S3S_FS_VERSION" --features binary)
+    if [ -z "$SUDO" ] || { mkdir -p "$CORRAL_S3S_ROOT" 2>/dev/null && [ -w "$CORRAL_S3S_ROOT" ]; }; then
+        cargo "${S3S_INSTALL[@]}" --root "$CORRAL_S3S_ROOT"
+    else
+        # Built with this user's Rust toolchain, installed as root.
+        S3S_BUILD_ROOT="$(mktemp -d)"
+        cargo "${S3S_INSTALL[@]}" --root "$S3S_BUILD_ROOT"
+        $SUDO install -D -m 0755 "$S3S_BUILD_ROOT/bin/s3s-fs" "$CORRAL_S3S_ROOT/bin/s3s-fs"
+        rm -rf "$S3S_BUILD_ROOT"
+    fi
+    if [ "$("$CORRAL_S3S_ROOT/bin/s3s-fs" --version 2>/dev/null)" != "s3s-fs $S3S_FS_VERSION" ]; then
+        echo "s3s-fs: $CORRAL_S3S_ROOT/bin/s3s-fs does not report version $S3S_FS_VERSION after the install" >&2
+        exit 1
+    fi
+fi
+# ---- end of the s3s-fs section ---------------------------------------------

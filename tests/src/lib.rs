@@ -11,7 +11,8 @@
 //! cluster. The tests drive volumes through real tools (fio, nbdinfo, nbdcopy,
 //! nbdfuse); [`tools`] has small wrappers that fail loudly when a tool is
 //! missing instead of skipping, and [`ext4`] puts a real ext4 filesystem on
-//! a volume's NBD export.
+//! a volume's NBD export. [`s3`] runs a real S3 server (s3s-fs) on loopback
+//! for the backup targets.
 
 pub mod campaign;
 pub mod checker;
@@ -21,6 +22,7 @@ pub mod iscsi_raw;
 pub mod nbd_raw;
 pub mod node;
 pub mod proxy;
+pub mod s3;
 pub mod tools;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
