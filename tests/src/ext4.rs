@@ -38,7 +38,8 @@ pub struct Ext4OnNbd {
     mounted: bool,
 }
 
-/// The files [`Ext4OnNbd`] wrote, to read back.
+/// The files [`Ext4OnNbd`] wrote (paths relative to the mount point), to
+/// read back.
 struct Written {
     files: Vec<(PathBuf, Vec<u8>)>,
     notes: Vec<(PathBuf, String)>,
@@ -126,6 +127,16 @@ impl Ext4OnNbd {
         Ok(size)
     }
 
+    /// `fsck.ext4 -n -f` (clean) of the unmounted filesystem, mount, and
+    /// read `files` back: the filesystem another attachment wrote (a copy
+    /// of it: a restored backup, a clone).
+    pub fn fsck_and_read_back(&mut self, files: &Ext4Files) -> Result<()> {
+        let dev = self.loop_dev.clone().context("no loop device")?;
+        run_ok("fsck.ext4", &["-n", "-f", &dev], Duration::from_secs(120))?;
+        self.mount()?;
+        self.read_back(&files.0)
+    }
+
     fn mount(&mut self) -> Result<()> {
         let dev = self.loop_dev.as_deref().context("no loop device")?;
         sh("mount", &[dev, &self.mount_dir.display().to_string()])?;
@@ -149,30 +160,32 @@ impl Ext4OnNbd {
         {
             let path = self.mount_dir.join(format!("file-{i}"));
             let data = random_file(&path, *size, seed + i as u64)?;
-            files.push((path, data));
+            files.push((PathBuf::from(format!("file-{i}")), data));
         }
         let mut notes = Vec::new();
         for d in 0..20 {
             let dir = self.mount_dir.join(format!("dir-{d}"));
             std::fs::create_dir_all(&dir)?;
-            let (path, text) = (dir.join("note"), format!("note {d}"));
-            std::fs::write(&path, &text)?;
-            notes.push((path, text));
+            let text = format!("note {d}");
+            std::fs::write(dir.join("note"), &text)?;
+            notes.push((PathBuf::from(format!("dir-{d}/note")), text));
         }
         Ok(Written { files, notes })
     }
 
     fn read_back(&self, written: &Written) -> Result<()> {
-        for (path, data) in &written.files {
-            let read = std::fs::read(path)?;
+        for (name, data) in &written.files {
+            let path = self.mount_dir.join(name);
+            let read = std::fs::read(&path)?;
             ensure!(
                 read == *data,
                 "{} does not read back as written",
                 path.display()
             );
         }
-        for (path, text) in &written.notes {
-            let read = std::fs::read_to_string(path)?;
+        for (name, text) in &written.notes {
+            let path = self.mount_dir.join(name);
+            let read = std::fs::read_to_string(&path)?;
             ensure!(read == *text, "{}: {read:?}, not {text:?}", path.display());
         }
         Ok(())

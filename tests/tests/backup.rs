@@ -126,3 +126,283 @@ fn a_full_and_an_incremental_backup_hold_the_volume_as_it_was() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
 }
+
+fn clone_status(c: &Cluster, control: &str, wait: &str) -> Value {
+    let out = c
+        .corral(&[
+            "volume", "--engine", control, "--json", "clone", "status", "--wait", wait,
+        ])
+        .expect("corral runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+fn verify(c: &Cluster, control: &str) {
+    let out = c
+        .corral(&["volume", "--engine", control, "verify"])
+        .expect("corral runs");
+    assert!(
+        out.status.success(),
+        "replicas differ: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Restores through the engine: a backup becomes a new volume on three
+/// other replica daemons, filled once through the replicated write path.
+/// Without `--serve-while-filling` the frontends start once it is filled;
+/// with it, reads are served at once (a part not restored yet is read from
+/// the backup first). A backup that is not there, or a volume too small
+/// for it, is refused at once with one clear line.
+#[test]
+fn a_backup_restores_into_a_new_volume_on_other_replicas() {
+    let mut c = Cluster::with_replicas(6).expect("cluster");
+    let e = c
+        .start_engine(&EngineSpec::new("bk", "16MiB", &[0, 1, 2]))
+        .expect("engine");
+    let control = c.engines[e].control.to_string();
+    let dir = c.path().join("backups");
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("file://{}", dir.display());
+
+    let first = c.path().join("first");
+    std::fs::write(&first, pattern(3, 6 * MIB)).unwrap();
+    c.write_flushed(e, &first).unwrap();
+    backup(&c, &control, &["--target", &url, "--name", "monday"]).unwrap();
+    let then = c.read_back(e, SIZE).unwrap();
+    let second = c.path().join("second");
+    std::fs::write(&second, pattern(4, 3 * MIB / 2)).unwrap();
+    c.write_flushed(e, &second).unwrap();
+    backup(&c, &control, &["--target", &url, "--name", "tuesday"]).unwrap();
+    let now = c.read_back(e, SIZE).unwrap();
+
+    // The incremental one, filled before it serves. A smaller chunk than
+    // the default makes the fill many windows long.
+    let r = c
+        .start_engine(
+            &EngineSpec::new("restored", "16MiB", &[3, 4, 5])
+                .arg("--from-backup", &format!("{url}/bk/tuesday"))
+                .arg("--chunk-size", "64KiB"),
+        )
+        .expect("restore engine");
+    let r_control = c.engines[r].control.to_string();
+    let status = clone_status(&c, &r_control, "60s");
+    assert_eq!(status["done"], true, "{status}");
+    assert_eq!(status["backup"], format!("{url}/bk/tuesday"), "{status}");
+    assert_eq!(status["total_bytes"], SIZE as u64, "{status}");
+    assert!(
+        c.read_back(r, SIZE).unwrap() == now,
+        "the restored volume is not the volume as backed up"
+    );
+    verify(&c, &r_control);
+
+    // The full one, served at once while it fills.
+    let mut spec = EngineSpec::new("early", "16MiB", &[3, 4, 5])
+        .arg("--from-backup", &format!("{url}/bk/monday"))
+        .arg("--chunk-size", "4KiB");
+    spec.extra.push("--serve-while-filling".into());
+    let early = c
+        .start_engine(&spec)
+        .expect("restore engine serving at once");
+    assert!(
+        c.read_back(early, SIZE).unwrap() == then,
+        "the volume read while it fills is not the backup"
+    );
+    let e_control = c.engines[early].control.to_string();
+    assert_eq!(clone_status(&c, &e_control, "60s")["done"], true);
+    assert!(c.read_back(early, SIZE).unwrap() == then);
+    verify(&c, &e_control);
+
+    // Refused at once, with a clear line in the engine's log.
+    for (volume, from, size, why) in [
+        ("absent", format!("{url}/bk/no-such"), "16MiB", "not found"),
+        (
+            "small",
+            format!("{url}/bk/monday"),
+            "8MiB",
+            "smaller than backup",
+        ),
+        (
+            "bad-url",
+            "ftp://x/bk/monday".to_string(),
+            "16MiB",
+            "file:///DIR",
+        ),
+    ] {
+        let i = c
+            .spawn_engine(&EngineSpec::new(volume, size, &[3, 4, 5]).arg("--from-backup", &from))
+            .expect("spawn");
+        let status = corral_tests::poll(
+            std::time::Duration::from_secs(30),
+            "the engine to give up",
+            || Ok(c.engines[i].process.exited()),
+        )
+        .expect("the engine gives up at once");
+        assert!(!status.success(), "{volume}: exited {status}");
+        let log = c.engines[i].process.log_text();
+        assert!(log.contains(why), "{volume}: no {why:?} in:\n{log}");
+    }
+}
+
+/// An ext4 filesystem on a volume, backed up while the engine serves it,
+/// restored into a new volume on other replica daemons: fsck-clean, every
+/// file as written.
+#[test]
+fn an_ext4_volume_restores_fsck_clean() {
+    corral_tests::ext4::assert_root();
+    let mut c = Cluster::with_replicas(6).expect("cluster");
+    let size: u64 = 64 << 20;
+    let e = c
+        .start_engine(&EngineSpec::new("fs", "64MiB", &[0, 1, 2]))
+        .expect("engine");
+    let control = c.engines[e].control.to_string();
+    let files = {
+        let dir = c.path().join("fs-source");
+        let mut fs = corral_tests::ext4::Ext4OnNbd::attach(&dir, &c.engines[e].nbd_uri(), size)
+            .expect("attach the source");
+        fs.mkfs_and_write(41).expect("mkfs and write")
+    };
+    let dir = c.path().join("backups");
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("file://{}", dir.display());
+    backup(&c, &control, &["--target", &url, "--name", "fs-1"]).unwrap();
+
+    let r = c
+        .start_engine(
+            &EngineSpec::new("fs-restored", "64MiB", &[3, 4, 5])
+                .arg("--from-backup", &format!("{url}/fs/fs-1")),
+        )
+        .expect("restore engine");
+    let r_control = c.engines[r].control.to_string();
+    assert_eq!(clone_status(&c, &r_control, "120s")["done"], true);
+    let dir = c.path().join("fs-restored");
+    let mut fs = corral_tests::ext4::Ext4OnNbd::attach(&dir, &c.engines[r].nbd_uri(), size)
+        .expect("attach the restored volume");
+    fs.fsck_and_read_back(&files)
+        .expect("the restored filesystem is clean and holds every file");
+}
+
+fn backup_cli(c: &Cluster, url: &str, args: &[&str]) -> Result<Value, String> {
+    let mut all = vec!["backup", "--target", url, "--json"];
+    all.extend_from_slice(args);
+    let out = c.corral(&all).expect("corral runs");
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).expect("JSON"))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn objects_under(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
+/// The target's upkeep while a restore reads from it: `backup ls` shows the
+/// backups; removing the one being restored takes its manifest at once,
+/// but its data stays while the restore's lease lives (the restoring
+/// engine is paused meanwhile, so the lease cannot end on its own); the
+/// restore then completes bit-exact, and the next `backup gc` frees the
+/// data. `--retain 1` keeps the newest backup only.
+#[test]
+fn removing_a_backup_while_it_restores_keeps_its_data_until_the_restore_is_done() {
+    let mut c = Cluster::with_replicas(6).expect("cluster");
+    let e = c
+        .start_engine(&EngineSpec::new("bk", "32MiB", &[0, 1, 2]))
+        .expect("engine");
+    let control = c.engines[e].control.to_string();
+    let dir = c.path().join("backups");
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("file://{}", dir.display());
+    let data = c.path().join("data");
+    std::fs::write(&data, pattern(7, 32 * MIB)).unwrap();
+    c.write_flushed(e, &data).unwrap();
+    backup(&c, &control, &["--target", &url, "--name", "b1"]).unwrap();
+    let image = c.read_back(e, 32 * MIB).unwrap();
+
+    let listed = backup_cli(&c, &url, &["ls"]).unwrap();
+    let names: Vec<&str> = listed["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["b1"], "{listed}");
+    assert_eq!(listed["backups"][0]["url"], format!("{url}/bk/b1"));
+    let err = backup_cli(&c, &url, &["rm", "bk/no-such"]).unwrap_err();
+    assert!(err.contains("not found"), "{err}");
+
+    // A restore, made slow by one fill round per 4 KiB, paused as soon as
+    // its lease is on the target.
+    let leases = dir.join("volumes/bk/leases");
+    let r = c
+        .spawn_engine(
+            &EngineSpec::new("copy", "32MiB", &[3, 4, 5])
+                .arg("--from-backup", &format!("{url}/bk/b1"))
+                .arg("--chunk-size", "4KiB"),
+        )
+        .expect("restore engine");
+    corral_tests::wait_until(
+        std::time::Duration::from_secs(30),
+        "the restore's lease",
+        || objects_under(&leases) == 1,
+    )
+    .unwrap();
+    c.engines[r].process.pause().unwrap();
+    let packs = dir.join("volumes/bk/packs");
+    let before = objects_under(&packs);
+    assert!(before >= 1);
+    let rm = backup_cli(&c, &url, &["rm", "bk/b1", "--min-age", "0s"]).unwrap();
+    assert!(
+        rm["gc"]["skipped"]
+            .as_str()
+            .is_some_and(|w| w.contains("restore of backup b1")),
+        "{rm}"
+    );
+    assert_eq!(
+        objects_under(&packs),
+        before,
+        "nothing deleted under the lease"
+    );
+    assert_eq!(
+        backup_cli(&c, &url, &["ls"]).unwrap()["backups"],
+        serde_json::json!([])
+    );
+
+    c.engines[r].process.resume().unwrap();
+    c.wait_engine_ready(r, std::time::Duration::from_secs(60))
+        .unwrap();
+    let r_control = c.engines[r].control.to_string();
+    assert_eq!(clone_status(&c, &r_control, "120s")["done"], true);
+    assert!(
+        c.read_back(r, 32 * MIB).unwrap() == image,
+        "the restore of a removed backup is not the backup"
+    );
+    corral_tests::wait_until(
+        std::time::Duration::from_secs(10),
+        "the restore to release its lease",
+        || objects_under(&leases) == 0,
+    )
+    .unwrap();
+    let gc = backup_cli(&c, &url, &["gc", "--min-age", "0s"]).unwrap();
+    assert_eq!(gc["volumes"][0]["skipped"], Value::Null, "{gc}");
+    assert_eq!(gc["volumes"][0]["deleted_packs"], before as u64, "{gc}");
+    assert_eq!(objects_under(&packs), 0);
+
+    // Retention: three more backups, keeping the newest each time.
+    for name in ["b2", "b3"] {
+        let out = backup(
+            &c,
+            &control,
+            &["--target", &url, "--name", name, "--retain", "1"],
+        )
+        .unwrap();
+        assert_eq!(out["name"], name);
+    }
+    let listed = backup_cli(&c, &url, &["ls", "--volume", "bk"]).unwrap();
+    assert_eq!(listed["backups"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed["backups"][0]["name"], "b3", "{listed}");
+}

@@ -14,6 +14,11 @@
 //! - [`layout`]: the object names under a target's prefix.
 //! - [`target`]: where backups are kept (`file://`, `s3://`), through
 //!   `object_store`, every object put create-if-absent.
+//! - [`reader`]: a backup named by one URL, and reading any range of it
+//!   back, every block checked.
+//! - [`lease`]: an in-progress backup or restore says so on the target.
+//! - [`catalog`]: the volumes and backups on a target, removing them,
+//!   retention and garbage collection.
 //! - [`transfer`]: writing a backup from a source of blocks and restoring
 //!   one into a sink, with deduplication and ranged reads.
 //!
@@ -23,17 +28,23 @@
 //! (property-tested).
 
 pub mod block;
+pub mod catalog;
 pub mod layout;
+pub mod lease;
 pub mod manifest;
 pub mod pack;
 pub mod page;
+pub mod reader;
 pub mod target;
+#[cfg(test)]
+mod testing;
 pub mod transfer;
 
 pub use block::{BLOCK_SIZE, BlockHash};
 pub use manifest::Manifest;
 pub use pack::{PackBuilder, PackEntry, PackTrailer};
 pub use page::{BlockRef, PAGE_BLOCKS, Page};
+pub use reader::{BackupReader, BackupUrl};
 
 /// Bytes that are not what the format says they must be.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -11,19 +11,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::ops::Range;
 
 use bytes::Bytes;
 
 use crate::block::{self, BLOCK_SIZE};
 use crate::manifest::{FORMAT, Manifest};
+use crate::reader::{fetch_span, read_page, spans};
 use crate::target::{Put, Target, TargetError};
 use crate::{BlockHash, BlockRef, FormatError, PAGE_BLOCKS, PackBuilder, Page, layout};
 
 /// Default bytes of compressed blocks per pack.
 pub const PACK_BYTES: usize = 64 << 20;
-/// Largest ranged GET a restore makes (several neighbouring blocks).
-const READ_SPAN: u64 = 8 << 20;
 
 /// Why a backup or a restore failed.
 #[derive(Debug, thiserror::Error)]
@@ -331,25 +329,12 @@ pub async fn restore<S: BlockSink>(
 ) -> Result<RestoreReport, TransferError> {
     let mut report = RestoreReport::default();
     for index in 0..manifest.pages.len() {
-        let in_page = manifest.blocks_in_page(index) as u64;
-        let Some(id) = manifest.page(index)? else {
-            report.zero_blocks += in_page;
+        let Some((page, page_bytes)) = read_page(target, manifest, index).await? else {
+            report.zero_blocks += manifest.blocks_in_page(index) as u64;
             continue;
         };
-        let object = target.get(&layout::page(&manifest.volume, &id)).await?;
-        report.bytes_read += object.len() as u64;
+        report.bytes_read += page_bytes;
         report.requests += 1;
-        let page = Page::decode(&object, &id)?;
-        if page.blocks.len() as u64 != in_page {
-            return Err(FormatError::Invalid {
-                what: "page",
-                why: format!(
-                    "{} blocks where the manifest needs {in_page}",
-                    page.blocks.len()
-                ),
-            }
-            .into());
-        }
         // Per pack, in offset order, neighbours read together.
         let first = (index * PAGE_BLOCKS) as u64;
         let mut wanted: Vec<(u64, BlockRef)> = Vec::new();
@@ -360,51 +345,19 @@ pub async fn restore<S: BlockSink>(
             }
         }
         wanted.sort_by_key(|(_, r)| (r.pack, r.offset));
-        // Offsets come from the target: no overflow on forged ones.
-        let end_of = |r: &BlockRef| r.offset.saturating_add(u64::from(r.len));
-        let mut i = 0;
-        while i < wanted.len() {
-            let pack = wanted[i].1.pack;
-            let start = wanted[i].1.offset;
-            let mut end = end_of(&wanted[i].1);
-            let mut j = i + 1;
-            while j < wanted.len()
-                && wanted[j].1.pack == pack
-                && wanted[j].1.offset <= end
-                && end_of(&wanted[j].1) - start <= READ_SPAN
-            {
-                end = end.max(end_of(&wanted[j].1));
-                j += 1;
-            }
-            let span: Range<u64> = start..end;
-            let bytes = target
-                .get_range(&layout::pack(&manifest.volume, &pack), span)
-                .await?;
+        for run in spans(&wanted) {
+            let span = fetch_span(target, &manifest.volume, &wanted[run]).await?;
             report.requests += 1;
-            report.bytes_read += bytes.len() as u64;
-            for (block_index, r) in &wanted[i..j] {
-                let at = (r.offset - start) as usize;
-                let compressed =
-                    bytes
-                        .get(at..at + r.len as usize)
-                        .ok_or(TransferError::Invalid {
-                            index: *block_index,
-                            why: "its pack is shorter than its page says".into(),
-                        })?;
-                let data =
-                    block::decompress(compressed, &r.hash).map_err(|e| TransferError::Invalid {
-                        index: *block_index,
-                        why: e.to_string(),
-                    })?;
-                sink.write_block(*block_index, data)
+            report.bytes_read += span.bytes_read;
+            for (block_index, data) in span.blocks {
+                sink.write_block(block_index, data)
                     .await
                     .map_err(|why| TransferError::Sink {
-                        index: *block_index,
+                        index: block_index,
                         why,
                     })?;
                 report.blocks_written += 1;
             }
-            i = j;
         }
     }
     Ok(report)
@@ -413,68 +366,7 @@ pub async fn restore<S: BlockSink>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::S3Settings;
-    use std::sync::Mutex;
-
-    const GIB: u64 = 1 << 30;
-
-    /// A sparse volume in memory: the blocks that are not zero.
-    #[derive(Default)]
-    struct Volume(Mutex<HashMap<u64, Vec<u8>>>);
-
-    impl Volume {
-        /// Block `index` becomes pseudo-random bytes from `seed` (they
-        /// do not compress, so packs fill).
-        fn set(&self, index: u64, seed: u8) {
-            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
-            let data: Vec<u8> = (0..BLOCK_SIZE)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
-            self.0.lock().unwrap().insert(index, data);
-        }
-        fn snapshot(&self) -> HashMap<u64, Vec<u8>> {
-            self.0.lock().unwrap().clone()
-        }
-    }
-
-    impl BlockSource for Volume {
-        async fn read_block(&self, index: u64) -> Result<Vec<u8>, String> {
-            Ok(self
-                .0
-                .lock()
-                .unwrap()
-                .get(&index)
-                .cloned()
-                .unwrap_or_else(|| vec![0u8; BLOCK_SIZE]))
-        }
-    }
-
-    impl BlockSink for Volume {
-        async fn write_block(&self, index: u64, data: Vec<u8>) -> Result<(), String> {
-            self.0.lock().unwrap().insert(index, data);
-            Ok(())
-        }
-    }
-
-    fn spec(name: &str, size: u64) -> BackupSpec {
-        BackupSpec {
-            volume: "db".into(),
-            name: name.into(),
-            snapshot: format!("snap-{name}"),
-            size,
-            created_unix_ms: 1,
-            pack_bytes: 300 << 10,
-        }
-    }
-
-    fn target(dir: &std::path::Path) -> Target {
-        Target::open(&format!("file://{}", dir.display()), &S3Settings::default()).unwrap()
-    }
+    use crate::testing::{GIB, MemoryVolume as Volume, file_target as target, spec};
 
     #[tokio::test]
     async fn a_full_then_an_incremental_backup_restore_bit_exact_and_store_only_the_change() {
@@ -531,6 +423,64 @@ mod tests {
             assert_eq!(&restored.snapshot(), image, "backup {}", m.name);
             assert_eq!(r.blocks_written, image.len() as u64);
         }
+    }
+
+    #[tokio::test]
+    async fn a_reader_returns_any_range_as_backed_up_and_none_for_zeroes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = target(tmp.path());
+        let size = GIB + 3 * BLOCK_SIZE as u64; // a second page of three blocks
+        let vol = Volume::default();
+        for b in [0u64, 1, 3, 16_384, 16_386] {
+            vol.set(b, b as u8 ^ 0x5a);
+        }
+        let written: Vec<u64> = vol.snapshot().keys().copied().collect();
+        write_backup(&t, &spec("r", size), None, &written, &vol)
+            .await
+            .unwrap();
+        let reader = crate::BackupReader::open(t.clone(), "db", "r")
+            .await
+            .unwrap();
+        assert_eq!(reader.size(), size);
+        let image = vol.snapshot();
+        let expect = |offset: u64, len: u64| -> Vec<u8> {
+            (offset..offset + len)
+                .map(|at| {
+                    let b = at / BLOCK_SIZE as u64;
+                    image
+                        .get(&b)
+                        .map_or(0, |d| d[(at % BLOCK_SIZE as u64) as usize])
+                })
+                .collect()
+        };
+        let bs = BLOCK_SIZE as u64;
+        for (offset, len) in [
+            (0, 4 * bs),
+            (1000, 70_000),
+            (2 * bs + 17, bs),
+            (GIB - 10, 20),
+            (GIB, 3 * bs),
+            (size - 5, 5),
+        ] {
+            let got = reader.read(offset, len).await.unwrap().unwrap();
+            assert_eq!(
+                got.as_ref(),
+                expect(offset, len).as_slice(),
+                "{offset}+{len}"
+            );
+        }
+        assert_eq!(
+            reader.read(2 * bs, bs).await.unwrap(),
+            None,
+            "block 2 is zero"
+        );
+        assert_eq!(reader.read(10 * bs, 100 * bs).await.unwrap(), None);
+        assert!(reader.read(size - 5, 6).await.is_err(), "past the end");
+        assert!(reader.read(u64::MAX, 2).await.is_err());
+        assert!(matches!(
+            crate::BackupReader::open(t, "db", "absent").await,
+            Err(TransferError::Target(TargetError::NotFound { .. }))
+        ));
     }
 
     #[tokio::test]

@@ -5,12 +5,14 @@
 //! the two snapshots' views may differ (`ChangedExtents`, from the layers'
 //! entries), and writes the 64 KiB blocks touching those ranges, read from
 //! the snapshot's view through the replicas, with
-//! [`corral_backup::transfer::write_backup`].
+//! [`corral_backup::transfer::write_backup`], under a lease on the target
+//! (so garbage collection leaves the volume alone meanwhile).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use corral_backup::block::BLOCK_SIZE;
+use corral_backup::lease::{HeldLease, LEASE_TTL, LeaseKind};
 use corral_backup::target::Target;
 use corral_backup::transfer::{self, BackupReport, BackupSpec, BlockSource, TransferError};
 use corral_backup::{Manifest, layout};
@@ -67,6 +69,24 @@ fn blocks_of(ranges: &[(u64, u64)]) -> Vec<u64> {
 /// one). Incremental against the newest backup of the volume there whose
 /// snapshot the volume still has.
 pub async fn create_backup(
+    volume: &Arc<Volume>,
+    target: &Target,
+    name: &str,
+    snapshot: &str,
+) -> Result<BackupReport, BackupError> {
+    // Garbage collection leaves the volume alone while this runs.
+    let lease = HeldLease::take(target, volume.name(), LeaseKind::Backup, name, LEASE_TTL)
+        .await
+        .map_err(TransferError::from)?;
+    let result = write_snapshot(volume, target, name, snapshot).await;
+    if let Err(e) = lease.release().await {
+        tracing::warn!(volume = %volume.name(), backup = name, error = %e,
+            "could not delete the backup's lease: it expires on its own");
+    }
+    result
+}
+
+async fn write_snapshot(
     volume: &Arc<Volume>,
     target: &Target,
     name: &str,

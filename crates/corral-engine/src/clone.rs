@@ -1,6 +1,8 @@
-//! Clones: a new volume that serves I/O at once while its data is filled
-//! in, behind it, from a snapshot of another volume (docs/snapshots.md,
-//! "Clones").
+//! Clones and restores: a new volume that serves I/O at once while its
+//! data is filled in, behind it, from a snapshot of another volume
+//! (docs/snapshots.md, "Clones") or from a backup on an object store
+//! (docs/backups.md, "Restore"). Both fill the same way; only where a
+//! chunk's data is read from differs ([`FillSource`]).
 //!
 //! This module owns the fill's state ([`CloneFill`]: the source, which
 //! chunks are filled, the record kept on the replicas) and the background
@@ -30,13 +32,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use corral_backup::lease::{HeldLease, LEASE_TTL, LeaseKind};
+use corral_backup::target::{S3Settings, Target, TargetError};
+use corral_backup::transfer::TransferError;
+use corral_backup::{BackupReader, BackupUrl};
 use corral_client::EngineControl;
 use corral_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::chunk::{ChunkBitmap, ChunkMap};
-use crate::config::CloneSource;
+use crate::config::{CloneSource, RestoreSource};
 use crate::members::Epoch;
 use crate::volume::Volume;
 
@@ -46,13 +52,94 @@ const SOURCE_READ: u64 = 1 << 20;
 /// How often (in filled bytes) the filler flushes and records its progress.
 const RECORD_EVERY: u64 = 64 << 20;
 
+/// A restore's filler reads this much of the backup at once (a few ranged
+/// GETs of neighbouring blocks)...
+const RESTORE_WINDOW: u64 = 8 << 20;
+/// ... and keeps this many such reads in flight ahead of its writes.
+const RESTORE_READ_AHEAD: usize = 4;
+
 /// Why a clone could not be set up, or a piece of it filled.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CloneError {
-    #[error("clone source {engine}: {why}")]
-    Source { engine: String, why: String },
+    #[error("clone source {from}: {why}")]
+    Source { from: String, why: String },
     #[error("{0}")]
     Config(String),
+}
+
+/// Where a clone's data comes from.
+enum FillSource {
+    /// A snapshot of another volume, read through that volume's engine.
+    Engine(Box<EngineControl>),
+    /// A backup, read from its target (every block checked), under a lease
+    /// that keeps garbage collection off it until the fill is done.
+    Backup(Arc<BackupReader>, Mutex<Option<HeldLease>>),
+}
+
+impl FillSource {
+    fn name(&self, record: &pb::CloneRecord) -> String {
+        match self {
+            FillSource::Engine(c) => c.addr().to_string(),
+            FillSource::Backup(..) => record.backup.clone(),
+        }
+    }
+}
+
+/// Opens the backup a restore fills from. The keys are the engine's own
+/// (`settings`, or its environment); the endpoint is the one recorded.
+async fn open_backup(
+    record: &pb::CloneRecord,
+    settings: Option<&S3Settings>,
+    leased: bool,
+) -> Result<(BackupReader, Option<HeldLease>), CloneError> {
+    let src = |why: String| CloneError::Source {
+        from: record.backup.clone(),
+        why,
+    };
+    let url = BackupUrl::parse(&record.backup).map_err(|e| CloneError::Config(e.to_string()))?;
+    let mut s3 = settings.cloned().unwrap_or_default();
+    if s3.endpoint.is_none() && !record.s3_endpoint.is_empty() {
+        s3.endpoint = Some(record.s3_endpoint.clone());
+    }
+    let target = Target::open(&url.target, &s3).map_err(|e| CloneError::Config(e.to_string()))?;
+    // The lease first: garbage collection that starts after it leaves the
+    // backup's data alone, even if the backup is removed meanwhile.
+    let lease = if leased {
+        let lease = HeldLease::take(
+            &target,
+            &url.volume,
+            LeaseKind::Restore,
+            &url.backup,
+            LEASE_TTL,
+        )
+        .await
+        .map_err(|e| src(format!("taking a lease: {e}")))?;
+        Some(lease)
+    } else {
+        None
+    };
+    // A backup that is not there, or not readable as one, will not become
+    // so by waiting: a clear error at once. Anything else (the store
+    // unreachable, a timeout) is waited out like an unreachable engine.
+    match BackupReader::open(target, &url.volume, &url.backup).await {
+        Ok(reader) => Ok((reader, lease)),
+        Err(e) => {
+            if let Some(lease) = lease {
+                let _ = lease.release().await;
+            }
+            Err(match e {
+                TransferError::Target(
+                    TargetError::NotFound { .. }
+                    | TargetError::AccessDenied { .. }
+                    | TargetError::NoBucket { .. },
+                )
+                | TransferError::Format(_) => {
+                    CloneError::Config(format!("--from-backup {}: {e}", record.backup))
+                }
+                other => src(other.to_string()),
+            })
+        }
+    }
 }
 
 /// The name of the snapshot a clone of a whole volume takes of its source.
@@ -63,7 +150,7 @@ pub fn auto_snapshot_name(clone_volume: &str) -> String {
 /// A clone's fill: where its data comes from and what is filled so far.
 pub struct CloneFill {
     volume: String,
-    source: EngineControl,
+    source: FillSource,
     chunks: ChunkMap,
     record: Mutex<pb::CloneRecord>,
     /// Chunks filled (those below the record's `filled_below` from the start).
@@ -79,7 +166,7 @@ impl std::fmt::Debug for CloneFill {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CloneFill")
             .field("volume", &self.volume)
-            .field("source", &self.source.addr())
+            .field("source", &self.source_name())
             .finish_non_exhaustive()
     }
 }
@@ -89,30 +176,46 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl CloneFill {
-    /// Connect to the source engine of `record` (at `address` if given: an
-    /// engine may have moved since the record was written).
+    /// Connect to the source of `record`: its backup (with `s3`'s keys if
+    /// given), or its source engine (at `address` if given: an engine may
+    /// have moved since the record was written).
     pub async fn resume(
         volume: &str,
         record: pb::CloneRecord,
         address: Option<&str>,
+        s3: Option<&S3Settings>,
         chunks: ChunkMap,
         timeout: Duration,
     ) -> Result<Self, CloneError> {
-        let engine = address.unwrap_or(&record.source_engine).to_string();
-        let source = EngineControl::connect(&engine, timeout)
-            .await
-            .map_err(|e| CloneError::Source {
-                engine: engine.clone(),
-                why: e.to_string(),
-            })?;
+        let mut record = record;
+        let source = if record.backup.is_empty() {
+            let engine = address.unwrap_or(&record.source_engine).to_string();
+            let control = EngineControl::connect(&engine, timeout)
+                .await
+                .map_err(|e| CloneError::Source {
+                    from: engine.clone(),
+                    why: e.to_string(),
+                })?;
+            record.source_engine = engine;
+            FillSource::Engine(Box::new(control))
+        } else {
+            let (reader, lease) = open_backup(&record, s3, true).await?;
+            if reader.size() != record.source_size {
+                return Err(CloneError::Config(format!(
+                    "backup {} holds {} bytes where the restore recorded {}",
+                    record.backup,
+                    reader.size(),
+                    record.source_size
+                )));
+            }
+            FillSource::Backup(Arc::new(reader), Mutex::new(lease))
+        };
         let source_chunks = record.source_size.div_ceil(chunks.chunk_size());
         let mut filled = ChunkBitmap::new(source_chunks);
         let below = record.filled_below / chunks.chunk_size();
         for c in 0..below.min(source_chunks) {
             filled.insert(c);
         }
-        let mut record = record;
-        record.source_engine = engine;
         Ok(CloneFill {
             volume: volume.to_string(),
             source,
@@ -136,7 +239,7 @@ impl CloneFill {
         timeout: Duration,
     ) -> Result<Self, CloneError> {
         let src = |why: String| CloneError::Source {
-            engine: source.engine.clone(),
+            from: source.engine.clone(),
             why,
         };
         let control = EngineControl::connect(&source.engine, timeout)
@@ -176,8 +279,48 @@ impl CloneFill {
             source_size: info.size,
             filled_below: 0,
             done: false,
+            ..Default::default()
         };
-        Self::resume(volume, record, None, chunks, timeout).await
+        Self::resume(volume, record, None, None, chunks, timeout).await
+    }
+
+    /// Set up a new restore of backup `source` into volume `volume` of
+    /// `size` bytes: check the backup exists and fits.
+    pub async fn start_restore(
+        volume: &str,
+        size: u64,
+        source: &RestoreSource,
+        chunks: ChunkMap,
+        timeout: Duration,
+    ) -> Result<Self, CloneError> {
+        let url =
+            BackupUrl::parse(&source.backup).map_err(|e| CloneError::Config(e.to_string()))?;
+        let mut record = pb::CloneRecord {
+            backup: url.to_string(),
+            s3_endpoint: source.s3.endpoint.clone().unwrap_or_default(),
+            snapshot: url.backup.clone(),
+            ..Default::default()
+        };
+        let (reader, _) = open_backup(&record, Some(&source.s3), false).await?;
+        if reader.size() > size {
+            return Err(CloneError::Config(format!(
+                "the volume ({size} bytes) is smaller than backup {url} ({} bytes): give a --size of at least {}",
+                reader.size(),
+                reader.size()
+            )));
+        }
+        record.source_size = reader.size();
+        Self::resume(volume, record, None, Some(&source.s3), chunks, timeout).await
+    }
+
+    /// True when this fill restores a backup (not a clone of an engine).
+    pub fn is_restore(&self) -> bool {
+        matches!(self.source, FillSource::Backup(..))
+    }
+
+    /// The source engine's address or the backup's URL.
+    pub fn source_name(&self) -> String {
+        self.source.name(&lock(&self.record))
     }
 
     /// The record to keep on the replicas now.
@@ -213,6 +356,7 @@ impl CloneFill {
             (self.filled_count.load(Ordering::Relaxed) * chunk).min(record.source_size)
         };
         pb::CloneStatus {
+            backup: record.backup,
             source_engine: record.source_engine,
             snapshot: record.snapshot,
             filled_bytes: filled,
@@ -234,24 +378,70 @@ impl CloneFill {
             return Ok(None);
         }
         let end = (start + self.chunks.chunk_size()).min(source_size);
+        let source = match &self.source {
+            FillSource::Engine(control) => control,
+            FillSource::Backup(reader, _) => {
+                return match reader.read(start, end - start).await {
+                    Ok(data) => Ok(data.map(|d| (start, d))),
+                    Err(e) => Err(self.failed(format!("reading at {start}: {e}"))),
+                };
+            }
+        };
         let mut out = BytesMut::with_capacity((end - start) as usize);
         let mut at = start;
         while at < end {
             let n = (end - at).min(SOURCE_READ);
-            match self.source.read_snapshot(&snapshot, at, n as u32).await {
+            match source.read_snapshot(&snapshot, at, n as u32).await {
                 Ok(data) => out.extend_from_slice(&data),
                 Err(e) => {
-                    let err = CloneError::Source {
-                        engine: self.source.addr().to_string(),
-                        why: format!("reading snapshot {snapshot} at {at}: {e}"),
-                    };
-                    *lock(&self.last_error) = Some(err.to_string());
-                    return Err(err);
+                    return Err(self.failed(format!("reading snapshot {snapshot} at {at}: {e}")));
                 }
             }
             at += n;
         }
         Ok(Some((start, out.freeze())))
+    }
+
+    /// A source error, kept for `status`.
+    fn failed(&self, why: String) -> CloneError {
+        let err = CloneError::Source {
+            from: self.source_name(),
+            why,
+        };
+        *lock(&self.last_error) = Some(err.to_string());
+        err
+    }
+
+    /// For a restore: the backup's data for the chunks `first..first + n`
+    /// (each the part of it inside the backup; None: all zeroes), read
+    /// together. None for a clone of an engine.
+    async fn read_window(
+        &self,
+        first: u64,
+        n: u64,
+    ) -> Option<Result<Vec<Option<Bytes>>, CloneError>> {
+        let FillSource::Backup(reader, _) = &self.source else {
+            return None;
+        };
+        let chunk = self.chunks.chunk_size();
+        let size = reader.size();
+        let start = (first * chunk).min(size);
+        let end = ((first + n) * chunk).min(size);
+        let data = match reader.read(start, end - start).await {
+            Ok(d) => d,
+            Err(e) => return Some(Err(self.failed(format!("reading at {start}: {e}")))),
+        };
+        let Some(data) = data else {
+            return Some(Ok(vec![None; n as usize]));
+        };
+        Some(Ok((0..n)
+            .map(|i| {
+                let from = ((first + i) * chunk).min(end) - start;
+                let to = ((first + i + 1) * chunk).min(end) - start;
+                let piece = data.slice(from as usize..to as usize);
+                (!piece.is_empty() && piece.iter().any(|b| *b != 0)).then_some(piece)
+            })
+            .collect()))
     }
 
     /// The fill write ops for `chunk`'s source data, one per replica request.
@@ -279,10 +469,6 @@ impl CloneFill {
         *lock(&self.last_error) = None;
     }
 
-    pub fn source(&self) -> &EngineControl {
-        &self.source
-    }
-
     pub fn source_chunks(&self) -> u64 {
         self.source_chunks
     }
@@ -302,16 +488,31 @@ pub async fn run_filler(
     }
     let chunk_size = volume.chunk_map().chunk_size();
     let total = fill.source_chunks();
-    info!(volume = %volume.name(), source = %fill.source().addr(),
+    info!(volume = %volume.name(), source = %fill.source_name(),
         snapshot = %fill.record().snapshot, bytes = fill.record().source_size, "clone fill started");
     let mut unrecorded = 0u64;
     // Below the recorded mark everything is filled and durable already.
     let mut chunk = (fill.record().filled_below / chunk_size).min(total);
+    let mut ahead = ReadAhead::new(&fill, chunk_size, total);
     while chunk < total {
         if stop.is_cancelled() {
             return;
         }
-        match volume.fill_chunks(&[chunk]).await {
+        let filled = if fill.is_restore() {
+            match ahead.take(chunk).await {
+                Ok(data) => volume
+                    .fill_chunk_with(chunk, data)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        } else {
+            volume
+                .fill_chunks(&[chunk])
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match filled {
             Ok(()) => {
                 chunk += 1;
                 unrecorded += chunk_size;
@@ -353,14 +554,111 @@ pub async fn run_filler(
     fill.set_done();
     let record = fill.record();
     info!(volume = %volume.name(), bytes = record.source_size, "clone fill done: the clone no longer needs its source");
-    if record.auto_snapshot {
-        match fill.source().delete_clone_snapshot(&record.snapshot).await {
+    if let FillSource::Backup(_, lease) = &fill.source {
+        let held = lock(lease).take();
+        if let Some(held) = held
+            && let Err(e) = held.release().await
+        {
+            warn!(volume = %volume.name(), error = %e, "could not delete the restore's lease on the backup target: it expires on its own");
+        }
+    }
+    if let FillSource::Engine(source) = &fill.source
+        && record.auto_snapshot
+    {
+        match source.delete_clone_snapshot(&record.snapshot).await {
             Ok(_) => {
                 info!(volume = %volume.name(), snapshot = %record.snapshot, "deleted the snapshot taken for the clone")
             }
             Err(e) => {
                 warn!(volume = %volume.name(), snapshot = %record.snapshot, error = %e, "could not delete the snapshot taken for the clone; delete it by hand")
             }
+        }
+    }
+}
+
+type WindowRead = tokio::task::JoinHandle<Option<Result<Vec<Option<Bytes>>, CloneError>>>;
+
+/// A restore's reads of the backup ahead of its filler: up to
+/// [`RESTORE_READ_AHEAD`] windows of [`RESTORE_WINDOW`] in flight, so the
+/// object store and the replicated writes work at the same time. The
+/// reads still running are stopped when it is dropped.
+struct ReadAhead {
+    fill: Arc<CloneFill>,
+    window_chunks: u64,
+    total: u64,
+    /// The window read last: its first chunk and its chunks' data.
+    current: Option<(u64, Vec<Option<Bytes>>)>,
+    /// Reads in flight, by first chunk, in order.
+    pending: std::collections::VecDeque<(u64, WindowRead)>,
+}
+
+impl ReadAhead {
+    fn new(fill: &Arc<CloneFill>, chunk_size: u64, total: u64) -> Self {
+        ReadAhead {
+            fill: Arc::clone(fill),
+            window_chunks: (RESTORE_WINDOW / chunk_size).max(1),
+            total,
+            current: None,
+            pending: Default::default(),
+        }
+    }
+
+    /// `chunk`'s data (None: nothing to write), reading ahead from it.
+    async fn take(&mut self, chunk: u64) -> Result<Option<Bytes>, CloneError> {
+        let first = chunk - chunk % self.window_chunks;
+        if let Some((at, data)) = &mut self.current
+            && *at == first
+            && let Some(piece) = data.get_mut((chunk - first) as usize)
+        {
+            return Ok(piece.take());
+        }
+        self.current = None;
+        // Reads for windows behind this one are of no use now.
+        while self.pending.front().is_some_and(|(at, _)| *at < first) {
+            if let Some((_, h)) = self.pending.pop_front() {
+                h.abort();
+            }
+        }
+        let mut next = self
+            .pending
+            .back()
+            .map_or(first, |(at, _)| at + self.window_chunks);
+        while self.pending.len() < RESTORE_READ_AHEAD && next < self.total {
+            let fill = Arc::clone(&self.fill);
+            let n = self.window_chunks.min(self.total - next);
+            let at = next;
+            self.pending.push_back((
+                at,
+                tokio::spawn(async move { fill.read_window(at, n).await }),
+            ));
+            next += self.window_chunks;
+        }
+        let Some((at, read)) = self.pending.pop_front() else {
+            return Ok(None);
+        };
+        let data = match read.await {
+            Ok(Some(result)) => result?,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                return Err(CloneError::Source {
+                    from: self.fill.source_name(),
+                    why: format!("the read stopped: {e}"),
+                });
+            }
+        };
+        self.current = Some((at, data));
+        Ok(self
+            .current
+            .as_mut()
+            .and_then(|(_, d)| d.get_mut((chunk - at) as usize))
+            .and_then(Option::take))
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        for (_, h) in &self.pending {
+            h.abort();
         }
     }
 }

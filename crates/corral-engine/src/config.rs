@@ -77,6 +77,20 @@ pub struct EngineConfig {
     /// A new volume made from another: where its data comes from (see
     /// [`CloneSource`]). Ignored once the replicas record the fill as done.
     pub clone: Option<CloneSource>,
+    /// A new volume restored from a backup (see [`RestoreSource`]). Ignored
+    /// once the replicas record the fill as done.
+    pub restore: Option<RestoreSource>,
+}
+
+/// The source of a restore: a backup (`TARGET/VOLUME/BACKUP`) and how to
+/// reach its target. The volume fills from it like a clone.
+#[derive(Clone, Debug)]
+pub struct RestoreSource {
+    pub backup: String,
+    pub s3: corral_backup::target::S3Settings,
+    /// Serve I/O while the fill runs (otherwise the frontends start once
+    /// the volume is filled).
+    pub serve_while_filling: bool,
 }
 
 /// The source of a clone: a snapshot of the volume served by the engine at
@@ -108,6 +122,7 @@ impl EngineConfig {
             rebuild_concurrency: 8,
             rebuild_bandwidth: None,
             clone: None,
+            restore: None,
         }
     }
 }

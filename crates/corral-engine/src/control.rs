@@ -176,13 +176,26 @@ fn rebuilds(volume: &Volume) -> Vec<corral_proto::v1::RebuildStatus> {
 }
 
 /// [`crate::backup::create_backup`], its errors turned into gRPC statuses.
+/// A backup target's error as the status an operator can act on: fix the
+/// URL or the keys, create the bucket, or wait for the store.
+fn target_status(e: &corral_backup::target::TargetError, message: String) -> Status {
+    use corral_backup::target::TargetError;
+    match e {
+        TargetError::Credentials(_) | TargetError::BadUrl { .. } => {
+            Status::invalid_argument(message)
+        }
+        TargetError::AccessDenied { .. } => Status::permission_denied(message),
+        TargetError::NoBucket { .. } => Status::failed_precondition(message),
+        _ => Status::unavailable(message),
+    }
+}
+
 async fn backup_or_status(
     volume: &Arc<Volume>,
     target: &corral_backup::target::Target,
     name: &str,
     snapshot: &str,
 ) -> Result<corral_backup::transfer::BackupReport, Status> {
-    use corral_backup::target::TargetError;
     use corral_backup::transfer::TransferError;
     crate::backup::create_backup(volume, target, name, snapshot)
         .await
@@ -193,9 +206,9 @@ async fn backup_or_status(
             crate::backup::BackupError::Transfer(TransferError::Format(_)) => {
                 Status::invalid_argument(e.to_string())
             }
-            crate::backup::BackupError::Transfer(TransferError::Target(
-                TargetError::Credentials(_) | TargetError::BadUrl { .. },
-            )) => Status::invalid_argument(e.to_string()),
+            crate::backup::BackupError::Transfer(TransferError::Target(t)) => {
+                target_status(t, e.to_string())
+            }
             crate::backup::BackupError::Volume { why, .. } if why.starts_with("no snapshot") => {
                 Status::not_found(e.to_string())
             }
@@ -480,9 +493,16 @@ impl EngineControl for ControlService {
         let settings = corral_backup::target::S3Settings {
             endpoint: (!req.s3_endpoint.is_empty()).then(|| req.s3_endpoint.clone()),
             credentials_file: None,
+            ..Default::default()
         };
         let target = corral_backup::target::Target::open(&req.target, &settings)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Before the snapshot: a target that cannot be used (keys, bucket,
+        // unreachable) is reported with nothing taken.
+        target
+            .check()
+            .await
+            .map_err(|e| target_status(&e, e.to_string()))?;
         let snapshot = if req.snapshot.is_empty() {
             let ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -504,6 +524,34 @@ impl EngineControl for ControlService {
             req.name.clone()
         };
         let report = backup_or_status(volume, &target, &name, &snapshot).await?;
+        // Retention runs after the backup is safely there; its failure is
+        // reported, the backup stands.
+        let (removed, gc) = if req.retain > 0 {
+            let removed =
+                corral_backup::catalog::retain(&target, volume.name(), req.retain as usize)
+                    .await
+                    .map_err(|e| {
+                        Status::unavailable(format!(
+                            "backup {name} is written; keeping the last {}: {e}",
+                            req.retain
+                        ))
+                    })?;
+            let gc = corral_backup::catalog::collect_garbage(
+                &target,
+                volume.name(),
+                corral_backup::catalog::DEFAULT_MIN_AGE,
+            )
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "backup {name} is written and {} removed; collecting their data: {e}",
+                    removed.join(", ")
+                ))
+            })?;
+            (removed, Some(gc))
+        } else {
+            (Vec::new(), None)
+        };
         let parent = report
             .manifest
             .as_ref()
@@ -520,6 +568,9 @@ impl EngineControl for ControlService {
             bytes_put: report.bytes_put,
             packs_put: report.packs_put,
             pages_put: report.pages_put,
+            removed,
+            gc_bytes_freed: gc.as_ref().map_or(0, |g| g.bytes_freed),
+            gc_skipped: gc.and_then(|g| g.skipped).unwrap_or_default(),
         }))
     }
 

@@ -256,6 +256,23 @@ async fn run(
             stop.clone(),
         ))
     });
+    // A restore serves once it is filled, unless asked to serve at once.
+    let wait_for_fill = config
+        .restore
+        .as_ref()
+        .is_some_and(|r| !r.serve_while_filling)
+        && volume.clone_filling().is_some_and(|f| f.is_restore());
+    let filler = match filler {
+        Some(task) if wait_for_fill => {
+            info!(volume = %config.volume, "restoring: the frontends start once the volume is filled (--serve-while-filling serves at once)");
+            tokio::select! {
+                _ = task => {}
+                _ = stop.cancelled() => {}
+            }
+            None
+        }
+        other => other,
+    };
     let idle_flush = tokio::spawn(crate::supervisor::flush_when_idle(
         Arc::clone(&volume),
         idle_flush_period,

@@ -45,7 +45,7 @@ pub mod replica_set;
 pub mod supervisor;
 pub mod volume;
 
-pub use config::{CloneSource, EngineConfig, WritePolicy};
+pub use config::{CloneSource, EngineConfig, RestoreSource, WritePolicy};
 
 /// This engine process's identity when it opens replicas: random, never 0.
 /// A replica open at an epoch refuses that epoch to any other engine, so

@@ -54,6 +54,16 @@ pub fn validate(cfg: &EngineConfig) -> Result<ChunkMap, EngineError> {
             cfg.size
         )));
     }
+    if cfg.clone.is_some() && cfg.restore.is_some() {
+        return Err(EngineError::Config(
+            "a new volume is either a clone (--clone-from) or a restore (--from-backup), not both"
+                .into(),
+        ));
+    }
+    if let Some(r) = &cfg.restore {
+        corral_backup::BackupUrl::parse(&r.backup)
+            .map_err(|e| EngineError::Config(format!("--from-backup: {e}")))?;
+    }
     if cfg.block_size != 512 && cfg.block_size != 4096 {
         return Err(EngineError::Config(format!(
             "block size {} must be 512 or 4096",
@@ -526,24 +536,49 @@ async fn open_clone(
         CloneError::Config(m) => EngineError::Config(m),
         other => open_err(cfg, OpenWait::CloneSource(other.to_string())),
     };
-    let fill = match (recorded, &cfg.clone) {
-        (Some(r), _) if r.done => return Ok(None),
-        (Some(r), source) => {
+    let served = || {
+        infos
+            .iter()
+            .flatten()
+            .any(|i| i.membership.as_ref().is_some_and(|m| m.generation > 0))
+    };
+    let new_only = |flag: &str| {
+        EngineError::Config(format!(
+            "volume {} has been served before and is not a clone or a restore: {flag} makes a new volume",
+            cfg.volume
+        ))
+    };
+    let fill = match (recorded, &cfg.clone, &cfg.restore) {
+        (Some(r), _, _) if r.done => return Ok(None),
+        (Some(r), source, restore) => {
             let address = source.as_ref().map(|s| s.engine.as_str());
-            CloneFill::resume(&cfg.volume, r, address, chunks, timeout)
+            let s3 = restore.as_ref().map(|r| &r.s3);
+            CloneFill::resume(&cfg.volume, r, address, s3, chunks, timeout)
                 .await
                 .map_err(waiting)?
         }
-        (None, Some(source)) => {
-            let served = infos
-                .iter()
-                .flatten()
-                .any(|i| i.membership.as_ref().is_some_and(|m| m.generation > 0));
-            if served {
-                return Err(EngineError::Config(format!(
-                    "volume {} has been served before and is not a clone: --clone-from makes a new volume",
-                    cfg.volume
-                )));
+        (None, None, Some(restore)) => {
+            if served() {
+                return Err(new_only("--from-backup"));
+            }
+            let fill = CloneFill::start_restore(&cfg.volume, size, restore, chunks, timeout)
+                .await
+                .map_err(waiting)?;
+            for client in clients.iter().flatten() {
+                client
+                    .control()
+                    .set_clone(&cfg.volume, epoch, fill.record())
+                    .await
+                    .map_err(|e| {
+                        replica_err(cfg, client.addr(), format!("recording the restore: {e}"))
+                    })?;
+            }
+            info!(volume = %cfg.volume, backup = %restore.backup, "new volume restored from a backup: filling it");
+            fill
+        }
+        (None, Some(source), _) => {
+            if served() {
+                return Err(new_only("--clone-from"));
             }
             let fill = CloneFill::start(&cfg.volume, size, source, chunks, timeout)
                 .await
@@ -561,7 +596,7 @@ async fn open_clone(
                 "new clone: serving while it fills from its source");
             fill
         }
-        (None, None) => return Ok(None),
+        (None, None, None) => return Ok(None),
     };
     Ok(Some(Arc::new(fill)))
 }

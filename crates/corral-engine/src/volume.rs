@@ -183,19 +183,49 @@ impl Volume {
                     self.name
                 ))
             })?;
-            if let Some((offset, data)) = source {
-                let seg = Segment {
-                    chunk,
-                    offset,
-                    len: data.len() as u64,
-                    request_offset: 0,
-                };
-                self.set.check_writable()?;
-                self.send_round(vec![(seg, CloneFill::fill_op(offset, data))], vec![chunk])
-                    .await?;
-            }
-            fill.mark_filled(chunk);
+            self.write_fill(fill, chunk, source).await?;
         }
+        Ok(())
+    }
+
+    /// Fill `chunk` with `data` (its source's data from the chunk's start,
+    /// read already; None: nothing to write), unless it is filled.
+    pub async fn fill_chunk_with(&self, chunk: u64, data: Option<Bytes>) -> BlockResult<()> {
+        let Some(fill) = self.clone_filling() else {
+            return Ok(());
+        };
+        if fill.is_filled(chunk) {
+            return Ok(());
+        }
+        let _lock = self.locks.exclusive_many(&[chunk]).await;
+        if fill.is_filled(chunk) {
+            return Ok(());
+        }
+        let offset = chunk * self.chunks.chunk_size();
+        self.write_fill(fill, chunk, data.map(|d| (offset, d)))
+            .await
+    }
+
+    /// Sends a chunk's source data as fill writes (under its exclusive lock)
+    /// and marks it filled.
+    async fn write_fill(
+        &self,
+        fill: &CloneFill,
+        chunk: u64,
+        source: Option<(u64, Bytes)>,
+    ) -> BlockResult<()> {
+        if let Some((offset, data)) = source {
+            let seg = Segment {
+                chunk,
+                offset,
+                len: data.len() as u64,
+                request_offset: 0,
+            };
+            self.set.check_writable()?;
+            self.send_round(vec![(seg, CloneFill::fill_op(offset, data))], vec![chunk])
+                .await?;
+        }
+        fill.mark_filled(chunk);
         Ok(())
     }
 

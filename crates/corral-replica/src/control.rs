@@ -108,6 +108,8 @@ pub fn replica_info(hosted: &HostedReplica) -> ReplicaInfo {
             source_size: c.source_size,
             filled_below: c.filled_below,
             done: c.done,
+            backup: c.backup,
+            s3_endpoint: c.s3_endpoint,
         }),
     }
 }
@@ -416,6 +418,8 @@ impl ReplicaControl for ControlService {
             source_size: r.source_size,
             filled_below: r.filled_below,
             done: r.done,
+            backup: r.backup,
+            s3_endpoint: r.s3_endpoint,
         };
         let hosted = self.registry.get(&req.volume)?;
         let info =

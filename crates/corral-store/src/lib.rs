@@ -86,6 +86,11 @@ pub struct CloneRecord {
     pub source_size: u64,
     pub filled_below: u64,
     pub done: bool,
+    /// A restore: the backup it fills from (empty for a clone of an engine).
+    #[serde(default)]
+    pub backup: String,
+    #[serde(default)]
+    pub s3_endpoint: String,
 }
 
 /// One layer of the chain; the head (last) is the writable one.

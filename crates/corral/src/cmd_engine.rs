@@ -85,6 +85,25 @@ pub struct EngineArgs {
     /// The source's snapshot to clone (with --clone-from).
     #[arg(long, value_name = "NAME", requires = "clone_from")]
     pub clone_snapshot: Option<String>,
+    /// Make a new volume from a backup: TARGET/VOLUME/BACKUP, e.g.
+    /// s3://bucket/corral/db/backup-1733040000000 or file:///mnt/backups/db/b1.
+    /// The volume is filled through the engine once (every block's BLAKE3
+    /// checked); the frontends start when it is filled, unless
+    /// --serve-while-filling. S3 keys from the environment (AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION) or --s3-credentials.
+    #[arg(long, value_name = "URL", conflicts_with = "clone_from")]
+    pub from_backup: Option<String>,
+    /// With --from-backup: serve I/O at once, a read of a part not yet
+    /// restored reading it from the backup first.
+    #[arg(long, requires = "from_backup")]
+    pub serve_while_filling: bool,
+    /// With --from-backup: the S3 endpoint (MinIO, Ceph RGW, s3s-fs), e.g. http://10.0.0.5:9000.
+    #[arg(long, value_name = "URL", requires = "from_backup")]
+    pub s3_endpoint: Option<String>,
+    /// With --from-backup: a file of KEY=VALUE lines (AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION) instead of the environment.
+    #[arg(long, value_name = "FILE", requires = "from_backup")]
+    pub s3_credentials: Option<std::path::PathBuf>,
 }
 
 impl EngineArgs {
@@ -120,6 +139,18 @@ impl EngineArgs {
             .map(|engine| corral_engine::CloneSource {
                 engine: engine.clone(),
                 snapshot: self.clone_snapshot.clone(),
+            });
+        cfg.restore = self
+            .from_backup
+            .as_ref()
+            .map(|backup| corral_engine::RestoreSource {
+                backup: backup.clone(),
+                s3: corral_backup::target::S3Settings {
+                    endpoint: self.s3_endpoint.clone(),
+                    credentials_file: self.s3_credentials.clone(),
+                    ..Default::default()
+                },
+                serve_while_filling: self.serve_while_filling,
             });
         corral_engine::open::validate(&cfg)?;
         Ok(cfg)

@@ -105,6 +105,10 @@ pub enum BackupCommand {
         /// An S3-compatible endpoint, e.g. http://127.0.0.1:9000.
         #[arg(long)]
         s3_endpoint: Option<String>,
+        /// Then keep only the newest N backups of the volume on the target
+        /// and delete the data the others alone named (older than an hour).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        retain: Option<u32>,
         /// Give up after this long (e.g. 2h).
         #[arg(long, default_value = "24h", value_parser = crate::units::parse_duration)]
         timeout: Duration,
@@ -335,6 +339,7 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                     snapshot,
                     name,
                     s3_endpoint,
+                    retain,
                     timeout,
                 },
         } => {
@@ -343,6 +348,7 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                 snapshot: snapshot.unwrap_or_default(),
                 name: name.unwrap_or_default(),
                 s3_endpoint: s3_endpoint.unwrap_or_default(),
+                retain: retain.unwrap_or(0),
             };
             let r = client.create_backup(request, timeout).await?;
             if args.json {
@@ -353,7 +359,9 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                         "blocks_read": r.blocks_read, "blocks_stored": r.blocks_stored,
                         "blocks_deduplicated": r.blocks_deduplicated,
                         "zero_blocks": r.zero_blocks, "bytes_put": r.bytes_put,
-                        "packs_put": r.packs_put, "pages_put": r.pages_put})
+                        "packs_put": r.packs_put, "pages_put": r.pages_put,
+                        "removed": r.removed, "gc_bytes_freed": r.gc_bytes_freed,
+                        "gc_skipped": (!r.gc_skipped.is_empty()).then_some(&r.gc_skipped)})
                 );
             } else {
                 let kind = if r.parent.is_empty() {
@@ -371,6 +379,19 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                     r.zero_blocks,
                     r.bytes_put as f64 / (1 << 20) as f64
                 );
+                if !r.removed.is_empty() {
+                    println!(
+                        "removed {} (keeping the last {}); {:.1} MiB of their data deleted{}",
+                        r.removed.join(", "),
+                        retain.unwrap_or(0),
+                        r.gc_bytes_freed as f64 / (1 << 20) as f64,
+                        if r.gc_skipped.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (collection skipped: {})", r.gc_skipped)
+                        }
+                    );
+                }
             }
         }
         VolumeCommand::Snapshot { command } => match command {
@@ -586,15 +607,21 @@ fn progress_bar(r: &RebuildStatus) -> String {
 
 fn clone_json(c: &corral_proto::v1::CloneStatus) -> serde_json::Value {
     json!({"source_engine": c.source_engine, "snapshot": c.snapshot,
+        "backup": (!c.backup.is_empty()).then_some(&c.backup),
         "filled_bytes": c.filled_bytes, "total_bytes": c.total_bytes, "done": c.done,
         "error": (!c.error.is_empty()).then_some(&c.error)})
 }
 
 fn clone_line(c: &corral_proto::v1::CloneStatus) -> String {
     let state = if c.done { "done" } else { "filling" };
+    let from = if c.backup.is_empty() {
+        format!("snapshot {} of {}", c.snapshot, c.source_engine)
+    } else {
+        format!("backup {}", c.backup)
+    };
     let mut line = format!(
-        "{state}: {} of {} bytes from snapshot {} of {}",
-        c.filled_bytes, c.total_bytes, c.snapshot, c.source_engine
+        "{state}: {} of {} bytes from {from}",
+        c.filled_bytes, c.total_bytes
     );
     if !c.error.is_empty() {
         line.push_str(&format!(" (last error: {})", c.error));

@@ -5,9 +5,11 @@
 //! - `csi`: the CSI plugin (corral-csi);
 //! - `engine`: one volume's engine with its frontends (corral-engine, corral-nbd);
 //! - `volume`: talk to a running engine's control service;
+//! - `backup`: list, remove and collect backups on a target (corral-backup);
 //! - `serve-file`: the frontends over a plain file, no replication;
 //! - `dev`: three replica daemons and an engine on loopback, for trying it out.
 
+mod cmd_backup;
 mod cmd_csi;
 mod cmd_dev;
 mod cmd_engine;
@@ -74,6 +76,8 @@ enum Command {
     Engine(cmd_engine::EngineArgs),
     /// Inspect a running engine's volume.
     Volume(cmd_volume::VolumeArgs),
+    /// The backups on a target: ls, rm, gc.
+    Backup(cmd_backup::BackupArgs),
     /// Serve a local file over the frontends, without replication.
     ServeFile(cmd_serve_file::ServeFileArgs),
     /// Start three replica daemons and an engine on loopback.
@@ -180,6 +184,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::ServeFile(args) => cmd_serve_file::run(args, tls).await,
         Command::Dev(args) => cmd_dev::run(args, tls).await,
+        Command::Backup(args) => cmd_backup::run(args).await,
     }
 }
 
