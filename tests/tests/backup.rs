@@ -406,3 +406,128 @@ fn removing_a_backup_while_it_restores_keeps_its_data_until_the_restore_is_done(
     assert_eq!(listed["backups"].as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(listed["backups"][0]["name"], "b3", "{listed}");
 }
+
+/// A backup interrupted by kill -9 of its engine, run again: the packs
+/// the first run put (recorded in its lease) are reused, not uploaded
+/// again, and the backup restores bit-exact. The interrupted run left no
+/// manifest.
+#[test]
+fn a_backup_killed_half_way_resumes_from_what_it_put() {
+    let mut c = Cluster::with_replicas(3).expect("cluster");
+    let size = 192 * MIB;
+    let e = c
+        .start_engine(&EngineSpec::new("bk", "192MiB", &[0, 1, 2]))
+        .expect("engine");
+    let control = c.engines[e].control.to_string();
+    let dir = c.path().join("backups");
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("file://{}", dir.display());
+    let data = c.path().join("data");
+    std::fs::write(&data, pattern(9, size)).unwrap();
+    c.write_flushed(e, &data).unwrap();
+    c.corral(&[
+        "volume", "--engine", &control, "snapshot", "create", "nightly",
+    ])
+    .unwrap();
+
+    // The first run, killed once its lease records a pack put.
+    let first = std::process::Command::new(corral_tests::corral_bin())
+        .args([
+            "volume",
+            "--engine",
+            &control,
+            "backup",
+            "create",
+            "--target",
+            &url,
+            "--snapshot",
+            "nightly",
+            "--name",
+            "nightly",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let leases = dir.join("volumes/bk/leases");
+    corral_tests::wait_until(
+        std::time::Duration::from_secs(120),
+        "a pack recorded in the backup's lease",
+        || {
+            std::fs::read_dir(&leases).is_ok_and(|d| {
+                d.flatten().any(|f| {
+                    std::fs::read(f.path()).is_ok_and(|b| {
+                        serde_json::from_slice::<Value>(&b)
+                            .is_ok_and(|l| l["packs"].as_array().is_some_and(|p| !p.is_empty()))
+                    })
+                })
+            })
+        },
+    )
+    .unwrap();
+    c.engines[e].process.kill9().unwrap();
+    let mut first = first;
+    let _ = corral_tests::wait_exit(&mut first, std::time::Duration::from_secs(30), "the CLI");
+    assert!(
+        !dir.join("volumes/bk/backups/nightly.manifest").exists(),
+        "an interrupted backup has no manifest"
+    );
+    let packs_left = objects_under(&dir.join("volumes/bk/packs"));
+    assert!(packs_left >= 1);
+
+    // Run again, on the restarted engine: the same snapshot, the same name.
+    c.restart_engine(e).unwrap();
+    let again = backup(
+        &c,
+        &control,
+        &[
+            "--target",
+            &url,
+            "--snapshot",
+            "nightly",
+            "--name",
+            "nightly",
+        ],
+    )
+    .unwrap();
+    let total = (size / BLOCK_SIZE) as u64;
+    assert_eq!(again["blocks_read"], total, "{again}");
+    let reused = again["blocks_deduplicated"].as_u64().unwrap();
+    assert!(
+        reused >= 512,
+        "at least one recorded pack's blocks (about 1,000 of incompressible 64 KiB) are reused: {again}"
+    );
+    assert_eq!(
+        again["blocks_stored"].as_u64().unwrap() + reused,
+        total,
+        "{again}"
+    );
+    let target = Target::open(&url, &S3Settings::default()).unwrap();
+    let m = {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(transfer::read_manifest(&target, "bk", "nightly"))
+            .unwrap()
+    };
+    assert_eq!(m.size, size as u64);
+    let image = c.read_back(e, size).unwrap();
+    let restored = {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let sink = Image::default();
+            transfer::restore(&target, &m, &sink).await.unwrap();
+            let mut out = vec![0u8; size];
+            for (i, b) in sink.0.lock().unwrap().iter() {
+                let at = *i as usize * BLOCK_SIZE;
+                out[at..at + BLOCK_SIZE].copy_from_slice(b);
+            }
+            out
+        })
+    };
+    assert!(restored == image, "the resumed backup is not the volume");
+}

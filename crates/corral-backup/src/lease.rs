@@ -9,6 +9,7 @@
 //! and deleted at the end. A holder that dies leaves a lease that simply
 //! expires.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,6 +39,10 @@ pub struct Lease {
     pub holder: String,
     pub since_unix_ms: u64,
     pub until_unix_ms: u64,
+    /// A backup's packs put so far (hex): a backup run again after this
+    /// one was interrupted reuses them.
+    #[serde(default)]
+    pub packs: Vec<String>,
 }
 
 pub fn now_unix_ms() -> u64 {
@@ -60,7 +65,13 @@ fn holder() -> String {
 pub struct HeldLease {
     target: Target,
     object: String,
+    ttl: Duration,
+    lease: Arc<Mutex<Lease>>,
     renew: tokio::task::JoinHandle<()>,
+}
+
+fn encode(l: &Lease) -> Bytes {
+    Bytes::from(serde_json::to_vec(l).unwrap_or_default())
 }
 
 impl HeldLease {
@@ -82,20 +93,25 @@ impl HeldLease {
             holder: holder(),
             since_unix_ms: since,
             until_unix_ms: since + ttl.as_millis() as u64,
+            packs: Vec::new(),
         };
-        let encode = |l: &Lease| Bytes::from(serde_json::to_vec(l).unwrap_or_default());
         target.put_overwrite(&object, encode(&lease)).await?;
+        let lease = Arc::new(Mutex::new(lease));
         let renew = {
             let target = target.clone();
             let object = object.clone();
-            let mut lease = lease;
+            let lease = Arc::clone(&lease);
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(ttl / 3).await;
-                    lease.until_unix_ms = now_unix_ms() + ttl.as_millis() as u64;
+                    let bytes = {
+                        let mut l = lock(&lease);
+                        l.until_unix_ms = now_unix_ms() + ttl.as_millis() as u64;
+                        encode(&l)
+                    };
                     // A failed renewal is tried again at the next tick; the
                     // lease still has two thirds of its time.
-                    if let Err(e) = target.put_overwrite(&object, encode(&lease)).await {
+                    if let Err(e) = target.put_overwrite(&object, bytes).await {
                         tracing::warn!(lease = %object, error = %e, "renewing a backup lease failed");
                     }
                 }
@@ -104,8 +120,24 @@ impl HeldLease {
         Ok(HeldLease {
             target: target.clone(),
             object,
+            ttl,
+            lease,
             renew,
         })
+    }
+
+    /// Records a pack the backup has put (and renews the lease with it). A
+    /// failure only costs a later run the reuse of that pack.
+    pub async fn record_pack(&self, pack: crate::BlockHash) {
+        let bytes = {
+            let mut l = lock(&self.lease);
+            l.packs.push(pack.to_hex());
+            l.until_unix_ms = now_unix_ms() + self.ttl.as_millis() as u64;
+            encode(&l)
+        };
+        if let Err(e) = self.target.put_overwrite(&self.object, bytes).await {
+            tracing::warn!(lease = %self.object, error = %e, "recording a pack in the backup's lease failed");
+        }
     }
 
     /// Stops renewing and deletes the lease.
@@ -124,6 +156,36 @@ impl Drop for HeldLease {
 /// The leases on `volume` that have not expired at `now_ms` (object name
 /// and lease). An unreadable lease object counts as live: garbage
 /// collection errs on the side of keeping data.
+/// The packs that backups of `volume` put and recorded in their leases,
+/// live or expired: a backup that was interrupted left them, named by no
+/// manifest. (A live lease may be another backup still running: its packs
+/// are immutable once put, so reusing them is as safe.)
+pub async fn recorded_packs(
+    target: &Target,
+    volume: &str,
+) -> Result<Vec<crate::BlockHash>, TargetError> {
+    let mut out = Vec::new();
+    for object in target.list(&format!("volumes/{volume}/leases/")).await? {
+        let Ok(bytes) = target.get(&object).await else {
+            continue;
+        };
+        if let Ok(l) = serde_json::from_slice::<Lease>(&bytes)
+            && l.kind == LeaseKind::Backup
+        {
+            out.extend(
+                l.packs
+                    .iter()
+                    .filter_map(|h| crate::BlockHash::from_hex(h).ok()),
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub async fn live_leases(
     target: &Target,
     volume: &str,

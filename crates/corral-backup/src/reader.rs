@@ -164,17 +164,21 @@ pub(crate) async fn fetch_span(
         }
         Ok(blocks)
     };
-    let blocks =
-        match tokio::runtime::Handle::try_current() {
-            Ok(_) => tokio::task::spawn_blocking(decode).await.map_err(|e| {
-                TransferError::Invalid {
-                    index: first.0,
-                    why: format!("checking the blocks failed: {e}"),
-                }
-            })??,
-            Err(_) => decode()?,
-        };
+    let blocks = off_runtime(decode).await?;
     Ok(FetchedSpan { blocks, bytes_read })
+}
+
+/// Runs `work` (hashing, compressing: CPU for a while) on the blocking
+/// pool when inside a runtime, so that the runtime's threads keep serving
+/// I/O; in place otherwise. A task that panicked re-raises its panic.
+pub(crate) async fn off_runtime<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return work();
+    }
+    match tokio::task::spawn_blocking(work).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 /// Reads page `index` of `manifest` (None: the GiB is all zeroes) and

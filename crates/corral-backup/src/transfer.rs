@@ -9,16 +9,22 @@
 //! already know, or that this backup already stored, is not stored again.
 //! Packs are put as they fill, pages as they are done, the manifest last.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 
 use crate::block::{self, BLOCK_SIZE};
+use crate::lease::HeldLease;
 use crate::manifest::{FORMAT, Manifest};
-use crate::reader::{fetch_span, read_page, spans};
+use crate::reader::{fetch_span, off_runtime, read_page, spans};
 use crate::target::{Put, Target, TargetError};
-use crate::{BlockHash, BlockRef, FormatError, PAGE_BLOCKS, PackBuilder, Page, layout};
+use crate::{
+    BlockHash, BlockRef, FormatError, PAGE_BLOCKS, PackBuilder, PackTrailer, Page, layout,
+};
 
 /// Default bytes of compressed blocks per pack.
 pub const PACK_BYTES: usize = 64 << 20;
@@ -108,6 +114,98 @@ fn pack_name(spec: &BackupSpec, n: u64) -> BlockHash {
     )
 }
 
+/// Blocks read, hashed and compressed ahead of the one being packed.
+const READ_AHEAD: usize = 32;
+/// Packs uploading at once.
+const UPLOADS: usize = 3;
+
+/// A block read and made ready to store, off the runtime's threads.
+enum Prepared {
+    Zero,
+    Data {
+        hash: BlockHash,
+        compressed: Vec<u8>,
+    },
+}
+
+fn prepare(data: Vec<u8>) -> Prepared {
+    if block::is_zero(&data) {
+        Prepared::Zero
+    } else {
+        Prepared::Data {
+            hash: BlockHash::of(&data),
+            compressed: block::compress(&data),
+        }
+    }
+}
+
+/// Progress of a backup, for whoever shows it (the engine's `volume info`).
+#[derive(Debug, Default)]
+pub struct BackupProgress {
+    pub blocks_total: AtomicU64,
+    pub blocks_done: AtomicU64,
+    pub bytes_put: AtomicU64,
+}
+
+/// The blocks stored in `packs` (left by an interrupted backup of the same
+/// volume, see [`crate::lease`]): a backup that runs again finds them here
+/// instead of uploading them again. A pack that cannot be read (gone,
+/// damaged) is skipped.
+pub async fn blocks_in_packs(
+    target: &Target,
+    volume: &str,
+    packs: &[BlockHash],
+) -> HashMap<BlockHash, BlockRef> {
+    let mut out = HashMap::new();
+    for id in packs {
+        let name = layout::pack(volume, id);
+        let Ok(len) = target.size(&name).await else {
+            continue;
+        };
+        let Some(tail_start) = len.checked_sub(PackTrailer::LEN as u64) else {
+            continue;
+        };
+        let Ok(tail) = target.get_range(&name, tail_start..len).await else {
+            continue;
+        };
+        let Ok(trailer) = PackTrailer::parse(&tail, len) else {
+            continue;
+        };
+        let (from, len) = trailer.footer_range();
+        let Ok(footer) = target.get_range(&name, from..from + len).await else {
+            continue;
+        };
+        let Ok(entries) = trailer.parse_footer(&footer) else {
+            continue;
+        };
+        for e in entries {
+            out.insert(
+                e.hash,
+                BlockRef {
+                    pack: *id,
+                    offset: e.offset,
+                    len: e.len,
+                    hash: e.hash,
+                },
+            );
+        }
+    }
+    out
+}
+
+/// What a backup run may use beside its source: all optional.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BackupAids<'a> {
+    /// Blocks already stored in packs no manifest names yet (from
+    /// [`blocks_in_packs`]: an interrupted backup's), used before
+    /// uploading.
+    pub reusable: Option<&'a HashMap<BlockHash, BlockRef>>,
+    /// Told of each pack put, so that a run after this one is interrupted
+    /// can reuse them.
+    pub lease: Option<&'a HeldLease>,
+    pub progress: Option<&'a BackupProgress>,
+}
+
 /// Backs up `spec` to `target`. `changed`: the blocks that may differ from
 /// `parent` (every block that may hold data, without one), in any order.
 pub async fn write_backup<S: BlockSource>(
@@ -117,6 +215,27 @@ pub async fn write_backup<S: BlockSource>(
     changed: &[u64],
     source: &S,
 ) -> Result<BackupReport, TransferError> {
+    write_backup_with(target, spec, parent, changed, source, BackupAids::default()).await
+}
+
+/// [`write_backup`] with `aids`. Blocks are read [`READ_AHEAD`] at a time
+/// and [`UPLOADS`] packs upload at once; the manifest is put once every
+/// pack and page it names is there.
+pub async fn write_backup_with<S: BlockSource>(
+    target: &Target,
+    spec: &BackupSpec,
+    parent: Option<&Manifest>,
+    changed: &[u64],
+    source: &S,
+    aids: BackupAids<'_>,
+) -> Result<BackupReport, TransferError> {
+    let BackupAids {
+        reusable,
+        lease,
+        progress,
+    } = aids;
+    let no_reuse = HashMap::new();
+    let reusable = reusable.unwrap_or(&no_reuse);
     layout::check_name("volume", &spec.volume)?;
     layout::check_name("backup", &spec.name)?;
     let pages = Manifest::pages_for(spec.size);
@@ -156,6 +275,10 @@ pub async fn write_backup<S: BlockSource>(
         }
         by_page.entry(b as usize / PAGE_BLOCKS).or_default().push(b);
     }
+    if let Some(p) = progress {
+        let total: usize = by_page.values().map(Vec::len).sum();
+        p.blocks_total.store(total as u64, Ordering::Relaxed);
+    }
     let mut report = BackupReport::default();
     let mut manifest = Manifest {
         format: FORMAT.into(),
@@ -170,11 +293,14 @@ pub async fn write_backup<S: BlockSource>(
     };
     // Blocks this backup stored, by hash (deduplication across its pages).
     let mut stored: HashMap<BlockHash, BlockRef> = HashMap::new();
+    // Packs of an interrupted backup this one names: checked at the end.
+    let mut reused: BTreeSet<BlockHash> = BTreeSet::new();
     let mut packs = 0u64;
     let mut open = OpenPack {
         id: pack_name(spec, packs),
         builder: PackBuilder::new(),
     };
+    let mut uploads = FuturesUnordered::new();
     for index in 0..pages {
         let from_parent = match parent {
             Some(p) if index < p.pages.len() => p.page(index)?,
@@ -199,31 +325,49 @@ pub async fn write_backup<S: BlockSource>(
         };
         let known: HashMap<BlockHash, BlockRef> =
             page.blocks.iter().flatten().map(|r| (r.hash, *r)).collect();
-        for &b in blocks.iter() {
-            let data = source
-                .read_block(b)
-                .await
-                .map_err(|why| TransferError::Source { index: b, why })?;
-            if data.len() != BLOCK_SIZE {
-                return Err(TransferError::Source {
-                    index: b,
-                    why: format!("{} bytes, {BLOCK_SIZE} expected", data.len()),
-                });
-            }
+        let mut ready = futures::stream::iter(blocks.iter().copied())
+            .map(|b| async move {
+                let data = source
+                    .read_block(b)
+                    .await
+                    .map_err(|why| TransferError::Source { index: b, why })?;
+                if data.len() != BLOCK_SIZE {
+                    return Err(TransferError::Source {
+                        index: b,
+                        why: format!("{} bytes, {BLOCK_SIZE} expected", data.len()),
+                    });
+                }
+                Ok((b, off_runtime(move || prepare(data)).await))
+            })
+            .buffered(READ_AHEAD);
+        while let Some(next) = ready.next().await {
+            let (b, prepared) = next?;
             report.blocks_read += 1;
-            let slot = b as usize % PAGE_BLOCKS;
-            if block::is_zero(&data) {
-                page.blocks[slot] = None;
-                report.zero_blocks += 1;
-                continue;
+            if let Some(p) = progress {
+                p.blocks_done.fetch_add(1, Ordering::Relaxed);
             }
-            let hash = BlockHash::of(&data);
+            let slot = b as usize % PAGE_BLOCKS;
+            let (hash, compressed) = match prepared {
+                Prepared::Zero => {
+                    page.blocks[slot] = None;
+                    report.zero_blocks += 1;
+                    continue;
+                }
+                Prepared::Data { hash, compressed } => (hash, compressed),
+            };
             if let Some(r) = stored.get(&hash).or_else(|| known.get(&hash)) {
                 page.blocks[slot] = Some(*r);
                 report.blocks_deduplicated += 1;
                 continue;
             }
-            let entry = open.builder.add(hash, &block::compress(&data));
+            if let Some(r) = reusable.get(&hash) {
+                page.blocks[slot] = Some(*r);
+                stored.insert(hash, *r);
+                reused.insert(r.pack);
+                report.blocks_deduplicated += 1;
+                continue;
+            }
+            let entry = open.builder.add(hash, &compressed);
             let r = BlockRef {
                 pack: open.id,
                 offset: entry.offset,
@@ -242,9 +386,15 @@ pub async fn write_backup<S: BlockSource>(
                         builder: PackBuilder::new(),
                     },
                 );
-                put_pack(target, spec, full, &mut report).await?;
+                uploads.push(put_pack(target, spec, full, lease, progress));
+                while uploads.len() >= UPLOADS {
+                    if let Some(done) = uploads.next().await {
+                        report.add_pack(done?);
+                    }
+                }
             }
         }
+        drop(ready);
         if page.blocks.iter().all(Option::is_none) {
             manifest.pages[index] = None;
             continue;
@@ -261,7 +411,16 @@ pub async fn write_backup<S: BlockSource>(
         manifest.pages[index] = Some(id.to_hex());
     }
     if !open.builder.is_empty() {
-        put_pack(target, spec, open, &mut report).await?;
+        uploads.push(put_pack(target, spec, open, lease, progress));
+    }
+    while let Some(done) = uploads.next().await {
+        report.add_pack(done?);
+    }
+    drop(uploads);
+    // The reused packs must still be there (a collection that was already
+    // deleting when this backup started could have taken one).
+    for id in &reused {
+        target.size(&layout::pack(&spec.volume, id)).await?;
     }
     // Last: only now does the backup exist.
     let bytes = manifest.encode();
@@ -276,19 +435,33 @@ pub async fn write_backup<S: BlockSource>(
     Ok(report)
 }
 
+impl BackupReport {
+    fn add_pack(&mut self, bytes: u64) {
+        self.bytes_put += bytes;
+        self.packs_put += 1;
+    }
+}
+
+/// Puts a full pack; returns its size. The lease learns of it after.
 async fn put_pack(
     target: &Target,
     spec: &BackupSpec,
     pack: OpenPack,
-    report: &mut BackupReport,
-) -> Result<(), TransferError> {
-    let (_, bytes, _) = pack.builder.finish();
-    report.bytes_put += bytes.len() as u64;
-    report.packs_put += 1;
+    lease: Option<&HeldLease>,
+    progress: Option<&BackupProgress>,
+) -> Result<u64, TransferError> {
+    let (_, bytes, _) = off_runtime(move || pack.builder.finish()).await;
+    let len = bytes.len() as u64;
     target
         .put_new(&layout::pack(&spec.volume, &pack.id), Bytes::from(bytes))
         .await?;
-    Ok(())
+    if let Some(p) = progress {
+        p.bytes_put.fetch_add(len, Ordering::Relaxed);
+    }
+    if let Some(l) = lease {
+        l.record_pack(pack.id).await;
+    }
+    Ok(len)
 }
 
 /// A backup's manifest, read and checked.
@@ -423,6 +596,65 @@ mod tests {
             assert_eq!(&restored.snapshot(), image, "backup {}", m.name);
             assert_eq!(r.blocks_written, image.len() as u64);
         }
+    }
+
+    #[tokio::test]
+    async fn a_backup_run_again_reuses_the_packs_an_interrupted_one_put() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = target(tmp.path());
+        let vol = Volume::default();
+        for b in 0..12 {
+            vol.set(b, b as u8);
+        }
+        let all: Vec<u64> = (0..12).collect();
+        // An earlier run put its packs, then died before its manifest.
+        let first = write_backup(&t, &spec("lost", GIB), None, &all, &vol)
+            .await
+            .unwrap();
+        t.delete(&layout::manifest("db", "lost")).await.unwrap();
+        let packs: Vec<BlockHash> = t
+            .list("volumes/db/packs/")
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| BlockHash::from_hex(p.rsplit('/').next().unwrap()).unwrap())
+            .collect();
+        assert_eq!(packs.len() as u64, first.packs_put);
+        let mut bogus = packs.clone();
+        bogus.push(BlockHash::of(b"no such pack"));
+        let reusable = blocks_in_packs(&t, "db", &bogus).await;
+        assert_eq!(
+            reusable.len(),
+            12,
+            "every block of the packs, the missing one skipped"
+        );
+
+        vol.set(3, 99); // one block differs now
+        let aids = BackupAids {
+            reusable: Some(&reusable),
+            ..Default::default()
+        };
+        let again = write_backup_with(&t, &spec("again", GIB), None, &all, &vol, aids)
+            .await
+            .unwrap();
+        assert_eq!((again.blocks_deduplicated, again.blocks_stored), (11, 1));
+        assert_eq!(again.packs_put, 1);
+        let m = read_manifest(&t, "db", "again").await.unwrap();
+        let out = Volume::default();
+        restore(&t, &m, &out).await.unwrap();
+        assert!(out.snapshot() == vol.snapshot());
+
+        // A reused pack gone before the manifest: no manifest is put.
+        let gone = packs[0];
+        t.delete(&layout::pack("db", &gone)).await.unwrap();
+        let err = write_backup_with(&t, &spec("third", GIB), None, &all, &vol, aids)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, TransferError::Target(TargetError::NotFound { .. })),
+            "{err}"
+        );
+        assert!(read_manifest(&t, "db", "third").await.is_err());
     }
 
     #[tokio::test]

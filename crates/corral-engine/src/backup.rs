@@ -12,9 +12,11 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use corral_backup::block::BLOCK_SIZE;
-use corral_backup::lease::{HeldLease, LEASE_TTL, LeaseKind};
+use corral_backup::lease::{self, HeldLease, LEASE_TTL, LeaseKind};
 use corral_backup::target::Target;
-use corral_backup::transfer::{self, BackupReport, BackupSpec, BlockSource, TransferError};
+use corral_backup::transfer::{
+    self, BackupAids, BackupProgress, BackupReport, BackupSpec, BlockSource, TransferError,
+};
 use corral_backup::{Manifest, layout};
 
 use crate::replica_set::Mode;
@@ -73,12 +75,28 @@ pub async fn create_backup(
     target: &Target,
     name: &str,
     snapshot: &str,
+    progress: Option<&BackupProgress>,
 ) -> Result<BackupReport, BackupError> {
+    // What interrupted backups of this volume put: reused, not uploaded
+    // again (resuming is running the backup again).
+    let recorded = lease::recorded_packs(target, volume.name())
+        .await
+        .map_err(TransferError::from)?;
+    let reusable = transfer::blocks_in_packs(target, volume.name(), &recorded).await;
+    if !reusable.is_empty() {
+        tracing::info!(volume = %volume.name(), backup = name, packs = recorded.len(),
+            blocks = reusable.len(), "an interrupted backup left blocks on the target: reusing them");
+    }
     // Garbage collection leaves the volume alone while this runs.
     let lease = HeldLease::take(target, volume.name(), LeaseKind::Backup, name, LEASE_TTL)
         .await
         .map_err(TransferError::from)?;
-    let result = write_snapshot(volume, target, name, snapshot).await;
+    let aids = BackupAids {
+        reusable: Some(&reusable),
+        lease: Some(&lease),
+        progress,
+    };
+    let result = write_snapshot(volume, target, name, snapshot, aids).await;
     if let Err(e) = lease.release().await {
         tracing::warn!(volume = %volume.name(), backup = name, error = %e,
             "could not delete the backup's lease: it expires on its own");
@@ -91,6 +109,7 @@ async fn write_snapshot(
     target: &Target,
     name: &str,
     snapshot: &str,
+    aids: BackupAids<'_>,
 ) -> Result<BackupReport, BackupError> {
     let fail = |why: String| BackupError::Volume {
         volume: volume.name().to_string(),
@@ -154,7 +173,9 @@ async fn write_snapshot(
         snapshot: snapshot.to_string(),
         size: snap.size,
     };
-    let report = transfer::write_backup(target, &spec, parent.as_ref(), &changed, &source).await?;
+    let report =
+        transfer::write_backup_with(target, &spec, parent.as_ref(), &changed, &source, aids)
+            .await?;
     tracing::info!(volume = %volume.name(), backup = name, snapshot,
         parent = ?parent.as_ref().map(|p| &p.name), blocks_read = report.blocks_read,
         blocks_stored = report.blocks_stored, bytes_put = report.bytes_put, "backup written");

@@ -35,6 +35,15 @@ pub struct EngineState {
     frontends: Mutex<String>,
     /// Snapshots a clone has read lately (name → when): not deletable.
     snapshot_readers: Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// The backup being written, if any: name, target, progress.
+    backup: Mutex<Option<RunningBackup>>,
+}
+
+#[derive(Clone)]
+struct RunningBackup {
+    name: String,
+    target: String,
+    progress: Arc<corral_backup::transfer::BackupProgress>,
 }
 
 /// A snapshot read by a clone within this is its clone's source still.
@@ -53,6 +62,7 @@ impl EngineState {
             salvage: Mutex::new(None),
             frontends: Mutex::new(String::new()),
             snapshot_readers: Mutex::new(std::collections::HashMap::new()),
+            backup: Mutex::new(None),
         })
     }
 
@@ -195,9 +205,10 @@ async fn backup_or_status(
     target: &corral_backup::target::Target,
     name: &str,
     snapshot: &str,
+    progress: &corral_backup::transfer::BackupProgress,
 ) -> Result<corral_backup::transfer::BackupReport, Status> {
     use corral_backup::transfer::TransferError;
-    crate::backup::create_backup(volume, target, name, snapshot)
+    crate::backup::create_backup(volume, target, name, snapshot, Some(progress))
         .await
         .map_err(|e| match &e {
             crate::backup::BackupError::Transfer(TransferError::Exists { .. }) => {
@@ -267,6 +278,16 @@ impl EngineControl for ControlService {
             stale_replica_timeout_ms: cfg.stale_replica_timeout.as_millis() as u64,
             layers,
             clone: volume.clone_status(),
+            backup: lock(&self.state.backup).as_ref().map(|b| {
+                use std::sync::atomic::Ordering::Relaxed;
+                corral_proto::v1::BackupProgress {
+                    name: b.name.clone(),
+                    target: b.target.clone(),
+                    blocks_total: b.progress.blocks_total.load(Relaxed),
+                    blocks_done: b.progress.blocks_done.load(Relaxed),
+                    bytes_put: b.progress.bytes_put.load(Relaxed),
+                }
+            }),
         }))
     }
 
@@ -523,7 +544,15 @@ impl EngineControl for ControlService {
         } else {
             req.name.clone()
         };
-        let report = backup_or_status(volume, &target, &name, &snapshot).await?;
+        let progress = Arc::new(corral_backup::transfer::BackupProgress::default());
+        *lock(&self.state.backup) = Some(RunningBackup {
+            name: name.clone(),
+            target: req.target.clone(),
+            progress: Arc::clone(&progress),
+        });
+        let report = backup_or_status(volume, &target, &name, &snapshot, &progress).await;
+        *lock(&self.state.backup) = None;
+        let report = report?;
         // Retention runs after the backup is safely there; its failure is
         // reported, the backup stands.
         let (removed, gc) = if req.retain > 0 {

@@ -87,7 +87,7 @@ async fn a_full_and_an_incremental_backup_restore_their_snapshots_bit_exact() {
         .await
         .unwrap();
     set.snapshot_create("s1").await.unwrap();
-    let full = corral_engine::backup::create_backup(&volume, &target, "b1", "s1")
+    let full = corral_engine::backup::create_backup(&volume, &target, "b1", "s1", None)
         .await
         .unwrap();
     assert_eq!(full.manifest.as_ref().unwrap().parent, None);
@@ -101,7 +101,7 @@ async fn a_full_and_an_incremental_backup_restore_their_snapshots_bit_exact() {
         .unwrap();
     volume.unmap(3 << 20, 12 << 10).await.unwrap();
     set.snapshot_create("s2").await.unwrap();
-    let inc = corral_engine::backup::create_backup(&volume, &target, "b2", "s2")
+    let inc = corral_engine::backup::create_backup(&volume, &target, "b2", "s2", None)
         .await
         .unwrap();
     assert_eq!(inc.manifest.as_ref().unwrap().parent.as_deref(), Some("b1"));
@@ -121,7 +121,7 @@ async fn a_full_and_an_incremental_backup_restore_their_snapshots_bit_exact() {
     }
     // Taken once.
     assert!(matches!(
-        corral_engine::backup::create_backup(&volume, &target, "b2", "s2").await,
+        corral_engine::backup::create_backup(&volume, &target, "b2", "s2", None).await,
         Err(corral_engine::backup::BackupError::Transfer(
             transfer::TransferError::Exists { .. }
         ))

@@ -350,7 +350,27 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
                 s3_endpoint: s3_endpoint.unwrap_or_default(),
                 retain: retain.unwrap_or(0),
             };
-            let r = client.create_backup(request, timeout).await?;
+            // On a terminal, a progress line redrawn on stderr while the
+            // engine works (from `volume info`); scripts get --json.
+            let watcher = (!args.json && std::io::stderr().is_terminal()).then(|| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        if let Ok(info) = client.info().await
+                            && let Some(b) = info.backup
+                        {
+                            eprint!("\r\x1b[K{}", backup_progress_line(&b));
+                        }
+                    }
+                })
+            });
+            let r = client.create_backup(request, timeout).await;
+            if let Some(w) = watcher {
+                w.abort();
+                eprint!("\r\x1b[K");
+            }
+            let r = r?;
             if args.json {
                 println!(
                     "{}",
@@ -602,6 +622,24 @@ fn progress_bar(r: &RebuildStatus) -> String {
         "#".repeat(filled),
         "-".repeat(WIDTH - filled),
         rebuild_line(r)
+    )
+}
+
+fn backup_progress_line(b: &corral_proto::v1::BackupProgress) -> String {
+    const WIDTH: usize = 30;
+    let done = if b.blocks_total == 0 {
+        0
+    } else {
+        ((b.blocks_done as f64 / b.blocks_total as f64) * WIDTH as f64) as usize
+    };
+    format!(
+        "[{}{}] backup {}: {} of {} blocks of 64 KiB read, {:.1} MiB put",
+        "#".repeat(done.min(WIDTH)),
+        "-".repeat(WIDTH - done.min(WIDTH)),
+        b.name,
+        b.blocks_done,
+        b.blocks_total,
+        b.bytes_put as f64 / (1 << 20) as f64
     )
 }
 
