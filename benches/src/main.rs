@@ -15,8 +15,11 @@
 //!   replica daemons' under fio, in the same run (issue 13, item 1);
 //! - `durable`: 4 KiB writes with a flush after each, one client and many,
 //!   beside the disk's own durable rate, and one replica's syscalls per
-//!   durable write (issue 15).
+//!   durable write (issue 15);
+//! - `backup`: backup and restore throughput against raw object-store PUT
+//!   and GET to s3s-fs, incremental backups, objects per GiB (issue 12).
 
+mod backup;
 mod csi;
 mod durable;
 mod floor;
@@ -50,6 +53,8 @@ enum Command {
     Durable(durable::DurableArgs),
     /// Snapshot create latency under load, reads through a chain, delete speed.
     Snapshots(snapshots::SnapshotArgs),
+    /// Backup and restore against the object store's own PUT and GET rates.
+    Backup(backup::BackupArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,5 +66,6 @@ fn main() -> anyhow::Result<()> {
         Command::Floor(args) => floor::run(&args),
         Command::Durable(args) => durable::run(&args),
         Command::Snapshots(args) => snapshots::run(&args),
+        Command::Backup(args) => backup::run(&args),
     }
 }

@@ -1,0 +1,248 @@
+//! Backups (issue 12): backup and restore throughput against what the
+//! object store itself takes and gives, in one run on this machine.
+//!
+//! - **ceilings**: raw `object_store` PUTs of 64 MiB objects of random
+//!   bytes to an s3s-fs on loopback (three at once, as a backup uploads
+//!   packs), then ranged 8 MiB GETs of them (four at once, as a restore
+//!   reads ahead);
+//! - **full backup**: a 3-replica volume filled with random bytes, backed up
+//!   with `corral volume backup create` to the same s3s-fs; objects put per
+//!   GiB and requests;
+//! - **incremental backups**: after a 1% change as contiguous 1 MiB
+//!   writes, and after a 1% change as 4 KiB random writes (which touch
+//!   about 15% of the 64 KiB blocks), each timed against the full one;
+//! - **restore**: `corral engine --from-backup` into a new volume on three
+//!   other replica daemons, until filled, against the raw GET rate.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use bytes::Bytes;
+use clap::Args;
+use corral_backup::target::Target;
+use corral_tests::s3::S3Server;
+use corral_tests::tools::{fio_nbd, random_file};
+use corral_tests::{Cluster, EngineSpec, poll};
+use serde_json::Value;
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// Volume size (and raw PUT/GET volume) in MiB.
+    #[arg(long, default_value_t = 2048)]
+    size_mib: u64,
+}
+
+const OBJECT: usize = 64 << 20;
+const SPAN: u64 = 8 << 20;
+
+fn mib_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
+}
+
+/// Raw PUT and GET rates (MiB/s) of `total` bytes to `target`.
+fn ceilings(target: &Target, total: u64) -> Result<(f64, f64)> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        use futures::StreamExt;
+        let mut base = vec![0u8; OBJECT];
+        rand::Rng::fill(&mut rand::rng(), &mut base[..]);
+        let base = Bytes::from(base);
+        let n = (total as usize).div_ceil(OBJECT);
+        let start = Instant::now();
+        let puts = futures::stream::iter(0..n)
+            .map(|i| {
+                let mut obj = base.to_vec();
+                obj[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                async move { target.put_new(&format!("raw/{i}"), Bytes::from(obj)).await }
+            })
+            .buffer_unordered(3)
+            .collect::<Vec<_>>()
+            .await;
+        for p in puts {
+            p?;
+        }
+        let put = mib_s((n * OBJECT) as u64, start.elapsed());
+        let spans: Vec<(usize, u64)> = (0..n)
+            .flat_map(|i| (0..OBJECT as u64 / SPAN).map(move |s| (i, s * SPAN)))
+            .collect();
+        let start = Instant::now();
+        let gets = futures::stream::iter(spans)
+            .map(
+                |(i, at)| async move { target.get_range(&format!("raw/{i}"), at..at + SPAN).await },
+            )
+            .buffer_unordered(4)
+            .collect::<Vec<_>>()
+            .await;
+        let mut got = 0u64;
+        for g in gets {
+            got += g?.len() as u64;
+        }
+        let get = mib_s(got, start.elapsed());
+        for i in 0..n {
+            target.delete(&format!("raw/{i}")).await?;
+        }
+        Ok((put, get))
+    })
+}
+
+fn count_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() { count_files(&p) } else { 1 }
+        })
+        .sum()
+}
+
+fn backup(c: &Cluster, control: &str, s3: &S3Server, name: &str) -> Result<(Duration, Value)> {
+    let url = s3.url("corral");
+    let endpoint = s3.endpoint();
+    let start = Instant::now();
+    let out = c.corral(&[
+        "volume",
+        "--engine",
+        control,
+        "--json",
+        "backup",
+        "create",
+        "--target",
+        &url,
+        "--s3-endpoint",
+        &endpoint,
+        "--name",
+        name,
+    ])?;
+    let took = start.elapsed();
+    if !out.status.success() {
+        bail!("backup {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((took, serde_json::from_slice(&out.stdout)?))
+}
+
+pub fn run(args: &BackupArgs) -> Result<()> {
+    let size = args.size_mib << 20;
+    let s3 = S3Server::start()?;
+    // The engines read the keys from their environment (never the command
+    // line); they inherit this process's.
+    // SAFETY: set before any thread of this process is started.
+    unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", s3.access_key());
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", s3.secret_key());
+        std::env::set_var("AWS_REGION", "us-east-1");
+    }
+    let target = Target::open(&s3.url("raw-ceiling"), &s3.settings()?)?;
+    let (raw_put, raw_get) = ceilings(&target, size)?;
+    eprintln!("raw: PUT {raw_put:.0} MiB/s, GET {raw_get:.0} MiB/s");
+
+    let mut c = Cluster::with_replicas(6)?;
+    let size_arg = format!("{}MiB", args.size_mib);
+    let e = c.start_engine(&EngineSpec::new("bk", &size_arg, &[0, 1, 2]))?;
+    let control = c.engines[e].control.to_string();
+    let data = c.path().join("data");
+    random_file(&data, size as usize, 12)?;
+    c.write_flushed(e, &data)?;
+    std::fs::remove_file(&data)?;
+
+    let (full_t, full) = backup(&c, &control, &s3, "full")?;
+    let objects = count_files(&s3.bucket_dir().join("corral"));
+    eprintln!("full: {full_t:?} {full}");
+
+    let uri = c.engines[e].nbd_uri();
+    let one_pct = format!("--io_size={}k", size / 100 / 1024);
+    fio_nbd(
+        &uri,
+        "contiguous",
+        &["--rw=randwrite", "--bs=1m", &one_pct, "--randrepeat=0"],
+        Duration::from_secs(300),
+    )?;
+    let (inc_t, inc) = backup(&c, &control, &s3, "inc-contiguous")?;
+    eprintln!("incremental (1 MiB writes): {inc_t:?} {inc}");
+    fio_nbd(
+        &uri,
+        "scattered",
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            &one_pct,
+            "--iodepth=32",
+            "--randrepeat=0",
+        ],
+        Duration::from_secs(300),
+    )?;
+    let (inc4_t, inc4) = backup(&c, &control, &s3, "inc-scattered")?;
+    eprintln!("incremental (4 KiB writes): {inc4_t:?} {inc4}");
+
+    // Restore the full backup into a new volume on three other daemons.
+    let from = format!("{}/bk/full", s3.url("corral"));
+    let start = Instant::now();
+    let r = c.spawn_engine(
+        &EngineSpec::new("restored", &size_arg, &[3, 4, 5])
+            .arg("--from-backup", &from)
+            .arg("--s3-endpoint", &s3.endpoint()),
+    )?;
+    poll(Duration::from_secs(1800), "the restore to finish", || {
+        if let Some(status) = c.engines[r].process.exited() {
+            bail!(
+                "the restore engine exited: {status}\n{}",
+                c.engines[r].process.log_text()
+            );
+        }
+        Ok(c.volume_info(r)
+            .ok()
+            .filter(|i| i["clone"]["done"] == true)
+            .map(|_| ()))
+    })?;
+    let restore_t = start.elapsed();
+
+    let full_rate = mib_s(size, full_t);
+    let restore_rate = mib_s(size, restore_t);
+    let gib = size as f64 / (1u64 << 30) as f64;
+    let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+    println!("| measure | value | ceiling (same run) | ratio |");
+    println!("| --- | --- | --- | --- |");
+    println!("| raw PUT, 64 MiB objects, 3 at once | {raw_put:.0} MiB/s | | |");
+    println!("| raw GET, 8 MiB ranges, 4 at once | {raw_get:.0} MiB/s | | |");
+    println!(
+        "| full backup of {} MiB of random data | {:.1} s, {full_rate:.0} MiB/s | raw PUT {raw_put:.0} MiB/s | {:.2}× |",
+        args.size_mib,
+        full_t.as_secs_f64(),
+        full_rate / raw_put
+    );
+    println!(
+        "| restore into 3 new replicas | {:.1} s, {restore_rate:.0} MiB/s | raw GET {raw_get:.0} MiB/s | {:.2}× |",
+        restore_t.as_secs_f64(),
+        restore_rate / raw_get
+    );
+    println!(
+        "| incremental after 1% as 1 MiB writes | {:.2} s, {} blocks read, {:.1} MiB put | full backup {:.1} s | {:.1}% |",
+        inc_t.as_secs_f64(),
+        n(&inc, "blocks_read"),
+        n(&inc, "bytes_put") as f64 / (1 << 20) as f64,
+        full_t.as_secs_f64(),
+        100.0 * inc_t.as_secs_f64() / full_t.as_secs_f64()
+    );
+    println!(
+        "| incremental after 1% as 4 KiB writes | {:.2} s, {} blocks read, {:.1} MiB put | full backup {:.1} s | {:.1}% |",
+        inc4_t.as_secs_f64(),
+        n(&inc4, "blocks_read"),
+        n(&inc4, "bytes_put") as f64 / (1 << 20) as f64,
+        full_t.as_secs_f64(),
+        100.0 * inc4_t.as_secs_f64() / full_t.as_secs_f64()
+    );
+    println!(
+        "| objects after the full backup | {objects} ({:.1} per GiB: {} packs, {} pages, 1 manifest) | Longhorn: 512 per GiB | |",
+        objects as f64 / gib,
+        n(&full, "packs_put"),
+        n(&full, "pages_put")
+    );
+    println!(
+        "| PUT requests of the full backup | {} (+ 2 lease puts, 1 per pack to record it in the lease) | | |",
+        n(&full, "packs_put") + n(&full, "pages_put") + 1
+    );
+    Ok(())
+}
