@@ -99,15 +99,27 @@ pub struct Process {
     pub name: String,
     pub args: Vec<String>,
     pub log: PathBuf,
+    /// Environment variables set for the process (beside RUST_LOG).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl Process {
     fn spawn(name: &str, args: Vec<String>, log: PathBuf) -> Result<Self> {
+        Self::spawn_with_env(name, args, log, Vec::new())
+    }
+
+    fn spawn_with_env(
+        name: &str,
+        args: Vec<String>,
+        log: PathBuf,
+        env: Vec<(String, String)>,
+    ) -> Result<Self> {
         let mut p = Process {
             name: name.to_string(),
             args,
             log,
+            env,
             child: None,
         };
         p.start()?;
@@ -134,6 +146,7 @@ impl Process {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -270,6 +283,8 @@ pub struct EngineSpec {
     /// Reach the replicas through the cluster's fault-injecting proxies
     /// (one per replica daemon, shared by every proxied engine).
     pub proxied: bool,
+    /// Environment variables for the engine process (S3 keys, say).
+    pub env: Vec<(String, String)>,
 }
 
 impl EngineSpec {
@@ -280,7 +295,14 @@ impl EngineSpec {
             replicas: replicas.to_vec(),
             extra: vec!["--replica-timeout".into(), "3s".into()],
             proxied: false,
+            env: Vec::new(),
         }
+    }
+
+    /// Set `key` to `value` in the engine's environment.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
     }
 
     pub fn arg(mut self, flag: &str, value: &str) -> Self {
@@ -487,7 +509,7 @@ impl Cluster {
         args.extend(self.tls.iter().cloned());
         let log = self.path().join(format!("engine-{i}.log"));
         drop(held);
-        let process = Process::spawn(&format!("engine-{i}"), args, log)?;
+        let process = Process::spawn_with_env(&format!("engine-{i}"), args, log, spec.env.clone())?;
         self.engines.push(Engine {
             volume: spec.volume.clone(),
             control,

@@ -531,3 +531,82 @@ fn a_backup_killed_half_way_resumes_from_what_it_put() {
     };
     assert!(restored == image, "the resumed backup is not the volume");
 }
+
+/// Disks that fill up during a restore: a replica whose disk is full drops
+/// out with the reason in the engine's log and the restore completes on
+/// the other two, bit-exact; when every replica's disk is full, `clone
+/// status` says the fill is stuck and why, and the engine keeps serving
+/// its control API.
+#[test]
+fn a_restore_onto_full_disks_says_so() {
+    corral_tests::ext4::assert_root();
+    let mut c = Cluster::with_replicas(5).expect("cluster");
+    for _ in 0..4 {
+        c.start_replica_on_tmpfs("8m").expect("tmpfs replica");
+    }
+    let e = c
+        .start_engine(&EngineSpec::new("bk", "32MiB", &[0, 1, 2]))
+        .expect("engine");
+    let control = c.engines[e].control.to_string();
+    let dir = c.path().join("backups");
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("file://{}", dir.display());
+    let data = c.path().join("data");
+    std::fs::write(&data, pattern(5, 32 * MIB)).unwrap();
+    c.write_flushed(e, &data).unwrap();
+    backup(&c, &control, &["--target", &url, "--name", "b"]).unwrap();
+    let image = c.read_back(e, 32 * MIB).unwrap();
+
+    // Replicas 3 and 4 have room; 5 has 8 MiB.
+    let r = c
+        .start_engine(
+            &EngineSpec::new("one-full", "32MiB", &[3, 4, 5])
+                .arg("--from-backup", &format!("{url}/bk/b")),
+        )
+        .expect("restore engine");
+    let r_control = c.engines[r].control.to_string();
+    assert_eq!(clone_status(&c, &r_control, "120s")["done"], true);
+    assert!(c.read_back(r, 32 * MIB).unwrap() == image);
+    let info = c.volume_info(r).unwrap();
+    assert_eq!(info["replicas_rw"], 2, "{info}");
+    assert!(
+        c.engines[r]
+            .process
+            .log_text()
+            .contains("replica disk full"),
+        "the engine says why replica 5 dropped out"
+    );
+
+    // Every replica 8 MiB: the fill cannot go on.
+    let stuck = c
+        .start_engine(
+            &EngineSpec::new("all-full", "32MiB", &[6, 7, 8])
+                .arg("--from-backup", &format!("{url}/bk/b")),
+        )
+        .expect("restore engine");
+    let s_control = c.engines[stuck].control.to_string();
+    let status = corral_tests::poll(
+        std::time::Duration::from_secs(60),
+        "clone status to report the stuck fill",
+        || {
+            let out = c.corral(&[
+                "volume", "--engine", &s_control, "--json", "clone", "status",
+            ])?;
+            let v: Value = serde_json::from_slice(&out.stdout)?;
+            Ok(v["error"].is_string().then_some(v))
+        },
+    )
+    .unwrap();
+    assert_eq!(status["done"], false, "{status}");
+    assert!(
+        c.engines[stuck]
+            .process
+            .log_text()
+            .contains("replica disk full"),
+        "the engine says why: {status}"
+    );
+    assert!(
+        c.engines[stuck].process.exited().is_none(),
+        "the engine stays up"
+    );
+}

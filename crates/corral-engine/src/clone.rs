@@ -516,9 +516,15 @@ pub async fn run_filler(
             Ok(()) => {
                 chunk += 1;
                 unrecorded += chunk_size;
+                if lock(&fill.last_error).is_some() {
+                    *lock(&fill.last_error) = None;
+                }
             }
             Err(e) => {
                 warn!(volume = %volume.name(), chunk, error = %e, "clone fill: retrying");
+                // Shown by `clone status` until the fill moves on.
+                *lock(&fill.last_error) =
+                    Some(format!("filling at byte {}: {e}", chunk * chunk_size));
                 tokio::select! {
                     _ = tokio::time::sleep(retry) => {}
                     _ = stop.cancelled() => return,
