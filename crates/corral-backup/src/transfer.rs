@@ -658,6 +658,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn two_writers_of_one_backup_name_cannot_both_win() {
+        // Two clusters sharing a target, both backing up "db" as "nightly"
+        // with different contents: one manifest, and it restores as its
+        // writer's volume.
+        let tmp = tempfile::tempdir().unwrap();
+        let t = target(tmp.path());
+        let (a, b) = (Volume::default(), Volume::default());
+        for i in 0..8 {
+            a.set(i, 1);
+            b.set(i, 2);
+        }
+        let all: Vec<u64> = (0..8).collect();
+        let s = spec("nightly", GIB);
+        let (ra, rb) = tokio::join!(
+            write_backup(&t, &s, None, &all, &a),
+            write_backup(&t, &s, None, &all, &b)
+        );
+        let won: Vec<&Volume> = [(&ra, &a), (&rb, &b)]
+            .into_iter()
+            .filter(|(r, _)| r.is_ok())
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(won.len(), 1, "{ra:?} {rb:?}");
+        let lost = if ra.is_ok() { &rb } else { &ra };
+        assert!(
+            matches!(lost, Err(TransferError::Exists { .. })),
+            "{lost:?}"
+        );
+        let m = read_manifest(&t, "db", "nightly").await.unwrap();
+        let out = Volume::default();
+        restore(&t, &m, &out).await.unwrap();
+        assert!(out.snapshot() == won[0].snapshot());
+    }
+
+    #[tokio::test]
     async fn a_reader_returns_any_range_as_backed_up_and_none_for_zeroes() {
         let tmp = tempfile::tempdir().unwrap();
         let t = target(tmp.path());
