@@ -1,6 +1,7 @@
 //! Backups through the engine to a real S3 server (s3s-fs on loopback):
 //! a volume is backed up with `corral volume backup create` (the keys in
-//! the engine's environment, never on the command line) and restored into
+//! the engine's environment or its --s3-credentials file, never on the
+//! command line) and restored into
 //! a new volume on three other replica daemons (`corral engine
 //! --from-backup`, the keys from a credentials file), bit-exact. Refused
 //! keys and a missing bucket are each one clear line, and the backup takes
@@ -90,13 +91,14 @@ fn an_engine_backs_up_to_s3_and_a_new_volume_restores_from_it() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert_eq!(snapshots(&c, &control), before, "nothing taken");
 
-    // An engine with refused keys: one line, nothing taken.
+    // An engine with refused keys (in its --s3-credentials file): one
+    // line, nothing taken.
+    let wrong = s3.wrong_credentials_file().unwrap();
     let w = c
-        .start_engine(&keys(
-            EngineSpec::new("other", "16MiB", &[3, 4, 5]),
-            s3.access_key(),
-            "not-the-secret",
-        ))
+        .start_engine(
+            &EngineSpec::new("other", "16MiB", &[3, 4, 5])
+                .arg("--s3-credentials", &wrong.display().to_string()),
+        )
         .expect("engine with wrong keys");
     let w_control = c.engines[w].control.to_string();
     let before = snapshots(&c, &w_control);
@@ -128,7 +130,6 @@ fn an_engine_backs_up_to_s3_and_a_new_volume_restores_from_it() {
     assert!(c.read_back(r, 16 * MIB).unwrap() == image, "not the backup");
 
     // A restore with refused keys stops at once, saying why.
-    let wrong = s3.wrong_credentials_file().unwrap();
     let bad = c
         .spawn_engine(
             &EngineSpec::new("refused", "16MiB", &[3, 4, 5])

@@ -80,6 +80,8 @@ pub struct EngineConfig {
     /// A new volume restored from a backup (see [`RestoreSource`]). Ignored
     /// once the replicas record the fill as done.
     pub restore: Option<RestoreSource>,
+    /// S3 keys for backups (a KEY=VALUE file); None: the environment.
+    pub s3_credentials: Option<std::path::PathBuf>,
 }
 
 /// The source of a restore: a backup (`TARGET/VOLUME/BACKUP`) and how to
@@ -123,6 +125,7 @@ impl EngineConfig {
             rebuild_bandwidth: None,
             clone: None,
             restore: None,
+            s3_credentials: None,
         }
     }
 }

@@ -513,7 +513,7 @@ impl EngineControl for ControlService {
         refuse_while_filling(volume, "backup")?;
         let settings = corral_backup::target::S3Settings {
             endpoint: (!req.s3_endpoint.is_empty()).then(|| req.s3_endpoint.clone()),
-            credentials_file: None,
+            credentials_file: self.state.config.s3_credentials.clone(),
             ..Default::default()
         };
         let target = corral_backup::target::Target::open(&req.target, &settings)

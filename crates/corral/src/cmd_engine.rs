@@ -100,9 +100,11 @@ pub struct EngineArgs {
     /// With --from-backup: the S3 endpoint (MinIO, Ceph RGW, s3s-fs), e.g. http://10.0.0.5:9000.
     #[arg(long, value_name = "URL", requires = "from_backup")]
     pub s3_endpoint: Option<String>,
-    /// With --from-backup: a file of KEY=VALUE lines (AWS_ACCESS_KEY_ID,
-    /// AWS_SECRET_ACCESS_KEY, AWS_REGION) instead of the environment.
-    #[arg(long, value_name = "FILE", requires = "from_backup")]
+    /// S3 keys for backups and restores: a file of KEY=VALUE lines
+    /// (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION) instead of
+    /// the environment; read when a backup or restore starts, so rotated
+    /// keys need no restart.
+    #[arg(long, value_name = "FILE")]
     pub s3_credentials: Option<std::path::PathBuf>,
 }
 
@@ -152,6 +154,7 @@ impl EngineArgs {
                 },
                 serve_while_filling: self.serve_while_filling,
             });
+        cfg.s3_credentials = self.s3_credentials.clone();
         corral_engine::open::validate(&cfg)?;
         Ok(cfg)
     }

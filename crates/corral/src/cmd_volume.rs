@@ -91,7 +91,7 @@ pub enum SnapshotCommand {
 pub enum BackupCommand {
     /// Back a snapshot up (taking one if none is named), incremental
     /// against the newest older backup of the volume on the target. S3
-    /// keys come from the engine's environment, never the command line.
+    /// keys come from the engine (its --s3-credentials file or environment), never this command line.
     Create {
         /// `file:///DIR` or `s3://BUCKET/PREFIX`.
         #[arg(long)]
