@@ -407,7 +407,8 @@ fn removing_a_backup_while_it_restores_keeps_its_data_until_the_restore_is_done(
     assert_eq!(listed["backups"][0]["name"], "b3", "{listed}");
 }
 
-/// A backup interrupted by kill -9 of its engine, run again: the packs
+/// A backup interrupted by kill -9 of its engine (its reads slowed by a
+/// proxy so that it is killed half way), run again: the packs
 /// the first run put (recorded in its lease) are reused, not uploaded
 /// again, and the backup restores bit-exact. The interrupted run left no
 /// manifest.
@@ -416,7 +417,7 @@ fn a_backup_killed_half_way_resumes_from_what_it_put() {
     let mut c = Cluster::with_replicas(3).expect("cluster");
     let size = 192 * MIB;
     let e = c
-        .start_engine(&EngineSpec::new("bk", "192MiB", &[0, 1, 2]))
+        .start_engine(&EngineSpec::new("bk", "192MiB", &[0, 1, 2]).via_proxies())
         .expect("engine");
     let control = c.engines[e].control.to_string();
     let dir = c.path().join("backups");
@@ -430,7 +431,14 @@ fn a_backup_killed_half_way_resumes_from_what_it_put() {
     ])
     .unwrap();
 
-    // The first run, killed once its lease records a pack put.
+    // The first run, killed once its lease records a pack put; its reads
+    // of the snapshot are slowed (20 ms each way) so that it is still
+    // running then.
+    for r in 0..3 {
+        c.proxy(r).set_mode(corral_tests::proxy::Mode::Delay(
+            std::time::Duration::from_millis(20),
+        ));
+    }
     let first = std::process::Command::new(corral_tests::corral_bin())
         .args([
             "volume",
@@ -476,6 +484,9 @@ fn a_backup_killed_half_way_resumes_from_what_it_put() {
     assert!(packs_left >= 1);
 
     // Run again, on the restarted engine: the same snapshot, the same name.
+    for r in 0..3 {
+        c.proxy(r).set_mode(corral_tests::proxy::Mode::Pass);
+    }
     c.restart_engine(e).unwrap();
     let again = backup(
         &c,

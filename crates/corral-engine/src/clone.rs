@@ -38,6 +38,7 @@ use corral_backup::transfer::TransferError;
 use corral_backup::{BackupReader, BackupUrl};
 use corral_client::EngineControl;
 use corral_proto::v1 as pb;
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -55,8 +56,10 @@ const RECORD_EVERY: u64 = 64 << 20;
 /// A restore's filler reads this much of the backup at once (a few ranged
 /// GETs of neighbouring blocks)...
 const RESTORE_WINDOW: u64 = 8 << 20;
-/// ... and keeps this many such reads in flight ahead of its writes.
+/// ... and keeps this many such reads in flight ahead of its writes...
 const RESTORE_READ_AHEAD: usize = 4;
+/// ... and fills this many chunks of a window at once.
+const RESTORE_FILLS: usize = 8;
 
 /// Why a clone could not be set up, or a piece of it filled.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -498,24 +501,36 @@ pub async fn run_filler(
         if stop.is_cancelled() {
             return;
         }
+        // A restore fills the rest of a read-ahead window at a time, several
+        // chunks at once; a clone, one chunk (each read from its source
+        // engine under the chunk's lock).
         let filled = if fill.is_restore() {
-            match ahead.take(chunk).await {
-                Ok(data) => volume
-                    .fill_chunk_with(chunk, data)
-                    .await
-                    .map_err(|e| e.to_string()),
+            match ahead.window(chunk).await {
+                Ok(pieces) => {
+                    let n = pieces.len() as u64;
+                    let results: Vec<_> = futures::stream::iter(pieces)
+                        .map(|(c, data)| volume.fill_chunk_with(c, data))
+                        .buffer_unordered(RESTORE_FILLS)
+                        .collect()
+                        .await;
+                    match results.into_iter().find_map(Result::err) {
+                        Some(e) => Err(e.to_string()),
+                        None => Ok(n.max(1)),
+                    }
+                }
                 Err(e) => Err(e.to_string()),
             }
         } else {
             volume
                 .fill_chunks(&[chunk])
                 .await
+                .map(|()| 1)
                 .map_err(|e| e.to_string())
         };
         match filled {
-            Ok(()) => {
-                chunk += 1;
-                unrecorded += chunk_size;
+            Ok(n) => {
+                chunk += n;
+                unrecorded += n * chunk_size;
                 if lock(&fill.last_error).is_some() {
                     *lock(&fill.last_error) = None;
                 }
@@ -609,14 +624,21 @@ impl ReadAhead {
         }
     }
 
-    /// `chunk`'s data (None: nothing to write), reading ahead from it.
-    async fn take(&mut self, chunk: u64) -> Result<Option<Bytes>, CloneError> {
+    /// The chunks from `chunk` to the end of its window, each with its data
+    /// (None: nothing to write), reading ahead from it.
+    async fn window(&mut self, chunk: u64) -> Result<Vec<(u64, Option<Bytes>)>, CloneError> {
         let first = chunk - chunk % self.window_chunks;
-        if let Some((at, data)) = &mut self.current
+        let pieces = |at: u64, data: &[Option<Bytes>]| -> Vec<(u64, Option<Bytes>)> {
+            data.iter()
+                .enumerate()
+                .map(|(i, d)| (at + i as u64, d.clone()))
+                .filter(|(c, _)| *c >= chunk)
+                .collect()
+        };
+        if let Some((at, data)) = &self.current
             && *at == first
-            && let Some(piece) = data.get_mut((chunk - first) as usize)
         {
-            return Ok(piece.take());
+            return Ok(pieces(*at, data));
         }
         self.current = None;
         // Reads for windows behind this one are of no use now.
@@ -640,11 +662,11 @@ impl ReadAhead {
             next += self.window_chunks;
         }
         let Some((at, read)) = self.pending.pop_front() else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
         let data = match read.await {
             Ok(Some(result)) => result?,
-            Ok(None) => return Ok(None),
+            Ok(None) => return Ok(Vec::new()),
             Err(e) => {
                 return Err(CloneError::Source {
                     from: self.fill.source_name(),
@@ -652,12 +674,9 @@ impl ReadAhead {
                 });
             }
         };
+        let out = pieces(at, &data);
         self.current = Some((at, data));
-        Ok(self
-            .current
-            .as_mut()
-            .and_then(|(_, d)| d.get_mut((chunk - at) as usize))
-            .and_then(Option::take))
+        Ok(out)
     }
 }
 
