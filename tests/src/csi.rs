@@ -426,4 +426,106 @@ impl CsiCluster {
         }))?;
         Ok(())
     }
+
+    /// The external-provisioner for a PVC with a `dataSource`: CreateVolume
+    /// of `bytes` (0: no capacity range) from `source`.
+    pub fn create_volume_from(
+        &self,
+        name: &str,
+        bytes: i64,
+        parameters: HashMap<String, String>,
+        source: csi::VolumeContentSource,
+    ) -> Result<csi::Volume> {
+        let request = csi::CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: (bytes > 0).then_some(csi::CapacityRange {
+                required_bytes: bytes,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![ext4_writer()],
+            parameters,
+            volume_content_source: Some(source),
+            ..Default::default()
+        };
+        self.block_on(self.controller().create_volume(request))?
+            .into_inner()
+            .volume
+            .context("CreateVolume returned no volume")
+    }
+
+    /// The external-snapshotter: CreateSnapshot `name` of `volume_id` with
+    /// a VolumeSnapshotClass's `parameters`, called again (as the
+    /// snapshotter does for a snapshot not yet `readyToUse`) until it is
+    /// ready, at most `limit`.
+    pub fn create_snapshot_until_ready(
+        &self,
+        name: &str,
+        volume_id: &str,
+        parameters: HashMap<String, String>,
+        limit: Duration,
+    ) -> Result<csi::Snapshot> {
+        let request = csi::CreateSnapshotRequest {
+            source_volume_id: volume_id.into(),
+            name: name.into(),
+            parameters,
+            ..Default::default()
+        };
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let snapshot = self
+                .block_on(self.controller().create_snapshot(request.clone()))?
+                .into_inner()
+                .snapshot
+                .context("CreateSnapshot returned no snapshot")?;
+            if snapshot.ready_to_use {
+                return Ok(snapshot);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("snapshot {name} of {volume_id} not ready after {limit:?}: {snapshot:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The external-snapshotter: DeleteSnapshot.
+    pub fn delete_snapshot(&self, snapshot_id: &str) -> Result<()> {
+        self.block_on(
+            self.controller()
+                .delete_snapshot(csi::DeleteSnapshotRequest {
+                    snapshot_id: snapshot_id.into(),
+                    ..Default::default()
+                }),
+        )?;
+        Ok(())
+    }
+
+    /// ListSnapshots of one snapshot id: the entry, if any.
+    pub fn list_snapshot(&self, snapshot_id: &str) -> Result<Option<csi::Snapshot>> {
+        let listed = self
+            .block_on(self.controller().list_snapshots(csi::ListSnapshotsRequest {
+                snapshot_id: snapshot_id.into(),
+                ..Default::default()
+            }))?
+            .into_inner();
+        Ok(listed.entries.into_iter().find_map(|e| e.snapshot))
+    }
+}
+
+/// A VolumeSnapshotClass's parameters for backups to `target`
+/// (`file:///DIR` or `s3://BUCKET/PREFIX`).
+pub fn backup_class(target: &str) -> HashMap<String, String> {
+    [("type", "backup"), ("backupTarget", target)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A PVC's `dataSource`: the VolumeSnapshot whose id is `snapshot_id`.
+pub fn snapshot_source(snapshot_id: &str) -> csi::VolumeContentSource {
+    use csi::volume_content_source::{SnapshotSource, Type};
+    csi::VolumeContentSource {
+        r#type: Some(Type::Snapshot(SnapshotSource {
+            snapshot_id: snapshot_id.into(),
+        })),
+    }
 }

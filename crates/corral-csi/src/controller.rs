@@ -7,7 +7,9 @@
 //! through their running engine ([`expansion_size`]), or a transient one
 //! when attached nowhere.
 //! Snapshots are taken through the volume's engine by way of its node
-//! daemon ([`crate::snapshots`]; the RPCs in `controller/snapshots.rs`).
+//! daemon ([`crate::snapshots`]; the RPCs in `controller/snapshots.rs`);
+//! backups, and volumes restored from them, likewise
+//! (`controller/backups.rs`).
 //!
 //! Stateless: parameters travel in the volume context; membership lives on
 //! the replicas; every call asks the daemons ([`Daemons::view`]).
@@ -41,10 +43,20 @@ pub mod publish_keys {
     pub const CONTROL: &str = "controlAddress";
 }
 
+mod backups;
 mod clones;
 mod snapshots;
 
-use clones::clone_size;
+use backups::{RestoreSource, restore_size};
+use clones::{CloneSource, clone_size};
+
+/// Where a new volume's data comes from.
+enum Origin {
+    /// Another volume, or a snapshot of one.
+    Clone(CloneSource),
+    /// A backup.
+    Restore(RestoreSource),
+}
 
 /// The controller.
 pub struct ControllerService {
@@ -223,18 +235,31 @@ impl ControllerService {
         let params = VolumeParams::parse(&req.parameters)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let id = ids::volume_id(name);
-        let source = match &req.volume_content_source {
-            Some(s) => Some(self.clone_source(s, &id).await?),
-            None => None,
+        // Everything about the source is checked before anything is made:
+        // it exists, and fits in the size asked for.
+        let origin = match (&req.volume_content_source, &params.from_backup) {
+            (Some(_), Some(_)) => {
+                return Err(Status::invalid_argument(
+                    "parameter \"fromBackup\" and a volume_content_source: a volume has one source",
+                ));
+            }
+            (Some(s), None) => Some(self.content_origin(s, &id).await?),
+            (None, Some(url)) => Some(Origin::Restore(
+                backups::restore_source(url, params.backup_s3_endpoint.as_deref()).await?,
+            )),
+            (None, None) => None,
         };
-        let size = match &source {
-            Some(src) => clone_size(req.capacity_range.as_ref(), src.size)?,
+        let size = match &origin {
+            Some(Origin::Clone(src)) => clone_size(req.capacity_range.as_ref(), src.size)?,
+            Some(Origin::Restore(src)) => restore_size(req.capacity_range.as_ref(), src.size)?,
             None => volume_size(req.capacity_range.as_ref())?,
         };
-        // A clone holds its source's turn too while it fills from it.
-        let _turns = match &source {
-            Some(src) => Some(self.turns(&id, &src.volume).await),
-            None => None,
+        // A clone holds its source's turn too while it fills from it; a
+        // restore holds its own.
+        let _turns: Vec<_> = match &origin {
+            Some(Origin::Clone(src)) => self.turns(&id, &src.volume).await.into(),
+            Some(Origin::Restore(_)) => vec![self.turn(&id).await],
+            None => Vec::new(),
         };
         let view = self.daemons.view().await;
         let holders: Vec<_> = view.holders(&id);
@@ -287,8 +312,26 @@ impl ControllerService {
             }
             tracing::info!(volume = %id, name, size, nodes = ?chosen, "created");
         }
-        if let Some(src) = &source {
-            self.fill_clone(&id, src).await?;
+        match &origin {
+            Some(Origin::Clone(src)) => self.fill_clone(&id, src).await?,
+            Some(Origin::Restore(src)) => {
+                if let Err(e) = self.fill_restore(&id, src).await {
+                    use tonic::Code;
+                    // A backup gone or unusable since it was checked: a
+                    // retry must not find half a volume.
+                    if matches!(
+                        e.code(),
+                        Code::NotFound
+                            | Code::FailedPrecondition
+                            | Code::InvalidArgument
+                            | Code::PermissionDenied
+                    ) {
+                        self.forget_unrestored(&id).await;
+                    }
+                    return Err(e);
+                }
+            }
+            None => {}
         }
         let mut context = params.to_context();
         context.insert("name".into(), name.to_string());
@@ -296,9 +339,26 @@ impl ControllerService {
             capacity_bytes: size as i64,
             volume_id: id,
             volume_context: context,
-            content_source: source.and(req.volume_content_source),
+            content_source: req.volume_content_source,
             accessible_topology: Vec::new(),
         })
+    }
+
+    /// The origin a content source names: a backup for a backup-typed
+    /// snapshot id, a volume or a snapshot of one otherwise.
+    async fn content_origin(
+        &self,
+        source: &csi::VolumeContentSource,
+        new_volume: &str,
+    ) -> Result<Origin, Status> {
+        if let Some(csi::volume_content_source::Type::Snapshot(s)) = &source.r#type
+            && let Some(restore) = backups::snapshot_restore_source(&s.snapshot_id).await
+        {
+            return restore.map(Origin::Restore);
+        }
+        self.clone_source(source, new_volume)
+            .await
+            .map(Origin::Clone)
     }
 
     async fn delete(&self, volume_id: &str) -> Result<(), Status> {
@@ -407,6 +467,8 @@ impl ControllerService {
             iscsi: true,
             clone_from: String::new(),
             clone_snapshot: String::new(),
+            from_backup: String::new(),
+            backup_s3_endpoint: String::new(),
         };
         // A transient engine (a snapshot call) is not an attachment: the
         // daemon starts the real one once that call is done.

@@ -1,6 +1,7 @@
 //! A volume's parameters: what a StorageClass says (`numberOfReplicas`,
 //! `staleReplicaTimeout`, `fsType`, `dataLocality`, `writePolicy`,
-//! `chunkSize`, `blockSize`, `fromBackup`), parsed once with an error that
+//! `chunkSize`, `blockSize`, `fromBackup`, `backupS3Endpoint`), parsed
+//! once with an error that
 //! names the parameter, and carried afterwards in the volume's
 //! `volume_context` (kept by Kubernetes in the PV), so the plugin stays
 //! stateless.
@@ -15,7 +16,7 @@ const RESERVED_PREFIX: &str = "csi.storage.k8s.io/";
 const RESERVED_FSTYPE: &str = "csi.storage.k8s.io/fstype";
 
 /// Every parameter a StorageClass may set.
-const PARAMETERS: [&str; 8] = [
+const PARAMETERS: [&str; 9] = [
     "numberOfReplicas",
     "staleReplicaTimeout",
     "fsType",
@@ -24,6 +25,7 @@ const PARAMETERS: [&str; 8] = [
     "chunkSize",
     "blockSize",
     "fromBackup",
+    "backupS3Endpoint",
 ];
 
 /// Filesystems the node plugin makes and mounts.
@@ -65,8 +67,10 @@ pub struct VolumeParams {
     pub write_policy: Option<WritePolicy>,
     pub chunk_size: u32,
     pub block_size: u32,
-    /// A backup URL to create the volume from.
+    /// A backup URL (`TARGET/VOLUME/BACKUP`) to create the volume from.
     pub from_backup: Option<String>,
+    /// The S3 endpoint of `from_backup`'s target (None: AWS).
+    pub backup_s3_endpoint: Option<String>,
 }
 
 impl Default for VolumeParams {
@@ -80,6 +84,7 @@ impl Default for VolumeParams {
             chunk_size: 256 << 10,
             block_size: 512,
             from_backup: None,
+            backup_s3_endpoint: None,
         }
     }
 }
@@ -173,16 +178,37 @@ impl VolumeParams {
                     if v.is_empty() {
                         return Err(bad(name, "empty"));
                     }
-                    // Restoring needs the backup issue's engine support;
-                    // refusing is better than an empty volume.
-                    return Err(bad(
-                        name,
-                        "restoring from a backup is not supported by this release",
-                    ));
+                    if !(v.starts_with("file:///") || v.starts_with("s3://")) {
+                        return Err(bad(
+                            name,
+                            format!(
+                                "{value:?}: use file:///DIR/VOLUME/BACKUP or s3://BUCKET/PREFIX/VOLUME/BACKUP"
+                            ),
+                        ));
+                    }
+                    corral_backup::BackupUrl::parse(v).map_err(|e| bad(name, e.to_string()))?;
+                    p.from_backup = Some(v.to_string());
+                }
+                "backupS3Endpoint" => {
+                    if !crate::ids::is_endpoint(v) {
+                        return Err(bad(name, format!("{value:?}: use http(s)://HOST:PORT")));
+                    }
+                    p.backup_s3_endpoint = Some(v.to_string());
                 }
                 other if other.starts_with(RESERVED_PREFIX) => {}
                 _ => return Err(bad(name, "unknown parameter")),
             }
+        }
+        if p.backup_s3_endpoint.is_some()
+            && !p
+                .from_backup
+                .as_deref()
+                .is_some_and(|b| b.starts_with("s3://"))
+        {
+            return Err(bad(
+                "backupS3Endpoint",
+                "only with an s3:// fromBackup (a backup-typed VolumeSnapshotClass names its own)",
+            ));
         }
         Ok(p)
     }
@@ -215,6 +241,12 @@ impl VolumeParams {
         }
         c.insert("chunkSize".into(), self.chunk_size.to_string());
         c.insert("blockSize".into(), self.block_size.to_string());
+        if let Some(b) = &self.from_backup {
+            c.insert("fromBackup".into(), b.clone());
+        }
+        if let Some(e) = &self.backup_s3_endpoint {
+            c.insert("backupS3Endpoint".into(), e.clone());
+        }
         c
     }
 
@@ -327,12 +359,56 @@ mod tests {
             (vec![("chunkSize", "3000")], "chunkSize"),
             (vec![("blockSize", "1024")], "blockSize"),
             (vec![("replicaCount", "3")], "replicaCount"),
-            (vec![("fromBackup", "s3://b/p")], "fromBackup"),
+            (vec![("fromBackup", "s3://b")], "fromBackup"),
+            (vec![("fromBackup", "http://b/v/b1")], "fromBackup"),
+            (vec![("fromBackup", "file://relative/v/b1")], "fromBackup"),
+            (vec![("fromBackup", "s3://b/p/v/bad name")], "fromBackup"),
+            (
+                vec![("backupS3Endpoint", "http://10.0.0.5:9000")],
+                "backupS3Endpoint",
+            ),
+            (
+                vec![
+                    ("fromBackup", "file:///backups/v/b1"),
+                    ("backupS3Endpoint", "http://10.0.0.5:9000"),
+                ],
+                "backupS3Endpoint",
+            ),
+            (
+                vec![
+                    ("fromBackup", "s3://b/p/v/b1"),
+                    ("backupS3Endpoint", "10.0.0.5:9000"),
+                ],
+                "backupS3Endpoint",
+            ),
         ] {
             let err = VolumeParams::parse(&params(&pairs)).unwrap_err();
             assert_eq!(err.name, name, "{pairs:?}: {err}");
             assert!(err.to_string().contains(name));
         }
+    }
+
+    #[test]
+    fn a_backup_to_restore_and_its_endpoint_parse() {
+        let p = VolumeParams::parse(&params(&[
+            ("fromBackup", "s3://bucket/corral/pvc-1/snapshot-1"),
+            ("backupS3Endpoint", "http://10.0.0.5:9000"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            p.from_backup.as_deref(),
+            Some("s3://bucket/corral/pvc-1/snapshot-1")
+        );
+        assert_eq!(
+            p.backup_s3_endpoint.as_deref(),
+            Some("http://10.0.0.5:9000")
+        );
+        assert_eq!(VolumeParams::from_context(&p.to_context()).unwrap(), p);
+        let file = VolumeParams::parse(&params(&[("fromBackup", "file:///mnt/b/pvc-1/b1")]));
+        assert_eq!(
+            file.unwrap().from_backup.as_deref(),
+            Some("file:///mnt/b/pvc-1/b1")
+        );
     }
 
     #[test]

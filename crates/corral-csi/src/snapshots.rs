@@ -15,6 +15,11 @@
 //!   volume's engine to relay the call ([`through_engine`]); for a volume
 //!   attached nowhere it asks a daemon holding a replica to start a
 //!   transient engine for the call ([`transient_spec`]).
+//! - **Backups**: a backup-typed VolumeSnapshotClass ([`snapshot_class`])
+//!   makes backups instead (`controller/backups.rs`). The corral snapshots
+//!   they are taken from ([`ids::BACKUP_SNAPSHOT_PREFIX`]) are no CSI
+//!   snapshots: the [`Catalog`] leaves them out but for
+//!   [`Catalog::backup_snapshots`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -37,21 +42,90 @@ pub const SNAPSHOT_CALL_TIMEOUT: Duration = Duration::from_secs(110);
 /// Prefix of the parameters the snapshotter adds (`--extra-create-metadata`).
 const CO_PREFIX: &str = "csi.storage.k8s.io/";
 
-/// CreateSnapshot's parameters (a VolumeSnapshotClass's): corral takes
-/// none of its own yet; the snapshotter's own are accepted, anything else
-/// is INVALID_ARGUMENT naming it.
-pub fn check_parameters(parameters: &HashMap<String, String>) -> Result<(), Status> {
+/// What a VolumeSnapshotClass makes: a corral snapshot (the default), or
+/// a backup of one to a target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SnapshotKind {
+    /// `type: snap` or none: a snapshot in the volume's replicas.
+    Snapshot,
+    /// `type: backup` (or Longhorn's `bak`) with `backupTarget`: a backup
+    /// on `file:///DIR` or `s3://BUCKET/PREFIX`.
+    Backup {
+        target: String,
+        s3_endpoint: Option<String>,
+    },
+}
+
+/// CreateSnapshot's parameters (a VolumeSnapshotClass's): `type` (`snap`,
+/// or `backup` / `bak` for a backup), `backupTarget` and
+/// `backupS3Endpoint` (a backup's only); the snapshotter's own are
+/// accepted, anything else is INVALID_ARGUMENT naming it.
+pub fn snapshot_class(parameters: &HashMap<String, String>) -> Result<SnapshotKind, Status> {
+    let bad = |name: &str, why: String| {
+        Status::invalid_argument(format!("snapshot parameter {name:?}: {why}"))
+    };
     let mut unknown: Vec<&String> = parameters
         .keys()
         .filter(|k| !k.starts_with(CO_PREFIX))
+        .filter(|k| !["type", "backupTarget", "backupS3Endpoint"].contains(&k.as_str()))
         .collect();
     unknown.sort();
-    match unknown.first() {
-        None => Ok(()),
-        Some(k) => Err(Status::invalid_argument(format!(
-            "snapshot parameter {k:?} is not one corral knows (it takes none)"
-        ))),
+    if let Some(k) = unknown.first() {
+        return Err(Status::invalid_argument(format!(
+            "snapshot parameter {k:?} is not one corral knows (type, backupTarget, backupS3Endpoint)"
+        )));
     }
+    let get = |k: &str| parameters.get(k).map(|v| v.trim());
+    let backup = match get("type") {
+        None | Some("snap") => false,
+        Some("backup" | "bak") => true,
+        Some(other) => return Err(bad("type", format!("{other:?}: use snap or backup"))),
+    };
+    let target = get("backupTarget");
+    let endpoint = get("backupS3Endpoint");
+    if !backup {
+        if let Some(k) = [("backupTarget", target), ("backupS3Endpoint", endpoint)]
+            .iter()
+            .find_map(|(k, v)| v.is_some().then_some(*k))
+        {
+            return Err(bad(k, "only with type: backup".into()));
+        }
+        return Ok(SnapshotKind::Snapshot);
+    }
+    let Some(target) = target.filter(|t| !t.is_empty()) else {
+        return Err(bad(
+            "backupTarget",
+            "required with type: backup (file:///DIR or s3://BUCKET/PREFIX)".into(),
+        ));
+    };
+    let scheme_ok = target.starts_with("file:///")
+        || target
+            .strip_prefix("s3://")
+            .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'));
+    if !scheme_ok || target.chars().any(|c| c.is_whitespace() || c == '|') {
+        return Err(bad(
+            "backupTarget",
+            format!("{target:?}: use file:///DIR or s3://BUCKET/PREFIX"),
+        ));
+    }
+    if let Some(e) = endpoint {
+        if !ids::is_endpoint(e) {
+            return Err(bad(
+                "backupS3Endpoint",
+                format!("{e:?}: use http(s)://HOST:PORT"),
+            ));
+        }
+        if !target.starts_with("s3://") {
+            return Err(bad(
+                "backupS3Endpoint",
+                "only with an s3:// backupTarget".into(),
+            ));
+        }
+    }
+    Ok(SnapshotKind::Backup {
+        target: target.trim_end_matches('/').to_string(),
+        s3_endpoint: endpoint.map(str::to_string),
+    })
 }
 
 /// A corral snapshot of `volume` as a CSI snapshot: ready at once (a
@@ -148,35 +222,53 @@ impl Catalog {
         catalog
     }
 
-    /// Snapshot `name` of `volume`.
+    /// Snapshot `name` of `volume` (a CSI snapshot: not one a backup was
+    /// taken from).
     pub fn get(&self, volume: &str, name: &str) -> Option<&pb::SnapshotInfo> {
-        self.volumes.get(volume)?.get(name)
+        self.volumes.get(volume)?.get(name).filter(|s| is_csi(s))
     }
 
-    /// The snapshots of `volume`, by name.
+    /// The CSI snapshots of `volume`, by name.
     pub fn of(&self, volume: &str) -> impl Iterator<Item = &pb::SnapshotInfo> {
         self.volumes
             .get(volume)
             .into_iter()
             .flat_map(|s| s.values())
+            .filter(|s| is_csi(s))
     }
 
-    /// The volumes holding a snapshot named `name`.
+    /// The snapshots of `volume` that backups were taken from
+    /// ([`ids::BACKUP_SNAPSHOT_PREFIX`]), by name.
+    pub fn backup_snapshots(&self, volume: &str) -> impl Iterator<Item = &pb::SnapshotInfo> {
+        self.volumes
+            .get(volume)
+            .into_iter()
+            .flat_map(|s| s.values())
+            .filter(|s| !is_csi(s))
+    }
+
+    /// The volumes holding a CSI snapshot named `name`.
     pub fn volumes_with<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> {
         self.volumes
             .iter()
-            .filter(move |(_, s)| s.contains_key(name))
+            .filter(move |(_, s)| s.get(name).is_some_and(is_csi))
             .map(|(v, _)| v.as_str())
     }
 
-    /// Every snapshot as a CSI snapshot, by snapshot id.
+    /// Every CSI snapshot, by snapshot id.
     pub fn entries(&self) -> BTreeMap<String, csi::Snapshot> {
         self.volumes
             .iter()
-            .flat_map(|(v, s)| s.values().map(move |i| to_csi(v, i)))
+            .flat_map(|(v, s)| s.values().filter(|i| is_csi(i)).map(move |i| to_csi(v, i)))
             .map(|s| (s.snapshot_id.clone(), s))
             .collect()
     }
+}
+
+/// Whether a corral snapshot is a CSI snapshot: not one taken for a
+/// backup, which stays on the volume as the next backup's parent.
+fn is_csi(s: &pb::SnapshotInfo) -> bool {
+    !s.name.starts_with(ids::BACKUP_SNAPSHOT_PREFIX)
 }
 
 /// The replica addresses whose word on `volume`'s snapshots counts: the RW
@@ -233,6 +325,8 @@ pub fn transient_spec(
         iscsi: false,
         clone_from: String::new(),
         clone_snapshot: String::new(),
+        from_backup: String::new(),
+        backup_s3_endpoint: String::new(),
     }
 }
 
@@ -285,23 +379,110 @@ async fn call<T>(
 mod tests {
     use super::*;
 
+    fn class(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
     #[test]
-    fn only_the_snapshotters_parameters_are_accepted() {
-        let ok: HashMap<String, String> = [
+    fn a_plain_class_takes_only_the_snapshotters_parameters() {
+        let ok = class(&[
             ("csi.storage.k8s.io/volumesnapshot/name", "s"),
             ("csi.storage.k8s.io/volumesnapshot/namespace", "default"),
             ("csi.storage.k8s.io/volumesnapshotcontent/name", "c"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        assert!(check_parameters(&ok).is_ok());
-        assert!(check_parameters(&HashMap::new()).is_ok());
+        ]);
+        assert_eq!(snapshot_class(&ok).unwrap(), SnapshotKind::Snapshot);
+        assert_eq!(
+            snapshot_class(&HashMap::new()).unwrap(),
+            SnapshotKind::Snapshot
+        );
+        assert_eq!(
+            snapshot_class(&class(&[("type", "snap")])).unwrap(),
+            SnapshotKind::Snapshot
+        );
         let mut bad = ok.clone();
         bad.insert("incremental".into(), "true".into());
-        let err = check_parameters(&bad).unwrap_err();
+        let err = snapshot_class(&bad).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains("incremental"), "{}", err.message());
+    }
+
+    #[test]
+    fn a_backup_class_names_its_target() {
+        let kind = snapshot_class(&class(&[
+            ("type", "backup"),
+            ("backupTarget", "s3://bucket/corral/"),
+            ("backupS3Endpoint", "http://10.0.0.5:9000"),
+            ("csi.storage.k8s.io/volumesnapshot/name", "s"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            kind,
+            SnapshotKind::Backup {
+                target: "s3://bucket/corral".into(),
+                s3_endpoint: Some("http://10.0.0.5:9000".into()),
+            }
+        );
+        let longhorn =
+            snapshot_class(&class(&[("type", "bak"), ("backupTarget", "file:///b")])).unwrap();
+        assert!(matches!(
+            longhorn,
+            SnapshotKind::Backup {
+                s3_endpoint: None,
+                ..
+            }
+        ));
+        for (pairs, named) in [
+            (vec![("type", "bi")], "type"),
+            (vec![("type", "backup")], "backupTarget"),
+            (
+                vec![("type", "backup"), ("backupTarget", "nfs://x")],
+                "backupTarget",
+            ),
+            (
+                vec![("type", "backup"), ("backupTarget", "file://rel")],
+                "backupTarget",
+            ),
+            (
+                vec![("type", "backup"), ("backupTarget", "s3://")],
+                "backupTarget",
+            ),
+            (vec![("backupTarget", "file:///b")], "backupTarget"),
+            (
+                vec![
+                    ("type", "backup"),
+                    ("backupTarget", "file:///b"),
+                    ("backupS3Endpoint", "http://h:9000"),
+                ],
+                "backupS3Endpoint",
+            ),
+            (
+                vec![
+                    ("type", "backup"),
+                    ("backupTarget", "s3://b/p"),
+                    ("backupS3Endpoint", "h:9000"),
+                ],
+                "backupS3Endpoint",
+            ),
+            (
+                vec![
+                    ("type", "backup"),
+                    ("backupTarget", "s3://b/p"),
+                    ("retain", "3"),
+                ],
+                "retain",
+            ),
+        ] {
+            let err = snapshot_class(&class(&pairs)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{pairs:?}");
+            assert!(
+                err.message().contains(named),
+                "{pairs:?}: {}",
+                err.message()
+            );
+        }
     }
 
     #[test]

@@ -57,6 +57,15 @@ pub enum NodeError {
         total: u64,
         why: String,
     },
+    /// A backup written in the background failed (told once; the next
+    /// call starts it again).
+    #[error("backup {backup} of volume {volume:?}: {why}")]
+    BackupFailed {
+        volume: String,
+        backup: String,
+        code: tonic::Code,
+        why: String,
+    },
     /// The engine did not stop in time.
     #[error("the engine of volume {0:?} did not stop in time")]
     StopTimedOut(String),
@@ -120,6 +129,7 @@ impl From<NodeError> for tonic::Status {
                 tonic::Status::failed_precondition(msg)
             }
             NodeError::CloneStuck { .. } => tonic::Status::unavailable(msg),
+            NodeError::BackupFailed { code, .. } => tonic::Status::new(code, msg),
             NodeError::EngineRestarting { .. }
             | NodeError::ShuttingDown
             | NodeError::StopTimedOut(_)

@@ -48,6 +48,24 @@ pub const CLONE_STUCK_AFTER: Duration = Duration::from_secs(60);
 /// Bound on a snapshot relayed to an engine: it drains writes and syncs
 /// every replica, which takes seconds under a heavy write load.
 const SNAPSHOT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on one backup written through an engine: as long as its data
+/// takes to read and put.
+const BACKUP_CALL_TIMEOUT: Duration = Duration::from_secs(12 * 3600);
+/// How long a CreateEngineBackup call waits for its backup before
+/// answering that it is still being written.
+pub const BACKUP_ANSWER_WAIT: Duration = Duration::from_secs(5);
+
+/// A backup of [`EngineManager::backup`]: volume, target, backup name.
+type BackupKey = (String, String, String);
+/// How a backup ended: its report, or its error as a status code and text.
+type BackupOutcome = Result<pb::CreateBackupResponse, (tonic::Code, String)>;
+
+/// A backup written in the background.
+struct BackupJob {
+    /// The snapshot it backs up (not to be deleted while it runs).
+    snapshot: String,
+    outcome: tokio::sync::watch::Receiver<Option<BackupOutcome>>,
+}
 
 /// The engines of this node.
 pub struct EngineManager {
@@ -59,6 +77,8 @@ pub struct EngineManager {
     turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Volumes whose engine runs for one call only ([`EngineManager::snapshot`]).
     transient: Mutex<BTreeSet<String>>,
+    /// Backups being written, or written and not yet reported.
+    backups: Mutex<HashMap<BackupKey, BackupJob>>,
 }
 
 impl EngineManager {
@@ -76,6 +96,7 @@ impl EngineManager {
             engines: Mutex::new(BTreeMap::new()),
             turns: Mutex::new(HashMap::new()),
             transient: Mutex::new(BTreeSet::new()),
+            backups: Mutex::new(HashMap::new()),
         });
         for (volume, record) in manager.context.book.engines().await {
             if record.transient {
@@ -577,6 +598,13 @@ impl EngineManager {
         (clone.nbd, clone.iscsi) = (false, false);
         (source.nbd, source.iscsi) = (false, false);
         (source.clone_from, source.clone_snapshot) = (String::new(), String::new());
+        (source.from_backup, source.backup_s3_endpoint) = (String::new(), String::new());
+        if !clone.from_backup.is_empty() {
+            return Err(NodeError::bad_spec(
+                "source",
+                "a restore (clone.from_backup) fills from its backup, not from a source volume",
+            ));
+        }
         let started = std::time::Instant::now();
         // Both turns, in name order: two fills never wait for each other.
         let (first, second) = if clone.volume < source.volume {
@@ -621,40 +649,7 @@ impl EngineManager {
             }
             let control =
                 EngineControl::connect(&status.control_address, ENGINE_CALL_TIMEOUT).await?;
-            let mut progress = (0u64, tokio::time::Instant::now());
-            loop {
-                let Some(fill) = control.info().await?.clone else {
-                    // Not filling: the replicas record the fill done.
-                    return Ok(progress.0);
-                };
-                if fill.done {
-                    if snapshot.is_empty() {
-                        // The clone deletes the snapshot it took of the
-                        // source once done, just after saying so: delete
-                        // it here too (whoever is second finds nothing),
-                        // before the source's engine may be stopped.
-                        let source =
-                            EngineControl::connect(&fill.source_engine, SNAPSHOT_CALL_TIMEOUT)
-                                .await?;
-                        match source.delete_clone_snapshot(&fill.snapshot).await {
-                            Ok(_) | Err(corral_client::ClientError::NotFound { .. }) => {}
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
-                    return Ok(fill.filled_bytes);
-                }
-                if fill.filled_bytes > progress.0 {
-                    progress = (fill.filled_bytes, tokio::time::Instant::now());
-                } else if progress.1.elapsed() > CLONE_STUCK_AFTER {
-                    return Err(NodeError::CloneStuck {
-                        volume: volume.clone(),
-                        filled: fill.filled_bytes,
-                        total: fill.total_bytes,
-                        why: fill.error,
-                    });
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            until_filled(&control, &volume, snapshot.is_empty()).await
         }
         .await;
         self.stop_transient(&volume).await;
@@ -668,6 +663,200 @@ impl EngineManager {
             filled_bytes,
             elapsed_ms,
         })
+    }
+
+    /// Fill the new volume of `restore` from the backup its `from_backup`
+    /// names, through a transient engine of it on this node (without
+    /// frontends), stopped once its replicas record the fill done. A fill
+    /// that makes no progress for [`CLONE_STUCK_AFTER`] is an error; a
+    /// backup that is not there, or larger than the volume, makes the
+    /// engine exit at once ([`NodeError::EngineFailed`], its log quoted).
+    pub async fn fill_restore(
+        &self,
+        restore: &pb::EngineSpec,
+    ) -> Result<pb::FillCloneResponse, NodeError> {
+        let mut spec = EngineSpec::from_pb(restore)?;
+        if spec.from_backup.is_empty() {
+            return Err(NodeError::bad_spec(
+                "source",
+                "missing: a clone needs its source's spec (a restore, clone.from_backup)",
+            ));
+        }
+        (spec.nbd, spec.iscsi) = (false, false);
+        let started = std::time::Instant::now();
+        let volume = spec.volume.clone();
+        let backup = spec.from_backup.clone();
+        let turn = self.turn(&volume);
+        let _turn = turn.lock().await;
+        if self.supervisor(&volume).is_some() {
+            return Err(NodeError::InUse(volume));
+        }
+        let outcome = async {
+            let status = self.start_in_turn(spec, true).await?;
+            if status.state != pb::EngineState::Running as i32 {
+                return Err(NodeError::NotServing {
+                    volume: volume.clone(),
+                    after: self.config.start_timeout,
+                });
+            }
+            let control =
+                EngineControl::connect(&status.control_address, ENGINE_CALL_TIMEOUT).await?;
+            until_filled(&control, &volume, false).await
+        }
+        .await;
+        self.stop_transient(&volume).await;
+        let filled_bytes = outcome?;
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        info!(volume = %volume, backup = %backup, filled_bytes, elapsed_ms, "restored from a backup");
+        Ok(pb::FillCloneResponse {
+            filled_bytes,
+            elapsed_ms,
+        })
+    }
+
+    fn backup_jobs(&self) -> std::sync::MutexGuard<'_, HashMap<BackupKey, BackupJob>> {
+        // Single inserts and removes: a poisoned map is whole.
+        self.backups.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Back `request.volume` up through its engine here (the running one,
+    /// or a transient one from `request.spec`), in the background: start
+    /// the backup if none of that volume, target and name is known here,
+    /// then wait up to `wait` for it. Done: its report (forgotten once
+    /// told); failed: its error (likewise, so the next call starts again);
+    /// otherwise `done: false`.
+    pub async fn backup(
+        self: &Arc<Self>,
+        request: pb::EngineBackupRequest,
+        wait: Duration,
+    ) -> Result<pb::EngineBackupResponse, NodeError> {
+        let pb::EngineBackupRequest {
+            volume,
+            backup,
+            spec,
+            then_delete,
+        } = request;
+        let backup = backup.ok_or_else(|| NodeError::bad_spec("backup", "missing"))?;
+        for (value, what) in [
+            (&backup.target, "the target"),
+            (&backup.snapshot, "the snapshot to back up"),
+            (&backup.name, "the backup's name"),
+        ] {
+            if value.is_empty() {
+                return Err(NodeError::bad_spec("backup", format!("{what} is missing")));
+            }
+        }
+        if let Some(s) = &spec {
+            let checked = EngineSpec::from_pb(s)?;
+            if checked.volume != volume {
+                return Err(NodeError::bad_spec(
+                    "volume",
+                    format!("{:?} is not the volume {volume:?}", checked.volume),
+                ));
+            }
+        }
+        let key: BackupKey = (volume.clone(), backup.target.clone(), backup.name.clone());
+        let mut outcome = {
+            let mut jobs = self.backup_jobs();
+            match jobs.get(&key) {
+                Some(job) => job.outcome.clone(),
+                None => {
+                    let (tell, outcome) = tokio::sync::watch::channel(None);
+                    jobs.insert(
+                        key.clone(),
+                        BackupJob {
+                            snapshot: backup.snapshot.clone(),
+                            outcome: outcome.clone(),
+                        },
+                    );
+                    info!(volume = %volume, backup = %backup.name, snapshot = %backup.snapshot,
+                        target = %backup.target, "backup started");
+                    let manager = Arc::clone(self);
+                    tokio::spawn(async move {
+                        let result = manager
+                            .write_backup(&volume, backup, spec.as_ref(), then_delete)
+                            .await
+                            .map_err(|e| {
+                                let status = tonic::Status::from(e);
+                                (status.code(), status.message().to_string())
+                            });
+                        let _ = tell.send(Some(result));
+                    });
+                    outcome
+                }
+            }
+        };
+        let ended = match tokio::time::timeout(wait, outcome.wait_for(Option::is_some)).await {
+            Err(_) => {
+                return Ok(pb::EngineBackupResponse {
+                    done: false,
+                    backup: None,
+                });
+            }
+            Ok(Ok(seen)) => seen.clone(),
+            Ok(Err(_)) => None,
+        };
+        self.backup_jobs().remove(&key);
+        match ended {
+            Some(Ok(report)) => Ok(pb::EngineBackupResponse {
+                done: true,
+                backup: Some(report),
+            }),
+            Some(Err((code, why))) => Err(NodeError::BackupFailed {
+                volume: key.0,
+                backup: key.2,
+                code,
+                why,
+            }),
+            None => Err(NodeError::Task(format!(
+                "the backup {} of {} ended without a word",
+                key.2, key.0
+            ))),
+        }
+    }
+
+    /// The backup itself (see [`Self::backup`]), then the deletion of the
+    /// snapshots in `then_delete` that no other backup here waits for.
+    async fn write_backup(
+        &self,
+        volume: &str,
+        backup: pb::CreateBackupRequest,
+        spec: Option<&pb::EngineSpec>,
+        then_delete: Vec<String>,
+    ) -> Result<pb::CreateBackupResponse, NodeError> {
+        let name = backup.name.clone();
+        let written = self
+            .through_engine(volume, spec, |control: EngineControl| async move {
+                let written = control.create_backup(backup, BACKUP_CALL_TIMEOUT).await?;
+                for old in then_delete {
+                    if self.backup_waits_for(volume, &old) {
+                        continue;
+                    }
+                    match control.delete_snapshot(&old).await {
+                        Ok(_) | Err(corral_client::ClientError::NotFound { .. }) => {}
+                        Err(e) => {
+                            warn!(volume = %volume, snapshot = %old, error = %e,
+                                "cannot delete an older backup's snapshot")
+                        }
+                    }
+                }
+                Ok(written)
+            })
+            .await;
+        match &written {
+            Ok(w) => {
+                info!(volume = %volume, backup = %name, bytes_put = w.bytes_put, parent = %w.parent, "backup written")
+            }
+            Err(e) => warn!(volume = %volume, backup = %name, error = %e, "backup failed"),
+        }
+        written
+    }
+
+    /// Whether a backup known here backs up `snapshot` of `volume`.
+    fn backup_waits_for(&self, volume: &str, snapshot: &str) -> bool {
+        self.backup_jobs()
+            .iter()
+            .any(|((v, _, _), job)| v == volume && job.snapshot == snapshot)
     }
 
     /// Stop `volume`'s engine if it is a transient one of this daemon's
@@ -724,6 +913,50 @@ impl EngineManager {
             frontend_address: self.config.frontend_ip.to_string(),
             replica_address: self.config.replica_address.clone(),
         })
+    }
+}
+
+/// Wait until the engine at `control` (a new volume's) says it is filled
+/// (its replicas record the fill done); the bytes filled. A fill making no
+/// progress for [`CLONE_STUCK_AFTER`] is an error. `delete_source_snapshot`:
+/// a clone of a whole volume, whose source snapshot is deleted here too.
+async fn until_filled(
+    control: &EngineControl,
+    volume: &str,
+    delete_source_snapshot: bool,
+) -> Result<u64, NodeError> {
+    let mut progress = (0u64, tokio::time::Instant::now());
+    loop {
+        let Some(fill) = control.info().await?.clone else {
+            // Not filling: the replicas record the fill done.
+            return Ok(progress.0);
+        };
+        if fill.done {
+            if delete_source_snapshot && fill.backup.is_empty() {
+                // The clone deletes the snapshot it took of the source
+                // once done, just after saying so: delete it here too
+                // (whoever is second finds nothing), before the source's
+                // engine may be stopped.
+                let source =
+                    EngineControl::connect(&fill.source_engine, SNAPSHOT_CALL_TIMEOUT).await?;
+                match source.delete_clone_snapshot(&fill.snapshot).await {
+                    Ok(_) | Err(corral_client::ClientError::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            return Ok(fill.filled_bytes);
+        }
+        if fill.filled_bytes > progress.0 {
+            progress = (fill.filled_bytes, tokio::time::Instant::now());
+        } else if progress.1.elapsed() > CLONE_STUCK_AFTER {
+            return Err(NodeError::CloneStuck {
+                volume: volume.to_string(),
+                filled: fill.filled_bytes,
+                total: fill.total_bytes,
+                why: fill.error,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -797,6 +1030,7 @@ mod tests {
             engines: Mutex::new(BTreeMap::new()),
             turns: Mutex::new(HashMap::new()),
             transient: Mutex::new(BTreeSet::new()),
+            backups: Mutex::new(HashMap::new()),
         })
     }
 
@@ -915,6 +1149,114 @@ mod tests {
         assert!(again.list().is_empty(), "not brought back");
         assert!(again.context.book.engines().await.is_empty(), "forgotten");
         m.stop("v").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_backup_runs_in_the_background_and_its_failure_is_told_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(dir.path(), "exec sleep 30");
+        let request = pb::EngineBackupRequest {
+            volume: "v".into(),
+            backup: Some(pb::CreateBackupRequest {
+                target: "file:///backups".into(),
+                snapshot: "csi-backup-b1".into(),
+                name: "b1".into(),
+                ..Default::default()
+            }),
+            spec: Some(spec()),
+            then_delete: vec!["csi-backup-b0".into()],
+        };
+        // Started, not waited for: not done yet.
+        let first = m
+            .backup(request.clone(), Duration::from_millis(1))
+            .await
+            .unwrap();
+        assert!(!first.done && first.backup.is_none());
+        assert!(m.backup_waits_for("v", "csi-backup-b1"));
+        assert!(!m.backup_waits_for("v", "csi-backup-b0"));
+        // The same backup asked again is the same job: its engine never
+        // serves, so it fails, and says so once.
+        let e = m
+            .backup(request.clone(), Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                NodeError::BackupFailed {
+                    code: tonic::Code::Unavailable,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("did not serve"), "{e}");
+        assert!(m.list().is_empty(), "the transient engine is stopped");
+        assert!(!m.backup_waits_for("v", "csi-backup-b1"), "forgotten");
+        // Told once: the next call starts it again.
+        let again = m
+            .backup(request.clone(), Duration::from_millis(1))
+            .await
+            .unwrap();
+        assert!(!again.done);
+        let e = m
+            .backup(request.clone(), Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, NodeError::BackupFailed { .. }), "{e}");
+        // A request missing what a backup needs starts nothing.
+        let mut unnamed = request.clone();
+        unnamed.backup.as_mut().unwrap().name.clear();
+        let e = m
+            .backup(unnamed, Duration::from_millis(1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                NodeError::BadSpec {
+                    field: "backup",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(m.backup_jobs().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_restore_without_a_backup_names_the_missing_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(dir.path(), "exec sleep 30");
+        let e = m.fill_restore(&spec()).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                NodeError::BadSpec {
+                    field: "source",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let mut restore = spec();
+        restore.from_backup = "file:///backups/v0/b1".into();
+        let e = m.fill_restore(&restore).await.unwrap_err();
+        assert!(matches!(e, NodeError::NotServing { .. }), "{e}");
+        assert!(m.list().is_empty(), "the transient engine is stopped");
+        let mut source = spec();
+        source.volume = "w".into();
+        let e = m.fill_clone(&restore, &source, "").await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                NodeError::BadSpec {
+                    field: "source",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]

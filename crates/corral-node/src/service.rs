@@ -168,13 +168,30 @@ impl EngineManagerRpc for EngineManagerService {
         let clone = req
             .clone
             .ok_or_else(|| Status::invalid_argument("invalid engine spec: clone: missing"))?;
-        let source = req
-            .source
-            .ok_or_else(|| Status::invalid_argument("invalid engine spec: source: missing"))?;
         let manager = Arc::clone(&self.manager);
-        let done =
-            finish(async move { manager.fill_clone(&clone, &source, &req.snapshot).await }).await?;
+        // No source: a restore (clone.from_backup), or a bad request, which
+        // fill_restore names.
+        let done = match req.source {
+            Some(source) => {
+                finish(async move { manager.fill_clone(&clone, &source, &req.snapshot).await })
+                    .await?
+            }
+            None => finish(async move { manager.fill_restore(&clone).await }).await?,
+        };
         Ok(Response::new(done))
+    }
+
+    async fn create_engine_backup(
+        &self,
+        request: Request<pb::EngineBackupRequest>,
+    ) -> Result<Response<pb::EngineBackupResponse>, Status> {
+        // The backup runs in a task of its own (the caller asks again);
+        // this call waits a few seconds for it.
+        let answer = self
+            .manager
+            .backup(request.into_inner(), crate::manager::BACKUP_ANSWER_WAIT)
+            .await?;
+        Ok(Response::new(answer))
     }
 }
 

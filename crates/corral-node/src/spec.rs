@@ -34,6 +34,13 @@ pub struct EngineSpec {
     /// `--clone-snapshot` (empty: none).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub clone_snapshot: String,
+    /// `--from-backup` (empty: not a restore).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub from_backup: String,
+    /// `--s3-endpoint` of the restore's target (empty: AWS, or a `file://`
+    /// target).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backup_s3_endpoint: String,
 }
 
 impl EngineSpec {
@@ -106,6 +113,42 @@ impl EngineSpec {
                 "needs clone_from (the source's engine)",
             ));
         }
+        if !spec.from_backup.is_empty() {
+            let url = &spec.from_backup;
+            if !(url.starts_with("file:///") || url.starts_with("s3://"))
+                || url.chars().any(char::is_whitespace)
+            {
+                return Err(NodeError::bad_spec(
+                    "from_backup",
+                    format!(
+                        "{url:?} is not a file:///DIR/VOLUME/BACKUP or s3://BUCKET/PREFIX/VOLUME/BACKUP URL"
+                    ),
+                ));
+            }
+            if !spec.clone_from.is_empty() {
+                return Err(NodeError::bad_spec(
+                    "from_backup",
+                    "a new volume is a clone (clone_from) or a restore, not both",
+                ));
+            }
+        }
+        if !spec.backup_s3_endpoint.is_empty() {
+            let e = &spec.backup_s3_endpoint;
+            if spec.from_backup.is_empty() {
+                return Err(NodeError::bad_spec(
+                    "backup_s3_endpoint",
+                    "needs from_backup (the backup to restore)",
+                ));
+            }
+            if !(e.starts_with("http://") || e.starts_with("https://"))
+                || e.chars().any(char::is_whitespace)
+            {
+                return Err(NodeError::bad_spec(
+                    "backup_s3_endpoint",
+                    format!("{e:?} is not an http(s)://HOST:PORT URL"),
+                ));
+            }
+        }
         Ok(EngineSpec {
             volume: spec.volume.clone(),
             size: spec.size,
@@ -119,6 +162,8 @@ impl EngineSpec {
             iscsi: spec.iscsi,
             clone_from: spec.clone_from.clone(),
             clone_snapshot: spec.clone_snapshot.clone(),
+            from_backup: spec.from_backup.clone(),
+            backup_s3_endpoint: spec.backup_s3_endpoint.clone(),
         })
     }
 
@@ -136,6 +181,8 @@ impl EngineSpec {
             iscsi: self.iscsi,
             clone_from: self.clone_from.clone(),
             clone_snapshot: self.clone_snapshot.clone(),
+            from_backup: self.from_backup.clone(),
+            backup_s3_endpoint: self.backup_s3_endpoint.clone(),
         }
     }
 
@@ -167,6 +214,11 @@ impl EngineSpec {
         check(
             self.clone_snapshot == other.clone_snapshot,
             "clone_snapshot",
+        );
+        check(self.from_backup == other.from_backup, "from_backup");
+        check(
+            self.backup_s3_endpoint == other.backup_s3_endpoint,
+            "backup_s3_endpoint",
         );
         d
     }
@@ -293,6 +345,12 @@ pub fn engine_command_line(
     }
     if !spec.clone_snapshot.is_empty() {
         set.push(("--clone-snapshot", spec.clone_snapshot.clone()));
+    }
+    if !spec.from_backup.is_empty() {
+        set.push(("--from-backup", spec.from_backup.clone()));
+        if !spec.backup_s3_endpoint.is_empty() {
+            set.push(("--s3-endpoint", spec.backup_s3_endpoint.clone()));
+        }
     }
     for (flag, value) in &set {
         args.push((*flag).to_string());
@@ -507,5 +565,59 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_restore_carries_its_backup_and_endpoint_on_the_command_line() {
+        let mut restore = good();
+        restore.from_backup = "s3://bucket/corral/db/backup-1".into();
+        restore.backup_s3_endpoint = "http://10.0.0.5:9000".into();
+        let spec = EngineSpec::from_pb(&restore).unwrap();
+        assert_eq!(spec.to_pb(), restore);
+        let addrs =
+            EngineAddresses::assign("127.0.0.1".parse().unwrap(), &spec, &[10002, 10003]).unwrap();
+        let joined = engine_command_line(&spec, &addrs, &[]).join(" ");
+        assert!(
+            joined.contains(
+                "--from-backup s3://bucket/corral/db/backup-1 --s3-endpoint http://10.0.0.5:9000"
+            ),
+            "{joined}"
+        );
+        assert_eq!(
+            spec.differences(&EngineSpec::from_pb(&good()).unwrap()),
+            ["from_backup", "backup_s3_endpoint"]
+        );
+        // A record written before restores existed reads back as no restore.
+        let json = serde_json::to_string(&EngineSpec::from_pb(&good()).unwrap()).unwrap();
+        assert!(!json.contains("from_backup"), "{json}");
+        type Spoil = Box<dyn Fn(&mut pb::EngineSpec)>;
+        let cases: Vec<(&str, Spoil)> = vec![
+            (
+                "from_backup",
+                Box::new(|s| s.from_backup = "http://x/v/b".into()),
+            ),
+            (
+                "from_backup",
+                Box::new(|s| s.clone_from = "127.0.0.1:1".into()),
+            ),
+            (
+                "backup_s3_endpoint",
+                Box::new(|s| s.backup_s3_endpoint = "10.0.0.5:9000".into()),
+            ),
+            (
+                "backup_s3_endpoint",
+                Box::new(|s| {
+                    s.from_backup.clear();
+                }),
+            ),
+        ];
+        for (field, spoil) in cases {
+            let mut spec = restore.clone();
+            spoil(&mut spec);
+            match EngineSpec::from_pb(&spec) {
+                Err(NodeError::BadSpec { field: f, .. }) => assert_eq!(f, field, "{spec:?}"),
+                other => panic!("{spec:?}: expected a bad {field}, got {other:?}"),
+            }
+        }
     }
 }

@@ -24,7 +24,7 @@ use crate::status::client_status;
 
 /// Bound on one fill as the controller waits for it (the node daemon goes
 /// on to the end without it; a retried CreateVolume then finds it done).
-const FILL_TIMEOUT: Duration = Duration::from_secs(3600);
+pub(super) const FILL_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Where a new volume's data comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,6 +5,8 @@
 //! snapshot name ([`ids::snapshot_name`]), found again on the volume by a
 //! retry; the same name on another volume is ALREADY_EXISTS. Snapshots are
 //! ready when taken. DeleteSnapshot of an id that names nothing is OK.
+//! A backup-typed VolumeSnapshotClass makes backups instead
+//! (`controller/backups.rs`), with ids of their own ([`ids::BACKUP_ID_PREFIX`]).
 
 use corral_proto::csi::v1 as csi;
 use corral_proto::v1 as pb;
@@ -13,14 +15,16 @@ use tonic::Status;
 use super::{ControllerService, page, required};
 use crate::daemons::{ClusterView, NodeView};
 use crate::ids;
-use crate::snapshots::{Catalog, check_parameters, through_engine, to_csi, transient_spec};
+use crate::snapshots::{
+    Catalog, SnapshotKind, snapshot_class, through_engine, to_csi, transient_spec,
+};
 use crate::status::client_status;
 
 impl ControllerService {
     /// The daemon to take a snapshot of `volume` through, and the spec of a
     /// transient engine for it should none run there: the node running its
     /// engine, else one holding a replica. NOT_FOUND for no replica.
-    fn snapshot_node<'v>(
+    pub(super) fn snapshot_node<'v>(
         view: &'v ClusterView,
         volume: &str,
     ) -> Result<(&'v NodeView, pb::EngineSpec), Status> {
@@ -51,7 +55,15 @@ impl ControllerService {
     ) -> Result<csi::Snapshot, Status> {
         let name = required(&req.name, "name")?;
         let volume = required(&req.source_volume_id, "source_volume_id")?;
-        check_parameters(&req.parameters)?;
+        if let SnapshotKind::Backup {
+            target,
+            s3_endpoint,
+        } = snapshot_class(&req.parameters)?
+        {
+            return self
+                .take_backup(name, volume, &target, s3_endpoint.as_deref())
+                .await;
+        }
         let snapshot = ids::snapshot_name(name, volume);
         let _turn = self.turn(volume).await;
         let view = self.daemons.view().await;
@@ -94,6 +106,9 @@ impl ControllerService {
     /// DeleteSnapshot: OK when the id names nothing (any more).
     pub(super) async fn remove_snapshot(&self, snapshot_id: &str) -> Result<(), Status> {
         let id = required(snapshot_id, "snapshot_id")?;
+        if ids::is_backup_snapshot_id(id) {
+            return self.remove_backup(id).await;
+        }
         let Some((volume, snapshot)) = ids::parse_snapshot_id(id) else {
             return Ok(());
         };
@@ -133,6 +148,33 @@ impl ControllerService {
             entries: Vec::new(),
             next_token: String::new(),
         };
+        if ids::is_backup_snapshot_id(&req.snapshot_id) {
+            // A backup is found by its id alone (the targets of backups
+            // are not known otherwise: a listing without an id shows the
+            // volumes' snapshots only).
+            let listed: Vec<_> = self
+                .backup_entry(&req.snapshot_id)
+                .await?
+                .filter(|s| {
+                    req.source_volume_id.is_empty() || s.source_volume_id == req.source_volume_id
+                })
+                .into_iter()
+                .collect();
+            let ids: Vec<&String> = listed.iter().map(|s| &s.snapshot_id).collect();
+            let (page_ids, next_token) =
+                page(ids.into_iter(), &req.starting_token, req.max_entries)?;
+            let entries = listed
+                .iter()
+                .filter(|s| page_ids.contains(&&s.snapshot_id))
+                .map(|s| csi::list_snapshots_response::Entry {
+                    snapshot: Some(s.clone()),
+                })
+                .collect();
+            return Ok(csi::ListSnapshotsResponse {
+                entries,
+                next_token,
+            });
+        }
         let wanted = if req.snapshot_id.is_empty() {
             None
         } else {
@@ -182,6 +224,9 @@ impl ControllerService {
     pub(super) async fn find_snapshot(&self, snapshot_id: &str) -> Result<csi::Snapshot, Status> {
         let id = required(snapshot_id, "snapshot_id")?;
         let not_found = || Status::not_found(format!("snapshot {id} does not exist"));
+        if ids::is_backup_snapshot_id(id) {
+            return self.backup_entry(id).await?.ok_or_else(not_found);
+        }
         let (volume, snapshot) = ids::parse_snapshot_id(id).ok_or_else(not_found)?;
         let view = self.daemons.view().await;
         if view.holders(volume).is_empty() {
