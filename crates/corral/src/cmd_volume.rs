@@ -289,6 +289,11 @@ pub async fn run(args: VolumeArgs) -> anyhow::Result<()> {
             let deadline = wait.map(|w| std::time::Instant::now() + w);
             loop {
                 let v = client.info().await?;
+                // An engine still opening its volume does not know yet.
+                if v.state == "opening" && deadline.is_some_and(|d| std::time::Instant::now() < d) {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
                 let Some(c) = v.clone else {
                     anyhow::bail!(
                         "volume {} is not a clone (or its fill finished before this engine started)",
