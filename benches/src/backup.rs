@@ -196,6 +196,11 @@ pub fn run(args: &BackupArgs) -> Result<()> {
         Duration::from_secs(300),
     )?;
     let (inc4_t, inc4) = backup(&c, &control, &s3, "inc-scattered")?;
+    for line in c.engines[e].process.log_text().lines() {
+        if line.contains("backup written") || line.contains("snapshot created") {
+            eprintln!("{line}");
+        }
+    }
     eprintln!("incremental (4 KiB writes): {inc4_t:?} {inc4}");
 
     // Restore the full backup into a new volume on three other daemons.

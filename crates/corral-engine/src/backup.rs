@@ -111,6 +111,7 @@ async fn write_snapshot(
     snapshot: &str,
     aids: BackupAids<'_>,
 ) -> Result<BackupReport, BackupError> {
+    let started = std::time::Instant::now();
     let fail = |why: String| BackupError::Volume {
         volume: volume.name().to_string(),
         why,
@@ -173,12 +174,14 @@ async fn write_snapshot(
         snapshot: snapshot.to_string(),
         size: snap.size,
     };
+    let planned_ms = started.elapsed().as_millis() as u64;
     let report =
         transfer::write_backup_with(target, &spec, parent.as_ref(), &changed, &source, aids)
             .await?;
     tracing::info!(volume = %volume.name(), backup = name, snapshot,
         parent = ?parent.as_ref().map(|p| &p.name), blocks_read = report.blocks_read,
-        blocks_stored = report.blocks_stored, bytes_put = report.bytes_put, "backup written");
+        blocks_stored = report.blocks_stored, bytes_put = report.bytes_put, planned_ms,
+        took_ms = started.elapsed().as_millis() as u64, "backup written");
     Ok(report)
 }
 
