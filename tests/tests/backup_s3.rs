@@ -463,7 +463,9 @@ async fn a_store_that_is_down_is_reported_soon_and_the_target_works_once_it_is_b
     assert_eq!(listed, ["a", "b"]);
 }
 
-/// A volume whose reads kill the store once `kill_at` is read.
+/// A volume whose reads kill the store once `kill_at` is read and a pack
+/// is on the store (reads run ahead of uploads: without the wait the kill
+/// could come before any pack is put).
 struct KillingSource<'a> {
     volume: &'a Volume,
     server: &'a Mutex<S3Server>,
@@ -473,6 +475,18 @@ struct KillingSource<'a> {
 impl BlockSource for KillingSource<'_> {
     async fn read_block(&self, index: u64) -> Result<Vec<u8>, String> {
         if index == self.kill_at {
+            let packs = self
+                .server
+                .lock()
+                .unwrap()
+                .bucket_dir()
+                .join("p/volumes/db/packs");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while std::fs::read_dir(&packs).map_or(0, |d| d.count()) == 0
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
             let mut s3 = self.server.lock().unwrap();
             if s3.is_running() {
                 s3.kill().map_err(|e| e.to_string())?;

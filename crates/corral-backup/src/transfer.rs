@@ -14,8 +14,8 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use futures::{StreamExt, TryStreamExt};
 
 use crate::block::{self, BLOCK_SIZE};
 use crate::lease::HeldLease;
@@ -51,6 +51,22 @@ pub trait BlockSource: Sync {
     /// The 64 KiB block `index` of what is backed up; the last block of a
     /// volume whose size is not a multiple of 64 KiB comes zero-padded.
     fn read_block(&self, index: u64) -> impl Future<Output = Result<Vec<u8>, String>> + Send;
+
+    /// `count` consecutive blocks from `first`, back to back (a source
+    /// that can read them in one call says so by overriding this).
+    fn read_blocks(
+        &self,
+        first: u64,
+        count: u64,
+    ) -> impl Future<Output = Result<Vec<u8>, String>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(count as usize * BLOCK_SIZE);
+            for i in 0..count {
+                out.extend_from_slice(&self.read_block(first + i).await?);
+            }
+            Ok(out)
+        }
+    }
 }
 
 /// Where a restore's blocks go (a new volume: blocks never written stay
@@ -114,8 +130,23 @@ fn pack_name(spec: &BackupSpec, n: u64) -> BlockHash {
     )
 }
 
-/// Blocks read, hashed and compressed ahead of the one being packed.
+/// Blocks read, hashed and compressed ahead of the one being packed...
 const READ_AHEAD: usize = 32;
+/// ... in runs of up to this many neighbouring blocks, one read each.
+const READ_RUN: u64 = 8;
+
+/// `blocks` (sorted, distinct) as runs of consecutive indexes, each at
+/// most `max` long: (first, count).
+fn runs_of(blocks: &[u64], max: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &b in blocks {
+        match out.last_mut() {
+            Some((first, count)) if *first + *count == b && *count < max => *count += 1,
+            _ => out.push((b, 1)),
+        }
+    }
+    out
+}
 /// Packs uploading at once.
 const UPLOADS: usize = 3;
 
@@ -325,22 +356,46 @@ pub async fn write_backup_with<S: BlockSource>(
         };
         let known: HashMap<BlockHash, BlockRef> =
             page.blocks.iter().flatten().map(|r| (r.hash, *r)).collect();
-        let mut ready = futures::stream::iter(blocks.iter().copied())
-            .map(|b| async move {
+        // Runs of neighbouring blocks are read with one call each.
+        let runs = runs_of(blocks, READ_RUN);
+        let mut ready = futures::stream::iter(runs)
+            .map(|(first, count)| async move {
                 let data = source
-                    .read_block(b)
+                    .read_blocks(first, count)
                     .await
-                    .map_err(|why| TransferError::Source { index: b, why })?;
-                if data.len() != BLOCK_SIZE {
+                    .map_err(|why| TransferError::Source { index: first, why })?;
+                if data.len() != count as usize * BLOCK_SIZE {
                     return Err(TransferError::Source {
-                        index: b,
-                        why: format!("{} bytes, {BLOCK_SIZE} expected", data.len()),
+                        index: first,
+                        why: format!(
+                            "{} bytes for {count} blocks, {} expected",
+                            data.len(),
+                            count as usize * BLOCK_SIZE
+                        ),
                     });
                 }
-                Ok((b, off_runtime(move || prepare(data)).await))
+                let prepared = off_runtime(move || {
+                    data.chunks_exact(BLOCK_SIZE)
+                        .map(|b| prepare(b.to_vec()))
+                        .collect::<Vec<_>>()
+                })
+                .await;
+                Ok(futures::stream::iter(prepared.into_iter().enumerate().map(
+                    move |(i, p)| Ok::<_, TransferError>((first + i as u64, p)),
+                )))
             })
-            .buffered(READ_AHEAD);
-        while let Some(next) = ready.next().await {
+            .buffered(READ_AHEAD / READ_RUN as usize)
+            .try_flatten();
+        loop {
+            // Uploads go on while blocks are read: whichever is ready first.
+            let next = tokio::select! {
+                Some(done) = uploads.next(), if !uploads.is_empty() => {
+                    report.add_pack(done?);
+                    continue;
+                }
+                next = ready.next() => next,
+            };
+            let Some(next) = next else { break };
             let (b, prepared) = next?;
             report.blocks_read += 1;
             if let Some(p) = progress {
@@ -655,6 +710,15 @@ mod tests {
             "{err}"
         );
         assert!(read_manifest(&t, "db", "third").await.is_err());
+    }
+
+    #[test]
+    fn neighbouring_blocks_are_read_in_runs() {
+        assert_eq!(runs_of(&[], 8), []);
+        assert_eq!(runs_of(&[5], 8), [(5, 1)]);
+        assert_eq!(runs_of(&[0, 1, 2, 4, 5, 9], 8), [(0, 3), (4, 2), (9, 1)]);
+        let long: Vec<u64> = (10..30).collect();
+        assert_eq!(runs_of(&long, 8), [(10, 8), (18, 8), (26, 4)]);
     }
 
     #[tokio::test]

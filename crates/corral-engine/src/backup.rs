@@ -40,16 +40,23 @@ struct SnapshotBlocks<'a> {
 
 impl BlockSource for SnapshotBlocks<'_> {
     async fn read_block(&self, index: u64) -> Result<Vec<u8>, String> {
-        let offset = index * BLOCK_SIZE as u64;
-        let len = (self.size.saturating_sub(offset)).min(BLOCK_SIZE as u64) as u32;
+        self.read_blocks(index, 1).await
+    }
+
+    /// One read of the snapshot's view for the whole run (the last block
+    /// of the volume zero-padded).
+    async fn read_blocks(&self, first: u64, count: u64) -> Result<Vec<u8>, String> {
+        let offset = first * BLOCK_SIZE as u64;
+        let want = count * BLOCK_SIZE as u64;
+        let len = self.size.saturating_sub(offset).min(want) as u32;
         let data = self
             .volume
             .read_snapshot(&self.snapshot, offset, len)
             .await
             .map_err(|e| e.to_string())?;
-        let mut block = data.to_vec();
-        block.resize(BLOCK_SIZE, 0);
-        Ok(block)
+        let mut blocks = data.to_vec();
+        blocks.resize(want as usize, 0);
+        Ok(blocks)
     }
 }
 
