@@ -87,6 +87,20 @@ pub fn fio_nbd(uri: &str, name: &str, job: &[&str], limit: Duration) -> Result<S
     Ok(text)
 }
 
+/// `len` pseudo-random bytes from `seed` (xorshift: cheap, seeded so a
+/// failure reproduces, and incompressible, so backups' packs fill).
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// A file of `len` pseudo-random bytes (seeded, so a failure reproduces).
 pub fn random_file(path: &std::path::Path, len: usize, seed: u64) -> Result<Vec<u8>> {
     use rand::{Rng, SeedableRng};

@@ -13,23 +13,12 @@ use std::sync::Mutex;
 use corral_backup::block::BLOCK_SIZE;
 use corral_backup::target::{S3Settings, Target};
 use corral_backup::transfer::{self, BlockSink};
+use corral_tests::tools::pattern;
 use corral_tests::{Cluster, EngineSpec};
 use serde_json::Value;
 
 const MIB: usize = 1 << 20;
 const SIZE: usize = 16 * MIB;
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 #[derive(Default)]
 struct Image(Mutex<HashMap<u64, Vec<u8>>>);
@@ -72,21 +61,35 @@ fn backup(c: &Cluster, control: &str, args: &[&str]) -> Result<Value, String> {
     }
 }
 
-#[test]
-fn a_full_and_an_incremental_backup_hold_the_volume_as_it_was() {
-    let mut c = Cluster::with_replicas(3).expect("cluster");
+/// Volume "bk" of `size` on the first three of `replicas` daemons, `data`
+/// written from its start and flushed, and a `file://` target in the
+/// cluster's directory (`backups/`).
+struct Source {
+    c: Cluster,
+    e: usize,
+    control: String,
+    url: String,
+}
+
+fn source(replicas: usize, size: &str, data: &[u8]) -> Source {
+    let mut c = Cluster::with_replicas(replicas).expect("cluster");
     let e = c
-        .start_engine(&EngineSpec::new("bk", "16MiB", &[0, 1, 2]))
+        .start_engine(&EngineSpec::new("bk", size, &[0, 1, 2]))
         .expect("engine");
     let control = c.engines[e].control.to_string();
     let dir = c.path().join("backups");
     std::fs::create_dir_all(&dir).unwrap();
     let url = format!("file://{}", dir.display());
-    let target = Target::open(&url, &S3Settings::default()).unwrap();
+    let file = c.path().join("data");
+    std::fs::write(&file, data).unwrap();
+    c.write_flushed(e, &file).unwrap();
+    Source { c, e, control, url }
+}
 
-    let first = c.path().join("first");
-    std::fs::write(&first, pattern(1, 6 * MIB)).unwrap();
-    c.write_flushed(e, &first).unwrap();
+#[test]
+fn a_full_and_an_incremental_backup_hold_the_volume_as_it_was() {
+    let Source { c, e, control, url } = source(3, "16MiB", &pattern(1, 6 * MIB));
+    let target = Target::open(&url, &S3Settings::default()).unwrap();
     let full = backup(&c, &control, &["--target", &url, "--name", "monday"]).unwrap();
     assert_eq!(full["parent"], Value::Null, "{full}");
     assert_eq!(full["blocks_read"], 96, "6 MiB of 64 KiB blocks: {full}");
@@ -160,18 +163,12 @@ fn verify(c: &Cluster, control: &str) {
 /// for it, is refused at once with one clear line.
 #[test]
 fn a_backup_restores_into_a_new_volume_on_other_replicas() {
-    let mut c = Cluster::with_replicas(6).expect("cluster");
-    let e = c
-        .start_engine(&EngineSpec::new("bk", "16MiB", &[0, 1, 2]))
-        .expect("engine");
-    let control = c.engines[e].control.to_string();
-    let dir = c.path().join("backups");
-    std::fs::create_dir_all(&dir).unwrap();
-    let url = format!("file://{}", dir.display());
-
-    let first = c.path().join("first");
-    std::fs::write(&first, pattern(3, 6 * MIB)).unwrap();
-    c.write_flushed(e, &first).unwrap();
+    let Source {
+        mut c,
+        e,
+        control,
+        url,
+    } = source(6, "16MiB", &pattern(3, 6 * MIB));
     backup(&c, &control, &["--target", &url, "--name", "monday"]).unwrap();
     let then = c.read_back(e, SIZE).unwrap();
     let second = c.path().join("second");
@@ -309,17 +306,13 @@ fn objects_under(dir: &std::path::Path) -> usize {
 /// data. `--retain 1` keeps the newest backup only.
 #[test]
 fn removing_a_backup_while_it_restores_keeps_its_data_until_the_restore_is_done() {
-    let mut c = Cluster::with_replicas(6).expect("cluster");
-    let e = c
-        .start_engine(&EngineSpec::new("bk", "32MiB", &[0, 1, 2]))
-        .expect("engine");
-    let control = c.engines[e].control.to_string();
+    let Source {
+        mut c,
+        e,
+        control,
+        url,
+    } = source(6, "32MiB", &pattern(7, 32 * MIB));
     let dir = c.path().join("backups");
-    std::fs::create_dir_all(&dir).unwrap();
-    let url = format!("file://{}", dir.display());
-    let data = c.path().join("data");
-    std::fs::write(&data, pattern(7, 32 * MIB)).unwrap();
-    c.write_flushed(e, &data).unwrap();
     backup(&c, &control, &["--target", &url, "--name", "b1"]).unwrap();
     let image = c.read_back(e, 32 * MIB).unwrap();
 
@@ -551,20 +544,15 @@ fn a_backup_killed_half_way_resumes_from_what_it_put() {
 #[test]
 fn a_restore_onto_full_disks_says_so() {
     corral_tests::ext4::assert_root();
-    let mut c = Cluster::with_replicas(5).expect("cluster");
+    let Source {
+        mut c,
+        e,
+        control,
+        url,
+    } = source(5, "32MiB", &pattern(5, 32 * MIB));
     for _ in 0..4 {
         c.start_replica_on_tmpfs("8m").expect("tmpfs replica");
     }
-    let e = c
-        .start_engine(&EngineSpec::new("bk", "32MiB", &[0, 1, 2]))
-        .expect("engine");
-    let control = c.engines[e].control.to_string();
-    let dir = c.path().join("backups");
-    std::fs::create_dir_all(&dir).unwrap();
-    let url = format!("file://{}", dir.display());
-    let data = c.path().join("data");
-    std::fs::write(&data, pattern(5, 32 * MIB)).unwrap();
-    c.write_flushed(e, &data).unwrap();
     backup(&c, &control, &["--target", &url, "--name", "b"]).unwrap();
     let image = c.read_back(e, 32 * MIB).unwrap();
 

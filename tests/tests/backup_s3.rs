@@ -32,6 +32,7 @@ use corral_backup::target::{Put, S3Settings, Target, TargetError};
 use corral_backup::transfer::{self, BackupSpec, BlockSink, BlockSource, TransferError};
 use corral_backup::{BackupReader, Manifest};
 use corral_tests::s3::S3Server;
+use corral_tests::tools::pattern;
 
 const GIB: u64 = 1 << 30;
 const BS: u64 = BLOCK_SIZE as u64;
@@ -40,19 +41,6 @@ const SIZE: u64 = GIB + 3 * BS;
 /// A hang guard for the tests whose store goes away: far above the few
 /// seconds the small retry settings allow, and not asserted.
 const HANG_GUARD: Duration = Duration::from_secs(120);
-
-/// Pseudo-random bytes from `seed` (they do not compress: packs fill).
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// A sparse volume in memory: its blocks that may hold data.
 #[derive(Default)]

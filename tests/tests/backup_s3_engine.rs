@@ -8,22 +8,11 @@
 //! no snapshot; a restore with refused keys stops the engine at once.
 
 use corral_tests::s3::S3Server;
+use corral_tests::tools::pattern;
 use corral_tests::{Cluster, EngineSpec};
 use serde_json::Value;
 
 const MIB: usize = 1 << 20;
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    let mut x = 0x2545_f491_4f6c_dd1du64 ^ u64::from(seed);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn backup(c: &Cluster, control: &str, s3: &S3Server, target: &str) -> Result<Value, String> {
     let out = c

@@ -31,24 +31,13 @@ use anyhow::{Context, Result, anyhow, ensure};
 use corral_proto::csi::v1 as csi;
 use corral_tests::csi::{CsiCluster, backup_class, snapshot_source, storage_class};
 use corral_tests::nbd_raw::RawNbd;
+use corral_tests::tools::pattern;
 use serde_json::Value;
 
 const MIB: usize = 1 << 20;
 const SIZE: usize = 16 * MIB;
 /// Bytes the writer fills before the backup (the rest stays zero).
 const WRITTEN: usize = 12 * MIB;
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// The NBD export a publish context names.
 fn export(published: &HashMap<String, String>, volume: &str) -> Result<RawNbd> {

@@ -405,24 +405,11 @@ impl Target {
 
     /// The names of the objects under `dir` (which ends with `/`).
     pub async fn list(&self, dir: &str) -> Result<Vec<String>, TargetError> {
-        let base = self.path(dir.trim_end_matches('/'));
-        let strip = if self.prefix.is_empty() {
-            String::new()
-        } else {
-            format!("{}/", self.prefix)
-        };
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&base))
-            .try_collect()
-            .await
-            .map_err(|e| self.err(dir, e))?;
-        Ok(metas
+        Ok(self
+            .list_objects(dir)
+            .await?
             .into_iter()
-            .map(|m| {
-                let full = m.location.to_string();
-                full.strip_prefix(&strip).unwrap_or(&full).to_string()
-            })
+            .map(|o| o.name)
             .collect())
     }
 

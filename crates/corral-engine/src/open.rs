@@ -564,15 +564,7 @@ async fn open_clone(
             let fill = CloneFill::start_restore(&cfg.volume, size, restore, chunks, timeout)
                 .await
                 .map_err(waiting)?;
-            for client in clients.iter().flatten() {
-                client
-                    .control()
-                    .set_clone(&cfg.volume, epoch, fill.record())
-                    .await
-                    .map_err(|e| {
-                        replica_err(cfg, client.addr(), format!("recording the restore: {e}"))
-                    })?;
-            }
+            record_new_fill(cfg, epoch, clients, &fill, "restore").await?;
             info!(volume = %cfg.volume, backup = %restore.backup, "new volume restored from a backup: filling it");
             fill
         }
@@ -583,15 +575,7 @@ async fn open_clone(
             let fill = CloneFill::start(&cfg.volume, size, source, chunks, timeout)
                 .await
                 .map_err(waiting)?;
-            for client in clients.iter().flatten() {
-                client
-                    .control()
-                    .set_clone(&cfg.volume, epoch, fill.record())
-                    .await
-                    .map_err(|e| {
-                        replica_err(cfg, client.addr(), format!("recording the clone: {e}"))
-                    })?;
-            }
+            record_new_fill(cfg, epoch, clients, &fill, "clone").await?;
             info!(volume = %cfg.volume, source = %source.engine, snapshot = %fill.record().snapshot,
                 "new clone: serving while it fills from its source");
             fill
@@ -599,6 +583,25 @@ async fn open_clone(
         (None, None, None) => return Ok(None),
     };
     Ok(Some(Arc::new(fill)))
+}
+
+/// Records a new clone's or restore's fill on every replica reached, before
+/// anything is written to them.
+async fn record_new_fill(
+    cfg: &EngineConfig,
+    epoch: Epoch,
+    clients: &[Option<Arc<ReplicaClient>>],
+    fill: &CloneFill,
+    what: &str,
+) -> Result<(), EngineError> {
+    for client in clients.iter().flatten() {
+        client
+            .control()
+            .set_clone(&cfg.volume, epoch, fill.record())
+            .await
+            .map_err(|e| replica_err(cfg, client.addr(), format!("recording the {what}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// The members as an engine that has just fenced and elected finds them:
