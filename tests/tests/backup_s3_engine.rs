@@ -137,3 +137,79 @@ fn an_engine_backs_up_to_s3_and_a_new_volume_restores_from_it() {
     let log = c.engines[bad].process.log_text();
     assert!(log.contains("access denied"), "{log}");
 }
+
+/// The store goes away in the middle of a restore (s3s-fs killed once a
+/// part is filled) and comes back on the same port: `clone status` shows
+/// the fill stuck with the reason meanwhile, then the restore goes on
+/// from where it was and the volume is the backup, bit-exact.
+#[test]
+fn a_restore_waits_out_a_store_that_goes_away_and_comes_back() {
+    let mut s3 = S3Server::start().expect("s3s-fs");
+    let mut c = Cluster::with_replicas(6).expect("cluster");
+    let e = c
+        .start_engine(
+            &EngineSpec::new("vol", "64MiB", &[0, 1, 2])
+                .env("AWS_ACCESS_KEY_ID", s3.access_key())
+                .env("AWS_SECRET_ACCESS_KEY", s3.secret_key()),
+        )
+        .expect("engine");
+    let control = c.engines[e].control.to_string();
+    let data = c.path().join("data");
+    std::fs::write(&data, pattern(2, 64 * MIB)).unwrap();
+    c.write_flushed(e, &data).unwrap();
+    let target = s3.url("corral");
+    backup(&c, &control, &s3, &target).unwrap();
+    let image = c.read_back(e, 64 * MIB).unwrap();
+
+    // One fill round per 4 KiB makes the restore last a while.
+    let creds = s3.credentials_file().unwrap();
+    let mut spec = EngineSpec::new("restored", "64MiB", &[3, 4, 5])
+        .arg("--from-backup", &format!("{target}/vol/first"))
+        .arg("--s3-endpoint", &s3.endpoint())
+        .arg("--s3-credentials", &creds.display().to_string())
+        .arg("--chunk-size", "4KiB")
+        .set("--replica-retry-interval", "1s");
+    spec.extra.push("--serve-while-filling".into());
+    let r = c.start_engine(&spec).expect("restore engine");
+    let r_control = c.engines[r].control.to_string();
+    let status = |c: &Cluster| -> Value {
+        let out = c
+            .corral(&[
+                "volume", "--engine", &r_control, "--json", "clone", "status",
+            ])
+            .expect("corral runs");
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    corral_tests::wait_until(
+        std::time::Duration::from_secs(60),
+        "part of the volume filled",
+        || status(&c)["filled_bytes"].as_u64().is_some_and(|f| f > 0),
+    )
+    .unwrap();
+    s3.kill().unwrap();
+    let stuck = corral_tests::poll(
+        std::time::Duration::from_secs(120),
+        "clone status to say the fill is stuck",
+        || {
+            let s = status(&c);
+            Ok((s["done"] == false && s["error"].is_string()).then_some(s))
+        },
+    );
+    s3.restart().unwrap();
+    let stuck = stuck.expect("the fill reports the store gone");
+    assert!(
+        stuck["error"].as_str().unwrap().contains("cannot reach"),
+        "{stuck}"
+    );
+    let out = c
+        .corral(&[
+            "volume", "--engine", &r_control, "--json", "clone", "status", "--wait", "300s",
+        ])
+        .unwrap();
+    let done: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(done["done"], true, "{done}");
+    assert!(
+        c.read_back(r, 64 * MIB).unwrap() == image,
+        "the restore resumed after the outage is not the backup"
+    );
+}

@@ -506,7 +506,15 @@ pub async fn run_filler(
         // engine under the chunk's lock).
         let filled = if fill.is_restore() {
             match ahead.window(chunk).await {
-                Ok(pieces) => {
+                // The pieces run from this chunk on, one per chunk; anything
+                // else is retried, never skipped.
+                Ok(pieces)
+                    if pieces.first().is_some_and(|(c, _)| *c == chunk)
+                        && pieces
+                            .iter()
+                            .enumerate()
+                            .all(|(i, (c, _))| *c == chunk + i as u64) =>
+                {
                     let n = pieces.len() as u64;
                     let results: Vec<_> = futures::stream::iter(pieces)
                         .map(|(c, data)| volume.fill_chunk_with(c, data))
@@ -515,9 +523,12 @@ pub async fn run_filler(
                         .await;
                     match results.into_iter().find_map(Result::err) {
                         Some(e) => Err(e.to_string()),
-                        None => Ok(n.max(1)),
+                        None => Ok(n),
                     }
                 }
+                Ok(_) => Err(format!(
+                    "the backup's read-ahead had nothing for chunk {chunk}"
+                )),
                 Err(e) => Err(e.to_string()),
             }
         } else {
@@ -647,23 +658,25 @@ impl ReadAhead {
                 h.abort();
             }
         }
+        // This window's read failed last time (and was dropped), or was
+        // never started: read it again, first in line.
+        if first < self.total && self.pending.front().is_none_or(|(at, _)| *at != first) {
+            let read = self.spawn_read(first);
+            self.pending.push_front((first, read));
+        }
         let mut next = self
             .pending
             .back()
             .map_or(first, |(at, _)| at + self.window_chunks);
         while self.pending.len() < RESTORE_READ_AHEAD && next < self.total {
-            let fill = Arc::clone(&self.fill);
-            let n = self.window_chunks.min(self.total - next);
-            let at = next;
-            self.pending.push_back((
-                at,
-                tokio::spawn(async move { fill.read_window(at, n).await }),
-            ));
+            let read = self.spawn_read(next);
+            self.pending.push_back((next, read));
             next += self.window_chunks;
         }
         let Some((at, read)) = self.pending.pop_front() else {
             return Ok(Vec::new());
         };
+        debug_assert_eq!(at, first, "the read popped is this window's");
         let data = match read.await {
             Ok(Some(result)) => result?,
             Ok(None) => return Ok(Vec::new()),
@@ -677,6 +690,14 @@ impl ReadAhead {
         let out = pieces(at, &data);
         self.current = Some((at, data));
         Ok(out)
+    }
+}
+
+impl ReadAhead {
+    fn spawn_read(&self, at: u64) -> WindowRead {
+        let fill = Arc::clone(&self.fill);
+        let n = self.window_chunks.min(self.total - at);
+        tokio::spawn(async move { fill.read_window(at, n).await })
     }
 }
 
