@@ -75,6 +75,18 @@ impl RawInitiator {
     /// Run one SCSI command on LUN 0: `data_out` goes as immediate data,
     /// up to `read_len` bytes may come back. Returns (status, Data-In).
     pub fn command(&mut self, cdb: &[u8], data_out: &[u8], read_len: u32) -> (u8, Vec<u8>) {
+        let (status, data_in, _) = self.command_sense(cdb, data_out, read_len);
+        (status, data_in)
+    }
+
+    /// Like [`RawInitiator::command`], also returning the sense data of a
+    /// CHECK CONDITION (empty otherwise): (status, Data-In, sense).
+    pub fn command_sense(
+        &mut self,
+        cdb: &[u8],
+        data_out: &[u8],
+        read_len: u32,
+    ) -> (u8, Vec<u8>, Vec<u8>) {
         let mut flags = 0x80 | 0x01; // final, simple task attribute
         if read_len > 0 {
             flags |= 0x40;
@@ -103,53 +115,6 @@ impl RawInitiator {
                 0x25 => {
                     data_in.extend_from_slice(&data);
                     if resp[1] & 0x01 != 0 {
-                        return (resp[3], data_in);
-                    }
-                }
-                // SCSI Response.
-                0x21 => return (resp[3], data_in),
-                // NOP-In pings and asynchronous messages are not ours.
-                0x20 | 0x32 => continue,
-                other => panic!("unexpected PDU opcode {other:#04x} in reply to a command"),
-            }
-        }
-    }
-
-    /// Like [`RawInitiator::command`], also returning the sense data of a
-    /// CHECK CONDITION (empty otherwise): (status, Data-In, sense).
-    pub fn command_sense(
-        &mut self,
-        cdb: &[u8],
-        data_out: &[u8],
-        read_len: u32,
-    ) -> (u8, Vec<u8>, Vec<u8>) {
-        let mut flags = 0x80 | 0x01;
-        if read_len > 0 {
-            flags |= 0x40;
-        }
-        if !data_out.is_empty() {
-            flags |= 0x20;
-        }
-        let mut h = bhs(0x01, flags);
-        self.itt += 1;
-        h[16..20].copy_from_slice(&self.itt.to_be_bytes());
-        let edtl = if data_out.is_empty() {
-            read_len
-        } else {
-            data_out.len() as u32
-        };
-        h[20..24].copy_from_slice(&edtl.to_be_bytes());
-        h[24..28].copy_from_slice(&self.cmd_sn.to_be_bytes());
-        self.cmd_sn = self.cmd_sn.wrapping_add(1);
-        h[32..32 + cdb.len()].copy_from_slice(cdb);
-        self.stream.write_all(&with_data(h, data_out)).unwrap();
-        let mut data_in = Vec::new();
-        loop {
-            let (resp, data) = self.read_pdu().unwrap();
-            match resp[0] & 0x3f {
-                0x25 => {
-                    data_in.extend_from_slice(&data);
-                    if resp[1] & 0x01 != 0 {
                         return (resp[3], data_in, Vec::new());
                     }
                 }
@@ -163,6 +128,7 @@ impl RawInitiator {
                     };
                     return (resp[3], data_in, sense);
                 }
+                // NOP-In pings and asynchronous messages are not ours.
                 0x20 | 0x32 => continue,
                 other => panic!("unexpected PDU opcode {other:#04x} in reply to a command"),
             }

@@ -144,6 +144,16 @@ fn clone_status(c: &Cluster, control: &str, wait: &str) -> Value {
     serde_json::from_slice(&out.stdout).expect("JSON")
 }
 
+/// Starts the restoring engine of `spec` and waits (120 s at most) until
+/// its fill is done: the engine's index and its last `clone status`.
+fn restore_engine(c: &mut Cluster, spec: EngineSpec) -> (usize, Value) {
+    let r = c.start_engine(&spec).expect("restore engine");
+    let control = c.engines[r].control.to_string();
+    let status = clone_status(c, &control, "120s");
+    assert_eq!(status["done"], true, "{status}");
+    (r, status)
+}
+
 fn verify(c: &Cluster, control: &str) {
     let out = c
         .corral(&["volume", "--engine", control, "verify"])
@@ -179,16 +189,13 @@ fn a_backup_restores_into_a_new_volume_on_other_replicas() {
 
     // The incremental one, filled before it serves. A smaller chunk than
     // the default makes the fill many windows long.
-    let r = c
-        .start_engine(
-            &EngineSpec::new("restored", "16MiB", &[3, 4, 5])
-                .arg("--from-backup", &format!("{url}/bk/tuesday"))
-                .arg("--chunk-size", "64KiB"),
-        )
-        .expect("restore engine");
+    let (r, status) = restore_engine(
+        &mut c,
+        EngineSpec::new("restored", "16MiB", &[3, 4, 5])
+            .arg("--from-backup", &format!("{url}/bk/tuesday"))
+            .arg("--chunk-size", "64KiB"),
+    );
     let r_control = c.engines[r].control.to_string();
-    let status = clone_status(&c, &r_control, "60s");
-    assert_eq!(status["done"], true, "{status}");
     assert_eq!(status["backup"], format!("{url}/bk/tuesday"), "{status}");
     assert_eq!(status["total_bytes"], SIZE as u64, "{status}");
     assert!(
@@ -268,14 +275,11 @@ fn an_ext4_volume_restores_fsck_clean() {
     let url = format!("file://{}", dir.display());
     backup(&c, &control, &["--target", &url, "--name", "fs-1"]).unwrap();
 
-    let r = c
-        .start_engine(
-            &EngineSpec::new("fs-restored", "64MiB", &[3, 4, 5])
-                .arg("--from-backup", &format!("{url}/fs/fs-1")),
-        )
-        .expect("restore engine");
-    let r_control = c.engines[r].control.to_string();
-    assert_eq!(clone_status(&c, &r_control, "120s")["done"], true);
+    let (r, _) = restore_engine(
+        &mut c,
+        EngineSpec::new("fs-restored", "64MiB", &[3, 4, 5])
+            .arg("--from-backup", &format!("{url}/fs/fs-1")),
+    );
     let dir = c.path().join("fs-restored");
     let mut fs = corral_tests::ext4::Ext4OnNbd::attach(&dir, &c.engines[r].nbd_uri(), size)
         .expect("attach the restored volume");
@@ -557,14 +561,11 @@ fn a_restore_onto_full_disks_says_so() {
     let image = c.read_back(e, 32 * MIB).unwrap();
 
     // Replicas 3 and 4 have room; 5 has 8 MiB.
-    let r = c
-        .start_engine(
-            &EngineSpec::new("one-full", "32MiB", &[3, 4, 5])
-                .arg("--from-backup", &format!("{url}/bk/b")),
-        )
-        .expect("restore engine");
-    let r_control = c.engines[r].control.to_string();
-    assert_eq!(clone_status(&c, &r_control, "120s")["done"], true);
+    let (r, _) = restore_engine(
+        &mut c,
+        EngineSpec::new("one-full", "32MiB", &[3, 4, 5])
+            .arg("--from-backup", &format!("{url}/bk/b")),
+    );
     assert!(c.read_back(r, 32 * MIB).unwrap() == image);
     let info = c.volume_info(r).unwrap();
     assert_eq!(info["replicas_rw"], 2, "{info}");
@@ -648,14 +649,11 @@ fn backups_taken_under_a_verifying_writer_restore_as_their_snapshots() {
 
     for (i, (name, taken)) in [("full", &full), ("inc", &inc)].into_iter().enumerate() {
         let snapshot = taken["snapshot"].as_str().unwrap();
-        let restored = c
-            .start_engine(
-                &EngineSpec::new(&format!("restored-{name}"), "16MiB", &[3, 4, 5])
-                    .arg("--from-backup", &format!("{url}/live/{name}")),
-            )
-            .unwrap();
-        let r_control = c.engines[restored].control.to_string();
-        assert_eq!(clone_status(&c, &r_control, "60s")["done"], true);
+        let (restored, _) = restore_engine(
+            &mut c,
+            EngineSpec::new(&format!("restored-{name}"), "16MiB", &[3, 4, 5])
+                .arg("--from-backup", &format!("{url}/live/{name}")),
+        );
         let clone = c
             .start_engine(
                 &EngineSpec::new(&format!("clone-{i}"), "16MiB", &[6, 7, 8])

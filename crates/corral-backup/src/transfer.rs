@@ -159,13 +159,13 @@ enum Prepared {
     },
 }
 
-fn prepare(data: Vec<u8>) -> Prepared {
-    if block::is_zero(&data) {
+fn prepare(data: &[u8]) -> Prepared {
+    if block::is_zero(data) {
         Prepared::Zero
     } else {
         Prepared::Data {
-            hash: BlockHash::of(&data),
-            compressed: block::compress(&data),
+            hash: BlockHash::of(data),
+            compressed: block::compress(data),
         }
     }
 }
@@ -376,7 +376,7 @@ pub async fn write_backup_with<S: BlockSource>(
                 }
                 let prepared = off_runtime(move || {
                     data.chunks_exact(BLOCK_SIZE)
-                        .map(|b| prepare(b.to_vec()))
+                        .map(prepare)
                         .collect::<Vec<_>>()
                 })
                 .await;

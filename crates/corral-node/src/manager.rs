@@ -639,20 +639,7 @@ impl EngineManager {
         clone.clone_from = source_control;
         clone.clone_snapshot = snapshot.to_string();
         let volume = clone.volume.clone();
-        let outcome = async {
-            let status = self.start_in_turn(clone, true).await?;
-            if status.state != pb::EngineState::Running as i32 {
-                return Err(NodeError::NotServing {
-                    volume: volume.clone(),
-                    after: self.config.start_timeout,
-                });
-            }
-            let control =
-                EngineControl::connect(&status.control_address, ENGINE_CALL_TIMEOUT).await?;
-            until_filled(&control, &volume, snapshot.is_empty()).await
-        }
-        .await;
-        self.stop_transient(&volume).await;
+        let outcome = self.fill_in_transient(clone, snapshot.is_empty()).await;
         if source_transient {
             self.stop_transient(&source.volume).await;
         }
@@ -663,6 +650,32 @@ impl EngineManager {
             filled_bytes,
             elapsed_ms,
         })
+    }
+
+    /// Start a transient engine of `spec` (the caller holds the volume's
+    /// turn), wait until its replicas record the fill done (see
+    /// [`until_filled`]), and stop it whatever happened; the bytes filled.
+    async fn fill_in_transient(
+        &self,
+        spec: EngineSpec,
+        delete_source_snapshot: bool,
+    ) -> Result<u64, NodeError> {
+        let volume = spec.volume.clone();
+        let outcome = async {
+            let status = self.start_in_turn(spec, true).await?;
+            if status.state != pb::EngineState::Running as i32 {
+                return Err(NodeError::NotServing {
+                    volume: volume.clone(),
+                    after: self.config.start_timeout,
+                });
+            }
+            let control =
+                EngineControl::connect(&status.control_address, ENGINE_CALL_TIMEOUT).await?;
+            until_filled(&control, &volume, delete_source_snapshot).await
+        }
+        .await;
+        self.stop_transient(&volume).await;
+        outcome
     }
 
     /// Fill the new volume of `restore` from the backup its `from_backup`
@@ -691,21 +704,7 @@ impl EngineManager {
         if self.supervisor(&volume).is_some() {
             return Err(NodeError::InUse(volume));
         }
-        let outcome = async {
-            let status = self.start_in_turn(spec, true).await?;
-            if status.state != pb::EngineState::Running as i32 {
-                return Err(NodeError::NotServing {
-                    volume: volume.clone(),
-                    after: self.config.start_timeout,
-                });
-            }
-            let control =
-                EngineControl::connect(&status.control_address, ENGINE_CALL_TIMEOUT).await?;
-            until_filled(&control, &volume, false).await
-        }
-        .await;
-        self.stop_transient(&volume).await;
-        let filled_bytes = outcome?;
+        let filled_bytes = self.fill_in_transient(spec, false).await?;
         let elapsed_ms = started.elapsed().as_millis() as u64;
         info!(volume = %volume, backup = %backup, filled_bytes, elapsed_ms, "restored from a backup");
         Ok(pb::FillCloneResponse {

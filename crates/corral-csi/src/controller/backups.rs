@@ -248,21 +248,9 @@ impl ControllerService {
                 "volume {id}: its replicas are not reachable"
             )));
         };
-        if replicas
-            .iter()
-            .any(|r| r.clone.as_ref().is_some_and(|c| c.done))
-        {
+        let made = format!("restored from {}", source.backup.url);
+        if !super::clones::fill_needed(id, &replicas, &made)? {
             return Ok(());
-        }
-        let filling = replicas.iter().any(|r| r.clone.is_some());
-        let served = replicas
-            .iter()
-            .any(|r| r.membership.as_ref().is_some_and(|m| m.generation > 0));
-        if served && !filling {
-            return Err(Status::already_exists(format!(
-                "volume {id} exists and was not restored from {}",
-                source.backup.url
-            )));
         }
         let mut spec = transient_spec(&view, id, replica);
         spec.from_backup = source.backup.url.to_string();

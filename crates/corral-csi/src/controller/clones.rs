@@ -147,21 +147,8 @@ impl ControllerService {
                 "volume {id}: its replicas are not reachable"
             )));
         };
-        if replicas
-            .iter()
-            .any(|r| r.clone.as_ref().is_some_and(|c| c.done))
-        {
+        if !fill_needed(id, &replicas, &format!("made from {}", source.volume))? {
             return Ok(());
-        }
-        let is_clone = replicas.iter().any(|r| r.clone.is_some());
-        let served = replicas
-            .iter()
-            .any(|r| r.membership.as_ref().is_some_and(|m| m.generation > 0));
-        if served && !is_clone {
-            return Err(Status::already_exists(format!(
-                "volume {id} exists and was not made from {}",
-                source.volume
-            )));
         }
         let source_holders = view.holders(&source.volume);
         let Some(source_replica) = source_holders
@@ -203,6 +190,33 @@ impl ControllerService {
             node = node.node_id(), bytes = filled.filled_bytes, ms = filled.elapsed_ms, "clone filled");
         Ok(())
     }
+}
+
+/// Whether new volume `id` still needs its fill, from what its `replicas`
+/// record: not once any records it done; refused (ALREADY_EXISTS) when it
+/// has been served and was never `made` this way (a clone or a restore
+/// makes a new volume only).
+pub(super) fn fill_needed(
+    id: &str,
+    replicas: &[&pb::ReplicaInfo],
+    made: &str,
+) -> Result<bool, Status> {
+    if replicas
+        .iter()
+        .any(|r| r.clone.as_ref().is_some_and(|c| c.done))
+    {
+        return Ok(false);
+    }
+    let filling = replicas.iter().any(|r| r.clone.is_some());
+    let served = replicas
+        .iter()
+        .any(|r| r.membership.as_ref().is_some_and(|m| m.generation > 0));
+    if served && !filling {
+        return Err(Status::already_exists(format!(
+            "volume {id} exists and was not {made}"
+        )));
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
