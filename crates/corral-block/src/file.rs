@@ -138,13 +138,32 @@ fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     }
 }
 
+/// Bytes per `pwrite` into the file, and the boundary its pieces keep to: the
+/// kernel sizes a new page-cache folio by the write that creates it, and on
+/// ext4 each later small write into a large folio walks all its block
+/// buffers (decision 62; the replica store writes the same way).
+const MAX_FOLIO_WRITE: u64 = 16 << 10;
+
+/// `data` written at `offset` in pieces that never cross a
+/// [`MAX_FOLIO_WRITE`] boundary of the file.
+fn write_in_small_folios(file: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0usize;
+    while done < data.len() {
+        let pos = offset + done as u64;
+        let n = ((MAX_FOLIO_WRITE - pos % MAX_FOLIO_WRITE) as usize).min(data.len() - done);
+        file.write_all_at(&data[done..done + n], pos)?;
+        done += n;
+    }
+    Ok(())
+}
+
 fn write_zero_range(file: &File, mut offset: u64, len: u64) -> std::io::Result<()> {
     const STEP: u64 = 1 << 20;
     let zeroes = vec![0u8; STEP.min(len) as usize];
     let end = offset + len;
     while offset < end {
         let n = STEP.min(end - offset) as usize;
-        file.write_all_at(&zeroes[..n], offset)?;
+        write_in_small_folios(file, &zeroes[..n], offset)?;
         offset += n as u64;
     }
     Ok(())
@@ -191,11 +210,11 @@ impl BlockDevice for FileDevice {
             let _turn = self.write_turn.lock().await;
             return self
                 .inline_writes
-                .run(|| self.file.write_all_at(&data, offset))
+                .run(|| write_in_small_folios(&self.file, &data, offset))
                 .map_err(io_error);
         }
         self.blocking(move |f| {
-            f.write_all_at(&data, offset)?;
+            write_in_small_folios(f, &data, offset)?;
             if fua {
                 f.sync_data()?;
             }
