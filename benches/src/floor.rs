@@ -64,8 +64,7 @@ pub struct FloorArgs {
     #[arg(long, value_delimiter = ',', default_values_t = [32u32, 8, 1])]
     qd: Vec<u32>,
     /// Streams per replica in the floor's client (the engine's
-    /// `--streams-per-replica` defaults to 2; the floor as specified in
-    /// issue 13 uses one).
+    /// `--streams-per-replica` defaults to 1, as does this).
     #[arg(long, default_value_t = 1)]
     streams: usize,
     /// Size of the real volume, in MiB (the fio matrix uses 1024).
@@ -74,6 +73,9 @@ pub struct FloorArgs {
     /// Only the floor (no replica daemons, no engine, no fio).
     #[arg(long)]
     floor_only: bool,
+    /// The engine's `--streams-per-replica` (its default when not given).
+    #[arg(long)]
+    engine_streams: Option<usize>,
 }
 
 /// The payload of every write, in bytes.
@@ -467,8 +469,11 @@ fn real(args: &FloorArgs) -> Result<Vec<RealSample>> {
     for _ in 0..3 {
         cluster.start_replica_with(&["--io-threads", "1"])?;
     }
-    let spec = EngineSpec::new("floor", &format!("{}MiB", args.size_mib), &[0, 1, 2])
+    let mut spec = EngineSpec::new("floor", &format!("{}MiB", args.size_mib), &[0, 1, 2])
         .set("--replica-timeout", "8s");
+    if let Some(n) = args.engine_streams {
+        spec = spec.set("--streams-per-replica", &n.to_string());
+    }
     let e = cluster.start_engine(&spec)?;
     let uri = cluster.engines[e].nbd_uri();
     let size = format!("--size={}m", args.size_mib);

@@ -118,7 +118,7 @@ impl EngineConfig {
             replica_timeout: Duration::from_secs(8),
             stale_replica_timeout: Duration::from_secs(30 * 60),
             write_policy: WritePolicy::default_for(n),
-            streams_per_replica: 2,
+            streams_per_replica: 1,
             inflight_per_stream: 128,
             retry_interval: Duration::from_secs(5),
             rebuild_concurrency: 8,

@@ -57,8 +57,8 @@ pub struct EngineArgs {
     /// Chunk size: the unit of ordering and rebuild (power of two, >= 4KiB).
     #[arg(long, default_value = "256KiB", value_parser = parse_size)]
     pub chunk_size: u64,
-    /// Data streams (TCP connections) per replica.
-    #[arg(long, default_value_t = 2)]
+    /// Data streams (TCP connections) per replica (decision 63).
+    #[arg(long, default_value_t = 1)]
     pub streams_per_replica: usize,
     /// Give up opening the volume after this long (replicas unreachable, waiting for a member).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
