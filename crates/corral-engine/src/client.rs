@@ -21,7 +21,7 @@ use corral_proto::v1::{
 };
 use corral_proto::{MAX_BATCH_BYTES, MAX_BATCH_REQUESTS, MAX_MESSAGE_BYTES};
 use corral_types::Epoch;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, TryAcquireError, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
@@ -174,21 +174,11 @@ impl ReplicaClient {
     /// the streams' permits in ascending stream order (so that concurrent
     /// reservations can never wait on each other in a cycle).
     pub async fn reserve(&self, chunks: &[u64]) -> Result<Reservation, ReplicaIoError> {
-        self.check_usable()?;
-        let mut counts = vec![0u32; self.streams.len()];
-        for c in chunks {
-            counts[self.stream_of(*c)] += 1;
-        }
+        let counts = self.requests_per_stream(chunks)?;
         let mut permits = Vec::new();
         for (i, n) in counts.into_iter().enumerate() {
             if n == 0 {
                 continue;
-            }
-            if n > self.streams[i].capacity {
-                return Err(ReplicaIoError::Rejected(format!(
-                    "{} requests on one stream exceed its in-flight limit of {}",
-                    n, self.streams[i].capacity
-                )));
             }
             let permit = Arc::clone(&self.streams[i].inflight)
                 .acquire_many_owned(n)
@@ -199,6 +189,51 @@ impl ReplicaClient {
             permits.push(permit);
         }
         Ok(Reservation { _permits: permits })
+    }
+
+    /// [`ReplicaClient::reserve`] if every stream has the room now; `None`
+    /// when one would have to wait (the caller then waits, with a timer).
+    pub fn try_reserve(&self, chunks: &[u64]) -> Option<Result<Reservation, ReplicaIoError>> {
+        let counts = match self.requests_per_stream(chunks) {
+            Ok(c) => c,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut permits = Vec::new();
+        for (i, n) in counts.into_iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            match Arc::clone(&self.streams[i].inflight).try_acquire_many_owned(n) {
+                Ok(permit) => permits.push(permit),
+                Err(TryAcquireError::NoPermits) => return None,
+                Err(TryAcquireError::Closed) => {
+                    return Some(Err(ReplicaIoError::Unreachable(format!(
+                        "{}: client closed",
+                        self.addr
+                    ))));
+                }
+            }
+        }
+        Some(Ok(Reservation { _permits: permits }))
+    }
+
+    /// How many of `chunks` go to each stream; an error when the client is
+    /// broken or one stream would get more than it may have in flight.
+    fn requests_per_stream(&self, chunks: &[u64]) -> Result<Vec<u32>, ReplicaIoError> {
+        self.check_usable()?;
+        let mut counts = vec![0u32; self.streams.len()];
+        for c in chunks {
+            counts[self.stream_of(*c)] += 1;
+        }
+        for (i, n) in counts.iter().enumerate() {
+            if *n > self.streams[i].capacity {
+                return Err(ReplicaIoError::Rejected(format!(
+                    "{} requests on one stream exceed its in-flight limit of {}",
+                    n, self.streams[i].capacity
+                )));
+            }
+        }
+        Ok(counts)
     }
 
     /// Queue one request on the stream that owns `chunk`, without waiting.

@@ -380,10 +380,14 @@ impl Volume {
     ) -> BlockResult<()> {
         let targets = self.set.write_targets();
         let epoch = self.set.epoch();
-        // Room on every target's streams first (this may wait)...
+        // Room on every target's streams first (this may wait; a timer
+        // only when it must)...
         let reservations = join_all(targets.iter().map(|(_, client, _)| {
             let chunk_ids = &chunk_ids;
             async move {
+                if let Some(reserved) = client.try_reserve(chunk_ids) {
+                    return reserved;
+                }
                 match tokio::time::timeout(client.timeout(), client.reserve(chunk_ids)).await {
                     Ok(r) => r,
                     Err(_) => Err(ReplicaIoError::Timeout(client.timeout())),
