@@ -28,7 +28,10 @@
 //! during fio is divided by the writes fio issued.
 //!
 //! Both parts print µs of CPU per replicated write; the table's last
-//! column is engine ÷ floor caller, the gap issue 13 asks to close.
+//! column is engine ÷ floor caller, the gap issue 13 asks to close. With
+//! `--perf`, the engine and one replica daemon are also profiled during
+//! the first queue depth's run, and their µs per write are split by stage
+//! (`crate::stages`).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -47,6 +50,8 @@ use corral_proto::v1::{
 };
 use corral_tests::tools::fio_nbd;
 use corral_tests::{Cluster, EngineSpec};
+
+use crate::stages::{self, Profile};
 use futures::Stream;
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
@@ -76,6 +81,11 @@ pub struct FloorArgs {
     /// The engine's `--streams-per-replica` (its default when not given).
     #[arg(long)]
     engine_streams: Option<usize>,
+    /// Also record `perf` on the engine and on one replica daemon during
+    /// the first queue depth's fio run, and print their CPU per write split
+    /// by stage.
+    #[arg(long)]
+    perf: bool,
 }
 
 /// The payload of every write, in bytes.
@@ -442,6 +452,14 @@ struct RealSample {
     writes_per_s: f64,
     engine_us: f64,
     replica_us: Vec<f64>,
+    /// With `--perf`: the engine's and the first daemon's split by stage.
+    stages: Option<StageSplits>,
+}
+
+/// Percent of samples per stage, for the engine and one replica daemon.
+struct StageSplits {
+    engine: Vec<(&'static str, f64)>,
+    replica: Vec<(&'static str, f64)>,
 }
 
 /// Writes fio issued, from its "issued rwts: total=r,w,t,d" line.
@@ -490,8 +508,23 @@ fn real(args: &FloorArgs) -> Result<Vec<RealSample>> {
         .iter()
         .map(|r| r.process.pid().context("replica pid"))
         .collect::<Result<_>>()?;
+    let profiles = tempfile::tempdir()?;
     let mut samples = Vec::new();
-    for &qd in &args.qd {
+    for (i, &qd) in args.qd.iter().enumerate() {
+        // The profiles skip fio's first second (its start) and its last.
+        let recording = if args.perf && i == 0 {
+            let window = args.seconds.saturating_sub(2).max(1);
+            Some((
+                Profile::record(engine_pid, window, profiles.path().join("engine.data"))?,
+                Profile::record(
+                    replica_pids[0],
+                    window,
+                    profiles.path().join("replica.data"),
+                )?,
+            ))
+        } else {
+            None
+        };
         let before_e = process_cpu_s(engine_pid)?;
         let before_r: Vec<f64> = replica_pids
             .iter()
@@ -524,6 +557,13 @@ fn real(args: &FloorArgs) -> Result<Vec<RealSample>> {
             bail!("fio completed no writes at QD{qd}");
         }
         let n = writes as f64;
+        let stages = match recording {
+            Some((engine, replica)) => Some(StageSplits {
+                engine: stages::split(&engine.finish()?)?,
+                replica: stages::split(&replica.finish()?)?,
+            }),
+            None => None,
+        };
         samples.push(RealSample {
             qd,
             writes_per_s: n / args.seconds as f64,
@@ -533,6 +573,7 @@ fn real(args: &FloorArgs) -> Result<Vec<RealSample>> {
                 .zip(&after_r)
                 .map(|(b, a)| (a - b) * 1e6 / n)
                 .collect(),
+            stages,
         });
         eprintln!("floor: fio QD{qd}: {writes} writes in {elapsed:.1} s (fio process included)");
     }
@@ -609,7 +650,29 @@ pub fn run(args: &FloorArgs) -> Result<()> {
             each.join(" / ")
         );
     }
+    for r in &reals {
+        if let Some(split) = &r.stages {
+            print_stages(r.qd, "engine", &split.engine, r.engine_us);
+            let first = r.replica_us.first().copied().unwrap_or(0.0);
+            print_stages(r.qd, "replica daemon", &split.replica, first);
+        }
+    }
     Ok(())
+}
+
+/// One process's CPU per write split by stage (percent of its samples,
+/// scaled by its measured µs per write).
+fn print_stages(qd: u32, process: &str, split: &[(&str, f64)], us_per_write: f64) {
+    println!("\n### {process} CPU per write by stage, QD{qd} (perf, self time)\n");
+    println!("| stage | share of samples | µs/write |");
+    println!("| --- | ---: | ---: |");
+    for (stage, pct) in split {
+        println!(
+            "| {stage} | {pct:.1}% | {:.2} |",
+            us_per_write * pct / 100.0
+        );
+    }
+    println!("| **total** | | **{us_per_write:.1}** |");
 }
 
 #[cfg(test)]

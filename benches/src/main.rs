@@ -27,6 +27,7 @@ mod matrix;
 mod memory;
 mod rebuild;
 mod snapshots;
+mod stages;
 
 use clap::{Parser, Subcommand};
 
