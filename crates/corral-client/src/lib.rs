@@ -11,7 +11,11 @@
 //! place where TLS goes. A process that was given `--tls-*` files calls
 //! [`use_tls`] once at start; from then on every channel it dials runs
 //! mutual TLS (see `corral_tls`), and every other one is plain TCP.
+//! [`connect_unix`] dials a daemon on this node over its unix socket
+//! instead (`--listen-unix`): the same HTTP/2 settings, no TLS — the
+//! socket's file permissions are its authentication.
 
+use std::path::Path;
 use std::time::Duration;
 
 use corral_proto::v1::{
@@ -159,6 +163,35 @@ pub async fn connect(addr: &str, timeout: Duration) -> Result<Channel, ClientErr
     })
 }
 
+/// Connect a channel to the daemon known as `addr` over the unix socket at
+/// `path` (a daemon on this node serving `--listen-unix`): the endpoint of
+/// [`endpoint`] — windows, keepalives, timeouts — over a
+/// `tokio::net::UnixStream` instead of TCP. Never TLS: only processes that
+/// may open the socket file reach it. `addr` stays the peer's name (in
+/// errors and in the requests' `:authority`).
+pub async fn connect_unix(
+    addr: &str,
+    path: &Path,
+    timeout: Duration,
+) -> Result<Channel, ClientError> {
+    let endpoint = endpoint(addr, timeout)?;
+    let socket = path.to_path_buf();
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let socket = socket.clone();
+        async move {
+            let stream = tokio::net::UnixStream::connect(&socket).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| ClientError::Unreachable {
+            addr: format!("{addr} (unix socket {})", path.display()),
+            why: corral_tls::describe(&e),
+        })
+}
+
 /// Run one call, bounded by `timeout`, mapping its failure.
 async fn call<T>(
     addr: &str,
@@ -189,6 +222,20 @@ impl ReplicaControl {
     /// Connect to the daemon at `addr`; every call is bounded by `timeout`.
     pub async fn connect(addr: &str, timeout: Duration) -> Result<Self, ClientError> {
         Ok(Self::on(addr, connect(addr, timeout).await?, timeout))
+    }
+
+    /// Connect to the daemon known as `addr` over its unix socket at `path`
+    /// (see [`connect_unix`]).
+    pub async fn connect_unix(
+        addr: &str,
+        path: &Path,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        Ok(Self::on(
+            addr,
+            connect_unix(addr, path, timeout).await?,
+            timeout,
+        ))
     }
 
     /// Use an existing channel to the daemon at `addr`.
@@ -1013,6 +1060,21 @@ mod tests {
         let not_open = tonic::Status::unavailable("not open at epoch 7");
         let e = ClientError::from_status("a:1", &not_open);
         assert!(e.is_unreachable(), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_unix_socket_is_unreachable_and_named() {
+        let dir = std::env::temp_dir().join(format!("corral-client-{}", std::process::id()));
+        let path = dir.join("none.sock");
+        let e = connect_unix("10.0.0.5:9600", &path, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(e.is_unreachable(), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("10.0.0.5:9600") && text.contains("none.sock"),
+            "{text}"
+        );
     }
 
     #[test]
