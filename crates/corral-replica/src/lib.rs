@@ -8,7 +8,8 @@
 //!
 //! The daemon knows nothing about other replicas; the engine owns the
 //! replication protocol. [`registry`] holds the hosted replicas; [`server`]
-//! builds the listener (the one place TLS would be added).
+//! builds the listeners (the one place TLS is added); [`unix`] owns the
+//! optional unix socket engines on the same node connect to.
 
 pub mod control;
 pub mod data;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod metrics;
 pub mod registry;
 pub mod server;
+pub mod unix;
 
 pub use error::ReplicaError;
 pub use registry::ReplicaRegistry;

@@ -1,9 +1,11 @@
 //! Building and running the replica daemon's gRPC server. This is the one
-//! place where the daemon's listener is made: plain TCP, or mutual TLS when
-//! the daemon is given a [`ServerTls`] ([`ReplicaDaemon::with_tls`]).
-//! [`ReplicaDaemon`] lets a caller serve its own gRPC services beside the
-//! replica services on the same listener (`corral node` adds its engine
-//! manager).
+//! place where the daemon's listeners are made: plain TCP, or mutual TLS when
+//! the daemon is given a [`ServerTls`] ([`ReplicaDaemon::with_tls`]), and
+//! optionally a unix socket serving the same services with the same HTTP/2
+//! settings for engines on this node ([`ReplicaDaemon::with_unix`], see
+//! [`crate::unix`]). [`ReplicaDaemon`] lets a caller serve its own gRPC
+//! services beside the replica services on the same listeners (`corral
+//! node` adds its engine manager).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,6 +25,7 @@ use crate::data::DataService;
 use crate::error::ReplicaError;
 use crate::metrics::ReplicaMetrics;
 use crate::registry::ReplicaRegistry;
+use crate::unix::UnixSocket;
 
 /// How a replica daemon runs.
 #[derive(Clone, Debug)]
@@ -104,6 +107,7 @@ pub struct ReplicaDaemon {
     registry: Arc<ReplicaRegistry>,
     data_dir: PathBuf,
     tls: Option<ServerTls>,
+    unix: Option<PathBuf>,
 }
 
 impl ReplicaDaemon {
@@ -119,6 +123,7 @@ impl ReplicaDaemon {
             registry,
             data_dir,
             tls: None,
+            unix: None,
         })
     }
 
@@ -128,14 +133,22 @@ impl ReplicaDaemon {
         self
     }
 
+    /// Also serve on a unix socket at `path` (`None`: TCP only): the same
+    /// services, never TLS, the file owner-only (see [`crate::unix`]).
+    pub fn with_unix(mut self, path: Option<PathBuf>) -> Self {
+        self.unix = path;
+        self
+    }
+
     /// The replicas this daemon hosts.
     pub fn registry(&self) -> &Arc<ReplicaRegistry> {
         &self.registry
     }
 
     /// Serve `ReplicaControl` and `ReplicaData`, plus the services in
-    /// `extra`, on `listener` (and metrics on `metrics`) until `shutdown`
-    /// is cancelled; then close every replica cleanly.
+    /// `extra`, on `listener` and the unix socket if any (and metrics on
+    /// `metrics`) until `shutdown` is cancelled; then close every replica
+    /// cleanly and remove the socket file.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -159,14 +172,18 @@ async fn serve_registry(
         registry,
         data_dir,
         tls,
+        unix,
     } = daemon;
+    // Bound before anything serves: a path in use is an immediate error.
+    let mut unix = unix.as_deref().map(UnixSocket::bind).transpose()?;
     let local = listener
         .local_addr()
         .map_err(|source| ReplicaError::Listen {
             addr: "?".into(),
             source,
         })?;
-    info!(listen = %local, data_dir = %data_dir.display(), tls = tls.is_some(), "replica daemon serving");
+    info!(listen = %local, data_dir = %data_dir.display(), tls = tls.is_some(),
+        unix = ?unix.as_ref().map(|u| u.path().display().to_string()), "replica daemon serving");
     // TCP_NODELAY is set on every accepted socket there.
     let incoming = corral_tls::grpc::incoming(listener, tls);
     let max = corral_proto::MAX_MESSAGE_BYTES;
@@ -236,14 +253,7 @@ async fn serve_registry(
             }
         });
     }
-    let result = tonic::transport::Server::builder()
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_routes(extra)
+    let routes = extra
         .add_service(ReplicaControlServer::new(ControlService::new(Arc::clone(
             &registry,
         ))))
@@ -255,9 +265,45 @@ async fn serve_registry(
             ))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
-        )
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await;
+        );
+    // One builder for both listeners: the same windows, frame size, stream
+    // bound and keepalives on TCP and on the unix socket.
+    let server = || {
+        tonic::transport::Server::builder()
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+    };
+    let tcp = server()
+        .add_routes(routes.clone())
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    let result = match unix.as_mut().and_then(UnixSocket::incoming) {
+        None => tcp.await,
+        Some(unix_incoming) => {
+            let on_unix = server()
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(unix_incoming, shutdown.clone().cancelled_owned());
+            // Should one server fail, the daemon stops: the other is shut
+            // down too rather than left serving alone.
+            let (a, b) = tokio::join!(
+                async {
+                    let r = tcp.await;
+                    shutdown.cancel();
+                    r
+                },
+                async {
+                    let r = on_unix.await;
+                    shutdown.cancel();
+                    r
+                }
+            );
+            a.and(b)
+        }
+    };
+    drop(unix);
     let closing = Arc::clone(&registry);
     tokio::task::spawn_blocking(move || closing.close_all())
         .await

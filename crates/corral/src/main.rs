@@ -63,6 +63,12 @@ enum Command {
         /// Directory holding one subdirectory per replica.
         #[arg(long)]
         data_dir: PathBuf,
+        /// Also serve the same gRPC services on a unix socket at PATH, for
+        /// an engine on this node (`corral engine --local-replica`): no TLS,
+        /// the file is owner-only (0600), a stale one is replaced, and it
+        /// is removed at exit.
+        #[arg(long, value_name = "PATH")]
+        listen_unix: Option<PathBuf>,
         /// Serve Prometheus metrics on http://ADDR/metrics.
         #[arg(long)]
         metrics: Option<SocketAddr>,
@@ -153,6 +159,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Replica {
             listen,
             data_dir,
+            listen_unix,
             metrics,
         } => {
             let server_tls = tls.install()?;
@@ -168,7 +175,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 None => None,
             };
-            corral_replica::serve_with_tls(listener, data_dir, metrics, server_tls, shutdown)
+            corral_replica::server::ReplicaDaemon::open(data_dir)
+                .await?
+                .with_tls(server_tls)
+                .with_unix(listen_unix)
+                .serve(
+                    listener,
+                    metrics,
+                    tonic::service::Routes::default(),
+                    shutdown,
+                )
                 .await?;
             Ok(())
         }
