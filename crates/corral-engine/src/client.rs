@@ -7,14 +7,19 @@
 //! pipelined (matched by id), with a bounded number in flight per stream.
 //!
 //! All channels are built by [`corral_client::endpoint`], the one place
-//! where TLS will go; control calls go through [`corral_client::ReplicaControl`].
+//! where TLS goes; control calls go through [`corral_client::ReplicaControl`].
+//! A replica whose daemon runs on this node (`--local-replica`) is reached
+//! over its unix socket instead of TCP ([`ClientSettings::channel`]): its
+//! control channel and data streams alike, at first and at every
+//! reconnection, so that nothing else needs to know.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use corral_client::ReplicaControl;
+use corral_client::{ClientError, ReplicaControl};
 use corral_proto::v1::{
     DataErrorCode, DataReply, DataRequest, DataRequestBatch, data_reply, data_request,
     replica_data_client::ReplicaDataClient,
@@ -76,11 +81,51 @@ pub struct ClientSettings {
     pub timeout: Duration,
     pub streams: usize,
     pub inflight_per_stream: usize,
+    /// Replicas on this node: address → their daemon's unix socket.
+    pub local_sockets: Arc<BTreeMap<String, PathBuf>>,
+}
+
+impl ClientSettings {
+    /// The settings of an engine's configuration.
+    pub fn of(cfg: &crate::config::EngineConfig) -> Self {
+        ClientSettings {
+            timeout: cfg.replica_timeout,
+            streams: cfg.streams_per_replica,
+            inflight_per_stream: cfg.inflight_per_stream,
+            local_sockets: Arc::new(cfg.local_replicas.clone()),
+        }
+    }
+
+    /// The unix socket of the replica daemon at `addr`, if it is on this node.
+    pub fn socket_of(&self, addr: &str) -> Option<&Path> {
+        self.local_sockets.get(addr).map(PathBuf::as_path)
+    }
+
+    /// A new channel to the replica daemon at `addr`: over its unix socket
+    /// when it is on this node, else over TCP (TLS when the process has it).
+    pub async fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
+        match self.socket_of(addr) {
+            Some(path) => corral_client::connect_unix(addr, path, self.timeout).await,
+            None => corral_client::connect(addr, self.timeout).await,
+        }
+    }
+
+    /// The control service of the replica daemon at `addr` (see
+    /// [`ClientSettings::channel`]).
+    pub async fn control(&self, addr: &str) -> Result<ReplicaControl, ClientError> {
+        Ok(ReplicaControl::on(
+            addr,
+            self.channel(addr).await?,
+            self.timeout,
+        ))
+    }
 }
 
 /// A connected replica daemon, for one volume.
 pub struct ReplicaClient {
     addr: String,
+    /// Connected over its daemon's unix socket (a replica on this node).
+    local: bool,
     volume: String,
     control: ReplicaControl,
     streams: Vec<DataStream>,
@@ -91,9 +136,10 @@ pub struct ReplicaClient {
 /// The control service of the replica daemon at `addr` (no data streams).
 pub async fn connect_control(
     addr: &str,
-    timeout: Duration,
+    settings: &ClientSettings,
 ) -> Result<ReplicaControl, ReplicaIoError> {
-    ReplicaControl::connect(addr, timeout)
+    settings
+        .control(addr)
         .await
         .map_err(|e| ReplicaIoError::Unreachable(e.to_string()))
 }
@@ -109,11 +155,12 @@ impl ReplicaClient {
         open_session: u64,
         settings: &ClientSettings,
     ) -> Result<Self, ReplicaIoError> {
-        let control = connect_control(addr, settings.timeout).await?;
+        let control = connect_control(addr, settings).await?;
         let broken = Arc::new(AtomicBool::new(false));
         let mut streams = Vec::with_capacity(settings.streams);
         for _ in 0..settings.streams.max(1) {
-            let channel = corral_client::connect(addr, settings.timeout)
+            let channel = settings
+                .channel(addr)
                 .await
                 .map_err(|e| ReplicaIoError::Unreachable(e.to_string()))?;
             let data = ReplicaDataClient::new(channel)
@@ -130,6 +177,7 @@ impl ReplicaClient {
         }
         Ok(ReplicaClient {
             addr: addr.to_string(),
+            local: settings.socket_of(addr).is_some(),
             volume: volume.to_string(),
             control,
             streams,
@@ -144,6 +192,12 @@ impl ReplicaClient {
 
     pub fn volume(&self) -> &str {
         &self.volume
+    }
+
+    /// Whether it is reached over its daemon's unix socket: a replica on
+    /// this node, which reads go to first.
+    pub fn is_local(&self) -> bool {
+        self.local
     }
 
     /// This replica's control service.

@@ -1,5 +1,7 @@
 //! The engine's configuration, as given on `corral engine`'s command line.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// How far the RW set may shrink (see DESIGN.md, "Write policy").
@@ -59,6 +61,12 @@ pub struct EngineConfig {
     pub chunk_size: u32,
     /// Replica daemon addresses (`host:port`).
     pub replicas: Vec<String>,
+    /// Replicas whose daemon runs on this node, by address: the unix socket
+    /// it also serves on (`--local-replica ADDR=PATH`). Their control
+    /// channel and data streams go over it, and reads go to them first;
+    /// everything else (membership, status, metrics) still names them by
+    /// address (decision 64).
+    pub local_replicas: BTreeMap<String, PathBuf>,
     /// A request not answered within this moves the replica to ERR.
     pub replica_timeout: Duration,
     /// How long a failed replica may return and be caught up incrementally.
@@ -82,6 +90,22 @@ pub struct EngineConfig {
     pub restore: Option<RestoreSource>,
     /// S3 keys for backups (a KEY=VALUE file); None: the environment.
     pub s3_credentials: Option<std::path::PathBuf>,
+}
+
+/// Parse `--local-replica`'s `ADDR=PATH`: a replica daemon's address and
+/// the unix socket it serves on (the path may itself hold `=`; neither
+/// part may be empty).
+pub fn parse_local_replica(text: &str) -> Result<(String, PathBuf), String> {
+    let (addr, path) = text.split_once('=').ok_or_else(|| {
+        format!("{text:?}: give ADDR=PATH, a --replica address and its daemon's unix socket")
+    })?;
+    let addr = addr.trim();
+    if addr.is_empty() || path.is_empty() {
+        return Err(format!(
+            "{text:?}: give ADDR=PATH, a --replica address and its daemon's unix socket"
+        ));
+    }
+    Ok((addr.to_string(), PathBuf::from(path)))
 }
 
 /// The source of a restore: a backup (`TARGET/VOLUME/BACKUP`) and how to
@@ -115,6 +139,7 @@ impl EngineConfig {
             block_size: 512,
             chunk_size: 256 << 10,
             replicas,
+            local_replicas: BTreeMap::new(),
             replica_timeout: Duration::from_secs(8),
             stale_replica_timeout: Duration::from_secs(30 * 60),
             write_policy: WritePolicy::default_for(n),
@@ -126,6 +151,31 @@ impl EngineConfig {
             clone: None,
             restore: None,
             s3_credentials: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_replicas_parse_as_address_and_socket() {
+        assert_eq!(
+            parse_local_replica("10.0.0.5:9600=/var/lib/corral/.sockets/replica.sock"),
+            Ok((
+                "10.0.0.5:9600".to_string(),
+                PathBuf::from("/var/lib/corral/.sockets/replica.sock")
+            ))
+        );
+        // Only the first '=' splits: a path may hold one.
+        assert_eq!(
+            parse_local_replica("node-0:9600=/run/a=b.sock"),
+            Ok(("node-0:9600".to_string(), PathBuf::from("/run/a=b.sock")))
+        );
+        for bad in ["10.0.0.5:9600", "=/run/r.sock", "10.0.0.5:9600=", ""] {
+            let e = parse_local_replica(bad).unwrap_err();
+            assert!(e.contains("ADDR=PATH"), "{bad}: {e}");
         }
     }
 }

@@ -48,6 +48,15 @@ pub fn validate(cfg: &EngineConfig) -> Result<ChunkMap, EngineError> {
             "a --replica address is given twice".into(),
         ));
     }
+    if let Some(addr) = cfg
+        .local_replicas
+        .keys()
+        .find(|addr| !cfg.replicas.contains(addr))
+    {
+        return Err(EngineError::Config(format!(
+            "--local-replica {addr}: not one of the --replica addresses"
+        )));
+    }
     if cfg.size == 0 || !cfg.size.is_multiple_of(4096) {
         return Err(EngineError::Config(format!(
             "volume size {} must be a non-zero multiple of 4096 bytes",
@@ -96,7 +105,7 @@ fn replica_err(cfg: &EngineConfig, replica: &str, what: impl Into<String>) -> En
 }
 
 async fn probe(cfg: &EngineConfig, addr: &str) -> Probe {
-    let control = match connect_control(addr, cfg.replica_timeout).await {
+    let control = match connect_control(addr, &ClientSettings::of(cfg)).await {
         Ok(c) => c,
         Err(e) => return Probe::Unreachable(e.to_string()),
     };
@@ -433,11 +442,7 @@ pub async fn open_volume(
     }
 
     // Data connections to the up-to-date replicas.
-    let settings = ClientSettings {
-        timeout: cfg.replica_timeout,
-        streams: cfg.streams_per_replica,
-        inflight_per_stream: cfg.inflight_per_stream,
-    };
+    let settings = ClientSettings::of(cfg);
     let mut clients: Vec<Option<Arc<ReplicaClient>>> = vec![None; total];
     for i in 0..total {
         if !up_to_date[i] {
@@ -848,6 +853,20 @@ mod tests {
     }
 
     use pb::ReplicaMode::{Err as E, Rw as R, Wo as W};
+
+    #[test]
+    fn a_local_replica_must_be_one_of_the_replicas() {
+        let mut c = cfg(WritePolicy::Quorum);
+        c.local_replicas.insert("b".into(), "/run/b.sock".into());
+        validate(&c).unwrap();
+        c.local_replicas.insert("d".into(), "/run/d.sock".into());
+        let e = validate(&c).unwrap_err().to_string();
+        assert!(
+            e.contains("--local-replica d: not one of the --replica addresses"),
+            "{e}"
+        );
+        assert_eq!(e.lines().count(), 1, "{e}");
+    }
 
     #[test]
     fn the_newest_reservation_record_wins_whoever_holds_it() {

@@ -423,7 +423,10 @@ impl ReplicaSet {
             .collect()
     }
 
-    /// RW replicas, rotated so that reads spread round robin.
+    /// RW replicas in the order reads try them: those on this node first
+    /// (reached over their daemon's unix socket), then the others; each
+    /// group rotated so that reads spread round robin within it. A read
+    /// goes to the first and falls back to the next on failure.
     pub fn read_targets(&self) -> Vec<(SlotId, Arc<ReplicaClient>)> {
         let mut rw: Vec<_> = {
             let state = self.read_state();
@@ -435,10 +438,8 @@ impl ReplicaSet {
                 .filter_map(|m| state.clients.get(&m.id).map(|c| (m.id, Arc::clone(c))))
                 .collect()
         };
-        if !rw.is_empty() {
-            let start = self.next_read.fetch_add(1, Ordering::Relaxed) % rw.len();
-            rw.rotate_left(start);
-        }
+        let turn = self.next_read.fetch_add(1, Ordering::Relaxed);
+        local_first(&mut rw, turn, |(_, c)| c.is_local());
         rw
     }
 
@@ -1010,5 +1011,53 @@ impl ReplicaSet {
         for (_, client) in state.clients.drain() {
             client.shutdown();
         }
+    }
+}
+
+/// Order `targets` for reads at turn `turn`: the local ones (`is_local`)
+/// first, then the rest, each group rotated by `turn` (round robin within
+/// the group, the relative order kept).
+fn local_first<T>(targets: &mut Vec<T>, turn: usize, is_local: impl Fn(&T) -> bool) {
+    let (mut local, mut remote): (Vec<T>, Vec<T>) = targets.drain(..).partition(|t| is_local(t));
+    for group in [&mut local, &mut remote] {
+        if !group.is_empty() {
+            let start = turn % group.len();
+            group.rotate_left(start);
+        }
+    }
+    targets.extend(local);
+    targets.extend(remote);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_first;
+
+    fn order(targets: &[(&'static str, bool)], turn: usize) -> Vec<&'static str> {
+        let mut t = targets.to_vec();
+        local_first(&mut t, turn, |(_, local)| *local);
+        t.into_iter().map(|(name, _)| name).collect()
+    }
+
+    #[test]
+    fn reads_go_to_the_local_replica_first_and_fall_back_round_robin() {
+        let set = [("a", false), ("b", true), ("c", false)];
+        for turn in 0..6 {
+            let o = order(&set, turn);
+            assert_eq!(o[0], "b", "turn {turn}: {o:?}");
+            assert_eq!(o.len(), 3);
+        }
+        // The others still take turns behind it.
+        assert_eq!(order(&set, 0), ["b", "a", "c"]);
+        assert_eq!(order(&set, 1), ["b", "c", "a"]);
+    }
+
+    #[test]
+    fn without_a_local_replica_reads_rotate_over_all() {
+        let set = [("a", false), ("b", false), ("c", false)];
+        assert_eq!(order(&set, 0), ["a", "b", "c"]);
+        assert_eq!(order(&set, 1), ["b", "c", "a"]);
+        assert_eq!(order(&set, 5), ["c", "a", "b"]);
+        assert!(order(&[], 3).is_empty());
     }
 }

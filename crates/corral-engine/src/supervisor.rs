@@ -9,7 +9,8 @@
 //!   chain ([`crate::chain_sync::check_rw_chains`]);
 //! - forgets what ERR replicas missed once they are past the stale-replica
 //!   timeout (they will be compared in full);
-//! - tries to bring every ERR replica back: reconnect, create the replica if
+//! - tries to bring every ERR replica back: reconnect (over the daemon's
+//!   unix socket for a replica on this node), create the replica if
 //!   its daemon lost it, fence it at our epoch (which also ends whatever
 //!   data streams of ours it still had), give it the snapshots it missed
 //!   ([`crate::chain_sync`]), join it to the write set in WO mode
@@ -51,11 +52,7 @@ impl SupervisorConfig {
         SupervisorConfig {
             retry_interval: cfg.retry_interval,
             stale_replica_timeout: cfg.stale_replica_timeout,
-            client: ClientSettings {
-                timeout: cfg.replica_timeout,
-                streams: cfg.streams_per_replica,
-                inflight_per_stream: cfg.inflight_per_stream,
-            },
+            client: ClientSettings::of(cfg),
             rebuild: RebuildSettings {
                 concurrency: cfg.rebuild_concurrency,
                 bandwidth: cfg.rebuild_bandwidth,
@@ -243,8 +240,8 @@ async fn bring_back(
 ) -> Result<(), BringBackError> {
     use BringBackError::{Refused, Unreachable};
     let set = Arc::clone(volume.replica_set());
-    let timeout = set.timeout();
-    let control = ReplicaControl::connect(address, timeout).await?;
+    // Over its unix socket when its daemon is on this node, as at open.
+    let control = config.client.control(address).await?;
     let (info, created) = get_or_create(volume, &control).await?;
     if info.block_size != volume.block_size() {
         return Err(Refused(format!(

@@ -23,6 +23,12 @@ pub struct EngineArgs {
     /// A replica daemon's address; give one per replica.
     #[arg(long = "replica", required = true)]
     pub replicas: Vec<String>,
+    /// A replica whose daemon runs on this node, and the unix socket that
+    /// daemon serves on (its --listen-unix): ADDR=PATH, ADDR one of the
+    /// --replica addresses. Its control channel and data streams go over
+    /// the socket, and reads go to it first. Give one per local replica.
+    #[arg(long = "local-replica", value_name = "ADDR=PATH", value_parser = corral_engine::config::parse_local_replica)]
+    pub local_replicas: Vec<(String, PathBuf)>,
     /// Address of the engine's control gRPC service.
     #[arg(long)]
     pub listen: SocketAddr,
@@ -111,6 +117,15 @@ pub struct EngineArgs {
 impl EngineArgs {
     fn config(&self) -> anyhow::Result<EngineConfig> {
         let mut cfg = EngineConfig::new(self.volume.clone(), self.size, self.replicas.clone());
+        for (addr, path) in &self.local_replicas {
+            if cfg
+                .local_replicas
+                .insert(addr.clone(), path.clone())
+                .is_some()
+            {
+                bail!("--local-replica {addr} is given twice");
+            }
+        }
         cfg.replica_timeout = self.replica_timeout;
         cfg.stale_replica_timeout = self.stale_replica_timeout;
         if let Some(p) = self.write_policy {
