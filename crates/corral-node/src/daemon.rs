@@ -1,6 +1,7 @@
 //! Running the node daemon: its configuration ([`NodeConfig`]), where its
 //! own files live in the data dir, and [`serve`], which puts the replica
-//! services and the engine manager on one listener.
+//! services and the engine manager on one listener (and on its unix
+//! socket, which the engines it starts use to reach its replicas).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use crate::ports::PortRange;
 use crate::process::Launcher;
 use crate::record::{EngineBook, RecordFile};
 use crate::service::EngineManagerService;
+use crate::spec::LocalReplica;
 use crate::spec::check_engine_args;
 use crate::supervision::RestartPolicy;
 use crate::supervisor::SupervisorContext;
@@ -29,11 +31,19 @@ use crate::supervisor::SupervisorContext;
 pub const STATE_DIR: &str = ".engines";
 /// The record of engines, in [`STATE_DIR`].
 pub const RECORD_FILE: &str = "engines.json";
+/// The directory of the daemon's unix socket in its data dir (made
+/// owner-only; dotted like [`STATE_DIR`]).
+pub const SOCKET_DIR: &str = ".sockets";
+/// The daemon's unix socket, in [`SOCKET_DIR`].
+pub const SOCKET_FILE: &str = "replica.sock";
 
 /// How a node daemon runs.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub data_dir: PathBuf,
+    /// The unix socket it also serves on (`None`: TCP only). Engines it
+    /// starts with its replica among theirs reach that replica over it.
+    pub unix_socket: Option<PathBuf>,
     pub node_id: String,
     pub engine_ports: PortRange,
     /// Engines serve their control service and frontends on this address.
@@ -58,6 +68,11 @@ impl NodeConfig {
     /// The record file of the engines.
     pub fn record_path(data_dir: &Path) -> PathBuf {
         data_dir.join(STATE_DIR).join(RECORD_FILE)
+    }
+
+    /// The unix socket a daemon serves on unless told otherwise.
+    pub fn default_socket(data_dir: &Path) -> PathBuf {
+        data_dir.join(SOCKET_DIR).join(SOCKET_FILE)
     }
 
     /// The directory of the engines' log files.
@@ -134,6 +149,10 @@ pub async fn serve(
             binary: config.engine_binary.clone(),
             extra_args: config.engine_args.clone(),
             log_dir: NodeConfig::log_dir(&config.data_dir),
+            local_replica: config.unix_socket.clone().map(|socket| LocalReplica {
+                address: config.replica_address.clone(),
+                socket,
+            }),
         }),
         book,
         policy: config.policy,
@@ -155,11 +174,13 @@ pub async fn serve(
         engine_ports = %config.engine_ports,
         frontend = %config.frontend_ip,
         replica_address = %config.replica_address,
+        unix_socket = ?config.unix_socket.as_ref().map(|p| p.display().to_string()),
         "node daemon serving the engine manager"
     );
     let routes = Routes::new(EngineManagerServer::new(EngineManagerService::new(manager)));
     replicas
         .with_tls(config.tls.clone())
+        .with_unix(config.unix_socket.clone())
         .serve(listener, metrics, routes, shutdown)
         .await?;
     info!("node daemon stopped; its engines keep running");
@@ -197,6 +218,7 @@ mod tests {
     fn a_bad_configuration_is_refused_with_a_reason() {
         let good = NodeConfig {
             data_dir: "/tmp/x".into(),
+            unix_socket: None,
             node_id: "node-0".into(),
             engine_ports: "10000-10999".parse().unwrap(),
             frontend_ip: "127.0.0.1".parse().unwrap(),

@@ -1003,6 +1003,7 @@ mod tests {
                 binary: script,
                 extra_args: vec![],
                 log_dir: dir.join("logs"),
+                local_replica: None,
             }),
             book: Arc::new(book),
             policy: RestartPolicy {

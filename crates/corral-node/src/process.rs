@@ -12,7 +12,10 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use crate::error::NodeError;
-use crate::spec::{EngineAddresses, EngineSpec, engine_command_line, is_engine_command_line};
+use crate::spec::{
+    EngineAddresses, EngineSpec, LocalReplica, engine_command_line, is_engine_command_line,
+    local_replica_args,
+};
 use crate::supervision::StopSignal;
 
 /// A log grown past this is moved to `<volume>.log.1` before the next start.
@@ -27,6 +30,9 @@ pub struct Launcher {
     pub extra_args: Vec<String>,
     /// Where `<volume>.log` files go.
     pub log_dir: PathBuf,
+    /// This daemon's replica service and its unix socket: an engine whose
+    /// replicas include it gets `--local-replica` (`None`: no socket).
+    pub local_replica: Option<LocalReplica>,
 }
 
 /// A freshly started engine process.
@@ -57,7 +63,8 @@ impl Launcher {
             .append(true)
             .open(&path)
             .map_err(|e| NodeError::io(&path, e))?;
-        let args = engine_command_line(spec, addrs, &self.extra_args);
+        let mut args = engine_command_line(spec, addrs, &self.extra_args);
+        args.extend(local_replica_args(spec, self.local_replica.as_ref()));
         let log_offset = log
             .seek(SeekFrom::End(0))
             .map_err(|e| NodeError::io(&path, e))?;
@@ -281,6 +288,7 @@ mod tests {
             binary: PathBuf::from("/bin/sh"),
             extra_args: vec![],
             log_dir: dir.path().to_path_buf(),
+            local_replica: None,
         };
         // `/bin/sh engine --volume ...` fails: sh cannot open a script
         // named "engine". That is enough to see the plumbing work.

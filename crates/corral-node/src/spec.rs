@@ -1,8 +1,10 @@
 //! What an engine is: its validated [`EngineSpec`] (the request's spec,
 //! checked field by field), the [`EngineAddresses`] the daemon gave it,
-//! and the `corral engine` command line both make.
+//! and the `corral engine` command line both make (with `--local-replica`
+//! when the daemon's own replica is among the engine's: [`LocalReplica`]).
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 
 use corral_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
@@ -267,14 +269,36 @@ impl EngineAddresses {
 
 /// Flags the daemon always sets on an engine's command line; the operator's
 /// `--engine-args` may not give them.
-pub const DAEMON_FLAGS: [&str; 6] = [
+pub const DAEMON_FLAGS: [&str; 7] = [
     "--volume",
     "--size",
     "--replica",
     "--listen",
     "--nbd",
     "--iscsi",
+    "--local-replica",
 ];
+
+/// The daemon's own replica service as its engines reach it: the address
+/// engines name it by and the unix socket it also serves on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalReplica {
+    pub address: String,
+    pub socket: PathBuf,
+}
+
+/// `--local-replica ADDR=SOCKET` when `local` (this daemon's replica
+/// service) is among `spec`'s replicas; nothing otherwise (the engine
+/// refuses a local replica that is not one of its replicas).
+pub fn local_replica_args(spec: &EngineSpec, local: Option<&LocalReplica>) -> Vec<String> {
+    match local {
+        Some(l) if spec.replicas.contains(&l.address) => vec![
+            "--local-replica".into(),
+            format!("{}={}", l.address, l.socket.display()),
+        ],
+        _ => Vec::new(),
+    }
+}
 
 /// Check the operator's extra engine arguments once, at daemon start.
 pub fn check_engine_args(extra: &[String]) -> Result<(), NodeError> {
@@ -535,6 +559,35 @@ mod tests {
                 "{other}"
             );
         }
+    }
+
+    #[test]
+    fn an_engine_with_this_nodes_replica_reaches_it_over_the_socket() {
+        let spec = EngineSpec::from_pb(&good()).unwrap();
+        let here = LocalReplica {
+            address: "10.0.0.2:9500".into(),
+            socket: "/var/lib/corral/.sockets/replica.sock".into(),
+        };
+        assert_eq!(
+            local_replica_args(&spec, Some(&here)),
+            [
+                "--local-replica",
+                "10.0.0.2:9500=/var/lib/corral/.sockets/replica.sock"
+            ]
+        );
+        let elsewhere = LocalReplica {
+            address: "10.0.0.9:9500".into(),
+            ..here
+        };
+        assert!(local_replica_args(&spec, Some(&elsewhere)).is_empty());
+        assert!(local_replica_args(&spec, None).is_empty());
+        // The operator may not set it: the daemon does.
+        assert!(
+            check_engine_args(&["--local-replica=a=b".into()])
+                .unwrap_err()
+                .to_string()
+                .contains("--local-replica")
+        );
     }
 
     #[test]

@@ -22,6 +22,12 @@ pub struct NodeArgs {
     /// record and logs in `.engines/`.
     #[arg(long)]
     pub data_dir: PathBuf,
+    /// Also serve the gRPC services on this unix socket, for the engines
+    /// started here whose replicas include this daemon's (they get
+    /// `--local-replica`): owner-only, no TLS. Default:
+    /// DATA_DIR/.sockets/replica.sock; `off`: TCP only.
+    #[arg(long, value_name = "PATH|off")]
+    pub listen_unix: Option<PathBuf>,
     /// This node's name (the Kubernetes node name on a cluster).
     #[arg(long)]
     pub node_id: String,
@@ -81,8 +87,25 @@ impl NodeArgs {
             self.frontend_address,
             self.replica_address.clone(),
         );
+        let unix_socket = match &self.listen_unix {
+            None => {
+                let path = NodeConfig::default_socket(&self.data_dir);
+                if path.as_os_str().len() > corral_replica::unix::MAX_PATH_LEN {
+                    // Too long for a unix socket: give --listen-unix a
+                    // shorter path to have one.
+                    tracing::warn!(path = %path.display(),
+                        "the data dir's path is too long for a unix socket: engines here reach this daemon over TCP; give --listen-unix a shorter path");
+                    None
+                } else {
+                    Some(path)
+                }
+            }
+            Some(p) if p.as_os_str() == "off" => None,
+            Some(p) => Some(p.clone()),
+        };
         let config = NodeConfig {
             data_dir: self.data_dir.clone(),
+            unix_socket,
             node_id: self.node_id.clone(),
             engine_ports: self.engine_ports,
             frontend_ip,
