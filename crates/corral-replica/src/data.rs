@@ -232,6 +232,7 @@ fn error_reply(id: u64, code: DataErrorCode, message: String, offset: u64) -> Da
 fn store_error_reply(id: u64, e: StoreError) -> DataReply {
     let (code, offset) = match &e {
         StoreError::ChecksumMismatch { offset, .. } => (DataErrorCode::Checksum, *offset),
+        StoreError::PayloadChecksum { offset, .. } => (DataErrorCode::BadPayload, *offset),
         StoreError::OutOfRange { .. } => (DataErrorCode::OutOfRange, 0),
         StoreError::NoSpace { .. } => (DataErrorCode::NoSpace, 0),
         StoreError::Invalid(_) | StoreError::NoSuchSnapshot(_) => (DataErrorCode::Invalid, 0),
@@ -480,28 +481,23 @@ fn execute(replica: &HostedReplica, req: DataRequest) -> DataReply {
             Ok(data) => return read_reply(id, data),
             Err(e) => Err(e),
         },
-        data_request::Op::Write(w) => {
+        data_request::Op::Write(w) if w.fill => {
             let computed = crc32c::crc32c(&w.data);
             if computed != w.crc32c {
-                return error_reply(
+                return store_error_reply(
                     id,
-                    DataErrorCode::BadPayload,
-                    format!(
-                        "write at {} of {} bytes: payload CRC32C {:#010x} does not match the sender's {:#010x}",
-                        w.offset,
-                        w.data.len(),
+                    StoreError::PayloadChecksum {
+                        offset: w.offset,
+                        len: w.data.len() as u64,
                         computed,
-                        w.crc32c
-                    ),
-                    w.offset,
+                        sent: w.crc32c,
+                    },
                 );
             }
-            if w.fill {
-                store.fill(w.offset, &w.data).map(|_| ())
-            } else {
-                write(store, w.offset, &w.data, w.fua)
-            }
+            store.fill(w.offset, &w.data).map(|_| ())
         }
+        // The store checks the payload against the sender's CRC32C.
+        data_request::Op::Write(w) => store.write_sent(w.offset, &w.data, w.crc32c, w.fua),
         data_request::Op::Flush(_) => store.flush(),
         data_request::Op::Unmap(u) => store.unmap(u.offset, u.length),
         // FUA makes the zeroes durable like a FUA write; only the engine's
@@ -557,19 +553,6 @@ fn checksums(
         store.block_checksums(c.offset, c.length)
     } else {
         store.snapshot_checksums(&c.snapshot, c.offset, c.length)
-    }
-}
-
-fn write(
-    store: &corral_store::ReplicaStore,
-    offset: u64,
-    data: &Bytes,
-    fua: bool,
-) -> Result<(), StoreError> {
-    if fua {
-        store.write_fua(offset, data)
-    } else {
-        store.write(offset, data)
     }
 }
 

@@ -32,6 +32,17 @@ pub enum StoreError {
         stored: u32,
         computed: u32,
     },
+    /// A write's payload does not match the CRC32C its sender computed: it was corrupted
+    /// on the way, and nothing of it was stored.
+    #[error(
+        "write at {offset} of {len} bytes: payload CRC32C {computed:#010x} does not match the sender's {sent:#010x}"
+    )]
+    PayloadChecksum {
+        offset: u64,
+        len: u64,
+        computed: u32,
+        sent: u32,
+    },
     /// The byte range `offset..offset+len` does not fit in a volume of `size` bytes.
     #[error("range out of bounds: offset {offset} + length {len} exceeds volume size {size}")]
     OutOfRange { offset: u64, len: u64, size: u64 },

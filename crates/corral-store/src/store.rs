@@ -607,7 +607,20 @@ impl ReplicaStore {
     /// Writes `data` at `offset`. Partial blocks at the edges are read (and verified),
     /// modified and written back whole. Not durable until [`ReplicaStore::flush`].
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.write_impl(offset, data, Halves::Both)
+        self.write_impl(offset, data, None, Halves::Both)
+    }
+
+    /// A write as it arrives from an engine, with the CRC32C `sent` its sender computed
+    /// over `data`: nothing is stored unless the payload matches it
+    /// ([`StoreError::PayloadChecksum`]). A write of exactly one aligned block checksums
+    /// the block once, for both the check and its entry. With `fua`, as
+    /// [`ReplicaStore::write_fua`].
+    pub fn write_sent(&self, offset: u64, data: &[u8], sent: u32, fua: bool) -> Result<()> {
+        self.write_impl(offset, data, Some(sent), Halves::Both)?;
+        if fua {
+            self.make_fua_durable(data.len())?;
+        }
+        Ok(())
     }
 
     /// A clone's fill: writes the 4 KiB blocks of `data` at `offset` whose
@@ -690,8 +703,13 @@ impl ReplicaStore {
     /// syncs the checksums first; after a power cut the entries of dirty regions are
     /// recovered from the data.
     pub fn write_fua(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.write_impl(offset, data, Halves::Both)?;
-        if !data.is_empty() {
+        self.write_impl(offset, data, None, Halves::Both)?;
+        self.make_fua_durable(data.len())
+    }
+
+    /// What makes a FUA write of `len` bytes that has just been written durable.
+    fn make_fua_durable(&self, len: usize) -> Result<()> {
+        if len > 0 {
             self.sync_data_grouped()?;
             // Durable once the chain naming the head it went to is (a
             // snapshot may have switched heads before or after it).
@@ -718,8 +736,29 @@ impl ReplicaStore {
         Ok(())
     }
 
-    fn write_impl(&self, offset: u64, data: &[u8], halves: Halves) -> Result<()> {
+    fn write_impl(
+        &self,
+        offset: u64,
+        data: &[u8],
+        sent: Option<u32>,
+        halves: Halves,
+    ) -> Result<()> {
         let len = data.len() as u64;
+        // A payload that does not match is refused before anything else is
+        // looked at. One aligned block's checksum is also its entry's.
+        let single_block =
+            (offset.is_multiple_of(BLOCK) && len == BLOCK).then(|| entry::block_crc(data));
+        if let Some(sent) = sent {
+            let computed = single_block.unwrap_or_else(|| crc32c::crc32c(data));
+            if computed != sent {
+                return Err(StoreError::PayloadChecksum {
+                    offset,
+                    len,
+                    computed,
+                    sent,
+                });
+            }
+        }
         let end = self.check_range(offset, len)?;
         if len == 0 {
             return Ok(());
@@ -735,7 +774,10 @@ impl ReplicaStore {
         };
         if offset == aligned_start && end == aligned_end {
             // Checksums are computed before taking any lock.
-            let crcs = crcs_of(data);
+            let crcs = match single_block {
+                Some(crc) => vec![entry::written(crc)],
+                None => crcs_of(data),
+            };
             let _ticket = self.intent.begin_write(&self.db, offset, end)?;
             let _g = self.lock_exclusive(first, end_block);
             return self.store_blocks(&self.chain(), first, data, &crcs, halves);
@@ -1001,12 +1043,12 @@ impl Halves {
 impl ReplicaStore {
     /// A write torn by a crash: the data reaches the data file, the checksum does not.
     pub(crate) fn torn_write_data_only(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.write_impl(offset, data, Halves::DataOnly)
+        self.write_impl(offset, data, None, Halves::DataOnly)
     }
 
     /// A write torn by a crash: the checksum reaches the checksum file, the data does not.
     pub(crate) fn torn_write_crc_only(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.write_impl(offset, data, Halves::CrcOnly)
+        self.write_impl(offset, data, None, Halves::CrcOnly)
     }
 }
 

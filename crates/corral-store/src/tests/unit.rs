@@ -193,6 +193,51 @@ fn partial_block_writes() {
 }
 
 #[test]
+fn a_sent_write_is_stored_only_when_its_payload_matches_the_senders_crc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 256 * KIB;
+    let s = ReplicaStore::create(tmp.path(), params(size, 16 * 1024)).unwrap();
+    let mut model = vec![0u8; size as usize];
+    // One aligned block (its checksum serves both), several blocks, a
+    // partial block; each with a good and a bad sender's CRC, FUA or not.
+    for (i, &(off, len)) in [(3 * 4096, 4096usize), (8192, 3 * 4096), (5000, 300)]
+        .iter()
+        .enumerate()
+    {
+        let data = pattern(10 + i as u8, len);
+        let crc = crc32c::crc32c(&data);
+        match s.write_sent(off, &data, crc ^ 1, i == 1) {
+            Err(StoreError::PayloadChecksum {
+                offset,
+                len: l,
+                computed,
+                sent,
+            }) => {
+                assert_eq!((offset, l, computed, sent), (off, len as u64, crc, crc ^ 1));
+            }
+            other => panic!("write at {off} with a bad CRC: {other:?}"),
+        }
+        assert_eq!(
+            &s.read(0, size).unwrap()[..],
+            &model[..],
+            "stored a bad payload"
+        );
+        s.write_sent(off, &data, crc, i == 1).unwrap();
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+        assert_eq!(
+            &s.read(0, size).unwrap()[..],
+            &model[..],
+            "after write at {off}"
+        );
+    }
+    // The block's entry is its checksum: a reopened store verifies it.
+    s.close().unwrap();
+    let s = ReplicaStore::open(tmp.path()).unwrap();
+    assert_eq!(&s.read(0, size).unwrap()[..], &model[..]);
+    s.close().unwrap();
+}
+
+#[test]
 fn out_of_range_is_rejected() {
     let tmp = tempfile::tempdir().unwrap();
     let size = 64 * KIB;
