@@ -87,6 +87,25 @@ pub fn fio_nbd(uri: &str, name: &str, job: &[&str], limit: Duration) -> Result<S
     Ok(text)
 }
 
+/// The Prometheus text a daemon serves at `http://ADDR/metrics` (one
+/// HTTP/1.1 GET, 5 s to connect and 10 s to read); an error unless it
+/// answers 200.
+pub fn scrape_metrics(addr: std::net::SocketAddr) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    if !out.starts_with("HTTP/1.1 200") {
+        bail!("GET http://{addr}/metrics: {out}");
+    }
+    Ok(out)
+}
+
 /// `len` pseudo-random bytes from `seed` (xorshift: cheap, seeded so a
 /// failure reproduces, and incompressible, so backups' packs fill).
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {

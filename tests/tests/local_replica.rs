@@ -13,8 +13,7 @@
 //! daemon's request counters (`--metrics`).
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
@@ -22,28 +21,15 @@ use std::time::Duration;
 use corral_proto::v1 as pb;
 use corral_tests::nbd_raw::RawNbd;
 use corral_tests::node::NodeCluster;
+use corral_tests::tools::scrape_metrics;
 use corral_tests::{Cluster, EngineSpec, free_addr, wait_until};
 
 const MIB: usize = 1 << 20;
 const WAIT: Duration = Duration::from_secs(60);
 
-fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
-}
-
 /// Read requests a replica daemon has served (0 before its first).
 fn reads(metrics: SocketAddr) -> u64 {
-    let text = scrape(metrics);
+    let text = scrape_metrics(metrics).unwrap();
     text.lines()
         .find(|l| l.starts_with("corral_replica_requests_total{op=\"read\",result=\"ok\"}"))
         .and_then(|l| l.rsplit(' ').next())

@@ -1,26 +1,10 @@
 //! The Prometheus endpoints: an engine and a replica daemon started with
 //! `--metrics` expose I/O counters, latency histograms and replica state.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use corral_tests::tools::fio_nbd;
+use corral_tests::tools::{fio_nbd, scrape_metrics};
 use corral_tests::{Cluster, EngineSpec, free_addr, wait_for_port};
-
-fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
-}
 
 /// The value of the first sample line starting with `prefix`.
 fn value(text: &str, prefix: &str) -> f64 {
@@ -62,7 +46,7 @@ fn engine_and_replica_metrics_count_io_and_show_replica_state() {
     )
     .unwrap();
 
-    let text = scrape(engine_metrics);
+    let text = scrape_metrics(engine_metrics).unwrap();
     // fio wrote 4 MiB (1024 writes) and read it back to verify.
     assert_eq!(
         value(
@@ -91,7 +75,7 @@ fn engine_and_replica_metrics_count_io_and_show_replica_state() {
     );
     assert_eq!(value(&text, &rw), 1.0);
 
-    let text = scrape(replica_metrics);
+    let text = scrape_metrics(replica_metrics).unwrap();
     assert_eq!(
         value(
             &text,
