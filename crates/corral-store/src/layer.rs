@@ -304,6 +304,26 @@ impl Layer {
         Ok(())
     }
 
+    /// Asks the kernel to drop the clean cached pages of `offset..offset+len`
+    /// of the data file (dirty pages stay: call it after a sync).
+    pub(crate) fn drop_cached_data(&self, offset: u64, len: u64) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Ok(());
+        };
+        // SAFETY: fadvise only reads its integer arguments; `self.data` owns the descriptor.
+        let rc = unsafe {
+            libc::posix_fadvise(self.data.as_raw_fd(), off, n, libc::POSIX_FADV_DONTNEED)
+        };
+        if rc != 0 {
+            return Err(io_err(
+                format!("posix_fadvise DONTNEED {}", self.data_path.display()),
+                std::io::Error::from_raw_os_error(rc),
+            ));
+        }
+        Ok(())
+    }
+
     pub(crate) fn sync_crc_file(&self) -> Result<()> {
         self.crc
             .sync_data()

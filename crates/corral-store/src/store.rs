@@ -87,6 +87,53 @@ pub struct ReplicaStore {
     syncs_asked: AtomicU64,
     synced: Mutex<u64>,
     recovered: Vec<u64>,
+    /// Data-file ranges that fills wrote since the last flush: dropped from
+    /// the page cache once a flush has made them durable (decision 65).
+    filled: Mutex<FilledRanges>,
+}
+
+/// The byte ranges of one layer's data file that fills wrote, coalesced
+/// when they meet. A fill streams a clone's or a restore's source through
+/// once: nobody asked to read it, and keeping it cached only makes the
+/// kernel find fresh pages for the rest of the fill.
+#[derive(Debug, Default)]
+struct FilledRanges {
+    /// Data file name of the layer written, and its ranges in order written.
+    by_layer: Vec<(String, Vec<(u64, u64)>)>,
+}
+
+/// More ranges than this in one layer are merged into one span (dropping
+/// the cache of a few pages a fill did not write costs nothing but a
+/// later read from the disk).
+const MAX_FILLED_RANGES: usize = 1024;
+
+impl FilledRanges {
+    fn add(&mut self, layer: &str, offset: u64, len: u64) {
+        let ranges = match self.by_layer.iter_mut().find(|(name, _)| name == layer) {
+            Some((_, r)) => r,
+            None => {
+                self.by_layer.push((layer.to_string(), Vec::new()));
+                let Some((_, r)) = self.by_layer.last_mut() else {
+                    return;
+                };
+                r
+            }
+        };
+        match ranges.last_mut() {
+            Some((o, l)) if *o + *l == offset => *l += len,
+            _ => ranges.push((offset, len)),
+        }
+        if ranges.len() > MAX_FILLED_RANGES {
+            let start = ranges.iter().map(|r| r.0).min().unwrap_or(offset);
+            let end = ranges
+                .iter()
+                .map(|r| r.0 + r.1)
+                .max()
+                .unwrap_or(offset + len);
+            ranges.clear();
+            ranges.push((start, end - start));
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -310,6 +357,7 @@ impl ReplicaStore {
             intent: WriteIntent::new(region_shift, &recovered),
             syncs_asked: AtomicU64::new(0),
             synced: Mutex::new(0),
+            filled: Mutex::new(FilledRanges::default()),
             recovered,
         })
     }
@@ -682,6 +730,11 @@ impl ReplicaStore {
                 &crcs[start..i],
                 Halves::Both,
             )?;
+            lock(&self.filled).add(
+                chain.head().layer.data_name(),
+                (first + start as u64) * BLOCK,
+                (i - start) as u64 * BLOCK,
+            );
             written += (i - start) as u64;
         }
         Ok(written)
@@ -905,7 +958,10 @@ impl ReplicaStore {
     /// synced too.
     pub fn flush(&self) -> Result<()> {
         let seq = self.intent.begin_flush();
+        // Fills that completed before this sync are durable after it.
+        let filled = std::mem::take(&mut *lock(&self.filled));
         self.sync_data_grouped()?;
+        self.release_filled(filled);
         // Writes that went to a head a snapshot has just frozen, or to the
         // new head it made, are durable once that snapshot's commit is. The
         // guard stays held while regions are cleared below, so that no
@@ -921,6 +977,26 @@ impl ReplicaStore {
             }
         }
         Ok(())
+    }
+
+    /// Drops the synced ranges that fills wrote from the page cache. Only
+    /// advice to the kernel: a failure changes nothing stored and is logged.
+    fn release_filled(&self, filled: FilledRanges) {
+        if filled.by_layer.is_empty() {
+            return;
+        }
+        let chain = self.chain();
+        for (name, ranges) in filled.by_layer {
+            // A layer deleted meanwhile has no pages left to drop.
+            let Some(l) = chain.layers().iter().find(|l| l.layer.data_name() == name) else {
+                continue;
+            };
+            for (offset, len) in ranges {
+                if let Err(e) = l.layer.drop_cached_data(offset, len) {
+                    tracing::debug!(dir = %self.dir.display(), error = %e, "could not drop filled pages from the page cache");
+                }
+            }
+        }
     }
 
     /// How often the flushes of a volume under writes clear write-intent regions (zero:
@@ -1220,4 +1296,36 @@ fn remove_orphan_layers(dir: &Path, layers: &[LayerInfo]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod filled_ranges {
+    use super::{FilledRanges, MAX_FILLED_RANGES};
+
+    #[test]
+    fn ranges_that_meet_are_one_and_too_many_become_one_span() {
+        let mut f = FilledRanges::default();
+        f.add("head.img", 0, 4096);
+        f.add("head.img", 4096, 8192);
+        f.add("old.img", 4096, 4096);
+        f.add("head.img", 65536, 4096);
+        assert_eq!(
+            f.by_layer,
+            [
+                ("head.img".to_string(), vec![(0, 12288), (65536, 4096)]),
+                ("old.img".to_string(), vec![(4096, 4096)]),
+            ]
+        );
+        let mut f = FilledRanges::default();
+        for i in 0..=MAX_FILLED_RANGES as u64 {
+            f.add("head.img", (i + 1) * 2 * 4096, 4096);
+        }
+        assert_eq!(
+            f.by_layer,
+            [(
+                "head.img".to_string(),
+                vec![(2 * 4096, MAX_FILLED_RANGES as u64 * 2 * 4096 + 4096)]
+            )]
+        );
+    }
 }

@@ -756,6 +756,56 @@ fn a_fill_skips_blocks_of_zeroes() {
     );
 }
 
+/// How many pages of `path`'s `offset..offset + len` are in the page cache.
+fn resident_pages(path: &std::path::Path, offset: u64, len: u64) -> usize {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let pages = (len / BLOCK) as usize;
+    // SAFETY: a fresh read-only shared mapping of `len` bytes of an open
+    // file, unmapped below; mincore writes one byte per page into `vec`.
+    unsafe {
+        let at = libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            offset as libc::off_t,
+        );
+        assert_ne!(at, libc::MAP_FAILED, "mmap {}", path.display());
+        let mut vec = vec![0u8; pages];
+        assert_eq!(libc::mincore(at, len as usize, vec.as_mut_ptr()), 0);
+        libc::munmap(at, len as usize);
+        vec.iter().filter(|b| *b & 1 == 1).count()
+    }
+}
+
+/// A fill streams its source through once: once a flush has made its
+/// blocks durable they leave the page cache, so that the rest of the fill
+/// reuses those pages instead of taking fresh ones (decision 65). A
+/// client's own writes stay cached, and the filled data reads back.
+#[test]
+fn a_fills_pages_leave_the_page_cache_once_flushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ReplicaStore::create(dir.path(), params(3 * MIB, 65536)).unwrap();
+    let filled = pattern(7, MIB as usize);
+    let written = pattern(9, MIB as usize);
+    assert_eq!(store.fill(0, &filled).unwrap(), MIB / BLOCK);
+    store.write(MIB, &written).unwrap();
+    let data = dir.path().join("head.img");
+    let pages = (MIB / BLOCK) as usize;
+    assert_eq!(resident_pages(&data, 0, MIB), pages, "dirty, until flushed");
+    store.flush().unwrap();
+    assert_eq!(resident_pages(&data, 0, MIB), 0, "the fill, once flushed");
+    assert_eq!(resident_pages(&data, MIB, MIB), pages, "the write");
+    assert_eq!(store.read(0, MIB).unwrap()[..], filled[..]);
+    // A fill after that flush waits for the next one.
+    assert_eq!(store.fill(2 * MIB, &filled).unwrap(), MIB / BLOCK);
+    assert_eq!(resident_pages(&data, 2 * MIB, MIB), pages);
+    store.flush().unwrap();
+    assert_eq!(resident_pages(&data, 2 * MIB, MIB), 0);
+}
+
 /// A clone's fill lands only on blocks no layer has written or discarded:
 /// blocks written in the head, in a snapshot under it, or discarded keep
 /// what they hold; the rest take the fill; a second fill changes nothing;
