@@ -19,6 +19,7 @@
 //! - [`lease`]: an in-progress backup or restore says so on the target.
 //! - [`catalog`]: the volumes and backups on a target, removing them,
 //!   retention and garbage collection.
+//! - [`recent`]: pages and manifests a backup wrote, kept for the next.
 //! - [`transfer`]: writing a backup from a source of blocks and restoring
 //!   one into a sink, with deduplication and ranged reads.
 //!
@@ -35,6 +36,7 @@ pub mod manifest;
 pub mod pack;
 pub mod page;
 pub mod reader;
+pub mod recent;
 pub mod target;
 #[cfg(test)]
 mod testing;

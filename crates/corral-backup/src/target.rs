@@ -395,12 +395,22 @@ impl Target {
 
     /// The object's size in bytes.
     pub async fn size(&self, name: &str) -> Result<u64, TargetError> {
+        Ok(self.info(name).await?.size)
+    }
+
+    /// The object's size and when it was last written, as a listing
+    /// would give them.
+    pub async fn info(&self, name: &str) -> Result<ObjectInfo, TargetError> {
         let meta = self
             .store
             .head(&self.path(name))
             .await
             .map_err(|e| self.err(name, e))?;
-        Ok(meta.size)
+        Ok(ObjectInfo {
+            name: name.to_string(),
+            size: meta.size,
+            modified_unix_ms: meta.last_modified.timestamp_millis().max(0) as u64,
+        })
     }
 
     /// The names of the objects under `dir` (which ends with `/`).

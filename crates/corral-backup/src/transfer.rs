@@ -21,7 +21,8 @@ use crate::block::{self, BLOCK_SIZE};
 use crate::lease::HeldLease;
 use crate::manifest::{FORMAT, Manifest};
 use crate::reader::{fetch_span, off_runtime, read_page, spans};
-use crate::target::{Put, Target, TargetError};
+use crate::recent::RecentObjects;
+use crate::target::{ObjectInfo, Put, Target, TargetError};
 use crate::{
     BlockHash, BlockRef, FormatError, PAGE_BLOCKS, PackBuilder, PackTrailer, Page, layout,
 };
@@ -250,6 +251,9 @@ pub struct BackupAids<'a> {
     /// can reuse them.
     pub lease: Option<&'a HeldLease>,
     pub progress: Option<&'a BackupProgress>,
+    /// Pages and manifests kept from earlier backups: the parent's pages
+    /// are taken from here before the target, and this backup's are kept.
+    pub recent: Option<&'a RecentObjects>,
 }
 
 /// Backs up `spec` to `target`. `changed`: the blocks that may differ from
@@ -279,6 +283,7 @@ pub async fn write_backup_with<S: BlockSource>(
         reusable,
         lease,
         progress,
+        recent,
     } = aids;
     let no_reuse = HashMap::new();
     let reusable = reusable.unwrap_or(&no_reuse);
@@ -345,7 +350,11 @@ pub async fn write_backup_with<S: BlockSource>(
     }
     let mut parent_pages = futures::stream::iter(parent_ids)
         .map(|(index, id)| async move {
-            let object = target.get(&layout::page(&spec.volume, &id)).await?;
+            let name = layout::page(&spec.volume, &id);
+            let object = match recent.and_then(|r| r.page(target, &name)) {
+                Some(kept) => kept,
+                None => target.get(&name).await?,
+            };
             Ok::<_, TransferError>((index, Page::decode(&object, &id)?))
         })
         .buffered(PAGES_AHEAD);
@@ -514,9 +523,12 @@ pub async fn write_backup_with<S: BlockSource>(
         manifest.pages[index] = Some(id.to_hex());
         uploads.push(Box::pin(async move {
             let bytes = object.len() as u64;
-            let put = target
-                .put_new(&layout::page(&spec.volume, &id), Bytes::from(object))
-                .await?;
+            let name = layout::page(&spec.volume, &id);
+            let object = Bytes::from(object);
+            let put = target.put_new(&name, object.clone()).await?;
+            if let Some(r) = recent {
+                r.keep_page(target, &name, object);
+            }
             Ok(Uploaded::Page {
                 bytes,
                 created: put == Put::Created,
@@ -541,13 +553,20 @@ pub async fn write_backup_with<S: BlockSource>(
         target.size(&layout::pack(&spec.volume, id)).await?;
     }
     // Last: only now does the backup exist.
-    let bytes = manifest.encode();
+    let bytes = Bytes::from(manifest.encode());
     report.bytes_put += bytes.len() as u64;
-    if target.put_new(&manifest_name, Bytes::from(bytes)).await? == Put::Existed {
+    if target.put_new(&manifest_name, bytes.clone()).await? == Put::Existed {
         return Err(TransferError::Exists {
             volume: spec.volume.clone(),
             backup: spec.name.clone(),
         });
+    }
+    // Kept as the target lists it, for the next backup's search for its
+    // parent (the backup stands if this fails).
+    if let Some(r) = recent
+        && let Ok(listed) = target.info(&manifest_name).await
+    {
+        r.keep_manifest(target, &listed, bytes);
     }
     report.manifest = Some(manifest);
     Ok(report)
@@ -590,6 +609,43 @@ async fn put_pack(
     Ok(Uploaded::Pack(len))
 }
 
+/// A backup's manifest as listed under the volume's `backups/` (the
+/// listing's object), read and checked: from `recent` when it holds the
+/// object as listed, else from the target (and kept there).
+pub async fn read_listed_manifest(
+    target: &Target,
+    volume: &str,
+    backup: &str,
+    listed: &ObjectInfo,
+    recent: Option<&RecentObjects>,
+) -> Result<Manifest, TransferError> {
+    layout::check_name("volume", volume)?;
+    layout::check_name("backup", backup)?;
+    let bytes = match recent.and_then(|r| r.manifest(target, listed)) {
+        Some(kept) => kept,
+        None => {
+            let bytes = target.get(&layout::manifest(volume, backup)).await?;
+            if let Some(r) = recent {
+                r.keep_manifest(target, listed, bytes.clone());
+            }
+            bytes
+        }
+    };
+    check_manifest(&bytes, volume, backup)
+}
+
+fn check_manifest(bytes: &[u8], volume: &str, backup: &str) -> Result<Manifest, TransferError> {
+    let m = Manifest::decode(bytes)?;
+    if m.volume != volume || m.name != backup {
+        return Err(FormatError::Invalid {
+            what: "manifest",
+            why: format!("names {}/{}, found as {volume}/{backup}", m.volume, m.name),
+        }
+        .into());
+    }
+    Ok(m)
+}
+
 /// A backup's manifest, read and checked.
 pub async fn read_manifest(
     target: &Target,
@@ -599,15 +655,7 @@ pub async fn read_manifest(
     layout::check_name("volume", volume)?;
     layout::check_name("backup", backup)?;
     let bytes = target.get(&layout::manifest(volume, backup)).await?;
-    let m = Manifest::decode(&bytes)?;
-    if m.volume != volume || m.name != backup {
-        return Err(FormatError::Invalid {
-            what: "manifest",
-            why: format!("names {}/{}, found as {volume}/{backup}", m.volume, m.name),
-        }
-        .into());
-    }
-    Ok(m)
+    check_manifest(&bytes, volume, backup)
 }
 
 /// What a restore did.
@@ -722,6 +770,51 @@ mod tests {
             assert_eq!(&restored.snapshot(), image, "backup {}", m.name);
             assert_eq!(r.blocks_written, image.len() as u64);
         }
+    }
+
+    /// An incremental backup takes its parent's manifest and pages from
+    /// those the parent kept when it wrote them: with the parent's page
+    /// gone from the target it still succeeds (and without them it cannot),
+    /// and it restores bit-exact.
+    #[tokio::test]
+    async fn an_incremental_starts_from_the_pages_its_parent_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = target(tmp.path());
+        let vol = Volume::default();
+        for b in 0..4 {
+            vol.set(b, b as u8 + 1);
+        }
+        let recent = RecentObjects::default();
+        let aids = BackupAids {
+            recent: Some(&recent),
+            ..Default::default()
+        };
+        let full = write_backup_with(&t, &spec("b1", GIB), None, &[0, 1, 2, 3], &vol, aids)
+            .await
+            .unwrap();
+        let m1 = full.manifest.unwrap();
+        let listed = t.list_objects("volumes/db/backups/").await.unwrap();
+        let found = read_listed_manifest(&t, "db", "b1", &listed[0], Some(&recent))
+            .await
+            .unwrap();
+        assert_eq!(found, m1);
+        let page = layout::page("db", &m1.page(0).unwrap().unwrap());
+        t.delete(&page).await.unwrap();
+        vol.set(2, 99);
+        assert!(
+            write_backup(&t, &spec("no-cache", GIB), Some(&m1), &[2], &vol)
+                .await
+                .is_err(),
+            "the parent's page is gone from the target"
+        );
+        let inc = write_backup_with(&t, &spec("b2", GIB), Some(&m1), &[2], &vol, aids)
+            .await
+            .unwrap();
+        let m2 = read_manifest(&t, "db", "b2").await.unwrap();
+        assert_eq!(inc.blocks_read, 1);
+        let restored = Volume::default();
+        restore(&t, &m2, &restored).await.unwrap();
+        assert_eq!(restored.snapshot(), vol.snapshot());
     }
 
     /// 12 MiB to store with the default 64 MiB packs: cut into three packs

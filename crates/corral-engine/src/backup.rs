@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use corral_backup::block::BLOCK_SIZE;
 use corral_backup::lease::{self, HeldLease, LEASE_TTL, LeaseKind};
+use corral_backup::recent::RecentObjects;
 use corral_backup::target::Target;
 use corral_backup::transfer::{
     self, BackupAids, BackupProgress, BackupReport, BackupSpec, BlockSource, TransferError,
@@ -83,6 +84,7 @@ pub async fn create_backup(
     name: &str,
     snapshot: &str,
     progress: Option<&BackupProgress>,
+    recent: Option<&RecentObjects>,
 ) -> Result<BackupReport, BackupError> {
     // What interrupted backups of this volume put: reused, not uploaded
     // again (resuming is running the backup again).
@@ -102,6 +104,7 @@ pub async fn create_backup(
         reusable: Some(&reusable),
         lease: Some(&lease),
         progress,
+        recent,
     };
     let result = write_snapshot(volume, target, name, snapshot, aids).await;
     if let Err(e) = lease.release().await {
@@ -133,14 +136,15 @@ async fn write_snapshot(
     let here = position(snapshot);
     let mut parent: Option<Manifest> = None;
     for object in target
-        .list(&layout::backups(volume.name()))
+        .list_objects(&layout::backups(volume.name()))
         .await
         .map_err(TransferError::from)?
     {
-        let Some(b) = layout::backup_of_manifest(volume.name(), &object) else {
+        let Some(b) = layout::backup_of_manifest(volume.name(), &object.name) else {
             continue;
         };
-        let m = transfer::read_manifest(target, volume.name(), &b).await?;
+        let m =
+            transfer::read_listed_manifest(target, volume.name(), &b, &object, aids.recent).await?;
         let older = matches!((position(&m.snapshot), here), (Some(p), Some(h)) if p < h);
         if older
             && parent

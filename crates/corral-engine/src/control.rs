@@ -37,6 +37,8 @@ pub struct EngineState {
     snapshot_readers: Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// The backup being written, if any: name, target, progress.
     backup: Mutex<Option<RunningBackup>>,
+    /// Pages and manifests the last backups wrote, for the next one.
+    recent_backup_objects: corral_backup::recent::RecentObjects,
 }
 
 #[derive(Clone)]
@@ -63,6 +65,7 @@ impl EngineState {
             frontends: Mutex::new(String::new()),
             snapshot_readers: Mutex::new(std::collections::HashMap::new()),
             backup: Mutex::new(None),
+            recent_backup_objects: Default::default(),
         })
     }
 
@@ -206,9 +209,10 @@ async fn backup_or_status(
     name: &str,
     snapshot: &str,
     progress: &corral_backup::transfer::BackupProgress,
+    recent: &corral_backup::recent::RecentObjects,
 ) -> Result<corral_backup::transfer::BackupReport, Status> {
     use corral_backup::transfer::TransferError;
-    crate::backup::create_backup(volume, target, name, snapshot, Some(progress))
+    crate::backup::create_backup(volume, target, name, snapshot, Some(progress), Some(recent))
         .await
         .map_err(|e| match &e {
             crate::backup::BackupError::Transfer(TransferError::Exists { .. }) => {
@@ -550,7 +554,15 @@ impl EngineControl for ControlService {
             target: req.target.clone(),
             progress: Arc::clone(&progress),
         });
-        let report = backup_or_status(volume, &target, &name, &snapshot, &progress).await;
+        let report = backup_or_status(
+            volume,
+            &target,
+            &name,
+            &snapshot,
+            &progress,
+            &self.state.recent_backup_objects,
+        )
+        .await;
         *lock(&self.state.backup) = None;
         let report = report?;
         // Retention runs after the backup is safely there; its failure is

@@ -87,9 +87,13 @@ async fn a_full_and_an_incremental_backup_restore_their_snapshots_bit_exact() {
         .await
         .unwrap();
     set.snapshot_create("s1").await.unwrap();
-    let full = corral_engine::backup::create_backup(&volume, &target, "b1", "s1", None)
-        .await
-        .unwrap();
+    // As the engine's control service does: the second backup finds its
+    // parent's manifest and page among those the first one kept.
+    let recent = corral_backup::recent::RecentObjects::default();
+    let full =
+        corral_engine::backup::create_backup(&volume, &target, "b1", "s1", None, Some(&recent))
+            .await
+            .unwrap();
     assert_eq!(full.manifest.as_ref().unwrap().parent, None);
     // 16 + 1 + 1 blocks of 64 KiB hold data; nothing else is read.
     assert_eq!(full.blocks_read, 18, "{full:?}");
@@ -101,9 +105,10 @@ async fn a_full_and_an_incremental_backup_restore_their_snapshots_bit_exact() {
         .unwrap();
     volume.unmap(3 << 20, 12 << 10).await.unwrap();
     set.snapshot_create("s2").await.unwrap();
-    let inc = corral_engine::backup::create_backup(&volume, &target, "b2", "s2", None)
-        .await
-        .unwrap();
+    let inc =
+        corral_engine::backup::create_backup(&volume, &target, "b2", "s2", None, Some(&recent))
+            .await
+            .unwrap();
     assert_eq!(inc.manifest.as_ref().unwrap().parent.as_deref(), Some("b1"));
     assert_eq!(inc.blocks_read, 2, "only the two changed blocks: {inc:?}");
     assert_eq!((inc.blocks_stored, inc.zero_blocks), (1, 1), "{inc:?}");
@@ -121,7 +126,7 @@ async fn a_full_and_an_incremental_backup_restore_their_snapshots_bit_exact() {
     }
     // Taken once.
     assert!(matches!(
-        corral_engine::backup::create_backup(&volume, &target, "b2", "s2", None).await,
+        corral_engine::backup::create_backup(&volume, &target, "b2", "s2", None, None).await,
         Err(corral_engine::backup::BackupError::Transfer(
             transfer::TransferError::Exists { .. }
         ))
