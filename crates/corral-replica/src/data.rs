@@ -588,8 +588,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_read_that_misses_the_page_cache_sends_the_rest_of_its_batch_to_the_pool_in_order() {
+    /// One run of the story below on a new replica; true when the gate
+    /// was still open at the end.
+    fn miss_then_rest_of_batch_on_the_pool() -> bool {
         let tmp = tempfile::tempdir().unwrap();
         let registry = ReplicaRegistry::open(tmp.path()).unwrap();
         let replica = registry
@@ -641,8 +642,18 @@ mod tests {
         ));
         // The write ran once, before the read after it.
         assert_eq!(read_data(&replies[3]), [0xabu8; BLOCK as usize]);
-        // The miss did not close the gate: it waits for the disk on the
-        // pool, not on a runtime thread.
-        assert!(replica.inline_io.allows(BLOCK as usize));
+        replica.inline_io.allows(BLOCK as usize)
+    }
+
+    #[test]
+    fn a_read_that_misses_the_page_cache_sends_the_rest_of_its_batch_to_the_pool_in_order() {
+        // The miss must not close the gate: it waits for the disk on the
+        // pool, not on this thread (a read from the disk inline would block
+        // and close it every time). Anything else that sleeps on this thread
+        // while it works inline closes it too (on a busy machine, a page
+        // fault that waits for the disk), so the story gets three tries on
+        // new replicas.
+        let open = (0..3).any(|_| miss_then_rest_of_batch_on_the_pool());
+        assert!(open, "the gate closed in each of three runs");
     }
 }
