@@ -148,22 +148,24 @@ fn a_restore_waits_out_a_store_that_goes_away_and_comes_back() {
     let mut c = Cluster::with_replicas(6).expect("cluster");
     let e = c
         .start_engine(
-            &EngineSpec::new("vol", "64MiB", &[0, 1, 2])
+            &EngineSpec::new("vol", "128MiB", &[0, 1, 2])
                 .env("AWS_ACCESS_KEY_ID", s3.access_key())
                 .env("AWS_SECRET_ACCESS_KEY", s3.secret_key()),
         )
         .expect("engine");
     let control = c.engines[e].control.to_string();
     let data = c.path().join("data");
-    std::fs::write(&data, pattern(2, 64 * MIB)).unwrap();
+    std::fs::write(&data, pattern(2, 128 * MIB)).unwrap();
     c.write_flushed(e, &data).unwrap();
     let target = s3.url("corral");
     backup(&c, &control, &s3, &target).unwrap();
-    let image = c.read_back(e, 64 * MIB).unwrap();
+    let image = c.read_back(e, 128 * MIB).unwrap();
 
-    // One fill round per 4 KiB makes the restore last a while.
+    // One fill round per 4 KiB makes the restore last a while; the volume
+    // is twice the restore's read-ahead (64 MiB), so that reads are left
+    // for the outage to stop.
     let creds = s3.credentials_file().unwrap();
-    let mut spec = EngineSpec::new("restored", "64MiB", &[3, 4, 5])
+    let mut spec = EngineSpec::new("restored", "128MiB", &[3, 4, 5])
         .arg("--from-backup", &format!("{target}/vol/first"))
         .arg("--s3-endpoint", &s3.endpoint())
         .arg("--s3-credentials", &creds.display().to_string())
@@ -209,7 +211,7 @@ fn a_restore_waits_out_a_store_that_goes_away_and_comes_back() {
     let done: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(done["done"], true, "{done}");
     assert!(
-        c.read_back(r, 64 * MIB).unwrap() == image,
+        c.read_back(r, 128 * MIB).unwrap() == image,
         "the restore resumed after the outage is not the backup"
     );
 }

@@ -29,7 +29,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use corral_backup::lease::{HeldLease, LEASE_TTL, LeaseKind};
@@ -56,8 +56,9 @@ const RECORD_EVERY: u64 = 64 << 20;
 /// A restore's filler reads this much of the backup at once (a few ranged
 /// GETs of neighbouring blocks)...
 const RESTORE_WINDOW: u64 = 8 << 20;
-/// ... and keeps this many such reads in flight ahead of its writes...
-const RESTORE_READ_AHEAD: usize = 4;
+/// ... and keeps this many such reads in flight ahead of its writes (64 MiB:
+/// enough that the reads go on through a progress flush, decision 68)...
+const RESTORE_READ_AHEAD: usize = 8;
 /// ... and fills this many chunks of a window at once.
 const RESTORE_FILLS: usize = 8;
 
@@ -497,6 +498,7 @@ pub async fn run_filler(
     // Below the recorded mark everything is filled and durable already.
     let mut chunk = (fill.record().filled_below / chunk_size).min(total);
     let mut ahead = ReadAhead::new(&fill, chunk_size, total);
+    let mut timing = FillTiming::default();
     while chunk < total {
         if stop.is_cancelled() {
             return;
@@ -505,7 +507,11 @@ pub async fn run_filler(
         // chunks at once; a clone, one chunk (each read from its source
         // engine under the chunk's lock).
         let filled = if fill.is_restore() {
-            match ahead.window(chunk).await {
+            let asked = Instant::now();
+            let window = ahead.window(chunk).await;
+            timing.reading += asked.elapsed();
+            let writing = Instant::now();
+            let filled = match window {
                 // The pieces run from this chunk on, one per chunk; anything
                 // else is retried, never skipped.
                 Ok(pieces)
@@ -530,13 +536,18 @@ pub async fn run_filler(
                     "the backup's read-ahead had nothing for chunk {chunk}"
                 )),
                 Err(e) => Err(e.to_string()),
-            }
+            };
+            timing.writing += writing.elapsed();
+            filled
         } else {
-            volume
+            let writing = Instant::now();
+            let filled = volume
                 .fill_chunks(&[chunk])
                 .await
                 .map(|()| 1)
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string());
+            timing.writing += writing.elapsed();
+            filled
         };
         match filled {
             Ok(n) => {
@@ -560,6 +571,7 @@ pub async fn run_filler(
         }
         if unrecorded >= RECORD_EVERY || chunk == total {
             let done = chunk == total;
+            let recording = Instant::now();
             loop {
                 match record_progress(&volume, &fill, chunk * chunk_size, done).await {
                     Ok(()) => break,
@@ -572,6 +584,7 @@ pub async fn run_filler(
                     }
                 }
             }
+            timing.recording += recording.elapsed();
             unrecorded = 0;
         }
     }
@@ -585,7 +598,11 @@ pub async fn run_filler(
     }
     fill.set_done();
     let record = fill.record();
-    info!(volume = %volume.name(), bytes = record.source_size, "clone fill done: the clone no longer needs its source");
+    info!(volume = %volume.name(), bytes = record.source_size,
+        waiting_for_source_ms = timing.reading.as_millis() as u64,
+        writing_ms = timing.writing.as_millis() as u64,
+        flushing_and_recording_ms = timing.recording.as_millis() as u64,
+        "clone fill done: the clone no longer needs its source");
     if let FillSource::Backup(_, lease) = &fill.source {
         let held = lock(lease).take();
         if let Some(held) = held
@@ -606,6 +623,18 @@ pub async fn run_filler(
             }
         }
     }
+}
+
+/// Where a filler's time went, for its closing log line.
+#[derive(Default)]
+struct FillTiming {
+    /// Waiting for a restore's reads of the backup.
+    reading: Duration,
+    /// Writing chunks to the replicas (for a clone of an engine, reading
+    /// each from the source engine too).
+    writing: Duration,
+    /// Flushing the replicas and recording progress on them.
+    recording: Duration,
 }
 
 type WindowRead = tokio::task::JoinHandle<Option<Result<Vec<Option<Bytes>>, CloneError>>>;

@@ -324,6 +324,32 @@ impl Layer {
         Ok(())
     }
 
+    /// Asks the kernel to start writing `offset..offset+len` of the data
+    /// file back to the disk now, without waiting for it: the next
+    /// `fdatasync` then finds it written or under way. Durability is not
+    /// changed (only a sync makes data durable); a failure is only advice
+    /// not taken.
+    pub(crate) fn start_writeback(&self, offset: u64, len: u64) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let (Ok(off), Ok(n)) = (
+            libc::off64_t::try_from(offset),
+            libc::off64_t::try_from(len),
+        ) else {
+            return Ok(());
+        };
+        // SAFETY: sync_file_range only reads its integer arguments; `self.data` owns the descriptor.
+        let rc = unsafe {
+            libc::sync_file_range(self.data.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE)
+        };
+        if rc != 0 {
+            return Err(io_err(
+                format!("sync_file_range {}", self.data_path.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
     pub(crate) fn sync_crc_file(&self) -> Result<()> {
         self.crc
             .sync_data()

@@ -735,6 +735,13 @@ impl ReplicaStore {
                 (first + start as u64) * BLOCK,
                 (i - start) as u64 * BLOCK,
             );
+            if let Err(e) = chain
+                .head()
+                .layer
+                .start_writeback((first + start as u64) * BLOCK, (i - start) as u64 * BLOCK)
+            {
+                tracing::debug!(dir = %self.dir.display(), error = %e, "could not start writing filled blocks back");
+            }
             written += (i - start) as u64;
         }
         Ok(written)

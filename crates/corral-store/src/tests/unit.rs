@@ -806,6 +806,51 @@ fn a_fills_pages_leave_the_page_cache_once_flushed() {
     assert_eq!(resident_pages(&data, 2 * MIB, MIB), 0);
 }
 
+/// A fill starts its blocks' writeback as it writes them, so that the disk
+/// works while the fill goes on and the next flush finds them written
+/// (decision 68); a client's write is left to the flush. Observed from
+/// outside: waiting only for writeback already under way, then asking the
+/// kernel to drop the range, leaves no page of the fill (clean) but every
+/// page of the write (still dirty).
+#[test]
+fn a_fill_starts_writing_its_blocks_back_before_the_flush() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let store = ReplicaStore::create(dir.path(), params(2 * MIB, 65536)).unwrap();
+    assert_eq!(
+        store.fill(0, &pattern(3, MIB as usize)).unwrap(),
+        MIB / BLOCK
+    );
+    store.write(MIB, &pattern(4, MIB as usize)).unwrap();
+    let data = dir.path().join("head.img");
+    let file = std::fs::File::open(&data).unwrap();
+    let pages = (MIB / BLOCK) as usize;
+    // SAFETY: integer arguments on an open descriptor.
+    unsafe {
+        // Waits for pages already under writeback; starts none.
+        let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE;
+        assert_eq!(
+            libc::sync_file_range(file.as_raw_fd(), 0, 2 * MIB as i64, wait),
+            0
+        );
+        let drop = libc::POSIX_FADV_DONTNEED;
+        assert_eq!(
+            libc::posix_fadvise(file.as_raw_fd(), 0, 2 * MIB as i64, drop),
+            0
+        );
+    }
+    assert_eq!(
+        resident_pages(&data, 0, MIB),
+        0,
+        "the fill: written back already"
+    );
+    assert_eq!(
+        resident_pages(&data, MIB, MIB),
+        pages,
+        "the write: dirty until a flush"
+    );
+}
+
 /// A clone's fill lands only on blocks no layer has written or discarded:
 /// blocks written in the head, in a snapshot under it, or discarded keep
 /// what they hold; the rest take the fill; a second fill changes nothing;
