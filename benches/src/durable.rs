@@ -5,6 +5,10 @@
 //! - **the disk**: fio on a file in the kind of directory the replicas use,
 //!   `--ioengine=psync --rw=randwrite --bs=4k --fdatasync=1` — the rate at
 //!   which this disk makes 4 KiB writes durable one at a time;
+//! - **the disk shared by three such writers at once**, each on its own
+//!   file, as a 3-replica volume's replicas share this one disk: the rate
+//!   of each writer is the most such a volume can make durable one write
+//!   at a time, before any network hop;
 //! - **a 3-replica volume** (three replica daemons and an engine on this
 //!   machine): fio `--rw=randwrite --bs=4k --iodepth=1 --fsync=1` over NBD
 //!   (NBD_CMD_FLUSH after every write), one client, then `--clients`
@@ -54,6 +58,9 @@ pub struct DurableArgs {
     #[arg(long)]
     before: Option<PathBuf>,
 }
+
+/// Replicas of the volume measured, each a replica daemon on this machine.
+const REPLICAS: u32 = 3;
 
 /// One fio run's outcome.
 struct Run {
@@ -105,12 +112,16 @@ fn fio(args: &[String], limit: Duration) -> Result<Run> {
     parse(&String::from_utf8_lossy(&out.stdout))
 }
 
-fn disk(dir: &Path, args: &DurableArgs) -> Result<Run> {
-    let file = dir.join("disk-durable.fio");
+/// `writers` fio writers on files of their own in `dir`, each making 4 KiB
+/// random writes durable one at a time (`psync`, `fdatasync` after each).
+fn disk_writers(dir: &Path, args: &DurableArgs, writers: u32) -> Result<Run> {
+    let sub = dir.join("disk-durable");
+    std::fs::create_dir_all(&sub)?;
     let run = fio(
         &[
             "--name=disk".into(),
-            format!("--filename={}", file.display()),
+            format!("--directory={}", sub.display()),
+            format!("--numjobs={writers}"),
             "--ioengine=psync".into(),
             "--rw=randwrite".into(),
             "--bs=4k".into(),
@@ -121,8 +132,26 @@ fn disk(dir: &Path, args: &DurableArgs) -> Result<Run> {
         ],
         Duration::from_secs(args.seconds + 300),
     );
-    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_dir_all(&sub);
     run
+}
+
+/// The disk's own durable rate: one such writer.
+fn disk(dir: &Path, args: &DurableArgs) -> Result<Run> {
+    disk_writers(dir, args, 1)
+}
+
+/// The disk shared by `writers` such writers at once, each on a file of
+/// its own, as the replicas of a volume on this one disk are: the rate of
+/// each writer (the sum divided by `writers`) is the most a volume with
+/// that many replicas here can make durable one write at a time, each
+/// write waiting for every replica's sync.
+fn disk_shared(dir: &Path, args: &DurableArgs, writers: u32) -> Result<Run> {
+    disk_writers(dir, args, writers).map(|r| Run {
+        iops: r.iops / f64::from(writers),
+        writes: r.writes / u64::from(writers),
+        ..r
+    })
 }
 
 /// fio over NBD: `extra` added to a time-based 4 KiB random-write job.
@@ -309,7 +338,7 @@ fn measure(name: &str, bin: &Path, args: &DurableArgs) -> Result<System> {
     // SAFETY: the bench is single-threaded here; nothing reads the environment meanwhile.
     unsafe { std::env::set_var("CORRAL_BIN", bin) };
     let mut cluster = Cluster::new()?;
-    for _ in 0..3 {
+    for _ in 0..REPLICAS {
         cluster.start_replica_with(&["--io-threads", "1"])?;
     }
     let spec = EngineSpec::new("durable", &format!("{}MiB", args.size_mib), &[0, 1, 2])
@@ -364,8 +393,12 @@ pub fn run(args: &DurableArgs) -> Result<()> {
     // The disk's run, in the kind of directory the replicas use.
     let scratch = Cluster::new()?;
     let base = disk(scratch.path(), args)?;
+    let shared = disk_shared(scratch.path(), args, REPLICAS)?;
     drop(scratch);
-    eprintln!("durable: disk {:.0} durable writes/s", base.iops);
+    eprintln!(
+        "durable: disk {:.0} durable writes/s, {:.0} per writer with {REPLICAS} at once",
+        base.iops, shared.iops
+    );
     let mut systems = Vec::new();
     if let Some(before) = &args.before {
         systems.push(measure("before", before, args)?);
@@ -388,6 +421,10 @@ pub fn run(args: &DurableArgs) -> Result<()> {
         );
     };
     row("disk: fio psync, fdatasync after each write", &base);
+    row(
+        &format!("disk shared by {REPLICAS} such writers at once (one per replica): each writer"),
+        &shared,
+    );
     for s in &systems {
         let (n, c) = (&s.name, args.clients);
         row(&format!("{n}: 1 client, flush after each write"), &s.one);
