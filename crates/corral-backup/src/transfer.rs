@@ -504,11 +504,7 @@ pub async fn write_backup_with<S: BlockSource>(
                     },
                 );
                 uploads.push(Box::pin(put_pack(target, spec, full, lease, progress)));
-                while uploads.len() >= UPLOADS {
-                    if let Some(done) = uploads.next().await {
-                        report.add(done?);
-                    }
-                }
+                report.wait_for_uploads(&mut uploads, UPLOADS - 1).await?;
             }
         }
         drop(ready);
@@ -533,18 +529,12 @@ pub async fn write_backup_with<S: BlockSource>(
                 created: put == Put::Created,
             })
         }));
-        while uploads.len() >= UPLOADS {
-            if let Some(done) = uploads.next().await {
-                report.add(done?);
-            }
-        }
+        report.wait_for_uploads(&mut uploads, UPLOADS - 1).await?;
     }
     if !open.builder.is_empty() {
         uploads.push(Box::pin(put_pack(target, spec, open, lease, progress)));
     }
-    while let Some(done) = uploads.next().await {
-        report.add(done?);
-    }
+    report.wait_for_uploads(&mut uploads, 0).await?;
     drop(uploads);
     // The reused packs must still be there (a collection that was already
     // deleting when this backup started could have taken one).
@@ -572,6 +562,22 @@ pub async fn write_backup_with<S: BlockSource>(
 }
 
 impl BackupReport {
+    /// Waits until at most `left` of `uploads` are still running, counting
+    /// each one done; the first that failed fails the backup.
+    async fn wait_for_uploads(
+        &mut self,
+        uploads: &mut FuturesUnordered<Upload<'_>>,
+        left: usize,
+    ) -> Result<(), TransferError> {
+        while uploads.len() > left {
+            match uploads.next().await {
+                Some(done) => self.add(done?),
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
     fn add(&mut self, put: Uploaded) {
         match put {
             Uploaded::Pack(bytes) => {
