@@ -6,11 +6,14 @@
 //! `chain`'s. A layer knows nothing about locking or the write-intent bitmap: the store
 //! orders calls to it.
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Result, StoreError, io_err};
 
@@ -26,6 +29,35 @@ const CRC_LEN: u64 = 4;
 /// writes) then cost about twice the CPU. Pieces of 16 KiB keep folios at four blocks, for
 /// a few more system calls per large write.
 pub(crate) const MAX_FOLIO_WRITE: usize = 16 << 10;
+
+/// The most one direct (`O_DIRECT`) write moves, and the size of each thread's aligned
+/// bounce buffer for them (decision 69).
+const DIRECT_PIECE: usize = 1 << 20;
+/// The memory alignment of a direct write's buffer (its offset and length are whole
+/// 4 KiB blocks): enough for any disk's logical block.
+const DIRECT_ALIGN: usize = 4096;
+/// The largest page-cache folio the kernel makes (a PMD, 2 MiB on x86-64 and arm64 with
+/// 4 KiB pages). A direct write invalidates every cached folio it overlaps; a caller keeps
+/// other writers off the folio-aligned neighbourhood of its range (see
+/// [`Layer::write_data_direct`]).
+pub(crate) const LARGEST_FOLIO: u64 = 2 << 20;
+
+thread_local! {
+    /// Per blocking thread: the bounce buffer of direct writes (a received payload is
+    /// rarely aligned for `O_DIRECT`), kept so its pages are touched once.
+    static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How [`Layer::write_data_direct`] wrote its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WriteVia {
+    /// Past the page cache: on the disk (not durable before a sync: the disk's own
+    /// cache), nothing of it cached.
+    Direct,
+    /// Through the page cache, as [`Layer::write_data`] does, because the file or the
+    /// filesystem takes no direct writes.
+    PageCache,
+}
 
 /// Names of a layer's two files inside the replica directory.
 pub(crate) fn file_names(layer: &str) -> (String, String) {
@@ -51,6 +83,12 @@ pub(crate) struct Layer {
     data_path: PathBuf,
     crc_path: PathBuf,
     data_name: String,
+    /// The data file opened again with `O_DIRECT`, on the first direct write (`None`:
+    /// the filesystem refused it).
+    direct: OnceLock<Option<File>>,
+    /// Set when a direct write was refused (`EINVAL`): later ones go through the page
+    /// cache without trying.
+    direct_refused: AtomicBool,
 }
 
 impl Layer {
@@ -84,6 +122,8 @@ impl Layer {
             data_path,
             crc_path,
             data_name,
+            direct: OnceLock::new(),
+            direct_refused: AtomicBool::new(false),
         })
     }
 
@@ -103,6 +143,8 @@ impl Layer {
             data_path,
             crc_path,
             data_name,
+            direct: OnceLock::new(),
+            direct_refused: AtomicBool::new(false),
         })
     }
 
@@ -142,6 +184,81 @@ impl Layer {
                 e,
             )
         })
+    }
+
+    /// Writes `buf` (whole 4 KiB blocks) at `offset` (block-aligned) of the data file
+    /// past the page cache: `O_DIRECT` writes of at most [`DIRECT_PIECE`] through this
+    /// thread's aligned bounce buffer. A large write costs the kernel far less this way
+    /// than through the page cache (no page to allocate, fill, write back and drop), and
+    /// the blocks reach the disk as the call returns; they are durable after the next
+    /// sync, as a cached write is.
+    ///
+    /// The kernel writes back and invalidates the cached folios the range overlaps. A
+    /// folio dirtied by another writer between those two steps cannot be invalidated,
+    /// and Linux then reports `EIO` to the file's next `fdatasync`: the caller must keep
+    /// every other writer of this file off the range rounded out to [`LARGEST_FOLIO`].
+    /// Where the filesystem refuses direct I/O, writes through the page cache instead
+    /// and says so.
+    pub(crate) fn write_data_direct(&self, offset: u64, buf: &[u8]) -> Result<WriteVia> {
+        let aligned = offset.is_multiple_of(BLOCK) && (buf.len() as u64).is_multiple_of(BLOCK);
+        let direct = match self.direct_file() {
+            Some(f) if aligned && !self.direct_refused.load(Ordering::Relaxed) => f,
+            _ => return self.write_data(offset, buf).map(|()| WriteVia::PageCache),
+        };
+        #[cfg(test)]
+        crate::powercut::wrote(&self.data_path, offset, buf);
+        let mut done = 0usize;
+        while done < buf.len() {
+            let n = DIRECT_PIECE.min(buf.len() - done);
+            let at = offset + done as u64;
+            match write_through_bounce(direct, &buf[done..done + n], at) {
+                Ok(true) => done += n,
+                // Refused (EINVAL: alignment the device wants, or no direct I/O after
+                // all) or no aligned buffer: the rest through the page cache.
+                Ok(false) => {
+                    self.direct_refused.store(true, Ordering::Relaxed);
+                    tracing::debug!(file = %self.data_path.display(), "direct writes refused; writing through the page cache");
+                    write_in_small_folios(&self.data, &buf[done..], at)
+                        .map_err(|e| self.write_error(buf.len() - done, at, e))?;
+                    return Ok(WriteVia::PageCache);
+                }
+                Err(e) => return Err(self.write_error(n, at, e)),
+            }
+        }
+        Ok(WriteVia::Direct)
+    }
+
+    /// Test-only: later direct writes go through the page cache, as on a filesystem
+    /// that refuses `O_DIRECT`.
+    #[cfg(test)]
+    pub(crate) fn refuse_direct_writes(&self) {
+        self.direct_refused.store(true, Ordering::Relaxed);
+    }
+
+    /// The `O_DIRECT` descriptor of the data file, opened on first use.
+    fn direct_file(&self) -> Option<&File> {
+        self.direct
+            .get_or_init(|| {
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&self.data_path)
+                    .map_err(|e| {
+                        tracing::debug!(file = %self.data_path.display(), error = %e, "no direct writes");
+                    })
+                    .ok()
+            })
+            .as_ref()
+    }
+
+    fn write_error(&self, len: usize, offset: u64, e: io::Error) -> StoreError {
+        io_err(
+            format!(
+                "writing {len} bytes to {} at offset {offset}",
+                self.data_path.display()
+            ),
+            e,
+        )
     }
 
     /// Reads the stored checksums of `count` blocks starting at block `first`.
@@ -265,6 +382,8 @@ impl Layer {
             data_path: self.data_path.clone(),
             crc_path: self.crc_path.clone(),
             data_name: self.data_name.clone(),
+            direct: OnceLock::new(),
+            direct_refused: AtomicBool::new(false),
         })
     }
 
@@ -286,7 +405,6 @@ impl Layer {
         Ok(())
     }
 
-    /// `fdatasync` of the checksum file only.
     /// Asks the kernel to drop this layer's pages from the page cache (for
     /// tests of reads that miss it).
     pub(crate) fn drop_page_cache(&self) -> Result<()> {
@@ -350,6 +468,7 @@ impl Layer {
         Ok(())
     }
 
+    /// `fdatasync` of the checksum file only.
     pub(crate) fn sync_crc_file(&self) -> Result<()> {
         self.crc
             .sync_data()
@@ -447,6 +566,29 @@ impl Layer {
     pub(crate) fn data_name(&self) -> &str {
         &self.data_name
     }
+}
+
+/// One direct write of `piece` (at most [`DIRECT_PIECE`]) at `offset` through this
+/// thread's bounce buffer. `Ok(false)`: not written, because the kernel refused the
+/// direct write (`EINVAL`) or no aligned buffer could be had.
+fn write_through_bounce(direct: &File, piece: &[u8], offset: u64) -> io::Result<bool> {
+    BOUNCE.with(|cell| {
+        let mut bounce = cell.borrow_mut();
+        if bounce.len() < DIRECT_PIECE + DIRECT_ALIGN {
+            bounce.resize(DIRECT_PIECE + DIRECT_ALIGN, 0);
+        }
+        let shift = bounce.as_ptr().align_offset(DIRECT_ALIGN);
+        if shift >= DIRECT_ALIGN {
+            return Ok(false);
+        }
+        let out = &mut bounce[shift..shift + piece.len()];
+        out.copy_from_slice(piece);
+        match direct.write_all_at(out, offset) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+            Err(e) => Err(e),
+        }
+    })
 }
 
 fn create_sized(path: &Path, len: u64, durable: bool) -> Result<File> {

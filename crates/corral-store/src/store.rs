@@ -16,7 +16,7 @@ use crate::chain::{ChainLayer, LayerChain, Source};
 use crate::entry::{self, DISCARDED};
 use crate::error::{Result, StoreError};
 use crate::index::ExtentIndex;
-use crate::layer::{BLOCK, Fetch, Layer};
+use crate::layer::{BLOCK, Fetch, LARGEST_FOLIO, Layer, WriteVia};
 use crate::meta::{self, MetaDb, Record};
 use crate::{CloneRecord, Epoch, LayerInfo, Membership, ReservationRecord, VolumeMeta};
 
@@ -35,6 +35,12 @@ pub const MAX_CHECKSUM_RANGE: u64 = 64 << 30;
 
 /// Number of lock stripes. A stripe covers every 256th chunk.
 const STRIPES: usize = 256;
+
+/// A fill marks dirty the whole aligned window of this many bytes around its range, not
+/// only the regions it touches: a clone or restore fills a volume in order, and marking
+/// 1 MiB regions one at a time cost a durable metadata commit per MiB on every replica
+/// (decision 71). Regions marked ahead and never written are cleared like any other.
+const FILL_MARK_WINDOW: u64 = 64 << 20;
 /// Name of the writable head layer created by `create`.
 const HEAD: &str = "head";
 
@@ -702,8 +708,23 @@ impl ReplicaStore {
             .chunks_exact(BLOCK_USIZE)
             .map(|b| entry::written(entry::block_crc(b)))
             .collect();
-        let _ticket = self.intent.begin_write(&self.db, offset, end)?;
-        let _g = self.lock_exclusive(first, end_block);
+        let mark_from = offset - offset % FILL_MARK_WINDOW;
+        let mark_to = end
+            .checked_next_multiple_of(FILL_MARK_WINDOW)
+            .unwrap_or(end)
+            .min(self.size())
+            .max(end);
+        let _ticket = self.intent.begin_write(&self.db, mark_from, mark_to)?;
+        // The fill writes past the page cache (decision 69): no other writer may dirty
+        // a cached folio its range overlaps, so it holds every block such a folio can
+        // cover.
+        let folio_blocks = LARGEST_FOLIO / BLOCK;
+        let lock_first = first - first % folio_blocks;
+        let lock_end = end_block
+            .next_multiple_of(folio_blocks)
+            .min(self.size().div_ceil(BLOCK))
+            .max(end_block);
+        let _g = self.lock_exclusive(lock_first, lock_end);
         let chain = self.chain();
         let mut open = chain.never_written(first, count)?;
         // A block of zeroes need not be written: one never written reads
@@ -723,28 +744,28 @@ impl ReplicaStore {
                 i += 1;
             }
             let bytes = start * BLOCK_USIZE..i * BLOCK_USIZE;
-            self.store_blocks(
-                &chain,
-                first + start as u64,
-                &data[bytes],
-                &crcs[start..i],
-                Halves::Both,
-            )?;
-            lock(&self.filled).add(
-                chain.head().layer.data_name(),
-                (first + start as u64) * BLOCK,
-                (i - start) as u64 * BLOCK,
-            );
-            if let Err(e) = chain
-                .head()
-                .layer
-                .start_writeback((first + start as u64) * BLOCK, (i - start) as u64 * BLOCK)
-            {
-                tracing::debug!(dir = %self.dir.display(), error = %e, "could not start writing filled blocks back");
+            let (at, len) = ((first + start as u64) * BLOCK, (i - start) as u64 * BLOCK);
+            let head = &chain.head().layer;
+            let via = head.write_data_direct(at, &data[bytes])?;
+            head.write_crcs(first + start as u64, &crcs[start..i])?;
+            if via == WriteVia::PageCache {
+                // Cached: drop the pages once a flush has made them durable (decision
+                // 65), and start their writeback now (decision 68).
+                lock(&self.filled).add(head.data_name(), at, len);
+                if let Err(e) = head.start_writeback(at, len) {
+                    tracing::debug!(dir = %self.dir.display(), error = %e, "could not start writing filled blocks back");
+                }
             }
             written += (i - start) as u64;
         }
         Ok(written)
+    }
+
+    /// Test-only: fills of the head layer go through the page cache, as on a
+    /// filesystem that refuses direct I/O.
+    #[cfg(test)]
+    pub(crate) fn refuse_direct_writes(&self) {
+        self.chain().head().layer.refuse_direct_writes();
     }
 
     /// True when a (non-FUA) write of `len` bytes at `offset` needs no

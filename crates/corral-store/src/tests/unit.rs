@@ -780,14 +780,83 @@ fn resident_pages(path: &std::path::Path, offset: u64, len: u64) -> usize {
     }
 }
 
-/// A fill streams its source through once: once a flush has made its
-/// blocks durable they leave the page cache, so that the rest of the fill
-/// reuses those pages instead of taking fresh ones (decision 65). A
-/// client's own writes stay cached, and the filled data reads back.
+/// A fill writes past the page cache (decision 69): when it returns its
+/// blocks are in the file and none of them is cached, pages cached over the
+/// range before are gone (a read sees the fill, through the store and
+/// through the file), and a client's block in the middle keeps what the
+/// client wrote; all of it reads back after a flush and a reopen.
+#[test]
+fn a_fill_writes_past_the_page_cache() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = ReplicaStore::create(dir.path(), params(4 * MIB, 65536)).unwrap();
+    let data = dir.path().join("head.img");
+    // Cache the first MiB of the file as the zeroes of a hole.
+    let raw = std::fs::File::open(&data).unwrap();
+    let mut zeroes = vec![1u8; MIB as usize];
+    raw.read_exact_at(&mut zeroes, 0).unwrap();
+    assert!(zeroes.iter().all(|&b| b == 0));
+    assert!(
+        resident_pages(&data, 0, MIB) > 0,
+        "the hole's pages are cached"
+    );
+    let client = pattern(5, BLOCK as usize);
+    store.write(MIB + 3 * BLOCK, &client).unwrap();
+
+    let fill = pattern(6, 2 * MIB as usize);
+    assert_eq!(store.fill(0, &fill).unwrap(), 2 * MIB / BLOCK - 1);
+    assert_eq!(
+        resident_pages(&data, 0, MIB),
+        0,
+        "no page of the fill is cached"
+    );
+    let mut expected = fill.clone();
+    let at = (MIB + 3 * BLOCK) as usize;
+    expected[at..at + BLOCK as usize].copy_from_slice(&client);
+    let mut through_file = vec![0u8; 2 * MIB as usize];
+    raw.read_exact_at(&mut through_file, 0).unwrap();
+    assert!(
+        through_file == expected,
+        "the file holds the fill and the client's block"
+    );
+    assert!(store.read(0, 2 * MIB).unwrap()[..] == expected[..]);
+
+    store.flush().unwrap();
+    drop(store);
+    let store = ReplicaStore::open(dir.path()).unwrap();
+    assert!(store.read(0, 2 * MIB).unwrap()[..] == expected[..]);
+}
+
+/// A fill marks the whole 64 MiB window around it dirty in one commit
+/// (decision 71), so the fills after it in the window commit no metadata;
+/// the next window is not marked until a fill reaches it.
+#[test]
+fn a_fill_marks_its_whole_window_dirty_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ReplicaStore::create(dir.path(), params(160 * MIB, 65536)).unwrap();
+    assert!(!store.write_is_light(32 * MIB, BLOCK), "nothing marked yet");
+    store.fill(MIB, &pattern(1, MIB as usize)).unwrap();
+    assert!(store.write_is_light(0, 64 * MIB), "the whole first window");
+    assert!(!store.write_is_light(64 * MIB, BLOCK), "not the next one");
+    store.fill(130 * MIB, &pattern(2, MIB as usize)).unwrap();
+    assert!(store.write_is_light(128 * MIB, 32 * MIB), "the last, short window");
+    assert!(!store.write_is_light(100 * MIB, BLOCK), "the window between");
+    // A client's write marks only its own region.
+    store.write(100 * MIB, &pattern(3, BLOCK as usize)).unwrap();
+    assert!(store.write_is_light(100 * MIB, MIB));
+    assert!(!store.write_is_light(101 * MIB, BLOCK));
+}
+
+/// On a filesystem without direct I/O a fill goes through the page cache
+/// and streams its source through once: once a flush has made its blocks
+/// durable they leave the page cache, so that the rest of the fill reuses
+/// those pages instead of taking fresh ones (decision 65). A client's own
+/// writes stay cached, and the filled data reads back.
 #[test]
 fn a_fills_pages_leave_the_page_cache_once_flushed() {
     let dir = tempfile::tempdir().unwrap();
     let store = ReplicaStore::create(dir.path(), params(3 * MIB, 65536)).unwrap();
+    store.refuse_direct_writes();
     let filled = pattern(7, MIB as usize);
     let written = pattern(9, MIB as usize);
     assert_eq!(store.fill(0, &filled).unwrap(), MIB / BLOCK);
@@ -806,7 +875,7 @@ fn a_fills_pages_leave_the_page_cache_once_flushed() {
     assert_eq!(resident_pages(&data, 2 * MIB, MIB), 0);
 }
 
-/// A fill starts its blocks' writeback as it writes them, so that the disk
+/// Through the page cache (no direct I/O), a fill starts its blocks' writeback as it writes them, so that the disk
 /// works while the fill goes on and the next flush finds them written
 /// (decision 68); a client's write is left to the flush. Observed from
 /// outside: waiting only for writeback already under way, then asking the
@@ -822,6 +891,7 @@ fn a_fill_starts_writing_its_blocks_back_before_the_flush() {
     for _ in 0..3 {
         let dir = tempfile::tempdir().unwrap();
         let store = ReplicaStore::create(dir.path(), params(2 * MIB, 65536)).unwrap();
+        store.refuse_direct_writes();
         assert_eq!(
             store.fill(0, &pattern(3, MIB as usize)).unwrap(),
             MIB / BLOCK
