@@ -1,5 +1,6 @@
 //! Backup blocks: 64 KiB of a volume, named by the BLAKE3-256 of their
-//! bytes and stored lz4-compressed. A block of zeroes is never stored.
+//! bytes and stored lz4-compressed, or as they are when lz4 would not make
+//! them smaller (decision 70). A block of zeroes is never stored.
 
 use crate::FormatError;
 
@@ -48,14 +49,49 @@ pub fn is_zero(block: &[u8]) -> bool {
     block.iter().all(|&b| b == 0)
 }
 
-/// A block compressed for a pack.
+/// How much of a block lz4 compresses first, to learn whether compressing
+/// the whole block can pay: random or already compressed data gains
+/// nothing, and lz4 spends as long failing on it as it does succeeding.
+const PROBE: usize = 4096;
+
+/// A block as a pack stores it: lz4-compressed, or its own [`BLOCK_SIZE`]
+/// bytes when lz4 gains nothing on its first [`PROBE`] bytes or would not
+/// make the whole block smaller. A stored block of exactly [`BLOCK_SIZE`]
+/// bytes is read as the block itself when its hash says so.
 pub fn compress(block: &[u8]) -> Vec<u8> {
-    lz4_flex::block::compress(block)
+    if block.len() == BLOCK_SIZE && lz4_flex::block::compress(&block[..PROBE]).len() >= PROBE {
+        return block.to_vec();
+    }
+    let compressed = lz4_flex::block::compress(block);
+    if block.len() == BLOCK_SIZE && compressed.len() >= BLOCK_SIZE {
+        return block.to_vec();
+    }
+    compressed
 }
 
-/// Decompresses a block read from a pack and checks it against `hash`:
-/// exactly [`BLOCK_SIZE`] bytes whose BLAKE3 is `hash`.
+/// The block a pack stored (see [`compress`]), checked against `hash`:
+/// exactly [`BLOCK_SIZE`] bytes whose BLAKE3 is `hash`. Stored bytes of
+/// exactly that size that hash to `hash` are the block; any others are lz4
+/// (a writer before decision 70 compressed every block, and an lz4 stream
+/// can be 64 KiB long).
 pub fn decompress(compressed: &[u8], hash: &BlockHash) -> Result<Vec<u8>, FormatError> {
+    if compressed.len() == BLOCK_SIZE && BlockHash::of(compressed) == *hash {
+        return Ok(compressed.to_vec());
+    }
+    decompress_lz4(compressed, hash)
+}
+
+/// [`decompress`] of a block held in a shared buffer (a pack's bytes as a
+/// GET returned them): a block stored as it is comes back as a view of
+/// `stored`, not a copy.
+pub fn open_stored(stored: bytes::Bytes, hash: &BlockHash) -> Result<bytes::Bytes, FormatError> {
+    if stored.len() == BLOCK_SIZE && BlockHash::of(&stored) == *hash {
+        return Ok(stored);
+    }
+    decompress_lz4(&stored, hash).map(bytes::Bytes::from)
+}
+
+fn decompress_lz4(compressed: &[u8], hash: &BlockHash) -> Result<Vec<u8>, FormatError> {
     let block =
         lz4_flex::block::decompress(compressed, BLOCK_SIZE).map_err(|e| FormatError::Invalid {
             what: "block",
@@ -96,6 +132,77 @@ mod tests {
             Err(FormatError::Checksum { what: "block" })
         );
         assert!(!is_zero(&block) && is_zero(&vec![0u8; BLOCK_SIZE]));
+    }
+
+    /// Bytes lz4 cannot shrink (random, as from an encrypted or compressed
+    /// file) are stored as they are, without compressing the whole block,
+    /// and read back as the block; stored raw bytes that are not the block
+    /// named are refused like any other wrong block.
+    #[test]
+    fn a_block_lz4_cannot_shrink_is_stored_as_it_is() {
+        let mut random = vec![0u8; BLOCK_SIZE];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for b in random.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = (x >> 24) as u8;
+        }
+        let hash = BlockHash::of(&random);
+        let stored = compress(&random);
+        assert!(stored == random, "stored as it is");
+        assert_eq!(decompress(&stored, &hash).unwrap(), random);
+        let shared = bytes::Bytes::from(stored.clone());
+        let opened = open_stored(shared.clone(), &hash).unwrap();
+        assert_eq!(opened.as_ptr(), shared.as_ptr(), "a view, not a copy");
+        let mut other = random.clone();
+        other[7] ^= 1;
+        assert!(decompress(&other, &hash).is_err());
+        // Random first 4 KiB, compressible after: still stored whole, raw.
+        let mut mixed = random.clone();
+        mixed[PROBE..].fill(7);
+        assert!(compress(&mixed) == mixed);
+        // A first 4 KiB lz4 shrinks a little, random after: lz4 tries the
+        // whole block, cannot make it smaller, and it is stored as it is.
+        let mut late = random.clone();
+        late[..64].fill(7);
+        assert!(lz4_flex::block::compress(&late[..PROBE]).len() < PROBE);
+        assert!(compress(&late) == late);
+        // A first 4 KiB that shrinks a lot: the whole block is smaller
+        // compressed, and stored so.
+        late[..PROBE].fill(7);
+        let stored = compress(&late);
+        assert!(stored.len() < BLOCK_SIZE);
+        assert_eq!(decompress(&stored, &BlockHash::of(&late)).unwrap(), late);
+        let opened = open_stored(stored.into(), &BlockHash::of(&late)).unwrap();
+        assert!(opened[..] == late[..]);
+    }
+
+    /// lz4 output of exactly 64 KiB, as a writer before decision 70 could
+    /// store, still reads back as the block it compressed.
+    #[test]
+    fn an_lz4_stream_of_a_whole_block_s_length_still_decompresses() {
+        // Random bytes with a run of zeroes whose length makes lz4's output
+        // exactly BLOCK_SIZE: found by search below, the run's length moving
+        // the output a few bytes at a time.
+        let mut random = vec![0u8; BLOCK_SIZE];
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        for b in random.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = (x >> 24) as u8;
+        }
+        let found = (0..2048).find_map(|run| {
+            let mut block = random.clone();
+            block[..run].fill(0);
+            let out = lz4_flex::block::compress(&block);
+            (out.len() == BLOCK_SIZE).then_some((block, out))
+        });
+        let Some((block, out)) = found else {
+            panic!("no run of zeroes made lz4's output exactly {BLOCK_SIZE} bytes");
+        };
+        assert_eq!(decompress(&out, &BlockHash::of(&block)).unwrap(), block);
     }
 
     #[test]

@@ -116,7 +116,7 @@ pub(crate) fn spans(wanted: &[(u64, BlockRef)]) -> Vec<Range<usize>> {
 /// A run of blocks read and checked: each block's index and data, and the
 /// bytes the GET returned.
 pub(crate) struct FetchedSpan {
-    pub blocks: Vec<(u64, Vec<u8>)>,
+    pub blocks: Vec<(u64, Bytes)>,
     pub bytes_read: u64,
 }
 
@@ -144,22 +144,22 @@ pub(crate) async fn fetch_span(
         .await?;
     let bytes_read = bytes.len() as u64;
     let run = run.to_vec();
-    let decode = move || -> Result<Vec<(u64, Vec<u8>)>, TransferError> {
+    let decode = move || -> Result<Vec<(u64, Bytes)>, TransferError> {
         let mut blocks = Vec::with_capacity(run.len());
         for (index, r) in &run {
             let at = (r.offset - start) as usize;
-            let compressed = at
+            let stored = at
                 .checked_add(r.len as usize)
-                .and_then(|e| bytes.get(at..e))
+                .filter(|e| *e <= bytes.len())
+                .map(|e| bytes.slice(at..e))
                 .ok_or(TransferError::Invalid {
                     index: *index,
                     why: "its pack is shorter than its page says".into(),
                 })?;
-            let data =
-                block::decompress(compressed, &r.hash).map_err(|e| TransferError::Invalid {
-                    index: *index,
-                    why: e.to_string(),
-                })?;
+            let data = block::open_stored(stored, &r.hash).map_err(|e| TransferError::Invalid {
+                index: *index,
+                why: e.to_string(),
+            })?;
             blocks.push((*index, data));
         }
         Ok(blocks)

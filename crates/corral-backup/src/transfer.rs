@@ -702,7 +702,7 @@ pub async fn restore<S: BlockSink>(
             report.requests += 1;
             report.bytes_read += span.bytes_read;
             for (block_index, data) in span.blocks {
-                sink.write_block(block_index, data)
+                sink.write_block(block_index, data.to_vec())
                     .await
                     .map_err(|why| TransferError::Sink {
                         index: block_index,
