@@ -839,8 +839,14 @@ fn a_fill_marks_its_whole_window_dirty_at_once() {
     assert!(store.write_is_light(0, 64 * MIB), "the whole first window");
     assert!(!store.write_is_light(64 * MIB, BLOCK), "not the next one");
     store.fill(130 * MIB, &pattern(2, MIB as usize)).unwrap();
-    assert!(store.write_is_light(128 * MIB, 32 * MIB), "the last, short window");
-    assert!(!store.write_is_light(100 * MIB, BLOCK), "the window between");
+    assert!(
+        store.write_is_light(128 * MIB, 32 * MIB),
+        "the last, short window"
+    );
+    assert!(
+        !store.write_is_light(100 * MIB, BLOCK),
+        "the window between"
+    );
     // A client's write marks only its own region.
     store.write(100 * MIB, &pattern(3, BLOCK as usize)).unwrap();
     assert!(store.write_is_light(100 * MIB, MIB));
