@@ -114,6 +114,18 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A block of bytes lz4 cannot shrink (xorshift from `seed`).
+    fn random_block(mut seed: u64) -> Vec<u8> {
+        (0..BLOCK_SIZE)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed >> 24) as u8
+            })
+            .collect()
+    }
+
     #[test]
     fn a_block_round_trips_and_a_changed_byte_is_caught() {
         let mut block = vec![0u8; BLOCK_SIZE];
@@ -140,14 +152,7 @@ mod tests {
     /// named are refused like any other wrong block.
     #[test]
     fn a_block_lz4_cannot_shrink_is_stored_as_it_is() {
-        let mut random = vec![0u8; BLOCK_SIZE];
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        for b in random.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = (x >> 24) as u8;
-        }
+        let random = random_block(0x9E37_79B9_7F4A_7C15);
         let hash = BlockHash::of(&random);
         let stored = compress(&random);
         assert!(stored == random, "stored as it is");
@@ -185,14 +190,7 @@ mod tests {
         // Random bytes with a run of zeroes whose length makes lz4's output
         // exactly BLOCK_SIZE: found by search below, the run's length moving
         // the output a few bytes at a time.
-        let mut random = vec![0u8; BLOCK_SIZE];
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        for b in random.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = (x >> 24) as u8;
-        }
+        let random = random_block(0x2545_F491_4F6C_DD1D);
         let found = (0..2048).find_map(|run| {
             let mut block = random.clone();
             block[..run].fill(0);

@@ -174,16 +174,8 @@ impl Layer {
     pub(crate) fn write_data(&self, offset: u64, buf: &[u8]) -> Result<()> {
         #[cfg(test)]
         crate::powercut::wrote(&self.data_path, offset, buf);
-        write_in_small_folios(&self.data, buf, offset).map_err(|e| {
-            io_err(
-                format!(
-                    "writing {} bytes to {} at offset {offset}",
-                    buf.len(),
-                    self.data_path.display()
-                ),
-                e,
-            )
-        })
+        write_in_small_folios(&self.data, buf, offset)
+            .map_err(|e| self.write_error(buf.len(), offset, e))
     }
 
     /// Writes `buf` (whole 4 KiB blocks) at `offset` (block-aligned) of the data file
