@@ -59,14 +59,20 @@ const PROBE: usize = 4096;
 /// make the whole block smaller. A stored block of exactly [`BLOCK_SIZE`]
 /// bytes is read as the block itself when its hash says so.
 pub fn compress(block: &[u8]) -> Vec<u8> {
+    compress_or_keep(block).unwrap_or_else(|| block.to_vec())
+}
+
+/// [`compress`] without copying a block that is stored as it is: `None`
+/// says "store `block` itself".
+pub fn compress_or_keep(block: &[u8]) -> Option<Vec<u8>> {
     if block.len() == BLOCK_SIZE && lz4_flex::block::compress(&block[..PROBE]).len() >= PROBE {
-        return block.to_vec();
+        return None;
     }
     let compressed = lz4_flex::block::compress(block);
     if block.len() == BLOCK_SIZE && compressed.len() >= BLOCK_SIZE {
-        return block.to_vec();
+        return None;
     }
-    compressed
+    Some(compressed)
 }
 
 /// The block a pack stored (see [`compress`]), checked against `hash`:

@@ -12,8 +12,7 @@
 //! checks, then any block by its range; a block is checked by its own hash
 //! when decompressed ([`crate::block::decompress`]). A backup names a pack
 //! when it starts it (docs/backups.md), so that pages can refer to it
-//! while it fills; [`PackBuilder::finish`] also gives the BLAKE3 of the
-//! whole object, for a caller that wants a content name.
+//! while it fills, so nothing hashes the whole object.
 
 use crate::{BlockHash, FormatError, hash_at, slice, u32_at, u64_at};
 
@@ -40,6 +39,20 @@ impl PackBuilder {
         Self::default()
     }
 
+    /// A builder whose buffer holds `data` bytes of blocks (and one more
+    /// block past them, as a pack is closed once it reaches its size)
+    /// with their footer without growing: a pack is tens of MiB, and
+    /// growing it by doubling copies it about once more.
+    pub fn with_capacity(data: usize) -> Self {
+        let entries = data / crate::block::BLOCK_SIZE + 1;
+        Self {
+            bytes: Vec::with_capacity(
+                data + crate::block::BLOCK_SIZE + entries * ENTRY_LEN + PackTrailer::LEN,
+            ),
+            entries: Vec::with_capacity(entries),
+        }
+    }
+
     /// Appends a compressed block; where it will lie.
     pub fn add(&mut self, hash: BlockHash, compressed: &[u8]) -> PackEntry {
         let entry = PackEntry {
@@ -61,8 +74,8 @@ impl PackBuilder {
         self.entries.is_empty()
     }
 
-    /// The finished object's BLAKE3, its bytes, and its entries.
-    pub fn finish(mut self) -> (BlockHash, Vec<u8>, Vec<PackEntry>) {
+    /// The finished object's bytes and its entries.
+    pub fn finish(mut self) -> (Vec<u8>, Vec<PackEntry>) {
         let footer_offset = self.bytes.len() as u64;
         let mut footer = Vec::with_capacity(self.entries.len() * ENTRY_LEN);
         for e in &self.entries {
@@ -77,8 +90,7 @@ impl PackBuilder {
             .extend_from_slice(&(self.entries.len() as u32).to_be_bytes());
         self.bytes.extend_from_slice(MAGIC);
         self.bytes.extend_from_slice(&footer_hash.0);
-        let id = BlockHash::of(&self.bytes);
-        (id, self.bytes, self.entries)
+        (self.bytes, self.entries)
     }
 }
 
@@ -201,22 +213,27 @@ mod tests {
     }
 
     #[test]
-    fn a_pack_reads_back_block_by_block_and_hashes_the_same_every_time() {
+    fn a_pack_reads_back_block_by_block_and_is_the_same_every_time() {
         let blocks: Vec<Vec<u8>> = (1..=5).map(block).collect();
         let mut b = PackBuilder::new();
         for data in &blocks {
             b.add(BlockHash::of(data), &compress(data));
         }
-        let (id, pack, entries) = b.finish();
+        let (pack, entries) = b.finish();
         assert_eq!(entries.len(), 5);
-        assert_eq!(id, BlockHash::of(&pack));
         assert_eq!(read_back(&pack).unwrap(), blocks);
         // The same blocks make the same object.
         let mut again = PackBuilder::new();
         for data in &blocks {
             again.add(BlockHash::of(data), &compress(data));
         }
-        assert_eq!(again.finish().0, id);
+        assert_eq!(again.finish().0, pack);
+        // However much room the builder was given.
+        let mut sized = PackBuilder::with_capacity(3 * crate::block::BLOCK_SIZE);
+        for data in &blocks {
+            sized.add(BlockHash::of(data), &compress(data));
+        }
+        assert_eq!(sized.finish().0, pack);
     }
 
     #[test]
@@ -226,7 +243,7 @@ mod tests {
             let data = block(s);
             b.add(BlockHash::of(&data), &compress(&data));
         }
-        let (_, pack, _) = b.finish();
+        let (pack, _) = b.finish();
         for at in [
             0,
             pack.len() / 3,

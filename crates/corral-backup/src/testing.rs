@@ -35,14 +35,15 @@ impl MemoryVolume {
 }
 
 impl BlockSource for MemoryVolume {
-    async fn read_block(&self, index: u64) -> Result<Vec<u8>, String> {
-        Ok(self
-            .0
-            .lock()
-            .unwrap()
-            .get(&index)
-            .cloned()
-            .unwrap_or_else(|| vec![0u8; BLOCK_SIZE]))
+    async fn read_block(&self, index: u64) -> Result<bytes::Bytes, String> {
+        Ok(bytes::Bytes::from(
+            self.0
+                .lock()
+                .unwrap()
+                .get(&index)
+                .cloned()
+                .unwrap_or_else(|| vec![0u8; BLOCK_SIZE]),
+        ))
     }
 }
 

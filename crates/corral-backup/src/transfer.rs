@@ -51,7 +51,7 @@ pub enum TransferError {
 pub trait BlockSource: Sync {
     /// The 64 KiB block `index` of what is backed up; the last block of a
     /// volume whose size is not a multiple of 64 KiB comes zero-padded.
-    fn read_block(&self, index: u64) -> impl Future<Output = Result<Vec<u8>, String>> + Send;
+    fn read_block(&self, index: u64) -> impl Future<Output = Result<Bytes, String>> + Send;
 
     /// `count` consecutive blocks from `first`, back to back (a source
     /// that can read them in one call says so by overriding this).
@@ -59,13 +59,13 @@ pub trait BlockSource: Sync {
         &self,
         first: u64,
         count: u64,
-    ) -> impl Future<Output = Result<Vec<u8>, String>> + Send {
+    ) -> impl Future<Output = Result<Bytes, String>> + Send {
         async move {
             let mut out = Vec::with_capacity(count as usize * BLOCK_SIZE);
             for i in 0..count {
                 out.extend_from_slice(&self.read_block(first + i).await?);
             }
-            Ok(out)
+            Ok(Bytes::from(out))
         }
     }
 }
@@ -171,18 +171,21 @@ enum Prepared {
     Zero,
     Data {
         hash: BlockHash,
-        compressed: Vec<u8>,
+        /// As the pack stores it: lz4, or a view of the block as read.
+        stored: Bytes,
     },
 }
 
-fn prepare(data: &[u8]) -> Prepared {
-    if block::is_zero(data) {
+fn prepare(data: Bytes) -> Prepared {
+    if block::is_zero(&data) {
         Prepared::Zero
     } else {
-        Prepared::Data {
-            hash: BlockHash::of(data),
-            compressed: block::compress(data),
-        }
+        let hash = BlockHash::of(&data);
+        let stored = match block::compress_or_keep(&data) {
+            Some(lz4) => Bytes::from(lz4),
+            None => data,
+        };
+        Prepared::Data { hash, stored }
     }
 }
 
@@ -378,7 +381,7 @@ pub async fn write_backup_with<S: BlockSource>(
     let mut packs = 0u64;
     let mut open = OpenPack {
         id: pack_name(spec, packs),
-        builder: PackBuilder::new(),
+        builder: PackBuilder::with_capacity(pack_bytes),
     };
     let mut uploads: FuturesUnordered<Upload<'_>> = FuturesUnordered::new();
     for index in 0..pages {
@@ -433,8 +436,8 @@ pub async fn write_backup_with<S: BlockSource>(
                     });
                 }
                 let prepared = off_runtime(move || {
-                    data.chunks_exact(BLOCK_SIZE)
-                        .map(prepare)
+                    (0..count as usize)
+                        .map(|i| prepare(data.slice(i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE)))
                         .collect::<Vec<_>>()
                 })
                 .await;
@@ -464,13 +467,13 @@ pub async fn write_backup_with<S: BlockSource>(
                 p.blocks_done.fetch_add(1, Ordering::Relaxed);
             }
             let slot = b as usize % PAGE_BLOCKS;
-            let (hash, compressed) = match prepared {
+            let (hash, block_bytes) = match prepared {
                 Prepared::Zero => {
                     page.blocks[slot] = None;
                     report.zero_blocks += 1;
                     continue;
                 }
-                Prepared::Data { hash, compressed } => (hash, compressed),
+                Prepared::Data { hash, stored } => (hash, stored),
             };
             if let Some(r) = stored.get(&hash).or_else(|| known.get(&hash)) {
                 page.blocks[slot] = Some(*r);
@@ -484,7 +487,7 @@ pub async fn write_backup_with<S: BlockSource>(
                 report.blocks_deduplicated += 1;
                 continue;
             }
-            let entry = open.builder.add(hash, &compressed);
+            let entry = open.builder.add(hash, &block_bytes);
             let r = BlockRef {
                 pack: open.id,
                 offset: entry.offset,
@@ -500,7 +503,7 @@ pub async fn write_backup_with<S: BlockSource>(
                     &mut open,
                     OpenPack {
                         id: pack_name(spec, packs),
-                        builder: PackBuilder::new(),
+                        builder: PackBuilder::with_capacity(pack_bytes),
                     },
                 );
                 uploads.push(Box::pin(put_pack(target, spec, full, lease, progress)));
@@ -600,7 +603,7 @@ async fn put_pack(
     lease: Option<&HeldLease>,
     progress: Option<&BackupProgress>,
 ) -> Result<Uploaded, TransferError> {
-    let (_, bytes, _) = off_runtime(move || pack.builder.finish()).await;
+    let (bytes, _) = off_runtime(move || pack.builder.finish()).await;
     let len = bytes.len() as u64;
     target
         .put_new(&layout::pack(&spec.volume, &pack.id), Bytes::from(bytes))

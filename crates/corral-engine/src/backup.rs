@@ -11,6 +11,8 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use corral_backup::block::BLOCK_SIZE;
 use corral_backup::lease::{self, HeldLease, LEASE_TTL, LeaseKind};
 use corral_backup::recent::RecentObjects;
@@ -40,13 +42,14 @@ struct SnapshotBlocks<'a> {
 }
 
 impl BlockSource for SnapshotBlocks<'_> {
-    async fn read_block(&self, index: u64) -> Result<Vec<u8>, String> {
+    async fn read_block(&self, index: u64) -> Result<Bytes, String> {
         self.read_blocks(index, 1).await
     }
 
     /// One read of the snapshot's view for the whole run (the last block
-    /// of the volume zero-padded).
-    async fn read_blocks(&self, first: u64, count: u64) -> Result<Vec<u8>, String> {
+    /// of the volume zero-padded), kept as it came from the replica: not
+    /// copied unless padded.
+    async fn read_blocks(&self, first: u64, count: u64) -> Result<Bytes, String> {
         let offset = first * BLOCK_SIZE as u64;
         let want = count * BLOCK_SIZE as u64;
         let len = self.size.saturating_sub(offset).min(want) as u32;
@@ -55,9 +58,12 @@ impl BlockSource for SnapshotBlocks<'_> {
             .read_snapshot(&self.snapshot, offset, len)
             .await
             .map_err(|e| e.to_string())?;
+        if data.len() as u64 == want {
+            return Ok(data);
+        }
         let mut blocks = data.to_vec();
         blocks.resize(want as usize, 0);
-        Ok(blocks)
+        Ok(Bytes::from(blocks))
     }
 }
 
