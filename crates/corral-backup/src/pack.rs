@@ -14,6 +14,8 @@
 //! when it starts it (docs/backups.md), so that pages can refer to it
 //! while it fills, so nothing hashes the whole object.
 
+use bytes::{Bytes, BytesMut};
+
 use crate::{BlockHash, FormatError, hash_at, slice, u32_at, u64_at};
 
 const MAGIC: &[u8; 8] = b"CRLPACK1";
@@ -30,7 +32,7 @@ pub struct PackEntry {
 /// Builds one pack in memory.
 #[derive(Default)]
 pub struct PackBuilder {
-    bytes: Vec<u8>,
+    bytes: BytesMut,
     entries: Vec<PackEntry>,
 }
 
@@ -44,11 +46,18 @@ impl PackBuilder {
     /// with their footer without growing: a pack is tens of MiB, and
     /// growing it by doubling copies it about once more.
     pub fn with_capacity(data: usize) -> Self {
+        Self::in_buffer(BytesMut::new(), data)
+    }
+
+    /// [`Self::with_capacity`] in `buffer` (a finished pack's, taken back
+    /// once it was put): its memory is reused, not given back to the
+    /// system and faulted in again page by page for the next pack.
+    pub fn in_buffer(mut buffer: BytesMut, data: usize) -> Self {
         let entries = data / crate::block::BLOCK_SIZE + 1;
+        buffer.clear();
+        buffer.reserve(data + crate::block::BLOCK_SIZE + entries * ENTRY_LEN + PackTrailer::LEN);
         Self {
-            bytes: Vec::with_capacity(
-                data + crate::block::BLOCK_SIZE + entries * ENTRY_LEN + PackTrailer::LEN,
-            ),
+            bytes: buffer,
             entries: Vec::with_capacity(entries),
         }
     }
@@ -75,7 +84,7 @@ impl PackBuilder {
     }
 
     /// The finished object's bytes and its entries.
-    pub fn finish(mut self) -> (Vec<u8>, Vec<PackEntry>) {
+    pub fn finish(mut self) -> (Bytes, Vec<PackEntry>) {
         let footer_offset = self.bytes.len() as u64;
         let mut footer = Vec::with_capacity(self.entries.len() * ENTRY_LEN);
         for e in &self.entries {
@@ -90,7 +99,7 @@ impl PackBuilder {
             .extend_from_slice(&(self.entries.len() as u32).to_be_bytes());
         self.bytes.extend_from_slice(MAGIC);
         self.bytes.extend_from_slice(&footer_hash.0);
-        (self.bytes, self.entries)
+        (self.bytes.freeze(), self.entries)
     }
 }
 
@@ -243,7 +252,7 @@ mod tests {
             let data = block(s);
             b.add(BlockHash::of(&data), &compress(&data));
         }
-        let (pack, _) = b.finish();
+        let pack = b.finish().0.to_vec();
         for at in [
             0,
             pack.len() / 3,

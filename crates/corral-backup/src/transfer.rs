@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
 
@@ -113,6 +113,37 @@ pub struct BackupReport {
 struct OpenPack {
     id: BlockHash,
     builder: PackBuilder,
+}
+
+/// Buffers of packs that were put, for the next packs to fill: at
+/// [`UPLOADS`] packs in flight, a backup reuses a few buffers of tens of
+/// MiB instead of faulting fresh memory in (zeroed by the kernel page by
+/// page, a sixth of a backup's CPU in `perf`) for every pack.
+#[derive(Default)]
+struct SpareBuffers(std::sync::Mutex<Vec<BytesMut>>);
+
+impl SpareBuffers {
+    fn builder(&self, data: usize) -> PackBuilder {
+        let spare = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        PackBuilder::in_buffer(spare.unwrap_or_default(), data)
+    }
+
+    /// Takes back a pack's bytes once nothing else holds them.
+    fn give_back(&self, pack: Bytes) {
+        if let Ok(buffer) = pack.try_into_mut() {
+            let mut spare = self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if spare.len() <= UPLOADS {
+                spare.push(buffer);
+            }
+        }
+    }
 }
 
 fn pack_name(spec: &BackupSpec, n: u64) -> BlockHash {
@@ -379,9 +410,10 @@ pub async fn write_backup_with<S: BlockSource>(
     // Packs of an interrupted backup this one names: checked at the end.
     let mut reused: BTreeSet<BlockHash> = BTreeSet::new();
     let mut packs = 0u64;
+    let spare = SpareBuffers::default();
     let mut open = OpenPack {
         id: pack_name(spec, packs),
-        builder: PackBuilder::with_capacity(pack_bytes),
+        builder: spare.builder(pack_bytes),
     };
     let mut uploads: FuturesUnordered<Upload<'_>> = FuturesUnordered::new();
     for index in 0..pages {
@@ -503,10 +535,12 @@ pub async fn write_backup_with<S: BlockSource>(
                     &mut open,
                     OpenPack {
                         id: pack_name(spec, packs),
-                        builder: PackBuilder::with_capacity(pack_bytes),
+                        builder: spare.builder(pack_bytes),
                     },
                 );
-                uploads.push(Box::pin(put_pack(target, spec, full, lease, progress)));
+                uploads.push(Box::pin(put_pack(
+                    target, spec, full, lease, progress, &spare,
+                )));
                 report.wait_for_uploads(&mut uploads, UPLOADS - 1).await?;
             }
         }
@@ -535,7 +569,9 @@ pub async fn write_backup_with<S: BlockSource>(
         report.wait_for_uploads(&mut uploads, UPLOADS - 1).await?;
     }
     if !open.builder.is_empty() {
-        uploads.push(Box::pin(put_pack(target, spec, open, lease, progress)));
+        uploads.push(Box::pin(put_pack(
+            target, spec, open, lease, progress, &spare,
+        )));
     }
     report.wait_for_uploads(&mut uploads, 0).await?;
     drop(uploads);
@@ -602,12 +638,14 @@ async fn put_pack(
     pack: OpenPack,
     lease: Option<&HeldLease>,
     progress: Option<&BackupProgress>,
+    spare: &SpareBuffers,
 ) -> Result<Uploaded, TransferError> {
     let (bytes, _) = off_runtime(move || pack.builder.finish()).await;
     let len = bytes.len() as u64;
     target
-        .put_new(&layout::pack(&spec.volume, &pack.id), Bytes::from(bytes))
+        .put_new(&layout::pack(&spec.volume, &pack.id), bytes.clone())
         .await?;
+    spare.give_back(bytes);
     if let Some(p) = progress {
         p.bytes_put.fetch_add(len, Ordering::Relaxed);
     }
@@ -729,6 +767,28 @@ mod tests {
         let out = Volume::default();
         restore(t, &m, &out).await.unwrap();
         assert!(out.snapshot() == image.snapshot(), "backup {name}");
+    }
+
+    #[test]
+    fn a_put_packs_buffer_fills_the_next_pack_and_a_shared_one_is_left_alone() {
+        let spare = SpareBuffers::default();
+        let block = vec![7u8; BLOCK_SIZE];
+        let mut b = spare.builder(4 * BLOCK_SIZE);
+        b.add(BlockHash::of(&block), &block);
+        let (first, _) = b.finish();
+        let expected = first.to_vec();
+        let at = first.as_ptr();
+        // Still held elsewhere (a PUT being retried): not taken back.
+        spare.give_back(first.clone());
+        assert!(spare.0.lock().unwrap().is_empty());
+        spare.give_back(first);
+        assert_eq!(spare.0.lock().unwrap().len(), 1);
+        let mut b = spare.builder(4 * BLOCK_SIZE);
+        b.add(BlockHash::of(&block), &block);
+        let (second, _) = b.finish();
+        assert_eq!(second.as_ptr(), at, "the same memory");
+        assert_eq!(second.to_vec(), expected, "the same pack");
+        assert!(spare.0.lock().unwrap().is_empty());
     }
 
     #[tokio::test]
