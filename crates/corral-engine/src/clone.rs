@@ -59,7 +59,9 @@ const RESTORE_WINDOW: u64 = 8 << 20;
 /// ... and keeps this many such reads in flight ahead of its writes (64 MiB:
 /// enough that the reads go on through a progress flush, decision 68)...
 const RESTORE_READ_AHEAD: usize = 8;
-/// ... and fills this many chunks of a window at once.
+/// ... and keeps this many chunk fills in flight, across windows: the
+/// filler waits for all of them only to record its progress (every
+/// [`RECORD_EVERY`]), not at each window's end.
 const RESTORE_FILLS: usize = 8;
 
 /// Why a clone could not be set up, or a piece of it filled.
@@ -507,38 +509,19 @@ pub async fn run_filler(
         // chunks at once; a clone, one chunk (each read from its source
         // engine under the chunk's lock).
         let filled = if fill.is_restore() {
-            let asked = Instant::now();
-            let window = ahead.window(chunk).await;
-            timing.reading += asked.elapsed();
-            let writing = Instant::now();
-            let filled = match window {
-                // The pieces run from this chunk on, one per chunk; anything
-                // else is retried, never skipped.
-                Ok(pieces)
-                    if pieces.first().is_some_and(|(c, _)| *c == chunk)
-                        && pieces
-                            .iter()
-                            .enumerate()
-                            .all(|(i, (c, _))| *c == chunk + i as u64) =>
-                {
-                    let n = pieces.len() as u64;
-                    let results: Vec<_> = futures::stream::iter(pieces)
-                        .map(|(c, data)| volume.fill_chunk_with(c, data))
-                        .buffer_unordered(RESTORE_FILLS)
-                        .collect()
-                        .await;
-                    match results.into_iter().find_map(Result::err) {
-                        Some(e) => Err(e.to_string()),
-                        None => Ok(n),
-                    }
-                }
-                Ok(_) => Err(format!(
-                    "the backup's read-ahead had nothing for chunk {chunk}"
-                )),
-                Err(e) => Err(e.to_string()),
-            };
-            timing.writing += writing.elapsed();
-            filled
+            let run = RECORD_EVERY
+                .saturating_sub(unrecorded)
+                .div_ceil(chunk_size)
+                .max(1);
+            let end = (chunk + run).min(total);
+            let (n, failed) =
+                fill_restore_run(&volume, &mut ahead, chunk..end, &stop, &mut timing).await;
+            match failed {
+                // What was filled before the failure counts; the failing
+                // chunk is retried next time round.
+                Some(e) if n == 0 => Err(e),
+                _ => Ok(n),
+            }
         } else {
             let writing = Instant::now();
             let filled = volume
@@ -635,6 +618,87 @@ struct FillTiming {
     writing: Duration,
     /// Flushing the replicas and recording progress on them.
     recording: Duration,
+}
+
+/// Fills `chunks` of a restore in order from the read-ahead, up to
+/// [`RESTORE_FILLS`] at a time with no pause between windows. At the first
+/// failure (or `stop`) it starts no more fills and waits for those in
+/// flight (none is dropped half-sent). Returns how many chunks from the
+/// first are filled, and the failure if there was one.
+async fn fill_restore_run(
+    volume: &Volume,
+    ahead: &mut ReadAhead,
+    chunks: std::ops::Range<u64>,
+    stop: &CancellationToken,
+    timing: &mut FillTiming,
+) -> (u64, Option<String>) {
+    let started = Instant::now();
+    let reading_before = timing.reading;
+    let mut next = chunks.start;
+    let mut pieces: std::collections::VecDeque<(u64, Option<Bytes>)> = Default::default();
+    let mut in_flight = futures::stream::FuturesOrdered::new();
+    let mut filled = 0u64;
+    let mut failure: Option<String> = None;
+    // Whether the fills still coming back extend the filled run (not
+    // after one failed: they are waited for, not counted).
+    let mut counting = true;
+    loop {
+        while failure.is_none()
+            && !stop.is_cancelled()
+            && in_flight.len() < RESTORE_FILLS
+            && next < chunks.end
+        {
+            if pieces.is_empty() {
+                let asked = Instant::now();
+                let window = ahead.window(next).await;
+                timing.reading += asked.elapsed();
+                match window {
+                    // The pieces run from this chunk on, one per chunk.
+                    Ok(got)
+                        if got
+                            .iter()
+                            .enumerate()
+                            .all(|(i, (c, _))| *c == next + i as u64)
+                            && !got.is_empty() =>
+                    {
+                        pieces.extend(got)
+                    }
+                    Ok(_) => {
+                        failure = Some(format!(
+                            "the backup's read-ahead had nothing for chunk {next}"
+                        ));
+                        break;
+                    }
+                    Err(e) => {
+                        failure = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            let Some((c, data)) = pieces.pop_front() else {
+                break;
+            };
+            in_flight.push_back(volume.fill_chunk_with(c, data));
+            next += 1;
+        }
+        let Some(result) = in_flight.next().await else {
+            break;
+        };
+        match result {
+            Ok(()) if counting => filled += 1,
+            Ok(()) => {}
+            Err(e) => {
+                if counting {
+                    failure = Some(e.to_string());
+                }
+                counting = false;
+            }
+        }
+    }
+    timing.writing += started
+        .elapsed()
+        .saturating_sub(timing.reading - reading_before);
+    (filled, failure)
 }
 
 type WindowRead = tokio::task::JoinHandle<Option<Result<Vec<Option<Bytes>>, CloneError>>>;
