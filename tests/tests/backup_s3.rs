@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use bytes::Bytes;
 use corral_backup::block::BLOCK_SIZE;
 use corral_backup::target::{Put, S3Settings, Target, TargetError};
 use corral_backup::transfer::{self, BackupSpec, BlockSink, BlockSource, TransferError};
@@ -74,8 +75,8 @@ impl Volume {
 }
 
 impl BlockSource for Volume {
-    async fn read_block(&self, index: u64) -> Result<Vec<u8>, String> {
-        Ok(self.block(index))
+    async fn read_block(&self, index: u64) -> Result<Bytes, String> {
+        Ok(Bytes::from(self.block(index)))
     }
 }
 
@@ -461,7 +462,7 @@ struct KillingSource<'a> {
 }
 
 impl BlockSource for KillingSource<'_> {
-    async fn read_block(&self, index: u64) -> Result<Vec<u8>, String> {
+    async fn read_block(&self, index: u64) -> Result<Bytes, String> {
         if index == self.kill_at {
             let packs = self
                 .server
@@ -480,7 +481,7 @@ impl BlockSource for KillingSource<'_> {
                 s3.kill().map_err(|e| e.to_string())?;
             }
         }
-        Ok(self.volume.block(index))
+        Ok(Bytes::from(self.volume.block(index)))
     }
 }
 
