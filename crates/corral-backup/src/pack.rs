@@ -12,7 +12,7 @@
 //! checks, then any block by its range; a block is checked by its own hash
 //! when decompressed ([`crate::block::decompress`]). A backup names a pack
 //! when it starts it (docs/backups.md), so that pages can refer to it
-//! while it fills, so nothing hashes the whole object.
+//! while it fills; nothing hashes the whole object.
 
 use bytes::{Bytes, BytesMut};
 

@@ -118,7 +118,7 @@ struct OpenPack {
 /// Buffers of packs that were put, for the next packs to fill: at
 /// [`UPLOADS`] packs in flight, a backup reuses a few buffers of tens of
 /// MiB instead of faulting fresh memory in (zeroed by the kernel page by
-/// page, a sixth of a backup's CPU in `perf`) for every pack.
+/// page, about a tenth of the engine's CPU in `perf`) for every pack.
 #[derive(Default)]
 struct SpareBuffers(std::sync::Mutex<Vec<BytesMut>>);
 

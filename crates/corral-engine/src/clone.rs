@@ -36,6 +36,7 @@ use corral_backup::lease::{HeldLease, LEASE_TTL, LeaseKind};
 use corral_backup::target::{S3Settings, Target, TargetError};
 use corral_backup::transfer::TransferError;
 use corral_backup::{BackupReader, BackupUrl};
+use corral_block::BlockResult;
 use corral_client::EngineControl;
 use corral_proto::v1 as pb;
 use futures::StreamExt;
@@ -620,11 +621,39 @@ struct FillTiming {
     recording: Duration,
 }
 
+/// The chunks a restore run has filled, in order: the run so far and where
+/// it stopped.
+#[derive(Default)]
+struct RunProgress {
+    filled: u64,
+    failure: Option<String>,
+    /// Whether the fills still coming back extend the filled run (not
+    /// after one failed: they are waited for, not counted).
+    broken: bool,
+}
+
+impl RunProgress {
+    fn fill_done(&mut self, result: BlockResult<()>) {
+        match result {
+            Ok(()) if !self.broken => self.filled += 1,
+            Ok(()) => {}
+            Err(e) => {
+                if !self.broken {
+                    self.failure = Some(e.to_string());
+                }
+                self.broken = true;
+            }
+        }
+    }
+}
+
 /// Fills `chunks` of a restore in order from the read-ahead, up to
-/// [`RESTORE_FILLS`] at a time with no pause between windows. At the first
-/// failure (or `stop`) it starts no more fills and waits for those in
-/// flight (none is dropped half-sent). Returns how many chunks from the
-/// first are filled, and the failure if there was one.
+/// [`RESTORE_FILLS`] at a time with no pause between windows (the fills
+/// in flight keep going, and their chunks' locks are let go, while it
+/// waits for the next window). At the first failure (or `stop`) it starts
+/// no more fills and waits for those in flight (none is dropped
+/// half-sent). Returns how many chunks from the first are filled, and the
+/// failure if there was one.
 async fn fill_restore_run(
     volume: &Volume,
     ahead: &mut ReadAhead,
@@ -637,20 +666,27 @@ async fn fill_restore_run(
     let mut next = chunks.start;
     let mut pieces: std::collections::VecDeque<(u64, Option<Bytes>)> = Default::default();
     let mut in_flight = futures::stream::FuturesOrdered::new();
-    let mut filled = 0u64;
-    let mut failure: Option<String> = None;
-    // Whether the fills still coming back extend the filled run (not
-    // after one failed: they are waited for, not counted).
-    let mut counting = true;
+    let mut run = RunProgress::default();
     loop {
-        while failure.is_none()
+        while run.failure.is_none()
             && !stop.is_cancelled()
             && in_flight.len() < RESTORE_FILLS
             && next < chunks.end
         {
             if pieces.is_empty() {
                 let asked = Instant::now();
-                let window = ahead.window(next).await;
+                let window = {
+                    let read = ahead.window(next);
+                    tokio::pin!(read);
+                    loop {
+                        tokio::select! {
+                            window = &mut read => break window,
+                            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                                run.fill_done(done);
+                            }
+                        }
+                    }
+                };
                 timing.reading += asked.elapsed();
                 match window {
                     // The pieces run from this chunk on, one per chunk.
@@ -664,13 +700,13 @@ async fn fill_restore_run(
                         pieces.extend(got)
                     }
                     Ok(_) => {
-                        failure = Some(format!(
+                        run.failure.get_or_insert(format!(
                             "the backup's read-ahead had nothing for chunk {next}"
                         ));
                         break;
                     }
                     Err(e) => {
-                        failure = Some(e.to_string());
+                        run.failure.get_or_insert(e.to_string());
                         break;
                     }
                 }
@@ -681,24 +717,15 @@ async fn fill_restore_run(
             in_flight.push_back(volume.fill_chunk_with(c, data));
             next += 1;
         }
-        let Some(result) = in_flight.next().await else {
+        let Some(done) = in_flight.next().await else {
             break;
         };
-        match result {
-            Ok(()) if counting => filled += 1,
-            Ok(()) => {}
-            Err(e) => {
-                if counting {
-                    failure = Some(e.to_string());
-                }
-                counting = false;
-            }
-        }
+        run.fill_done(done);
     }
     timing.writing += started
         .elapsed()
         .saturating_sub(timing.reading - reading_before);
-    (filled, failure)
+    (run.filled, run.failure)
 }
 
 type WindowRead = tokio::task::JoinHandle<Option<Result<Vec<Option<Bytes>>, CloneError>>>;
@@ -833,4 +860,24 @@ async fn record_progress(
         return Err(format!("no replica recorded it: {last}"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_block::BlockError;
+
+    #[test]
+    fn a_restore_run_counts_only_the_chunks_filled_before_its_first_failure() {
+        let mut run = RunProgress::default();
+        run.fill_done(Ok(()));
+        run.fill_done(Ok(()));
+        run.fill_done(Err(BlockError::NoSpace("replica r1".into())));
+        // Fills in flight behind the failing one are waited for, not counted.
+        run.fill_done(Ok(()));
+        run.fill_done(Err(BlockError::Unavailable("later".into())));
+        assert_eq!(run.filled, 2);
+        let failure = run.failure.unwrap_or_default();
+        assert!(failure.contains("replica r1"), "{failure}");
+    }
 }
