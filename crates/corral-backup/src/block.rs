@@ -54,17 +54,12 @@ pub fn is_zero(block: &[u8]) -> bool {
 /// nothing, and lz4 spends as long failing on it as it does succeeding.
 const PROBE: usize = 4096;
 
-/// A block as a pack stores it: lz4-compressed, or its own [`BLOCK_SIZE`]
-/// bytes when lz4 gains nothing on its first [`PROBE`] bytes or would not
-/// make the whole block smaller. A stored block of exactly [`BLOCK_SIZE`]
-/// bytes is read as the block itself when its hash says so.
-pub fn compress(block: &[u8]) -> Vec<u8> {
-    compress_or_keep(block).unwrap_or_else(|| block.to_vec())
-}
-
-/// [`compress`] without copying a block that is stored as it is: `None`
-/// says "store `block` itself".
-pub fn compress_or_keep(block: &[u8]) -> Option<Vec<u8>> {
+/// A block as a pack stores it: lz4-compressed, or (`None`) the block's
+/// own [`BLOCK_SIZE`] bytes when lz4 gains nothing on its first [`PROBE`]
+/// bytes or would not make the whole block smaller. A stored block of
+/// exactly [`BLOCK_SIZE`] bytes is read as the block itself when its hash
+/// says so ([`open_stored`]).
+pub fn compress(block: &[u8]) -> Option<Vec<u8>> {
     if block.len() == BLOCK_SIZE && lz4_flex::block::compress(&block[..PROBE]).len() >= PROBE {
         return None;
     }
@@ -77,19 +72,10 @@ pub fn compress_or_keep(block: &[u8]) -> Option<Vec<u8>> {
 
 /// The block a pack stored (see [`compress`]), checked against `hash`:
 /// exactly [`BLOCK_SIZE`] bytes whose BLAKE3 is `hash`. Stored bytes of
-/// exactly that size that hash to `hash` are the block; any others are lz4
-/// (a writer before decision 70 compressed every block, and an lz4 stream
-/// can be 64 KiB long).
-pub fn decompress(compressed: &[u8], hash: &BlockHash) -> Result<Vec<u8>, FormatError> {
-    if compressed.len() == BLOCK_SIZE && BlockHash::of(compressed) == *hash {
-        return Ok(compressed.to_vec());
-    }
-    decompress_lz4(compressed, hash)
-}
-
-/// [`decompress`] of a block held in a shared buffer (a pack's bytes as a
-/// GET returned them): a block stored as it is comes back as a view of
-/// `stored`, not a copy.
+/// exactly that size that hash to `hash` are the block, returned as a view
+/// of `stored` (a pack's bytes as a GET returned them), not a copy; any
+/// others are lz4 (a writer before decision 70 compressed every block, and
+/// an lz4 stream can be 64 KiB long).
 pub fn open_stored(stored: bytes::Bytes, hash: &BlockHash) -> Result<bytes::Bytes, FormatError> {
     if stored.len() == BLOCK_SIZE && BlockHash::of(&stored) == *hash {
         return Ok(stored);
@@ -113,6 +99,17 @@ fn decompress_lz4(compressed: &[u8], hash: &BlockHash) -> Result<Vec<u8>, Format
         return Err(FormatError::Checksum { what: "block" });
     }
     Ok(block)
+}
+
+/// Test helpers: a block's stored bytes, and the block read back from them.
+#[cfg(test)]
+pub(crate) fn stored(block: &[u8]) -> Vec<u8> {
+    compress(block).unwrap_or_else(|| block.to_vec())
+}
+
+#[cfg(test)]
+pub(crate) fn decompress(stored: &[u8], hash: &BlockHash) -> Result<Vec<u8>, FormatError> {
+    open_stored(bytes::Bytes::copy_from_slice(stored), hash).map(|b| b.to_vec())
 }
 
 #[cfg(test)]
@@ -139,12 +136,12 @@ mod tests {
             *b = (i % 251) as u8;
         }
         let hash = BlockHash::of(&block);
-        let c = compress(&block);
+        let c = stored(&block);
         assert!(c.len() < BLOCK_SIZE, "a patterned block compresses");
         assert_eq!(decompress(&c, &hash).unwrap(), block);
         let mut other = block.clone();
         other[100] ^= 1;
-        let c2 = compress(&other);
+        let c2 = stored(&other);
         assert_eq!(
             decompress(&c2, &hash),
             Err(FormatError::Checksum { what: "block" })
@@ -160,10 +157,10 @@ mod tests {
     fn a_block_lz4_cannot_shrink_is_stored_as_it_is() {
         let random = random_block(0x9E37_79B9_7F4A_7C15);
         let hash = BlockHash::of(&random);
-        let stored = compress(&random);
-        assert!(stored == random, "stored as it is");
-        assert_eq!(decompress(&stored, &hash).unwrap(), random);
-        let shared = bytes::Bytes::from(stored.clone());
+        let kept = stored(&random);
+        assert!(kept == random, "stored as it is");
+        assert_eq!(decompress(&kept, &hash).unwrap(), random);
+        let shared = bytes::Bytes::from(kept.clone());
         let opened = open_stored(shared.clone(), &hash).unwrap();
         assert_eq!(opened.as_ptr(), shared.as_ptr(), "a view, not a copy");
         let mut other = random.clone();
@@ -172,20 +169,20 @@ mod tests {
         // Random first 4 KiB, compressible after: still stored whole, raw.
         let mut mixed = random.clone();
         mixed[PROBE..].fill(7);
-        assert!(compress(&mixed) == mixed);
+        assert!(stored(&mixed) == mixed);
         // A first 4 KiB lz4 shrinks a little, random after: lz4 tries the
         // whole block, cannot make it smaller, and it is stored as it is.
         let mut late = random.clone();
         late[..64].fill(7);
         assert!(lz4_flex::block::compress(&late[..PROBE]).len() < PROBE);
-        assert!(compress(&late) == late);
+        assert!(stored(&late) == late);
         // A first 4 KiB that shrinks a lot: the whole block is smaller
         // compressed, and stored so.
         late[..PROBE].fill(7);
-        let stored = compress(&late);
-        assert!(stored.len() < BLOCK_SIZE);
-        assert_eq!(decompress(&stored, &BlockHash::of(&late)).unwrap(), late);
-        let opened = open_stored(stored.into(), &BlockHash::of(&late)).unwrap();
+        let kept = stored(&late);
+        assert!(kept.len() < BLOCK_SIZE);
+        assert_eq!(decompress(&kept, &BlockHash::of(&late)).unwrap(), late);
+        let opened = open_stored(kept.into(), &BlockHash::of(&late)).unwrap();
         assert!(opened[..] == late[..]);
     }
 

@@ -15,8 +15,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::layout;
 use crate::target::{Target, TargetError};
+use crate::{layout, lock};
 
 /// How long a lease lives unless renewed.
 pub const LEASE_TTL: Duration = Duration::from_secs(10 * 60);
@@ -180,10 +180,6 @@ pub async fn recorded_packs(
         }
     }
     Ok(out)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub async fn live_leases(

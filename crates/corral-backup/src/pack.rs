@@ -10,7 +10,7 @@
 //! All integers big-endian. A reader fetches the trailer (the last
 //! [`PackTrailer::LEN`] bytes), then the footer, which the trailer's hash
 //! checks, then any block by its range; a block is checked by its own hash
-//! when decompressed ([`crate::block::decompress`]). A backup names a pack
+//! when read ([`crate::block::open_stored`]). A backup names a pack
 //! when it starts it (docs/backups.md), so that pages can refer to it
 //! while it fills; nothing hashes the whole object.
 
@@ -192,7 +192,7 @@ impl PackTrailer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::block::{BLOCK_SIZE, compress, decompress};
+    use crate::block::{BLOCK_SIZE, decompress, stored};
     use proptest::prelude::*;
 
     fn block(seed: u8) -> Vec<u8> {
@@ -226,7 +226,7 @@ mod tests {
         let blocks: Vec<Vec<u8>> = (1..=5).map(block).collect();
         let mut b = PackBuilder::new();
         for data in &blocks {
-            b.add(BlockHash::of(data), &compress(data));
+            b.add(BlockHash::of(data), &stored(data));
         }
         let (pack, entries) = b.finish();
         assert_eq!(entries.len(), 5);
@@ -234,13 +234,13 @@ mod tests {
         // The same blocks make the same object.
         let mut again = PackBuilder::new();
         for data in &blocks {
-            again.add(BlockHash::of(data), &compress(data));
+            again.add(BlockHash::of(data), &stored(data));
         }
         assert_eq!(again.finish().0, pack);
         // However much room the builder was given.
         let mut sized = PackBuilder::with_capacity(3 * crate::block::BLOCK_SIZE);
         for data in &blocks {
-            sized.add(BlockHash::of(data), &compress(data));
+            sized.add(BlockHash::of(data), &stored(data));
         }
         assert_eq!(sized.finish().0, pack);
     }
@@ -250,7 +250,7 @@ mod tests {
         let mut b = PackBuilder::new();
         for s in 1..=3 {
             let data = block(s);
-            b.add(BlockHash::of(&data), &compress(&data));
+            b.add(BlockHash::of(&data), &stored(&data));
         }
         let pack = b.finish().0.to_vec();
         for at in [

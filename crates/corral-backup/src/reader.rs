@@ -252,7 +252,7 @@ impl BackupReader {
 
     async fn page(&self, index: usize) -> Result<Option<Arc<Page>>, TransferError> {
         {
-            let cached = self.pages.lock().unwrap_or_else(|p| p.into_inner());
+            let cached = crate::lock(&self.pages);
             if let Some((_, page)) = cached.iter().find(|(i, _)| *i == index) {
                 return Ok(page.clone());
             }
@@ -260,7 +260,7 @@ impl BackupReader {
         let page = read_page(&self.target, &self.manifest, index)
             .await?
             .map(|(p, _)| Arc::new(p));
-        let mut cached = self.pages.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cached = crate::lock(&self.pages);
         cached.retain(|(i, _)| *i != index);
         if cached.len() >= CACHED_PAGES {
             cached.remove(0);

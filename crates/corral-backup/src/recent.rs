@@ -58,7 +58,7 @@ impl RecentObjects {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.inner)
     }
 
     fn keep(&self, key: Key, kept: Kept) {

@@ -124,21 +124,14 @@ struct SpareBuffers(std::sync::Mutex<Vec<BytesMut>>);
 
 impl SpareBuffers {
     fn builder(&self, data: usize) -> PackBuilder {
-        let spare = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .pop();
+        let spare = crate::lock(&self.0).pop();
         PackBuilder::in_buffer(spare.unwrap_or_default(), data)
     }
 
     /// Takes back a pack's bytes once nothing else holds them.
     fn give_back(&self, pack: Bytes) {
         if let Ok(buffer) = pack.try_into_mut() {
-            let mut spare = self
-                .0
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut spare = crate::lock(&self.0);
             if spare.len() <= UPLOADS {
                 spare.push(buffer);
             }
@@ -212,7 +205,7 @@ fn prepare(data: Bytes) -> Prepared {
         Prepared::Zero
     } else {
         let hash = BlockHash::of(&data);
-        let stored = match block::compress_or_keep(&data) {
+        let stored = match block::compress(&data) {
             Some(lz4) => Bytes::from(lz4),
             None => data,
         };

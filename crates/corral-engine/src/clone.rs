@@ -506,8 +506,8 @@ pub async fn run_filler(
         if stop.is_cancelled() {
             return;
         }
-        // A restore fills the rest of a read-ahead window at a time, several
-        // chunks at once; a clone, one chunk (each read from its source
+        // A restore fills up to its next progress record at a time, several
+        // chunks in flight; a clone, one chunk (each read from its source
         // engine under the chunk's lock).
         let filled = if fill.is_restore() {
             let run = RECORD_EVERY
