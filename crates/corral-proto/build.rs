@@ -21,6 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     tonic_prost_build::configure()
         .bytes(".")
+        .codec_path("crate::codec::SizedProstCodec")
         .compile_protos(&files, &[root, well_known])?;
     Ok(())
 }

@@ -2,9 +2,12 @@
 //!
 //! Nothing hand-written lives here except what both sides must agree on:
 //! the metadata key naming a data stream's volume, the one marking a
-//! fenced caller, and the message-size limits.
+//! fenced caller, the message-size limits, and the codec (prost's, with
+//! each message's buffer reserved before it is encoded).
 
 #![allow(clippy::all, missing_docs)]
+
+pub mod codec;
 
 /// corral.v1: replica control + data stream, engine control.
 pub mod v1 {
