@@ -481,22 +481,10 @@ fn execute(replica: &HostedReplica, req: DataRequest) -> DataReply {
             Ok(data) => return read_reply(id, data),
             Err(e) => Err(e),
         },
-        data_request::Op::Write(w) if w.fill => {
-            let computed = crc32c::crc32c(&w.data);
-            if computed != w.crc32c {
-                return store_error_reply(
-                    id,
-                    StoreError::PayloadChecksum {
-                        offset: w.offset,
-                        len: w.data.len() as u64,
-                        computed,
-                        sent: w.crc32c,
-                    },
-                );
-            }
-            store.fill(w.offset, &w.data).map(|_| ())
-        }
         // The store checks the payload against the sender's CRC32C.
+        data_request::Op::Write(w) if w.fill => {
+            store.fill_sent(w.offset, &w.data, w.crc32c).map(|_| ())
+        }
         data_request::Op::Write(w) => store.write_sent(w.offset, &w.data, w.crc32c, w.fua),
         data_request::Op::Flush(_) => store.flush(),
         data_request::Op::Unmap(u) => store.unmap(u.offset, u.length),

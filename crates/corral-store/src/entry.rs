@@ -50,6 +50,44 @@ pub(crate) fn block_crc(block: &[u8]) -> u32 {
     crc32c::crc32c(block)
 }
 
+/// The entries of the whole 4 KiB blocks of `data` (its length a multiple
+/// of 4096) as written, and the CRC32C of all of `data`, from one pass over
+/// it: the payload's CRC is folded from its blocks' (CRC32C(A ‖ B) is
+/// CRC32C(A) moved past 4096 zero bytes, XOR CRC32C(B)), so a write of many
+/// blocks is not read twice to check what its sender computed.
+pub(crate) fn block_entries_and_crc(data: &[u8]) -> (Vec<u32>, u32) {
+    let mut whole = None;
+    let entries = data
+        .chunks_exact(crate::BLOCK as usize)
+        .map(|b| {
+            let crc = block_crc(b);
+            whole = Some(whole.map_or(crc, |w| past_one_block(w) ^ crc));
+            written(crc)
+        })
+        .collect();
+    (entries, whole.unwrap_or(0))
+}
+
+/// `crc` moved past one block of zero bytes: the linear map
+/// `crc32c_combine(crc, 0, 4096)`, as four tables of its values on each
+/// byte of `crc`, built once.
+fn past_one_block(crc: u32) -> u32 {
+    static TABLES: std::sync::OnceLock<[[u32; 256]; 4]> = std::sync::OnceLock::new();
+    let tables = TABLES.get_or_init(|| {
+        let mut t = [[0u32; 256]; 4];
+        for (byte, table) in t.iter_mut().enumerate() {
+            for (v, entry) in table.iter_mut().enumerate() {
+                *entry = crc32c::crc32c_combine((v as u32) << (8 * byte), 0, crate::BLOCK as usize);
+            }
+        }
+        t
+    });
+    tables[0][(crc & 0xff) as usize]
+        ^ tables[1][((crc >> 8) & 0xff) as usize]
+        ^ tables[2][((crc >> 16) & 0xff) as usize]
+        ^ tables[3][(crc >> 24) as usize]
+}
+
 /// The entry of a block written with CRC32C `crc`.
 pub(crate) fn written(crc: u32) -> u32 {
     if crc == UNWRITTEN || crc == DISCARDED {
@@ -116,7 +154,34 @@ pub(crate) fn recovered(block: &[u8], entry: u32) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use proptest::strategy::Strategy;
+
     use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn one_pass_gives_each_block_s_entry_and_the_payload_s_crc(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..=6)
+                .prop_flat_map(|seeds| {
+                    let blocks = seeds.len();
+                    proptest::collection::vec(proptest::prelude::any::<u8>(), blocks * 4096)
+                        .prop_map(move |mut d| {
+                            // Some blocks all zero or all one byte, as real payloads have.
+                            for (i, &s) in seeds.iter().enumerate() {
+                                if s % 3 == 0 {
+                                    d[i * 4096..(i + 1) * 4096].fill(s);
+                                }
+                            }
+                            d
+                        })
+                })
+        ) {
+            let (entries, whole) = block_entries_and_crc(&data);
+            proptest::prop_assert_eq!(whole, crc32c::crc32c(&data));
+            let each: Vec<u32> = data.chunks_exact(4096).map(|b| written(block_crc(b))).collect();
+            proptest::prop_assert_eq!(entries, each);
+        }
+    }
 
     #[test]
     fn the_zero_block_crc_is_computed_right() {

@@ -666,8 +666,8 @@ impl ReplicaStore {
 
     /// A write as it arrives from an engine, with the CRC32C `sent` its sender computed
     /// over `data`: nothing is stored unless the payload matches it
-    /// ([`StoreError::PayloadChecksum`]). A write of exactly one aligned block checksums
-    /// the block once, for both the check and its entry. With `fua`, as
+    /// ([`StoreError::PayloadChecksum`]). A write of whole aligned blocks reads the
+    /// payload once, for both the check and the blocks' entries. With `fua`, as
     /// [`ReplicaStore::write_fua`].
     pub fn write_sent(&self, offset: u64, data: &[u8], sent: u32, fua: bool) -> Result<()> {
         self.write_impl(offset, data, Some(sent), Halves::Both)?;
@@ -686,6 +686,18 @@ impl ReplicaStore {
     /// how many blocks it wrote. `offset` and the length must be 4096-byte
     /// aligned. Not durable until a flush.
     pub fn fill(&self, offset: u64, data: &[u8]) -> Result<u64> {
+        self.fill_impl(offset, data, None)
+    }
+
+    /// A fill as it arrives from an engine, with the CRC32C `sent` its
+    /// sender computed over `data`: nothing is filled unless the payload
+    /// matches it ([`StoreError::PayloadChecksum`]). Otherwise as
+    /// [`ReplicaStore::fill`].
+    pub fn fill_sent(&self, offset: u64, data: &[u8], sent: u32) -> Result<u64> {
+        self.fill_impl(offset, data, Some(sent))
+    }
+
+    fn fill_impl(&self, offset: u64, data: &[u8], sent: Option<u32>) -> Result<u64> {
         let len = data.len() as u64;
         let end = self.check_range(offset, len)?;
         if !offset.is_multiple_of(BLOCK) || !len.is_multiple_of(BLOCK) {
@@ -693,21 +705,28 @@ impl ReplicaStore {
                 "fill at offset {offset} of {len} bytes is not 4096-byte aligned"
             )));
         }
-        if len == 0 {
-            return Ok(0);
-        }
         if len > MAX_IO_LEN {
             return Err(StoreError::Invalid(format!(
                 "fill of {len} bytes at offset {offset} exceeds the {MAX_IO_LEN}-byte limit"
             )));
         }
+        let (crcs, computed) = entry::block_entries_and_crc(data);
+        if let Some(sent) = sent
+            && computed != sent
+        {
+            return Err(StoreError::PayloadChecksum {
+                offset,
+                len,
+                computed,
+                sent,
+            });
+        }
+        if len == 0 {
+            return Ok(0);
+        }
         let first = offset / BLOCK;
         let end_block = end / BLOCK;
         let count = (end_block - first) as usize;
-        let crcs: Vec<u32> = data
-            .chunks_exact(BLOCK_USIZE)
-            .map(|b| entry::written(entry::block_crc(b)))
-            .collect();
         let mark_from = offset - offset % FILL_MARK_WINDOW;
         let mark_to = end
             .checked_next_multiple_of(FILL_MARK_WINDOW)
@@ -826,11 +845,15 @@ impl ReplicaStore {
     ) -> Result<()> {
         let len = data.len() as u64;
         // A payload that does not match is refused before anything else is
-        // looked at. One aligned block's checksum is also its entry's.
-        let single_block =
-            (offset.is_multiple_of(BLOCK) && len == BLOCK).then(|| entry::block_crc(data));
+        // looked at. A payload of whole blocks is read once for the check and
+        // its blocks' entries.
+        let whole_blocks = (offset.is_multiple_of(BLOCK) && len.is_multiple_of(BLOCK))
+            .then(|| entry::block_entries_and_crc(data));
         if let Some(sent) = sent {
-            let computed = single_block.unwrap_or_else(|| crc32c::crc32c(data));
+            let computed = match &whole_blocks {
+                Some((_, crc)) => *crc,
+                None => crc32c::crc32c(data),
+            };
             if computed != sent {
                 return Err(StoreError::PayloadChecksum {
                     offset,
@@ -855,8 +878,8 @@ impl ReplicaStore {
         };
         if offset == aligned_start && end == aligned_end {
             // Checksums are computed before taking any lock.
-            let crcs = match single_block {
-                Some(crc) => vec![entry::written(crc)],
+            let crcs = match whole_blocks {
+                Some((entries, _)) => entries,
                 None => crcs_of(data),
             };
             let _ticket = self.intent.begin_write(&self.db, offset, end)?;

@@ -939,6 +939,33 @@ fn a_fill_starts_writing_its_blocks_back_before_the_flush() {
 /// what they hold; the rest take the fill; a second fill changes nothing;
 /// and all of it survives a reopen.
 #[test]
+fn a_sent_fill_lands_only_when_its_payload_matches_the_senders_crc() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 * BLOCK;
+    let store = ReplicaStore::create(dir.path(), super::params(size, 65536)).unwrap();
+    let fill = pattern(7, 16 * BLOCK as usize);
+    let crc = crc32c::crc32c(&fill);
+    match store.fill_sent(8 * BLOCK, &fill, crc ^ 1) {
+        Err(StoreError::PayloadChecksum {
+            offset,
+            len,
+            computed,
+            sent,
+        }) => assert_eq!(
+            (offset, len, computed, sent),
+            (8 * BLOCK, 16 * BLOCK, crc, crc ^ 1)
+        ),
+        other => panic!("a fill with a bad CRC: {other:?}"),
+    }
+    assert!(
+        store.read(0, size).unwrap().iter().all(|&b| b == 0),
+        "filled a bad payload"
+    );
+    assert_eq!(store.fill_sent(8 * BLOCK, &fill, crc).unwrap(), 16);
+    assert_eq!(&store.read(8 * BLOCK, 16 * BLOCK).unwrap()[..], &fill[..]);
+}
+
+#[test]
 fn a_fill_only_lands_on_blocks_never_written_in_any_layer() {
     let dir = tempfile::tempdir().unwrap();
     let size = 16 * BLOCK;
