@@ -290,12 +290,11 @@ pub fn run(args: &BackupArgs) -> Result<()> {
     let mut measured = Vec::new();
     let mut full = Value::Null;
     let mut objects = 0;
-    let mut restored = None;
+    let mut restored: Option<usize> = None;
     for k in 1..=rounds {
         // The round before's restored volume is idle; its engine goes.
         if let Some(r) = restored.take() {
-            let e: &mut corral_tests::Engine = &mut c.engines[r];
-            e.process.terminate(Duration::from_secs(20))?;
+            c.engines[r].process.terminate(Duration::from_secs(20))?;
         }
         // The round before's backup goes too: the raw PUTs then write into
         // the pages it frees, as the backup writes into those the raw

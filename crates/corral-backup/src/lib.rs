@@ -65,13 +65,13 @@ pub enum FormatError {
     Invalid { what: &'static str, why: String },
 }
 
-/// `what`'s bytes `at..at + len`, or [`FormatError::Truncated`].
 /// A mutex's guard, poisoned or not: what the crate's locks guard stays
 /// consistent at every unlock, so a panic elsewhere leaves nothing half-done.
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// `what`'s bytes `at..at + len`, or [`FormatError::Truncated`].
 pub(crate) fn slice<'a>(
     bytes: &'a [u8],
     at: usize,

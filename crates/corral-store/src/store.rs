@@ -876,12 +876,9 @@ impl ReplicaStore {
                 .map(|b| entry::written(entry::block_crc(b)))
                 .collect()
         };
-        if offset == aligned_start && end == aligned_end {
-            // Checksums are computed before taking any lock.
-            let crcs = match whole_blocks {
-                Some((entries, _)) => entries,
-                None => crcs_of(data),
-            };
+        // A write of whole blocks: its entries were computed above, before
+        // taking any lock.
+        if let Some((crcs, _)) = whole_blocks {
             let _ticket = self.intent.begin_write(&self.db, offset, end)?;
             let _g = self.lock_exclusive(first, end_block);
             return self.store_blocks(&self.chain(), first, data, &crcs, halves);
