@@ -145,6 +145,10 @@ pub fn validate_volume_name(name: &str) -> Result<(), ReplicaError> {
     }
 }
 
+/// How long [`ReplicaRegistry::close_all`] waits for a draining stream to
+/// drop its hold on a replica before flushing it instead of closing it.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl ReplicaRegistry {
     /// Open the data dir (creating it) and every replica found in it,
     /// recovering those that were not stopped cleanly.
@@ -258,6 +262,14 @@ impl ReplicaRegistry {
         let replicas = std::mem::take(&mut *self.lock());
         for (volume, hosted) in replicas {
             hosted.stop_merging();
+            // A stream whose client just went may still be finishing a batch
+            // on a blocking thread: give it a moment to let go, so the store
+            // closes (and releases its metadata lock) before the daemon
+            // returns and, in-process, is started again on the same directory.
+            let deadline = std::time::Instant::now() + CLOSE_WAIT;
+            while Arc::strong_count(&hosted) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
             match Arc::try_unwrap(hosted) {
                 Ok(hosted) => {
                     if let Err(e) = hosted.store.close() {
