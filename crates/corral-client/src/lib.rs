@@ -123,6 +123,10 @@ impl ClientError {
     }
 }
 
+/// The largest DATA frame a channel accepts from its server (1 MiB, as the
+/// replica daemon accepts from its clients).
+pub const REPLY_FRAME: u32 = (1 << 20) - 1;
+
 /// The channel endpoint for `addr` (`host:port` or a URI), with the
 /// windows and keepalives corral's streams need; `timeout` bounds connects
 /// and keepalive answers.
@@ -141,6 +145,10 @@ pub fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint, ClientError> 
         .tcp_nodelay(true)
         .initial_stream_window_size(16 << 20)
         .initial_connection_window_size(64 << 20)
+        // What the server may send in one DATA frame: a replica's reply to
+        // a 512 KiB snapshot read (a backup's) then comes in one frame
+        // rather than thirty-two of HTTP/2's default 16 KiB.
+        .max_frame_size(REPLY_FRAME)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(timeout)
         .keep_alive_while_idle(true))
