@@ -29,10 +29,14 @@ pub struct PackEntry {
     pub len: u32,
 }
 
-/// Builds one pack in memory.
+/// Builds one pack in memory, as the parts a PUT sends one after the
+/// other: the blocks' own buffers (views of what was read, or their lz4
+/// output), then one part with the footer and trailer. A block's bytes are
+/// never copied into a pack buffer.
 #[derive(Default)]
 pub struct PackBuilder {
-    bytes: BytesMut,
+    parts: Vec<Bytes>,
+    len: usize,
     entries: Vec<PackEntry>,
 }
 
@@ -41,65 +45,45 @@ impl PackBuilder {
         Self::default()
     }
 
-    /// A builder whose buffer holds `data` bytes of blocks (and one more
-    /// block past them, as a pack is closed once it reaches its size)
-    /// with their footer without growing: a pack is tens of MiB, and
-    /// growing it by doubling copies it about once more.
-    pub fn with_capacity(data: usize) -> Self {
-        Self::in_buffer(BytesMut::new(), data)
-    }
-
-    /// [`Self::with_capacity`] in `buffer` (a finished pack's, taken back
-    /// once it was put): its memory is reused, not given back to the
-    /// system and faulted in again page by page for the next pack.
-    pub fn in_buffer(mut buffer: BytesMut, data: usize) -> Self {
-        let entries = data / crate::block::BLOCK_SIZE + 1;
-        buffer.clear();
-        buffer.reserve(data + crate::block::BLOCK_SIZE + entries * ENTRY_LEN + PackTrailer::LEN);
-        Self {
-            bytes: buffer,
-            entries: Vec::with_capacity(entries),
-        }
-    }
-
-    /// Appends a compressed block; where it will lie.
-    pub fn add(&mut self, hash: BlockHash, compressed: &[u8]) -> PackEntry {
+    /// Appends a block as stored (see [`crate::block::compress`]); where
+    /// it will lie.
+    pub fn add(&mut self, hash: BlockHash, stored: Bytes) -> PackEntry {
         let entry = PackEntry {
             hash,
-            offset: self.bytes.len() as u64,
-            len: compressed.len() as u32,
+            offset: self.len as u64,
+            len: stored.len() as u32,
         };
-        self.bytes.extend_from_slice(compressed);
+        self.len += stored.len();
+        self.parts.push(stored);
         self.entries.push(entry);
         entry
     }
 
     /// Bytes of block data so far.
     pub fn data_len(&self) -> usize {
-        self.bytes.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
-    /// The finished object's bytes and its entries.
-    pub fn finish(mut self) -> (Bytes, Vec<PackEntry>) {
-        let footer_offset = self.bytes.len() as u64;
-        let mut footer = Vec::with_capacity(self.entries.len() * ENTRY_LEN);
+    /// The finished object, as its parts in order, and its entries.
+    pub fn finish(mut self) -> (Vec<Bytes>, Vec<PackEntry>) {
+        let footer_offset = self.len as u64;
+        let mut tail = BytesMut::with_capacity(self.entries.len() * ENTRY_LEN + PackTrailer::LEN);
         for e in &self.entries {
-            footer.extend_from_slice(&e.hash.0);
-            footer.extend_from_slice(&e.offset.to_be_bytes());
-            footer.extend_from_slice(&e.len.to_be_bytes());
+            tail.extend_from_slice(&e.hash.0);
+            tail.extend_from_slice(&e.offset.to_be_bytes());
+            tail.extend_from_slice(&e.len.to_be_bytes());
         }
-        let footer_hash = BlockHash::of(&footer);
-        self.bytes.extend_from_slice(&footer);
-        self.bytes.extend_from_slice(&footer_offset.to_be_bytes());
-        self.bytes
-            .extend_from_slice(&(self.entries.len() as u32).to_be_bytes());
-        self.bytes.extend_from_slice(MAGIC);
-        self.bytes.extend_from_slice(&footer_hash.0);
-        (self.bytes.freeze(), self.entries)
+        let footer_hash = BlockHash::of(&tail);
+        tail.extend_from_slice(&footer_offset.to_be_bytes());
+        tail.extend_from_slice(&(self.entries.len() as u32).to_be_bytes());
+        tail.extend_from_slice(MAGIC);
+        tail.extend_from_slice(&footer_hash.0);
+        self.parts.push(tail.freeze());
+        (self.parts, self.entries)
     }
 }
 
@@ -221,28 +205,48 @@ mod tests {
             .collect()
     }
 
+    /// A finished pack's parts as the one object a PUT makes of them.
+    fn object(b: PackBuilder) -> Vec<u8> {
+        b.finish().0.concat()
+    }
+
     #[test]
     fn a_pack_reads_back_block_by_block_and_is_the_same_every_time() {
         let blocks: Vec<Vec<u8>> = (1..=5).map(block).collect();
         let mut b = PackBuilder::new();
         for data in &blocks {
-            b.add(BlockHash::of(data), &stored(data));
+            b.add(BlockHash::of(data), Bytes::from(stored(data)));
         }
-        let (pack, entries) = b.finish();
+        let (parts, entries) = b.finish();
         assert_eq!(entries.len(), 5);
+        let pack = parts.concat();
         assert_eq!(read_back(&pack).unwrap(), blocks);
         // The same blocks make the same object.
         let mut again = PackBuilder::new();
         for data in &blocks {
-            again.add(BlockHash::of(data), &stored(data));
+            again.add(BlockHash::of(data), Bytes::from(stored(data)));
         }
-        assert_eq!(again.finish().0, pack);
-        // However much room the builder was given.
-        let mut sized = PackBuilder::with_capacity(3 * crate::block::BLOCK_SIZE);
-        for data in &blocks {
-            sized.add(BlockHash::of(data), &stored(data));
-        }
-        assert_eq!(sized.finish().0, pack);
+        assert_eq!(object(again), pack);
+    }
+
+    /// A block stored as it is goes into the PUT as the buffer it was read
+    /// into, not a copy of it.
+    #[test]
+    fn a_block_s_bytes_are_sent_from_its_own_buffer() {
+        let read = Bytes::from([block(3), block(4)].concat());
+        let mut b = PackBuilder::new();
+        let first = read.slice(..BLOCK_SIZE);
+        let second = read.slice(BLOCK_SIZE..);
+        b.add(BlockHash::of(&first), first.clone());
+        let e = b.add(BlockHash::of(&second), second.clone());
+        assert_eq!((e.offset, e.len), (BLOCK_SIZE as u64, BLOCK_SIZE as u32));
+        assert_eq!(b.data_len(), 2 * BLOCK_SIZE);
+        let (parts, _) = b.finish();
+        assert_eq!(parts.len(), 3, "two blocks and the footer with the trailer");
+        assert_eq!(parts[0].as_ptr(), read.as_ptr());
+        assert_eq!(parts[1].as_ptr(), read[BLOCK_SIZE..].as_ptr());
+        let pack = parts.concat();
+        assert_eq!(read_back(&pack).unwrap(), vec![block(3), block(4)]);
     }
 
     #[test]
@@ -250,9 +254,9 @@ mod tests {
         let mut b = PackBuilder::new();
         for s in 1..=3 {
             let data = block(s);
-            b.add(BlockHash::of(&data), &stored(&data));
+            b.add(BlockHash::of(&data), Bytes::from(stored(&data)));
         }
-        let pack = b.finish().0.to_vec();
+        let pack = object(b);
         for at in [
             0,
             pack.len() / 3,

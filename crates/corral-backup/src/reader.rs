@@ -114,10 +114,30 @@ pub(crate) fn spans(wanted: &[(u64, BlockRef)]) -> Vec<Range<usize>> {
 }
 
 /// A run of blocks read and checked: each block's index and data, and the
-/// bytes the GET returned.
+/// bytes the GET returned (which the blocks stored as they are are views of).
 pub(crate) struct FetchedSpan {
     pub blocks: Vec<(u64, Bytes)>,
     pub bytes_read: u64,
+    pub got: Bytes,
+}
+
+impl FetchedSpan {
+    /// Blocks `first..first + count` as one view of the bytes the GET
+    /// returned, when this span holds exactly them, in order, stored as
+    /// they are and one after another in the pack (what a full backup of
+    /// incompressible data is): a restore then passes them on uncopied.
+    fn as_one_view(&self, first: u64, count: u64) -> Option<Bytes> {
+        let start = self.blocks.first()?.1.as_ptr() as usize;
+        let whole = self.blocks.len() as u64 == count
+            && self.blocks.iter().enumerate().all(|(i, (index, data))| {
+                *index == first + i as u64
+                    && data.len() == BLOCK_SIZE
+                    && data.as_ptr() as usize == start + i * BLOCK_SIZE
+            });
+        let at = start.checked_sub(self.got.as_ptr() as usize)?;
+        let end = at.checked_add(count as usize * BLOCK_SIZE)?;
+        (whole && end <= self.got.len()).then(|| self.got.slice(at..end))
+    }
 }
 
 /// Reads one run of [`spans`] with a ranged GET and checks every block
@@ -131,6 +151,7 @@ pub(crate) async fn fetch_span(
         return Ok(FetchedSpan {
             blocks: Vec::new(),
             bytes_read: 0,
+            got: Bytes::new(),
         });
     };
     let start = first.1.offset;
@@ -143,6 +164,7 @@ pub(crate) async fn fetch_span(
         .get_range(&layout::pack(volume, &first.1.pack), start..end)
         .await?;
     let bytes_read = bytes.len() as u64;
+    let got = bytes.clone();
     let run = run.to_vec();
     let decode = move || -> Result<Vec<(u64, Bytes)>, TransferError> {
         let mut blocks = Vec::with_capacity(run.len());
@@ -165,7 +187,11 @@ pub(crate) async fn fetch_span(
         Ok(blocks)
     };
     let blocks = off_runtime(decode).await?;
-    Ok(FetchedSpan { blocks, bytes_read })
+    Ok(FetchedSpan {
+        blocks,
+        bytes_read,
+        got,
+    })
 }
 
 /// Runs `work` (hashing, compressing: CPU for a while) on the blocking
@@ -312,6 +338,12 @@ impl BackupReader {
         )
         .await?;
         let span_start = first * bs;
+        let from = (offset - span_start) as usize;
+        if let [span] = &fetched[..]
+            && let Some(all) = span.as_one_view(first, last - first)
+        {
+            return Ok(Some(all.slice(from..from + len as usize)));
+        }
         let mut out = BytesMut::zeroed(((last - first) * bs) as usize);
         for span in fetched {
             for (index, data) in span.blocks {
@@ -320,7 +352,6 @@ impl BackupReader {
                     .copy_from_slice(&data[..data.len().min(BLOCK_SIZE)]);
             }
         }
-        let from = (offset - span_start) as usize;
         Ok(Some(out.freeze().slice(from..from + len as usize)))
     }
 }
@@ -353,5 +384,51 @@ mod tests {
         ] {
             assert!(BackupUrl::parse(bad).is_err(), "{bad} was accepted");
         }
+    }
+
+    /// A span whose blocks are the GET's bytes one after another comes back
+    /// as a view of them; any other shape does not.
+    #[test]
+    fn a_span_of_whole_blocks_side_by_side_is_one_view_of_the_get() {
+        let got = Bytes::from((0..3 * BLOCK_SIZE).map(|i| i as u8).collect::<Vec<_>>());
+        let block = |i: usize| got.slice(i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE);
+        let span = |blocks: Vec<(u64, Bytes)>| FetchedSpan {
+            blocks,
+            bytes_read: got.len() as u64,
+            got: got.clone(),
+        };
+        let all = span(vec![(7, block(0)), (8, block(1)), (9, block(2))]);
+        let view = all.as_one_view(7, 3).unwrap();
+        assert_eq!((view.as_ptr(), view.len()), (got.as_ptr(), got.len()));
+        let tail = span(vec![(8, block(1)), (9, block(2))]);
+        assert_eq!(
+            tail.as_one_view(8, 2).unwrap().as_ptr(),
+            got[BLOCK_SIZE..].as_ptr()
+        );
+        // A block missing (a zero block between), out of place, or not
+        // the GET's own bytes (decompressed): copied instead.
+        assert!(all.as_one_view(7, 4).is_none());
+        assert!(
+            span(vec![(7, block(0)), (9, block(2))])
+                .as_one_view(7, 3)
+                .is_none()
+        );
+        assert!(
+            span(vec![(7, block(0)), (8, block(2))])
+                .as_one_view(7, 2)
+                .is_none()
+        );
+        let copied = Bytes::from(block(1).to_vec());
+        assert!(
+            span(vec![(7, block(0)), (8, copied)])
+                .as_one_view(7, 2)
+                .is_none()
+        );
+        assert!(
+            span(vec![(7, block(0).slice(..100))])
+                .as_one_view(7, 1)
+                .is_none()
+        );
+        assert!(span(Vec::new()).as_one_view(7, 0).is_none());
     }
 }

@@ -362,15 +362,22 @@ impl Target {
 
     /// Puts `name` unless it exists (create-if-absent).
     pub async fn put_new(&self, name: &str, bytes: Bytes) -> Result<Put, TargetError> {
+        self.put_new_payload(name, PutPayload::from(bytes)).await
+    }
+
+    /// [`Self::put_new`] of the object that `parts` make one after the
+    /// other, sent from their own buffers (a pack: its blocks' buffers).
+    pub async fn put_new_parts(&self, name: &str, parts: Vec<Bytes>) -> Result<Put, TargetError> {
+        self.put_new_payload(name, parts.into_iter().collect())
+            .await
+    }
+
+    async fn put_new_payload(&self, name: &str, payload: PutPayload) -> Result<Put, TargetError> {
         let opts = PutOptions {
             mode: PutMode::Create,
             ..PutOptions::default()
         };
-        match self
-            .store
-            .put_opts(&self.path(name), PutPayload::from(bytes), opts)
-            .await
-        {
+        match self.store.put_opts(&self.path(name), payload, opts).await {
             Ok(_) => Ok(Put::Created),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(Put::Existed),
             Err(e) => Err(self.err(name, e)),

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
 
@@ -115,30 +115,6 @@ struct OpenPack {
     builder: PackBuilder,
 }
 
-/// Buffers of packs that were put, for the next packs to fill: at
-/// [`UPLOADS`] packs in flight, a backup reuses a few buffers of tens of
-/// MiB instead of faulting fresh memory in (zeroed by the kernel page by
-/// page, about a tenth of the engine's CPU in `perf`) for every pack.
-#[derive(Default)]
-struct SpareBuffers(std::sync::Mutex<Vec<BytesMut>>);
-
-impl SpareBuffers {
-    fn builder(&self, data: usize) -> PackBuilder {
-        let spare = crate::lock(&self.0).pop();
-        PackBuilder::in_buffer(spare.unwrap_or_default(), data)
-    }
-
-    /// Takes back a pack's bytes once nothing else holds them.
-    fn give_back(&self, pack: Bytes) {
-        if let Ok(buffer) = pack.try_into_mut() {
-            let mut spare = crate::lock(&self.0);
-            if spare.len() <= UPLOADS {
-                spare.push(buffer);
-            }
-        }
-    }
-}
-
 fn pack_name(spec: &BackupSpec, n: u64) -> BlockHash {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -156,9 +132,9 @@ fn pack_name(spec: &BackupSpec, n: u64) -> BlockHash {
 }
 
 /// Blocks read, hashed and compressed ahead of the one being packed...
-const READ_AHEAD: usize = 32;
+const READ_AHEAD: usize = 64;
 /// ... in runs of up to this many neighbouring blocks, one read each.
-const READ_RUN: u64 = 8;
+const READ_RUN: u64 = 16;
 
 /// `blocks` (sorted, distinct) as runs of consecutive indexes, each at
 /// most `max` long: (first, count).
@@ -403,10 +379,9 @@ pub async fn write_backup_with<S: BlockSource>(
     // Packs of an interrupted backup this one names: checked at the end.
     let mut reused: BTreeSet<BlockHash> = BTreeSet::new();
     let mut packs = 0u64;
-    let spare = SpareBuffers::default();
     let mut open = OpenPack {
         id: pack_name(spec, packs),
-        builder: spare.builder(pack_bytes),
+        builder: PackBuilder::new(),
     };
     let mut uploads: FuturesUnordered<Upload<'_>> = FuturesUnordered::new();
     for index in 0..pages {
@@ -512,7 +487,7 @@ pub async fn write_backup_with<S: BlockSource>(
                 report.blocks_deduplicated += 1;
                 continue;
             }
-            let entry = open.builder.add(hash, &block_bytes);
+            let entry = open.builder.add(hash, block_bytes);
             let r = BlockRef {
                 pack: open.id,
                 offset: entry.offset,
@@ -528,12 +503,10 @@ pub async fn write_backup_with<S: BlockSource>(
                     &mut open,
                     OpenPack {
                         id: pack_name(spec, packs),
-                        builder: spare.builder(pack_bytes),
+                        builder: PackBuilder::new(),
                     },
                 );
-                uploads.push(Box::pin(put_pack(
-                    target, spec, full, lease, progress, &spare,
-                )));
+                uploads.push(Box::pin(put_pack(target, spec, full, lease, progress)));
                 report.wait_for_uploads(&mut uploads, UPLOADS - 1).await?;
             }
         }
@@ -562,9 +535,7 @@ pub async fn write_backup_with<S: BlockSource>(
         report.wait_for_uploads(&mut uploads, UPLOADS - 1).await?;
     }
     if !open.builder.is_empty() {
-        uploads.push(Box::pin(put_pack(
-            target, spec, open, lease, progress, &spare,
-        )));
+        uploads.push(Box::pin(put_pack(target, spec, open, lease, progress)));
     }
     report.wait_for_uploads(&mut uploads, 0).await?;
     drop(uploads);
@@ -631,14 +602,12 @@ async fn put_pack(
     pack: OpenPack,
     lease: Option<&HeldLease>,
     progress: Option<&BackupProgress>,
-    spare: &SpareBuffers,
 ) -> Result<Uploaded, TransferError> {
-    let (bytes, _) = off_runtime(move || pack.builder.finish()).await;
-    let len = bytes.len() as u64;
+    let (parts, _) = pack.builder.finish();
+    let len = parts.iter().map(|p| p.len() as u64).sum();
     target
-        .put_new(&layout::pack(&spec.volume, &pack.id), bytes.clone())
+        .put_new_parts(&layout::pack(&spec.volume, &pack.id), parts)
         .await?;
-    spare.give_back(bytes);
     if let Some(p) = progress {
         p.bytes_put.fetch_add(len, Ordering::Relaxed);
     }
@@ -760,28 +729,6 @@ mod tests {
         let out = Volume::default();
         restore(t, &m, &out).await.unwrap();
         assert!(out.snapshot() == image.snapshot(), "backup {name}");
-    }
-
-    #[test]
-    fn a_put_packs_buffer_fills_the_next_pack_and_a_shared_one_is_left_alone() {
-        let spare = SpareBuffers::default();
-        let block = vec![7u8; BLOCK_SIZE];
-        let mut b = spare.builder(4 * BLOCK_SIZE);
-        b.add(BlockHash::of(&block), &block);
-        let (first, _) = b.finish();
-        let expected = first.to_vec();
-        let at = first.as_ptr();
-        // Still held elsewhere (a PUT being retried): not taken back.
-        spare.give_back(first.clone());
-        assert!(spare.0.lock().unwrap().is_empty());
-        spare.give_back(first);
-        assert_eq!(spare.0.lock().unwrap().len(), 1);
-        let mut b = spare.builder(4 * BLOCK_SIZE);
-        b.add(BlockHash::of(&block), &block);
-        let (second, _) = b.finish();
-        assert_eq!(second.as_ptr(), at, "the same memory");
-        assert_eq!(second.to_vec(), expected, "the same pack");
-        assert!(spare.0.lock().unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -1032,6 +979,7 @@ mod tests {
         let bs = BLOCK_SIZE as u64;
         for (offset, len) in [
             (0, 4 * bs),
+            (bs / 2, bs), // blocks 0 and 1, side by side in one pack
             (1000, 70_000),
             (2 * bs + 17, bs),
             (GIB - 10, 20),
