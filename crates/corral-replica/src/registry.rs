@@ -145,8 +145,9 @@ pub fn validate_volume_name(name: &str) -> Result<(), ReplicaError> {
     }
 }
 
-/// How long [`ReplicaRegistry::close_all`] waits for a draining stream to
-/// drop its hold on a replica before flushing it instead of closing it.
+/// How long [`ReplicaRegistry::close_all`] waits, in all, for draining
+/// streams to drop their hold on replicas before flushing those still held
+/// instead of closing them.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl ReplicaRegistry {
@@ -260,13 +261,15 @@ impl ReplicaRegistry {
     /// Close every replica cleanly (daemon shutdown).
     pub fn close_all(&self) {
         let replicas = std::mem::take(&mut *self.lock());
+        // One deadline for all: shutdown waits CLOSE_WAIT at most, however
+        // many replicas the daemon holds.
+        let deadline = std::time::Instant::now() + CLOSE_WAIT;
         for (volume, hosted) in replicas {
             hosted.stop_merging();
             // A stream whose client just went may still be finishing a batch
             // on a blocking thread: give it a moment to let go, so the store
             // closes (and releases its metadata lock) before the daemon
             // returns and, in-process, is started again on the same directory.
-            let deadline = std::time::Instant::now() + CLOSE_WAIT;
             while Arc::strong_count(&hosted) > 1 && std::time::Instant::now() < deadline {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
