@@ -16,6 +16,7 @@ mod cmd_engine;
 mod cmd_node;
 mod cmd_serve_file;
 mod cmd_volume;
+mod copy_tuning;
 mod frontends;
 mod shutdown;
 mod tls;
@@ -129,6 +130,7 @@ fn parse_cli() -> Cli {
 }
 
 fn main() {
+    copy_tuning::restart_with_vector_copies();
     let cli = parse_cli();
     init_logging();
     let threads = cli
