@@ -4,7 +4,12 @@
 //!
 //! - **the disk**: fio on a file in the kind of directory the replicas use,
 //!   `--ioengine=psync --rw=randwrite --bs=4k --fdatasync=1` — the rate at
-//!   which this disk makes 4 KiB writes durable one at a time;
+//!   which this disk makes 4 KiB writes durable one at a time. Twice: on a new file (fio's default: allocated, never written, so
+//!   each first write to a block makes the sync commit the filesystem's
+//!   journal) and on a laid-out one (`--overwrite=1`, written in full
+//!   first, as a database's files are), and the volume likewise: one
+//!   client on the new volume, then the volume written once in full and
+//!   every other row on it, each row set against the disk of its layout;
 //! - **the disk shared by three such writers at once**, each on its own
 //!   file, as a 3-replica volume's replicas share this one disk: the rate
 //!   of each writer is the most such a volume can make durable one write
@@ -112,14 +117,29 @@ fn fio(args: &[String], limit: Duration) -> Result<Run> {
     parse(&String::from_utf8_lossy(&out.stdout))
 }
 
+/// How the files written are laid out when the durable writes begin.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Never written: fio's default for a new file (allocated with
+    /// `fallocate`, so its extents are unwritten), a new volume's sparse
+    /// replica files. The first write to a block changes the filesystem's
+    /// metadata, and the sync that makes it durable commits the journal.
+    New,
+    /// Written in full first (fio `--overwrite=1`; the volume written once
+    /// sequentially), as a database's preallocated log and data files are:
+    /// a sync writes data and flushes the disk's cache, nothing else.
+    LaidOut,
+}
+
 /// `writers` fio writers on files of their own in `dir`, each making 4 KiB
 /// random writes durable one at a time (`psync`, `fdatasync` after each).
-fn disk_writers(dir: &Path, args: &DurableArgs, writers: u32) -> Result<Run> {
+fn disk_writers(dir: &Path, args: &DurableArgs, writers: u32, layout: Layout) -> Result<Run> {
     let sub = dir.join("disk-durable");
     std::fs::create_dir_all(&sub)?;
     let run = fio(
         &[
             "--name=disk".into(),
+            format!("--overwrite={}", u8::from(layout == Layout::LaidOut)),
             format!("--directory={}", sub.display()),
             format!("--numjobs={writers}"),
             "--ioengine=psync".into(),
@@ -137,8 +157,8 @@ fn disk_writers(dir: &Path, args: &DurableArgs, writers: u32) -> Result<Run> {
 }
 
 /// The disk's own durable rate: one such writer.
-fn disk(dir: &Path, args: &DurableArgs) -> Result<Run> {
-    disk_writers(dir, args, 1)
+fn disk(dir: &Path, args: &DurableArgs, layout: Layout) -> Result<Run> {
+    disk_writers(dir, args, 1, layout)
 }
 
 /// The disk shared by `writers` such writers at once, each on a file of
@@ -146,8 +166,8 @@ fn disk(dir: &Path, args: &DurableArgs) -> Result<Run> {
 /// each writer (the sum divided by `writers`) is the most a volume with
 /// that many replicas here can make durable one write at a time, each
 /// write waiting for every replica's sync.
-fn disk_shared(dir: &Path, args: &DurableArgs, writers: u32) -> Result<Run> {
-    disk_writers(dir, args, writers).map(|r| Run {
+fn disk_shared(dir: &Path, args: &DurableArgs, writers: u32, layout: Layout) -> Result<Run> {
+    disk_writers(dir, args, writers, layout).map(|r| Run {
         iops: r.iops / f64::from(writers),
         writes: r.writes / u64::from(writers),
         ..r
@@ -169,6 +189,30 @@ fn nbd(uri: &str, args: &DurableArgs, seconds: u64, extra: &[String]) -> Result<
     ];
     job.extend(extra.iter().cloned());
     fio(&job, Duration::from_secs(seconds + 300))
+}
+
+/// Writes every block of the volume once (1 MiB sequential writes, then a
+/// flush), so that later writes overwrite blocks the replicas' files hold.
+fn lay_out(uri: &str, args: &DurableArgs) -> Result<()> {
+    let job = [
+        "--name=layout".to_string(),
+        "--ioengine=nbd".into(),
+        format!("--uri={uri}"),
+        "--rw=write".into(),
+        "--bs=1m".into(),
+        "--iodepth=8".into(),
+        format!("--size={}m", args.size_mib),
+        "--end_fsync=1".into(),
+    ];
+    let run = fio(&job, Duration::from_secs(600))?;
+    if run.writes < args.size_mib {
+        bail!(
+            "laying out the volume wrote {} MiB of {}",
+            run.writes,
+            args.size_mib
+        );
+    }
+    Ok(())
 }
 
 /// `clients` clients at QD1, each with a flush after every write.
@@ -296,6 +340,9 @@ fn strace_calls(summary: &str, name: &str) -> u64 {
 /// What one build of corral did.
 struct System {
     name: String,
+    /// One client on the new volume, before it is laid out.
+    one_new: Run,
+    /// The rest on the laid-out volume.
     one: Run,
     many: Run,
     /// The same over iSCSI (SYNCHRONIZE CACHE after each write).
@@ -346,6 +393,8 @@ fn measure(name: &str, bin: &Path, args: &DurableArgs) -> Result<System> {
     let e = cluster.start_engine(&spec)?;
     let uri = cluster.engines[e].nbd_uri();
     let logs = |c: &Cluster| c.print_log_tails(60);
+    let one_new = durable(&uri, args, 1, args.seconds).inspect_err(|_| logs(&cluster))?;
+    lay_out(&uri, args).inspect_err(|_| logs(&cluster))?;
     let one = durable(&uri, args, 1, args.seconds).inspect_err(|_| logs(&cluster))?;
     let many = durable(&uri, args, args.clients, args.seconds).inspect_err(|_| logs(&cluster))?;
     let portal = cluster.engines[e].iscsi;
@@ -356,8 +405,14 @@ fn measure(name: &str, bin: &Path, args: &DurableArgs) -> Result<System> {
     let buffered =
         nbd(&uri, args, args.seconds, &["--iodepth=32".into()]).inspect_err(|_| logs(&cluster))?;
     eprintln!(
-        "durable: {name}: {:.0} / {:.0} durable writes/s (1 / {} clients), over iSCSI {:.0} / {:.0}; buffered {:.0} writes/s",
-        one.iops, many.iops, args.clients, iscsi_one.iops, iscsi_many.iops, buffered.iops
+        "durable: {name}: {:.0} durable writes/s on the new volume; laid out {:.0} / {:.0} (1 / {} clients), over iSCSI {:.0} / {:.0}; buffered {:.0} writes/s",
+        one_new.iops,
+        one.iops,
+        many.iops,
+        args.clients,
+        iscsi_one.iops,
+        iscsi_many.iops,
+        buffered.iops
     );
 
     // Syscalls of one replica daemon per durable write.
@@ -374,6 +429,7 @@ fn measure(name: &str, bin: &Path, args: &DurableArgs) -> Result<System> {
     cluster.stop_all()?;
     Ok(System {
         name: name.to_string(),
+        one_new,
         one,
         many,
         iscsi_one,
@@ -392,12 +448,14 @@ pub fn run(args: &DurableArgs) -> Result<()> {
     let current = corral_tests::corral_bin();
     // The disk's run, in the kind of directory the replicas use.
     let scratch = Cluster::new()?;
-    let base = disk(scratch.path(), args)?;
-    let shared = disk_shared(scratch.path(), args, REPLICAS)?;
+    let base_new = disk(scratch.path(), args, Layout::New)?;
+    let shared_new = disk_shared(scratch.path(), args, REPLICAS, Layout::New)?;
+    let base = disk(scratch.path(), args, Layout::LaidOut)?;
+    let shared = disk_shared(scratch.path(), args, REPLICAS, Layout::LaidOut)?;
     drop(scratch);
     eprintln!(
-        "durable: disk {:.0} durable writes/s, {:.0} per writer with {REPLICAS} at once",
-        base.iops, shared.iops
+        "durable: disk {:.0} durable writes/s on a new file ({:.0} per writer with {REPLICAS} at once), {:.0} laid out ({:.0})",
+        base_new.iops, shared_new.iops, base.iops, shared.iops
     );
     let mut systems = Vec::new();
     if let Some(before) = &args.before {
@@ -409,25 +467,56 @@ pub fn run(args: &DurableArgs) -> Result<()> {
         "### Durable 4 KiB random writes over NBD and iSCSI, {} s per row, {} MiB volume\n",
         args.seconds, args.size_mib
     );
+    println!(
+        "Each row against the disk's rate on files of the same layout: new (never written) or laid out (written in full first).\n"
+    );
     println!("| run | durable writes/s | % of disk | write p99 | flush p99 |");
     println!("| --- | ---: | ---: | ---: | ---: |");
-    let row = |name: &str, r: &Run| {
+    let row = |name: &str, r: &Run, disk: &Run| {
         println!(
             "| {name} | {:.0} | {:.0}% | {:.0} µs | {:.0} µs |",
             r.iops,
-            100.0 * r.iops / base.iops,
+            100.0 * r.iops / disk.iops,
             r.write_p99_us,
             r.sync_p99_us
         );
     };
-    row("disk: fio psync, fdatasync after each write", &base);
     row(
-        &format!("disk shared by {REPLICAS} such writers at once (one per replica): each writer"),
-        &shared,
+        "disk, new file: fio psync, fdatasync after each write",
+        &base_new,
+        &base_new,
+    );
+    row(
+        &format!(
+            "disk, new files, shared by {REPLICAS} such writers at once (one per replica): each writer"
+        ),
+        &shared_new,
+        &base_new,
     );
     for s in &systems {
+        row(
+            &format!("{}, new volume: 1 client, flush after each write", s.name),
+            &s.one_new,
+            &base_new,
+        );
+    }
+    row(
+        "disk, laid-out file (--overwrite=1): fio psync, fdatasync after each write",
+        &base,
+        &base,
+    );
+    row(
+        &format!("disk, laid-out files, shared by {REPLICAS} such writers at once: each writer"),
+        &shared,
+        &base,
+    );
+    let row = |name: &str, r: &Run| row(name, r, &base);
+    for s in &systems {
         let (n, c) = (&s.name, args.clients);
-        row(&format!("{n}: 1 client, flush after each write"), &s.one);
+        row(
+            &format!("{n}, laid-out volume: 1 client, flush after each write"),
+            &s.one,
+        );
         row(
             &format!("{n}: {c} clients, flush after each write"),
             &s.many,

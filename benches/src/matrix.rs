@@ -14,6 +14,12 @@
 //! each compared with its plain row. fio's nbd engine reaches TLS through
 //! libnbd, which takes its certificates from `$HOME/.pki/libnbd` when not
 //! run as root: those rows run fio as `nobody` with a HOME of the bench's.
+//!
+//! `--rounds N` (N above 1) measures only those TLS pairs, with all four
+//! systems up at once and each job run on the four one after the other in
+//! every round, and reports each round, the medians, each pair's ratio per
+//! round and the machine's steal time during each run: on a shared
+//! machine one run's ratio moves by 15 points or more.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -43,6 +49,17 @@ pub struct MatrixArgs {
     /// Leave out the TLS rows.
     #[arg(long)]
     no_tls: bool,
+    /// Only jobs whose name contains one of these (comma-separated), e.g.
+    /// `--jobs qd32`.
+    #[arg(long, value_delimiter = ',')]
+    jobs: Vec<String>,
+    /// Above 1: measure only the TLS pairs (serve-file and a 3-replica
+    /// volume, each with TLS and without), all four up at once, in this
+    /// many rounds; within a round each job runs on the four systems one
+    /// after the other, so a drift of the machine's speed falls on both
+    /// sides of a pair. Reports each round and the medians.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
 }
 
 struct Job {
@@ -157,6 +174,27 @@ struct Sample {
     /// The same, per serving process (for a volume: each replica daemon,
     /// then the engine).
     cpu_per_process: Vec<f64>,
+    /// Share of the machine's CPU time the hypervisor gave to others
+    /// during the job (`steal` in /proc/stat), in percent.
+    steal_pct: f64,
+}
+
+/// The machine's CPU time so far from /proc/stat: (steal, all), in ticks.
+fn machine_ticks() -> (u64, u64) {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return (0, 0);
+    };
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is in user).
+    let all = fields.iter().take(8).sum();
+    (fields.get(7).copied().unwrap_or(0), all)
 }
 
 /// CPU seconds (user + system) a process has used.
@@ -256,6 +294,7 @@ impl Runner {
     fn run(&self, target: &Target, job: &Job, pids: &[u32]) -> Result<Sample> {
         let (bin, args) = self.fio_args(target, job);
         let cpu_before: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
+        let ticks_before = machine_ticks();
         let out = run_bounded(
             Command::new(&bin).args(&args),
             Duration::from_secs(self.runtime + 120),
@@ -265,6 +304,9 @@ impl Runner {
             .zip(&cpu_before)
             .map(|(p, before)| cpu_seconds(*p) - before)
             .collect();
+        let ticks_after = machine_ticks();
+        let steal_pct = 100.0 * ticks_after.0.saturating_sub(ticks_before.0) as f64
+            / ticks_after.1.saturating_sub(ticks_before.1).max(1) as f64;
         let text = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             bail!(
@@ -301,6 +343,7 @@ impl Runner {
             } else {
                 Vec::new()
             },
+            steal_pct,
         })
     }
 }
@@ -424,8 +467,112 @@ fn iscsi_url(addr: std::net::SocketAddr, iqn: &str) -> String {
 
 type Results = Vec<(String, Vec<Sample>)>;
 
+/// The jobs `--jobs` selects.
+fn selected_jobs(args: &MatrixArgs) -> Vec<&'static Job> {
+    JOBS.iter()
+        .filter(|j| args.jobs.is_empty() || args.jobs.iter().any(|w| j.name.contains(w.as_str())))
+        .collect()
+}
+
+/// `corral serve-file` on a new file `file_name` in `dir`, over NBD or
+/// iSCSI; with `tls`, NBD that requires TLS.
+fn start_serve_file(
+    corral: &Path,
+    dir: &Path,
+    file_name: &str,
+    size_mib: u64,
+    nbd: bool,
+    tls: Option<&BenchTls>,
+) -> Result<(Daemon, Target, u32)> {
+    let file = preallocated(dir, file_name, size_mib)?;
+    let addr = free_addr();
+    let flag = if nbd { "--nbd" } else { "--iscsi" };
+    let mut command = Command::new(corral);
+    command.args([
+        "serve-file",
+        "--file",
+        &file.display().to_string(),
+        "--name",
+        "bench",
+        flag,
+        &addr.to_string(),
+    ]);
+    if let Some(tls) = tls {
+        command.args(tls.args()).args(["--nbd-tls", "require"]);
+    }
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let pid = child.id();
+    let daemon = Daemon(child);
+    wait_for_port(addr, Duration::from_secs(10))?;
+    let target = match (nbd, tls) {
+        (true, Some(tls)) => Target::NbdTls {
+            uri: format!("nbds://{addr}/bench"),
+            home: tls.home.path().to_path_buf(),
+        },
+        (true, None) => Target::Nbd(format!("nbd://{addr}/bench")),
+        (false, _) => Target::Iscsi(iscsi_url(addr, "iqn.2026-11.io.corral:bench")),
+    };
+    Ok((daemon, target, pid))
+}
+
+/// A volume of `replicas` replica daemons and an engine in `cluster`; with
+/// `tls`, mutual TLS on every hop and NBD that requires it. Returns the
+/// volume's name, its engine's index, and the pids whose CPU is counted
+/// (each replica daemon, then the engine).
+fn start_volume(
+    cluster: &mut Cluster,
+    size_mib: u64,
+    replicas: usize,
+    tls: Option<&BenchTls>,
+) -> Result<(String, usize, Vec<u32>)> {
+    cluster.tls = tls.map(BenchTls::args).unwrap_or_default();
+    let first = cluster.replicas.len();
+    // Three "nodes" share this machine: one I/O thread per daemon, as
+    // `corral dev` runs them.
+    for _ in 0..replicas {
+        cluster.start_replica_with(&["--io-threads", "1"])?;
+    }
+    let idx: Vec<usize> = (first..first + replicas).collect();
+    let volume = format!("bench{replicas}{}", if tls.is_some() { "tls" } else { "" });
+    // The engine's own default replica timeout, not the test fixture's
+    // short one: a replica whose writeback stalls for 3 s on this shared
+    // disk is slow, and the product would not fail it.
+    let mut spec =
+        EngineSpec::new(&volume, &format!("{size_mib}MiB"), &idx).set("--replica-timeout", "8s");
+    if tls.is_some() {
+        spec = spec.arg("--nbd-tls", "require");
+    }
+    let started = cluster.start_engine(&spec);
+    cluster.tls = Vec::new();
+    let e = started?;
+    let mut pids: Vec<u32> = idx
+        .iter()
+        .filter_map(|i| cluster.replicas[*i].process.pid())
+        .map(|p| p as u32)
+        .collect();
+    if let Some(p) = cluster.engines[e].process.pid() {
+        pids.push(p as u32);
+    }
+    Ok((volume, e, pids))
+}
+
+/// The NBD target of a volume [`start_volume`] started.
+fn volume_nbd(cluster: &Cluster, e: usize, volume: &str, tls: Option<&BenchTls>) -> Target {
+    match tls {
+        Some(tls) => Target::NbdTls {
+            uri: format!("nbds://{}/{volume}", cluster.engines[e].nbd),
+            home: tls.home.path().to_path_buf(),
+        },
+        None => Target::Nbd(cluster.engines[e].nbd_uri()),
+    }
+}
+
 fn measure(
     runner: &Runner,
+    jobs: &[&Job],
     name: &str,
     target: &Target,
     pids: &[u32],
@@ -434,7 +581,7 @@ fn measure(
     eprintln!("== {name}");
     runner.prefill(target)?;
     let mut samples = Vec::new();
-    for job in JOBS {
+    for job in jobs {
         // Start every job with no dirty page cache left by the one before
         // (or by another system's run): writeback of earlier data would
         // otherwise throttle whichever job happens to come next.
@@ -478,6 +625,13 @@ pub fn run(args: &MatrixArgs) -> Result<()> {
         size_mib,
         quick: args.quick,
     };
+    let jobs = selected_jobs(args);
+    if jobs.is_empty() {
+        bail!("--jobs selects none of the jobs");
+    }
+    if args.rounds > 1 {
+        return tls_rounds(&runner, &jobs, args.rounds);
+    }
     let wanted =
         |name: &str| args.only.is_empty() || args.only.iter().any(|o| name.contains(o.as_str()));
     let corral = corral_tests::corral_bin();
@@ -489,6 +643,7 @@ pub fn run(args: &MatrixArgs) -> Result<()> {
         let file = preallocated(&dir, "disk.img", size_mib)?;
         measure(
             &runner,
+            &jobs,
             "disk (fio on a file)",
             &Target::File(file.clone()),
             &[],
@@ -517,6 +672,7 @@ pub fn run(args: &MatrixArgs) -> Result<()> {
         wait_for_port(port, Duration::from_secs(10))?;
         measure(
             &runner,
+            &jobs,
             "nbdkit file (NBD)",
             &Target::Nbd(format!("nbd://{port}")),
             &[pid],
@@ -536,43 +692,20 @@ pub fn run(args: &MatrixArgs) -> Result<()> {
         if !wanted(label) || (with_tls && tls.is_none()) {
             continue;
         }
-        let file = preallocated(&dir, "serve.img", size_mib)?;
-        let addr = free_addr();
-        let flag = if nbd { "--nbd" } else { "--iscsi" };
-        let mut command = Command::new(&corral);
-        command.args([
-            "serve-file",
-            "--file",
-            &file.display().to_string(),
-            "--name",
-            "bench",
-            flag,
-            &addr.to_string(),
-        ]);
-        if let (true, Some(tls)) = (with_tls, &tls) {
-            command.args(tls.args()).args(["--nbd-tls", "require"]);
-        }
-        let child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let pid = child.id();
-        let _d = Daemon(child);
-        wait_for_port(addr, Duration::from_secs(10))?;
-        let target = match (nbd, &tls) {
-            (true, Some(tls)) if with_tls => Target::NbdTls {
-                uri: format!("nbds://{addr}/bench"),
-                home: tls.home.path().to_path_buf(),
-            },
-            (true, _) => Target::Nbd(format!("nbd://{addr}/bench")),
-            (false, _) => Target::Iscsi(iscsi_url(addr, "iqn.2026-11.io.corral:bench")),
-        };
-        measure(&runner, label, &target, &[pid], &mut results)?;
+        let (_d, target, pid) = start_serve_file(
+            &corral,
+            &dir,
+            "serve.img",
+            size_mib,
+            nbd,
+            tls.as_ref().filter(|_| with_tls),
+        )?;
+        measure(&runner, &jobs, label, &target, &[pid], &mut results)?;
     }
     if wanted("tgt") {
         let file = preallocated(&dir, "tgt.img", size_mib)?;
         let (_tgt, target, pid) = start_tgt(&file)?;
-        measure(&runner, "tgt (iSCSI)", &target, &[pid], &mut results)?;
+        measure(&runner, &jobs, "tgt (iSCSI)", &target, &[pid], &mut results)?;
     }
     for (replicas, with_tls) in [(1usize, false), (3, false), (3, true)] {
         let what = if with_tls { ", TLS on every hop" } else { "" };
@@ -582,44 +715,11 @@ pub fn run(args: &MatrixArgs) -> Result<()> {
         if (!wanted(&nbd_label) && !iscsi_wanted) || (with_tls && tls.is_none()) {
             continue;
         }
-        cluster.tls = match (&tls, with_tls) {
-            (Some(tls), true) => tls.args(),
-            _ => Vec::new(),
-        };
-        let first = cluster.replicas.len();
-        // Three "nodes" share this machine: one I/O thread per daemon, as
-        // `corral dev` runs them.
-        for _ in 0..replicas {
-            cluster.start_replica_with(&["--io-threads", "1"])?;
-        }
-        let idx: Vec<usize> = (first..first + replicas).collect();
-        let volume = format!("bench{replicas}{}", if with_tls { "tls" } else { "" });
-        // The engine's own default replica timeout, not the test fixture's
-        // short one: a replica whose writeback stalls for 3 s on this shared
-        // disk is slow, and the product would not fail it.
-        let mut spec = EngineSpec::new(&volume, &format!("{size_mib}MiB"), &idx)
-            .set("--replica-timeout", "8s");
-        if with_tls {
-            spec = spec.arg("--nbd-tls", "require");
-        }
-        let e = cluster.start_engine(&spec)?;
-        let mut pids: Vec<u32> = idx
-            .iter()
-            .filter_map(|i| cluster.replicas[*i].process.pid())
-            .map(|p| p as u32)
-            .collect();
-        if let Some(p) = cluster.engines[e].process.pid() {
-            pids.push(p as u32);
-        }
+        let vtls = tls.as_ref().filter(|_| with_tls);
+        let (volume, e, pids) = start_volume(&mut cluster, size_mib, replicas, vtls)?;
         if wanted(&nbd_label) {
-            let t = match (&tls, with_tls) {
-                (Some(tls), true) => Target::NbdTls {
-                    uri: format!("nbds://{}/{volume}", cluster.engines[e].nbd),
-                    home: tls.home.path().to_path_buf(),
-                },
-                _ => Target::Nbd(cluster.engines[e].nbd_uri()),
-            };
-            measure(&runner, &nbd_label, &t, &pids, &mut results)
+            let t = volume_nbd(&cluster, e, &volume, vtls);
+            measure(&runner, &jobs, &nbd_label, &t, &pids, &mut results)
                 .inspect_err(|_| cluster.print_log_tails(60))?;
         }
         if iscsi_wanted {
@@ -627,13 +727,12 @@ pub fn run(args: &MatrixArgs) -> Result<()> {
                 cluster.engines[e].iscsi,
                 &format!("iqn.2026-11.io.corral:{volume}"),
             ));
-            measure(&runner, &iscsi_label, &t, &pids, &mut results)
+            measure(&runner, &jobs, &iscsi_label, &t, &pids, &mut results)
                 .inspect_err(|_| cluster.print_log_tails(60))?;
         }
     }
-    cluster.tls = Vec::new();
     cluster.stop_all()?;
-    print_tables(&results, runtime, size_mib);
+    print_tables(&results, &jobs, runtime, size_mib);
     Ok(())
 }
 
@@ -659,11 +758,11 @@ fn baseline(name: &str) -> Option<&'static str> {
     })
 }
 
-fn print_tables(results: &Results, runtime: u64, size_mib: u64) {
+fn print_tables(results: &Results, jobs: &[&Job], runtime: u64, size_mib: u64) {
     println!(
         "Each job: {runtime} s on a {size_mib} MiB file or volume, after a full sequential prefill and a sync().\n"
     );
-    for (j, job) in JOBS.iter().enumerate() {
+    for (j, job) in jobs.iter().enumerate() {
         println!("### {}\n", job.name);
         println!(
             "| system | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | CPU s/GiB | of which replicas + engine | vs | ratio |"
@@ -681,19 +780,160 @@ fn print_tables(results: &Results, runtime: u64, size_mib: u64) {
                 }
                 _ => ("".to_string(), "".to_string()),
             };
-            // Volumes list each replica daemon, then the engine.
-            let split = match s.cpu_per_process.split_last() {
-                Some((engine, replicas)) if !replicas.is_empty() => {
-                    let r: Vec<String> = replicas.iter().map(|c| format!("{c:.1}")).collect();
-                    format!("{} + {engine:.1}", r.join(" / "))
-                }
-                _ => String::new(),
-            };
+            let split = process_split(&s.cpu_per_process);
             println!(
                 "| {name} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {cpu} | {split} | {vs} | {ratio} |",
                 s.iops, s.mib_s, s.p50_us, s.p99_us, s.p999_us
             );
         }
         println!();
+    }
+}
+
+/// The TLS pairs in rounds (`--rounds`): serve-file over NBD and a
+/// 3-replica volume, each with TLS and without, all up at once.
+fn tls_rounds(runner: &Runner, jobs: &[&Job], rounds: u32) -> Result<()> {
+    let corral = corral_tests::corral_bin();
+    let tls = BenchTls::new()?;
+    let mut cluster = Cluster::new()?;
+    let dir = cluster.path().to_path_buf();
+    let size_mib = runner.size_mib;
+    let (_plain_file, plain_file, plain_file_pid) =
+        start_serve_file(&corral, &dir, "serve.img", size_mib, true, None)?;
+    let (_tls_file, tls_file, tls_file_pid) =
+        start_serve_file(&corral, &dir, "serve-tls.img", size_mib, true, Some(&tls))?;
+    let (volume, e, plain_pids) = start_volume(&mut cluster, size_mib, 3, None)?;
+    let plain_volume = volume_nbd(&cluster, e, &volume, None);
+    let (volume, e, tls_pids) = start_volume(&mut cluster, size_mib, 3, Some(&tls))?;
+    let tls_volume = volume_nbd(&cluster, e, &volume, Some(&tls));
+    let systems: [(&str, Target, Vec<u32>); 4] = [
+        ("corral serve-file (NBD)", plain_file, vec![plain_file_pid]),
+        ("corral serve-file, TLS (NBD)", tls_file, vec![tls_file_pid]),
+        (
+            "corral volume, 3 replica(s) (NBD)",
+            plain_volume,
+            plain_pids,
+        ),
+        (
+            "corral volume, 3 replica(s), TLS on every hop (NBD)",
+            tls_volume,
+            tls_pids,
+        ),
+    ];
+    for (name, target, _) in &systems {
+        eprintln!("== prefill {name}");
+        runner
+            .prefill(target)
+            .inspect_err(|_| cluster.print_log_tails(60))?;
+    }
+    // samples[system][job][round]
+    let mut samples = vec![vec![Vec::new(); jobs.len()]; systems.len()];
+    for round in 1..=rounds {
+        for (j, job) in jobs.iter().enumerate() {
+            for (k, (name, target, pids)) in systems.iter().enumerate() {
+                // SAFETY: sync() takes no arguments and cannot fail.
+                unsafe { libc::sync() };
+                let s = runner
+                    .run(target, job, pids)
+                    .inspect_err(|_| cluster.print_log_tails(60))?;
+                eprintln!(
+                    "   round {round} {:<18} {name:<52} {:>9.0} IOPS, {:.1} CPU s/GiB, steal {:.1}%",
+                    job.name,
+                    s.iops,
+                    s.cpu_s_per_gib.unwrap_or(f64::NAN),
+                    s.steal_pct
+                );
+                samples[k][j].push(s);
+            }
+        }
+    }
+    cluster.stop_all()?;
+    println!(
+        "Each job: {} s on a {size_mib} MiB file or volume per round, {rounds} rounds; in each round every job ran on the four systems one after the other.\n",
+        runner.runtime
+    );
+    for (j, job) in jobs.iter().enumerate() {
+        println!("### {}\n", job.name);
+        let heads: Vec<String> = (1..=rounds).map(|r| format!("round {r}")).collect();
+        println!(
+            "| system | {} | median IOPS | median CPU s/GiB | of which replicas + engine |",
+            heads.join(" | ")
+        );
+        println!("|---|{}---:|---:|---|", "---:|".repeat(rounds as usize));
+        for (k, (name, _, _)) in systems.iter().enumerate() {
+            let iops: Vec<f64> = samples[k][j].iter().map(|s| s.iops).collect();
+            let cpu: Vec<f64> = samples[k][j]
+                .iter()
+                .map(|s| s.cpu_s_per_gib.unwrap_or(f64::NAN))
+                .collect();
+            let cells: Vec<String> = samples[k][j]
+                .iter()
+                .map(|s| format!("{:.0} (steal {:.0}%)", s.iops, s.steal_pct))
+                .collect();
+            // Each process's median (replica daemons, then the engine).
+            let processes = samples[k][j].first().map_or(0, |s| s.cpu_per_process.len());
+            let each: Vec<f64> = (0..processes)
+                .map(|p| {
+                    let v: Vec<f64> = samples[k][j]
+                        .iter()
+                        .filter_map(|s| s.cpu_per_process.get(p).copied())
+                        .collect();
+                    median(&v)
+                })
+                .collect();
+            let split = process_split(&each);
+            println!(
+                "| {name} | {} | {:.0} | {:.2} | {split} |",
+                cells.join(" | "),
+                median(&iops),
+                median(&cpu)
+            );
+        }
+        println!(
+            "\n| TLS against plain | {} | median of the rounds' ratios |",
+            heads.join(" | ")
+        );
+        println!("|---|{}---:|", "---:|".repeat(rounds as usize));
+        for (what, plain, with) in [
+            ("serve-file (IOPS)", 0, 1),
+            ("3-replica volume (IOPS)", 2, 3),
+        ] {
+            let ratios: Vec<f64> = samples[with][j]
+                .iter()
+                .zip(&samples[plain][j])
+                .map(|(t, p)| if p.iops > 0.0 { t.iops / p.iops } else { 0.0 })
+                .collect();
+            let cells: Vec<String> = ratios.iter().map(|r| format!("{r:.2}×")).collect();
+            println!(
+                "| {what} | {} | {:.2}× |",
+                cells.join(" | "),
+                median(&ratios)
+            );
+        }
+        println!();
+    }
+    Ok(())
+}
+
+/// CPU per process as "replica / replica / replica + engine" (a volume's
+/// pids list each replica daemon, then the engine); empty for one process.
+fn process_split(cpu: &[f64]) -> String {
+    match cpu.split_last() {
+        Some((engine, replicas)) if !replicas.is_empty() => {
+            let r: Vec<String> = replicas.iter().map(|c| format!("{c:.1}")).collect();
+            format!("{} + {engine:.1}", r.join(" / "))
+        }
+        _ => String::new(),
+    }
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
     }
 }
