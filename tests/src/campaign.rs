@@ -351,17 +351,33 @@ fn heal(cluster: &mut Cluster, injector: &mut Injector) -> Result<()> {
         cluster.engines[e].process.start()?;
     }
     cluster.wait_engine_ready(e, Duration::from_secs(180))?;
-    cluster
-        .wait_until(
-            Duration::from_secs(180),
-            "every replica RW after healing",
-            |c| {
-                c.volume_info(e).is_ok_and(|i| {
+    // An engine that raced this one may have opened at a higher epoch just
+    // before it was killed above, and this one learns that it is fenced
+    // only at its next request to a replica that engine reached: reopen
+    // it (a new, higher epoch) whenever it says so, as an orchestrator
+    // would. Each such reopen needs another racing engine to have fenced
+    // it, and they are all gone: a few reopens are plenty.
+    let mut reopens = 0;
+    let waited = crate::poll(
+        Duration::from_secs(180),
+        "every replica RW after healing",
+        || {
+            let info = cluster.volume_info(e);
+            if reopens < 3 && info.as_ref().is_ok_and(|i| i["state"] == "fenced") {
+                reopens += 1;
+                cluster.engines[e].process.kill9()?;
+                cluster.engines[e].process.start()?;
+                cluster.wait_engine_ready(e, Duration::from_secs(180))?;
+                return Ok(None);
+            }
+            Ok(info
+                .is_ok_and(|i| {
                     i["replicas_rw"] == REPLICAS as u64 && i["replicas_total"] == REPLICAS as u64
                 })
-            },
-        )
-        .with_context(|| format!("replicas: {:?}", cluster.replica_ls(e)))
+                .then_some(()))
+        },
+    );
+    waited.with_context(|| format!("replicas: {:?}", cluster.replica_ls(e)))
 }
 
 /// SIGCONT to engine `e` if it is running.
