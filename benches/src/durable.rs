@@ -4,12 +4,13 @@
 //!
 //! - **the disk**: fio on a file in the kind of directory the replicas use,
 //!   `--ioengine=psync --rw=randwrite --bs=4k --fdatasync=1` — the rate at
-//!   which this disk makes 4 KiB writes durable one at a time. Twice: on a new file (fio's default: allocated, never written, so
-//!   each first write to a block makes the sync commit the filesystem's
-//!   journal) and on a laid-out one (`--overwrite=1`, written in full
-//!   first, as a database's files are), and the volume likewise: one
-//!   client on the new volume, then the volume written once in full and
-//!   every other row on it, each row set against the disk of its layout;
+//!   which this disk makes 4 KiB writes durable one at a time. Twice: on
+//!   a new file (fio's default: allocated, never written, so each first
+//!   write to a block makes the sync commit the filesystem's journal) and
+//!   on a laid-out one (`--overwrite=1`, written in full first, as a
+//!   database's files are); the volume likewise: one client on the new
+//!   volume, then the volume written once in full and every other row on
+//!   it, each row set against the disk of its layout;
 //! - **the disk shared by three such writers at once**, each on its own
 //!   file, as a 3-replica volume's replicas share this one disk: the rate
 //!   of each writer is the most such a volume can make durable one write
