@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks (not tests): builds release binaries and runs corral-bench.
 #   scripts/bench.sh fio [--runtime 15 --size-mib 1024 | --quick]   # the fio matrix with baselines
+#   scripts/bench.sh fio --rounds 5 [--jobs qd32]                  # only the TLS pairs, interleaved rounds, medians
 #   scripts/bench.sh rebuild [--size 4GiB --written 3g ...]        # rebuild throughput
 #   scripts/bench.sh memory                                         # idle RSS with a 1 TiB volume
 #   scripts/bench.sh csi [--runs 10]                                # create→mounted, node loss→mounted (root)
