@@ -155,7 +155,8 @@ impl ReplicaData for DataService {
                         }
                         tokio::spawn(async move {
                             let replies = tokio::task::spawn_blocking(move || {
-                                execute_batch(&replica, session, flush_batch, &m)
+                                // A batch of one flush holds no FUA write.
+                                execute_batch(&replica, session, flush_batch, &m).0
                             })
                             .await;
                             let sent = match replies {
@@ -184,6 +185,10 @@ impl ReplicaData for DataService {
 
 /// Execute `batch` (inline when it is page-cache work only, else on the
 /// blocking pool) and send its replies; false when the stream must end.
+/// The replies of its FUA writes follow once a sync has made them durable,
+/// sent from the blocking task that ran the batch: like a flush, that sync
+/// does not hold up the requests after it, and the FUA writes of batches
+/// that arrive meanwhile share it or the next one.
 async fn run_batch(
     hosted: &Arc<HostedReplica>,
     session: u64,
@@ -196,15 +201,30 @@ async fn run_batch(
         Inline::Rest(mut done, rest) => {
             let replica = Arc::clone(hosted);
             let m = metrics.clone();
-            tokio::task::spawn_blocking(move || execute_batch(&replica, session, rest, &m))
+            let fua_tx = tx.clone();
+            let (executed_tx, executed) = tokio::sync::oneshot::channel();
+            // One blocking task: the batch, then (the stream going on
+            // meanwhile) its FUA writes' sync.
+            tokio::task::spawn_blocking(move || {
+                let (rest, fua) = execute_batch(&replica, session, rest, &m);
+                let _ = executed_tx.send(rest);
+                if !fua.is_empty() {
+                    let replies = fua.settle(&replica.store, &m);
+                    let _ = fua_tx.blocking_send(Ok(DataReplyBatch { replies }));
+                }
+            });
+            executed
                 .await
                 .map(|rest| {
                     done.replies.extend(rest.replies);
                     done
                 })
+                .map_err(|_| "the batch's task ended without its replies")
         }
     };
     match replies {
+        // Only FUA writes: their replies come after the sync.
+        Ok(r) if r.replies.is_empty() => !tx.is_closed(),
         Ok(r) => tx.send(Ok(r)).await.is_ok(),
         Err(e) => {
             warn!(volume = %hosted.volume, error = %e, "batch execution failed");
@@ -291,9 +311,21 @@ fn execute_inline(
         Err(TryLockError::Poisoned(p)) => p.into_inner(),
         Err(TryLockError::WouldBlock) => return Inline::Rest(none(), batch),
     };
-    let (done, rest) = replica
-        .inline_io
-        .run(|| execute_at(replica, *open, session, batch, metrics, Reads::CachedOnly));
+    let (done, rest) = replica.inline_io.run(|| {
+        // No FUA write runs inline (it is not light work).
+        let mut fua = FuaWrites::default();
+        let (mut done, rest) = execute_at(
+            replica,
+            *open,
+            session,
+            batch,
+            metrics,
+            Reads::CachedOnly,
+            &mut fua,
+        );
+        done.replies.extend(fua.settle(&replica.store, metrics));
+        (done, rest)
+    });
     match rest {
         Some(rest) => Inline::Rest(done, rest),
         None => Inline::Done(done),
@@ -315,8 +347,9 @@ pub fn execute_stream_batch(
     match execute_inline(replica, session, batch, metrics) {
         Inline::Done(replies) => replies,
         Inline::Rest(mut done, rest) => {
-            let rest = execute_batch(replica, session, rest, metrics);
+            let (rest, fua) = execute_batch(replica, session, rest, metrics);
             done.replies.extend(rest.replies);
+            done.replies.extend(fua.settle(&replica.store, metrics));
             done
         }
     }
@@ -329,10 +362,19 @@ fn execute_batch(
     session: u64,
     batch: DataRequestBatch,
     metrics: &ReplicaMetrics,
-) -> DataReplyBatch {
+) -> (DataReplyBatch, FuaWrites) {
     let open = replica.open_state.read().unwrap_or_else(|p| p.into_inner());
-    let (replies, _) = execute_at(replica, *open, session, batch, metrics, Reads::MayWait);
-    replies
+    let mut fua = FuaWrites::default();
+    let (replies, _) = execute_at(
+        replica,
+        *open,
+        session,
+        batch,
+        metrics,
+        Reads::MayWait,
+        &mut fua,
+    );
+    (replies, fua)
 }
 
 /// How [`execute_at`] reads.
@@ -349,6 +391,8 @@ enum Reads {
 /// stream of open session `session` (the caller holds the epoch gate).
 /// With [`Reads::CachedOnly`], the first read that misses the page cache
 /// ends it: the replies so far, and that read with every request after it.
+/// A FUA write is written in its place and its reply held back in `fua`:
+/// the caller makes them all durable with one sync ([`FuaWrites`]).
 fn execute_at(
     replica: &HostedReplica,
     open: OpenState,
@@ -356,6 +400,7 @@ fn execute_at(
     batch: DataRequestBatch,
     metrics: &ReplicaMetrics,
     reads: Reads,
+    fua: &mut FuaWrites,
 ) -> (DataReplyBatch, Option<DataRequestBatch>) {
     replica
         .batches
@@ -410,6 +455,15 @@ fn execute_at(
                     Err(e) => store_error_reply(req.id, e),
                 }
             }
+            (Some(data_request::Op::Write(w)), _) if w.fua && !w.fill => {
+                match replica.store.write_sent(w.offset, &w.data, w.crc32c, false) {
+                    Ok(()) => {
+                        fua.written(req.id, bytes, started);
+                        continue;
+                    }
+                    Err(e) => store_error_reply(req.id, e),
+                }
+            }
             _ => execute(replica, req),
         };
         let result = match &reply.result {
@@ -420,6 +474,60 @@ fn execute_at(
         replies.push(reply);
     }
     (DataReplyBatch { replies }, None)
+}
+
+/// FUA writes written and not yet synced: they are answered only once
+/// [`FuaWrites::settle`] has made them durable, with one sync for all of
+/// them (an engine whose clients flush after every write sends its writes
+/// FUA, decision 76).
+#[derive(Default)]
+pub(crate) struct FuaWrites {
+    /// (request id, payload bytes, when it began)
+    written: Vec<(u64, u64, Instant)>,
+}
+
+impl FuaWrites {
+    fn written(&mut self, id: u64, bytes: u64, started: Instant) {
+        self.written.push((id, bytes, started));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.written.is_empty()
+    }
+
+    /// Sync once for every write noted: their replies, each done, or the
+    /// sync's error.
+    fn settle(
+        self,
+        store: &corral_store::ReplicaStore,
+        metrics: &ReplicaMetrics,
+    ) -> Vec<DataReply> {
+        if self.written.is_empty() {
+            return Vec::new();
+        }
+        let failed = store
+            .make_writes_durable()
+            .err()
+            .map(|e| store_error_reply(0, e));
+        self.written
+            .into_iter()
+            .map(|(id, bytes, started)| {
+                let reply = match &failed {
+                    None => done(id),
+                    Some(failure) => DataReply {
+                        id,
+                        ..failure.clone()
+                    },
+                };
+                let result = match &reply.result {
+                    Some(data_reply::Result::Error(e)) => error_name(e.code),
+                    _ => "ok",
+                };
+                metrics.record("write", result, bytes, started);
+                reply
+            })
+            .collect()
+    }
 }
 
 /// A read's reply, with the CRC32C of its data.
@@ -576,21 +684,28 @@ mod tests {
         }
     }
 
+    /// A new 64-block replica named `volume` under `dir`, open at EPOCH:
+    /// it and its open session.
+    fn open_replica(dir: &std::path::Path, volume: &str) -> (Arc<HostedReplica>, u64) {
+        let registry = ReplicaRegistry::open(dir).unwrap();
+        let replica = registry
+            .create(CreateParams {
+                volume: volume.into(),
+                size: 64 * BLOCK,
+                block_size: 512,
+                chunk_size: 16 * BLOCK as u32,
+                instance_id: format!("{volume}-1"),
+            })
+            .unwrap();
+        let session = replica.open_at(Epoch(EPOCH), 0).unwrap();
+        (replica, session)
+    }
+
     /// One run of the story below on a new replica; true when the gate
     /// was still open at the end.
     fn miss_then_rest_of_batch_on_the_pool() -> bool {
         let tmp = tempfile::tempdir().unwrap();
-        let registry = ReplicaRegistry::open(tmp.path()).unwrap();
-        let replica = registry
-            .create(CreateParams {
-                volume: "inline".into(),
-                size: 64 * BLOCK,
-                block_size: 512,
-                chunk_size: 16 * BLOCK as u32,
-                instance_id: "inline-1".into(),
-            })
-            .unwrap();
-        let session = replica.open_at(Epoch(EPOCH), 0).unwrap();
+        let (replica, session) = open_replica(tmp.path(), "inline");
         for b in [0u8, 1, 2, 3, 40] {
             replica
                 .store
@@ -631,6 +746,64 @@ mod tests {
         // The write ran once, before the read after it.
         assert_eq!(read_data(&replies[3]), [0xabu8; BLOCK as usize]);
         replica.inline_io.allows(BLOCK as usize)
+    }
+
+    #[test]
+    fn the_fua_writes_of_a_batch_share_one_sync() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (replica, session) = open_replica(tmp.path(), "fua");
+        let write = |b: u8, fua: bool| {
+            let data = Bytes::from(vec![b; BLOCK as usize]);
+            data_request::Op::Write(WriteOp {
+                offset: u64::from(b) * BLOCK,
+                crc32c: crc32c::crc32c(&data),
+                data,
+                fua,
+                ..Default::default()
+            })
+        };
+        // A bad payload among them fails alone.
+        let mut bad = write(9, true);
+        if let data_request::Op::Write(w) = &mut bad {
+            w.crc32c ^= 1;
+        }
+        let batch = DataRequestBatch {
+            requests: vec![
+                req(1, write(1, true)),
+                req(2, write(2, false)),
+                req(3, write(3, true)),
+                req(4, bad),
+                req(5, read_op(3 * BLOCK)),
+                req(6, write(6, true)),
+            ],
+        };
+        let before = replica.store.data_syncs();
+        let metrics = ReplicaMetrics::default();
+        let replies = execute_stream_batch(&replica, session, batch, &metrics).replies;
+        assert_eq!(replica.store.data_syncs() - before, 1);
+        // The FUA writes are answered last, once synced.
+        let ids: Vec<u64> = replies.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [2, 4, 5, 1, 3, 6]);
+        for i in [0, 3, 4, 5] {
+            assert!(
+                matches!(replies[i].result, Some(data_reply::Result::Done(_))),
+                "{:?}",
+                replies[i]
+            );
+        }
+        assert!(matches!(
+            &replies[1].result,
+            Some(data_reply::Result::Error(e)) if e.code == DataErrorCode::BadPayload as i32
+        ));
+        // The read after a FUA write sees it.
+        assert_eq!(read_data(&replies[2]), [3u8; BLOCK as usize]);
+        // A batch without a FUA write syncs nothing.
+        let batch = DataRequestBatch {
+            requests: vec![req(7, write(7, false))],
+        };
+        let before = replica.store.data_syncs();
+        execute_stream_batch(&replica, session, batch, &metrics);
+        assert_eq!(replica.store.data_syncs(), before);
     }
 
     #[test]

@@ -92,6 +92,8 @@ pub struct ReplicaStore {
     /// Data syncs asked for so far, and the last ticket a completed sync covered.
     syncs_asked: AtomicU64,
     synced: Mutex<u64>,
+    /// `fdatasync`s of a data file made by [`ReplicaStore::sync_data_grouped`].
+    data_syncs: AtomicU64,
     recovered: Vec<u64>,
     /// Data-file ranges that fills wrote since the last flush: dropped from
     /// the page cache once a flush has made them durable (decision 65).
@@ -363,6 +365,7 @@ impl ReplicaStore {
             intent: WriteIntent::new(region_shift, &recovered),
             syncs_asked: AtomicU64::new(0),
             synced: Mutex::new(0),
+            data_syncs: AtomicU64::new(0),
             filled: Mutex::new(FilledRanges::default()),
             recovered,
         })
@@ -810,12 +813,21 @@ impl ReplicaStore {
     /// What makes a FUA write of `len` bytes that has just been written durable.
     fn make_fua_durable(&self, len: usize) -> Result<()> {
         if len > 0 {
-            self.sync_data_grouped()?;
-            // Durable once the chain naming the head it went to is (a
-            // snapshot may have switched heads before or after it).
-            self.check_layer_commit()?;
+            self.make_writes_durable()?;
         }
         Ok(())
+    }
+
+    /// Makes every write that completed before this call durable, as a FUA
+    /// write is: one `fdatasync` of the data file, shared with the syncs
+    /// under way (group commit). Unlike [`ReplicaStore::flush`] it clears
+    /// no dirty regions. What a batch of FUA writes calls once after
+    /// writing them all.
+    pub fn make_writes_durable(&self) -> Result<()> {
+        self.sync_data_grouped()?;
+        // Durable once the chain naming the head it went to is (a
+        // snapshot may have switched heads before or after it).
+        self.check_layer_commit()
     }
 
     /// `fdatasync` of the head's data file, shared (group commit): a caller that finds a
@@ -832,8 +844,15 @@ impl ReplicaStore {
         // is waited for by the caller (`check_layer_commit`).
         let head = self.chain().head().layer.try_clone()?;
         head.sync_data_file()?;
+        self.data_syncs.fetch_add(1, Ordering::Relaxed);
         *synced = covers;
         Ok(())
+    }
+
+    /// `fdatasync`s of the data file that flushes and FUA writes have made
+    /// so far (shared syncs counted once).
+    pub fn data_syncs(&self) -> u64 {
+        self.data_syncs.load(Ordering::Relaxed)
     }
 
     fn write_impl(
