@@ -90,6 +90,9 @@ pub struct EngineConfig {
     pub restore: Option<RestoreSource>,
     /// S3 keys for backups (a KEY=VALUE file); None: the environment.
     pub s3_credentials: Option<std::path::PathBuf>,
+    /// Send a client's write FUA when its flushes follow each write, and
+    /// answer those flushes without a round (decision 76).
+    pub write_through: bool,
 }
 
 /// Parse `--local-replica`'s `ADDR=PATH`: a replica daemon's address and
@@ -151,6 +154,7 @@ impl EngineConfig {
             clone: None,
             restore: None,
             s3_credentials: None,
+            write_through: true,
         }
     }
 }

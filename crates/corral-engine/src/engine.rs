@@ -303,7 +303,7 @@ async fn run(
         let _ = filler.await;
     }
     // Make everything acknowledged durable before leaving.
-    if let Err(e) = volume.flush().await {
+    if let Err(e) = volume.flush_replicas().await {
         warn!(error = %e, "final flush failed");
     }
     volume.replica_set().shutdown();

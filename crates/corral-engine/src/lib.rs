@@ -19,6 +19,7 @@
 //!   tested rule by rule), fencing, resync;
 //! - [`volume`]: the data path (fan-out writes, failover and repair on
 //!   read, flush, verify); [`locks`]: per-chunk ordering with copiers;
+//!   [`write_through`]: when a write goes FUA and a flush needs no round;
 //! - [`rebuild`]: the copier that brings a WO replica up to date;
 //!   [`chain_sync`]: the snapshots a returning replica missed, replayed
 //!   before it joins;
@@ -44,6 +45,7 @@ pub mod rebuild;
 pub mod replica_set;
 pub mod supervisor;
 pub mod volume;
+pub mod write_through;
 
 pub use config::{CloneSource, EngineConfig, RestoreSource, WritePolicy};
 

@@ -71,6 +71,7 @@ pub struct EngineMetrics {
     fenced: Gauge,
     failures: Gauge,
     repaired: Gauge,
+    flushes_without_round: Gauge,
 }
 
 impl EngineMetrics {
@@ -91,6 +92,7 @@ impl EngineMetrics {
             fenced: Gauge::default(),
             failures: Gauge::default(),
             repaired: Gauge::default(),
+            flushes_without_round: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("corral_engine");
         r.register(
@@ -134,6 +136,11 @@ impl EngineMetrics {
             "repaired_blocks",
             "Blocks rewritten by repair on read",
             m.repaired.clone(),
+        );
+        r.register(
+            "flushes_without_round",
+            "Frontend flushes answered without a round to the replicas (every write before them was durable already, decision 76)",
+            m.flushes_without_round.clone(),
         );
         r.register(
             "rebuild_total_bytes",
@@ -194,6 +201,8 @@ impl EngineMetrics {
         self.fenced.set(i64::from(set.is_fenced()));
         self.failures.set(set.failures() as i64);
         self.repaired.set(volume.repaired_blocks() as i64);
+        self.flushes_without_round
+            .set(volume.flushes_without_round() as i64);
     }
 
     fn record(&self, op: IoOp, bytes: u64, started: Instant, ok: bool) {

@@ -514,6 +514,7 @@ pub async fn open_volume(
         "volume open"
     );
     let volume = Arc::new(Volume::new(cfg.volume.clone(), cfg.block_size, chunks, set));
+    volume.set_write_through(cfg.write_through);
     if let Some(fill) = clone {
         volume.set_clone_fill(fill);
     }

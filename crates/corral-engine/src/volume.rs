@@ -9,7 +9,9 @@
 //! - reads go to one RW replica per piece, round robin, failing over to the
 //!   next on error; a block that fails its checksum on one replica is read
 //!   from another and rewritten on the bad one (repair on read);
-//! - flush (and FUA) reach stable storage on every RW replica;
+//! - flush (and FUA) reach stable storage on every RW replica; a client
+//!   that flushes after each write has its writes sent FUA and its flushes
+//!   answered without a round ([`crate::write_through`], decision 76);
 //! - [`Volume::verify`] compares the RW replicas chunk by chunk by checksum.
 
 use std::sync::Arc;
@@ -27,6 +29,7 @@ use crate::clone::CloneFill;
 use crate::error::ReplicaIoError;
 use crate::locks::ChunkLocks;
 use crate::replica_set::{ReplicaSet, SlotId};
+use crate::write_through::{PendingWrite, WriteThrough};
 
 /// The unit of the replicas' checksums, and of a repair.
 const BLOCK: u64 = corral_proto::CHECKSUM_BLOCK;
@@ -51,6 +54,8 @@ pub struct Volume {
     flushes_asked: AtomicU64,
     /// One flush round at a time (group commit): the last round's reach and outcome.
     flush_round: tokio::sync::Mutex<FlushRound>,
+    /// Whether writes go FUA and flushes need a round (decision 76).
+    write_through: WriteThrough,
     /// Wakes the supervisor (a replica was added, or failed).
     pub wake: tokio::sync::Notify,
     /// Set when the volume is a clone (see [`crate::clone`]).
@@ -84,9 +89,35 @@ impl Drop for InFlight<'_> {
 }
 
 impl Volume {
-    /// Flush every RW replica (what a frontend's FLUSH does).
+    /// Flush every RW replica: always a round (the idle flusher's, a
+    /// clone's progress, an engine's last; replicas clear write-intent
+    /// bits only at these).
     pub async fn flush_replicas(&self) -> BlockResult<()> {
         self.flush_grouped().await
+    }
+
+    /// A frontend's FLUSH (or empty FUA write): a round, unless every write
+    /// finished so far is durable on every replica already (decision 76).
+    async fn flush_frontend(&self) -> BlockResult<()> {
+        let flush = self.write_through.flush_begins();
+        if flush.needs_round || self.clone_filling().is_some() {
+            return self.flush_grouped().await;
+        }
+        self.set.check_writable()?;
+        // As after a round: an ERR member took no part in making these
+        // writes durable.
+        self.set.note_flushed();
+        Ok(())
+    }
+
+    /// Turn write-through (decision 76) on or off.
+    pub fn set_write_through(&self, enabled: bool) {
+        self.write_through.set_enabled(enabled);
+    }
+
+    /// Frontend flushes answered without a round to the replicas.
+    pub fn flushes_without_round(&self) -> u64 {
+        self.write_through.flushes_answered_without_round()
     }
 
     /// Group commit: flushes asked for while a round is under way share the
@@ -102,7 +133,11 @@ impl Volume {
             return outcome.clone();
         }
         let covers = self.flushes_asked.load(Ordering::SeqCst);
+        let mark = self.write_through.round_begins();
         let outcome = self.flush_all().await;
+        if outcome.is_ok() {
+            self.write_through.round_succeeded(mark);
+        }
         round.covered = covers;
         round.outcome = Some(outcome.clone());
         outcome
@@ -129,6 +164,7 @@ impl Volume {
             writes_in_flight: AtomicU64::new(0),
             flushes_asked: AtomicU64::new(0),
             flush_round: tokio::sync::Mutex::new(FlushRound::default()),
+            write_through: WriteThrough::default(),
             wake: tokio::sync::Notify::new(),
             clone: std::sync::OnceLock::new(),
         }
@@ -348,7 +384,16 @@ impl Volume {
     /// Send one mutating request per segment to every write target; ack when
     /// every target still RW has acknowledged all of them. A request of many
     /// chunks (a large discard) goes in rounds of [`SEGMENTS_PER_ROUND`].
-    async fn fan_out<F>(&self, offset: u64, len: u64, make_op: F) -> BlockResult<()>
+    /// `write`: the frontend write this is (sent FUA or not, counted
+    /// durable everywhere once every target acknowledged every piece of a
+    /// FUA write, see [`crate::write_through`]).
+    async fn fan_out<F>(
+        &self,
+        offset: u64,
+        len: u64,
+        mut write: PendingWrite<'_>,
+        make_op: F,
+    ) -> BlockResult<()>
     where
         F: Fn(&Segment) -> Op,
     {
@@ -356,14 +401,34 @@ impl Volume {
         self.writes_in_flight.fetch_add(1, Ordering::Relaxed);
         let _done = InFlight(&self.writes_in_flight);
         let segments: Vec<Segment> = self.chunks.split(offset, len).collect();
+        let mut every_target = true;
+        let mut outcome = Ok(());
         for round in segments.chunks(SEGMENTS_PER_ROUND) {
             let ops = round.iter().map(|s| (*s, make_op(s))).collect();
-            self.fan_out_round(ops).await?;
+            match self.fan_out_round(ops).await {
+                Ok(all) => every_target &= all,
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
         }
-        Ok(())
+        if every_target && outcome.is_ok() {
+            write.durable_everywhere();
+        }
+        outcome
     }
 
-    async fn fan_out_round(&self, segments: Vec<(Segment, Op)>) -> BlockResult<()> {
+    /// A frontend write begins: whether it goes FUA (`fua`: the client
+    /// asked; otherwise write-through decides, decision 76).
+    fn begin_write(&self, fua: bool) -> PendingWrite<'_> {
+        let mut write = self.write_through.write_begins(fua);
+        // A clone's fill is made durable by flush rounds only.
+        write.fua &= fua || self.clone_filling().is_none();
+        write
+    }
+
+    async fn fan_out_round(&self, segments: Vec<(Segment, Op)>) -> BlockResult<bool> {
         self.set.check_writable()?;
         let chunk_ids: Vec<u64> = segments.iter().map(|(s, _)| s.chunk).collect();
         let _gate = self.set.write_gate().await;
@@ -372,12 +437,14 @@ impl Volume {
     }
 
     /// Send a round to every write target and handle the outcome; the
-    /// caller holds the chunks' locks.
+    /// caller holds the chunks' locks. Ok(true): every target acknowledged
+    /// every piece (none failed, none was moved out or kept through a
+    /// timeout).
     async fn send_round(
         &self,
         segments: Vec<(Segment, Op)>,
         chunk_ids: Vec<u64>,
-    ) -> BlockResult<()> {
+    ) -> BlockResult<bool> {
         let targets = self.set.write_targets();
         let epoch = self.set.epoch();
         // Room on every target's streams first (this may wait; a timer
@@ -430,8 +497,10 @@ impl Volume {
         .await;
         let mut rejected = None;
         let mut refused = None;
+        let mut every_target = true;
         for (id, err, late) in results {
             if let Some(err) = err {
+                every_target = false;
                 if let ReplicaIoError::Rejected(_) = err {
                     rejected = Some(err);
                     continue;
@@ -473,7 +542,7 @@ impl Volume {
         if let Some(e) = refused {
             return Err(e);
         }
-        writable
+        writable.map(|()| every_target)
     }
 
     async fn read_segment(&self, seg: Segment) -> BlockResult<Bytes> {
@@ -764,15 +833,17 @@ impl BlockDevice for Volume {
         check_range(offset, data.len() as u64, self.size())?;
         if data.is_empty() {
             return if fua {
-                self.flush_grouped().await
+                self.flush_frontend().await
             } else {
                 Ok(())
             };
         }
+        let write = self.begin_write(fua);
+        let fua = write.fua;
         let _no_snapshot_commit = self.fua_gate(fua).await;
         let len = data.len() as u64;
         self.fill_partial_edges(offset, len).await?;
-        self.fan_out(offset, len, |seg| {
+        self.fan_out(offset, len, write, |seg| {
             let start = seg.request_offset as usize;
             let piece = data.slice(start..start + seg.len as usize);
             let crc = crc32c::crc32c(&piece);
@@ -788,7 +859,7 @@ impl BlockDevice for Volume {
     }
 
     async fn flush(&self) -> BlockResult<()> {
-        self.flush_grouped().await
+        self.flush_frontend().await
     }
 
     async fn unmap(&self, offset: u64, len: u64) -> BlockResult<()> {
@@ -796,8 +867,11 @@ impl BlockDevice for Volume {
         if len == 0 {
             return Ok(());
         }
+        // Never durable without a flush round.
+        let mut write = self.begin_write(false);
+        write.fua = false;
         self.fill_partial_edges(offset, len).await?;
-        self.fan_out(offset, len, |seg| {
+        self.fan_out(offset, len, write, |seg| {
             Op::Unmap(pb::UnmapOp {
                 offset: seg.offset,
                 length: seg.len,
@@ -811,9 +885,11 @@ impl BlockDevice for Volume {
         if len == 0 {
             return Ok(());
         }
+        let write = self.begin_write(fua);
+        let fua = write.fua;
         let _no_snapshot_commit = self.fua_gate(fua).await;
         self.fill_partial_edges(offset, len).await?;
-        self.fan_out(offset, len, |seg| {
+        self.fan_out(offset, len, write, |seg| {
             Op::WriteZeroes(pb::WriteZeroesOp {
                 offset: seg.offset,
                 length: seg.len,

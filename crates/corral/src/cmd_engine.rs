@@ -112,6 +112,12 @@ pub struct EngineArgs {
     /// keys need no restart.
     #[arg(long, value_name = "FILE")]
     pub s3_credentials: Option<std::path::PathBuf>,
+    /// Send every write as the client sent it and run a flush round for
+    /// every flush. By default, while a client flushes after each write (a
+    /// database's commits at queue depth 1), its writes go FUA to the
+    /// replicas and its flushes are answered without a second round trip.
+    #[arg(long)]
+    pub no_write_through: bool,
 }
 
 impl EngineArgs {
@@ -150,6 +156,7 @@ impl EngineArgs {
         cfg.retry_interval = self.replica_retry_interval;
         cfg.rebuild_concurrency = self.rebuild_concurrency;
         cfg.rebuild_bandwidth = self.rebuild_bandwidth;
+        cfg.write_through = !self.no_write_through;
         cfg.clone = self
             .clone_from
             .as_ref()
