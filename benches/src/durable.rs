@@ -32,7 +32,8 @@
 //!   issued.
 //!
 //! `--before BIN` measures an earlier corral build the same way in the same
-//! run. Latencies are fio's completion latencies of the writes and of the
+//! run; `--without-write-through` this build with its engine's
+//! write-through off (decision 76). Latencies are fio's completion latencies of the writes and of the
 //! flushes (`sync` in fio's JSON), 99th percentile.
 
 use std::net::SocketAddr;
@@ -63,6 +64,10 @@ pub struct DurableArgs {
     /// Another corral binary (an earlier build) to measure in the same run.
     #[arg(long)]
     before: Option<PathBuf>,
+    /// Also measure this build's engine with `--no-write-through` (every
+    /// write as sent, a flush round for every flush; decision 76).
+    #[arg(long)]
+    without_write_through: bool,
 }
 
 /// Replicas of the volume measured, each a replica daemon on this machine.
@@ -381,7 +386,7 @@ fn per_write(pid: &str, dir: &Path, load: impl FnOnce() -> Result<Run>) -> Resul
     ))
 }
 
-fn measure(name: &str, bin: &Path, args: &DurableArgs) -> Result<System> {
+fn measure(name: &str, bin: &Path, engine_flags: &[&str], args: &DurableArgs) -> Result<System> {
     // The fixture starts every process from CORRAL_BIN.
     // SAFETY: the bench is single-threaded here; nothing reads the environment meanwhile.
     unsafe { std::env::set_var("CORRAL_BIN", bin) };
@@ -389,8 +394,10 @@ fn measure(name: &str, bin: &Path, args: &DurableArgs) -> Result<System> {
     for _ in 0..REPLICAS {
         cluster.start_replica_with(&["--io-threads", "1"])?;
     }
-    let spec = EngineSpec::new("durable", &format!("{}MiB", args.size_mib), &[0, 1, 2])
+    let mut spec = EngineSpec::new("durable", &format!("{}MiB", args.size_mib), &[0, 1, 2])
         .set("--replica-timeout", "8s");
+    spec.extra
+        .extend(engine_flags.iter().map(|f| f.to_string()));
     let e = cluster.start_engine(&spec)?;
     let uri = cluster.engines[e].nbd_uri();
     let logs = |c: &Cluster| c.print_log_tails(60);
@@ -460,9 +467,17 @@ pub fn run(args: &DurableArgs) -> Result<()> {
     );
     let mut systems = Vec::new();
     if let Some(before) = &args.before {
-        systems.push(measure("before", before, args)?);
+        systems.push(measure("before", before, &[], args)?);
     }
-    systems.push(measure("corral", &current, args)?);
+    if args.without_write_through {
+        systems.push(measure(
+            "corral, write-through off",
+            &current,
+            &["--no-write-through"],
+            args,
+        )?);
+    }
+    systems.push(measure("corral", &current, &[], args)?);
 
     println!(
         "### Durable 4 KiB random writes over NBD and iSCSI, {} s per row, {} MiB volume\n",
