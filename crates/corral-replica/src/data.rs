@@ -209,7 +209,11 @@ async fn run_batch(
                 let (rest, fua) = execute_batch(&replica, session, rest, &m);
                 let _ = executed_tx.send(rest);
                 if !fua.is_empty() {
-                    let replies = fua.settle(&replica.store, &m);
+                    let replies = fua
+                        .settle(&replica.store, &m)
+                        .into_iter()
+                        .map(|(_, r)| r)
+                        .collect();
                     let _ = fua_tx.blocking_send(Ok(DataReplyBatch { replies }));
                 }
             });
@@ -323,7 +327,7 @@ fn execute_inline(
             Reads::CachedOnly,
             &mut fua,
         );
-        done.replies.extend(fua.settle(&replica.store, metrics));
+        put_in_place(&mut done.replies, fua.settle(&replica.store, metrics));
         (done, rest)
     });
     match rest {
@@ -336,7 +340,8 @@ fn execute_inline(
 /// (inline when it is page-cache work only, otherwise holding the epoch
 /// gate, on this thread rather than the blocking pool). An entry point for
 /// fuzzing (`fuzz/`) and tests: the service itself goes through
-/// [`DataService`].
+/// [`DataService`]. The replies come in the order of the requests (the
+/// service sends a FUA write's later, after its sync).
 #[doc(hidden)]
 pub fn execute_stream_batch(
     replica: &HostedReplica,
@@ -347,9 +352,9 @@ pub fn execute_stream_batch(
     match execute_inline(replica, session, batch, metrics) {
         Inline::Done(replies) => replies,
         Inline::Rest(mut done, rest) => {
-            let (rest, fua) = execute_batch(replica, session, rest, metrics);
+            let (mut rest, fua) = execute_batch(replica, session, rest, metrics);
+            put_in_place(&mut rest.replies, fua.settle(&replica.store, metrics));
             done.replies.extend(rest.replies);
-            done.replies.extend(fua.settle(&replica.store, metrics));
             done
         }
     }
@@ -458,7 +463,7 @@ fn execute_at(
             (Some(data_request::Op::Write(w)), _) if w.fua && !w.fill => {
                 match replica.store.write_sent(w.offset, &w.data, w.crc32c, false) {
                     Ok(()) => {
-                        fua.written(req.id, bytes, started);
+                        fua.written(replies.len(), req.id, bytes, started);
                         continue;
                     }
                     Err(e) => store_error_reply(req.id, e),
@@ -482,13 +487,17 @@ fn execute_at(
 /// FUA, decision 76).
 #[derive(Default)]
 pub(crate) struct FuaWrites {
-    /// (request id, payload bytes, when it began)
-    written: Vec<(u64, u64, Instant)>,
+    /// (its place among the batch's replies, request id, payload bytes,
+    /// when it began)
+    written: Vec<(usize, u64, u64, Instant)>,
 }
 
 impl FuaWrites {
-    fn written(&mut self, id: u64, bytes: u64, started: Instant) {
-        self.written.push((id, bytes, started));
+    /// A FUA write was written after `others` requests of its batch that
+    /// are not held back.
+    fn written(&mut self, others: usize, id: u64, bytes: u64, started: Instant) {
+        let place = others + self.written.len();
+        self.written.push((place, id, bytes, started));
     }
 
     fn is_empty(&self) -> bool {
@@ -496,12 +505,12 @@ impl FuaWrites {
     }
 
     /// Sync once for every write noted: their replies, each done, or the
-    /// sync's error.
+    /// sync's error, with their places among the batch's replies.
     fn settle(
         self,
         store: &corral_store::ReplicaStore,
         metrics: &ReplicaMetrics,
-    ) -> Vec<DataReply> {
+    ) -> Vec<(usize, DataReply)> {
         if self.written.is_empty() {
             return Vec::new();
         }
@@ -511,7 +520,7 @@ impl FuaWrites {
             .map(|e| store_error_reply(0, e));
         self.written
             .into_iter()
-            .map(|(id, bytes, started)| {
+            .map(|(place, id, bytes, started)| {
                 let reply = match &failed {
                     None => done(id),
                     Some(failure) => DataReply {
@@ -524,9 +533,17 @@ impl FuaWrites {
                     _ => "ok",
                 };
                 metrics.record("write", result, bytes, started);
-                reply
+                (place, reply)
             })
             .collect()
+    }
+}
+
+/// Put held-back replies back in their places among the others (places
+/// ascending, each counted in the final list).
+fn put_in_place(replies: &mut Vec<DataReply>, held: Vec<(usize, DataReply)>) {
+    for (place, reply) in held {
+        replies.insert(place.min(replies.len()), reply);
     }
 }
 
@@ -781,10 +798,11 @@ mod tests {
         let metrics = ReplicaMetrics::default();
         let replies = execute_stream_batch(&replica, session, batch, &metrics).replies;
         assert_eq!(replica.store.data_syncs() - before, 1);
-        // The FUA writes are answered last, once synced.
+        // In the order of the requests (the service sends the FUA writes'
+        // replies after the others, once synced).
         let ids: Vec<u64> = replies.iter().map(|r| r.id).collect();
-        assert_eq!(ids, [2, 4, 5, 1, 3, 6]);
-        for i in [0, 3, 4, 5] {
+        assert_eq!(ids, [1, 2, 3, 4, 5, 6]);
+        for i in [0, 1, 2, 5] {
             assert!(
                 matches!(replies[i].result, Some(data_reply::Result::Done(_))),
                 "{:?}",
@@ -792,11 +810,11 @@ mod tests {
             );
         }
         assert!(matches!(
-            &replies[1].result,
+            &replies[3].result,
             Some(data_reply::Result::Error(e)) if e.code == DataErrorCode::BadPayload as i32
         ));
         // The read after a FUA write sees it.
-        assert_eq!(read_data(&replies[2]), [3u8; BLOCK as usize]);
+        assert_eq!(read_data(&replies[4]), [3u8; BLOCK as usize]);
         // A batch without a FUA write syncs nothing.
         let batch = DataRequestBatch {
             requests: vec![req(7, write(7, false))],
