@@ -99,8 +99,10 @@ impl Volume {
     /// A frontend's FLUSH (or empty FUA write): a round, unless every write
     /// finished so far is durable on every replica already (decision 76).
     async fn flush_frontend(&self) -> BlockResult<()> {
-        let flush = self.write_through.flush_begins();
-        if flush.needs_round || self.clone_filling().is_some() {
+        let flush = self
+            .write_through
+            .flush_begins(self.clone_filling().is_some());
+        if flush.needs_round {
             return self.flush_grouped().await;
         }
         self.set.check_writable()?;

@@ -165,11 +165,14 @@ impl WriteThrough {
     }
 
     /// A frontend flush arrives: whether it needs a flush round. No when
-    /// write-through is on and every write finished so far is durable on
-    /// every replica already.
-    pub fn flush_begins(&self) -> PendingFlush<'_> {
+    /// write-through is on, every write finished so far is durable on
+    /// every replica already, and the caller has no reason of its own to
+    /// require one (`round_required`: a clone still filling, whose fills
+    /// only flush rounds make durable).
+    pub fn flush_begins(&self, round_required: bool) -> PendingFlush<'_> {
         self.begin(true);
-        let needs_round = !self.enabled()
+        let needs_round = round_required
+            || !self.enabled()
             || self.unsynced.load(Ordering::SeqCst) != self.covered.load(Ordering::SeqCst);
         if !needs_round {
             self.answered_without_round.fetch_add(1, Ordering::Relaxed);
@@ -211,7 +214,7 @@ mod tests {
                 fua += usize::from(w.fua);
                 w.durable_everywhere();
             }
-            let f = wt.flush_begins();
+            let f = wt.flush_begins(false);
             if f.needs_round {
                 rounds += 1;
                 wt.round_succeeded(wt.round_begins());
@@ -236,7 +239,15 @@ mod tests {
     #[test]
     fn the_first_flush_of_an_engine_runs_a_round_even_with_no_write() {
         let wt = WriteThrough::default();
-        assert!(wt.flush_begins().needs_round);
+        assert!(wt.flush_begins(false).needs_round);
+    }
+
+    #[test]
+    fn a_flush_the_caller_requires_a_round_for_runs_one() {
+        let wt = WriteThrough::default();
+        pattern(&wt, HALF, 1);
+        assert!(wt.flush_begins(true).needs_round);
+        assert_eq!(wt.flushes_answered_without_round(), 0);
     }
 
     #[test]
@@ -279,7 +290,7 @@ mod tests {
         // overlapping: after one window, writes go as sent again.
         for _ in 0..WINDOW {
             let a = wt.write_begins(false);
-            let b = wt.flush_begins();
+            let b = wt.flush_begins(false);
             drop((a, b));
         }
         let (fua, rounds) = pattern(&wt, 10, 1);
@@ -302,14 +313,14 @@ mod tests {
         assert!(w.fua);
         w.durable_everywhere();
         drop(w);
-        assert!(!wt.flush_begins().needs_round);
+        assert!(!wt.flush_begins(false).needs_round);
         // A FUA write that one target failed (or that ended early).
         let w = wt.write_begins(false);
         assert!(w.fua);
         drop(w);
-        assert!(wt.flush_begins().needs_round);
+        assert!(wt.flush_begins(false).needs_round);
         wt.round_succeeded(wt.round_begins());
-        assert!(!wt.flush_begins().needs_round);
+        assert!(!wt.flush_begins(false).needs_round);
     }
 
     #[test]
@@ -318,12 +329,12 @@ mod tests {
         let first = wt.write_begins(false);
         let second = wt.write_begins(false);
         drop(first);
-        assert!(wt.flush_begins().needs_round);
+        assert!(wt.flush_begins(false).needs_round);
         let mark = wt.round_begins();
         // The second write finishes while the round is under way.
         drop(second);
         wt.round_succeeded(mark);
-        assert!(wt.flush_begins().needs_round);
+        assert!(wt.flush_begins(false).needs_round);
     }
 
     #[test]
@@ -331,9 +342,9 @@ mod tests {
         let wt = WriteThrough::default();
         pattern(&wt, HALF, 1);
         drop(wt.write_begins(false));
-        assert!(wt.flush_begins().needs_round);
+        assert!(wt.flush_begins(false).needs_round);
         let _mark = wt.round_begins();
         // The round fails: no round_succeeded.
-        assert!(wt.flush_begins().needs_round);
+        assert!(wt.flush_begins(false).needs_round);
     }
 }
