@@ -33,8 +33,9 @@
 //!
 //! `--before BIN` measures an earlier corral build the same way in the same
 //! run; `--without-write-through` this build with its engine's
-//! write-through off (decision 76). Latencies are fio's completion latencies of the writes and of the
-//! flushes (`sync` in fio's JSON), 99th percentile.
+//! write-through off (decision 76). Latencies are fio's completion
+//! latencies of the writes and of the flushes (`sync` in fio's JSON), 99th
+//! percentile.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

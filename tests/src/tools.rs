@@ -87,6 +87,17 @@ pub fn fio_nbd(uri: &str, name: &str, job: &[&str], limit: Duration) -> Result<S
     Ok(text)
 }
 
+/// The value of the first sample line of Prometheus `text` that starts
+/// with `prefix` (a metric name with its labels); an error naming it when
+/// there is none.
+pub fn metric_value(text: &str, prefix: &str) -> Result<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no sample {prefix} in:\n{text}"))
+}
+
 /// The Prometheus text a daemon serves at `http://ADDR/metrics` (one
 /// HTTP/1.1 GET, 5 s to connect and 10 s to read); an error unless it
 /// answers 200.

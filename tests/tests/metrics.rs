@@ -3,16 +3,12 @@
 
 use std::time::Duration;
 
-use corral_tests::tools::{fio_nbd, scrape_metrics};
+use corral_tests::tools::{fio_nbd, metric_value, scrape_metrics};
 use corral_tests::{Cluster, EngineSpec, free_addr, wait_for_port};
 
 /// The value of the first sample line starting with `prefix`.
 fn value(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {prefix} in:\n{text}"))
+    metric_value(text, prefix).unwrap()
 }
 
 #[test]

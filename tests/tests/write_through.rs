@@ -7,17 +7,12 @@
 
 use std::time::Duration;
 
-use corral_tests::tools::{fio_nbd, scrape_metrics};
+use corral_tests::tools::{fio_nbd, metric_value, scrape_metrics};
 use corral_tests::{Cluster, EngineSpec, free_addr, wait_for_port};
 
-/// The value of the first sample line starting with `prefix` (0 when the
-/// family has no such sample yet).
+/// The value of the first sample line starting with `prefix`.
 fn value(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    metric_value(text, prefix).unwrap()
 }
 
 /// What fio's job made the engine and replica 2 count.
@@ -166,8 +161,9 @@ fn a_replica_killed_while_a_client_flushes_after_each_write_loses_nothing() {
         Duration::from_secs(60),
         "100 flushes answered without a round",
         || {
-            scrape_metrics(engine_metrics)
-                .is_ok_and(|text| value(&text, "corral_engine_flushes_without_round") >= 100.0)
+            scrape_metrics(engine_metrics).is_ok_and(|text| {
+                metric_value(&text, "corral_engine_flushes_without_round").is_ok_and(|v| v >= 100.0)
+            })
         },
     )
     .unwrap();
