@@ -6,7 +6,7 @@
 //! (each module uses only those above it in this list's layers — no
 //! circles):
 //!
-//! - leaves: [`config`], [`error`], [`chunk`], [`locks`], and the pure
+//! - leaves: [`config`], [`error`], [`chunk`], [`locks`], [`drain`], and the pure
 //!   core [`members`];
 //! - [`chunk`]: cutting the address space into chunks, the unit of ordering;
 //! - [`progress`]: a rebuild's progress as the status calls see it;
@@ -20,6 +20,7 @@
 //! - [`volume`]: the data path (fan-out writes, failover and repair on
 //!   read, flush, verify); [`locks`]: per-chunk ordering with copiers;
 //!   [`write_through`]: when a write goes FUA and a flush needs no round;
+//!   [`drain`]: which writes a flush round waits for;
 //! - [`rebuild`]: the copier that brings a WO replica up to date;
 //!   [`chain_sync`]: the snapshots a returning replica missed, replayed
 //!   before it joins;
@@ -34,6 +35,7 @@ pub mod client;
 pub mod clone;
 pub mod config;
 pub mod control;
+pub mod drain;
 pub mod engine;
 pub mod error;
 pub mod locks;

@@ -35,6 +35,7 @@ use tracing::{error, info, warn};
 
 use crate::client::ReplicaClient;
 use crate::config::WritePolicy;
+use crate::drain::{InFlightWrite, WriteDrain};
 use crate::error::ReplicaIoError;
 use crate::members::{
     Admission, CatchUpPlan, FailDecision, FailureKind, Members, MembershipError, RebuildTicket,
@@ -143,6 +144,12 @@ impl Drop for ReplayShown<'_> {
     }
 }
 
+/// What a write holds while in flight (see [`ReplicaSet::write_gate`]).
+pub struct WriteGate<'a> {
+    _in_flight: InFlightWrite<'a>,
+    _gate: tokio::sync::RwLockReadGuard<'a, ()>,
+}
+
 /// The replicas of one volume and their membership record.
 pub struct ReplicaSet {
     volume: String,
@@ -158,6 +165,8 @@ pub struct ReplicaSet {
     /// set takes it exclusively, so no write that left it out is still in
     /// flight (and unnoted in what it missed) when it joins.
     io_gate: tokio::sync::RwLock<()>,
+    /// Writes in flight by generation, for flush rounds to wait on.
+    writes: WriteDrain,
     /// Flushes hold this shared; a snapshot create holds it exclusively from
     /// before it holds writes until every replica has recorded the snapshot.
     /// A replica's flush waits for its snapshot commit (a sync of what the
@@ -244,6 +253,7 @@ impl ReplicaSet {
             }),
             change: tokio::sync::Mutex::new(()),
             io_gate: tokio::sync::RwLock::new(()),
+            writes: WriteDrain::default(),
             snapshot_commit: tokio::sync::RwLock::new(()),
             fenced: AtomicBool::new(false),
             next_read: AtomicUsize::new(0),
@@ -359,9 +369,14 @@ impl ReplicaSet {
         self.fenced.load(Ordering::Relaxed)
     }
 
-    /// Held shared by every write while it is in flight.
-    pub async fn write_gate(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
-        self.io_gate.read().await
+    /// Held by every write while it is in flight: `io_gate` shared, and a
+    /// place among the writes a flush round waits for.
+    pub async fn write_gate(&self) -> WriteGate<'_> {
+        let gate = self.io_gate.read().await;
+        WriteGate {
+            _in_flight: self.writes.enter(),
+            _gate: gate,
+        }
     }
 
     /// Held by a flush from before it drains writes until its replies are
@@ -370,11 +385,14 @@ impl ReplicaSet {
         self.snapshot_commit.read().await
     }
 
-    /// Held by a flush while it sends: every write in flight has had its
-    /// outcome handled (a timeout kept or moved its replica), and none
-    /// starts meanwhile.
-    pub async fn writes_drained(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
-        self.io_gate.write().await
+    /// Held by a flush while it sends: every write begun before it has had
+    /// its outcome handled (a timeout kept or moved its replica). Writes
+    /// begun after it go on (see [`crate::drain`]); `io_gate` is held
+    /// shared, so no member joins and no snapshot is created meanwhile.
+    pub async fn writes_drained(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        let gate = self.io_gate.read().await;
+        self.writes.wait_for_begun().await;
+        gate
     }
 
     /// Which join of member `id` is current (for [`Self::confirmed`]).

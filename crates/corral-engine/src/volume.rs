@@ -685,10 +685,11 @@ impl Volume {
         let results = {
             // A flush lets replicas clear write-intent bits, which are also
             // how a newly elected engine finds where replicas may differ. So
-            // it is sent only once every write in flight has had its
-            // outcome handled, and not while an RW replica owes a write that
-            // timed out on it (the others would clear the bits of a write
-            // it may never apply)...
+            // it is sent only once every write begun before it has had its
+            // outcome handled (those begun meanwhile go on: this round
+            // cannot clear their bits, see `crate::drain`), and not while an
+            // RW replica owes a write that timed out on it (the others would
+            // clear the bits of a write it may never apply)...
             let drained = self.set.writes_drained().await;
             if let Some(why) = self.set.unconfirmed_writes() {
                 return Err(BlockError::Unavailable(why));
@@ -709,7 +710,7 @@ impl Volume {
                 (*id, Arc::clone(client), sent)
             }))
             .await;
-            // Sent: writes may go on while the replies come.
+            // Sent: no member joins before this, and the replies may come.
             drop(drained);
             join_all(sent.into_iter().map(|(id, client, sent)| async move {
                 let reply = match sent {
