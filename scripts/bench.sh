@@ -7,6 +7,7 @@
 #   scripts/bench.sh csi [--runs 10]                                # create→mounted, node loss→mounted (root)
 #   scripts/bench.sh floor [--seconds 10 --perf]                    # CPU per replicated write: gRPC floor vs engine/replicas (--perf: split by stage)
 #   scripts/bench.sh durable [--seconds 15 --clients 8 --before BIN --without-write-through] # durable writes (flush after each) vs the disk
+#   scripts/bench.sh durable --rounds 5 --before BIN [--without-write-through] # only the laid-out durable rows, builds in turns, medians
 #   scripts/bench.sh backup [--size-mib 2048] [--rounds 3]         # backup/restore vs raw S3 PUT/GET (s3s-fs), incrementals
 set -euo pipefail
 cd "$(dirname "$0")/.."

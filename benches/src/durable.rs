@@ -33,7 +33,11 @@
 //!
 //! `--before BIN` measures an earlier corral build the same way in the same
 //! run; `--without-write-through` this build with its engine's
-//! write-through off (decision 76). Latencies are fio's completion
+//! write-through off (decision 76). `--rounds N` (with either) keeps every
+//! build's laid-out volume up at once and runs only the durable rows (one
+//! client and `--clients`, NBD and iSCSI) on each in turn, N rounds, and
+//! prints the medians: an A/B comparison that the machine's drift between
+//! one build's rows and the next does not decide. Latencies are fio's completion
 //! latencies of the writes and of the flushes (`sync` in fio's JSON), 99th
 //! percentile.
 
@@ -69,6 +73,12 @@ pub struct DurableArgs {
     /// write as sent, a flush round for every flush; decision 76).
     #[arg(long)]
     without_write_through: bool,
+    /// Above 1: measure only the durable rows on the laid-out volume (one
+    /// client and `--clients`, over NBD and iSCSI), with every system's
+    /// cluster up at once, each row run on every system in turn, this many
+    /// rounds; medians. For A/B comparisons on a noisy machine.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 }
 
 /// Replicas of the volume measured, each a replica daemon on this machine.
@@ -387,7 +397,9 @@ fn per_write(pid: &str, dir: &Path, load: impl FnOnce() -> Result<Run>) -> Resul
     ))
 }
 
-fn measure(name: &str, bin: &Path, engine_flags: &[&str], args: &DurableArgs) -> Result<System> {
+/// A 3-replica volume "durable" of `bin`'s processes: the cluster and
+/// its engine's index.
+fn start_volume(bin: &Path, engine_flags: &[&str], args: &DurableArgs) -> Result<(Cluster, usize)> {
     // The fixture starts every process from CORRAL_BIN.
     // SAFETY: the bench is single-threaded here; nothing reads the environment meanwhile.
     unsafe { std::env::set_var("CORRAL_BIN", bin) };
@@ -400,6 +412,11 @@ fn measure(name: &str, bin: &Path, engine_flags: &[&str], args: &DurableArgs) ->
     spec.extra
         .extend(engine_flags.iter().map(|f| f.to_string()));
     let e = cluster.start_engine(&spec)?;
+    Ok((cluster, e))
+}
+
+fn measure(name: &str, bin: &Path, engine_flags: &[&str], args: &DurableArgs) -> Result<System> {
+    let (mut cluster, e) = start_volume(bin, engine_flags, args)?;
     let uri = cluster.engines[e].nbd_uri();
     let logs = |c: &Cluster| c.print_log_tails(60);
     let one_new = durable(&uri, args, 1, args.seconds).inspect_err(|_| logs(&cluster))?;
@@ -455,6 +472,9 @@ pub fn run(args: &DurableArgs) -> Result<()> {
     }
     // Before `measure` changes the environment.
     let current = corral_tests::corral_bin();
+    if args.rounds > 1 {
+        return rounds(&current, args);
+    }
     // The disk's run, in the kind of directory the replicas use.
     let scratch = Cluster::new()?;
     let base_new = disk(scratch.path(), args, Layout::New)?;
@@ -568,5 +588,91 @@ pub fn run(args: &DurableArgs) -> Result<()> {
         "\n(syscalls: strace -c -f on one replica daemon during {} s runs of their own; iSCSI latencies: this bench's initiator, send to status)",
         args.strace_seconds
     );
+    Ok(())
+}
+
+/// `--rounds`: every system's laid-out volume up at once; in each round,
+/// each row on each system in turn. Prints every round and the medians.
+fn rounds(current: &Path, args: &DurableArgs) -> Result<()> {
+    let mut systems: Vec<(&str, &Path, &[&str])> = Vec::new();
+    if let Some(before) = &args.before {
+        systems.push(("before", before, &[]));
+    }
+    if args.without_write_through {
+        systems.push((
+            "corral, write-through off",
+            current,
+            &["--no-write-through"],
+        ));
+    }
+    systems.push(("corral", current, &[]));
+    if systems.len() < 2 {
+        bail!("--rounds compares builds: give --before or --without-write-through");
+    }
+    let mut up = Vec::new();
+    for (name, bin, flags) in &systems {
+        let (cluster, e) = start_volume(bin, flags, args)?;
+        let uri = cluster.engines[e].nbd_uri();
+        lay_out(&uri, args).inspect_err(|_| cluster.print_log_tails(60))?;
+        let portal = cluster.engines[e].iscsi;
+        up.push((*name, cluster, uri, portal));
+    }
+    let c = args.clients;
+    // Per system, per round: [1 client, c clients, 1 session, c sessions].
+    let mut rates = vec![Vec::new(); up.len()];
+    for round in 1..=args.rounds {
+        let mut row = vec![Vec::with_capacity(4); up.len()];
+        for kind in 0..4 {
+            for (i, (_, cluster, uri, portal)) in up.iter().enumerate() {
+                let run = match kind {
+                    0 => durable(uri, args, 1, args.seconds),
+                    1 => durable(uri, args, c, args.seconds),
+                    2 => iscsi_durable(*portal, "durable", 1, args.seconds),
+                    _ => iscsi_durable(*portal, "durable", c, args.seconds),
+                }
+                .inspect_err(|_| cluster.print_log_tails(60))?;
+                row[i].push(run.iops);
+            }
+        }
+        for (i, (name, ..)) in up.iter().enumerate() {
+            let (one, many, s_one, s_many) = (row[i][0], row[i][1], row[i][2], row[i][3]);
+            eprintln!(
+                "durable: round {round}: {name}: NBD {one:.0} / {many:.0} ({:.2}x), iSCSI {s_one:.0} / {s_many:.0} ({:.2}x)",
+                many / one,
+                s_many / s_one
+            );
+        }
+        for (i, r) in row.into_iter().enumerate() {
+            rates[i].push(r);
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "### Durable 4 KiB random writes on a laid-out volume, {} rounds of {} s per row, medians\n",
+        args.rounds, args.seconds
+    );
+    println!(
+        "| build | 1 client | {c} clients | {c} ÷ 1 | 1 iSCSI session | {c} sessions | {c} ÷ 1 |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (i, (name, ..)) in up.iter().enumerate() {
+        let col = |k: usize| median(rates[i].iter().map(|r| r[k]).collect());
+        let ratio = |a: usize, b: usize| median(rates[i].iter().map(|r| r[a] / r[b]).collect());
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} | {:.2}× |",
+            col(0),
+            col(1),
+            ratio(1, 0),
+            col(2),
+            col(3),
+            ratio(3, 2)
+        );
+    }
+    for (_, mut cluster, ..) in up {
+        cluster.stop_all()?;
+    }
     Ok(())
 }
